@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# Create ./.venv with lmforge and its dependencies. Safe to run again: it only
+# installs what is missing. PyTorch is installed first, pinned, so that no other
+# package pulls a different build (set LMFORGE_TORCH to choose, e.g. a CUDA build).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+TORCH_SPEC="${LMFORGE_TORCH:-torch==2.13.0}"
+EXTRAS="${1:-}"   # "dev" for the test tools
+PY="${PYTHON:-python3}"
+
+if [ ! -x .venv/bin/python ]; then
+  echo "[setup] creating .venv"
+  "$PY" -m venv .venv
+  .venv/bin/python -m pip install --quiet --upgrade pip
+fi
+if ! .venv/bin/python -c "import torch" 2>/dev/null; then
+  echo "[setup] installing $TORCH_SPEC"
+  .venv/bin/python -m pip install --quiet "$TORCH_SPEC"
+fi
+stamp=".venv/.lmforge-installed${EXTRAS:+-$EXTRAS}"
+if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
+  echo "[setup] installing lmforge${EXTRAS:+[$EXTRAS]}"
+  target="."
+  [ -n "$EXTRAS" ] && target=".[$EXTRAS]"
+  # The constraint keeps the torch that is installed: nothing may replace it.
+  torch_now=$(.venv/bin/python -c "import torch; print(torch.__version__.split('+')[0])")
+  .venv/bin/python -m pip install --quiet -e "$target" --constraint <(echo "torch==$torch_now")
+  touch "$stamp"
+fi

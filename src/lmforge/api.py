@@ -1,0 +1,125 @@
+"""The small Python API: ``lmforge.load(checkpoint).generate("prompt")``.
+
+    lm = lmforge.load("runs/small")              # device and dtype: "auto"
+    print(lm.generate("def fib(n):", max_new_tokens=64, temperature=0.8, stop=["\\n\\n"]))
+    for piece in lm.stream("Once upon a time", temperature=0.7):
+        print(piece, end="", flush=True)
+
+Keyword arguments are :class:`SamplingConfig` fields. The tokenizer's end-of-text
+token always stops generation; stop strings are matched on the decoded text and
+are not part of what is returned.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lmforge.checkpoint import CONFIG, load_model, load_tokenizer
+from lmforge.infer.beam import beam_search
+from lmforge.infer.generate import generate_tokens
+from lmforge.infer.sampling import SamplingConfig
+from lmforge.infer.stream import StopStrings, TextStream, cut_at_stop
+from lmforge.model import DecoderLM
+from lmforge.runtime import Runtime
+
+
+@dataclass
+class LanguageModel:
+    """A model with its tokenizer and runtime, ready to generate text."""
+
+    model: DecoderLM
+    tokenizer: Any  # lmforge.tokenizer.Tokenizer or anything with encode/decode/bos_id/eos_id
+    runtime: Runtime
+
+    def sampling_config(self, **sampling: Any) -> SamplingConfig:
+        """A SamplingConfig from keyword arguments, with the tokenizer's end-of-text as a stop token."""
+        names = {f.name for f in dataclasses.fields(SamplingConfig)}
+        unknown = set(sampling) - names
+        if unknown:
+            raise ValueError(f"unknown sampling setting(s) {', '.join(sorted(unknown))}; "
+                             f"known: {', '.join(sorted(names))}")
+        config = SamplingConfig(**sampling)
+        eos = getattr(self.tokenizer, "eos_id", None)
+        if eos is not None and eos not in config.stop_token_ids:
+            config.stop_token_ids = [*config.stop_token_ids, eos]
+        return config
+
+    def encode_prompt(self, prompt: str) -> list[int]:
+        """Prompt token ids, starting with BOS when the tokenizer has one."""
+        add_bos = getattr(self.tokenizer, "bos_id", None) is not None
+        return self.tokenizer.encode(prompt, add_bos=add_bos)
+
+    def generate(self, prompt: str, **sampling: Any) -> str:
+        """The generated continuation of ``prompt`` (prompt not included), cut before any stop string."""
+        config = self.sampling_config(**sampling)
+        prompt_ids = self.encode_prompt(prompt)
+        if config.num_beams > 1:
+            tokens = beam_search(self.model, prompt_ids, config, self.runtime).tokens
+            return cut_at_stop(self.tokenizer.decode(tokens), config.stop)
+        tokens: list[int] = []
+        detector = _StopDetector(self.tokenizer.decode, config.stop)
+        for token in generate_tokens(self.model, prompt_ids, config, self.runtime):
+            tokens.append(token)
+            if detector.push(token):
+                break
+        return cut_at_stop(self.tokenizer.decode(tokens), config.stop)
+
+    def stream(self, prompt: str, **sampling: Any) -> Iterator[str]:
+        """Yield the continuation as text pieces as they are decoded.
+
+        A piece is only yielded once its characters are complete (never half a UTF-8
+        character) and once it cannot be the start of a stop string. The pieces
+        concatenate to ``generate(prompt, **sampling)`` for the same settings and seed.
+        """
+        config = self.sampling_config(**sampling)
+        text_stream, stops = TextStream(self.tokenizer.decode), StopStrings(config.stop)
+        tokens = generate_tokens(self.model, self.encode_prompt(prompt), config, self.runtime)
+        try:
+            for token in tokens:
+                piece, stopped = stops.push(text_stream.push(token))
+                if piece:
+                    yield piece
+                if stopped:
+                    return
+        finally:
+            tokens.close()
+        piece, stopped = stops.push(text_stream.flush())
+        tail = piece if stopped else piece + stops.flush()
+        if tail:
+            yield tail
+
+
+class _StopDetector:
+    """True once the text decoded so far contains a stop string (complete characters only)."""
+
+    def __init__(self, decode: Callable[[list[int]], str], stops: list[str]):
+        self.text_stream, self.stops = TextStream(decode), StopStrings(stops)
+
+    def push(self, token: int) -> bool:
+        if not self.stops.stops:
+            return False
+        return self.stops.push(self.text_stream.push(token))[1]
+
+
+def load(path: str | Path, device: str = "auto", dtype: str = "auto", attention: str = "sdpa") -> LanguageModel:
+    """Load a checkpoint directory (or a file inside one) for inference.
+
+    ``device``/``dtype`` as in :meth:`Runtime.resolve`. When the dtype is not fp32 the
+    weights themselves are cast to it: on a CPU with AVX-512 BF16, decoding with bf16
+    weights is faster than fp32 weights and than fp32 weights under bf16 autocast
+    (see benchmarks/decode.py).
+    """
+    path = Path(path)
+    if path.is_file() or (not (path / CONFIG).exists() and path.suffix):
+        path = path.parent
+    runtime = Runtime.resolve(device, dtype, attention)
+    model = load_model(path, device=runtime.device, attention=runtime.attention)
+    if runtime.dtype != torch.float32:
+        model = model.to(runtime.dtype)
+    return LanguageModel(model.eval(), load_tokenizer(path), runtime)

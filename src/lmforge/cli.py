@@ -1,0 +1,278 @@
+"""``lmforge <command>``: a thin layer over the Python API.
+
+Every flag comes from a typed config dataclass (its field's help line is the
+flag's --help). Bad input exits with code 2 and a one-line message.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from lmforge.errors import InputError
+from lmforge.settings import add_arguments, build, load_json
+
+DEFAULT_RUN = Path("runs") / "speedrun"
+
+
+def _tokenizer_path(value: str | None) -> Path:
+    """A tokenizer.json, a folder holding one, or the last speedrun's."""
+    path = Path(value) if value else DEFAULT_RUN / "tokenizer.json"
+    if path.is_dir():
+        path = path / "tokenizer.json"
+    if not path.is_file():
+        hint = "" if value else " (no --tokenizer given; run `lmforge speedrun` or `lmforge tokenizer train` first)"
+        raise InputError(f"tokenizer not found: {path}{hint}")
+    return path
+
+
+# -- commands ---------------------------------------------------------------------------------------------
+
+def cmd_speedrun(args: argparse.Namespace) -> None:
+    from lmforge.speedrun import SpeedrunConfig, speedrun
+
+    speedrun(build(SpeedrunConfig, args))
+
+
+def cmd_data_prepare(args: argparse.Namespace) -> None:
+    from lmforge.data import DataConfig, prepare_data
+
+    manifest = prepare_data(args.inputs, Path(args.out), build(DataConfig, args), progress=not args.quiet)
+    splits = manifest["splits"]
+    print(f"read {manifest['documents_read']} documents, kept {manifest['documents_kept']}; "
+          f"train {splits['train']['bytes'] / 1e6:.2f} MB, val {splits['val']['bytes'] / 1e6:.2f} MB; "
+          f"dropped {json.dumps(manifest['dropped'])}; errors {json.dumps(manifest['errors'])}")
+    print(f"wrote {args.out}/manifest.json")
+
+
+def cmd_data_shard(args: argparse.Namespace) -> None:
+    from lmforge.data import write_shards
+    from lmforge.tokenizer import Tokenizer
+
+    tokenizer = Tokenizer.from_file(_tokenizer_path(args.tokenizer))
+    meta = write_shards(Path(args.data), tokenizer, Path(args.out), progress=not args.quiet)
+    for split, info in meta["splits"].items():
+        print(f"{split}: {info['num_tokens']:,} tokens from {info['num_docs']:,} documents")
+
+
+def cmd_tokenizer_train(args: argparse.Namespace) -> None:
+    from lmforge.data import iter_prepared
+    from lmforge.tokenizer import bytes_per_token, train_tokenizer
+
+    tokenizer = train_tokenizer(iter_prepared(Path(args.data), "train"), args.vocab_size, progress=not args.quiet)
+    out = Path(args.out)
+    tokenizer.save(out)
+    val = list(iter_prepared(Path(args.data), "val"))
+    if val:
+        print(f"validation compression: {bytes_per_token(tokenizer, val):.3f} bytes per token")
+    print(f"wrote {out} ({tokenizer.vocab_size} tokens)")
+
+
+def cmd_tokenize(args: argparse.Namespace) -> None:
+    from lmforge.tokenizer import Tokenizer, format_tokens
+
+    tokenizer = Tokenizer.from_file(_tokenizer_path(args.tokenizer))
+    text = sys.stdin.read() if args.text == "-" else args.text
+    if args.ids:
+        print(" ".join(map(str, tokenizer.encode(text))))
+    else:
+        print(format_tokens(tokenizer, text))
+
+
+def _model_config(args: argparse.Namespace, extra: dict | None = None):
+    from lmforge.model import PRESETS, ModelConfig
+
+    if args.preset not in PRESETS:
+        raise InputError(f"unknown model preset {args.preset!r}; choose one of {', '.join(PRESETS)}")
+    base = {**PRESETS[args.preset], **(extra or {})}
+    if args.model_config:
+        base.update(load_json(args.model_config))
+    return build(ModelConfig, args, base=base)
+
+
+def cmd_model_info(args: argparse.Namespace) -> None:
+    from lmforge.checkpoint import is_checkpoint
+    from lmforge.model import PRESETS, DecoderLM, ModelConfig, forward_flops_per_token, train_flops_per_token
+
+    if args.list:
+        for name in PRESETS:
+            _print_model_info(name, ModelConfig.from_dict(PRESETS[name]), DecoderLM, forward_flops_per_token,
+                              train_flops_per_token, short=True)
+        return
+    if args.checkpoint:
+        if not is_checkpoint(args.checkpoint):
+            raise InputError(f"{args.checkpoint} is not an lmforge checkpoint")
+        config, name = ModelConfig.load(Path(args.checkpoint) / "config.json"), args.checkpoint
+    else:
+        config, name = _model_config(args), args.preset
+    _print_model_info(name, config, DecoderLM, forward_flops_per_token, train_flops_per_token)
+
+
+def _print_model_info(name, config, DecoderLM, forward_flops, train_flops, short: bool = False) -> None:
+    import torch
+
+    with torch.device("meta"):
+        model = DecoderLM(config)
+    params, body = model.num_parameters(), model.num_parameters(embeddings=False)
+    fwd = forward_flops(config)
+    if short:
+        print(f"{name:>10}: {params / 1e6:8.2f}M params, dim {config.dim}, {config.num_layers} layers, "
+              f"{config.num_heads}/{config.num_kv_heads} heads ({config.attention_kind}), "
+              f"{fwd / 1e6:.0f} MFLOP/token forward")
+        return
+    print(f"model {name}")
+    for key, value in config.to_dict().items():
+        print(f"  {key:>15}: {value}")
+    print(f"  attention: {config.attention_kind}")
+    print(f"  parameters: {params:,} ({body:,} without embeddings)")
+    print(f"  FLOPs per token at context {config.max_seq_len}: forward {fwd / 1e6:.1f}M, "
+          f"training {train_flops(config) / 1e6:.1f}M")
+
+
+def cmd_pretrain(args: argparse.Namespace) -> None:
+    import torch
+
+    from lmforge.data.shards import load_shard
+    from lmforge.model import DecoderLM, ModelConfig
+    from lmforge.tokenizer import Tokenizer
+    from lmforge.train import PretrainStage, TrainConfig, fit
+    from lmforge.train.loop import checkpoint_dir
+
+    train_config = build(TrainConfig, args, base=load_json(args.train_config) if args.train_config else None)
+    tokenizer = Tokenizer.from_file(_tokenizer_path(args.tokenizer))
+    ckpt = checkpoint_dir(train_config)
+    if args.resume:
+        model_config = ModelConfig.load(ckpt / "config.json")
+    else:
+        model_config = _model_config(args, {"vocab_size": tokenizer.vocab_size, "max_seq_len": train_config.seq_len})
+    if model_config.vocab_size < tokenizer.vocab_size:
+        raise InputError(f"vocab_size={model_config.vocab_size} is smaller than the tokenizer's {tokenizer.vocab_size}")
+    torch.manual_seed(train_config.seed)
+    model = DecoderLM(model_config)
+    shards = Path(args.shards)
+    stage = PretrainStage(load_shard(shards, "train"), train_config.seq_len, train_config.seed,
+                          val_tokens=load_shard(shards, "val"), token_bytes=tokenizer.token_byte_lengths())
+    sample_fn = None
+    if train_config.sample_every:
+        from lmforge.eval.samples import sample_texts
+
+        def sample_fn(m):
+            return [s["prompt"] + s["completion"] for s in sample_texts(m, tokenizer, None, max_new_tokens=32)]
+    result = fit(model, stage, train_config, tokenizer=tokenizer, resume=args.resume, sample_fn=sample_fn)
+    print(f"trained {result.steps} steps, {result.tokens:,} tokens in {result.seconds / 60:.1f} min "
+          f"({result.tokens_per_second:,.0f} tokens/s, MFU {result.mfu:.1%}); {result.final}")
+    print(f"checkpoint: {result.checkpoint}")
+
+
+def cmd_generate(args: argparse.Namespace) -> None:
+    from lmforge.api import load
+    from lmforge.infer.sampling import SamplingConfig
+
+    lm = load(args.checkpoint, device=args.device, dtype=args.dtype)
+    sampling = build(SamplingConfig, args)
+    fields = {k: v for k, v in vars(sampling).items()}
+    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+    try:
+        if args.no_stream or sampling.num_beams > 1:
+            print(prompt + lm.generate(prompt, **fields))
+            return
+        print(prompt, end="", flush=True)
+        for piece in lm.stream(prompt, **fields):
+            print(piece, end="", flush=True)
+        print()
+    except ValueError as err:  # a prompt too long for the model, and the like
+        raise InputError(str(err)) from err
+
+
+# -- parser -----------------------------------------------------------------------------------------------
+
+def make_parser() -> argparse.ArgumentParser:
+    from lmforge.data import DataConfig
+    from lmforge.infer.sampling import SamplingConfig
+    from lmforge.model import ModelConfig
+    from lmforge.speedrun import SpeedrunConfig
+    from lmforge.train import TrainConfig
+
+    parser = argparse.ArgumentParser(prog="lmforge", description="Make, understand and run a language model.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("speedrun", help="built-in corpus -> tokenizer -> pretraining -> report, in one go")
+    add_arguments(p, SpeedrunConfig)
+    p.set_defaults(func=cmd_speedrun)
+
+    data = sub.add_parser("data", help="prepare text and token shards").add_subparsers(dest="action", required=True)
+    p = data.add_parser("prepare", help="clean, filter, deduplicate and split text inputs")
+    p.add_argument("inputs", nargs="+", help="files, folders, globs, 'builtin' or hf:NAME[:SPLIT]")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_arguments(p, DataConfig)
+    p.set_defaults(func=cmd_data_prepare)
+    p = data.add_parser("shard", help="tokenize a prepared folder into packed token shards")
+    p.add_argument("--data", required=True, help="prepared data folder (from `data prepare`)")
+    p.add_argument("--tokenizer", help="tokenizer.json (default: the last speedrun's)")
+    p.add_argument("--out", required=True, help="output folder for train.bin, val.bin, meta.json")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_data_shard)
+
+    tok = sub.add_parser("tokenizer", help="train a tokenizer").add_subparsers(dest="action", required=True)
+    p = tok.add_parser("train", help="train a byte-level BPE tokenizer on a prepared folder")
+    p.add_argument("--data", required=True, help="prepared data folder (from `data prepare`)")
+    p.add_argument("--vocab-size", type=int, default=8192, help="vocabulary size, special tokens included")
+    p.add_argument("--out", required=True, help="output tokenizer.json")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_tokenizer_train)
+
+    p = sub.add_parser("tokenize", help="show the tokens of a text, their ids and the count")
+    p.add_argument("text", help="the text ('-' reads standard input)")
+    p.add_argument("--tokenizer", help="tokenizer.json or a checkpoint folder (default: the last speedrun's)")
+    p.add_argument("--ids", action="store_true", help="print only the ids")
+    p.set_defaults(func=cmd_tokenize)
+
+    model = sub.add_parser("model", help="inspect model shapes").add_subparsers(dest="action", required=True)
+    p = model.add_parser("info", help="parameters and FLOPs per token of a preset, config or checkpoint")
+    p.add_argument("checkpoint", nargs="?", help="a checkpoint folder (instead of a preset)")
+    p.add_argument("--preset", default="cpu-small", help="named model shape")
+    p.add_argument("--model-config", help="JSON file of ModelConfig fields")
+    p.add_argument("--list", action="store_true", help="list every preset")
+    add_arguments(p, ModelConfig)
+    p.set_defaults(func=cmd_model_info)
+
+    p = sub.add_parser("pretrain", help="next-token pretraining on token shards")
+    p.add_argument("--shards", required=True, help="folder from `data shard`")
+    p.add_argument("--tokenizer", help="tokenizer.json (default: the last speedrun's)")
+    p.add_argument("--preset", default="cpu-small", help="named model shape")
+    p.add_argument("--model-config", help="JSON file of ModelConfig fields")
+    p.add_argument("--train-config", help="JSON file of TrainConfig fields")
+    p.add_argument("--resume", action="store_true", help="continue from <out-dir>/checkpoint")
+    add_arguments(p, ModelConfig, skip=("vocab_size",))
+    add_arguments(p, TrainConfig)
+    p.set_defaults(func=cmd_pretrain)
+
+    p = sub.add_parser("generate", help="continue a prompt with a trained model")
+    p.add_argument("checkpoint", help="checkpoint folder")
+    p.add_argument("prompt", help="the prompt ('-' reads standard input)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, mps")
+    p.add_argument("--dtype", default="auto", help="auto, bf16, fp32")
+    p.add_argument("--no-stream", action="store_true", help="print the whole text at the end")
+    add_arguments(p, SamplingConfig)
+    p.set_defaults(func=cmd_generate)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = make_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except InputError as err:
+        print(f"lmforge: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

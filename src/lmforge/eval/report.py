@@ -1,0 +1,104 @@
+"""The speedrun's report.md: corpus, tokenizer, model, training figures, samples, plots."""
+
+from __future__ import annotations
+
+import platform
+from pathlib import Path
+
+import torch
+
+from lmforge.train.metrics import read_metrics
+
+
+def _mb(n: float) -> str:
+    return f"{n / 1e6:.2f} MB"
+
+
+def _plot_throughput(metrics_path: Path, png: Path) -> Path | None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in read_metrics(metrics_path) if r.get("kind") == "train"]
+    if len(rows) < 2:
+        return None
+    fig, ax = plt.subplots(figsize=(7, 3), dpi=110)
+    ax.plot([r["tokens"] for r in rows], [r["tokens_per_second"] for r in rows])
+    ax.set_xlabel("tokens seen")
+    ax.set_ylabel("tokens / s")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(png)
+    plt.close(fig)
+    return png
+
+
+def write_report(run: Path, s: dict) -> Path:
+    """Write ``run/report.md`` from the speedrun summary ``s``; returns its path."""
+    m, tr, mod = s["manifest"], s["training"], s["model"]
+    kept = m.get("splits", {})
+    dropped = {**m.get("dropped", {}), **m.get("errors", {})}
+    shards = s["shards"]["splits"]
+    throughput = _plot_throughput(run / "train" / "metrics.jsonl", run / "throughput.png")
+    lines = [
+        f"# lmforge speedrun: {s['config']['name']}",
+        "",
+        f"Machine: {platform.machine()} {platform.processor() or ''}, {torch.get_num_threads()} threads, "
+        f"torch {torch.__version__}, runtime {s['runtime']}.",
+        f"Total wall time: **{s['total_seconds'] / 60:.1f} min** "
+        f"({', '.join(f'{k} {v:.0f}s' for k, v in s['timings'].items())}).",
+        "",
+        "## Corpus",
+        "",
+        f"{m.get('documents_read', '?')} documents read, {m.get('documents_kept', '?')} kept "
+        f"({m.get('documents_chunked', 0)} long ones split into chunks).",
+        "",
+        "| split | records | bytes |",
+        "|---|---|---|",
+    ]
+    for split in ("train", "val"):
+        info = kept.get(split, {})
+        lines.append(f"| {split} | {info.get('records', '?')} | {_mb(info.get('bytes', 0))} |")
+    lines += ["", "Dropped: " + (", ".join(f"{k} {v}" for k, v in sorted(dropped.items()) if v) or "none")]
+    lines += [
+        "",
+        "## Tokenizer",
+        "",
+        f"Byte-level BPE, vocabulary {s['tokenizer']['vocab_size']}, "
+        f"**{s['tokenizer']['bytes_per_token_val']:.2f} bytes per token** on the validation text. "
+        f"Train shard: {shards['train']['num_tokens']:,} tokens; validation: {shards['val']['num_tokens']:,} tokens.",
+        "",
+        "## Model",
+        "",
+        f"{mod['parameters'] / 1e6:.2f}M parameters ({mod['non_embedding_parameters'] / 1e6:.2f}M without embeddings).",
+        "",
+        "| field | value |",
+        "|---|---|",
+    ]
+    lines += [f"| {k} | {v} |" for k, v in mod["config"].items()]
+    lines += [
+        "",
+        "## Training",
+        "",
+        f"- steps: {tr['steps']}, tokens seen: **{tr['tokens']:,}**",
+        f"- training time: {tr['seconds'] / 60:.1f} min, **{tr['tokens_per_second']:,.0f} tokens/s** on average "
+        f"({tr['last_window_tokens_per_second']:,.0f} in the last logging window)",
+        f"- MFU: **{tr['mfu']:.1%}** of the measured matmul peak of {tr['peak_flops'] / 1e9:.0f} GFLOP/s",
+        "",
+        "![loss](train/loss.png)",
+        "",
+    ]
+    if throughput:
+        lines += ["![throughput](throughput.png)", ""]
+    fe = s["final_eval"]
+    if fe:
+        lines += ["## Evaluation", "",
+                  f"- validation loss: **{fe['val_loss']:.4f}** nats/token",
+                  f"- bits per byte: **{fe.get('val_bpb', float('nan')):.4f}**", ""]
+    lines += ["## Samples", "", "Sampled at temperature 0.8, top-k 50, seed 0.", ""]
+    for sample in s["samples"]:
+        lines += [f"**Prompt** `{sample['prompt']!r}`", "", "```", sample["prompt"] + sample["completion"], "```", ""]
+    path = run / "report.md"
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path

@@ -1,0 +1,121 @@
+"""How the next token is chosen from the logits: the settings and the pure functions.
+
+Every function takes logits of shape (B, V) (one row per sequence, one column per
+token id) and returns a new tensor; nothing here touches the model. The order in
+:func:`sample_next` is the usual one (as in Hugging Face's logits processors):
+repetition penalty -> temperature -> top-k -> top-p -> draw.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from lmforge.settings import field
+
+
+@dataclass
+class SamplingConfig:
+    """How to decode: the length, the sampling filters, the stop conditions and beam search."""
+
+    max_new_tokens: int = field(128, "most tokens to generate after the prompt")
+    temperature: float = field(1.0, "divide the logits by this before sampling; 0 picks the likeliest token (greedy)")
+    top_k: int = field(0, "sample only from the k likeliest tokens; 0 turns the filter off")
+    top_p: float = field(1.0, "sample only from the smallest set of tokens whose probability reaches p; 1 is off")
+    repetition_penalty: float = field(1.0, "shrink the logits of tokens already in the prompt or output; 1 is off")
+    stop: list[str] = field([], "stop when the generated text contains one of these strings (it is cut off)")
+    stop_token_ids: list[int] = field([], "stop a sequence when it generates one of these token ids")
+    seed: int | None = field(None, "random seed for sampling; None draws from the global generator")
+    num_beams: int = field(1, "beam search width; 1 decodes without beam search")
+    length_penalty: float = field(1.0, "beam search ranks by sum of log-probs / length**length_penalty")
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be at least 1, got {self.max_new_tokens}")
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0 (0 is greedy), got {self.temperature}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0 (0 is off), got {self.top_k}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1] (1 is off), got {self.top_p}")
+        if self.repetition_penalty <= 0:
+            raise ValueError(f"repetition_penalty must be > 0 (1 is off), got {self.repetition_penalty}")
+        if isinstance(self.stop, str):
+            raise ValueError(f"stop must be a list of strings, got the string {self.stop!r}; write [{self.stop!r}]")
+        if any(not isinstance(s, str) or not s for s in self.stop):
+            raise ValueError(f"stop must hold non-empty strings, got {self.stop!r}")
+        if any(not isinstance(t, int) or t < 0 for t in self.stop_token_ids):
+            raise ValueError(f"stop_token_ids must hold token ids (ints >= 0), got {self.stop_token_ids!r}")
+        if self.num_beams < 1:
+            raise ValueError(f"num_beams must be at least 1, got {self.num_beams}")
+        if self.num_beams > 1 and (self.temperature != 0 or self.top_k or self.top_p != 1.0):
+            raise ValueError("beam search is deterministic: with num_beams > 1 set temperature=0 "
+                             f"and leave top_k/top_p off (got temperature={self.temperature}, "
+                             f"top_k={self.top_k}, top_p={self.top_p})")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+def apply_repetition_penalty(logits: torch.Tensor, token_ids: torch.Tensor, penalty: float) -> torch.Tensor:
+    """CTRL's penalty (Keskar et al., 2019, arXiv:1909.05858) for tokens already seen.
+
+    logits (B, V); token_ids (B, N) the ids seen so far in each row (repeats are fine).
+    A seen token's logit is divided by ``penalty`` when positive and multiplied by it
+    when negative, so penalty > 1 always makes it less likely.
+    """
+    if penalty == 1.0:
+        return logits
+    seen = logits.gather(1, token_ids)  # (B, N)
+    seen = torch.where(seen > 0, seen / penalty, seen * penalty)
+    return logits.scatter(1, token_ids, seen)
+
+
+def top_k_filter(logits: torch.Tensor, k: int) -> torch.Tensor:
+    """Keep the ``k`` largest logits of each row (ties with the k-th are kept too); -inf elsewhere."""
+    if k <= 0 or k >= logits.shape[-1]:
+        return logits
+    kth = torch.topk(logits, k, dim=-1).values[:, -1:]  # (B, 1)
+    return logits.masked_fill(logits < kth, float("-inf"))
+
+
+def top_p_filter(logits: torch.Tensor, p: float) -> torch.Tensor:
+    """Nucleus filter (Holtzman et al., 2019, arXiv:1904.09751).
+
+    Keep the smallest set of likeliest tokens whose probabilities sum to at least ``p``;
+    the likeliest token is always kept. -inf elsewhere.
+    """
+    if p >= 1.0:
+        return logits
+    sorted_logits, order = torch.sort(logits, dim=-1, descending=True)  # (B, V)
+    probs = torch.softmax(sorted_logits.float(), dim=-1)
+    mass_before = probs.cumsum(dim=-1) - probs  # probability of the tokens ranked above each one
+    drop_sorted = mass_before >= p  # the set already reached p without this token
+    drop = drop_sorted.scatter(1, order, drop_sorted)  # back to vocabulary order
+    return logits.masked_fill(drop, float("-inf"))
+
+
+def sample_next(logits: torch.Tensor, config: SamplingConfig, generator: torch.Generator | None = None,
+                seen_ids: torch.Tensor | None = None) -> torch.Tensor:
+    """Choose one token per row. logits (B, V) -> token ids (B,).
+
+    ``seen_ids`` (B, N) are the prompt and output tokens so far, needed only by the
+    repetition penalty. Greedy (temperature 0) takes the argmax after the penalty.
+    """
+    logits = logits.float()
+    if seen_ids is not None:
+        logits = apply_repetition_penalty(logits, seen_ids, config.repetition_penalty)
+    if config.greedy:
+        return logits.argmax(dim=-1)
+    logits = top_p_filter(top_k_filter(logits / config.temperature, config.top_k), config.top_p)
+    probs = torch.softmax(logits, dim=-1)  # (B, V)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(1)
+
+
+def make_generator(seed: int | None, device: torch.device | str = "cpu") -> torch.Generator | None:
+    """A seeded generator for reproducible sampling, or None to use the global one."""
+    if seed is None:
+        return None
+    return torch.Generator(device=device).manual_seed(seed)

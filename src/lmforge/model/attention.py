@@ -1,0 +1,88 @@
+"""Causal multi-head self-attention with separate key/value heads (MHA, GQA, MQA).
+
+Two backends compute the same thing: "sdpa" calls PyTorch's fused
+``scaled_dot_product_attention``; "eager" spells out softmax(q k^T / sqrt(d) + mask) v
+and is the reference the tests compare against.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lmforge.model.config import ModelConfig
+from lmforge.model.kv_cache import KVCache
+from lmforge.model.position import RotaryEmbedding
+
+
+def causal_mask(num_queries: int, num_keys: int, device: torch.device) -> torch.Tensor:
+    """Boolean (Tq, Tk) mask, True where attention is allowed.
+
+    The queries are the last ``num_queries`` positions of the ``num_keys`` keys, so
+    query i may see keys 0 .. num_keys - num_queries + i.
+    """
+    offset = num_keys - num_queries
+    q = torch.arange(num_queries, device=device)[:, None]
+    k = torch.arange(num_keys, device=device)[None, :]
+    return k <= q + offset
+
+
+def eager_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout: float = 0.0,
+                    training: bool = False) -> torch.Tensor:
+    """Reference attention. q (B, H, Tq, D); k, v (B, Hkv, Tk, D) -> (B, H, Tq, D)."""
+    groups = q.shape[1] // k.shape[1]
+    k = k.repeat_interleave(groups, dim=1)  # (B, H, Tk, D): each kv head serves `groups` query heads
+    v = v.repeat_interleave(groups, dim=1)
+    scores = (q @ k.transpose(-2, -1)).float() / math.sqrt(q.shape[-1])  # (B, H, Tq, Tk)
+    scores = scores.masked_fill(~causal_mask(q.shape[2], k.shape[2], q.device), float("-inf"))
+    weights = torch.softmax(scores, dim=-1).to(v.dtype)
+    weights = F.dropout(weights, p=dropout, training=training)
+    return weights @ v
+
+
+def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout: float = 0.0,
+                   training: bool = False) -> torch.Tensor:
+    """Fused attention, same contract as :func:`eager_attention`."""
+    num_queries, num_keys = q.shape[2], k.shape[2]
+    gqa = q.shape[1] != k.shape[1]
+    p = dropout if training else 0.0
+    if num_queries == num_keys:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=p, enable_gqa=gqa)
+    if num_queries == 1:  # one new token sees the whole prefix: no mask needed
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=p, enable_gqa=gqa)
+    # Several new tokens after a cached prefix: is_causal would align the mask top-left.
+    mask = causal_mask(num_queries, num_keys, q.device)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p, enable_gqa=gqa)
+
+
+BACKENDS = {"sdpa": sdpa_attention, "eager": eager_attention}
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig, layer: int, rope: RotaryEmbedding | None, backend: str = "sdpa"):
+        super().__init__()
+        self.layer = layer
+        self.num_heads, self.num_kv_heads, self.head_dim = config.num_heads, config.num_kv_heads, config.head_dim
+        self.dropout = config.dropout
+        self.q_proj = nn.Linear(config.dim, config.num_heads * config.head_dim, bias=config.bias)
+        self.k_proj = nn.Linear(config.dim, config.num_kv_heads * config.head_dim, bias=config.bias)
+        self.v_proj = nn.Linear(config.dim, config.num_kv_heads * config.head_dim, bias=config.bias)
+        self.o_proj = nn.Linear(config.num_heads * config.head_dim, config.dim, bias=config.bias)
+        self.rope = rope
+        self.backend = backend
+
+    def forward(self, x: torch.Tensor, start: int, cache: KVCache | None = None) -> torch.Tensor:
+        batch, seq_len, _ = x.shape
+        # (B, T, H*D) -> (B, H, T, D)
+        q = self.q_proj(x).view(batch, seq_len, self.num_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(batch, seq_len, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(batch, seq_len, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        if self.rope is not None:
+            q, k = self.rope(q, k, start)
+        if cache is not None:
+            k, v = cache.update(self.layer, k, v)  # (B, Hkv, start+T, D)
+        out = BACKENDS[self.backend](q, k, v, self.dropout, self.training)  # (B, H, T, D)
+        return self.o_proj(out.transpose(1, 2).reshape(batch, seq_len, self.num_heads * self.head_dim))

@@ -1,0 +1,119 @@
+"""The model's shape: every concept of the decoder-only Transformer is a field here.
+
+Defaults are the modern choices (RoPE, RMSNorm, SwiGLU, grouped-query attention)
+so that a model maps onto the Llama layout. Presets name whole shapes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from lmforge.errors import InputError
+from lmforge.settings import field
+
+POSITIONS = ("rope", "learned", "sinusoidal")
+NORMS = ("rmsnorm", "layernorm")
+ACTIVATIONS = ("swiglu", "gelu", "relu")
+
+
+@dataclass
+class ModelConfig:
+    """Hyper-parameters of a decoder-only Transformer language model."""
+
+    vocab_size: int = field(8192, "number of token ids (the tokenizer's vocabulary)")
+    max_seq_len: int = field(512, "longest sequence the model attends over")
+    dim: int = field(256, "width of the residual stream (embedding size)")
+    num_layers: int = field(6, "number of Transformer blocks")
+    num_heads: int = field(4, "query heads per attention layer")
+    num_kv_heads: int = field(2, "key/value heads: =num_heads is MHA, 1 is MQA, between is GQA")
+    head_dim: int = field(0, "width of one head; 0 means dim // num_heads")
+    ffn_dim: int = field(0, "hidden width of the feed-forward network; 0 derives it from dim")
+    activation: str = field("swiglu", "feed-forward network: swiglu, gelu or relu")
+    norm: str = field("rmsnorm", "normalization: rmsnorm or layernorm")
+    norm_eps: float = field(1e-5, "epsilon inside the normalization")
+    position: str = field("rope", "positional encoding: rope, learned or sinusoidal")
+    rope_theta: float = field(10000.0, "RoPE base frequency")
+    tie_embeddings: bool = field(True, "share the input embedding matrix with the output head")
+    bias: bool = field(False, "add biases to the linear layers")
+    dropout: float = field(0.0, "dropout on embeddings, attention weights and residual branches")
+    init_std: float = field(0.02, "standard deviation of the initial weights")
+
+    def __post_init__(self) -> None:
+        if self.head_dim == 0:
+            if self.dim % self.num_heads:
+                raise ValueError(f"dim={self.dim} is not divisible by num_heads={self.num_heads}")
+            self.head_dim = self.dim // self.num_heads
+        if self.ffn_dim == 0:
+            if self.activation == "swiglu":
+                # Two input projections instead of one: 2/3 of 4*dim keeps the parameter
+                # count of a 4*dim MLP; round up to a multiple of 64 for fast matmuls.
+                self.ffn_dim = 64 * ((int(8 * self.dim / 3) + 63) // 64)
+            else:
+                self.ffn_dim = 4 * self.dim
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(f"num_heads={self.num_heads} must be a multiple of num_kv_heads={self.num_kv_heads}")
+        for name, value, allowed in (("position", self.position, POSITIONS), ("norm", self.norm, NORMS),
+                                     ("activation", self.activation, ACTIVATIONS)):
+            if value not in allowed:
+                raise ValueError(f"{name}={value!r}; choose one of {', '.join(allowed)}")
+        if self.position == "rope" and self.head_dim % 2:
+            raise ValueError(f"RoPE needs an even head_dim, got {self.head_dim}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+
+    @property
+    def attention_kind(self) -> str:
+        if self.num_kv_heads == self.num_heads:
+            return "MHA"
+        return "MQA" if self.num_kv_heads == 1 else "GQA"
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> ModelConfig:
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(values) - names
+        if unknown:
+            raise InputError(f"unknown model config fields: {', '.join(sorted(unknown))}")
+        try:
+            return cls(**values)
+        except (TypeError, ValueError) as err:
+            raise InputError(f"invalid model config: {err}") from err
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n", encoding="utf-8")
+
+    @classmethod
+    def load(cls, path: str | Path) -> ModelConfig:
+        try:
+            return cls.from_dict(json.loads(Path(path).read_text(encoding="utf-8")))
+        except FileNotFoundError as err:
+            raise InputError(f"no model config at {path}") from err
+
+
+# Named shapes. vocab_size and max_seq_len may be overridden when a preset is used.
+PRESETS: dict[str, dict] = {
+    # For tests: runs a forward pass in milliseconds.
+    "tiny": dict(dim=64, num_layers=2, num_heads=4, num_kv_heads=2, max_seq_len=128),
+    # The CPU speedrun default: about 5M parameters with an 8k vocabulary.
+    "cpu-small": dict(dim=256, num_layers=6, num_heads=4, num_kv_heads=2, max_seq_len=512),
+    "cpu-base": dict(dim=384, num_layers=8, num_heads=6, num_kv_heads=2, max_seq_len=512),
+    # The benchmark shape compared with transformers' LlamaForCausalLM: 42M with a 32k vocabulary.
+    "llama-42m": dict(dim=512, num_layers=8, num_heads=8, num_kv_heads=8, max_seq_len=512, vocab_size=32000),
+    # GPU sizes.
+    "gpu-125m": dict(dim=768, num_layers=12, num_heads=12, num_kv_heads=4, max_seq_len=1024, vocab_size=32768),
+    "gpu-350m": dict(dim=1024, num_layers=24, num_heads=16, num_kv_heads=4, max_seq_len=2048, vocab_size=32768),
+    "gpu-1b": dict(dim=2048, num_layers=16, num_heads=32, num_kv_heads=8, max_seq_len=2048, vocab_size=32768,
+                   rope_theta=500000.0),
+}
+
+
+def preset(name: str, **overrides) -> ModelConfig:
+    """Build a named preset, with any field overridden."""
+    if name not in PRESETS:
+        raise InputError(f"unknown model preset {name!r}; choose one of {', '.join(PRESETS)}")
+    return ModelConfig.from_dict({**PRESETS[name], **overrides})

@@ -1,0 +1,32 @@
+"""The position-wise feed-forward network: ReLU, GELU or SwiGLU."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class FeedForward(nn.Module):
+    """up-project, non-linearity, down-project.
+
+    SwiGLU (Shazeer, 2020, arXiv:2002.05202) gates the up projection with a second
+    one: down(silu(gate(x)) * up(x)). ReLU and GELU use up and down only.
+    """
+
+    def __init__(self, dim: int, hidden: int, activation: str, bias: bool = False):
+        super().__init__()
+        self.activation = activation
+        if activation == "swiglu":
+            self.gate_proj = nn.Linear(dim, hidden, bias=bias)
+        self.up_proj = nn.Linear(dim, hidden, bias=bias)
+        self.down_proj = nn.Linear(hidden, dim, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.activation == "swiglu":
+            hidden = F.silu(self.gate_proj(x)) * self.up_proj(x)
+        elif self.activation == "gelu":
+            hidden = F.gelu(self.up_proj(x), approximate="tanh")
+        else:
+            hidden = F.relu(self.up_proj(x))
+        return self.down_proj(hidden)

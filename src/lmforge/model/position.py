@@ -1,0 +1,81 @@
+"""Positional encodings: rotary (RoPE), learned absolute, and sinusoidal.
+
+RoPE rotates query/key pairs inside attention; the other two are added to the
+token embeddings. All take the absolute position of the first token, so that a
+KV-cached decode step sees the same positions as a full forward pass.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+
+class RotaryEmbedding(nn.Module):
+    """Rotary position embedding (Su et al., 2021, arXiv:2104.09864).
+
+    Uses the "rotate half" pairing (dimension i with i + head_dim/2), the layout of
+    Hugging Face Llama checkpoints, so their weights load without permutation.
+    """
+
+    def __init__(self, head_dim: int, max_seq_len: int, theta: float = 10000.0):
+        super().__init__()
+        self.head_dim, self.max_seq_len, self.theta = head_dim, max_seq_len, theta
+        self.init_buffers()
+
+    def init_buffers(self, device: torch.device | str | None = None) -> None:
+        """(Re)compute the cos/sin tables; derived from the config, so never stored in checkpoints."""
+        d = self.head_dim
+        inv_freq = 1.0 / (self.theta ** (torch.arange(0, d, 2, dtype=torch.float64, device=device) / d))
+        positions = torch.arange(self.max_seq_len, dtype=torch.float64, device=device)
+        angles = torch.outer(positions, inv_freq)  # (L, D/2)
+        angles = torch.cat([angles, angles], dim=-1)  # (L, D)
+        self.register_buffer("cos", angles.cos().float(), persistent=False)
+        self.register_buffer("sin", angles.sin().float(), persistent=False)
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, start: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rotate q (B, H, T, D) and k (B, Hkv, T, D) for positions start .. start+T-1."""
+        seq_len = q.shape[2]
+        cos = self.cos[start:start + seq_len].to(q.dtype)  # (T, D)
+        sin = self.sin[start:start + seq_len].to(q.dtype)
+        return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+
+
+class LearnedPositions(nn.Module):
+    """A trained vector per absolute position (GPT-2 style), added to token embeddings."""
+
+    def __init__(self, max_seq_len: int, dim: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(max_seq_len, dim))
+
+    def forward(self, seq_len: int, start: int) -> torch.Tensor:
+        return self.weight[start:start + seq_len]  # (T, dim)
+
+
+class SinusoidalPositions(nn.Module):
+    """Fixed sine/cosine position vectors (Vaswani et al., 2017), added to token embeddings."""
+
+    def __init__(self, max_seq_len: int, dim: int):
+        super().__init__()
+        self.max_seq_len, self.dim = max_seq_len, dim
+        self.init_buffers()
+
+    def init_buffers(self, device: torch.device | str | None = None) -> None:
+        """(Re)compute the table; derived from the config, so never stored in checkpoints."""
+        dim = self.dim
+        position = torch.arange(self.max_seq_len, dtype=torch.float64, device=device)[:, None]
+        freq = torch.exp(torch.arange(0, dim, 2, dtype=torch.float64, device=device) * (-math.log(10000.0) / dim))
+        table = torch.zeros(self.max_seq_len, dim, dtype=torch.float64, device=device)
+        table[:, 0::2] = torch.sin(position * freq)
+        table[:, 1::2] = torch.cos(position * freq[: dim // 2])
+        self.register_buffer("table", table.float(), persistent=False)
+
+    def forward(self, seq_len: int, start: int) -> torch.Tensor:
+        return self.table[start:start + seq_len]  # (T, dim)

@@ -1,0 +1,133 @@
+"""The decoder-only Transformer language model.
+
+tokens -> embedding (+ absolute positions) -> N x [x + attn(norm(x)); x + ffn(norm(x))]
+       -> final norm -> linear head -> logits over the vocabulary
+Pre-norm residual blocks as in GPT-2/Llama.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from lmforge.model.attention import Attention
+from lmforge.model.config import ModelConfig
+from lmforge.model.kv_cache import KVCache
+from lmforge.model.mlp import FeedForward
+from lmforge.model.norm import make_norm
+from lmforge.model.position import LearnedPositions, RotaryEmbedding, SinusoidalPositions
+
+
+class Block(nn.Module):
+    """One Transformer block: pre-norm attention and pre-norm FFN, each on a residual branch."""
+
+    def __init__(self, config: ModelConfig, layer: int, rope: RotaryEmbedding | None, attention: str):
+        super().__init__()
+        self.attn_norm = make_norm(config.norm, config.dim, config.norm_eps)
+        self.attn = Attention(config, layer, rope, attention)
+        self.ffn_norm = make_norm(config.norm, config.dim, config.norm_eps)
+        self.ffn = FeedForward(config.dim, config.ffn_dim, config.activation, config.bias)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x: torch.Tensor, start: int, cache: KVCache | None) -> torch.Tensor:
+        x = x + self.dropout(self.attn(self.attn_norm(x), start, cache))
+        return x + self.dropout(self.ffn(self.ffn_norm(x)))
+
+
+class DecoderLM(nn.Module):
+    """A causal language model. ``forward(ids, cache) -> logits``.
+
+    ``attention`` picks the attention backend ("sdpa" or "eager"); it is a runtime
+    choice, not part of the saved config.
+    """
+
+    def __init__(self, config: ModelConfig, attention: str = "sdpa"):
+        super().__init__()
+        self.config = config
+        self.embed = nn.Embedding(config.vocab_size, config.dim)
+        self.positions: nn.Module | None = None
+        rope = None
+        if config.position == "learned":
+            self.positions = LearnedPositions(config.max_seq_len, config.dim)
+        elif config.position == "sinusoidal":
+            self.positions = SinusoidalPositions(config.max_seq_len, config.dim)
+        else:
+            rope = RotaryEmbedding(config.head_dim, config.max_seq_len, config.rope_theta)
+        self.rope = rope  # one table shared by every layer
+        self.dropout = nn.Dropout(config.dropout)
+        self.blocks = nn.ModuleList(Block(config, i, rope, attention) for i in range(config.num_layers))
+        self.norm = make_norm(config.norm, config.dim, config.norm_eps)
+        self.lm_head = nn.Linear(config.dim, config.vocab_size, bias=False)
+        if config.tie_embeddings:
+            self.lm_head.weight = self.embed.weight
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """All weight initialisation happens here.
+
+        Normal(0, init_std) for matrices; the projections that write into the residual
+        stream (o_proj, down_proj) are scaled by 1/sqrt(2 * num_layers) so the stream's
+        variance does not grow with depth (GPT-2).
+        """
+        std = self.config.init_std
+        for name, module in self.named_modules():
+            if isinstance(module, nn.Linear):
+                scale = 1 / math.sqrt(2 * self.config.num_layers) if name.endswith(("o_proj", "down_proj")) else 1.0
+                nn.init.normal_(module.weight, mean=0.0, std=std * scale)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.Embedding):
+                nn.init.normal_(module.weight, mean=0.0, std=std)
+            elif isinstance(module, LearnedPositions):
+                nn.init.normal_(module.weight, mean=0.0, std=std)
+            elif hasattr(module, "weight") and isinstance(getattr(module, "weight", None), nn.Parameter) \
+                    and module.weight.dim() == 1:  # norms
+                nn.init.ones_(module.weight)
+                if getattr(module, "bias", None) is not None:
+                    nn.init.zeros_(module.bias)
+
+    def set_attention(self, backend: str) -> None:
+        """Switch the attention backend of every layer ("sdpa" or "eager")."""
+        for block in self.blocks:
+            block.attn.backend = backend
+
+    def forward(self, input_ids: torch.Tensor, cache: KVCache | None = None,
+                return_hidden: bool = False) -> torch.Tensor:
+        """input_ids (B, T) -> logits (B, T, V), or the final hidden states (B, T, dim).
+
+        With a cache, the tokens continue the cached prefix: their positions start at
+        ``cache.length``, and their keys/values are added to it.
+        """
+        batch, seq_len = input_ids.shape
+        start = cache.length if cache is not None else 0
+        if start + seq_len > self.config.max_seq_len:
+            raise ValueError(f"sequence of {start + seq_len} tokens exceeds max_seq_len={self.config.max_seq_len}")
+        x = self.embed(input_ids)  # (B, T, dim)
+        if self.positions is not None:
+            x = x + self.positions(seq_len, start)
+        x = self.dropout(x)
+        for block in self.blocks:
+            x = block(x, start, cache)
+        if cache is not None:
+            cache.advance(seq_len)
+        x = self.norm(x)
+        if return_hidden:
+            return x
+        return self.lm_head(x)
+
+    def init_buffers(self, device: torch.device | str | None = None) -> None:
+        """Recompute derived tables (RoPE, sinusoidal) on ``device``: after building on "meta"."""
+        for module in self.modules():
+            if isinstance(module, (RotaryEmbedding, SinusoidalPositions)):
+                module.init_buffers(device)
+
+    def num_parameters(self, embeddings: bool = True) -> int:
+        """Parameter count; tied weights count once."""
+        total = sum(p.numel() for p in self.parameters())
+        if not embeddings:
+            total -= self.embed.weight.numel()
+            if isinstance(self.positions, LearnedPositions):
+                total -= self.positions.weight.numel()
+        return total

@@ -1,0 +1,108 @@
+"""Where and in what precision things run: decided once, here, and passed down.
+
+``Runtime.resolve("auto", "auto")`` picks CUDA > MPS > CPU, and bf16 autocast where
+the hardware runs bf16 matmuls fast (CUDA with bf16 support, CPUs with AVX-512 BF16
+or AMX), fp32 elsewhere. Layers never decide this themselves.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import platform
+from dataclasses import dataclass
+
+import torch
+
+from lmforge.errors import InputError
+
+DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
+          "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
+
+
+@functools.cache
+def cpu_has_fast_bf16() -> bool:
+    """True when the CPU has native bf16 matmul instructions (AVX-512 BF16 or AMX)."""
+    if platform.system() != "Linux":
+        return False
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            flags = f.read()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """Device and compute dtype for one process.
+
+    ``dtype`` is the autocast dtype for matmuls; master weights stay fp32 for
+    training. ``attention`` is the attention backend: "sdpa" (fast, fused) or
+    "eager" (explicit softmax, the reference).
+    """
+
+    device: torch.device
+    dtype: torch.dtype
+    attention: str = "sdpa"
+
+    @classmethod
+    def resolve(cls, device: str = "auto", dtype: str = "auto", attention: str = "sdpa") -> Runtime:
+        if device == "auto":
+            if torch.cuda.is_available():
+                device = "cuda"
+            elif getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+                device = "mps"
+            else:
+                device = "cpu"
+        try:
+            dev = torch.device(device)
+        except RuntimeError as err:
+            raise InputError(f"unknown device {device!r}") from err
+        if dtype == "auto":
+            if dev.type == "cuda":
+                dt = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
+            elif dev.type == "cpu":
+                dt = torch.bfloat16 if cpu_has_fast_bf16() else torch.float32
+            else:
+                dt = torch.float32
+        elif dtype in DTYPES:
+            dt = DTYPES[dtype]
+        else:
+            raise InputError(f"unknown dtype {dtype!r}; choose auto, fp32, bf16 or fp16")
+        if attention not in ("sdpa", "eager"):
+            raise InputError(f"unknown attention backend {attention!r}; choose sdpa or eager")
+        return cls(dev, dt, attention)
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        """Autocast context for forward passes (a no-op in fp32)."""
+        if self.dtype == torch.float32:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self.dtype)
+
+    def describe(self) -> str:
+        return f"{self.device.type} {str(self.dtype).removeprefix('torch.')} attention={self.attention}"
+
+
+@functools.cache
+def measure_matmul_peak(device: str = "cpu", dtype: torch.dtype = torch.bfloat16, size: int = 2048) -> float:
+    """Measured dense matmul throughput in FLOP/s: the denominator of MFU on this machine.
+
+    Times square (size x size) matmuls after a warmup; takes the best of three rounds.
+    """
+    import time
+
+    dev = torch.device(device)
+    a = torch.randn(size, size, device=dev).to(dtype)
+    b = torch.randn(size, size, device=dev).to(dtype)
+    best = float("inf")
+    for _ in range(4):
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(5):
+            a @ b
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - t0)
+    return 5 * 2 * size**3 / best

@@ -1,0 +1,123 @@
+"""The speedrun: raw text to a model that writes, in one command, on a CPU.
+
+    data (built-in corpus) -> BPE tokenizer -> token shards -> pretraining under a
+    time budget -> validation loss and bits per byte -> samples -> report.md
+
+Everything goes into one run folder (``runs/<name>``):
+    data/  tokenizer.json  shards/  train/ (metrics.jsonl, loss.png, checkpoint/)  report.md
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from lmforge.data import DataConfig, iter_prepared, prepare_data, read_manifest, write_shards
+from lmforge.data.shards import load_shard, read_meta
+from lmforge.eval.report import write_report
+from lmforge.eval.samples import sample_texts
+from lmforge.model import DecoderLM, preset
+from lmforge.runtime import Runtime, measure_matmul_peak
+from lmforge.settings import field, to_dict
+from lmforge.tokenizer import bytes_per_token, train_tokenizer
+from lmforge.train import PretrainStage, TrainConfig, fit
+
+
+@dataclass
+class SpeedrunConfig:
+    """The whole pipeline's settings; each stage's finer knobs have their own commands."""
+
+    name: str = field("speedrun", "run name: everything is written under <runs-dir>/<name>")
+    runs_dir: str = field("runs", "parent folder of runs")
+    inputs: list[str] = field(["builtin"], "data to train on (files, folders, globs, builtin, hf:NAME)")
+    minutes: float = field(15.0, "wall-clock budget for the whole run, in minutes")
+    preset: str = field("cpu-small", "model shape (see `lmforge model info --list`)")
+    vocab_size: int = field(8192, "BPE vocabulary size")
+    seq_len: int = field(256, "training sequence length")
+    batch_size: int = field(16, "sequences per step")
+    lr: float = field(3e-3, "peak learning rate")
+    max_bytes: int = field(0, "cap on prepared corpus size in bytes (0 = all)")
+    device: str = field("auto", "auto, cpu, cuda, mps")
+    dtype: str = field("auto", "auto (bf16 where fast), bf16, fp32")
+    compile: bool = field(False, "torch.compile the model")
+    seed: int = field(1337, "seed for everything")
+    progress: bool = field(True, "show progress bars")
+
+
+def speedrun(config: SpeedrunConfig) -> Path:
+    """Run every stage; returns the path of report.md."""
+    t0 = time.perf_counter()
+    run = Path(config.runs_dir) / config.name
+    run.mkdir(parents=True, exist_ok=True)
+    timings: dict[str, float] = {}
+
+    def stage(name: str, start: float) -> None:
+        timings[name] = time.perf_counter() - start
+        print(f"[speedrun] {name}: {timings[name]:.1f}s", flush=True)
+
+    t = time.perf_counter()
+    data_config = DataConfig(seed=config.seed, max_bytes=config.max_bytes or None)
+    prepare_data(config.inputs, run / "data", data_config, progress=config.progress)
+    stage("data", t)
+
+    t = time.perf_counter()
+    tokenizer = train_tokenizer(iter_prepared(run / "data", "train"), config.vocab_size, progress=config.progress)
+    tokenizer.save(run / "tokenizer.json")
+    val_texts = list(iter_prepared(run / "data", "val"))
+    tokenizer_stats = {"vocab_size": tokenizer.vocab_size, "bytes_per_token_val": bytes_per_token(tokenizer, val_texts)}
+    stage("tokenizer", t)
+
+    t = time.perf_counter()
+    write_shards(run / "data", tokenizer, run / "shards", progress=config.progress)
+    stage("shards", t)
+
+    torch.manual_seed(config.seed)
+    model_config = preset(config.preset, vocab_size=tokenizer.vocab_size, max_seq_len=config.seq_len)
+    model = DecoderLM(model_config)
+    stage_data = PretrainStage(load_shard(run / "shards", "train"), config.seq_len, config.seed,
+                               val_tokens=load_shard(run / "shards", "val"),
+                               token_bytes=tokenizer.token_byte_lengths())
+    runtime = Runtime.resolve(config.device, config.dtype)
+    # Leave time for the final evaluation, samples and the report.
+    reserve = min(0.5, 0.1 * config.minutes)
+    train_minutes = max(0.05, config.minutes - (time.perf_counter() - t0) / 60 - reserve)
+    train_config = TrainConfig(out_dir=str(run / "train"), batch_size=config.batch_size, seq_len=config.seq_len,
+                               minutes=train_minutes, lr=config.lr, warmup_steps=30, eval_every=100,
+                               eval_tokens=32768, save_every=200, log_every=10, sample_every=0,
+                               device=config.device, dtype=config.dtype, compile=config.compile,
+                               seed=config.seed, progress=config.progress)
+    t = time.perf_counter()
+    result = fit(model, stage_data, train_config, tokenizer=tokenizer)
+    stage("pretrain", t)
+
+    t = time.perf_counter()
+    final_eval = stage_data.evaluate(model, runtime, max_tokens=262144, batch_size=16)
+    samples = sample_texts(model, tokenizer, runtime)
+    stage("evaluate", t)
+
+    summary = {
+        "config": to_dict(config),
+        "runtime": runtime.describe(),
+        "timings": timings,
+        "total_seconds": time.perf_counter() - t0,
+        "manifest": read_manifest(run / "data"),
+        "tokenizer": tokenizer_stats,
+        "shards": read_meta(run / "shards"),
+        "model": {"config": model_config.to_dict(), "parameters": model.num_parameters(),
+                  "non_embedding_parameters": model.num_parameters(embeddings=False)},
+        "training": {"steps": result.steps, "tokens": result.tokens, "seconds": result.seconds,
+                     "tokens_per_second": result.tokens / max(result.seconds, 1e-9),
+                     "last_window_tokens_per_second": result.tokens_per_second, "mfu": result.mfu,
+                     "peak_flops": measure_matmul_peak(str(runtime.device), runtime.dtype)},
+        "final_eval": final_eval,
+        "samples": samples,
+    }
+    (run / "summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n", encoding="utf-8")
+    report = write_report(run, summary)
+    print(f"[speedrun] done in {summary['total_seconds'] / 60:.1f} min: {report}", flush=True)
+    return report
+

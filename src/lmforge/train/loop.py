@@ -1,0 +1,212 @@
+"""The one training loop. A stage (pretraining, and later SFT, DPO ...) supplies
+batches and a loss; this file owns everything else: precision, accumulation,
+clipping, schedule, data parallelism, evaluation, metrics, checkpoints, resume.
+
+A stage provides:
+    batch(step, first, size, global_size, device) -> dict   sequences first..first+size-1 of the step
+    loss(model, batch) -> scalar tensor                       mean loss of the micro-batch
+    evaluate(model, runtime, max_tokens, batch_size) -> dict  validation metrics (may be empty)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from lmforge.checkpoint import is_checkpoint, read_trainer_state, save_checkpoint
+from lmforge.errors import InputError
+from lmforge.model import DecoderLM, train_flops_per_token
+from lmforge.runtime import Runtime, measure_matmul_peak
+from lmforge.settings import to_dict
+from lmforge.train.config import TrainConfig
+from lmforge.train.distributed import World, all_reduce_mean, barrier, init_world
+from lmforge.train.metrics import MetricsLog, plot_losses
+from lmforge.train.optim import build_optimizer, load_optimizer_tensors, optimizer_tensors
+from lmforge.train.schedule import learning_rate
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite; the last good checkpoint is kept."""
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    tokens: int
+    seconds: float
+    tokens_per_second: float
+    mfu: float
+    final: dict
+    checkpoint: Path
+
+
+def checkpoint_dir(config: TrainConfig) -> Path:
+    return Path(config.out_dir) / "checkpoint"
+
+
+def fit(model: DecoderLM, stage, config: TrainConfig, tokenizer=None, resume: bool = False,
+        sample_fn: Callable[[nn.Module], list[str]] | None = None) -> TrainResult:
+    """Train ``model`` on ``stage``; returns figures and the final checkpoint's path."""
+    runtime = Runtime.resolve(config.device, config.dtype)
+    world = init_world(runtime.device.type)
+    out_dir = Path(config.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model.to(runtime.device).train()
+    optimizer = build_optimizer(model, config.lr, config.weight_decay, (config.beta1, config.beta2))
+    tokens_per_step = config.batch_size * config.seq_len * config.grad_accum * world.size
+
+    start_step, max_steps, elapsed_before = 0, config.max_steps, 0.0
+    ckpt = checkpoint_dir(config)
+    if resume:
+        if not is_checkpoint(ckpt):
+            raise InputError(f"--resume: no checkpoint in {ckpt}")
+        start_step, max_steps, elapsed_before = _restore(ckpt, model, optimizer, runtime)
+    elif config.minutes > 0:
+        max_steps = _steps_for_budget(model, stage, config, runtime, world)
+
+    train_model: nn.Module = torch.compile(model) if config.compile else model
+    if world.size > 1:
+        train_model = nn.parallel.DistributedDataParallel(train_model)
+    metrics = MetricsLog(out_dir / "metrics.jsonl", keep_until_step=start_step if resume else None) \
+        if world.is_main else None
+    flops_per_token = train_flops_per_token(model.config, config.seq_len)
+    peak = measure_matmul_peak(str(runtime.device), runtime.dtype) * world.size
+    if metrics and not resume:
+        metrics.write(kind="config", step=0, train=to_dict(config), model=model.config.to_dict(),
+                      runtime=runtime.describe(), world_size=world.size, max_steps=max_steps,
+                      parameters=model.num_parameters(), flops_per_token=flops_per_token, peak_flops=peak)
+
+    bar = tqdm(total=max_steps, initial=start_step, disable=not (config.progress and world.is_main),
+               unit="step", dynamic_ncols=True)
+    final: dict = {}
+    t_start = time.perf_counter()
+    window_t, window_tokens = time.perf_counter(), 0
+    tok_s = mfu = 0.0
+    for step in range(start_step, max_steps):
+        lr = learning_rate(step, config.lr, config.warmup_steps, max_steps, config.min_lr_ratio)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        loss_sum = torch.zeros((), device=runtime.device)
+        for micro in range(config.grad_accum):
+            first = (world.rank * config.grad_accum + micro) * config.batch_size
+            batch = stage.batch(step, first, config.batch_size, tokens_per_step // config.seq_len, runtime.device)
+            last = micro == config.grad_accum - 1
+            sync = contextlib.nullcontext() if (world.size == 1 or last) else train_model.no_sync()
+            with sync:
+                with runtime.autocast():
+                    loss = stage.loss(train_model, batch) / config.grad_accum
+                loss.backward()
+            loss_sum += loss.detach()
+        loss_value = all_reduce_mean(loss_sum.item(), world, runtime.device)
+        if not math.isfinite(loss_value):
+            bar.close()
+            raise TrainingDiverged(
+                f"loss became {loss_value} at step {step}; the last good checkpoint is {ckpt} "
+                f"(try a lower --lr, now {config.lr}, or more --warmup-steps)")
+        grad_norm = nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip).item() \
+            if config.grad_clip > 0 else 0.0
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+        done = step + 1
+        window_tokens += tokens_per_step
+        if done % config.log_every == 0 or done == max_steps:
+            now = time.perf_counter()
+            tok_s = window_tokens / (now - window_t)
+            mfu = tok_s * flops_per_token / peak
+            window_t, window_tokens = now, 0
+            if metrics:
+                metrics.write(kind="train", step=done, tokens=done * tokens_per_step, loss=loss_value, lr=lr,
+                              grad_norm=grad_norm, tokens_per_second=tok_s, mfu=mfu,
+                              elapsed=elapsed_before + now - t_start)
+            bar.set_postfix(loss=f"{loss_value:.3f}", tok_s=f"{tok_s:,.0f}", mfu=f"{mfu:.1%}", refresh=False)
+        if config.eval_every and (done % config.eval_every == 0 or done == max_steps):
+            final = stage.evaluate(model, runtime, config.eval_tokens, config.batch_size)
+            if metrics and final:
+                metrics.write(kind="val", step=done, tokens=done * tokens_per_step, **final)
+                bar.write(f"step {done}: " + ", ".join(f"{k} {v:.4f}" for k, v in final.items()))
+        if sample_fn and config.sample_every and done % config.sample_every == 0 and world.is_main:
+            samples = sample_fn(model)
+            if metrics:
+                metrics.write(kind="sample", step=done, samples=samples)
+            for text in samples:
+                bar.write(f"sample @ {done}: {text!r}")
+        if done % config.save_every == 0 or done == max_steps:
+            if world.is_main:
+                state = {"step": done, "max_steps": max_steps, "tokens": done * tokens_per_step,
+                         "elapsed": elapsed_before + time.perf_counter() - t_start, "train_config": to_dict(config)}
+                save_checkpoint(ckpt, model, tokenizer, state, _resume_tensors(optimizer))
+            barrier(world)
+        bar.update(1)
+    bar.close()
+    seconds = elapsed_before + time.perf_counter() - t_start
+    tokens = max_steps * tokens_per_step
+    if metrics:
+        plot_losses(metrics.path, out_dir / "loss.png", title=f"{model.num_parameters() / 1e6:.1f}M parameters")
+    return TrainResult(max_steps, tokens, seconds, tok_s, mfu, final, ckpt)
+
+
+def _resume_tensors(optimizer: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
+    tensors = optimizer_tensors(optimizer)
+    tensors["rng.cpu"] = torch.get_rng_state()
+    if torch.cuda.is_available():
+        tensors["rng.cuda"] = torch.cuda.get_rng_state()
+    return tensors
+
+
+def _restore(ckpt: Path, model: DecoderLM, optimizer: torch.optim.Optimizer, runtime: Runtime) -> tuple[int, int, float]:
+    """Load weights, optimizer moments and RNG state; returns (next step, max_steps, elapsed seconds)."""
+    from safetensors.torch import load_file
+
+    weights = load_file(ckpt / "model.safetensors", device=str(runtime.device))
+    if model.config.tie_embeddings:
+        weights["lm_head.weight"] = weights["embed.weight"]
+    model.load_state_dict(weights)
+    state, tensors = read_trainer_state(ckpt)
+    load_optimizer_tensors(optimizer, {k: v.to(runtime.device) if k.endswith(("exp_avg", "exp_avg_sq")) else v
+                                       for k, v in tensors.items()})
+    if "rng.cpu" in tensors:
+        torch.set_rng_state(tensors["rng.cpu"])
+    if "rng.cuda" in tensors and torch.cuda.is_available():
+        torch.cuda.set_rng_state(tensors["rng.cuda"])
+    return state["step"], state["max_steps"], state.get("elapsed", 0.0)
+
+
+def _steps_for_budget(model: DecoderLM, stage, config: TrainConfig, runtime: Runtime, world: World) -> int:
+    """Time a few steps on a copy of the model and choose max_steps to fit ``config.minutes``.
+
+    Validation passes are counted in (a forward pass costs about a third of a step).
+    """
+    probe = copy.deepcopy(model)
+    optimizer = build_optimizer(probe, config.lr, config.weight_decay, (config.beta1, config.beta2))
+    global_size = config.batch_size * config.grad_accum * world.size
+
+    def one_step(step: int) -> None:
+        for micro in range(config.grad_accum):
+            batch = stage.batch(step, micro * config.batch_size, config.batch_size, global_size, runtime.device)
+            with runtime.autocast():
+                loss = stage.loss(probe, batch) / config.grad_accum
+            loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    one_step(0)  # warmup: allocations, kernel selection
+    t0 = time.perf_counter()
+    for step in range(1, 4):
+        one_step(step)
+    per_step = (time.perf_counter() - t0) / 3
+    eval_cost = 0.0
+    if config.eval_every:
+        eval_steps = config.eval_tokens / (config.batch_size * config.seq_len * config.grad_accum)
+        eval_cost = eval_steps * per_step / 3 / config.eval_every
+    steps = int(config.minutes * 60 / (per_step + eval_cost))
+    return max(steps, 1)

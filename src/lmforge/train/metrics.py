@@ -1,0 +1,57 @@
+"""One reporting path: JSON lines on disk (always) and plots made from them."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+
+class MetricsLog:
+    """Appends one JSON object per line to ``path``; on resume, drops lines past ``keep_until_step``."""
+
+    def __init__(self, path: str | Path, keep_until_step: int | None = None):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if keep_until_step is not None and self.path.exists():
+            rows = [r for r in read_metrics(self.path) if r.get("step", 0) <= keep_until_step]
+            self.path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+        elif keep_until_step is None and self.path.exists():
+            self.path.unlink()
+
+    def write(self, **row) -> None:
+        with self.path.open("a", encoding="utf-8") as f:
+            f.write(json.dumps(row) + "\n")
+
+
+def read_metrics(path: str | Path) -> list[dict]:
+    path = Path(path)
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def plot_losses(metrics_path: str | Path, png_path: str | Path, title: str = "loss") -> Path | None:
+    """Training and validation loss against tokens seen, as a PNG. None if nothing to plot."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = read_metrics(metrics_path)
+    train = [(r["tokens"], r["loss"]) for r in rows if r.get("kind") == "train"]
+    val = [(r["tokens"], r["val_loss"]) for r in rows if r.get("kind") == "val"]
+    if not train:
+        return None
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
+    ax.plot(*zip(*train), label="train", linewidth=1)
+    if val:
+        ax.plot(*zip(*val), "o-", label="validation", linewidth=1.5)
+    ax.set_xlabel("tokens seen")
+    ax.set_ylabel("cross-entropy (nats/token)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(png_path)
+    plt.close(fig)
+    return Path(png_path)

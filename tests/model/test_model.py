@@ -1,0 +1,114 @@
+import pytest
+import torch
+
+from lmforge.errors import InputError
+from lmforge.model import DecoderLM, KVCache, ModelConfig, forward_flops_per_token, matmul_parameters, preset
+from lmforge.model.attention import causal_mask, eager_attention, sdpa_attention
+
+VARIANTS = [
+    dict(),  # RoPE, RMSNorm, SwiGLU, GQA (the defaults)
+    dict(num_kv_heads=4),  # MHA
+    dict(num_kv_heads=1),  # MQA
+    dict(position="learned", norm="layernorm", activation="gelu", tie_embeddings=False, bias=True),
+    dict(position="sinusoidal", activation="relu"),
+]
+
+
+def tiny(**overrides) -> DecoderLM:
+    torch.manual_seed(0)
+    return DecoderLM(preset("tiny", vocab_size=97, **overrides)).eval()
+
+
+@pytest.mark.parametrize("overrides", VARIANTS)
+def test_sdpa_matches_explicit_softmax(overrides):
+    model = tiny(**overrides)
+    ids = torch.randint(0, 97, (2, 33))
+    fast = model(ids)
+    model.set_attention("eager")
+    reference = model(ids)
+    torch.testing.assert_close(fast, reference, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("overrides", VARIANTS)
+def test_cached_forward_equals_full_forward(overrides):
+    model = tiny(**overrides)
+    ids = torch.randint(0, 97, (2, 24))
+    full = model(ids)
+    cache = KVCache.for_model(model, batch_size=2, max_len=32)
+    # a prefill of 10, then a chunk of 5 (mask with an offset), then single tokens
+    pieces = [model(ids[:, :10], cache), model(ids[:, 10:15], cache)]
+    pieces += [model(ids[:, t:t + 1], cache) for t in range(15, 24)]
+    assert cache.length == 24
+    torch.testing.assert_close(torch.cat(pieces, dim=1), full, rtol=1e-5, atol=1e-5)
+
+
+def test_causality_future_tokens_do_not_change_the_past():
+    model = tiny()
+    ids = torch.randint(0, 97, (1, 20))
+    changed = ids.clone()
+    changed[0, 12:] = (changed[0, 12:] + 1) % 97
+    torch.testing.assert_close(model(ids)[:, :12], model(changed)[:, :12])
+    assert not torch.allclose(model(ids)[:, 12:], model(changed)[:, 12:])
+
+
+def test_causal_mask_with_offset():
+    mask = causal_mask(2, 4, torch.device("cpu"))
+    assert mask.tolist() == [[True, True, True, False], [True, True, True, True]]
+
+
+def test_gqa_equals_mha_with_repeated_heads():
+    torch.manual_seed(0)
+    q = torch.randn(1, 4, 6, 8)
+    k, v = torch.randn(1, 2, 6, 8), torch.randn(1, 2, 6, 8)
+    grouped = sdpa_attention(q, k, v)
+    repeated = eager_attention(q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1))
+    torch.testing.assert_close(grouped, repeated, rtol=1e-5, atol=1e-5)
+
+
+def test_tied_embeddings_share_storage_and_count_once():
+    tied, untied = tiny(), tiny(tie_embeddings=False)
+    assert tied.lm_head.weight.data_ptr() == tied.embed.weight.data_ptr()
+    assert untied.num_parameters() - tied.num_parameters() == 97 * 64
+
+
+def test_kv_heads_shrink_the_projections():
+    assert tiny(num_kv_heads=1).blocks[0].attn.k_proj.weight.shape == (16, 64)  # 1 head of 16
+    assert tiny(num_kv_heads=4).blocks[0].attn.k_proj.weight.shape == (64, 64)
+
+
+def test_config_validation_is_clear():
+    with pytest.raises(ValueError, match="multiple of num_kv_heads"):
+        ModelConfig(num_heads=4, num_kv_heads=3)
+    with pytest.raises(ValueError, match="position"):
+        ModelConfig(position="alibi")
+    with pytest.raises(InputError, match="unknown model preset"):
+        preset("huge")
+    with pytest.raises(InputError, match="unknown model config fields"):
+        ModelConfig.from_dict({"width": 3})
+
+
+def test_too_long_sequence_is_refused():
+    model = tiny()
+    with pytest.raises(ValueError, match="max_seq_len"):
+        model(torch.zeros(1, 129, dtype=torch.long))
+
+
+def test_swiglu_width_and_flops():
+    config = ModelConfig(dim=256, vocab_size=1000)
+    assert config.ffn_dim == 704  # 8/3 * 256 = 682.7, rounded up to a multiple of 64
+    per_layer = 256 * 256 * 2 + 256 * 128 * 2 + 3 * 256 * 704
+    assert matmul_parameters(config) == 6 * per_layer + 256 * 1000
+    assert forward_flops_per_token(config, seq_len=0) == 2 * matmul_parameters(config)
+    model = DecoderLM(config)
+    # every matmul weight is a parameter; the rest are norms
+    norms = sum(p.numel() for n, p in model.named_parameters() if p.dim() == 1)
+    assert model.num_parameters() - norms == matmul_parameters(config)
+
+
+def test_initial_loss_is_near_uniform():
+    model = tiny()
+    ids = torch.randint(0, 97, (4, 64))
+    logits = model(ids)
+    targets = torch.randint(0, 97, (4, 64))
+    loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten())
+    assert abs(loss.item() - torch.log(torch.tensor(97.0)).item()) < 0.1

@@ -1,0 +1,88 @@
+"""The command line end to end on a tiny corpus: each command, and clear errors."""
+
+import json
+
+import pytest
+
+from lmforge.cli import main
+
+CORPUS = "\n\n".join(
+    f"def function_{i}(value):\n    \"\"\"Return value times {i}.\"\"\"\n    return value * {i}\n" for i in range(300))
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli")
+    (root / "corpus.md").write_text(CORPUS + "\n\n# 中文 and emoji 🙂\n", encoding="utf-8")
+    assert main(["data", "prepare", str(root / "corpus.md"), "--out", str(root / "data"), "--quiet",
+                 "--min-chars", "16", "--max-chars", "600", "--val-fraction", "0.1"]) == 0
+    assert main(["tokenizer", "train", "--data", str(root / "data"), "--vocab-size", "400",
+                 "--out", str(root / "tok.json"), "--quiet"]) == 0
+    assert main(["data", "shard", "--data", str(root / "data"), "--tokenizer", str(root / "tok.json"),
+                 "--out", str(root / "shards"), "--quiet"]) == 0
+    return root
+
+
+def test_pretrain_then_generate_and_resume(workdir, capsys):
+    args = ["pretrain", "--shards", str(workdir / "shards"), "--tokenizer", str(workdir / "tok.json"),
+            "--preset", "tiny", "--seq-len", "32", "--batch-size", "4", "--max-steps", "6", "--save-every", "3",
+            "--eval-every", "3", "--eval-tokens", "256", "--out-dir", str(workdir / "run"), "--progress", "false",
+            "--warmup-steps", "1"]
+    assert main(args) == 0
+    ckpt = workdir / "run" / "checkpoint"
+    assert json.loads((ckpt / "trainer_state.json").read_text())["step"] == 6
+    assert json.loads((ckpt / "config.json").read_text())["vocab_size"] == 400
+    assert main(args[:-4] + ["--max-steps", "6", "--resume"]) == 0  # already finished: resumes at step 6
+    capsys.readouterr()
+    assert main(["generate", str(ckpt), "def ", "--max-new-tokens", "8", "--temperature", "0", "--no-stream"]) == 0
+    assert capsys.readouterr().out.startswith("def ")
+
+
+def test_tokenize_prints_tokens_and_count(workdir, capsys):
+    assert main(["tokenize", "def function_1(value):", "--tokenizer", str(workdir / "tok.json")]) == 0
+    out = capsys.readouterr().out
+    assert "function" in out and "tokens" in out
+    assert main(["tokenize", "def x", "--tokenizer", str(workdir / "tok.json"), "--ids"]) == 0
+    assert all(part.isdigit() for part in capsys.readouterr().out.split())
+
+
+def test_model_info(capsys):
+    assert main(["model", "info", "--preset", "tiny", "--num-kv-heads", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "MQA" in out and "parameters" in out and "FLOPs per token" in out
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["model", "info", "--preset", "nope"], "unknown model preset"),
+    (["model", "info", "--num-heads", "5"], "not divisible"),
+    (["tokenize", "x", "--tokenizer", "/nonexistent/tok.json"], "tokenizer not found"),
+    (["data", "prepare", "/nonexistent/file.txt", "--out", "/tmp/lmforge-never"], "/nonexistent/file.txt"),
+    (["generate", "/nonexistent", "hi"], "not an lmforge checkpoint"),
+])
+def test_bad_input_exits_2_with_a_message(argv, message, capsys):
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "lmforge: error:" in err and message in err
+
+
+def test_broken_jsonl_names_file_and_line(tmp_path, capsys):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "a fine line of text that is long enough to keep around"}\n{"text": broken\n')
+    assert main(["data", "prepare", str(bad), "--out", str(tmp_path / "out"), "--quiet"]) == 2
+    assert f"{bad}:2" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_speedrun_writes_a_report(tmp_path):
+    assert main(["speedrun", "--runs-dir", str(tmp_path), "--name", "t", "--preset", "tiny", "--minutes", "0.3",
+                 "--max-bytes", "300000", "--vocab-size", "512", "--seq-len", "64", "--batch-size", "8",
+                 "--progress", "false"]) == 0
+    run = tmp_path / "t"
+    report = (run / "report.md").read_text()
+    for section in ("## Corpus", "## Tokenizer", "## Model", "## Training", "## Evaluation", "## Samples"):
+        assert section in report
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["training"]["steps"] > 0 and summary["final_eval"]["val_bpb"] > 0
+    for path in ("data/manifest.json", "tokenizer.json", "shards/train.bin", "train/checkpoint/model.safetensors",
+                 "train/loss.png"):
+        assert (run / path).exists(), path
