@@ -121,7 +121,11 @@ def test_save_and_load(tokenizer: Tokenizer, tmp_path) -> None:
     path = tokenizer.save(tmp_path / "run" / "tokenizer.json")
     assert path.is_file() and list(path.parent.iterdir()) == [path]  # no temporary left behind
     assert tokenizer.save(tmp_path / "run") == path  # a directory gets tokenizer.json inside
-    for loaded in (Tokenizer.from_file(path), Tokenizer.from_file(path.parent), pickle.loads(pickle.dumps(tokenizer))):
+    for loaded in (
+        Tokenizer.from_file(path),
+        Tokenizer.from_file(path.parent),
+        pickle.loads(pickle.dumps(tokenizer)),
+    ):
         assert loaded.vocab_size == tokenizer.vocab_size
         assert loaded.encode_batch(MIXED_TEXTS) == tokenizer.encode_batch(MIXED_TEXTS)
         assert loaded.tiktoken_encoding is not None
@@ -137,7 +141,9 @@ def test_bad_files_raise_input_error(tmp_path) -> None:
     # A byte-level BPE tokenizer without lmforge's special tokens (GPT-2 style).
     foreign = tokenizers.Tokenizer(tokenizers.models.BPE())
     foreign.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel()
-    foreign.train_from_iterator(["some text"] * 5, tokenizers.trainers.BpeTrainer(vocab_size=300, show_progress=False))
+    foreign.train_from_iterator(
+        ["some text"] * 5, tokenizers.trainers.BpeTrainer(vocab_size=300, show_progress=False)
+    )
     foreign.save(str(tmp_path / "foreign.json"))
     with pytest.raises(InputError, match="not an lmforge tokenizer"):
         Tokenizer.from_file(tmp_path / "foreign.json")

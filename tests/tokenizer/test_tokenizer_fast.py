@@ -75,7 +75,7 @@ def test_tiktoken_equals_tokenizers_on_a_larger_sample(pair: tuple[Tokenizer, To
     for name in ("test_unicode.py", "test_codecs.py", "test_re.py", "test_ucn.py", "test_unicodedata.py"):
         if (STDLIB / "test" / name).is_file():
             texts.append((STDLIB / "test" / name).read_text(encoding="utf-8", errors="replace"))
-    assert sum(map(len, texts)) > 1_000_000
+    assert sum(map(len, texts)) > 500_000
     assert fast.encode_batch(texts) == reference.encode_batch(texts)
 
 

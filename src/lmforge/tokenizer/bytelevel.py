@@ -47,7 +47,11 @@ def bytes_to_unicode() -> dict[int, str]:
     space, soft hyphen, ...) are moved to code points 256 and up, in byte order.
     So byte 32 (space) is ``"Ġ"`` (U+0120) and byte 10 (newline) is ``"Ċ"``.
     """
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    printable = [
+        *range(ord("!"), ord("~") + 1),
+        *range(ord("¡"), ord("¬") + 1),
+        *range(ord("®"), ord("ÿ") + 1),
+    ]
     table = {byte: chr(byte) for byte in printable}
     next_code_point = 256
     for byte in range(256):

@@ -21,7 +21,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -42,6 +42,8 @@ def _pipeline_problem(config: dict[str, Any]) -> str | None:
     """Why ``config`` (parsed tokenizer.json) does not split text like our tiktoken mirror, or ``None``."""
     if config.get("normalizer") is not None:
         return "it has a normalizer"
+    if any(token["content"] not in SPECIAL_TOKENS for token in config.get("added_tokens") or []):
+        return "it has added tokens besides lmforge's special tokens"
     steps = (config.get("pre_tokenizer") or {}).get("pretokenizers") or []
     if len(steps) != 2:
         return "its pre-tokenizer is not Split + ByteLevel"
@@ -53,7 +55,11 @@ def _pipeline_problem(config: dict[str, Any]) -> str | None:
         or split.get("invert")
     ):
         return "its split pattern differs from lmforge's"
-    if byte_level.get("type") != "ByteLevel" or byte_level.get("use_regex") or byte_level.get("add_prefix_space"):
+    if (
+        byte_level.get("type") != "ByteLevel"
+        or byte_level.get("use_regex")
+        or byte_level.get("add_prefix_space")
+    ):
         return "its ByteLevel step is not ByteLevel(add_prefix_space=False, use_regex=False)"
     model = config["model"]
     # tiktoken first looks a whole piece up as one token; ignore_merges is the same rule.
@@ -89,7 +95,9 @@ class Tokenizer:
     encode with; they pickle as their JSON (for data-loading worker processes).
     """
 
-    def __init__(self, hf_tokenizer: tokenizers.Tokenizer, use_tiktoken: bool = True, source: str = "tokenizer") -> None:
+    def __init__(
+        self, hf_tokenizer: tokenizers.Tokenizer, use_tiktoken: bool = True, source: str = "tokenizer"
+    ) -> None:
         """Wrap ``hf_tokenizer``; ``source`` names it (e.g. the file) in error messages.
 
         Raises :class:`InputError` if it is not byte-level BPE with lmforge's special tokens.
@@ -123,7 +131,8 @@ class Tokenizer:
         self._token_bytes: list[bytes] = token_bytes
         self._byte_lengths: tuple[int, ...] = tuple(len(data) for data in token_bytes)
         # For decoding with specials shown: a special's bytes are its own text.
-        self._display_bytes: list[bytes] = [text.encode() for text in SPECIAL_TOKENS] + token_bytes[NUM_SPECIAL:]
+        special_texts = [text.encode() for text in SPECIAL_TOKENS]
+        self._display_bytes: list[bytes] = special_texts + token_bytes[NUM_SPECIAL:]
         self.special_ids: dict[str, int] = {text: index for index, text in enumerate(SPECIAL_TOKENS)}
         """Special token string -> id (the same for every lmforge tokenizer)."""
         self.bos_id: int = self.special_ids[BEGIN_OF_TEXT]
@@ -146,7 +155,9 @@ class Tokenizer:
                     for left, right in _parse_merges(model.get("merges") or [])
                 ]
             except KeyError as err:
-                raise InputError(f"{source}: a merge uses {err.args[0]!r}, which is not in the vocabulary") from None
+                raise InputError(
+                    f"{source}: a merge uses {err.args[0]!r}, which is not in the vocabulary"
+                ) from None
             self.fast_path_problem = _pipeline_problem(config) or merge_order_problem(
                 ranks, merges, first_merge_id=NUM_SPECIAL + 256
             )
@@ -269,7 +280,11 @@ class Tokenizer:
         return self._frame(ids, add_bos, add_eos)
 
     def encode_batch(
-        self, texts: Iterable[str], add_bos: bool = False, add_eos: bool = False, num_threads: int | None = None
+        self,
+        texts: Iterable[str],
+        add_bos: bool = False,
+        add_eos: bool = False,
+        num_threads: int | None = None,
     ) -> list[list[int]]:
         """:meth:`encode` of each text, in parallel (``num_threads`` defaults to the CPU count)."""
         texts = list(texts)
@@ -301,7 +316,8 @@ class Tokenizer:
         """The bytes ``ids`` stand for; specials appear as their text unless ``skip_special``.
 
         For streaming output: a prefix of ids may end inside a UTF-8 character.
-        Raises ``ValueError`` for an id outside the vocabulary.
+        ``ids`` are Python ints (call ``.tolist()`` on a tensor first; it works
+        without, only slowly). Raises ``ValueError`` for an id outside the vocabulary.
         """
         ids = list(ids)
         if ids and (min(ids) < 0 or max(ids) >= len(self._id_to_string)):
@@ -335,7 +351,8 @@ class Tokenizer:
     def describe(self, text: str, add_bos: bool = False) -> list[TokenRow]:
         """One :class:`TokenRow` per token of ``encode(text, add_bos)``."""
         return [
-            TokenRow(id=i, text=self.readable(i), raw=self._token_bytes[i]) for i in self.encode(text, add_bos=add_bos)
+            TokenRow(id=i, text=self.readable(i), raw=self._token_bytes[i])
+            for i in self.encode(text, add_bos=add_bos)
         ]
 
 
@@ -348,14 +365,17 @@ def format_tokens(tokenizer: Tokenizer, text: str, add_bos: bool = False) -> str
     id_width = max(len("id"), len(str(tokenizer.vocab_size - 1)))
     index_width = max(len("#"), len(str(len(rows) - 1)))
     lines = [f"{'#':>{index_width}}  {'id':>{id_width}}  bytes  token"]
-    lines += [f"{n:>{index_width}}  {row.id:>{id_width}}  {len(row.raw):>5}  {row.text}" for n, row in enumerate(rows)]
+    lines += [
+        f"{n:>{index_width}}  {row.id:>{id_width}}  {len(row.raw):>5}  {row.text}"
+        for n, row in enumerate(rows)
+    ]
     num_bytes = len(text.encode("utf-8", errors="surrogatepass"))
     ratio = f" ({num_bytes / len(rows):.2f} bytes per token)" if rows else ""
     lines.append(f"{len(rows)} tokens, {num_bytes} bytes{ratio}")
     return "\n".join(lines)
 
 
-def bytes_per_token(tokenizer: Tokenizer, texts: Sequence[str] | Iterable[str]) -> float:
+def bytes_per_token(tokenizer: Tokenizer, texts: Iterable[str]) -> float:
     """Compression: UTF-8 bytes of ``texts`` divided by their token count (higher is better).
 
     Raises :class:`InputError` if the texts hold no tokens at all.
