@@ -17,50 +17,23 @@ a noisy machine slows them alike.
 from __future__ import annotations
 
 import argparse
-import platform
+import copy
 import statistics
+import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 
-from lmforge.infer import SamplingConfig, generate
-from lmforge.model import DecoderLM, preset
+sys.path.insert(0, str(Path(__file__).parent))
+from common import fast_dtypes, llama_twin, machine  # noqa: E402
+
+from lmforge.infer import CompiledDecodeStep, SamplingConfig, generate
+from lmforge.model import DecoderLM, KVCache, preset
 from lmforge.runtime import Runtime
 
 Runner = Callable[[torch.Tensor], list[list[int]]]  # prompt (B, T) -> new tokens per row
-
-
-def build_hf_llama(model: DecoderLM):
-    """A transformers LlamaForCausalLM of the same shape holding a copy of ``model``'s weights."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    c = model.config
-    hf_config = LlamaConfig(vocab_size=c.vocab_size, hidden_size=c.dim, intermediate_size=c.ffn_dim,
-                            num_hidden_layers=c.num_layers, num_attention_heads=c.num_heads,
-                            num_key_value_heads=c.num_kv_heads, head_dim=c.head_dim,
-                            max_position_embeddings=c.max_seq_len, rms_norm_eps=c.norm_eps,
-                            rope_parameters={"rope_type": "default", "rope_theta": c.rope_theta},
-                            tie_word_embeddings=c.tie_embeddings, attention_bias=c.bias, mlp_bias=c.bias,
-                            bos_token_id=None, eos_token_id=None, pad_token_id=None)
-    hf = LlamaForCausalLM(hf_config).eval()
-    hf.load_state_dict(hf_state_dict(model), strict=True)
-    return hf
-
-
-def hf_state_dict(model: DecoderLM) -> dict[str, torch.Tensor]:
-    """Our parameter names mapped onto HF Llama's."""
-    state = {"model.embed_tokens.weight": model.embed.weight, "model.norm.weight": model.norm.weight,
-             "lm_head.weight": model.lm_head.weight}
-    for i, block in enumerate(model.blocks):
-        prefix = f"model.layers.{i}."
-        state[prefix + "input_layernorm.weight"] = block.attn_norm.weight
-        state[prefix + "post_attention_layernorm.weight"] = block.ffn_norm.weight
-        for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
-            state[prefix + f"self_attn.{name}.weight"] = getattr(block.attn, name).weight
-        for name in ("gate_proj", "up_proj", "down_proj"):
-            state[prefix + f"mlp.{name}.weight"] = getattr(block.ffn, name).weight
-    return {k: v.detach().clone() for k, v in state.items()}
 
 
 def check_same_model(model: DecoderLM, hf, prompt: torch.Tensor, new_tokens: int) -> None:
@@ -77,9 +50,10 @@ def check_same_model(model: DecoderLM, hf, prompt: torch.Tensor, new_tokens: int
     print(f"fp32 check: max |logit diff| = {diff:.1e}; greedy tokens identical ({len(a[0])} x {len(a)} rows)")
 
 
-def lmforge_runner(model: DecoderLM, runtime: Runtime | None, new_tokens: int = 16) -> Runner:
+def lmforge_runner(model: DecoderLM, runtime: Runtime | None, new_tokens: int = 16,
+                   decode_step: CompiledDecodeStep | None = None) -> Runner:
     config = SamplingConfig(max_new_tokens=new_tokens, temperature=0)
-    return lambda prompt: generate(model, prompt.tolist(), config, runtime)
+    return lambda prompt: generate(model, prompt.tolist(), config, runtime, decode_step=decode_step)
 
 
 def hf_runner(hf, new_tokens: int = 16, **generate_kwargs) -> Runner:
@@ -92,33 +66,67 @@ def hf_runner(hf, new_tokens: int = 16, **generate_kwargs) -> Runner:
 
 
 def hf_compile_kwargs() -> dict:
-    """Static cache and torch.compile for transformers' generate(), which compiles only on GPUs by default."""
+    """Static cache and torch.compile for transformers' generate(), which compiles only on GPUs by default.
+
+    max-autotune as for lmforge; Inductor's weight freezing, which lmforge's compiled
+    step also uses, makes transformers' compiled graph fail here ("index out of bounds").
+    """
     from transformers import CompileConfig
 
-    compile_config = CompileConfig(mode="default", dynamic=False)
+    compile_config = CompileConfig(mode="max-autotune", dynamic=False)
     compile_config._compile_all_devices = True
     return dict(cache_implementation="static", compile_config=compile_config)
 
 
-def variants(model: DecoderLM, hf, new_tokens: int, use_compile: bool) -> dict[str, Runner]:
-    """Every configuration timed: name -> runner. Models in bf16 are separate copies."""
-    bf16 = Runtime.resolve("cpu", "bf16")
-    ours_bf16 = DecoderLM(model.config).eval()
-    ours_bf16.load_state_dict(model.state_dict())
-    ours_bf16.to(torch.bfloat16)
-    hf_bf16 = build_hf_llama(model).to(torch.bfloat16)
-    runners = {
-        "lmforge fp32": lmforge_runner(model, None, new_tokens),
-        "lmforge fp32 weights + bf16 autocast": lmforge_runner(model, bf16, new_tokens),
-        "lmforge bf16 weights": lmforge_runner(ours_bf16, bf16, new_tokens),
-        "transformers fp32": hf_runner(hf, new_tokens),
-        "transformers bf16": hf_runner(hf_bf16, new_tokens),
-    }
-    if use_compile:
-        runners["lmforge bf16 weights + torch.compile"] = lmforge_runner(torch.compile(ours_bf16), bf16, new_tokens)
-        hf_static = build_hf_llama(model).to(torch.bfloat16)
-        runners["transformers bf16 static cache + compile"] = hf_runner(hf_static, new_tokens, **hf_compile_kwargs())
+def variants(model: DecoderLM, new_tokens: int, use_compile: bool) -> dict[str, Runner]:
+    """Every configuration timed: name -> runner, for each dtype this machine runs natively.
+
+    bf16 is timed only where the CPU has AVX-512 BF16 or AMX; elsewhere it is emulated
+    (about 1 GFLOP/s on an AVX2 CPU) and neither library would be run that way.
+    Each dtype gets its own copies of the weights.
+    """
+    runners: dict[str, Runner] = {}
+    for dtype_name in fast_dtypes():
+        runtime = Runtime.resolve("cpu", dtype_name)
+        ours = copy.deepcopy(model).to(runtime.dtype)
+        runners[f"lmforge {dtype_name}"] = lmforge_runner(ours, runtime, new_tokens)
+        if dtype_name == "bf16":
+            runners["lmforge fp32 weights + bf16 autocast"] = lmforge_runner(model, runtime, new_tokens)
+        runners[f"transformers {dtype_name}"] = hf_runner(llama_twin(model).to(runtime.dtype), new_tokens)
+        if use_compile:
+            step = CompiledDecodeStep(ours)
+            runners[f"lmforge {dtype_name} + compiled decode step"] = lmforge_runner(ours, runtime, new_tokens, step)
+            print(f"compiling the lmforge {dtype_name} decode step for batch 1: {step.warm_up(1):.0f}s")
+            check_compiled_step(model, ours, step, prompt_len=16)
+            hf_static = llama_twin(model).to(runtime.dtype)
+            runners[f"transformers {dtype_name} static cache + compile"] = hf_runner(
+                hf_static, new_tokens, **hf_compile_kwargs())
     return runners
+
+
+def check_compiled_step(model: DecoderLM, fast_model: DecoderLM, step: CompiledDecodeStep, prompt_len: int) -> None:
+    """Teacher-force one fp32 greedy sequence through the eager and the compiled step of
+    ``fast_model`` (a copy of ``model`` in the dtype timed); print each one's largest logit
+    error against the fp32 model and how often its argmax agrees.
+
+    Comparing free-running greedy outputs would say little: one flipped near tie
+    changes the rest of a row, and bf16 kernels that round differently flip some.
+    """
+    prompt = torch.randint(0, model.config.vocab_size, (1, prompt_len))
+    new = generate(model, prompt.tolist(), SamplingConfig(max_new_tokens=64, temperature=0))[0]
+    sequence = torch.cat([prompt, torch.tensor([new])], dim=1)  # (1, T + 64)
+    with torch.inference_mode():
+        reference = model(sequence)[0, prompt_len - 1:-1]  # (64, V): the logits that chose each new token
+        for name, run in (("eager", fast_model), ("compiled", step)):
+            cache = KVCache.for_model(fast_model, 1, fast_model.config.max_seq_len)
+            logits = [fast_model(sequence[:, :prompt_len], cache)[0, -1]]
+            for t in range(prompt_len, sequence.shape[1] - 1):
+                logits.append(run(sequence[:, t:t + 1], cache)[0, -1])
+            got = torch.stack(logits).float()  # (64, V)
+            error = (got - reference).abs().max().item()
+            same = (got.argmax(-1) == reference.argmax(-1)).float().mean().item()
+            print(f"  {name} {fast_model.embed.weight.dtype} decode step vs fp32 model: "
+                  f"max |logit diff| {error:.2e}, same argmax {same:.0%}")
 
 
 def time_variants(runners: dict[str, Runner], prompt: torch.Tensor, new_tokens: int, repeats: int) -> dict:
@@ -153,13 +161,12 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     model = DecoderLM(preset("llama-42m")).eval()
-    hf = build_hf_llama(model)
+    hf = llama_twin(model)
     prompt = torch.randint(0, model.config.vocab_size, (2, args.prompt_len))
     check_same_model(model, hf, prompt, 16)
-    print(f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
-          f"torch {torch.__version__}; llama-42m ({model.num_parameters() / 1e6:.1f}M parameters), "
+    print(f"machine: {machine()}; llama-42m ({model.num_parameters() / 1e6:.1f}M parameters), "
           f"prompt {args.prompt_len} tokens, {args.new_tokens} new tokens, median of {args.repeats}")
-    runners = variants(model, hf, args.new_tokens, use_compile=not args.no_compile)
+    runners = variants(model, args.new_tokens, use_compile=not args.no_compile)
     results = {}
     for batch in args.batch_sizes:
         print(f"batch {batch}:", flush=True)

@@ -85,24 +85,37 @@ class Runtime:
 
 
 @functools.cache
-def measure_matmul_peak(device: str = "cpu", dtype: torch.dtype = torch.bfloat16, size: int = 2048) -> float:
+def measure_matmul_peak(device: str = "cpu", dtype: torch.dtype = torch.bfloat16, max_size: int = 2048,
+                        budget_seconds: float = 0.05) -> float:
     """Measured dense matmul throughput in FLOP/s: the denominator of MFU on this machine.
 
-    Times square (size x size) matmuls after a warmup; takes the best of three rounds.
+    Square matmuls grow from 256 until one takes ``budget_seconds`` or the size reaches
+    ``max_size`` (large enough to saturate a CPU or a small GPU), then the best of four
+    rounds of three is kept. The size adapts so that a dtype the hardware only emulates
+    (bf16 on a CPU without AVX-512 BF16 runs at about 1 GFLOP/s) costs a fraction of a
+    second, not minutes.
     """
     import time
 
     dev = torch.device(device)
-    a = torch.randn(size, size, device=dev).to(dtype)
-    b = torch.randn(size, size, device=dev).to(dtype)
-    best = float("inf")
-    for _ in range(4):
+
+    def seconds(a: torch.Tensor, b: torch.Tensor, repeats: int) -> float:
         if dev.type == "cuda":
             torch.cuda.synchronize()
         t0 = time.perf_counter()
-        for _ in range(5):
+        for _ in range(repeats):
             a @ b
         if dev.type == "cuda":
             torch.cuda.synchronize()
-        best = min(best, time.perf_counter() - t0)
-    return 5 * 2 * size**3 / best
+        return time.perf_counter() - t0
+
+    size = 256
+    while True:
+        a = torch.randn(size, size, device=dev).to(dtype)
+        b = torch.randn(size, size, device=dev).to(dtype)
+        seconds(a, b, 1)  # warm-up: kernel selection, packing buffers
+        if size >= max_size or seconds(a, b, 1) >= budget_seconds:
+            break
+        size *= 2
+    best = min(seconds(a, b, 3) for _ in range(4))
+    return 3 * 2 * size**3 / best

@@ -8,6 +8,7 @@ import torch
 import lmforge
 from lmforge.api import LanguageModel
 from lmforge.checkpoint import save_checkpoint
+from lmforge.infer import CompiledDecodeStep
 from lmforge.infer.stream import StopStrings, TextStream, cut_at_stop
 from lmforge.runtime import Runtime
 
@@ -155,5 +156,7 @@ def test_load_a_checkpoint_in_bf16(make_model, byte_tokenizer, tmp_path, monkeyp
     assert isinstance(lm.generate("hi", max_new_tokens=5, seed=0), str)
     lm32 = lmforge.load(tmp_path / "ckpt" / "config.json", device="cpu", dtype="fp32")  # a file inside works too
     assert next(lm32.model.parameters()).dtype == torch.float32
+    assert lm32.decode_step is None
+    assert isinstance(lmforge.load(tmp_path / "ckpt", device="cpu", compile=True).decode_step, CompiledDecodeStep)
     assert lm32.generate("hi", **greedy(max_new_tokens=8)) == LanguageModel(
         model, byte_tokenizer, lm32.runtime).generate("hi", **greedy(max_new_tokens=8))

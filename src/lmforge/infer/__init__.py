@@ -1,6 +1,7 @@
 """Inference: sampling, KV-cached generation, beam search and streaming detokenization."""
 
 from lmforge.infer.beam import BeamResult, beam_search
+from lmforge.infer.compiled import CompiledDecodeStep
 from lmforge.infer.generate import generate, generate_tokens
 from lmforge.infer.sampling import (
                                     SamplingConfig,
@@ -11,5 +12,5 @@ from lmforge.infer.sampling import (
 )
 from lmforge.infer.stream import StopStrings, TextStream, cut_at_stop
 
-__all__ = ["BeamResult", "SamplingConfig", "StopStrings", "TextStream", "apply_repetition_penalty", "beam_search",
+__all__ = ["BeamResult", "CompiledDecodeStep", "SamplingConfig", "StopStrings", "TextStream", "apply_repetition_penalty", "beam_search",
            "cut_at_stop", "generate", "generate_tokens", "sample_next", "top_k_filter", "top_p_filter"]

@@ -16,9 +16,9 @@ from dataclasses import dataclass
 
 import torch
 
-from lmforge.infer.generate import check_prompts, eval_mode, forward_last
+from lmforge.infer.generate import DecodeStep, cache_for, check_request, eval_mode, forward_last
 from lmforge.infer.sampling import SamplingConfig, apply_repetition_penalty
-from lmforge.model import DecoderLM, KVCache
+from lmforge.model import DecoderLM
 from lmforge.runtime import Runtime
 
 
@@ -40,8 +40,8 @@ class _Finished:
     stopped: bool
 
 
-def beam_search(model: DecoderLM, prompt_ids: list[int], config: SamplingConfig,
-                runtime: Runtime | None = None) -> BeamResult:
+def beam_search(model: DecoderLM, prompt_ids: list[int], config: SamplingConfig, runtime: Runtime | None = None,
+                decode_step: DecodeStep | None = None) -> BeamResult:
     """Beam search of width ``config.num_beams`` after one prompt; returns the best sequence.
 
     Stops when ``num_beams`` sequences have finished and no running beam can beat the
@@ -50,7 +50,7 @@ def beam_search(model: DecoderLM, prompt_ids: list[int], config: SamplingConfig,
     ``config.repetition_penalty`` applies to the log-probabilities; the sampling
     filters (temperature, top-k, top-p) do not exist in beam search.
     """
-    check_prompts(model, [prompt_ids], config.max_new_tokens)
+    check_request(model, [prompt_ids], config.max_new_tokens, decode_step=decode_step)
     width, max_new = config.num_beams, config.max_new_tokens
     device = next(model.parameters()).device
     stop_ids = set(config.stop_token_ids)
@@ -63,7 +63,7 @@ def beam_search(model: DecoderLM, prompt_ids: list[int], config: SamplingConfig,
 
     with eval_mode(model), torch.inference_mode():
         prompt = torch.tensor([prompt_ids], dtype=torch.long, device=device)  # (1, T)
-        cache = KVCache.for_model(model, 1, len(prompt_ids) + max_new)
+        cache = cache_for(model, 1, len(prompt_ids) + max_new, decode_step)
         logits = forward_last(model, prompt, cache, runtime).expand(width, -1)  # (K, V): every beam = the prompt
         cache.reorder(torch.zeros(width, dtype=torch.long, device=device))  # one cache row per beam
         beams = torch.empty(width, 0, dtype=torch.long, device=device)  # (K, t) tokens of each beam
@@ -97,7 +97,7 @@ def beam_search(model: DecoderLM, prompt_ids: list[int], config: SamplingConfig,
             if step + 1 == max_new or max(scores) == float("-inf") or _done(finished, scores, step + 1, config):
                 break
             cache.reorder(parent_rows)
-            logits = forward_last(model, beams[:, -1:], cache, runtime)  # (K, V)
+            logits = forward_last(model, beams[:, -1:], cache, runtime, decode_step)  # (K, V)
         for row, score in enumerate(scores):
             if score > float("-inf"):
                 finish(beams[row].tolist(), score, stopped=False)

@@ -1,0 +1,51 @@
+"""Shared pieces of the benchmarks: a lmforge model and the same weights in transformers' Llama."""
+
+from __future__ import annotations
+
+import platform
+import statistics
+import time
+
+import torch
+
+from lmforge.interop import hf_llama_config, hf_llama_state
+from lmforge.model import DecoderLM
+from lmforge.runtime import Runtime, cpu_has_fast_bf16
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
+        cpu = names[0] if names else cpu
+    except OSError:
+        pass
+    bf16 = "native bf16 (AVX-512 BF16/AMX)" if cpu_has_fast_bf16() else "no native bf16 (bf16 is emulated)"
+    gpu = f", GPU {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""
+    return f"{cpu}, {bf16}, {torch.get_num_threads()} threads{gpu}, torch {torch.__version__}"
+
+
+def llama_twin(model: DecoderLM):
+    """A transformers LlamaForCausalLM holding a copy of ``model``'s weights (fp32, eval mode)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    twin = LlamaForCausalLM(LlamaConfig(**hf_llama_config(model.config))).eval()
+    twin.load_state_dict({k: v.clone() for k, v in hf_llama_state(model).items()}, strict=True)
+    twin.generation_config.eos_token_id = None  # decode exactly the tokens asked for, as lmforge does
+    return twin
+
+
+def fast_dtypes() -> list[str]:
+    """The compute dtypes worth timing here: bf16 only where the hardware runs it natively."""
+    return ["fp32", "bf16"] if Runtime.resolve("auto", "auto").dtype == torch.bfloat16 else ["fp32"]
+
+
+def best_of(fn, repeats: int) -> tuple[float, float]:
+    """(median, best) seconds of ``fn()`` over ``repeats`` calls."""
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times), min(times)

@@ -1,0 +1,89 @@
+"""Training throughput: lmforge vs transformers' LlamaForCausalLM, same shape, batch and weights.
+
+    python benchmarks/train.py [--preset llama-42m] [--batch-size 8] [--seq-len 256] [--steps 6] [--compile]
+
+Each side runs a full optimizer step (forward, backward, clipping, fused AdamW) in
+each precision this machine runs natively (fp32 always; bf16 autocast over fp32
+weights where the CPU has AVX-512 BF16 or AMX, or on a GPU), with and without
+torch.compile. Prints tokens/s, MFU against the measured matmul peak of that
+precision, and the ratio of the fastest configuration of each side.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).parent))
+from common import best_of, fast_dtypes, llama_twin, machine  # noqa: E402
+
+from lmforge.model import DecoderLM, preset, train_flops_per_token  # noqa: E402
+from lmforge.runtime import Runtime, measure_matmul_peak  # noqa: E402
+from lmforge.train.optim import build_optimizer  # noqa: E402
+
+
+def make_step(model, optimizer, ids, hf: bool, runtime: Runtime):
+    def step():
+        with runtime.autocast():
+            logits = model(input_ids=ids[:, :-1]).logits if hf else model(ids[:, :-1])
+        loss = F.cross_entropy(logits.float().flatten(0, 1), ids[:, 1:].flatten())
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return step
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", default="llama-42m")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--seq-len", type=int, default=256)
+    parser.add_argument("--steps", type=int, default=6, help="timed steps per configuration")
+    parser.add_argument("--compile", action="store_true", help="also time torch.compile variants")
+    args = parser.parse_args()
+
+    torch.manual_seed(0)
+    config = preset(args.preset, max_seq_len=args.seq_len)
+    ids = torch.randint(0, config.vocab_size, (args.batch_size, args.seq_len + 1))
+    tokens = args.batch_size * args.seq_len
+    flops = train_flops_per_token(config, args.seq_len)
+    print(f"machine: {machine()}")
+    print(f"model: {args.preset}, {DecoderLM(config).num_parameters() / 1e6:.1f}M parameters, batch "
+          f"{args.batch_size} x {args.seq_len}, {flops / 1e6:.0f} MFLOP per token trained")
+
+    results = {}
+    for dtype_name in fast_dtypes():
+        runtime = Runtime.resolve("cpu", dtype_name)
+        peak = measure_matmul_peak("cpu", runtime.dtype)
+        print(f"{dtype_name}: measured matmul peak {peak / 1e9:.0f} GFLOP/s")
+        for side, compiled in [("lmforge", False), ("transformers", False)] + \
+                [("lmforge", True), ("transformers", True)] * args.compile:
+            name = f"{side} {dtype_name}" + (" + compile" if compiled else "")
+            torch.manual_seed(0)
+            model = DecoderLM(config)
+            hf = side == "transformers"
+            if hf:
+                model = llama_twin(model)
+                model.config._attn_implementation = "sdpa"
+            model.train()
+            optimizer = build_optimizer(model, 1e-4, 0.1, (0.9, 0.95))  # same fused AdamW for both
+            step = make_step(torch.compile(model) if compiled else model, optimizer, ids, hf, runtime)
+            for _ in range(2):  # warmup (and compilation)
+                step()
+            median, best = best_of(step, args.steps)
+            results[name] = tokens / median
+            print(f"{name:>32}: {tokens / median:8,.0f} tokens/s (best {tokens / best:,.0f}), "
+                  f"MFU {tokens / median * flops / peak:.1%}", flush=True)
+
+    ours = max(v for k, v in results.items() if k.startswith("lmforge"))
+    theirs = max(v for k, v in results.items() if k.startswith("transformers"))
+    print(f"best lmforge / best transformers: {ours / theirs:.2f}x")
+
+
+if __name__ == "__main__":
+    main()

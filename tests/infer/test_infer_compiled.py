@@ -1,0 +1,35 @@
+"""The compiled decode step gives the same tokens as the eager model (slow: it compiles)."""
+
+from __future__ import annotations
+
+import pytest
+
+from lmforge.infer import CompiledDecodeStep, SamplingConfig, beam_search, generate, generate_tokens
+
+PROMPTS = [[1, 2, 3, 4, 5], [9, 8, 7, 6, 5]]
+
+
+@pytest.mark.slow
+def test_compiled_step_decodes_like_the_eager_model(make_model):
+    model = make_model()
+    step = CompiledDecodeStep(model, max_autotune=False)
+    step.warm_up(batch_size=2)
+    config = SamplingConfig(max_new_tokens=12, temperature=0)
+    eager = generate(model, PROMPTS, config)
+    assert generate(model, PROMPTS, config, decode_step=step) == eager
+    sampled = SamplingConfig(max_new_tokens=12, temperature=1.0, seed=4)
+    assert generate(model, PROMPTS, sampled, decode_step=step) == generate(model, PROMPTS, sampled)
+    assert list(generate_tokens(model, [7, 7, 7], config, decode_step=step)) == generate(model, [[7, 7, 7]], config)[0]
+    beams = SamplingConfig(max_new_tokens=6, temperature=0, num_beams=2)
+    compiled, eager_beam = beam_search(model, PROMPTS[0], beams, decode_step=step), beam_search(model, PROMPTS[0], beams)
+    assert compiled.tokens == eager_beam.tokens
+    assert compiled.score == pytest.approx(eager_beam.score, abs=1e-4)
+
+
+def test_compiled_step_takes_one_token_and_needs_the_cache(make_model):
+    model = make_model()
+    step = CompiledDecodeStep(model, max_autotune=False)  # compiles lazily: nothing runs here
+    with pytest.raises(ValueError, match="one token"):
+        step(model.embed.weight.new_zeros(1, 2).long(), None)
+    with pytest.raises(ValueError, match="KV cache"):
+        generate(model, PROMPTS, SamplingConfig(max_new_tokens=2), use_cache=False, decode_step=step)
