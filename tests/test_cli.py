@@ -86,3 +86,37 @@ def test_speedrun_writes_a_report(tmp_path):
     for path in ("data/manifest.json", "tokenizer.json", "shards/train.bin", "train/checkpoint/model.safetensors",
                  "train/loss.png"):
         assert (run / path).exists(), path
+
+
+def test_export_import_and_generate_from_a_hugging_face_directory(workdir, capsys):
+    transformers = pytest.importorskip("transformers")
+    import torch
+
+    from lmforge.checkpoint import save_checkpoint
+    from lmforge.model import DecoderLM, preset
+    from lmforge.tokenizer import Tokenizer
+
+    torch.manual_seed(0)
+    tokenizer = Tokenizer.from_file(workdir / "tok.json")
+    model = DecoderLM(preset("tiny", vocab_size=tokenizer.vocab_size, init_std=0.3)).eval()
+    save_checkpoint(workdir / "ckpt", model, tokenizer)
+    assert main(["export", str(workdir / "ckpt"), str(workdir / "hf")]) == 0
+    hf = transformers.AutoModelForCausalLM.from_pretrained(workdir / "hf").eval()
+    hf_tokenizer = transformers.AutoTokenizer.from_pretrained(workdir / "hf")
+    text = "def function_7(value):\n    return value * 7  # 中文 🙂"
+    assert hf_tokenizer.encode(text, add_special_tokens=False) == tokenizer.encode(text)
+    assert hf_tokenizer.encode(text) == tokenizer.encode(text, add_bos=True)  # framed as lmforge frames prompts
+    ids = torch.tensor([tokenizer.encode(text)])
+    with torch.inference_mode():
+        torch.testing.assert_close(hf(ids).logits, model(ids), rtol=1e-4, atol=1e-5)
+
+    assert main(["import", str(workdir / "hf"), "--out", str(workdir / "back")]) == 0
+    outputs = []
+    for source in ("ckpt", "hf", "back"):
+        capsys.readouterr()
+        assert main(["generate", str(workdir / source), "def ", "--max-new-tokens", "8", "--temperature", "0",
+                     "--no-stream"]) == 0
+        outputs.append(capsys.readouterr().out)
+    assert outputs[0] == outputs[1] == outputs[2]
+    assert main(["import", str(workdir / "data"), "--out", str(workdir / "nope")]) == 2
+    assert "neither a Hugging Face model directory" in capsys.readouterr().err

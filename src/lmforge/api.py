@@ -26,6 +26,7 @@ from lmforge.infer.compiled import CompiledDecodeStep
 from lmforge.infer.generate import generate_tokens
 from lmforge.infer.sampling import SamplingConfig
 from lmforge.infer.stream import StopStrings, TextStream, cut_at_stop
+from lmforge.interop.packaged import resolve_model
 from lmforge.model import DecoderLM
 from lmforge.runtime import Runtime
 
@@ -121,9 +122,9 @@ def load(path: str | Path, device: str = "auto", dtype: str = "auto", attention:
     (:class:`CompiledDecodeStep`): 2.5-3x faster per token on a CPU, after a
     compilation of about 40 s (llama-42m, 2 cores) on the first call of each batch size.
     """
-    path = Path(path)
-    if path.is_file() or (not (path / CONFIG).exists() and path.suffix):
-        path = path.parent
+    path = resolve_model(path)
+    if path.suffix != ".gguf" and (path.is_file() or (not (path / CONFIG).exists() and path.suffix)):
+        path = path.parent  # a file inside a checkpoint folder
     runtime = Runtime.resolve(device, dtype, attention)
     model = load_model(path, device=runtime.device, attention=runtime.attention)
     if runtime.dtype != torch.float32:

@@ -7,7 +7,13 @@
     optimizer.safetensors  optimizer moments and RNG state (training only)
 
 A checkpoint is written to a temporary sibling directory and renamed into place,
-so a crash never leaves a half-written checkpoint behind.
+so a crash never leaves a half-written checkpoint behind. An imported model's
+checkpoint also holds its ``tokenizer_config.json`` (special tokens, chat template).
+
+:func:`load_model` and :func:`load_tokenizer` read other formats as well: Hugging
+Face model directories (Llama, Mistral, Qwen2, GPT-2; :mod:`lmforge.interop.hf`),
+GGUF files (:mod:`lmforge.interop.gguf`), and packaged models by their short name
+(``smollm2-135m-instruct``; :mod:`lmforge.interop.packaged`).
 """
 
 from __future__ import annotations
@@ -21,6 +27,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from lmforge.errors import InputError
+from lmforge.interop.gguf import load_gguf, metadata, open_gguf, tokenizer_from_gguf
+from lmforge.interop.hf import is_hf_dir, load_hf, mmap_safetensors
+from lmforge.interop.packaged import resolve_model
 from lmforge.model import DecoderLM, ModelConfig
 
 CONFIG, WEIGHTS, TOKENIZER, STATE, OPTIMIZER = (
@@ -38,15 +47,24 @@ def model_state(model: DecoderLM) -> dict[str, torch.Tensor]:
 def save_checkpoint(path: str | Path, model: DecoderLM, tokenizer=None, trainer_state: dict | None = None,
                     extra_tensors: dict[str, torch.Tensor] | None = None) -> Path:
     """Write a checkpoint directory atomically; returns its path."""
+    return write_checkpoint(path, model.config, model_state(model), tokenizer, trainer_state, extra_tensors)
+
+
+def write_checkpoint(path: str | Path, config: ModelConfig, state: dict[str, torch.Tensor], tokenizer=None,
+                     trainer_state: dict | None = None, extra_tensors: dict[str, torch.Tensor] | None = None) -> Path:
+    """Write ``config`` and lmforge-named weights ``state`` (tied head left out) as a checkpoint, atomically."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
-    model.config.save(tmp / CONFIG)
-    save_file(model_state(model), tmp / WEIGHTS, metadata={"format": "pt"})
+    config.save(tmp / CONFIG)
+    save_file({k: v.contiguous() for k, v in state.items()}, tmp / WEIGHTS, metadata={"format": "pt"})
     if tokenizer is not None:
-        tokenizer.save(tmp / TOKENIZER)
+        from lmforge.tokenizer.pretrained import PretrainedTokenizer
+
+        # An imported model's tokenizer keeps its tokenizer_config.json (special tokens, chat template).
+        tokenizer.save(tmp if isinstance(tokenizer, PretrainedTokenizer) else tmp / TOKENIZER)
     if trainer_state is not None:
         (tmp / STATE).write_text(json.dumps(trainer_state, indent=2) + "\n", encoding="utf-8")
     if extra_tensors:
@@ -61,18 +79,35 @@ def save_checkpoint(path: str | Path, model: DecoderLM, tokenizer=None, trainer_
 
 
 def is_checkpoint(path: str | Path) -> bool:
-    return (Path(path) / CONFIG).is_file() and (Path(path) / WEIGHTS).is_file()
+    return (Path(path) / CONFIG).is_file() and (Path(path) / WEIGHTS).is_file() and not is_hf_dir(path)
+
+
+def read_checkpoint(path: str | Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
+    """Config and lmforge-named weights (memory-mapped, in their stored dtype) of an lmforge
+    checkpoint, a Hugging Face model directory, a GGUF file or a packaged model's name."""
+    path = resolve_model(path)
+    if path.suffix == ".gguf":
+        config, state, _ = load_gguf(path)
+        return config, state
+    if is_hf_dir(path):
+        config, state, _ = load_hf(path)
+        return config, state
+    if not is_checkpoint(path):
+        raise InputError(f"{path} is not an lmforge checkpoint (needs {CONFIG} and {WEIGHTS}) "
+                         "nor a Hugging Face model directory")
+    return ModelConfig.load(path / CONFIG), mmap_safetensors(path / WEIGHTS)
 
 
 def load_model(path: str | Path, device: torch.device | str = "cpu", attention: str = "sdpa") -> DecoderLM:
-    """Build the model from ``config.json`` and load ``model.safetensors`` into it (fp32 weights)."""
-    path = Path(path)
-    if not is_checkpoint(path):
-        raise InputError(f"{path} is not an lmforge checkpoint (needs {CONFIG} and {WEIGHTS})")
-    config = ModelConfig.load(path / CONFIG)
+    """Build the model of an lmforge checkpoint or a HF model directory, with fp32 weights.
+
+    The weights are memory-mapped: an fp32 file is used in place (pages are read when
+    first touched), another dtype is converted one tensor at a time.
+    """
+    config, state = read_checkpoint(path)
     with torch.device("meta"):
         model = DecoderLM(config, attention=attention)
-    state = load_file(path / WEIGHTS, device=str(device))
+    state = {name: tensor.to(device=device, dtype=torch.float32) for name, tensor in state.items()}
     if config.tie_embeddings:
         state["lm_head.weight"] = state["embed.weight"]
     model.load_state_dict(state, strict=True, assign=True)
@@ -83,13 +118,19 @@ def load_model(path: str | Path, device: torch.device | str = "cpu", attention: 
 
 
 def load_tokenizer(path: str | Path):
-    """The tokenizer stored in a checkpoint directory."""
+    """The tokenizer of a checkpoint, HF directory or GGUF file: lmforge's own, or an imported model's
+    (:class:`~lmforge.tokenizer.pretrained.PretrainedTokenizer`, when ``tokenizer_config.json`` is there)."""
     from lmforge.tokenizer import Tokenizer
+    from lmforge.tokenizer.pretrained import CONFIG_FILE, PretrainedTokenizer
 
-    file = Path(path) / TOKENIZER
-    if not file.is_file():
+    path = resolve_model(path)
+    if path.suffix == ".gguf":
+        return tokenizer_from_gguf(metadata(open_gguf(path)), str(path))
+    if not (path / TOKENIZER).is_file():
         raise InputError(f"{path} has no {TOKENIZER}")
-    return Tokenizer.from_file(file)
+    if (path / CONFIG_FILE).is_file():
+        return PretrainedTokenizer.from_dir(path)
+    return Tokenizer.from_file(path / TOKENIZER)
 
 
 def read_trainer_state(path: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:

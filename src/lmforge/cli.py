@@ -170,7 +170,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
     from lmforge.api import load
     from lmforge.infer.sampling import SamplingConfig
 
-    lm = load(args.checkpoint, device=args.device, dtype=args.dtype)
+    lm = load(args.checkpoint, device=args.device, dtype=args.dtype, compile=args.compile)
     sampling = build(SamplingConfig, args)
     fields = {k: v for k, v in vars(sampling).items()}
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
@@ -184,6 +184,20 @@ def cmd_generate(args: argparse.Namespace) -> None:
         print()
     except ValueError as err:  # a prompt too long for the model, and the like
         raise InputError(str(err)) from err
+
+
+def cmd_import(args: argparse.Namespace) -> None:
+    from lmforge.interop.convert import import_model
+
+    out = import_model(args.source, args.out)
+    print(f"wrote lmforge checkpoint {out}")
+
+
+def cmd_export(args: argparse.Namespace) -> None:
+    from lmforge.interop.convert import export_checkpoint
+
+    out = export_checkpoint(args.checkpoint, args.out, args.format)
+    print(f"wrote {args.format} model {out}")
 
 
 # -- parser -----------------------------------------------------------------------------------------------
@@ -251,13 +265,28 @@ def make_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_pretrain)
 
     p = sub.add_parser("generate", help="continue a prompt with a trained model")
-    p.add_argument("checkpoint", help="checkpoint folder")
+    p.add_argument("checkpoint", help="checkpoint folder, Hugging Face model directory, .gguf file, "
+                                      "or smollm2-135m-instruct")
     p.add_argument("prompt", help="the prompt ('-' reads standard input)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, mps")
     p.add_argument("--dtype", default="auto", help="auto, bf16, fp32")
     p.add_argument("--no-stream", action="store_true", help="print the whole text at the end")
+    p.add_argument("--compile", action="store_true",
+                   help="compile the one-token decode step: faster per token, after a compilation of tens of seconds")
     add_arguments(p, SamplingConfig)
     p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("import", help="a Hugging Face model directory or GGUF file -> lmforge checkpoint")
+    p.add_argument("source", help="HF folder (Llama, Mistral, Qwen2, GPT-2), a .gguf file (Llama, Qwen2), "
+                                  "or smollm2-135m-instruct")
+    p.add_argument("--out", required=True, help="checkpoint folder to write")
+    p.set_defaults(func=cmd_import)
+
+    p = sub.add_parser("export", help="an lmforge checkpoint -> a Hugging Face model directory")
+    p.add_argument("checkpoint", help="checkpoint folder")
+    p.add_argument("out", help="folder to write")
+    p.add_argument("--format", default="hf", help="hf (transformers; Llama or GPT-2 layout)")
+    p.set_defaults(func=cmd_export)
     return parser
 
 

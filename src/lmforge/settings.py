@@ -44,6 +44,16 @@ def _parse_bool(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true/false, got {text!r}")
 
 
+def _parse_json_object(text: str) -> dict:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise argparse.ArgumentTypeError(f"expected a JSON object, got {text!r} ({err.msg})") from err
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"expected a JSON object, got {text!r}")
+    return value
+
+
 def add_arguments(parser: argparse.ArgumentParser, cls: type, prefix: str = "", skip: tuple[str, ...] = ()) -> None:
     """Add one ``--flag`` per field of dataclass ``cls``; unset flags stay ``None``."""
     hints = typing.get_type_hints(cls)
@@ -60,6 +70,8 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type, prefix: str = "", 
         elif typing.get_origin(tp) in (list, tuple):
             inner = typing.get_args(tp)[0] if typing.get_args(tp) else str
             parser.add_argument(flag, type=inner, nargs="+", default=None, dest=dest, help=help_text)
+        elif tp is dict or typing.get_origin(tp) is dict:
+            parser.add_argument(flag, type=_parse_json_object, default=None, dest=dest, help=help_text)
         elif tp in (int, float, str):
             parser.add_argument(flag, type=tp, default=None, dest=dest, help=help_text)
         else:

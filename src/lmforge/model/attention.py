@@ -67,9 +67,10 @@ class Attention(nn.Module):
         self.layer = layer
         self.num_heads, self.num_kv_heads, self.head_dim = config.num_heads, config.num_kv_heads, config.head_dim
         self.dropout = config.dropout
-        self.q_proj = nn.Linear(config.dim, config.num_heads * config.head_dim, bias=config.bias)
-        self.k_proj = nn.Linear(config.dim, config.num_kv_heads * config.head_dim, bias=config.bias)
-        self.v_proj = nn.Linear(config.dim, config.num_kv_heads * config.head_dim, bias=config.bias)
+        qkv_bias = config.bias or config.qkv_bias
+        self.q_proj = nn.Linear(config.dim, config.num_heads * config.head_dim, bias=qkv_bias)
+        self.k_proj = nn.Linear(config.dim, config.num_kv_heads * config.head_dim, bias=qkv_bias)
+        self.v_proj = nn.Linear(config.dim, config.num_kv_heads * config.head_dim, bias=qkv_bias)
         self.o_proj = nn.Linear(config.num_heads * config.head_dim, config.dim, bias=config.bias)
         self.rope = rope
         self.backend = backend

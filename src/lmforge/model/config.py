@@ -36,8 +36,12 @@ class ModelConfig:
     norm_eps: float = field(1e-5, "epsilon inside the normalization")
     position: str = field("rope", "positional encoding: rope, learned or sinusoidal")
     rope_theta: float = field(10000.0, "RoPE base frequency")
+    rope_scaling: dict | None = field(None, 'RoPE frequency scaling as JSON: {"type": "linear", "factor": 4} or '
+                                            '{"type": "llama3", "factor", "low_freq_factor", "high_freq_factor", '
+                                            '"original_max_position_embeddings"}')
     tie_embeddings: bool = field(True, "share the input embedding matrix with the output head")
-    bias: bool = field(False, "add biases to the linear layers")
+    bias: bool = field(False, "add biases to every linear layer (GPT-2)")
+    qkv_bias: bool = field(False, "add biases to the query/key/value projections only (Qwen2)")
     dropout: float = field(0.0, "dropout on embeddings, attention weights and residual branches")
     init_std: float = field(0.02, "standard deviation of the initial weights")
 
@@ -61,6 +65,8 @@ class ModelConfig:
                 raise ValueError(f"{name}={value!r}; choose one of {', '.join(allowed)}")
         if self.position == "rope" and self.head_dim % 2:
             raise ValueError(f"RoPE needs an even head_dim, got {self.head_dim}")
+        if self.rope_scaling is not None:
+            check_rope_scaling(self.rope_scaling)
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
 
@@ -93,6 +99,20 @@ class ModelConfig:
             return cls.from_dict(json.loads(Path(path).read_text(encoding="utf-8")))
         except FileNotFoundError as err:
             raise InputError(f"no model config at {path}") from err
+
+
+ROPE_SCALINGS = {"linear": ("factor",),
+                 "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")}
+
+
+def check_rope_scaling(scaling: dict) -> None:
+    """Raise ValueError unless ``scaling`` names a known type and all of its fields."""
+    kind = scaling.get("type") if isinstance(scaling, dict) else None
+    if kind not in ROPE_SCALINGS:
+        raise ValueError(f"rope_scaling={scaling!r}: its 'type' must be one of {', '.join(ROPE_SCALINGS)}")
+    missing = [name for name in ROPE_SCALINGS[kind] if name not in scaling]
+    if missing:
+        raise ValueError(f"rope_scaling of type {kind!r} needs {', '.join(missing)}")
 
 
 # Named shapes. vocab_size and max_seq_len may be overridden when a preset is used.

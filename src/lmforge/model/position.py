@@ -18,17 +18,20 @@ class RotaryEmbedding(nn.Module):
 
     Uses the "rotate half" pairing (dimension i with i + head_dim/2), the layout of
     Hugging Face Llama checkpoints, so their weights load without permutation.
+    ``scaling`` (ModelConfig.rope_scaling) stretches the frequencies for longer contexts.
     """
 
-    def __init__(self, head_dim: int, max_seq_len: int, theta: float = 10000.0):
+    def __init__(self, head_dim: int, max_seq_len: int, theta: float = 10000.0, scaling: dict | None = None):
         super().__init__()
-        self.head_dim, self.max_seq_len, self.theta = head_dim, max_seq_len, theta
+        self.head_dim, self.max_seq_len, self.theta, self.scaling = head_dim, max_seq_len, theta, scaling
         self.init_buffers()
 
     def init_buffers(self, device: torch.device | str | None = None) -> None:
         """(Re)compute the cos/sin tables; derived from the config, so never stored in checkpoints."""
         d = self.head_dim
         inv_freq = 1.0 / (self.theta ** (torch.arange(0, d, 2, dtype=torch.float64, device=device) / d))
+        if self.scaling is not None:
+            inv_freq = scale_frequencies(inv_freq, self.scaling)
         positions = torch.arange(self.max_seq_len, dtype=torch.float64, device=device)
         angles = torch.outer(positions, inv_freq)  # (L, D/2)
         angles = torch.cat([angles, angles], dim=-1)  # (L, D)
@@ -41,6 +44,25 @@ class RotaryEmbedding(nn.Module):
         cos = self.cos[start:start + seq_len].to(q.dtype)  # (T, D)
         sin = self.sin[start:start + seq_len].to(q.dtype)
         return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+
+
+def scale_frequencies(inv_freq: torch.Tensor, scaling: dict) -> torch.Tensor:
+    """RoPE frequencies (D/2,) stretched for a longer context.
+
+    "linear" (position interpolation, Chen et al., 2023, arXiv:2306.15595) divides every
+    frequency by ``factor``. "llama3" (Llama 3 report, 2024) divides only the low
+    frequencies, whose wavelength exceeds ``original_max_position_embeddings /
+    low_freq_factor``; keeps the high ones (wavelength below ``... / high_freq_factor``);
+    and blends linearly in between.
+    """
+    factor = scaling["factor"]
+    if scaling["type"] == "linear":
+        return inv_freq / factor
+    low, high = scaling["low_freq_factor"], scaling["high_freq_factor"]
+    context = scaling["original_max_position_embeddings"]
+    wavelength = 2 * math.pi / inv_freq
+    blend = ((context / wavelength - low) / (high - low)).clamp(0.0, 1.0)  # 0: low frequency, 1: high
+    return (1 - blend) * inv_freq / factor + blend * inv_freq
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:

@@ -54,7 +54,7 @@ class DecoderLM(nn.Module):
         elif config.position == "sinusoidal":
             self.positions = SinusoidalPositions(config.max_seq_len, config.dim)
         else:
-            rope = RotaryEmbedding(config.head_dim, config.max_seq_len, config.rope_theta)
+            rope = RotaryEmbedding(config.head_dim, config.max_seq_len, config.rope_theta, config.rope_scaling)
         self.rope = rope  # one table shared by every layer
         self.dropout = nn.Dropout(config.dropout)
         self.blocks = nn.ModuleList(Block(config, i, rope, attention) for i in range(config.num_layers))

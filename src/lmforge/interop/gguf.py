@@ -1,0 +1,203 @@
+"""GGUF files (llama.cpp, ollama) in: Llama-family weights, tokenizer and chat template.
+
+A GGUF file is one self-describing file: metadata (the shape under
+``{architecture}.*`` keys, the tokenizer under ``tokenizer.ggml.*``, the chat
+template) and tensors, possibly quantized in blocks (q8_0, q4_0, q4_1 ...). The
+``gguf`` package reads it; quantized tensors are dequantized to fp32 on load.
+
+Two layout facts matter:
+* GGUF shapes list the fastest dimension first (``[in, out]``); the array the reader
+  returns is already ``(out, in)``, a ``nn.Linear`` weight.
+* llama.cpp's converter reorders the rows of the Llama query and key projections so
+  that RoPE rotates adjacent pairs (2i, 2i+1); lmforge, like Hugging Face, rotates
+  (i, i + head_dim/2). :func:`unpermute_rotary` undoes that reordering. Qwen2 files
+  keep HF's order.
+"""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from lmforge.errors import InputError
+from lmforge.model import ModelConfig
+
+ARCHITECTURES = ("llama", "qwen2")
+TOKENIZER_MODELS = ("gpt2",)  # byte-level BPE; sentencepiece ("llama") vocabularies are not read yet
+
+# Pre-tokenizer regexes by ``tokenizer.ggml.pre``: how text is cut into words before BPE.
+GPT2_SPLIT = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+LLAMA3_SPLIT = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"""
+                r"""|\s*[\r\n]+|\s+(?!\S)|\s+""")
+QWEN2_SPLIT = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"""
+               r"""|\s*[\r\n]+|\s+(?!\S)|\s+""")
+PRE_TOKENIZER_SPLITS = {"default": GPT2_SPLIT, "gpt2": GPT2_SPLIT, "smollm": GPT2_SPLIT, "starcoder": GPT2_SPLIT,
+                        "llama-bpe": LLAMA3_SPLIT, "llama3": LLAMA3_SPLIT, "qwen2": QWEN2_SPLIT}
+CONTROL = 3  # tokenizer.ggml.token_type of special tokens such as <|im_end|>
+
+
+def open_gguf(path: str | Path):
+    """A ``gguf.GGUFReader`` (the file is memory-mapped), with a clear error for anything unreadable.
+
+    Readers are cached by path and modification time: parsing the metadata of a
+    vocabulary of 50k tokens takes seconds, and loading a model reads it twice
+    (weights, then tokenizer).
+    """
+    try:
+        import gguf  # noqa: F401
+    except ImportError as err:
+        raise InputError("reading GGUF files needs the gguf package: pip install gguf") from err
+    path = Path(path).resolve()
+    if not path.is_file():
+        raise InputError(f"GGUF file not found: {path}")
+    return _reader(path, path.stat().st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=2)
+def _reader(path: Path, mtime_ns: int):
+    import gguf
+
+    try:
+        return gguf.GGUFReader(path)
+    except Exception as err:  # the reader raises ValueError, struct.error ... on a damaged file
+        raise InputError(f"{path}: not a readable GGUF file ({err})") from err
+
+
+def metadata(reader) -> dict:
+    """Every metadata key with its value (arrays as lists)."""
+    out = {}
+    for key, field in reader.fields.items():
+        try:
+            out[key] = field.contents()
+        except Exception:  # a value type the package cannot decode: leave it out
+            continue
+    return out
+
+
+def config_from_gguf(meta: dict, source: str) -> ModelConfig:
+    arch = meta.get("general.architecture")
+    if arch not in ARCHITECTURES:
+        raise InputError(f"{source}: GGUF architecture {arch!r} is not supported; lmforge reads {', '.join(ARCHITECTURES)}")
+
+    def get(key: str, default=None):
+        value = meta.get(f"{arch}.{key}", default)
+        if value is None:
+            raise InputError(f"{source}: GGUF metadata has no {arch}.{key}")
+        return value
+
+    dim, heads = get("embedding_length"), get("attention.head_count")
+    scaling_type = meta.get(f"{arch}.rope.scaling.type", "none")
+    scaling = None
+    if scaling_type == "linear":
+        scaling = {"type": "linear", "factor": get("rope.scaling.factor")}
+    elif scaling_type not in ("none", None):
+        raise InputError(f"{source}: RoPE scaling {scaling_type!r} in GGUF is not supported")
+    vocab = meta.get(f"{arch}.vocab_size") or len(meta.get("tokenizer.ggml.tokens") or [])
+    try:
+        return ModelConfig(vocab_size=vocab, max_seq_len=get("context_length"), dim=dim,
+                           num_layers=get("block_count"), num_heads=heads,
+                           num_kv_heads=get("attention.head_count_kv", heads),
+                           head_dim=get("attention.key_length", meta.get(f"{arch}.rope.dimension_count", dim // heads)),
+                           ffn_dim=get("feed_forward_length"), norm_eps=get("attention.layer_norm_rms_epsilon"),
+                           rope_theta=float(get("rope.freq_base", 10000.0)), rope_scaling=scaling,
+                           qkv_bias=arch == "qwen2", tie_embeddings=True)
+    except ValueError as err:
+        raise InputError(f"{source}: {err}") from err
+
+
+def unpermute_rotary(weight: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """Undo llama.cpp's row order for q/k projections: per head, rows (pair, 2) -> (2, pair).
+
+    weight (heads * head_dim, ...) or a bias (heads * head_dim,).
+    """
+    rows = weight.shape[0]
+    return weight.reshape(num_heads, rows // num_heads // 2, 2, *weight.shape[1:]).transpose(1, 2).reshape(weight.shape)
+
+
+def tensor_to_torch(tensor) -> torch.Tensor:
+    """A GGUF tensor as a torch tensor of its own memory: f32/f16 copied out of the read-only
+    mapped file (training writes to weights in place), bf16 reinterpreted, block-quantized
+    types dequantized to fp32."""
+    import gguf
+
+    kind = tensor.tensor_type
+    data = tensor.data
+    if kind in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16):
+        return torch.from_numpy(np.array(data))
+    if kind == gguf.GGMLQuantizationType.BF16:
+        shape = tuple(int(d) for d in reversed(tensor.shape))
+        return torch.from_numpy(np.asarray(data).view(np.uint16).reshape(shape).copy()).view(torch.bfloat16)
+    try:
+        return torch.from_numpy(gguf.quants.dequantize(data, kind))
+    except NotImplementedError as err:
+        raise InputError(f"tensor {tensor.name}: GGUF type {kind.name} cannot be dequantized") from err
+
+
+def load_gguf(path: str | Path) -> tuple[ModelConfig, dict[str, torch.Tensor], dict]:
+    """(config, lmforge-named weights, metadata) of a Llama-family GGUF file."""
+    reader = open_gguf(path)
+    meta = metadata(reader)
+    config = config_from_gguf(meta, str(path))
+    tensors = {t.name: t for t in reader.tensors}
+    permute = meta["general.architecture"] == "llama"
+
+    def take(name: str) -> torch.Tensor:
+        if name not in tensors:
+            raise InputError(f"{path}: GGUF file has no tensor {name}")
+        return tensor_to_torch(tensors[name])
+
+    state = {"embed.weight": take("token_embd.weight"), "norm.weight": take("output_norm.weight")}
+    if "output.weight" in tensors:
+        state["lm_head.weight"] = take("output.weight")
+        config.tie_embeddings = False
+    for i in range(config.num_layers):
+        ours, theirs = f"blocks.{i}.", f"blk.{i}."
+        state[ours + "attn_norm.weight"] = take(theirs + "attn_norm.weight")
+        state[ours + "ffn_norm.weight"] = take(theirs + "ffn_norm.weight")
+        for proj, name, heads in (("q_proj", "attn_q", config.num_heads), ("k_proj", "attn_k", config.num_kv_heads),
+                                  ("v_proj", "attn_v", 0), ("o_proj", "attn_output", 0)):
+            weight = take(theirs + f"{name}.weight")
+            state[ours + f"attn.{proj}.weight"] = unpermute_rotary(weight, heads) if permute and heads else weight
+            if config.qkv_bias and proj != "o_proj":
+                state[ours + f"attn.{proj}.bias"] = take(theirs + f"{name}.bias")
+        for proj, name in (("gate_proj", "ffn_gate"), ("up_proj", "ffn_up"), ("down_proj", "ffn_down")):
+            state[ours + f"ffn.{proj}.weight"] = take(theirs + f"{name}.weight")
+    return config, state, meta
+
+
+def tokenizer_from_gguf(meta: dict, source: str):
+    """The byte-level BPE tokenizer, special tokens and chat template stored in GGUF metadata."""
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
+
+    from lmforge.tokenizer.pretrained import PretrainedTokenizer
+
+    kind = meta.get("tokenizer.ggml.model")
+    if kind not in TOKENIZER_MODELS:
+        raise InputError(f"{source}: GGUF tokenizer model {kind!r} is not supported; lmforge reads byte-level BPE "
+                         "('gpt2')")
+    pre = meta.get("tokenizer.ggml.pre", "default")
+    if pre not in PRE_TOKENIZER_SPLITS:
+        raise InputError(f"{source}: GGUF pre-tokenizer {pre!r} is not known; known: {', '.join(PRE_TOKENIZER_SPLITS)}")
+    tokens: list[str] = meta["tokenizer.ggml.tokens"]
+    merges = [tuple(merge.split(" ", 1)) for merge in meta.get("tokenizer.ggml.merges", [])]
+    hf = Tokenizer(models.BPE(vocab={token: i for i, token in enumerate(tokens)}, merges=merges))
+    hf.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(PRE_TOKENIZER_SPLITS[pre]), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+    ])
+    hf.decoder = decoders.ByteLevel()
+    types = meta.get("tokenizer.ggml.token_type") or []
+    hf.add_special_tokens([AddedToken(tokens[i], special=True, normalized=False)
+                           for i, kind in enumerate(types) if kind == CONTROL])
+
+    def name(key: str) -> str | None:
+        index = meta.get(f"tokenizer.ggml.{key}")
+        return tokens[index] if index is not None and 0 <= index < len(tokens) else None
+
+    config = {"bos_token": name("bos_token_id"), "eos_token": name("eos_token_id"), "pad_token": name("padding_token_id"),
+              "add_bos_token": bool(meta.get("tokenizer.ggml.add_bos_token", False)),
+              "add_eos_token": bool(meta.get("tokenizer.ggml.add_eos_token", False))}
+    return PretrainedTokenizer(hf, config, meta.get("tokenizer.chat_template"), source=source)

@@ -1,0 +1,196 @@
+"""Hugging Face model directories in and out: Llama, Mistral, Qwen2 and GPT-2 families.
+
+A HF directory holds ``config.json`` (with ``model_type``), weights in
+``model.safetensors`` or shards listed by ``model.safetensors.index.json``, and the
+tokenizer (``tokenizer.json``, ``tokenizer_config.json`` with the chat template).
+
+Reading maps the safetensors files into memory (copy-on-write) and hands out views,
+so a weight is read from disk when it is first touched and never held twice; only a
+change of layout (GPT-2's transposed ``Conv1D`` matrices) or of dtype makes a copy.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from collections.abc import Mapping
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import save_file
+
+from lmforge.errors import InputError
+from lmforge.interop.gpt2 import config_from_hf_gpt2, gpt2_to_lmforge, hf_gpt2_config, lmforge_to_gpt2
+from lmforge.interop.llama import LLAMA_FAMILY, config_from_hf_llama, hf_llama_config, llama_names
+from lmforge.model import ModelConfig
+
+FAMILIES = (*LLAMA_FAMILY, "gpt2")
+SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                      "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+                      "U8": torch.uint8, "BOOL": torch.bool}
+
+
+def is_hf_dir(path: str | Path) -> bool:
+    """True for a folder whose ``config.json`` names a transformers ``model_type``."""
+    config = Path(path) / "config.json"
+    if not config.is_file():
+        return False
+    try:
+        return "model_type" in json.loads(config.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return False
+
+
+def read_hf_config(path: str | Path) -> dict:
+    file = Path(path) / "config.json"
+    if not file.is_file():
+        raise InputError(f"{path}: no config.json (not a Hugging Face model directory)")
+    try:
+        return json.loads(file.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise InputError(f"{file}:{err.lineno}: invalid JSON: {err.msg}") from err
+
+
+def config_from_hf(hf: dict, source: str = "config.json") -> ModelConfig:
+    """The lmforge ModelConfig of a transformers ``config.json`` (Llama, Mistral, Qwen2, GPT-2)."""
+    kind = hf.get("model_type")
+    if kind in LLAMA_FAMILY:
+        return config_from_hf_llama(hf, source)
+    if kind == "gpt2":
+        return config_from_hf_gpt2(hf, source)
+    raise InputError(f"{source}: model_type {kind!r} is not supported; lmforge reads {', '.join(FAMILIES)}")
+
+
+# ---- safetensors, memory-mapped --------------------------------------------------------------------
+
+
+def mmap_safetensors(path: str | Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a ``.safetensors`` file as a view into a copy-on-write memory map.
+
+    Nothing is read until a tensor is used; writing to one changes private pages only.
+    """
+    path = Path(path)
+    try:
+        with open(path, "rb") as f:
+            header_len = struct.unpack("<Q", f.read(8))[0]
+            header = json.loads(f.read(header_len))
+    except (OSError, struct.error, json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise InputError(f"{path}: not a readable safetensors file ({err})") from err
+    data = torch.from_numpy(np.memmap(path, dtype=np.uint8, mode="c", offset=8 + header_len))
+    out = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        if info["dtype"] not in SAFETENSORS_DTYPES:
+            raise InputError(f"{path}: tensor {name} has dtype {info['dtype']}, which lmforge does not read")
+        dtype = SAFETENSORS_DTYPES[info["dtype"]]
+        start, end = info["data_offsets"]
+        raw = data[start:end]
+        if start % dtype.itemsize:  # a misaligned tensor cannot be viewed in place: copy it
+            raw = raw.clone()
+        out[name] = raw.view(dtype).view(info["shape"])
+    return out
+
+
+def read_hf_weights(path: str | Path) -> dict[str, torch.Tensor]:
+    """All weights of a HF directory, single file or sharded (``model.safetensors.index.json``)."""
+    path = Path(path)
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        files = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
+    elif (path / "model.safetensors").is_file():
+        files = ["model.safetensors"]
+    else:
+        hint = " (pytorch_model.bin is not read: convert it to safetensors)" if (path / "pytorch_model.bin").exists() else ""
+        raise InputError(f"{path}: no model.safetensors or model.safetensors.index.json{hint}")
+    tensors: dict[str, torch.Tensor] = {}
+    for name in files:
+        if not (path / name).is_file():
+            raise InputError(f"{path}: the index lists {name}, which is missing")
+        tensors.update(mmap_safetensors(path / name))
+    return tensors
+
+
+def weights_from_hf(tensors: Mapping[str, torch.Tensor], config: ModelConfig, model_type: str,
+                    source: str = "weights") -> dict[str, torch.Tensor]:
+    """HF weights -> lmforge parameter names, in their stored dtype (views where the layout allows)."""
+    if model_type == "gpt2":
+        return gpt2_to_lmforge(tensors, config)
+    out = {}
+    for ours, theirs in llama_names(config).items():
+        if theirs not in tensors:
+            if ours == "lm_head.weight" and "model.embed_tokens.weight" in tensors:
+                raise InputError(f"{source}: no lm_head.weight but tie_word_embeddings is false")
+            raise InputError(f"{source}: missing weight {theirs}")
+        out[ours] = tensors[theirs]
+    return out
+
+
+# ---- whole directories --------------------------------------------------------------------------------
+
+
+def load_hf(path: str | Path) -> tuple[ModelConfig, dict[str, torch.Tensor], str]:
+    """(config, lmforge-named weights in their stored dtype, model_type) of a HF model directory."""
+    hf = read_hf_config(path)
+    config = config_from_hf(hf, str(Path(path) / "config.json"))
+    weights = weights_from_hf(read_hf_weights(path), config, hf["model_type"], str(path))
+    return config, weights, hf["model_type"]
+
+
+def hf_config_for(config: ModelConfig, model_type: str | None = None) -> dict:
+    """The HF ``config.json`` for an lmforge config: GPT-2 for classic shapes, Llama (or Qwen2) for modern ones."""
+    if config.position == "learned":
+        return hf_gpt2_config(config)
+    return hf_llama_config(config, model_type or "llama")
+
+
+def save_hf(out: str | Path, config: ModelConfig, state: Mapping[str, torch.Tensor], tokenizer=None,
+            model_type: str | None = None) -> Path:
+    """Write a HF model directory from lmforge-named weights: config.json, model.safetensors, tokenizer files."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    hf = hf_config_for(config, model_type)
+    if hf["model_type"] == "gpt2":
+        tensors = lmforge_to_gpt2(state, config)
+    else:
+        tensors = {theirs: state[ours] for ours, theirs in llama_names(config).items()}
+    dtypes = {t.dtype for t in tensors.values()}
+    hf["torch_dtype"] = str(dtypes.pop()).removeprefix("torch.") if len(dtypes) == 1 else "float32"
+    if tokenizer is not None:
+        for key in ("bos_id", "eos_id", "pad_id"):
+            if getattr(tokenizer, key, None) is not None:
+                hf[key.replace("_id", "_token_id")] = getattr(tokenizer, key)
+    (out / "config.json").write_text(json.dumps(hf, indent=2) + "\n", encoding="utf-8")
+    save_file({k: v.contiguous() for k, v in tensors.items()}, out / "model.safetensors", metadata={"format": "pt"})
+    if tokenizer is not None:
+        save_tokenizer_hf(tokenizer, out)
+    return out
+
+
+def save_tokenizer_hf(tokenizer, out: Path) -> None:
+    """tokenizer.json and a tokenizer_config.json that AutoTokenizer reads with the same ids."""
+    from lmforge.tokenizer.pretrained import PretrainedTokenizer
+
+    if isinstance(tokenizer, PretrainedTokenizer):
+        tokenizer.save(out)
+        return
+    # An lmforge Tokenizer. lmforge models learn every document after <|begin_of_text|>, and
+    # lmforge.load() frames prompts so; a post-processor makes transformers frame them alike.
+    import tokenizers
+    from tokenizers import processors
+
+    bos = tokenizer.id_to_token(tokenizer.bos_id)
+    hf = tokenizers.Tokenizer.from_str(tokenizer.hf.to_str())
+    hf.post_processor = processors.TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A {bos} $B",
+                                                      special_tokens=[(bos, tokenizer.bos_id)])
+    hf.save(str(out / "tokenizer.json"))
+    names = {"bos_token": tokenizer.bos_id, "eos_token": tokenizer.eos_id, "pad_token": tokenizer.pad_id}
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", "add_bos_token": True, "add_eos_token": False,
+              "clean_up_tokenization_spaces": False, "model_max_length": 1_000_000,
+              **{key: tokenizer.id_to_token(index) for key, index in names.items()}}
+    template = getattr(tokenizer, "chat_template", None)
+    if template:
+        config["chat_template"] = template
+    (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n",
+                                               encoding="utf-8")
