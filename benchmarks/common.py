@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import platform
 import statistics
 import time
 
@@ -10,20 +9,11 @@ import torch
 
 from lmforge.interop import hf_llama_config, hf_llama_state
 from lmforge.model import DecoderLM
-from lmforge.runtime import Runtime, cpu_has_fast_bf16
+from lmforge.runtime import Runtime, describe_machine
 
 
 def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
-        cpu = names[0] if names else cpu
-    except OSError:
-        pass
-    bf16 = "native bf16 (AVX-512 BF16/AMX)" if cpu_has_fast_bf16() else "no native bf16 (bf16 is emulated)"
-    gpu = f", GPU {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""
-    return f"{cpu}, {bf16}, {torch.get_num_threads()} threads{gpu}, torch {torch.__version__}"
+    return describe_machine()
 
 
 def llama_twin(model: DecoderLM):

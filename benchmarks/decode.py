@@ -154,6 +154,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=0, help="torch intra-op threads; 0 keeps torch's default")
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile variants")
+    parser.add_argument("--llama-cpp-python", help="a Python that has llama-cpp-python: also time llama.cpp "
+                                                   "at batch 1 on the same weights, exported to GGUF")
     args = parser.parse_args()
     if args.quick:
         args.new_tokens, args.repeats, args.no_compile = 32, 1, True
@@ -173,6 +175,37 @@ def main() -> None:
         batch_prompt = torch.randint(0, model.config.vocab_size, (batch, args.prompt_len))
         results[batch] = time_variants(runners, batch_prompt, args.new_tokens, args.repeats)
     print_table(results)
+    if args.llama_cpp_python:
+        time_llama_cpp(model, args)
+
+
+def time_llama_cpp(model: DecoderLM, args: argparse.Namespace) -> None:
+    """llama.cpp's greedy decoding at batch 1 of the same weights, in its own environment."""
+    import json
+    import subprocess
+    import tempfile
+    from pydoc_data.topics import topics
+
+    from lmforge.interop.gguf import save_gguf
+    from lmforge.tokenizer import train_tokenizer
+
+    # llama.cpp refuses a file without a vocabulary: any byte-level BPE will do (ids
+    # above its size are written as unused placeholders), the prompt is token ids.
+    tokenizer = train_tokenizer(list(topics.values()), 2048)
+    prompt = torch.randint(0, model.config.vocab_size, (1, args.prompt_len))
+    ours = generate(model, prompt.tolist(), SamplingConfig(max_new_tokens=args.new_tokens, temperature=0))[0]
+    script = Path(__file__).parent / "llama_cpp_decode.py"
+    with tempfile.TemporaryDirectory() as tmp:
+        for out_type in ("f32", "f16"):
+            path = Path(tmp) / f"model-{out_type}.gguf"
+            save_gguf(path, model.config, dict(model.state_dict()), tokenizer, out_type)
+            run = subprocess.run([args.llama_cpp_python, str(script), str(path), json.dumps(prompt[0].tolist()),
+                                  str(args.new_tokens), str(args.repeats), str(torch.get_num_threads())],
+                                 capture_output=True, text=True, check=True)
+            result = json.loads(run.stdout.strip().splitlines()[-1])
+            agree = next((i for i, (a, b) in enumerate(zip(result["tokens"], ours)) if a != b), len(ours))
+            print(f"llama.cpp {out_type} GGUF, batch 1: {result['ms_per_token']:.2f} ms/token; its greedy tokens "
+                  f"equal lmforge fp32's for the first {agree} of {len(ours)}", flush=True)
 
 
 def print_table(results: dict[int, dict[str, float]]) -> None:

@@ -88,7 +88,7 @@ def test_speedrun_writes_a_report(tmp_path):
         assert (run / path).exists(), path
 
 
-def test_export_import_and_generate_from_a_hugging_face_directory(workdir, capsys):
+def test_export_import_and_generate_from_hugging_face_and_gguf(workdir, capsys):
     transformers = pytest.importorskip("transformers")
     import torch
 
@@ -111,12 +111,14 @@ def test_export_import_and_generate_from_a_hugging_face_directory(workdir, capsy
         torch.testing.assert_close(hf(ids).logits, model(ids), rtol=1e-4, atol=1e-5)
 
     assert main(["import", str(workdir / "hf"), "--out", str(workdir / "back")]) == 0
+    assert main(["export", str(workdir / "ckpt"), str(workdir / "m.gguf"), "--format", "gguf",
+                 "--gguf-type", "f32"]) == 0
     outputs = []
-    for source in ("ckpt", "hf", "back"):
+    for source in ("ckpt", "hf", "back", "m.gguf"):
         capsys.readouterr()
         assert main(["generate", str(workdir / source), "def ", "--max-new-tokens", "8", "--temperature", "0",
                      "--no-stream"]) == 0
         outputs.append(capsys.readouterr().out)
-    assert outputs[0] == outputs[1] == outputs[2]
+    assert outputs[0] == outputs[1] == outputs[2] == outputs[3]
     assert main(["import", str(workdir / "data"), "--out", str(workdir / "nope")]) == 2
     assert "neither a Hugging Face model directory" in capsys.readouterr().err

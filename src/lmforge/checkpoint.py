@@ -82,20 +82,21 @@ def is_checkpoint(path: str | Path) -> bool:
     return (Path(path) / CONFIG).is_file() and (Path(path) / WEIGHTS).is_file() and not is_hf_dir(path)
 
 
-def read_checkpoint(path: str | Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
-    """Config and lmforge-named weights (memory-mapped, in their stored dtype) of an lmforge
-    checkpoint, a Hugging Face model directory, a GGUF file or a packaged model's name."""
+def read_checkpoint(path: str | Path, dtype: torch.dtype | None = None) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
+    """Config and lmforge-named weights (memory-mapped) of an lmforge checkpoint, a Hugging
+    Face model directory, a GGUF file or a packaged model's name; the weights in ``dtype``,
+    or as stored when it is None (GGUF block-quantized tensors always come out fp32)."""
     path = resolve_model(path)
     if path.suffix == ".gguf":
         config, state, _ = load_gguf(path)
         return config, state
     if is_hf_dir(path):
-        config, state, _ = load_hf(path)
+        config, state, _ = load_hf(path, dtype)
         return config, state
     if not is_checkpoint(path):
         raise InputError(f"{path} is not an lmforge checkpoint (needs {CONFIG} and {WEIGHTS}) "
                          "nor a Hugging Face model directory")
-    return ModelConfig.load(path / CONFIG), mmap_safetensors(path / WEIGHTS)
+    return ModelConfig.load(path / CONFIG), mmap_safetensors(path / WEIGHTS, dtype)
 
 
 def load_model(path: str | Path, device: torch.device | str = "cpu", attention: str = "sdpa") -> DecoderLM:
@@ -104,7 +105,7 @@ def load_model(path: str | Path, device: torch.device | str = "cpu", attention: 
     The weights are memory-mapped: an fp32 file is used in place (pages are read when
     first touched), another dtype is converted one tensor at a time.
     """
-    config, state = read_checkpoint(path)
+    config, state = read_checkpoint(path, torch.float32)
     with torch.device("meta"):
         model = DecoderLM(config, attention=attention)
     state = {name: tensor.to(device=device, dtype=torch.float32) for name, tensor in state.items()}

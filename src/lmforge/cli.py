@@ -196,7 +196,7 @@ def cmd_import(args: argparse.Namespace) -> None:
 def cmd_export(args: argparse.Namespace) -> None:
     from lmforge.interop.convert import export_checkpoint
 
-    out = export_checkpoint(args.checkpoint, args.out, args.format)
+    out = export_checkpoint(args.checkpoint, args.out, args.format, args.gguf_type)
     print(f"wrote {args.format} model {out}")
 
 
@@ -282,10 +282,13 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="checkpoint folder to write")
     p.set_defaults(func=cmd_import)
 
-    p = sub.add_parser("export", help="an lmforge checkpoint -> a Hugging Face model directory")
-    p.add_argument("checkpoint", help="checkpoint folder")
-    p.add_argument("out", help="folder to write")
-    p.add_argument("--format", default="hf", help="hf (transformers; Llama or GPT-2 layout)")
+    p = sub.add_parser("export", help="an lmforge checkpoint -> a Hugging Face model directory or a GGUF file")
+    p.add_argument("checkpoint", help="checkpoint folder (or any model lmforge reads)")
+    p.add_argument("out", help="folder (hf) or file (gguf) to write")
+    p.add_argument("--format", default="hf", choices=["hf", "gguf"],
+                   help="hf: transformers/vLLM directory (Llama or GPT-2 layout); gguf: llama.cpp/ollama file")
+    p.add_argument("--gguf-type", default="f16", choices=["f32", "f16", "bf16", "q8_0"],
+                   help="how GGUF stores the matrices (q8_0: 8-bit blocks with one scale per 32 weights)")
     p.set_defaults(func=cmd_export)
     return parser
 

@@ -33,6 +33,20 @@ def cpu_has_fast_bf16() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
+def describe_machine() -> str:
+    """CPU model, whether it runs bf16 natively, threads, GPU and torch version: one line for reports."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
+        cpu = names[0] if names else cpu
+    except OSError:
+        pass
+    bf16 = "native bf16 (AVX-512 BF16/AMX)" if cpu_has_fast_bf16() else "no native bf16 (bf16 is emulated)"
+    gpu = f", GPU {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""
+    return f"{cpu}, {bf16}, {torch.get_num_threads()} threads{gpu}, torch {torch.__version__}"
+
+
 @dataclass(frozen=True)
 class Runtime:
     """Device and compute dtype for one process.

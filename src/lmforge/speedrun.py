@@ -95,7 +95,8 @@ def speedrun(config: SpeedrunConfig) -> Path:
     stage("pretrain", t)
 
     t = time.perf_counter()
-    final_eval = stage_data.evaluate(model, runtime, max_tokens=262144, batch_size=16)
+    final_eval_tokens = max(0, min(262144, len(stage_data.val_tokens) - 1))
+    final_eval = stage_data.evaluate(model, runtime, max_tokens=final_eval_tokens, batch_size=16)
     samples = sample_texts(model, tokenizer, runtime)
     stage("evaluate", t)
 
@@ -114,6 +115,7 @@ def speedrun(config: SpeedrunConfig) -> Path:
                      "last_window_tokens_per_second": result.tokens_per_second, "mfu": result.mfu,
                      "peak_flops": measure_matmul_peak(str(runtime.device), runtime.dtype)},
         "final_eval": final_eval,
+        "final_eval_tokens": final_eval_tokens,
         "samples": samples,
     }
     (run / "summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n", encoding="utf-8")

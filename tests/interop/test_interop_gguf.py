@@ -8,8 +8,10 @@ import torch
 from lmforge.api import LanguageModel
 from lmforge.checkpoint import load_model, load_tokenizer
 from lmforge.errors import InputError
-from lmforge.interop.gguf import unpermute_rotary
+from lmforge.infer import SamplingConfig, generate
+from lmforge.interop.gguf import load_gguf, save_gguf, unpermute_rotary
 from lmforge.interop.packaged import packaged_model_path, resolve_model
+from lmforge.model import DecoderLM, preset
 from lmforge.runtime import Runtime
 
 MIXED = "def f(x):\n    return x  # 注释 🙂\n\nThe  café, naïve — 日本語 <|im_end|> and tabs\t\tend. 12345"
@@ -74,3 +76,90 @@ def test_short_names_and_missing_files(tmp_path):
     (tmp_path / "bad.gguf").write_bytes(b"not a gguf file at all")
     with pytest.raises(InputError, match="not a readable GGUF file"):
         load_model(tmp_path / "bad.gguf")
+
+
+@pytest.fixture(scope="module")
+def small_tokenizer():
+    from lmforge.tokenizer import train_tokenizer
+
+    texts = [MIXED * 4, "def add(a, b):\n    return a + b\n" * 20, "The capital of France is Paris. " * 20]
+    return train_tokenizer(texts, 300)
+
+
+@pytest.mark.parametrize("out_type", ["f32", "f16", "bf16", "q8_0"])
+def test_gguf_export_reads_back_the_same_tensors(out_type, tmp_path, small_tokenizer):
+    torch.manual_seed(0)
+    model = DecoderLM(preset("tiny", vocab_size=small_tokenizer.vocab_size, tie_embeddings=False)).eval()
+    state = {k: v for k, v in model.state_dict().items()}
+    save_gguf(tmp_path / "m.gguf", model.config, state, small_tokenizer, out_type)
+    config, back, meta = load_gguf(tmp_path / "m.gguf")
+    assert config == model.config
+    for name, tensor in state.items():
+        got = back[name].float()
+        if tensor.dim() == 1 or out_type == "f32":
+            assert torch.equal(got, tensor), name  # norms always stay f32
+        elif out_type in ("f16", "bf16"):
+            assert torch.equal(got, tensor.to(getattr(torch, {"f16": "float16", "bf16": "bfloat16"}[out_type])).float())
+        else:  # q8_0: blocks of 32 share a scale absmax/127 stored in f16: half a step of rounding,
+            # plus up to 127 steps times the scale's own f16 rounding (2**-11 relative)
+            blocks = tensor.reshape(-1, 32)
+            step = blocks.abs().amax(-1, keepdim=True) / 127
+            assert ((got.reshape(-1, 32) - blocks).abs() <= step * (0.5 + 127 * 2**-11)).all(), name
+    reloaded = load_model(tmp_path / "m.gguf")
+    ids = torch.randint(0, small_tokenizer.vocab_size, (1, 24))
+    with torch.inference_mode():
+        error = (reloaded(ids) - model(ids)).abs().max().item()
+    assert error < {"f32": 1e-5, "f16": 1e-2, "bf16": 5e-2, "q8_0": 5e-2}[out_type]
+
+
+def test_gguf_keeps_the_tokenizer(tmp_path, small_tokenizer):
+    torch.manual_seed(0)
+    model = DecoderLM(preset("tiny", vocab_size=small_tokenizer.vocab_size))
+    save_gguf(tmp_path / "m.gguf", model.config, dict(model.state_dict()), small_tokenizer, "f16")
+    back = load_tokenizer(tmp_path / "m.gguf")
+    assert back.encode(MIXED) == small_tokenizer.encode(MIXED)
+    assert (back.bos_id, back.eos_id) == (small_tokenizer.bos_id, small_tokenizer.eos_id)
+    assert back.encode("hi", add_bos=True)[0] == small_tokenizer.bos_id  # lmforge models expect the BOS
+
+
+def test_gguf_export_refuses_what_it_cannot_write(tmp_path):
+    model = DecoderLM(preset("tiny", vocab_size=50, position="learned", norm="layernorm"))
+    with pytest.raises(InputError, match="does not fit the Llama layout"):
+        save_gguf(tmp_path / "m.gguf", model.config, dict(model.state_dict()))
+    model = DecoderLM(preset("tiny", vocab_size=50))
+    with pytest.raises(InputError, match="choose one of"):
+        save_gguf(tmp_path / "m.gguf", model.config, dict(model.state_dict()), out_type="q4_k")
+
+
+LLAMA_CPP_GREEDY = r"""
+import json, sys
+from llama_cpp import Llama
+path, prompt, count = sys.argv[1], json.loads(sys.argv[2]), int(sys.argv[3])
+llm = Llama(model_path=path, n_ctx=128, n_threads=1, verbose=False)
+out = []
+for token in llm.generate(prompt, top_k=1, temp=0.0, repeat_penalty=1.0):
+    out.append(token)
+    if len(out) == count:
+        break
+print(json.dumps(out))
+"""
+
+
+def test_llama_cpp_decodes_an_exported_file_like_lmforge(tmp_path, small_tokenizer):
+    """Runs only where LMFORGE_LLAMA_CPP_PYTHON names a Python with llama-cpp-python (kept out of
+    lmforge's environment: it compiles llama.cpp for minutes and must not touch torch)."""
+    import json
+    import os
+    import subprocess
+
+    python = os.environ.get("LMFORGE_LLAMA_CPP_PYTHON")
+    if not python:
+        pytest.skip("set LMFORGE_LLAMA_CPP_PYTHON to a Python that has llama-cpp-python")
+    torch.manual_seed(0)
+    model = DecoderLM(preset("tiny", vocab_size=small_tokenizer.vocab_size, init_std=0.3, max_seq_len=128)).eval()
+    save_gguf(tmp_path / "m.gguf", model.config, dict(model.state_dict()), small_tokenizer, "f32")
+    prompt = small_tokenizer.encode("def add(a, b):", add_bos=True)
+    ours = generate(model, [prompt], SamplingConfig(max_new_tokens=24, temperature=0))[0]
+    out = subprocess.run([python, "-c", LLAMA_CPP_GREEDY, str(tmp_path / "m.gguf"), json.dumps(prompt), "24"],
+                         capture_output=True, text=True, check=True).stdout
+    assert json.loads(out.strip().splitlines()[-1]) == ours

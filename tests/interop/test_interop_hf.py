@@ -107,6 +107,12 @@ def test_sharded_weights_and_memory_map(tmp_path):
     tensors = mmap_safetensors(tmp_path / "hf" / "model.safetensors")
     weight = tensors["model.norm.weight"]
     assert weight.untyped_storage().nbytes() > weight.numel() * 4  # a view into the whole mapped file
+    # bf16 on disk, converted tensor by tensor (each one's file pages given back): the same numbers
+    hf.to(torch.bfloat16).save_pretrained(tmp_path / "bf16")
+    loaded = dict(load_model(tmp_path / "bf16").named_parameters())
+    for name, theirs in {"embed.weight": hf.model.embed_tokens.weight, "blocks.1.ffn.down_proj.weight":
+                         hf.model.layers[1].mlp.down_proj.weight, "norm.weight": hf.model.norm.weight}.items():
+        assert loaded[name].dtype == torch.float32 and torch.equal(loaded[name], theirs.float()), name
 
 
 def test_missing_and_unsupported_are_named(tmp_path):

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import platform
 from pathlib import Path
 
-import torch
-
+from lmforge.runtime import describe_machine
 from lmforge.train.metrics import read_metrics
 
 
@@ -44,8 +42,7 @@ def write_report(run: Path, s: dict) -> Path:
     lines = [
         f"# lmforge speedrun: {s['config']['name']}",
         "",
-        f"Machine: {platform.machine()} {platform.processor() or ''}, {torch.get_num_threads()} threads, "
-        f"torch {torch.__version__}, runtime {s['runtime']}.",
+        f"Machine: {describe_machine()}; runtime {s['runtime']}.",
         f"Total wall time: **{s['total_seconds'] / 60:.1f} min** "
         f"({', '.join(f'{k} {v:.0f}s' for k, v in s['timings'].items())}).",
         "",
@@ -94,6 +91,8 @@ def write_report(run: Path, s: dict) -> Path:
     fe = s["final_eval"]
     if fe:
         lines += ["## Evaluation", "",
+                  f"Over the first {s.get('final_eval_tokens', 0):,} of the {shards['val']['num_tokens']:,} "
+                  "validation tokens; the validation points of the loss curve use fewer, so they differ.", "",
                   f"- validation loss: **{fe['val_loss']:.4f}** nats/token",
                   f"- bits per byte: **{fe.get('val_bpb', float('nan')):.4f}**", ""]
     lines += ["## Samples", "", "Sampled at temperature 0.8, top-k 50, seed 0.", ""]

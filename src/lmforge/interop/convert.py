@@ -10,10 +10,11 @@ from pathlib import Path
 
 from lmforge.checkpoint import TOKENIZER, load_tokenizer, read_checkpoint, write_checkpoint
 from lmforge.errors import InputError
+from lmforge.interop.gguf import save_gguf
 from lmforge.interop.hf import is_hf_dir, save_hf
 from lmforge.interop.packaged import resolve_model
 
-FORMATS = ("hf",)
+FORMATS = ("hf", "gguf")
 
 
 def import_model(source: str | Path, out: str | Path) -> Path:
@@ -24,15 +25,26 @@ def import_model(source: str | Path, out: str | Path) -> Path:
         raise InputError(f"{source}: neither a Hugging Face model directory (config.json with model_type) "
                          "nor a .gguf file")
     config, state = read_checkpoint(path)
-    has_tokenizer = path.suffix == ".gguf" or (path / TOKENIZER).is_file()
-    return write_checkpoint(out, config, state, load_tokenizer(path) if has_tokenizer else None)
+    return write_checkpoint(out, config, state, _tokenizer_or_none(path))
 
 
-def export_checkpoint(checkpoint: str | Path, out: str | Path, format: str = "hf") -> Path:
-    """An lmforge checkpoint (or HF directory) -> ``format``: "hf" writes a transformers model directory,
-    Llama layout (Qwen2 with q/k/v biases) for RoPE models, GPT-2 layout for learned positions."""
+def export_checkpoint(checkpoint: str | Path, out: str | Path, format: str = "hf", gguf_type: str = "f16") -> Path:
+    """An lmforge checkpoint (or any model lmforge reads) -> ``format``.
+
+    "hf" writes a transformers model directory: Llama layout (Qwen2 with q/k/v biases)
+    for RoPE models, GPT-2 layout for learned positions. "gguf" writes one file for
+    llama.cpp/ollama (Llama layout), its matrices in ``gguf_type`` (f32, f16, bf16, q8_0).
+    """
     if format not in FORMATS:
         raise InputError(f"unknown export format {format!r}; choose {', '.join(FORMATS)}")
-    config, state = read_checkpoint(checkpoint)
-    tokenizer = load_tokenizer(checkpoint) if (Path(checkpoint) / TOKENIZER).is_file() else None
+    path = resolve_model(checkpoint)
+    config, state = read_checkpoint(path)
+    tokenizer = _tokenizer_or_none(path)
+    if format == "gguf":
+        return save_gguf(out, config, state, tokenizer, gguf_type, name=path.stem if path.suffix else path.name)
     return save_hf(out, config, state, tokenizer)
+
+
+def _tokenizer_or_none(path: Path):
+    """The model's tokenizer; None for a weights-only folder."""
+    return load_tokenizer(path) if path.suffix == ".gguf" or (path / TOKENIZER).is_file() else None

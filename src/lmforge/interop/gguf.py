@@ -1,4 +1,4 @@
-"""GGUF files (llama.cpp, ollama) in: Llama-family weights, tokenizer and chat template.
+"""GGUF files (llama.cpp, ollama) in and out: Llama-family weights, tokenizer and chat template.
 
 A GGUF file is one self-describing file: metadata (the shape under
 ``{architecture}.*`` keys, the tokenizer under ``tokenizer.ggml.*``, the chat
@@ -24,14 +24,14 @@ import torch
 
 from lmforge.errors import InputError
 from lmforge.model import ModelConfig
+from lmforge.tokenizer.bytelevel import SPLIT_PATTERN
 
 ARCHITECTURES = ("llama", "qwen2")
 TOKENIZER_MODELS = ("gpt2",)  # byte-level BPE; sentencepiece ("llama") vocabularies are not read yet
 
 # Pre-tokenizer regexes by ``tokenizer.ggml.pre``: how text is cut into words before BPE.
 GPT2_SPLIT = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
-LLAMA3_SPLIT = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"""
-                r"""|\s*[\r\n]+|\s+(?!\S)|\s+""")
+LLAMA3_SPLIT = SPLIT_PATTERN  # lmforge's own tokenizers split text as Llama 3 does
 QWEN2_SPLIT = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"""
                r"""|\s*[\r\n]+|\s+(?!\S)|\s+""")
 PRE_TOKENIZER_SPLITS = {"default": GPT2_SPLIT, "gpt2": GPT2_SPLIT, "smollm": GPT2_SPLIT, "starcoder": GPT2_SPLIT,
@@ -101,11 +101,22 @@ def config_from_gguf(meta: dict, source: str) -> ModelConfig:
                            num_layers=get("block_count"), num_heads=heads,
                            num_kv_heads=get("attention.head_count_kv", heads),
                            head_dim=get("attention.key_length", meta.get(f"{arch}.rope.dimension_count", dim // heads)),
-                           ffn_dim=get("feed_forward_length"), norm_eps=get("attention.layer_norm_rms_epsilon"),
-                           rope_theta=float(get("rope.freq_base", 10000.0)), rope_scaling=scaling,
+                           ffn_dim=get("feed_forward_length"), norm_eps=_float32(get("attention.layer_norm_rms_epsilon")),
+                           rope_theta=_float32(get("rope.freq_base", 10000.0)), rope_scaling=scaling,
                            qkv_bias=arch == "qwen2", tie_embeddings=True)
     except ValueError as err:
         raise InputError(f"{source}: {err}") from err
+
+
+def permute_rotary(weight: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """llama.cpp's row order for q/k projections, from HF's: per head, rows (2, pair) -> (pair, 2)."""
+    rows = weight.shape[0]
+    return weight.reshape(num_heads, 2, rows // num_heads // 2, *weight.shape[1:]).transpose(1, 2).reshape(weight.shape)
+
+
+def _float32(value: float) -> float:
+    """A float GGUF stored in 32 bits, as the shortest decimal that rounds to it (1e-05, not 9.99999974e-06)."""
+    return float(str(np.float32(value)))
 
 
 def unpermute_rotary(weight: torch.Tensor, num_heads: int) -> torch.Tensor:
@@ -201,3 +212,133 @@ def tokenizer_from_gguf(meta: dict, source: str):
               "add_bos_token": bool(meta.get("tokenizer.ggml.add_bos_token", False)),
               "add_eos_token": bool(meta.get("tokenizer.ggml.add_eos_token", False))}
     return PretrainedTokenizer(hf, config, meta.get("tokenizer.chat_template"), source=source)
+
+
+# ---- out --------------------------------------------------------------------------------------------------
+
+GGUF_OUT_TYPES = ("f32", "f16", "bf16", "q8_0")
+
+
+def save_gguf(path: str | Path, config: ModelConfig, state: dict[str, torch.Tensor], tokenizer=None,
+              out_type: str = "f16", name: str = "lmforge model") -> Path:
+    """Write a Llama-layout model as a GGUF file that llama.cpp and ollama load.
+
+    ``out_type`` stores the matrices as f32, f16, bf16 or q8_0 (blocks of 32 int8
+    weights with one f16 scale: absmax quantization); norm gains stay f32, as
+    llama.cpp expects. The tokenizer (byte-level BPE, its merges, special tokens,
+    chat template) goes into the metadata.
+    """
+    import gguf
+
+    from lmforge.interop.llama import check_llama_compatible
+
+    check_llama_compatible(config)
+    if out_type not in GGUF_OUT_TYPES:
+        raise InputError(f"GGUF type {out_type!r}; choose one of {', '.join(GGUF_OUT_TYPES)}")
+    if config.bias or config.qkv_bias or config.rope_scaling:
+        raise InputError("GGUF export covers plain Llama layouts: no biases, no RoPE scaling")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_name(name)
+    writer.add_context_length(config.max_seq_len)
+    writer.add_embedding_length(config.dim)
+    writer.add_block_count(config.num_layers)
+    writer.add_feed_forward_length(config.ffn_dim)
+    writer.add_head_count(config.num_heads)
+    writer.add_head_count_kv(config.num_kv_heads)
+    writer.add_key_length(config.head_dim)
+    writer.add_value_length(config.head_dim)
+    writer.add_rope_dimension_count(config.head_dim)
+    writer.add_rope_freq_base(config.rope_theta)
+    writer.add_layer_norm_rms_eps(config.norm_eps)
+    writer.add_vocab_size(config.vocab_size)
+    file_types = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
+                  "bf16": gguf.LlamaFileType.MOSTLY_BF16, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}
+    writer.add_file_type(file_types[out_type])
+    if tokenizer is not None:
+        _write_tokenizer(writer, tokenizer, config.vocab_size)
+    for gguf_name, tensor in _gguf_tensors(config, state):
+        _add_tensor(writer, gguf_name, tensor, out_type if tensor.dim() == 2 else "f32")
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+def _gguf_tensors(config: ModelConfig, state: dict[str, torch.Tensor]):
+    yield "token_embd.weight", state["embed.weight"]
+    for i in range(config.num_layers):
+        ours, theirs = f"blocks.{i}.", f"blk.{i}."
+        yield theirs + "attn_norm.weight", state[ours + "attn_norm.weight"]
+        yield theirs + "attn_q.weight", permute_rotary(state[ours + "attn.q_proj.weight"], config.num_heads)
+        yield theirs + "attn_k.weight", permute_rotary(state[ours + "attn.k_proj.weight"], config.num_kv_heads)
+        yield theirs + "attn_v.weight", state[ours + "attn.v_proj.weight"]
+        yield theirs + "attn_output.weight", state[ours + "attn.o_proj.weight"]
+        yield theirs + "ffn_norm.weight", state[ours + "ffn_norm.weight"]
+        for proj, name in (("gate_proj", "ffn_gate"), ("up_proj", "ffn_up"), ("down_proj", "ffn_down")):
+            yield theirs + f"{name}.weight", state[ours + f"ffn.{proj}.weight"]
+    yield "output_norm.weight", state["norm.weight"]
+    if not config.tie_embeddings:
+        yield "output.weight", state["lm_head.weight"]
+
+
+def _add_tensor(writer, name: str, tensor: torch.Tensor, out_type: str) -> None:
+    import gguf
+
+    data = tensor.detach().float().contiguous().numpy()
+    if out_type == "f32":
+        writer.add_tensor(name, data)
+    elif out_type == "f16":
+        writer.add_tensor(name, data.astype(np.float16))
+    else:
+        qtype = gguf.GGMLQuantizationType.BF16 if out_type == "bf16" else gguf.GGMLQuantizationType.Q8_0
+        if out_type == "q8_0" and data.shape[-1] % 32:
+            raise InputError(f"{name}: q8_0 needs rows that are a multiple of 32 wide, got {data.shape[-1]}")
+        writer.add_tensor(name, gguf.quants.quantize(data, qtype), raw_dtype=qtype)
+
+
+def _pre_tokenizer_name(pre: dict) -> str:
+    """The ``tokenizer.ggml.pre`` name under which llama.cpp splits text as this pre-tokenizer does."""
+    steps = pre.get("pretokenizers") or [pre]
+    for step in steps:
+        pattern = (step.get("pattern") or {}).get("Regex") if step.get("type") == "Split" else None
+        if pattern:
+            for name in ("llama-bpe", "qwen2", "gpt2"):
+                if PRE_TOKENIZER_SPLITS[name] == pattern:
+                    return name
+            raise InputError("GGUF export: the tokenizer splits text with a regex llama.cpp does not know by name")
+        if step.get("type") == "ByteLevel" and step.get("use_regex", True):
+            return "gpt2"
+    raise InputError("GGUF export: the tokenizer is not byte-level BPE with a known split (llama-bpe, qwen2, gpt2)")
+
+
+def _write_tokenizer(writer, tokenizer, vocab_size: int) -> None:
+    """Byte-level BPE vocabulary, merges and specials under llama.cpp's ``tokenizer.ggml.*`` keys."""
+    import json
+
+    config = json.loads(tokenizer.hf.to_str())
+    vocab: dict[str, int] = dict(config["model"]["vocab"])
+    for added in config.get("added_tokens") or []:
+        vocab[added["content"]] = added["id"]
+    special = {added["content"] for added in config.get("added_tokens") or [] if added.get("special")}
+    tokens = [f"[PAD{i}]" for i in range(vocab_size)]  # ids the tokenizer never produces
+    types = [5] * vocab_size  # 5: unused
+    for token, index in vocab.items():
+        if index < vocab_size:
+            tokens[index], types[index] = token, CONTROL if token in special else 1  # 1: normal
+    merges = [" ".join(m) if isinstance(m, list) else m for m in config["model"].get("merges") or []]
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre(_pre_tokenizer_name(config.get("pre_tokenizer") or {}))
+    writer.add_token_list(tokens)
+    writer.add_token_types(types)
+    writer.add_token_merges(merges)
+    for key, add in (("bos_id", writer.add_bos_token_id), ("eos_id", writer.add_eos_token_id),
+                     ("pad_id", writer.add_pad_token_id)):
+        if getattr(tokenizer, key, None) is not None:
+            add(getattr(tokenizer, key))
+    writer.add_add_bos_token(getattr(tokenizer, "bos_id", None) is not None)
+    template = getattr(tokenizer, "chat_template", None)
+    if template:
+        writer.add_chat_template(template)

@@ -11,7 +11,9 @@ change of layout (GPT-2's transposed ``Conv1D`` matrices) or of dtype makes a co
 
 from __future__ import annotations
 
+import ctypes
 import json
+import mmap
 import struct
 from collections.abc import Mapping
 from pathlib import Path
@@ -65,10 +67,13 @@ def config_from_hf(hf: dict, source: str = "config.json") -> ModelConfig:
 # ---- safetensors, memory-mapped --------------------------------------------------------------------
 
 
-def mmap_safetensors(path: str | Path) -> dict[str, torch.Tensor]:
+def mmap_safetensors(path: str | Path, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
     """Every tensor of a ``.safetensors`` file as a view into a copy-on-write memory map.
 
     Nothing is read until a tensor is used; writing to one changes private pages only.
+    With ``dtype``, tensors stored otherwise are converted one at a time and the file
+    pages they came from are given back at once, so that loading bf16 weights into an
+    fp32 model holds the fp32 copy, not both.
     """
     path = Path(path)
     try:
@@ -84,17 +89,36 @@ def mmap_safetensors(path: str | Path) -> dict[str, torch.Tensor]:
             continue
         if info["dtype"] not in SAFETENSORS_DTYPES:
             raise InputError(f"{path}: tensor {name} has dtype {info['dtype']}, which lmforge does not read")
-        dtype = SAFETENSORS_DTYPES[info["dtype"]]
+        stored = SAFETENSORS_DTYPES[info["dtype"]]
         start, end = info["data_offsets"]
         raw = data[start:end]
-        if start % dtype.itemsize:  # a misaligned tensor cannot be viewed in place: copy it
+        if start % stored.itemsize:  # a misaligned tensor cannot be viewed in place: copy it
             raw = raw.clone()
-        out[name] = raw.view(dtype).view(info["shape"])
+        tensor = raw.view(stored).view(info["shape"])
+        if dtype is not None and stored != dtype:
+            tensor = tensor.to(dtype)
+            _give_back_pages(raw)
+        out[name] = tensor
     return out
 
 
-def read_hf_weights(path: str | Path) -> dict[str, torch.Tensor]:
-    """All weights of a HF directory, single file or sharded (``model.safetensors.index.json``)."""
+def _give_back_pages(raw: torch.Tensor) -> None:
+    """Drop the resident pages under ``raw``, a view into a private file mapping.
+
+    Safe only right after mapping: no page has been written yet, so a page dropped
+    here that a neighbouring tensor still uses is read again from the file.
+    """
+    if not hasattr(mmap, "MADV_DONTNEED") or raw.numel() == 0:
+        return
+    page = mmap.PAGESIZE
+    first = raw.data_ptr() // page * page
+    last = -(-(raw.data_ptr() + raw.numel()) // page) * page
+    ctypes.CDLL(None).madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), mmap.MADV_DONTNEED)
+
+
+def read_hf_weights(path: str | Path, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """All weights of a HF directory, single file or sharded (``model.safetensors.index.json``);
+    ``dtype`` as in :func:`mmap_safetensors`."""
     path = Path(path)
     index = path / "model.safetensors.index.json"
     if index.is_file():
@@ -108,7 +132,7 @@ def read_hf_weights(path: str | Path) -> dict[str, torch.Tensor]:
     for name in files:
         if not (path / name).is_file():
             raise InputError(f"{path}: the index lists {name}, which is missing")
-        tensors.update(mmap_safetensors(path / name))
+        tensors.update(mmap_safetensors(path / name, dtype))
     return tensors
 
 
@@ -130,11 +154,12 @@ def weights_from_hf(tensors: Mapping[str, torch.Tensor], config: ModelConfig, mo
 # ---- whole directories --------------------------------------------------------------------------------
 
 
-def load_hf(path: str | Path) -> tuple[ModelConfig, dict[str, torch.Tensor], str]:
-    """(config, lmforge-named weights in their stored dtype, model_type) of a HF model directory."""
+def load_hf(path: str | Path, dtype: torch.dtype | None = None) -> tuple[ModelConfig, dict[str, torch.Tensor], str]:
+    """(config, lmforge-named weights, model_type) of a HF model directory; the weights in
+    ``dtype``, or in their stored dtype when it is None."""
     hf = read_hf_config(path)
     config = config_from_hf(hf, str(Path(path) / "config.json"))
-    weights = weights_from_hf(read_hf_weights(path), config, hf["model_type"], str(path))
+    weights = weights_from_hf(read_hf_weights(path, dtype), config, hf["model_type"], str(path))
     return config, weights, hf["model_type"]
 
 
