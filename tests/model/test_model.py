@@ -112,3 +112,21 @@ def test_initial_loss_is_near_uniform():
     targets = torch.randint(0, 97, (4, 64))
     loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten())
     assert abs(loss.item() - torch.log(torch.tensor(97.0)).item()) < 0.1
+
+
+@pytest.mark.parametrize("overrides", VARIANTS)
+@pytest.mark.parametrize("backend", ["sdpa", "eager"])
+def test_packed_rows_equal_each_example_alone(overrides, backend):
+    from lmforge.model.transformer import positions_in_segments
+
+    model = tiny(**overrides)
+    model.set_attention(backend)
+    lengths = [7, 12, 5]
+    examples = [torch.randint(0, 97, (1, n)) for n in lengths]
+    packed = torch.cat(examples, dim=1)  # (1, 24): three examples back to back
+    segments = torch.cat([torch.full((1, n), i) for i, n in enumerate(lengths)], dim=1)
+    assert positions_in_segments(segments)[0, 5:9].tolist() == [5, 6, 0, 1]
+    logits = model(packed, segments=segments)
+    torch.testing.assert_close(logits, torch.cat([model(e) for e in examples], dim=1), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="not for a KV-cached decode"):
+        model(packed, KVCache.for_model(model, 1, 32), segments=segments)

@@ -30,25 +30,41 @@ def causal_mask(num_queries: int, num_keys: int, device: torch.device) -> torch.
     return k <= q + offset
 
 
+def packed_mask(segments: torch.Tensor) -> torch.Tensor:
+    """(B, 1, T, T) boolean mask for packed sequences: causal, and only within one's own segment.
+
+    segments (B, T): which packed example each position belongs to (equal ids, contiguous runs).
+    """
+    seq_len = segments.shape[1]
+    same = segments[:, :, None] == segments[:, None, :]  # (B, T, T)
+    return (same & causal_mask(seq_len, seq_len, segments.device))[:, None]
+
+
 def eager_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout: float = 0.0,
-                    training: bool = False) -> torch.Tensor:
-    """Reference attention. q (B, H, Tq, D); k, v (B, Hkv, Tk, D) -> (B, H, Tq, D)."""
+                    training: bool = False, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Reference attention. q (B, H, Tq, D); k, v (B, Hkv, Tk, D) -> (B, H, Tq, D).
+
+    ``mask`` (B, 1, Tq, Tk), True where allowed, replaces the causal mask (packed sequences).
+    """
     groups = q.shape[1] // k.shape[1]
     k = k.repeat_interleave(groups, dim=1)  # (B, H, Tk, D): each kv head serves `groups` query heads
     v = v.repeat_interleave(groups, dim=1)
     scores = (q @ k.transpose(-2, -1)).float() / math.sqrt(q.shape[-1])  # (B, H, Tq, Tk)
-    scores = scores.masked_fill(~causal_mask(q.shape[2], k.shape[2], q.device), float("-inf"))
+    allowed = mask if mask is not None else causal_mask(q.shape[2], k.shape[2], q.device)
+    scores = scores.masked_fill(~allowed, float("-inf"))
     weights = torch.softmax(scores, dim=-1).to(v.dtype)
     weights = F.dropout(weights, p=dropout, training=training)
     return weights @ v
 
 
 def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout: float = 0.0,
-                   training: bool = False) -> torch.Tensor:
+                   training: bool = False, mask: torch.Tensor | None = None) -> torch.Tensor:
     """Fused attention, same contract as :func:`eager_attention`."""
     num_queries, num_keys = q.shape[2], k.shape[2]
     gqa = q.shape[1] != k.shape[1]
     p = dropout if training else 0.0
+    if mask is not None:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p, enable_gqa=gqa)
     if num_queries == num_keys:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=p, enable_gqa=gqa)
     if num_queries == 1:  # one new token sees the whole prefix: no mask needed
@@ -75,15 +91,17 @@ class Attention(nn.Module):
         self.rope = rope
         self.backend = backend
 
-    def forward(self, x: torch.Tensor, start: int, cache: KVCache | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, start: int, cache: KVCache | None = None,
+                positions: torch.Tensor | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """x (B, T, dim) at positions start.. (or ``positions`` (B, T)); ``mask`` for packed rows."""
         batch, seq_len, _ = x.shape
         # (B, T, H*D) -> (B, H, T, D)
         q = self.q_proj(x).view(batch, seq_len, self.num_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(batch, seq_len, self.num_kv_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(batch, seq_len, self.num_kv_heads, self.head_dim).transpose(1, 2)
         if self.rope is not None:
-            q, k = self.rope(q, k, start)
+            q, k = self.rope(q, k, start, positions)
         if cache is not None:
             k, v = cache.update(self.layer, k, v)  # (B, Hkv, start+T, D)
-        out = BACKENDS[self.backend](q, k, v, self.dropout, self.training)  # (B, H, T, D)
+        out = BACKENDS[self.backend](q, k, v, self.dropout, self.training, mask)  # (B, H, T, D)
         return self.o_proj(out.transpose(1, 2).reshape(batch, seq_len, self.num_heads * self.head_dim))

@@ -38,11 +38,17 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("cos", angles.cos().float(), persistent=False)
         self.register_buffer("sin", angles.sin().float(), persistent=False)
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, start: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Rotate q (B, H, T, D) and k (B, Hkv, T, D) for positions start .. start+T-1."""
+    def forward(self, q: torch.Tensor, k: torch.Tensor, start: int,
+                positions: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rotate q (B, H, T, D) and k (B, Hkv, T, D) for positions start .. start+T-1,
+        or for ``positions`` (B, T) when given (packed sequences restart at 0)."""
         seq_len = q.shape[2]
-        cos = self.cos[start:start + seq_len].to(q.dtype)  # (T, D)
-        sin = self.sin[start:start + seq_len].to(q.dtype)
+        if positions is not None:
+            cos = self.cos[positions][:, None].to(q.dtype)  # (B, 1, T, D)
+            sin = self.sin[positions][:, None].to(q.dtype)
+        else:
+            cos = self.cos[start:start + seq_len].to(q.dtype)  # (T, D)
+            sin = self.sin[start:start + seq_len].to(q.dtype)
         return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
 
 
@@ -77,7 +83,9 @@ class LearnedPositions(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(torch.zeros(max_seq_len, dim))
 
-    def forward(self, seq_len: int, start: int) -> torch.Tensor:
+    def forward(self, seq_len: int, start: int, positions: torch.Tensor | None = None) -> torch.Tensor:
+        if positions is not None:
+            return self.weight[positions]  # (B, T, dim)
         return self.weight[start:start + seq_len]  # (T, dim)
 
 
@@ -99,5 +107,7 @@ class SinusoidalPositions(nn.Module):
         table[:, 1::2] = torch.cos(position * freq[: dim // 2])
         self.register_buffer("table", table.float(), persistent=False)
 
-    def forward(self, seq_len: int, start: int) -> torch.Tensor:
+    def forward(self, seq_len: int, start: int, positions: torch.Tensor | None = None) -> torch.Tensor:
+        if positions is not None:
+            return self.table[positions]  # (B, T, dim)
         return self.table[start:start + seq_len]  # (T, dim)

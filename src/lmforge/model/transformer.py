@@ -12,12 +12,20 @@ import math
 import torch
 from torch import nn
 
-from lmforge.model.attention import Attention
+from lmforge.model.attention import Attention, packed_mask
 from lmforge.model.config import ModelConfig
 from lmforge.model.kv_cache import KVCache
 from lmforge.model.mlp import FeedForward
 from lmforge.model.norm import make_norm
 from lmforge.model.position import LearnedPositions, RotaryEmbedding, SinusoidalPositions
+
+
+def positions_in_segments(segments: torch.Tensor) -> torch.Tensor:
+    """(B, T) position of each token inside its own packed segment: 0, 1, 2, 0, 1, ..."""
+    index = torch.arange(segments.shape[1], device=segments.device).expand_as(segments)  # (B, T)
+    first = torch.ones_like(segments, dtype=torch.bool)
+    first[:, 1:] = segments[:, 1:] != segments[:, :-1]  # a segment starts here
+    return index - torch.cummax(torch.where(first, index, 0), dim=1).values
 
 
 class Block(nn.Module):
@@ -31,8 +39,9 @@ class Block(nn.Module):
         self.ffn = FeedForward(config.dim, config.ffn_dim, config.activation, config.bias)
         self.dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x: torch.Tensor, start: int, cache: KVCache | None) -> torch.Tensor:
-        x = x + self.dropout(self.attn(self.attn_norm(x), start, cache))
+    def forward(self, x: torch.Tensor, start: int, cache: KVCache | None,
+                positions: torch.Tensor | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
+        x = x + self.dropout(self.attn(self.attn_norm(x), start, cache, positions, mask))
         return x + self.dropout(self.ffn(self.ffn_norm(x)))
 
 
@@ -94,22 +103,30 @@ class DecoderLM(nn.Module):
             block.attn.backend = backend
 
     def forward(self, input_ids: torch.Tensor, cache: KVCache | None = None,
-                return_hidden: bool = False) -> torch.Tensor:
+                return_hidden: bool = False, segments: torch.Tensor | None = None) -> torch.Tensor:
         """input_ids (B, T) -> logits (B, T, V), or the final hidden states (B, T, dim).
 
         With a cache, the tokens continue the cached prefix: their positions start at
-        ``cache.length``, and their keys/values are added to it.
+        ``cache.length``, and their keys/values are added to it. With ``segments``
+        (B, T), a row holds several examples packed back to back (equal ids, contiguous
+        runs): each attends only within itself and its positions restart at 0, so the
+        logits equal those of each example run alone.
         """
         batch, seq_len = input_ids.shape
         start = cache.length if cache is not None else 0
         if start + seq_len > self.config.max_seq_len:
             raise ValueError(f"sequence of {start + seq_len} tokens exceeds max_seq_len={self.config.max_seq_len}")
+        positions = mask = None
+        if segments is not None:
+            if cache is not None:
+                raise ValueError("packed segments are for training and scoring, not for a KV-cached decode")
+            positions, mask = positions_in_segments(segments), packed_mask(segments)
         x = self.embed(input_ids)  # (B, T, dim)
         if self.positions is not None:
-            x = x + self.positions(seq_len, start)
+            x = x + self.positions(seq_len, start, positions)
         x = self.dropout(x)
         for block in self.blocks:
-            x = block(x, start, cache)
+            x = block(x, start, cache, positions, mask)
         if cache is not None:
             cache.advance(seq_len)
         x = self.norm(x)

@@ -21,6 +21,7 @@ from typing import Any
 import tokenizers
 
 from lmforge.errors import InputError
+from lmforge.tokenizer.chat import render_template
 
 TOKENIZER_FILE, CONFIG_FILE, TEMPLATE_FILE = "tokenizer.json", "tokenizer_config.json", "chat_template.jinja"
 
@@ -143,15 +144,5 @@ class PretrainedTokenizer:
         """
         if not self.chat_template:
             raise InputError(f"{self.source}: this tokenizer has no chat template")
-        from jinja2.exceptions import TemplateError
-        from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-        def raise_exception(message: str) -> None:
-            raise TemplateError(message)
-
-        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
-        env.filters["tojson"] = lambda value, indent=None, **_: json.dumps(value, indent=indent, ensure_ascii=False)
-        env.globals["raise_exception"] = raise_exception
-        template = env.from_string(self.chat_template)
-        return template.render(messages=messages, add_generation_prompt=add_generation_prompt,
+        return render_template(self.chat_template, messages, add_generation_prompt,
                                bos_token=self.bos_token or "", eos_token=self.eos_token or "", **variables)

@@ -31,6 +31,7 @@ import tokenizers
 
 from lmforge.errors import InputError
 from lmforge.tokenizer.bytelevel import SPLIT_PATTERN, replace_surrogates, token_string_to_bytes
+from lmforge.tokenizer.chat import LMFORGE_CHAT_TEMPLATE, check_messages, render_template
 from lmforge.tokenizer.fast import build_encoding, merge_order_problem
 from lmforge.tokenizer.special import BEGIN_OF_TEXT, END_OF_TEXT, NUM_SPECIAL, PAD, SPECIAL_TOKENS
 
@@ -335,6 +336,18 @@ class Tokenizer:
         return self.decode_bytes(ids, skip_special).decode("utf-8", errors="replace")
 
     # ---- inspection ----------------------------------------------------------------------
+
+    # ---- chat ----------------------------------------------------------------------------
+
+    @property
+    def chat_template(self) -> str:
+        """lmforge's chat format as a Jinja template (:mod:`lmforge.tokenizer.chat`)."""
+        return LMFORGE_CHAT_TEMPLATE
+
+    def apply_chat_template(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
+        """The conversation as text in lmforge's chat format (special tokens written out)."""
+        return render_template(LMFORGE_CHAT_TEMPLATE, check_messages(messages), add_generation_prompt,
+                               bos_token=BEGIN_OF_TEXT, eos_token=END_OF_TEXT)
 
     def readable(self, token_id: int) -> str:
         """``token_id`` shown for people: ``' the'``, ``'\\n    '``, ``b'\\xe4\\xbd'`` for a partial

@@ -1,0 +1,184 @@
+"""LoRA: train two small matrices beside each frozen weight (Hu et al., 2021, arXiv:2106.09685).
+
+A linear layer's update during fine-tuning has low rank in practice, so LoRA learns
+it as a product: W x + (alpha / r) * B A x, with A (r, in) and B (out, r). B starts
+at zero, so training starts from the base model exactly; only A and B train, a few
+tenths of a percent of the weights. Afterwards B A can be merged into W (no cost at
+inference) and unmerged again.
+
+In lmforge LoRA is a different ``nn.Linear``, not a different model: :func:`apply_lora`
+swaps the targeted projections for :class:`LoRALinear` in place, and the one training
+loop trains whatever still requires gradients. Adapters are saved in Hugging Face
+PEFT's layout (``adapter_config.json`` + ``adapter_model.safetensors``), which PEFT
+loads onto the exported base model.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from lmforge.errors import InputError
+from lmforge.settings import field
+
+ADAPTER_CONFIG, ADAPTER_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
+ALL_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+@dataclass
+class LoraConfig:
+    """Where LoRA goes and how big it is."""
+
+    rank: int = field(8, "rank r of the update B A")
+    alpha: float = field(16.0, "scale: the update is multiplied by alpha / rank")
+    dropout: float = field(0.0, "dropout on the LoRA branch's input")
+    targets: list[str] = field(list(ALL_PROJECTIONS), "names of the linear layers that get an adapter")
+
+    def __post_init__(self) -> None:
+        if self.rank < 1:
+            raise ValueError(f"LoRA rank must be at least 1, got {self.rank}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"LoRA dropout must be in [0, 1), got {self.dropout}")
+
+
+class LoRALinear(nn.Module):
+    """``base(x) + (alpha / r) * B(A(dropout(x)))`` with ``base`` frozen."""
+
+    def __init__(self, base: nn.Module, rank: int, alpha: float, dropout: float = 0.0):
+        super().__init__()
+        self.base = base
+        for param in base.parameters():
+            param.requires_grad_(False)
+        out_features, in_features = base.out_features, base.in_features
+        weight = base.weight
+        self.lora_A = nn.Parameter(torch.empty(rank, in_features, device=weight.device, dtype=torch.float32))
+        self.lora_B = nn.Parameter(torch.zeros(out_features, rank, device=weight.device, dtype=torch.float32))
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # as nn.Linear initialises its weight
+        self.scale = alpha / rank
+        self.dropout = nn.Dropout(dropout)
+        self.merged = False
+
+    @property
+    def in_features(self) -> int:
+        return self.base.in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.base.out_features
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.base.weight
+
+    def delta(self) -> torch.Tensor:
+        """The update B A * scale, (out, in)."""
+        return (self.lora_B @ self.lora_A) * self.scale
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.base(x)
+        if self.merged:
+            return out
+        a = F.linear(self.dropout(x), self.lora_A.to(x.dtype))  # (..., r)
+        return out + F.linear(a, self.lora_B.to(x.dtype)) * self.scale
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """Add B A into the base weight (inference without the extra matmuls)."""
+        if not self.merged:
+            self.base.weight += self.delta().to(self.base.weight.dtype)
+            self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        if self.merged:
+            self.base.weight -= self.delta().to(self.base.weight.dtype)
+            self.merged = False
+
+
+def apply_lora(model: nn.Module, config: LoraConfig) -> nn.Module:
+    """Freeze ``model`` and put a LoRA adapter on every linear layer named in ``config.targets``."""
+    for param in model.parameters():
+        param.requires_grad_(False)
+    targets = [(name, module) for name, module in model.named_modules()
+               if name.rsplit(".", 1)[-1] in config.targets and not isinstance(module, LoRALinear)
+               and hasattr(module, "in_features")]
+    if not targets:
+        raise InputError(f"no layer named {', '.join(config.targets)} in the model")
+    for name, module in targets:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, LoRALinear(module, config.rank, config.alpha, config.dropout))
+    model.lora_config = config
+    return model
+
+
+def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
+    return {name: module for name, module in model.named_modules() if isinstance(module, LoRALinear)}
+
+
+def merge_lora(model: nn.Module) -> nn.Module:
+    """Merge every adapter into its base weight and put the plain base layers back."""
+    for name, layer in lora_layers(model).items():
+        layer.merge()
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, layer.base)
+    for param in model.parameters():
+        param.requires_grad_(True)
+    return model
+
+
+def _peft_module_name(name: str, config) -> str:
+    """lmforge module name -> the HF Llama module name PEFT keys use."""
+    from lmforge.interop.llama import llama_names
+
+    names = llama_names(config)
+    return names[name + ".weight"].removesuffix(".weight")
+
+
+def save_adapter(model: nn.Module, out: str | Path, base_model: str = "") -> Path:
+    """Write the adapters in PEFT's layout: ``adapter_config.json`` and ``adapter_model.safetensors``."""
+    config: LoraConfig = model.lora_config
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    tensors = {}
+    for name, layer in lora_layers(model).items():
+        key = "base_model.model." + _peft_module_name(name, model.config)
+        tensors[key + ".lora_A.weight"] = layer.lora_A.detach().contiguous()
+        tensors[key + ".lora_B.weight"] = layer.lora_B.detach().contiguous()
+    save_file(tensors, out / ADAPTER_WEIGHTS, metadata={"format": "pt"})
+    peft_config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": config.rank, "lora_alpha": config.alpha,
+                   "lora_dropout": config.dropout, "target_modules": sorted(config.targets), "bias": "none",
+                   "fan_in_fan_out": False, "base_model_name_or_path": base_model, "inference_mode": True,
+                   "modules_to_save": None, "use_rslora": False, "use_dora": False, "init_lora_weights": True}
+    (out / ADAPTER_CONFIG).write_text(json.dumps(peft_config, indent=2) + "\n", encoding="utf-8")
+    return out
+
+
+def load_adapter(model: nn.Module, folder: str | Path) -> nn.Module:
+    """Put the adapters saved in ``folder`` (PEFT layout) onto ``model``."""
+    folder = Path(folder)
+    if not (folder / ADAPTER_CONFIG).is_file() or not (folder / ADAPTER_WEIGHTS).is_file():
+        raise InputError(f"{folder}: no LoRA adapter (needs {ADAPTER_CONFIG} and {ADAPTER_WEIGHTS})")
+    peft_config = json.loads((folder / ADAPTER_CONFIG).read_text(encoding="utf-8"))
+    if peft_config.get("peft_type") != "LORA" or peft_config.get("use_dora") or peft_config.get("use_rslora"):
+        raise InputError(f"{folder}: only plain LoRA adapters are read")
+    targets = peft_config["target_modules"]
+    config = LoraConfig(rank=peft_config["r"], alpha=peft_config["lora_alpha"],
+                        dropout=peft_config.get("lora_dropout", 0.0),
+                        targets=list(targets) if isinstance(targets, list) else [targets])
+    apply_lora(model, config)
+    tensors = load_file(folder / ADAPTER_WEIGHTS)
+    for name, layer in lora_layers(model).items():
+        key = "base_model.model." + _peft_module_name(name, model.config)
+        for part in ("lora_A", "lora_B"):
+            if f"{key}.{part}.weight" not in tensors:
+                raise InputError(f"{folder}: adapter has no {key}.{part}.weight")
+            getattr(layer, part).data.copy_(tensors[f"{key}.{part}.weight"])
+    return model

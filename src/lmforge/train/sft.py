@@ -1,0 +1,128 @@
+"""The supervised fine-tuning stage: conversations, loss on the assistant's tokens only, packed rows.
+
+Instruction fine-tuning trains on the same next-token loss as pretraining, but
+only where the assistant speaks: the user's words and the template's markers are
+context, never targets. Examples are short, so they are packed several to a row of
+``seq_len`` tokens without padding between them; the model sees each row's
+``segments`` and attends only inside an example, with positions restarting at 0,
+so a packed example trains exactly as it would alone (the notes' padding-free
+collation). The loop (loop.py) is the one pretraining uses.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from lmforge.runtime import Runtime
+from lmforge.tokenizer.chat import ChatTokens
+
+IGNORE = -100  # target id that the loss skips (F.cross_entropy's ignore_index)
+
+
+@dataclass
+class PackedRows:
+    """Rows of packed examples, numpy arrays of shape (N, seq_len).
+
+    ``inputs``: token ids; ``targets``: the next token where it is an assistant token of
+    the same example, else IGNORE; ``segments``: example index within the row (-1 on padding).
+    """
+
+    inputs: np.ndarray
+    targets: np.ndarray
+    segments: np.ndarray
+    truncated: int = 0  # examples longer than a row, cut to fit
+
+    def __len__(self) -> int:
+        return len(self.inputs)
+
+
+def pack_examples(examples: list[ChatTokens], seq_len: int, pad_id: int) -> PackedRows:
+    """Pack examples into rows in order (first fit on the current row, then a new row).
+
+    An example of n tokens takes n - 1 positions (inputs ids[:-1], targets ids[1:]);
+    one longer than ``seq_len + 1`` tokens is truncated and counted.
+    """
+    rows: list[list[tuple[list[int], list[int]]]] = [[]]
+    used, truncated = 0, 0
+    for example in examples:
+        ids, mask = example.ids[:seq_len + 1], example.mask[:seq_len + 1]
+        truncated += len(example.ids) > seq_len + 1
+        if len(ids) < 2:
+            continue
+        inputs = ids[:-1]
+        targets = [token if learn else IGNORE for token, learn in zip(ids[1:], mask[1:])]
+        if used + len(inputs) > seq_len:
+            rows.append([])
+            used = 0
+        rows[-1].append((inputs, targets))
+        used += len(inputs)
+    rows = [row for row in rows if row]
+    shape = (len(rows), seq_len)
+    out = PackedRows(np.full(shape, pad_id, np.int64), np.full(shape, IGNORE, np.int64),
+                     np.full(shape, -1, np.int64), truncated)
+    for r, row in enumerate(rows):
+        at = 0
+        for index, (inputs, targets) in enumerate(row):
+            out.inputs[r, at:at + len(inputs)] = inputs
+            out.targets[r, at:at + len(inputs)] = targets
+            out.segments[r, at:at + len(inputs)] = index
+            at += len(inputs)
+    return out
+
+
+class SFTStage:
+    """Batches of packed rows and the answer-only loss, for :func:`lmforge.train.fit`.
+
+    Batches depend only on (seed, step): each epoch visits every row once in an order
+    drawn from the seed, so resume and data parallelism see the same sequences.
+    """
+
+    def __init__(self, train: PackedRows, seed: int, val: PackedRows | None = None):
+        if len(train) == 0:
+            raise ValueError("no training examples after packing")
+        self.train, self.val, self.seed = train, val, seed
+
+    def rows_of(self, step: int, first: int, size: int, global_size: int) -> np.ndarray:
+        """Row indices of sequences first..first+size-1 of the global batch of ``step``."""
+        index = step * global_size + first + np.arange(size)  # position in the endless stream of rows
+        epoch, offset = np.divmod(index, len(self.train))
+        return np.array([np.random.default_rng([self.seed, e]).permutation(len(self.train))[o]
+                         for e, o in zip(epoch, offset)])
+
+    def batch(self, step: int, first: int, size: int, global_size: int, device: torch.device) -> dict:
+        rows = self.rows_of(step, first, size, global_size)
+        return {name: torch.from_numpy(getattr(self.train, name)[rows]).to(device)
+                for name in ("inputs", "targets", "segments")}
+
+    @staticmethod
+    def loss(model: torch.nn.Module, batch: dict) -> torch.Tensor:
+        """Mean cross-entropy over the assistant tokens of the batch (0 when it has none)."""
+        logits = model(batch["inputs"], segments=batch["segments"])  # (B, T, V)
+        targets = batch["targets"].flatten()
+        total = F.cross_entropy(logits.float().flatten(0, 1), targets, ignore_index=IGNORE, reduction="sum")
+        return total / (targets != IGNORE).sum().clamp(min=1)
+
+    @torch.no_grad()
+    def evaluate(self, model: torch.nn.Module, runtime: Runtime, max_tokens: int, batch_size: int) -> dict:
+        """Answer-only validation loss over (up to ``max_tokens`` positions of) the validation rows."""
+        if self.val is None or len(self.val) == 0:
+            return {}
+        was_training = model.training
+        model.eval()
+        count = max(1, min(len(self.val), max_tokens // self.val.inputs.shape[1]))
+        total, tokens = 0.0, 0
+        for first in range(0, count, batch_size):
+            part = slice(first, min(count, first + batch_size))
+            batch = {name: torch.from_numpy(getattr(self.val, name)[part]).to(runtime.device)
+                     for name in ("inputs", "targets", "segments")}
+            with runtime.autocast():
+                logits = model(batch["inputs"], segments=batch["segments"])
+            total += F.cross_entropy(logits.float().flatten(0, 1), batch["targets"].flatten(),
+                                     ignore_index=IGNORE, reduction="sum").item()
+            tokens += int((batch["targets"] != IGNORE).sum())
+        model.train(was_training)
+        return {"val_loss": total / max(tokens, 1)}

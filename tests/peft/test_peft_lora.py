@@ -1,0 +1,93 @@
+"""LoRA: starts as the base model, trains only the adapters, merges exactly, and PEFT reads what it saves."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lmforge.errors import InputError
+from lmforge.interop.hf import save_hf
+from lmforge.model import DecoderLM, preset
+from lmforge.peft import (
+    LoraConfig,
+    LoRALinear,
+    apply_lora,
+    load_adapter,
+    lora_layers,
+    merge_lora,
+    save_adapter,
+)
+
+
+def model_and_ids(seed: int = 0):
+    torch.manual_seed(seed)
+    return DecoderLM(preset("tiny", vocab_size=120)).eval(), torch.randint(0, 120, (2, 20))
+
+
+def randomise_adapters(model):
+    torch.manual_seed(1)
+    for layer in lora_layers(model).values():
+        torch.nn.init.normal_(layer.lora_B, std=0.05)
+
+
+def test_a_fresh_adapter_is_the_base_model_and_only_adapters_train():
+    model, ids = model_and_ids()
+    base = model(ids)
+    apply_lora(model, LoraConfig(rank=4, alpha=8))
+    torch.testing.assert_close(model(ids), base)  # B starts at zero
+    trainable = [name for name, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all(".lora_A" in n or ".lora_B" in n for n in trainable)
+    assert len(lora_layers(model)) == 2 * 7  # 2 layers x (4 attention + 3 FFN projections)
+    frozen_before = model.blocks[0].attn.q_proj.base.weight.clone()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    loss = torch.nn.functional.cross_entropy(model(ids[:, :-1]).flatten(0, 1), ids[:, 1:].flatten())
+    loss.backward()
+    optimizer.step()
+    assert torch.equal(model.blocks[0].attn.q_proj.base.weight, frozen_before)
+    assert not torch.allclose(model(ids), base)
+
+
+def test_merge_equals_the_adapted_model_and_unmerge_restores_it():
+    model, ids = model_and_ids()
+    apply_lora(model, LoraConfig(rank=4, alpha=8, targets=["q_proj", "v_proj", "down_proj"]))
+    randomise_adapters(model)
+    adapted = model(ids)
+    layer: LoRALinear = model.blocks[1].attn.q_proj
+    original = layer.base.weight.clone()
+    layer.merge()
+    layer.merge()  # merging twice must not add twice
+    torch.testing.assert_close(model(ids), adapted, rtol=1e-5, atol=1e-5)
+    layer.unmerge()
+    torch.testing.assert_close(layer.base.weight, original, rtol=0, atol=1e-6)
+    merged = merge_lora(model)
+    assert not lora_layers(merged)
+    torch.testing.assert_close(merged(ids), adapted, rtol=1e-5, atol=1e-5)
+
+
+def test_hugging_face_peft_loads_the_adapter_with_the_same_logits(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    peft = pytest.importorskip("peft")
+    model, ids = model_and_ids()
+    save_hf(tmp_path / "base", model.config, dict(model.state_dict()))
+    apply_lora(model, LoraConfig(rank=4, alpha=16, targets=["q_proj", "k_proj", "o_proj", "up_proj"]))
+    randomise_adapters(model)
+    save_adapter(model, tmp_path / "adapter", base_model=str(tmp_path / "base"))
+    assert (tmp_path / "adapter" / "adapter_model.safetensors").stat().st_size < 100_000  # adapters only
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "base").eval()
+    hf = peft.PeftModel.from_pretrained(hf, tmp_path / "adapter").eval()
+    with torch.inference_mode():
+        torch.testing.assert_close(hf(ids).logits, model(ids), rtol=1e-4, atol=1e-5)
+
+    reloaded, _ = model_and_ids()
+    load_adapter(reloaded, tmp_path / "adapter")
+    torch.testing.assert_close(reloaded(ids), model(ids))
+
+
+def test_bad_settings_and_missing_adapters_are_clear(tmp_path):
+    with pytest.raises(ValueError, match="rank must be at least 1"):
+        LoraConfig(rank=0)
+    model, _ = model_and_ids()
+    with pytest.raises(InputError, match="no layer named qkv"):
+        apply_lora(model, LoraConfig(targets=["qkv"]))
+    with pytest.raises(InputError, match="no LoRA adapter"):
+        load_adapter(model, tmp_path)
