@@ -29,6 +29,7 @@ from lmforge.infer.stream import StopStrings, TextStream, cut_at_stop
 from lmforge.interop.packaged import resolve_model
 from lmforge.model import DecoderLM
 from lmforge.runtime import Runtime
+from lmforge.tokenizer.chat import end_of_turn_ids, render_chat
 
 
 @dataclass
@@ -53,12 +54,30 @@ class LanguageModel:
             config.stop_token_ids = [*config.stop_token_ids, eos]
         return config
 
-    def encode_prompt(self, prompt: str) -> list[int]:
-        """Prompt token ids, starting with BOS when the tokenizer has one."""
+    def encode_prompt(self, prompt: str | list[int]) -> list[int]:
+        """Prompt token ids, starting with BOS when the tokenizer has one; a list of ids is taken as is."""
+        if isinstance(prompt, list):
+            return prompt
         add_bos = getattr(self.tokenizer, "bos_id", None) is not None
         return self.tokenizer.encode(prompt, add_bos=add_bos)
 
-    def generate(self, prompt: str, **sampling: Any) -> str:
+    def chat_prompt(self, messages: list[dict[str, str]]) -> list[int]:
+        """Ids of a conversation in the model's chat format, opening the assistant's turn."""
+        return render_chat(self.tokenizer, messages, add_generation_prompt=True).ids
+
+    def chat(self, messages: list[dict[str, str]], **sampling: Any) -> str:
+        """The assistant's reply to ``messages`` ([{"role", "content"}, ...]); it ends at the end of its turn."""
+        return self.generate(self.chat_prompt(messages), **self._chat_sampling(sampling))
+
+    def stream_chat(self, messages: list[dict[str, str]], **sampling: Any) -> Iterator[str]:
+        """The assistant's reply as text pieces, as :meth:`stream` yields them."""
+        return self.stream(self.chat_prompt(messages), **self._chat_sampling(sampling))
+
+    def _chat_sampling(self, sampling: dict) -> dict:
+        stops = list(sampling.get("stop_token_ids") or [])
+        return {**sampling, "stop_token_ids": stops + [i for i in end_of_turn_ids(self.tokenizer) if i not in stops]}
+
+    def generate(self, prompt: str | list[int], **sampling: Any) -> str:
         """The generated continuation of ``prompt`` (prompt not included), cut before any stop string."""
         config = self.sampling_config(**sampling)
         prompt_ids = self.encode_prompt(prompt)
@@ -73,7 +92,7 @@ class LanguageModel:
                 break
         return cut_at_stop(self.tokenizer.decode(tokens), config.stop)
 
-    def stream(self, prompt: str, **sampling: Any) -> Iterator[str]:
+    def stream(self, prompt: str | list[int], **sampling: Any) -> Iterator[str]:
         """Yield the continuation as text pieces as they are decoded.
 
         A piece is only yielded once its characters are complete (never half a UTF-8

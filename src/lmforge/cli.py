@@ -166,6 +166,37 @@ def cmd_pretrain(args: argparse.Namespace) -> None:
     print(f"checkpoint: {result.checkpoint}")
 
 
+CHAT_SAMPLING = {"temperature": 0.7, "top_p": 0.9, "max_new_tokens": 256, "repetition_penalty": 1.05}
+
+
+def cmd_chat(args: argparse.Namespace) -> None:
+    from lmforge.api import load
+    from lmforge.chat import ChatSession, run_chat
+    from lmforge.infer.sampling import SamplingConfig
+
+    lm = load(args.model, device=args.device, dtype=args.dtype, compile=args.compile)
+    sampling = vars(build(SamplingConfig, args, base=CHAT_SAMPLING))
+    run_chat(ChatSession(lm, system=args.system, sampling=sampling), input, sys.stdout)
+
+
+SFT_DEFAULTS = {"out_dir": "runs/sft", "max_steps": 200, "warmup_steps": 10, "batch_size": 8, "seq_len": 256,
+                "eval_every": 50, "eval_tokens": 16384, "save_every": 100, "weight_decay": 0.0}
+
+
+def cmd_sft(args: argparse.Namespace) -> None:
+    from lmforge.finetune import FinetuneConfig, finetune
+    from lmforge.train import TrainConfig
+
+    config = build(FinetuneConfig, args)
+    lr = 2e-5 if config.method == "full" else 1e-3  # adapters start at zero and need a larger step
+    train_config = build(TrainConfig, args, base={**SFT_DEFAULTS, "lr": lr})
+    summary = finetune(config, train_config, resume=args.resume)
+    print(f"fine-tuned ({config.method}) on {summary['train_conversations']} conversations, "
+          f"{summary['trainable_parameters']:,} trainable parameters, {summary['steps']} steps in "
+          f"{summary['seconds'] / 60:.1f} min; {summary['final']}")
+    print(f"model: {summary['model']}")
+
+
 def cmd_generate(args: argparse.Namespace) -> None:
     from lmforge.api import load
     from lmforge.infer.sampling import SamplingConfig
@@ -203,8 +234,11 @@ def cmd_export(args: argparse.Namespace) -> None:
 # -- parser -----------------------------------------------------------------------------------------------
 
 def make_parser() -> argparse.ArgumentParser:
+    from lmforge.chat import HELP as CHAT_HELP
     from lmforge.data import DataConfig
+    from lmforge.finetune import FinetuneConfig
     from lmforge.infer.sampling import SamplingConfig
+    from lmforge.interop.packaged import DEFAULT_CHAT_MODEL
     from lmforge.model import ModelConfig
     from lmforge.speedrun import SpeedrunConfig
     from lmforge.train import TrainConfig
@@ -275,6 +309,27 @@ def make_parser() -> argparse.ArgumentParser:
                    help="compile the one-token decode step: faster per token, after a compilation of tens of seconds")
     add_arguments(p, SamplingConfig)
     p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("chat", help="talk with a chat model in the terminal (streaming, multi-turn)",
+                       description="Sampling defaults for chat: "
+                                   + ", ".join(f"{k}={v}" for k, v in CHAT_SAMPLING.items()) + ". " + CHAT_HELP)
+    p.add_argument("model", nargs="?", default=DEFAULT_CHAT_MODEL,
+                   help=f"checkpoint, HF directory, .gguf or packaged name (default: {DEFAULT_CHAT_MODEL})")
+    p.add_argument("--system", default="", help="system prompt")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, mps")
+    p.add_argument("--dtype", default="auto", help="auto, bf16, fp32")
+    p.add_argument("--compile", action="store_true", help="compile the decode step (faster after a warm-up)")
+    add_arguments(p, SamplingConfig)
+    p.set_defaults(func=cmd_chat)
+
+    p = sub.add_parser("sft", help="instruction fine-tuning (full, LoRA or QLoRA) with the loss on answers only",
+                       description="Fine-tune a model on conversations. Training flags default for fine-tuning: "
+                                   + ", ".join(f"{k}={v}" for k, v in SFT_DEFAULTS.items())
+                                   + ", lr=2e-5 (full) or 1e-3 (lora, qlora).")
+    p.add_argument("--resume", action="store_true", help="continue from <out-dir>/checkpoint")
+    add_arguments(p, FinetuneConfig)
+    add_arguments(p, TrainConfig)
+    p.set_defaults(func=cmd_sft)
 
     p = sub.add_parser("import", help="a Hugging Face model directory or GGUF file -> lmforge checkpoint")
     p.add_argument("source", help="HF folder (Llama, Mistral, Qwen2, GPT-2), a .gguf file (Llama, Qwen2), "

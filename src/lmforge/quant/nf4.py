@@ -378,3 +378,22 @@ def quantize_model_nf4(
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, child_name, replacement)
     return model
+
+
+def dequantize_model(model: nn.Module, dtype: torch.dtype = torch.float32) -> nn.Module:
+    """Replace every `NF4Linear` in `model` by a plain, trainable `nn.Linear` holding its dequantized weight.
+
+    After QLoRA this gives a model that merges its adapters and saves as an ordinary checkpoint.
+    """
+    for name, module in list(model.named_modules()):
+        if not isinstance(module, NF4Linear):
+            continue
+        linear = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None,
+                           device=module.packed.device, dtype=dtype)
+        with torch.no_grad():
+            linear.weight.copy_(module.quantized.dequantize(dtype))
+            if module.bias is not None:
+                linear.bias.copy_(module.bias.to(dtype))
+        parent_name, _, child_name = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, child_name, linear)
+    return model

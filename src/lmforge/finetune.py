@@ -1,0 +1,124 @@
+"""``lmforge sft``: from a base or chat model to an assistant, by full fine-tuning, LoRA or QLoRA.
+
+    model (checkpoint, HF directory, .gguf, packaged name) + conversations
+      -> chat format with the loss on answers only -> packed rows
+      -> full: every weight trains | lora: adapters beside frozen weights
+         | qlora: adapters beside a frozen base stored in 4-bit NF4
+      -> the one training loop (train/loop.py)
+      -> out_dir/model (a plain checkpoint, adapters merged) and, for LoRA, out_dir/adapter (PEFT layout)
+
+``out_dir/checkpoint`` is the loop's training state (for ``--resume``); ``model`` is
+what to load, chat with and export.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from lmforge.checkpoint import load_model, load_tokenizer, save_checkpoint
+from lmforge.data.chat_records import iter_chat_records
+from lmforge.data.sources import ReadErrors
+from lmforge.errors import InputError
+from lmforge.interop.packaged import DEFAULT_CHAT_MODEL
+from lmforge.peft.lora import ALL_PROJECTIONS, LoraConfig, apply_lora, merge_lora, save_adapter
+from lmforge.settings import field, to_dict
+from lmforge.tokenizer.chat import render_chat
+from lmforge.train import TrainConfig, fit
+from lmforge.train.sft import PackedRows, SFTStage, pack_examples
+
+METHODS = ("full", "lora", "qlora")
+BUILTIN_TASKS = "builtin-tasks"
+
+
+@dataclass
+class FinetuneConfig:
+    """What to fine-tune, on what, and how."""
+
+    model: str = field(DEFAULT_CHAT_MODEL, "model to start from: checkpoint, HF directory, .gguf or packaged name")
+    data: list[str] = field([BUILTIN_TASKS], f"conversations: .jsonl/.parquet files, or {BUILTIN_TASKS}")
+    method: str = field("lora", "full (every weight), lora (adapters) or qlora (adapters over a 4-bit base)")
+    tasks: int = field(2000, f"how many {BUILTIN_TASKS} conversations to generate for training")
+    val_fraction: float = field(0.05, "share of the conversations held out for the validation loss")
+    system: str = field("", "system prompt put before every conversation that has none")
+    skip_errors: bool = field(False, "skip malformed records (counted) instead of stopping")
+    lora_rank: int = field(8, "LoRA rank")
+    lora_alpha: float = field(16.0, "LoRA alpha (the update is scaled by alpha / rank)")
+    lora_dropout: float = field(0.0, "dropout on the LoRA branch")
+    lora_targets: list[str] = field(list(ALL_PROJECTIONS), "linear layers that get adapters")
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ValueError(f"method={self.method!r}; choose one of {', '.join(METHODS)}")
+        if not 0.0 <= self.val_fraction < 1.0:
+            raise ValueError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
+
+
+def read_conversations(config: FinetuneConfig, seed: int) -> tuple[list[list[dict]], dict]:
+    """All conversations of ``config.data`` and a summary of what was read and skipped."""
+    errors = ReadErrors(skip=config.skip_errors)
+    conversations: list[list[dict]] = []
+    for spec in config.data:
+        if spec == BUILTIN_TASKS:
+            from lmforge.data.tasks import generate_tasks
+
+            conversations += [task.messages(config.system or None) for task in generate_tasks(config.tasks, seed)]
+        else:
+            conversations += list(iter_chat_records(spec, errors))
+    if config.system:
+        conversations = [c if c[0]["role"] == "system" else [{"role": "system", "content": config.system}, *c]
+                         for c in conversations]
+    if not conversations:
+        raise InputError("no conversations to train on")
+    return conversations, {"conversations": len(conversations), "skipped": errors.counts,
+                           "skipped_examples": errors.examples}
+
+
+def split_conversations(conversations: list[list[dict]], val_fraction: float) -> tuple[list, list]:
+    """Train/validation by a hash of each conversation's text: independent of order, stable across runs."""
+    train, val = [], []
+    for conversation in conversations:
+        digest = hashlib.sha256(json.dumps(conversation, sort_keys=True).encode()).digest()
+        (val if int.from_bytes(digest[:8], "big") / 2**64 < val_fraction else train).append(conversation)
+    return train, val
+
+
+def finetune(config: FinetuneConfig, train_config: TrainConfig, resume: bool = False) -> dict:
+    """Fine-tune and write ``model/`` (and ``adapter/``) under ``train_config.out_dir``; returns a summary."""
+    model, tokenizer = load_model(config.model), load_tokenizer(config.model)
+    conversations, read = read_conversations(config, train_config.seed)
+    train, val = split_conversations(conversations, config.val_fraction)
+    if not train:
+        raise InputError("every conversation went to validation: lower --val-fraction")
+    pad_id = next((i for i in (getattr(tokenizer, "pad_id", None), getattr(tokenizer, "eos_id", None)) if i is not None), 0)
+
+    def pack(items: list) -> PackedRows:
+        return pack_examples([render_chat(tokenizer, c) for c in items], train_config.seq_len, pad_id)
+
+    rows = pack(train)
+    stage = SFTStage(rows, train_config.seed, pack(val) if val else None)
+    if config.method == "qlora":
+        from lmforge.quant import quantize_model_nf4
+
+        quantize_model_nf4(model)
+    if config.method in ("lora", "qlora"):
+        apply_lora(model, LoraConfig(config.lora_rank, config.lora_alpha, config.lora_dropout, config.lora_targets))
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    result = fit(model, stage, train_config, tokenizer=tokenizer, resume=resume)
+    out = Path(train_config.out_dir)
+    if config.method != "full":
+        save_adapter(model, out / "adapter", base_model=config.model)
+        if config.method == "qlora":  # the 4-bit base back to plain weights, so the adapters can merge
+            from lmforge.quant import dequantize_model
+
+            dequantize_model(model)
+        merge_lora(model)
+    save_checkpoint(out / "model", model, tokenizer)
+    summary = {"config": to_dict(config), "read": read, "train_conversations": len(train),
+               "val_conversations": len(val), "rows": len(rows), "truncated": rows.truncated,
+               "trainable_parameters": trainable, "steps": result.steps, "seconds": result.seconds,
+               "final": result.final, "model": str(out / "model")}
+    (out / "sft_summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n", encoding="utf-8")
+    return summary

@@ -1,0 +1,64 @@
+"""`lmforge sft` end to end: full, LoRA and QLoRA on a tiny checkpoint, through the CLI."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from lmforge.checkpoint import is_checkpoint, load_model, save_checkpoint
+from lmforge.cli import main
+from lmforge.model import DecoderLM, preset
+from lmforge.tokenizer import train_tokenizer
+
+FACTS = [("What is the capital of France?", "Paris"), ("What is the capital of Italy?", "Rome"),
+         ("What is the capital of Spain?", "Madrid"), ("What is the capital of Japan?", "Tokyo")]
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    root = tmp_path_factory.mktemp("sft")
+    text = " ".join(f"{q} {a}." for q, a in FACTS) * 30
+    tokenizer = train_tokenizer([text], 320)
+    torch.manual_seed(0)
+    save_checkpoint(root / "base", DecoderLM(preset("tiny", vocab_size=tokenizer.vocab_size)), tokenizer)
+    with open(root / "data.jsonl", "w", encoding="utf-8") as f:
+        for q, a in FACTS * 3:
+            f.write(json.dumps({"prompt": q, "completion": a}) + "\n")
+    return root
+
+
+@pytest.mark.parametrize("method", ["full", "lora", "qlora"])
+def test_sft_methods_write_a_loadable_model_and_learn(base, method, capsys):
+    out = base / method
+    args = ["sft", "--model", str(base / "base"), "--data", str(base / "data.jsonl"), "--method", method,
+            "--out-dir", str(out), "--max-steps", "30", "--batch-size", "2", "--seq-len", "64",
+            "--val-fraction", "0", "--eval-every", "0", "--progress", "false", "--log-every", "1",
+            "--lr", "3e-3" if method == "full" else "3e-2"]  # a random tiny base needs big adapter steps
+    assert main(args) == 0
+    assert "model:" in capsys.readouterr().out
+    summary = json.loads((out / "sft_summary.json").read_text())
+    total = sum(p.numel() for p in load_model(base / "base").parameters())
+    if method == "full":
+        assert summary["trainable_parameters"] == total
+    else:
+        assert 0 < summary["trainable_parameters"] < total // 5  # adapters only
+        assert (out / "adapter" / "adapter_model.safetensors").is_file()
+    assert is_checkpoint(out / "model")
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    losses = [m["loss"] for m in metrics if m.get("kind") == "train"]
+    first, last = sum(losses[:3]) / 3, sum(losses[-3:]) / 3
+    # Full fine-tuning halves the loss; adapters on a random 2-layer base learn slowly but surely
+    # (a frozen model would stay within batch-to-batch noise, about 0.1 here).
+    assert last < (0.5 * first if method == "full" else first - 0.3), (first, last)
+    tuned, original = load_model(out / "model"), load_model(base / "base")
+    assert not torch.equal(tuned.blocks[0].attn.q_proj.weight, original.blocks[0].attn.q_proj.weight)
+
+
+def test_sft_refuses_unknown_method_and_bad_data(base, capsys):
+    assert main(["sft", "--model", str(base / "base"), "--method", "dora"]) == 2
+    assert "method='dora'" in capsys.readouterr().err
+    (base / "bad.jsonl").write_text('{"question": "?"}\n')
+    assert main(["sft", "--model", str(base / "base"), "--data", str(base / "bad.jsonl")]) == 2
+    assert "bad.jsonl:1: no known fields" in capsys.readouterr().err
