@@ -62,3 +62,17 @@ def test_sft_refuses_unknown_method_and_bad_data(base, capsys):
     (base / "bad.jsonl").write_text('{"question": "?"}\n')
     assert main(["sft", "--model", str(base / "base"), "--data", str(base / "bad.jsonl")]) == 2
     assert "bad.jsonl:1: no known fields" in capsys.readouterr().err
+
+
+def test_builtin_tasks_report_held_out_accuracy_before_and_after(base, capsys):
+    out = base / "tasks"
+    assert main(["sft", "--model", str(base / "base"), "--data", "builtin-tasks", "--tasks", "40",
+                 "--eval-tasks", "10", "--method", "full", "--out-dir", str(out), "--max-steps", "3",
+                 "--batch-size", "2", "--seq-len", "64", "--eval-every", "0", "--progress", "false"]) == 0
+    assert "held-out task accuracy, before -> after: add " in capsys.readouterr().out
+    summary = json.loads((out / "sft_summary.json").read_text())
+    for key in ("task_accuracy_before", "task_accuracy_after"):
+        accuracy = summary[key]["accuracy"]
+        assert 0.0 <= accuracy["all"] <= 1.0 and {"add", "docs", "identity"} <= set(accuracy)
+    assert summary["task_accuracy_after"]["examples"][0]["expected"]
+    assert summary["train_conversations"] + summary["val_conversations"] == 40

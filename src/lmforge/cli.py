@@ -194,6 +194,10 @@ def cmd_sft(args: argparse.Namespace) -> None:
     print(f"fine-tuned ({config.method}) on {summary['train_conversations']} conversations, "
           f"{summary['trainable_parameters']:,} trainable parameters, {summary['steps']} steps in "
           f"{summary['seconds'] / 60:.1f} min; {summary['final']}")
+    if summary["task_accuracy_before"]:
+        before, after = summary["task_accuracy_before"]["accuracy"], summary["task_accuracy_after"]["accuracy"]
+        print("held-out task accuracy, before -> after: "
+              + ", ".join(f"{kind} {before[kind]:.0%} -> {after[kind]:.0%}" for kind in after))
     print(f"model: {summary['model']}")
 
 

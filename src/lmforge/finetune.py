@@ -18,12 +18,15 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from lmforge.api import LanguageModel
 from lmforge.checkpoint import load_model, load_tokenizer, save_checkpoint
 from lmforge.data.chat_records import iter_chat_records
 from lmforge.data.sources import ReadErrors
 from lmforge.errors import InputError
+from lmforge.eval.tasks import evaluate_tasks
 from lmforge.interop.packaged import DEFAULT_CHAT_MODEL
 from lmforge.peft.lora import ALL_PROJECTIONS, LoraConfig, apply_lora, merge_lora, save_adapter
+from lmforge.runtime import Runtime
 from lmforge.settings import field, to_dict
 from lmforge.tokenizer.chat import render_chat
 from lmforge.train import TrainConfig, fit
@@ -41,6 +44,7 @@ class FinetuneConfig:
     data: list[str] = field([BUILTIN_TASKS], f"conversations: .jsonl/.parquet files, or {BUILTIN_TASKS}")
     method: str = field("lora", "full (every weight), lora (adapters) or qlora (adapters over a 4-bit base)")
     tasks: int = field(2000, f"how many {BUILTIN_TASKS} conversations to generate for training")
+    eval_tasks: int = field(200, f"{BUILTIN_TASKS} held out (no shared prompt) to measure accuracy before and after")
     val_fraction: float = field(0.05, "share of the conversations held out for the validation loss")
     system: str = field("", "system prompt put before every conversation that has none")
     skip_errors: bool = field(False, "skip malformed records (counted) instead of stopping")
@@ -56,15 +60,18 @@ class FinetuneConfig:
             raise ValueError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
 
 
-def read_conversations(config: FinetuneConfig, seed: int) -> tuple[list[list[dict]], dict]:
-    """All conversations of ``config.data`` and a summary of what was read and skipped."""
+def read_conversations(config: FinetuneConfig, seed: int) -> tuple[list[list[dict]], dict, list]:
+    """All conversations of ``config.data``, a summary of what was read and skipped, and the
+    held-out built-in tasks (none unless ``builtin-tasks`` is among the data)."""
     errors = ReadErrors(skip=config.skip_errors)
     conversations: list[list[dict]] = []
+    held_out: list = []
     for spec in config.data:
         if spec == BUILTIN_TASKS:
-            from lmforge.data.tasks import generate_tasks
+            from lmforge.data.tasks import train_eval_tasks
 
-            conversations += [task.messages(config.system or None) for task in generate_tasks(config.tasks, seed)]
+            train, held_out = train_eval_tasks(config.tasks, config.eval_tasks, seed)
+            conversations += [task.messages(config.system or None) for task in train]
         else:
             conversations += list(iter_chat_records(spec, errors))
     if config.system:
@@ -73,7 +80,7 @@ def read_conversations(config: FinetuneConfig, seed: int) -> tuple[list[list[dic
     if not conversations:
         raise InputError("no conversations to train on")
     return conversations, {"conversations": len(conversations), "skipped": errors.counts,
-                           "skipped_examples": errors.examples}
+                           "skipped_examples": errors.examples}, held_out
 
 
 def split_conversations(conversations: list[list[dict]], val_fraction: float) -> tuple[list, list]:
@@ -88,7 +95,14 @@ def split_conversations(conversations: list[list[dict]], val_fraction: float) ->
 def finetune(config: FinetuneConfig, train_config: TrainConfig, resume: bool = False) -> dict:
     """Fine-tune and write ``model/`` (and ``adapter/``) under ``train_config.out_dir``; returns a summary."""
     model, tokenizer = load_model(config.model), load_tokenizer(config.model)
-    conversations, read = read_conversations(config, train_config.seed)
+    conversations, read, held_out = read_conversations(config, train_config.seed)
+    runtime = Runtime.resolve(train_config.device, train_config.dtype)
+
+    def task_accuracy() -> dict:
+        lm = LanguageModel(model.to(runtime.device), tokenizer, runtime)
+        return evaluate_tasks(lm, held_out, config.system or None, progress=train_config.progress, examples=5)
+
+    before = task_accuracy() if held_out else None
     train, val = split_conversations(conversations, config.val_fraction)
     if not train:
         raise InputError("every conversation went to validation: lower --val-fraction")
@@ -116,7 +130,8 @@ def finetune(config: FinetuneConfig, train_config: TrainConfig, resume: bool = F
             dequantize_model(model)
         merge_lora(model)
     save_checkpoint(out / "model", model, tokenizer)
-    summary = {"config": to_dict(config), "read": read, "train_conversations": len(train),
+    after = task_accuracy() if held_out else None
+    summary = {"task_accuracy_before": before, "task_accuracy_after": after,"config": to_dict(config), "read": read, "train_conversations": len(train),
                "val_conversations": len(val), "rows": len(rows), "truncated": rows.truncated,
                "trainable_parameters": trainable, "steps": result.steps, "seconds": result.seconds,
                "final": result.final, "model": str(out / "model")}

@@ -1,10 +1,13 @@
 """The speedrun: raw text to a model that writes, in one command, on a CPU.
 
     data (built-in corpus) -> BPE tokenizer -> token shards -> pretraining under a
-    time budget -> validation loss and bits per byte -> samples -> report.md
+    time budget -> validation loss and bits per byte -> samples
+    -> instruction fine-tuning on the built-in tasks (loss on answers only) -> base vs
+       chat accuracy on held-out tasks, forgetting (validation loss before and after) -> report.md
 
 Everything goes into one run folder (``runs/<name>``):
-    data/  tokenizer.json  shards/  train/ (metrics.jsonl, loss.png, checkpoint/)  report.md
+    data/  tokenizer.json  shards/  train/ (metrics.jsonl, loss.png, checkpoint/)
+    sft/ (metrics.jsonl, loss.png, model/)  report.md
 """
 
 from __future__ import annotations
@@ -44,6 +47,9 @@ class SpeedrunConfig:
     device: str = field("auto", "auto, cpu, cuda, mps")
     dtype: str = field("auto", "auto (bf16 where fast), bf16, fp32")
     compile: bool = field(False, "torch.compile the model")
+    sft_share: float = field(0.25, "share of the training time for instruction fine-tuning (0 skips it)")
+    sft_tasks: int = field(6000, "built-in task conversations to fine-tune on")
+    eval_tasks: int = field(200, "held-out built-in tasks for the accuracy of base and chat model")
     seed: int = field(1337, "seed for everything")
     progress: bool = field(True, "show progress bars")
 
@@ -82,9 +88,13 @@ def speedrun(config: SpeedrunConfig) -> Path:
                                val_tokens=load_shard(run / "shards", "val"),
                                token_bytes=tokenizer.token_byte_lengths())
     runtime = Runtime.resolve(config.device, config.dtype)
-    # Leave time for the final evaluation, samples and the report.
+    # Leave time for the final evaluation, samples and the report, and for asking the base and
+    # the chat model every held-out task (about 0.2 s a task each on 2 cores).
     reserve = min(0.5, 0.1 * config.minutes)
-    train_minutes = max(0.05, config.minutes - (time.perf_counter() - t0) / 60 - reserve)
+    if config.sft_share > 0:
+        reserve += 2 * 0.2 * config.eval_tasks / 60
+    left = max(0.1, config.minutes - (time.perf_counter() - t0) / 60 - reserve)
+    train_minutes, sft_minutes = left * (1 - config.sft_share), left * config.sft_share
     train_config = TrainConfig(out_dir=str(run / "train"), batch_size=config.batch_size, seq_len=config.seq_len,
                                minutes=train_minutes, lr=config.lr, warmup_steps=30, eval_every=100,
                                eval_tokens=32768, save_every=200, log_every=10, sample_every=0,
@@ -99,6 +109,12 @@ def speedrun(config: SpeedrunConfig) -> Path:
     final_eval = stage_data.evaluate(model, runtime, max_tokens=final_eval_tokens, batch_size=16)
     samples = sample_texts(model, tokenizer, runtime)
     stage("evaluate", t)
+
+    sft = None
+    if config.sft_share > 0:
+        t = time.perf_counter()
+        sft = _finetune_on_tasks(config, run, result.checkpoint, stage_data, runtime, minutes=max(0.05, sft_minutes))
+        stage("sft", t)
 
     summary = {
         "config": to_dict(config),
@@ -117,9 +133,31 @@ def speedrun(config: SpeedrunConfig) -> Path:
         "final_eval": final_eval,
         "final_eval_tokens": final_eval_tokens,
         "samples": samples,
+        "sft": sft,
     }
     (run / "summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n", encoding="utf-8")
     report = write_report(run, summary)
     print(f"[speedrun] done in {summary['total_seconds'] / 60:.1f} min: {report}", flush=True)
     return report
 
+
+
+def _finetune_on_tasks(config: SpeedrunConfig, run: Path, checkpoint: Path, pretrain: PretrainStage,
+                       runtime: Runtime, minutes: float) -> dict:
+    """Full fine-tuning of the pretrained model on the built-in tasks; accuracy before and after,
+    and the pretraining validation loss of the tuned model (what instruction tuning costs)."""
+    from lmforge.checkpoint import load_model
+    from lmforge.finetune import BUILTIN_TASKS, FinetuneConfig, finetune
+
+    sft_config = FinetuneConfig(model=str(checkpoint), data=[BUILTIN_TASKS], method="full",
+                                tasks=config.sft_tasks, eval_tasks=config.eval_tasks, val_fraction=0.02)
+    train_config = TrainConfig(out_dir=str(run / "sft"), batch_size=config.batch_size, seq_len=config.seq_len,
+                               minutes=minutes, lr=1e-3, warmup_steps=20, weight_decay=0.0, eval_every=100,
+                               eval_tokens=16384, save_every=100000, log_every=10, device=config.device,
+                               dtype=config.dtype, compile=config.compile, seed=config.seed,
+                               progress=config.progress)
+    summary = finetune(sft_config, train_config)
+    tuned = load_model(summary["model"], device=runtime.device)
+    after = pretrain.evaluate(tuned, runtime, max_tokens=max(0, min(262144, len(pretrain.val_tokens) - 1)),
+                              batch_size=16)
+    return {**summary, "pretrain_val_after_sft": after}

@@ -95,9 +95,36 @@ def write_report(run: Path, s: dict) -> Path:
                   "validation tokens; the validation points of the loss curve use fewer, so they differ.", "",
                   f"- validation loss: **{fe['val_loss']:.4f}** nats/token",
                   f"- bits per byte: **{fe.get('val_bpb', float('nan')):.4f}**", ""]
+    if s.get("sft"):
+        lines += _sft_section(s["sft"], fe)
     lines += ["## Samples", "", "Sampled at temperature 0.8, top-k 50, seed 0.", ""]
     for sample in s["samples"]:
         lines += [f"**Prompt** `{sample['prompt']!r}`", "", "```", sample["prompt"] + sample["completion"], "```", ""]
     path = run / "report.md"
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return path
+
+
+def _sft_section(sft: dict, base_eval: dict) -> list[str]:
+    """Base vs chat accuracy on held-out tasks, what tuning cost the base skill, sample conversations."""
+    before, after = sft["task_accuracy_before"], sft["task_accuracy_after"]
+    lines = ["## From base model to assistant (instruction fine-tuning)", "",
+             f"Full fine-tuning on {sft['train_conversations']:,} built-in task conversations "
+             f"({sft['steps']} steps, {sft['seconds'] / 60:.1f} min), loss on the answers only. "
+             f"Accuracy by exact match on {sft['config']['eval_tasks']} held-out tasks (no prompt shared "
+             "with training), greedy replies:", "",
+             "| task | base model | chat model |", "|---|---:|---:|"]
+    for kind in after["accuracy"]:
+        lines.append(f"| {kind} | {before['accuracy'][kind]:.0%} | {after['accuracy'][kind]:.0%} |")
+    forgetting = sft.get("pretrain_val_after_sft") or {}
+    if forgetting and base_eval:
+        lines += ["", f"Pretraining validation loss before tuning {base_eval['val_loss']:.4f}, after "
+                      f"{forgetting['val_loss']:.4f} nats/token (bits per byte {base_eval.get('val_bpb', float('nan')):.4f}"
+                      f" -> {forgetting.get('val_bpb', float('nan')):.4f}): what tuning cost the base skill "
+                      "(catastrophic forgetting)."]
+    lines += ["", "![sft loss](sft/loss.png)", "", "Sample conversations (held-out tasks):", ""]
+    for base_example, chat_example in zip(before["examples"], after["examples"]):
+        lines += [f"- **user**: {chat_example['prompt']}  ",
+                  f"  expected `{chat_example['expected']}`; base model `{base_example['reply'][:80]!r}`; "
+                  f"chat model `{chat_example['reply'][:80]!r}`"]
+    return lines + [""]
