@@ -225,3 +225,17 @@ def test_quantize_model_custom_skip_and_lmforge_model():
 def test_quantize_model_on_a_bare_linear_returns_the_replacement():
     linear = nn.Linear(64, 32)
     assert isinstance(quantize_model_nf4(linear), NF4Linear)
+
+
+def test_backward_gives_the_input_gradient_without_keeping_the_fp32_weight():
+    torch.manual_seed(0)
+    layer = NF4Linear.from_linear(torch.nn.Linear(128, 256))
+    x = torch.randn(4, 128, requires_grad=True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
+        out = layer(x)
+    assert max(saved, default=0) < 128 * 256  # the dequantized (256, 128) weight is not kept for backward
+    out.square().sum().backward()
+    x_ref = x.detach().clone().requires_grad_(True)
+    torch.nn.functional.linear(x_ref, layer.quantized.dequantize(), layer.bias).square().sum().backward()
+    torch.testing.assert_close(x.grad, x_ref.grad)

@@ -320,9 +320,8 @@ class NF4Linear(nn.Module):
         return self.quantized.dequantize(self._dtype_marker.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weight = self.quantized.dequantize(x.dtype)  # (out, in)
         bias = None if self.bias is None else self.bias.to(x.dtype)
-        return F.linear(x, weight, bias)  # (..., in) -> (..., out)
+        return _NF4Matmul.apply(x, self.quantized, bias)  # (..., in) -> (..., out)
 
     def _apply(self, fn, recurse=True):
         # Module.to(dtype) / .half() would cast every floating buffer; the fp32 scales must stay fp32
@@ -338,6 +337,25 @@ class NF4Linear(nn.Module):
             f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
             f"block_size={self.block_size}, scale_block_size={self.scale_block_size}"
         )
+
+
+class _NF4Matmul(torch.autograd.Function):
+    """x @ dequantize(W).T (+ bias), keeping only the 4-bit W for the backward pass.
+
+    With a plain ``F.linear`` autograd would keep every layer's dequantized fp32 weight
+    alive until backward, undoing QLoRA's memory saving; here backward dequantizes
+    again (the weight is frozen: only the input's gradient is needed).
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, quantized: NF4Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        ctx.quantized = quantized
+        return F.linear(x, quantized.dequantize(x.dtype), bias)
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        weight = ctx.quantized.dequantize(grad_out.dtype)  # (out, in)
+        return grad_out @ weight, None, None  # (..., out) @ (out, in) -> (..., in)
 
 
 def _default_skip(name: str) -> bool:
