@@ -76,3 +76,33 @@ def test_builtin_tasks_report_held_out_accuracy_before_and_after(base, capsys):
         assert 0.0 <= accuracy["all"] <= 1.0 and {"add", "docs", "identity"} <= set(accuracy)
     assert summary["task_accuracy_after"]["examples"][0]["expected"]
     assert summary["train_conversations"] + summary["val_conversations"] == 40
+
+
+def test_a_resumed_lora_run_continues_the_same_losses(base, monkeypatch):
+    from lmforge.train.sft import SFTStage
+
+    def run(out, resume=False):
+        args = ["sft", "--model", str(base / "base"), "--data", str(base / "data.jsonl"), "--method", "lora",
+                "--out-dir", str(out), "--max-steps", "6", "--batch-size", "2", "--seq-len", "64",
+                "--val-fraction", "0", "--eval-every", "0", "--progress", "false", "--log-every", "1",
+                "--save-every", "3", "--lr", "3e-2"]
+        return main(args + (["--resume"] if resume else []))
+
+    def losses(out):
+        rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        return [r["loss"] for r in rows if r.get("kind") == "train"]
+
+    assert run(base / "straight") == 0
+    original = SFTStage.batch
+
+    def interrupted(self, step, *args, **kwargs):  # the run is stopped right after its step-3 checkpoint
+        if step == 3:
+            raise KeyboardInterrupt
+        return original(self, step, *args, **kwargs)
+
+    monkeypatch.setattr(SFTStage, "batch", interrupted)
+    assert run(base / "cut") == 130
+    monkeypatch.setattr(SFTStage, "batch", original)
+    assert run(base / "cut", resume=True) == 0
+    assert len(losses(base / "cut")) == 6
+    assert losses(base / "cut") == pytest.approx(losses(base / "straight"), rel=1e-6, abs=1e-6)

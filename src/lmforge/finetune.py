@@ -18,6 +18,8 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
 from lmforge.api import LanguageModel
 from lmforge.checkpoint import load_model, load_tokenizer, save_checkpoint
 from lmforge.data.chat_records import iter_chat_records
@@ -118,6 +120,7 @@ def finetune(config: FinetuneConfig, train_config: TrainConfig, resume: bool = F
 
         quantize_model_nf4(model)
     if config.method in ("lora", "qlora"):
+        torch.manual_seed(train_config.seed)  # the adapters' initial A: the same run twice is the same run
         apply_lora(model, LoraConfig(config.lora_rank, config.lora_alpha, config.lora_dropout, config.lora_targets))
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     result = fit(model, stage, train_config, tokenizer=tokenizer, resume=resume)
