@@ -98,7 +98,7 @@ def test_export_import_and_generate_from_hugging_face_and_gguf(workdir, capsys):
 
     from lmforge.checkpoint import save_checkpoint
     from lmforge.model import DecoderLM, preset
-    from lmforge.tokenizer import Tokenizer
+    from lmforge.tokenizer import END_OF_TURN, SPECIAL_IDS, Tokenizer
 
     torch.manual_seed(0)
     tokenizer = Tokenizer.from_file(workdir / "tok.json")
@@ -114,6 +114,8 @@ def test_export_import_and_generate_from_hugging_face_and_gguf(workdir, capsys):
     with torch.inference_mode():
         torch.testing.assert_close(hf(ids).logits, model(ids), rtol=1e-4, atol=1e-5)
 
+    generation = transformers.GenerationConfig.from_pretrained(workdir / "hf")
+    assert set(generation.eos_token_id) == {tokenizer.eos_id, SPECIAL_IDS[END_OF_TURN]}  # a chat reply ends there
     assert main(["import", str(workdir / "hf"), "--out", str(workdir / "back")]) == 0
     assert main(["export", str(workdir / "ckpt"), str(workdir / "m.gguf"), "--format", "gguf",
                  "--gguf-type", "f32"]) == 0

@@ -190,7 +190,20 @@ def save_hf(out: str | Path, config: ModelConfig, state: Mapping[str, torch.Tens
     save_file({k: v.contiguous() for k, v in tensors.items()}, out / "model.safetensors", metadata={"format": "pt"})
     if tokenizer is not None:
         save_tokenizer_hf(tokenizer, out)
+        _save_generation_config(tokenizer, out)
     return out
+
+
+def _save_generation_config(tokenizer, out: Path) -> None:
+    """generation_config.json: generate() stops at the end of an assistant turn as well as at EOS."""
+    from lmforge.tokenizer.chat import end_of_turn_ids
+
+    stops = list(dict.fromkeys([*end_of_turn_ids(tokenizer), *([tokenizer.eos_id] if tokenizer.eos_id is not None else [])]))
+    config = {"eos_token_id": stops if len(stops) > 1 else (stops[0] if stops else None)}
+    for key in ("bos_id", "pad_id"):
+        if getattr(tokenizer, key, None) is not None:
+            config[key.replace("_id", "_token_id")] = getattr(tokenizer, key)
+    (out / "generation_config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
 
 
 def save_tokenizer_hf(tokenizer, out: Path) -> None:
