@@ -43,7 +43,7 @@ class FinetuneConfig:
     """What to fine-tune, on what, and how."""
 
     model: str = field(DEFAULT_CHAT_MODEL, "model to start from: checkpoint, HF directory, .gguf or packaged name")
-    data: list[str] = field([BUILTIN_TASKS], f"conversations: .jsonl/.parquet files, or {BUILTIN_TASKS}")
+    data: list[str] = field([BUILTIN_TASKS], f"conversations: .jsonl/.parquet files, hf:NAME[:CONFIG]:SPLIT, or {BUILTIN_TASKS}")
     method: str = field("lora", "full (every weight), lora (adapters) or qlora (adapters over a 4-bit base)")
     tasks: int = field(2000, f"how many {BUILTIN_TASKS} conversations to generate for training")
     eval_tasks: int = field(200, f"{BUILTIN_TASKS} held out (no shared prompt) to measure accuracy before and after")

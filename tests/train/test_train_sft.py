@@ -112,3 +112,16 @@ def _runtime():
     from lmforge.runtime import Runtime
 
     return Runtime.resolve("cpu", "fp32")
+
+
+def test_a_hugging_face_dataset_streams_conversations(monkeypatch):
+    import sys
+    import types
+
+    def load_dataset(name, config, split, streaming):
+        assert (name, config, split, streaming) == ("org/chat", None, "train", True)
+        return iter([{"prompt": "Hi?", "completion": "Hello."}, {"instruction": "Add 1 and 1.", "output": "2"}])
+
+    monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=load_dataset))
+    conversations = list(iter_chat_records("hf:org/chat:train"))
+    assert [c[-1]["content"] for c in conversations] == ["Hello.", "2"]

@@ -8,7 +8,8 @@ One record becomes one conversation (a list of {"role", "content"} messages):
 - ``{"prompt": ..., "completion": ...}``;
 
 each with an optional ``"system"`` string. Files are ``.jsonl`` (one record per
-line) or ``.parquet`` (one per row). A malformed record raises :class:`InputError`
+line) or ``.parquet`` (one per row); ``hf:NAME[:CONFIG]:SPLIT`` streams a Hugging
+Face dataset. A malformed record raises :class:`InputError`
 naming the file and line, or is counted and skipped (``ReadErrors(skip=True)``).
 """
 
@@ -18,7 +19,7 @@ import json
 from collections.abc import Iterator
 from pathlib import Path
 
-from lmforge.data.sources import ReadErrors
+from lmforge.data.sources import ReadErrors, iter_hf_records
 from lmforge.errors import InputError
 from lmforge.tokenizer.chat import check_messages
 
@@ -59,17 +60,19 @@ def record_to_messages(record: object, where: str) -> list[dict[str, str]]:
 
 
 def iter_chat_records(path: str | Path, errors: ReadErrors | None = None) -> Iterator[list[dict[str, str]]]:
-    """Conversations of a ``.jsonl`` or ``.parquet`` file, in order."""
+    """Conversations of a ``.jsonl`` or ``.parquet`` file, or of a Hugging Face dataset
+    (``hf:NAME[:CONFIG]:SPLIT``, streamed; needs ``datasets`` and a network), in order."""
     errors = errors or ReadErrors()
-    path = Path(path)
-    if not path.is_file():
+    if str(path).startswith("hf:"):
+        rows = iter_hf_records(str(path))
+    elif not Path(path).is_file():
         raise InputError(f"instruction data not found: {path}")
-    if path.suffix == ".jsonl":
-        rows = _jsonl_rows(path, errors)
-    elif path.suffix == ".parquet":
-        rows = _parquet_rows(path)
+    elif Path(path).suffix == ".jsonl":
+        rows = _jsonl_rows(Path(path), errors)
+    elif Path(path).suffix == ".parquet":
+        rows = _parquet_rows(Path(path))
     else:
-        raise InputError(f"{path}: instruction data must be .jsonl or .parquet")
+        raise InputError(f"{path}: instruction data must be .jsonl, .parquet or hf:NAME[:CONFIG]:SPLIT")
     for where, record in rows:
         try:
             yield record_to_messages(record, where)

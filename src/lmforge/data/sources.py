@@ -246,6 +246,14 @@ def _read_parquet(path: Path, text_field: str, errors: ReadErrors) -> Iterator[D
 
 
 def _hugging_face(spec: str, text_field: str, errors: ReadErrors) -> Iterator[Document]:
+    for where, record in iter_hf_records(spec):
+        text = _field_text(record, text_field, where, errors)
+        if text is not None:
+            yield Document(text, where)
+
+
+def iter_hf_records(spec: str) -> Iterator[tuple[str, object]]:
+    """(``spec:row``, record) of a Hugging Face dataset named ``hf:NAME[:CONFIG]:SPLIT``, streamed."""
     parts = spec[len("hf:") :].split(":")
     if not parts[0] or len(parts) > 3:
         raise InputError(f"{spec!r}: expected hf:NAME, hf:NAME:SPLIT or hf:NAME:CONFIG:SPLIT")
@@ -271,10 +279,7 @@ def _hugging_face(spec: str, text_field: str, errors: ReadErrors) -> Iterator[Do
         except Exception as err:  # a streamed dataset can fail mid-way (network, hub)
             raise InputError(_hf_failure(spec, name, split, err)) from err
         row += 1
-        where = f"{spec}:{row}"
-        text = _field_text(record, text_field, where, errors)
-        if text is not None:
-            yield Document(text, where)
+        yield f"{spec}:{row}", record
 
 
 def _hf_failure(spec: str, name: str, split: str, err: Exception) -> str:
