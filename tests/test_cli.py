@@ -36,6 +36,17 @@ def test_pretrain_then_generate_and_resume(workdir, capsys):
     capsys.readouterr()
     assert main(["generate", str(ckpt), "def ", "--max-new-tokens", "8", "--temperature", "0", "--no-stream"]) == 0
     assert capsys.readouterr().out.startswith("def ")
+    # Continued pretraining from that checkpoint starts where it ended, not from scratch.
+    more = args[:-4] + ["--warmup-steps", "1", "--init-from", str(ckpt), "--out-dir", str(workdir / "more")]
+    more[more.index("--max-steps") + 1] = "1"
+    assert main(more) == 0
+
+    def losses(run):
+        rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+        return [r["loss"] for r in rows if r.get("kind") == "train"]
+
+    # from scratch the first loss is about ln(400) = 6.0 nats (a uniform guess over the vocabulary)
+    assert losses(workdir / "more")[0] < losses(workdir / "run")[-1] + 0.2 < 5.5
 
 
 def test_tokenize_prints_tokens_and_count(workdir, capsys):

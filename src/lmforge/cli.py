@@ -143,14 +143,23 @@ def cmd_pretrain(args: argparse.Namespace) -> None:
     train_config = build(TrainConfig, args, base=load_json(args.train_config) if args.train_config else None)
     tokenizer = Tokenizer.from_file(_tokenizer_path(args.tokenizer))
     ckpt = checkpoint_dir(train_config)
-    if args.resume:
+    torch.manual_seed(train_config.seed)
+    if args.init_from and not args.resume:  # continued pretraining of any model lmforge reads
+        from lmforge.checkpoint import load_model
+
+        model = load_model(args.init_from)
+        model_config = model.config
+        if train_config.seq_len > model_config.max_seq_len:
+            raise InputError(f"--seq-len {train_config.seq_len} exceeds {args.init_from}'s max_seq_len "
+                             f"{model_config.max_seq_len}")
+    elif args.resume:
         model_config = ModelConfig.load(ckpt / "config.json")
     else:
         model_config = _model_config(args, {"vocab_size": tokenizer.vocab_size, "max_seq_len": train_config.seq_len})
     if model_config.vocab_size < tokenizer.vocab_size:
         raise InputError(f"vocab_size={model_config.vocab_size} is smaller than the tokenizer's {tokenizer.vocab_size}")
-    torch.manual_seed(train_config.seed)
-    model = DecoderLM(model_config)
+    if not (args.init_from and not args.resume):
+        model = DecoderLM(model_config)
     shards = Path(args.shards)
     stage = PretrainStage(load_shard(shards, "train"), train_config.seq_len, train_config.seed,
                           val_tokens=load_shard(shards, "val"), token_bytes=tokenizer.token_byte_lengths())
@@ -298,6 +307,8 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--model-config", help="JSON file of ModelConfig fields")
     p.add_argument("--train-config", help="JSON file of TrainConfig fields")
     p.add_argument("--resume", action="store_true", help="continue from <out-dir>/checkpoint")
+    p.add_argument("--init-from", help="start from this model's weights instead of a preset (checkpoint, HF "
+                                       "directory, .gguf, packaged name); its tokenizer must be the shards'")
     add_arguments(p, ModelConfig, skip=("vocab_size",))
     add_arguments(p, TrainConfig)
     p.set_defaults(func=cmd_pretrain)
