@@ -138,8 +138,9 @@ def load(path: str | Path, device: str = "auto", dtype: str = "auto", attention:
     weights themselves are cast to it: on a CPU with AVX-512 BF16, decoding with bf16
     weights is faster than fp32 weights and than fp32 weights under bf16 autocast
     (see benchmarks/decode.py). ``compile=True`` compiles the decode step
-    (:class:`CompiledDecodeStep`): 2.5-3x faster per token on a CPU, after a
-    compilation of about 40 s (llama-42m, 2 cores) on the first call of each batch size.
+    (:class:`CompiledDecodeStep`): 2.45x fewer ms per token than eager fp32 for llama-42m
+    on a 2-core AVX2 CPU, after a compilation of 44-90 s on the first call of each batch
+    size (docs/BENCHMARKS.md).
     """
     path = resolve_model(path)
     if path.suffix != ".gguf" and (path.is_file() or (not (path / CONFIG).exists() and path.suffix)):

@@ -144,22 +144,20 @@ def cmd_pretrain(args: argparse.Namespace) -> None:
     tokenizer = Tokenizer.from_file(_tokenizer_path(args.tokenizer))
     ckpt = checkpoint_dir(train_config)
     torch.manual_seed(train_config.seed)
-    if args.init_from and not args.resume:  # continued pretraining of any model lmforge reads
+    if args.resume:
+        model = DecoderLM(ModelConfig.load(ckpt / "config.json"))  # weights come from the checkpoint in fit()
+    elif args.init_from:  # continued pretraining of any model lmforge reads
         from lmforge.checkpoint import load_model
 
         model = load_model(args.init_from)
-        model_config = model.config
-        if train_config.seq_len > model_config.max_seq_len:
+        if train_config.seq_len > model.config.max_seq_len:
             raise InputError(f"--seq-len {train_config.seq_len} exceeds {args.init_from}'s max_seq_len "
-                             f"{model_config.max_seq_len}")
-    elif args.resume:
-        model_config = ModelConfig.load(ckpt / "config.json")
+                             f"{model.config.max_seq_len}")
     else:
-        model_config = _model_config(args, {"vocab_size": tokenizer.vocab_size, "max_seq_len": train_config.seq_len})
-    if model_config.vocab_size < tokenizer.vocab_size:
-        raise InputError(f"vocab_size={model_config.vocab_size} is smaller than the tokenizer's {tokenizer.vocab_size}")
-    if not (args.init_from and not args.resume):
-        model = DecoderLM(model_config)
+        model = DecoderLM(_model_config(args, {"vocab_size": tokenizer.vocab_size,
+                                               "max_seq_len": train_config.seq_len}))
+    if model.config.vocab_size < tokenizer.vocab_size:
+        raise InputError(f"vocab_size={model.config.vocab_size} is smaller than the tokenizer's {tokenizer.vocab_size}")
     shards = Path(args.shards)
     stage = PretrainStage(load_shard(shards, "train"), train_config.seq_len, train_config.seed,
                           val_tokens=load_shard(shards, "val"), token_bytes=tokenizer.token_byte_lengths())

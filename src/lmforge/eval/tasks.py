@@ -19,12 +19,12 @@ def evaluate_tasks(lm, tasks: Sequence[Task], system: str | None = None, max_new
     """
     outputs, too_long = [], 0
     for task in tqdm(tasks, desc="tasks", disable=not progress, leave=False):
-        prompt = lm.chat_prompt(task.messages(system)[:-1])  # the conversation without the answer
-        if len(prompt) + max_new_tokens > lm.model.config.max_seq_len:
+        question = task.messages(system)[:-1]  # the conversation without the answer
+        if len(lm.chat_prompt(question)) + max_new_tokens > lm.model.config.max_seq_len:
             outputs.append("")  # does not fit the context: counted as wrong
             too_long += 1
             continue
-        outputs.append(lm.chat(task.messages(system)[:-1], temperature=0, max_new_tokens=max_new_tokens).strip())
+        outputs.append(lm.chat(question, temperature=0, max_new_tokens=max_new_tokens).strip())
     shown = [{"kind": t.kind, "prompt": t.prompt, "expected": t.answer, "reply": o}
              for t, o in list(zip(tasks, outputs))[:examples]]
     return {"accuracy": accuracy(tasks, outputs), "examples": shown, "too_long": too_long}
