@@ -4,10 +4,14 @@ Builds the ``llama-42m`` preset with random weights and a transformers
 ``LlamaForCausalLM`` of the same shape, copies the weights across (our RoPE uses the
 rotate-half layout of HF Llama, so every matrix copies as is), checks that the two
 give the same logits and the same greedy tokens in fp32, then times greedy decoding
-of N new tokens after a short prompt, at batch 1 and batch 8.
+of N new tokens after a short prompt, at batch 1 and batch 8. On a CPU without native
+bf16 it also times weights stored in 16 bits (``lmforge.quant.weight_only``) against a
+transformers model cast to fp16; with ``--llama-cpp-python`` it times llama.cpp on the
+same weights (f32 and f16 GGUF files) at batch 1, interleaved with the rest.
 
     python benchmarks/decode.py            # 128 new tokens, 3 repeats
     python benchmarks/decode.py --quick    # 32 new tokens, 1 repeat, no torch.compile
+    python benchmarks/decode.py --llama-cpp-python ../llama-cpp-env/bin/python
 
 ms/token = wall time of the whole call (prefill included) / new tokens, median of
 the repeats. Variants run interleaved (each repeat runs every variant once), so that
@@ -20,6 +24,7 @@ import argparse
 import copy
 import statistics
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -31,6 +36,7 @@ from common import fast_dtypes, llama_twin, machine  # noqa: E402
 
 from lmforge.infer import CompiledDecodeStep, SamplingConfig, generate
 from lmforge.model import DecoderLM, KVCache, preset
+from lmforge.quant.weight_only import quantize_weights
 from lmforge.runtime import Runtime
 
 Runner = Callable[[torch.Tensor], list[list[int]]]  # prompt (B, T) -> new tokens per row
@@ -101,6 +107,20 @@ def variants(model: DecoderLM, new_tokens: int, use_compile: bool) -> dict[str, 
             hf_static = llama_twin(model).to(runtime.dtype)
             runners[f"transformers {dtype_name} static cache + compile"] = hf_runner(
                 hf_static, new_tokens, **hf_compile_kwargs())
+    if "bf16" not in fast_dtypes():
+        # Without native bf16, 16-bit weights can still halve the bytes a step reads:
+        # stored in 16 bits, widened to fp32 in the compiled step (lmforge.quant.weight_only).
+        # transformers' nearest configuration is a model cast to fp16, whose CPU matmuls
+        # take fp16 inputs (emulated bf16 would be far slower).
+        runners["transformers fp16 weights and arithmetic"] = hf_runner(llama_twin(model).half(), new_tokens)
+        if use_compile:
+            for weights in ("fp16", "bf16"):
+                small = quantize_weights(copy.deepcopy(model), weights)
+                step = CompiledDecodeStep(small)
+                runners[f"lmforge fp32 + {weights} weights + compiled decode step"] = lmforge_runner(
+                    small, None, new_tokens, step)
+                print(f"compiling the lmforge {weights}-weight decode step for batch 1: {step.warm_up(1):.0f}s")
+                check_compiled_step(model, small, step, prompt_len=16)
     return runners
 
 
@@ -170,20 +190,24 @@ def main() -> None:
           f"prompt {args.prompt_len} tokens, {args.new_tokens} new tokens, median of {args.repeats}")
     runners = variants(model, args.new_tokens, use_compile=not args.no_compile)
     results = {}
-    for batch in args.batch_sizes:
-        print(f"batch {batch}:", flush=True)
-        batch_prompt = torch.randint(0, model.config.vocab_size, (batch, args.prompt_len))
-        results[batch] = time_variants(runners, batch_prompt, args.new_tokens, args.repeats)
+    with tempfile.TemporaryDirectory() as tmp:
+        others = llama_cpp_runners(model, args, Path(tmp)) if args.llama_cpp_python else {}
+        for batch in args.batch_sizes:
+            print(f"batch {batch}:", flush=True)
+            batch_prompt = torch.randint(0, model.config.vocab_size, (batch, args.prompt_len))
+            results[batch] = time_variants({**runners, **(others if batch == 1 else {})}, batch_prompt,
+                                           args.new_tokens, args.repeats)
     print_table(results)
-    if args.llama_cpp_python:
-        time_llama_cpp(model, args)
 
 
-def time_llama_cpp(model: DecoderLM, args: argparse.Namespace) -> None:
-    """llama.cpp's greedy decoding at batch 1 of the same weights, in its own environment."""
+def llama_cpp_runners(model: DecoderLM, args: argparse.Namespace, folder: Path) -> dict[str, Runner]:
+    """llama.cpp on the same weights (f32 and f16 GGUF), batch 1, served by a process in its own environment.
+
+    The prompt goes over a pipe as token ids and the greedy tokens come back, so these
+    runners time like the others (prefill included) and interleave with them.
+    """
     import json
     import subprocess
-    import tempfile
     from pydoc_data.topics import topics
 
     from lmforge.interop.gguf import save_gguf
@@ -192,34 +216,59 @@ def time_llama_cpp(model: DecoderLM, args: argparse.Namespace) -> None:
     # llama.cpp refuses a file without a vocabulary: any byte-level BPE will do (ids
     # above its size are written as unused placeholders), the prompt is token ids.
     tokenizer = train_tokenizer(list(topics.values()), 2048)
+    kinds = ("f32", "f16")
+    paths = []
+    for kind in kinds:
+        paths.append(folder / f"model-{kind}.gguf")
+        save_gguf(paths[-1], model.config, dict(model.state_dict()), tokenizer, kind)
+    server = subprocess.Popen([args.llama_cpp_python, str(Path(__file__).parent / "llama_cpp_decode.py"),
+                               str(torch.get_num_threads()), str(model.config.max_seq_len), *map(str, paths)],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    if server.stdout.readline().strip() != "ready":
+        raise SystemExit("the llama.cpp process did not start")
+
+    def runner(index: int) -> Runner:
+        def run(prompt: torch.Tensor) -> list[list[int]]:
+            if prompt.shape[0] != 1:
+                raise ValueError("llama.cpp is timed at batch 1")
+            server.stdin.write(json.dumps({"model": index, "prompt": prompt[0].tolist(),
+                                           "new_tokens": args.new_tokens}) + "\n")
+            server.stdin.flush()
+            return [json.loads(server.stdout.readline())["tokens"]]
+        return run
+
+    runners = {f"llama.cpp, {kind} GGUF": runner(i) for i, kind in enumerate(kinds)}
     prompt = torch.randint(0, model.config.vocab_size, (1, args.prompt_len))
     ours = generate(model, prompt.tolist(), SamplingConfig(max_new_tokens=args.new_tokens, temperature=0))[0]
-    script = Path(__file__).parent / "llama_cpp_decode.py"
-    with tempfile.TemporaryDirectory() as tmp:
-        for out_type in ("f32", "f16"):
-            path = Path(tmp) / f"model-{out_type}.gguf"
-            save_gguf(path, model.config, dict(model.state_dict()), tokenizer, out_type)
-            run = subprocess.run([args.llama_cpp_python, str(script), str(path), json.dumps(prompt[0].tolist()),
-                                  str(args.new_tokens), str(args.repeats), str(torch.get_num_threads())],
-                                 capture_output=True, text=True, check=True)
-            result = json.loads(run.stdout.strip().splitlines()[-1])
-            agree = next((i for i, (a, b) in enumerate(zip(result["tokens"], ours)) if a != b), len(ours))
-            print(f"llama.cpp {out_type} GGUF, batch 1: {result['ms_per_token']:.2f} ms/token; its greedy tokens "
-                  f"equal lmforge fp32's for the first {agree} of {len(ours)}", flush=True)
+    for name, run in runners.items():
+        theirs = run(prompt)[0]
+        agree = next((i for i, (a, b) in enumerate(zip(theirs, ours)) if a != b), len(ours))
+        print(f"{name}: greedy tokens equal lmforge fp32's for the first {agree} of {len(ours)}")
+    return runners
 
 
 def print_table(results: dict[int, dict[str, float]]) -> None:
-    names = list(next(iter(results.values())))
+    names = list(dict.fromkeys(name for row in results.values() for name in row))
     batches = list(results)
     print("\n| configuration | " + " | ".join(f"batch {b} ms/token" for b in batches) + " |")
     print("|---|" + "---:|" * len(batches))
     for name in names:
-        print(f"| {name} | " + " | ".join(f"{results[b][name]:.2f}" for b in batches) + " |")
+        print(f"| {name} | " + " | ".join(f"{results[b][name]:.2f}" if name in results[b] else ""
+                                          for b in batches) + " |")
     for b in batches:
-        ours = min((v, k) for k, v in results[b].items() if k.startswith("lmforge"))
-        theirs = min((v, k) for k, v in results[b].items() if k.startswith("transformers"))
-        print(f"batch {b}: fastest lmforge ({ours[1]}) {ours[0]:.2f} ms/token vs fastest transformers "
-              f"({theirs[1]}) {theirs[0]:.2f} ms/token: {theirs[0] / ours[0]:.2f}x")
+        for label, keep in (("same weights", lambda name: "weights" not in name),
+                            ("16-bit weights", lambda name: "weights" in name)):
+            ours = [(v, k) for k, v in results[b].items() if k.startswith("lmforge") and keep(k)]
+            theirs = [(v, k) for k, v in results[b].items() if k.startswith("transformers") and keep(k)]
+            if ours and theirs:
+                (ours_ms, ours_name), (theirs_ms, theirs_name) = min(ours), min(theirs)
+                print(f"batch {b}, {label}: fastest lmforge ({ours_name}) {ours_ms:.2f} ms/token vs fastest "
+                      f"transformers ({theirs_name}) {theirs_ms:.2f} ms/token: {theirs_ms / ours_ms:.2f}x")
+        for ours_name, theirs_name in (("lmforge fp32 + compiled decode step", "llama.cpp, f32 GGUF"),
+                                       ("lmforge fp32 + fp16 weights + compiled decode step", "llama.cpp, f16 GGUF")):
+            if ours_name in results[b] and theirs_name in results[b]:
+                ratio = results[b][theirs_name] / results[b][ours_name]
+                print(f"batch {b}: {ours_name} vs {theirs_name}: {ratio:.2f}x")
 
 
 if __name__ == "__main__":

@@ -23,6 +23,8 @@ import torch
 
 from lmforge.model import DecoderLM, KVCache
 
+RECOMPILE_LIMIT = 64  # graphs kept for DecoderLM.forward: two per model and batch size
+
 
 class CompiledDecodeStep:
     """``step(input_ids (B, 1), cache) -> logits (B, 1, V)``, the model's forward compiled.
@@ -44,8 +46,12 @@ class CompiledDecodeStep:
         torch._dynamo.mark_static(input_ids, 0)  # a new batch size compiles anew, never a dynamic batch
         # Compilation happens lazily inside the call, and freezing is only read from the
         # global config there (passed in torch.compile's options it is ignored). The
-        # autotuner's tables of kernel timings are not printed.
-        with inductor_config.patch(freezing=True, autotune_num_choices_displayed=0):
+        # autotuner's tables of kernel timings are not printed. Dynamo keeps its compiled
+        # graphs per code object, so every model compiled in this process shares
+        # DecoderLM.forward's limit (8 by default; each model and batch size takes two):
+        # past it Dynamo would silently run the step eagerly.
+        with inductor_config.patch(freezing=True, autotune_num_choices_displayed=0), \
+                torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT):
             return self.compiled(input_ids, cache)
 
     def warm_up(self, batch_size: int = 1) -> float:
