@@ -36,6 +36,10 @@ def test_pretrain_then_generate_and_resume(workdir, capsys):
     capsys.readouterr()
     assert main(["generate", str(ckpt), "def ", "--max-new-tokens", "8", "--temperature", "0", "--no-stream"]) == 0
     assert capsys.readouterr().out.startswith("def ")
+    assert main(["generate", str(ckpt), "def ", "--max-new-tokens", "8", "--weights", "fp16"]) == 0
+    assert capsys.readouterr().out.startswith("def ")
+    assert main(["generate", str(ckpt), "def ", "--weights", "fp16", "--dtype", "bf16"]) == 2
+    assert "fp32" in capsys.readouterr().err
     # Continued pretraining from that checkpoint starts where it ended, not from scratch.
     more = args[:-4] + ["--warmup-steps", "1", "--init-from", str(ckpt), "--out-dir", str(workdir / "more")]
     more[more.index("--max-steps") + 1] = "1"
