@@ -92,6 +92,9 @@ def test_compiled_step_takes_the_fused_path_and_decodes_like_eager(monkeypatch):
             model(torch.tensor(prompt), cache)
         token = torch.tensor([[eager[0][0]]])
         torch.testing.assert_close(step(token, caches[0]), model(token, caches[1]), rtol=1e-4, atol=1e-4)
+    # Two rows take the widened weights and the ordinary kernels, compiled as well.
+    prompts = [[3, 1, 4, 1, 5, 9], [2, 7, 1, 8, 2, 8]]
+    assert generate(model, prompts, config, decode_step=step) == generate(model, prompts, config)
 
 
 def test_load_with_16_bit_weights(tmp_path):
@@ -120,6 +123,7 @@ def test_many_compiled_steps_in_one_process_all_stay_compiled(monkeypatch):
     and batch size): past it a step would silently run eagerly, through the slow path."""
     calls = []
     monkeypatch.setattr(weight_only, "matvec", lambda x, weight: calls.append(1) or matvec(x, weight))
+    monkeypatch.setattr(weight_only, "MATVEC_MAX_ROWS", 8)  # every batch size below takes the matvec path
     torch._dynamo.reset()
     model = quantize_weights(tiny_model(), "fp16")
     step = CompiledDecodeStep(model, max_autotune=False)

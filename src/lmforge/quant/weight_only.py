@@ -13,14 +13,14 @@ PyTorch has no such mixed-precision matmul kernel on CPUs, but Inductor writes o
 when the product is spelled as a broadcast multiply and a sum over the inner
 dimension (:func:`matvec`): it fuses the load, the widening, the multiply and the
 reduction into one vectorized loop that streams each weight row once. That path is
-taken inside ``torch.compile`` (:class:`~lmforge.infer.CompiledDecodeStep`) for up to
-``MATVEC_MAX_ROWS`` rows; elsewhere (eager mode, a long prompt) the weight is widened
-to a temporary fp32 copy and multiplied by the usual kernel: correct, not faster.
+taken inside ``torch.compile`` (:class:`~lmforge.infer.CompiledDecodeStep`) for one
+row, batch-1 decoding; elsewhere (eager mode, a prompt, a batch) the weight is widened
+to fp32 and multiplied by the usual kernels: correct, not faster.
 
 Measured on a 2-core AVX2 CPU (docs/BENCHMARKS.md): a llama-42m decode step reads
 165 MB in fp32 and 84 MB in 16 bits, and the compiled step with 16-bit weights takes
-1.49x fewer ms per token than the fp32 one at batch 1. At batch 8 the step is no
-longer bound by the weights and fp32 is faster: this is for batch-1 decoding.
+1.52x fewer ms per token than the fp32 one at batch 1 (and 2x fewer than transformers
+with its model cast to fp16). At batch 8 the two are level.
 
     model = quantize_weights(model, "fp16")   # in place; logits within fp16 rounding
 """
@@ -36,18 +36,24 @@ __all__ = ["MATVEC_MAX_ROWS", "WEIGHT_DTYPES", "WeightOnlyEmbedding", "WeightOnl
 
 WEIGHT_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
-# Up to this many rows the compiled matvec beats the fp32 GEMM it replaces (measured for
-# a 32000 x 512 head on 2 AVX2 cores: 2.4x fewer microseconds at 1 row, 2.2x at 8).
-MATVEC_MAX_ROWS = 8
+# Up to this many rows the compiled step uses the matvec loops. Measured for llama-42m on
+# 2 AVX2 cores: faster than Inductor's fp32 GEMM kernels at 1 row, level at 2, slower at 4
+# and 2x slower at 8, where reading the weights no longer bounds the step. Above it the
+# weights are widened to fp32 for the GEMM kernels (measured level with fp32 weights at 2
+# and 8 rows).
+MATVEC_MAX_ROWS = 1
 
 
 def matvec(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """``x (R, K) @ weight (N, K).T -> (R, N)`` in ``x``'s dtype, as one fused loop under Inductor.
 
-    Weight-major on purpose: row n of the weight is loaded once and used for every row
-    of ``x`` while it is in cache, so R rows cost about one pass over the weights.
+    One product-and-sum per row of ``x``, each over the same (N, K) range: Inductor fuses
+    them into one kernel that loads each weight row once and vectorizes along K, so R
+    rows cost about one pass over the weights. (A single broadcast product over
+    (N, R, K) instead gets vectorized along R for R > 1, with a scalar loop over K:
+    up to 20x slower in a whole model at R = 2.)
     """
-    return (weight[:, None, :] * x[None, :, :]).sum(-1).T
+    return torch.stack([(weight * x[row]).sum(-1) for row in range(x.shape[0])])
 
 
 class WeightOnlyLinear(nn.Module):
