@@ -1,6 +1,6 @@
 """Greedy decoding speed: lmforge's engine against transformers' ``generate()``, same weights.
 
-Builds the ``llama-42m`` preset with random weights and a transformers
+Builds the ``llama-42m`` preset with random weights (or loads ``--model``) and a transformers
 ``LlamaForCausalLM`` of the same shape, copies the weights across (our RoPE uses the
 rotate-half layout of HF Llama, so every matrix copies as is), checks that the two
 give the same logits and the same greedy tokens in fp32, then times greedy decoding
@@ -34,8 +34,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from common import fast_dtypes, llama_twin, machine  # noqa: E402
 
+from lmforge.checkpoint import load_model
 from lmforge.infer import CompiledDecodeStep, SamplingConfig, generate
-from lmforge.model import DecoderLM, KVCache, preset
+from lmforge.model import PRESETS, DecoderLM, KVCache, preset
 from lmforge.quant.weight_only import quantize_weights
 from lmforge.runtime import Runtime
 
@@ -168,6 +169,8 @@ def time_variants(runners: dict[str, Runner], prompt: torch.Tensor, new_tokens: 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="32 new tokens, 1 repeat, no torch.compile")
+    parser.add_argument("--model", default="llama-42m", help="a preset (random weights) or any model lmforge "
+                                                            "loads: checkpoint, HF directory, .gguf, packaged name")
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--prompt-len", type=int, default=16)
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8])
@@ -182,11 +185,14 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    model = DecoderLM(preset("llama-42m")).eval()
+    if args.model in PRESETS:
+        model = DecoderLM(preset(args.model)).eval()
+    else:
+        model = load_model(args.model).eval()
     hf = llama_twin(model)
     prompt = torch.randint(0, model.config.vocab_size, (2, args.prompt_len))
     check_same_model(model, hf, prompt, 16)
-    print(f"machine: {machine()}; llama-42m ({model.num_parameters() / 1e6:.1f}M parameters), "
+    print(f"machine: {machine()}; {args.model} ({model.num_parameters() / 1e6:.1f}M parameters), "
           f"prompt {args.prompt_len} tokens, {args.new_tokens} new tokens, median of {args.repeats}")
     runners = variants(model, args.new_tokens, use_compile=not args.no_compile)
     results = {}
