@@ -33,3 +33,17 @@ def test_compiled_step_takes_one_token_and_needs_the_cache(make_model):
         step(model.embed.weight.new_zeros(1, 2).long(), None)
     with pytest.raises(ValueError, match="KV cache"):
         generate(model, PROMPTS, SamplingConfig(max_new_tokens=2), use_cache=False, decode_step=step)
+
+
+@pytest.mark.slow
+def test_two_models_of_one_shape_each_run_their_own_compiled_graph(make_model):
+    """Every DecoderLM shares one code object; the guards kept must still tell the models apart."""
+    models = [make_model(seed=0), make_model(seed=1)]
+    steps = [CompiledDecodeStep(model, max_autotune=False) for model in models]
+    for step in steps:
+        step.warm_up(batch_size=1)
+    config = SamplingConfig(max_new_tokens=8, temperature=0)
+    outputs = [generate(model, [[1, 2, 3]], config) for model in models]
+    assert outputs[0] != outputs[1]  # the two models differ, so a shared graph would show
+    for model, step, eager in zip(models, steps, outputs):
+        assert generate(model, [[1, 2, 3]], config, decode_step=step) == eager
