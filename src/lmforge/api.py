@@ -133,7 +133,7 @@ class _StopDetector:
 
 
 def load(path: str | Path, device: str = "auto", dtype: str = "auto", attention: str = "sdpa",
-         compile: bool = False, weights: str = "") -> LanguageModel:
+         compile: bool = False, weights: str = "fp32") -> LanguageModel:
     """Load a checkpoint directory (or a file inside one) for inference.
 
     ``device``/``dtype`` as in :meth:`Runtime.resolve`. When the dtype is not fp32 the
@@ -151,7 +151,7 @@ def load(path: str | Path, device: str = "auto", dtype: str = "auto", attention:
         path = path.parent  # a file inside a checkpoint folder
     runtime = Runtime.resolve(device, dtype, attention)
     model = load_model(path, device=runtime.device, attention=runtime.attention)
-    if weights and weights != "fp32":
+    if weights != "fp32":
         if runtime.dtype != torch.float32:
             raise InputError(f"weights={weights!r} keeps the arithmetic in fp32; it does not combine with "
                              f"dtype {runtime.dtype} (use dtype='fp32', or the dtype alone)")

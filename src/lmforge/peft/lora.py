@@ -112,9 +112,7 @@ def apply_lora(model: nn.Module, config: LoraConfig) -> nn.Module:
     if not targets:
         raise InputError(f"no layer named {', '.join(config.targets)} in the model")
     for name, module in targets:
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, LoRALinear(module, config.rank, config.alpha, config.dropout))
+        model.set_submodule(name, LoRALinear(module, config.rank, config.alpha, config.dropout))
     model.lora_config = config
     return model
 
@@ -127,8 +125,7 @@ def merge_lora(model: nn.Module) -> nn.Module:
     """Merge every adapter into its base weight and put the plain base layers back."""
     for name, layer in lora_layers(model).items():
         layer.merge()
-        parent_name, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent_name) if parent_name else model, child, layer.base)
+        model.set_submodule(name, layer.base)
     for param in model.parameters():
         param.requires_grad_(True)
     return model

@@ -392,9 +392,7 @@ def quantize_model_nf4(
         replacement = replacements[id(linear)]
         if not name:
             return replacement
-        parent_name, _, child_name = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child_name, replacement)
+        model.set_submodule(name, replacement)
     return model
 
 
@@ -412,6 +410,5 @@ def dequantize_model(model: nn.Module, dtype: torch.dtype = torch.float32) -> nn
             linear.weight.copy_(module.quantized.dequantize(dtype))
             if module.bias is not None:
                 linear.bias.copy_(module.bias.to(dtype))
-        parent_name, _, child_name = name.rpartition(".")
-        setattr(model.get_submodule(parent_name) if parent_name else model, child_name, linear)
+        model.set_submodule(name, linear)
     return model

@@ -138,6 +138,5 @@ def quantize_weights(model: nn.Module, dtype: str | torch.dtype) -> nn.Module:
             replacement: nn.Module = WeightOnlyLinear(small(module.weight), module.bias)
         else:
             replacement = WeightOnlyEmbedding(small(module.weight), torch.float32)
-        parent_name, _, child_name = name.rpartition(".")
-        setattr(model.get_submodule(parent_name) if parent_name else model, child_name, replacement)
+        model.set_submodule(name, replacement)
     return model
