@@ -143,3 +143,35 @@ def test_export_import_and_generate_from_hugging_face_and_gguf(workdir, capsys):
     assert outputs[0] == outputs[1] == outputs[2] == outputs[3]
     assert main(["import", str(workdir / "data"), "--out", str(workdir / "nope")]) == 2
     assert "neither a Hugging Face model directory" in capsys.readouterr().err
+
+
+def test_generate_a_jsonl_file_through_the_batched_engine(workdir, capsys):
+    import torch
+
+    from lmforge.api import load
+    from lmforge.checkpoint import save_checkpoint
+    from lmforge.model import DecoderLM, preset
+    from lmforge.tokenizer import Tokenizer
+
+    torch.manual_seed(1)
+    tokenizer = Tokenizer.from_file(workdir / "tok.json")
+    save_checkpoint(workdir / "batch", DecoderLM(preset("tiny", vocab_size=tokenizer.vocab_size, init_std=0.3)),
+                    tokenizer)
+    records = [{"prompt": "def "}, {"prompt": "return value", "max_new_tokens": 3},
+               {"messages": [{"role": "user", "content": "hi"}]}, {"prompt": "x", "temperature": 0.9, "seed": 4}]
+    (workdir / "prompts.jsonl").write_text("\n".join(json.dumps(r) for r in records) + "\n", encoding="utf-8")
+    assert main(["generate", str(workdir / "batch"), "--input", str(workdir / "prompts.jsonl"), "--output",
+                 str(workdir / "out.jsonl"), "--max-new-tokens", "6", "--temperature", "0", "--batch-size", "2"]) == 0
+    rows = [json.loads(line) for line in (workdir / "out.jsonl").read_text(encoding="utf-8").splitlines()]
+    assert [r["line"] for r in rows] == [1, 2, 3, 4] and rows[1]["completion_tokens"] <= 3
+    lm = load(workdir / "batch")  # each line equals that prompt generated alone
+    assert rows[0]["completion"] == lm.generate("def ", max_new_tokens=6, temperature=0)
+    assert rows[2]["completion"] == lm.chat(records[2]["messages"], max_new_tokens=6, temperature=0)
+    assert rows[3]["completion"] == lm.generate("x", max_new_tokens=6, temperature=0.9, seed=4)
+    assert "tokens/s" in capsys.readouterr().err
+    (workdir / "bad.jsonl").write_text('{"prompt": "a"}\n{"prompt": "b", "temperature": -1}\n', encoding="utf-8")
+    assert main(["generate", str(workdir / "batch"), "--input", str(workdir / "bad.jsonl")]) == 2
+    assert "bad.jsonl:2" in capsys.readouterr().err
+    (workdir / "bad.jsonl").write_text('{"prompt": "a"}\n{oops\n', encoding="utf-8")
+    assert main(["generate", str(workdir / "batch"), "--input", str(workdir / "bad.jsonl")]) == 2
+    assert "bad.jsonl:2: invalid JSON" in capsys.readouterr().err

@@ -13,7 +13,7 @@ are not part of what is returned.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,7 +24,9 @@ from lmforge.checkpoint import CONFIG, load_model, load_tokenizer
 from lmforge.errors import InputError
 from lmforge.infer.beam import beam_search
 from lmforge.infer.compiled import CompiledDecodeStep
+from lmforge.infer.engine import Engine
 from lmforge.infer.generate import generate_tokens
+from lmforge.infer.request import Completion, Request
 from lmforge.infer.sampling import SamplingConfig
 from lmforge.infer.stream import StopStrings, TextStream, cut_at_stop
 from lmforge.interop.packaged import resolve_model
@@ -78,6 +80,44 @@ class LanguageModel:
     def _chat_sampling(self, sampling: dict) -> dict:
         stops = list(sampling.get("stop_token_ids") or [])
         return {**sampling, "stop_token_ids": stops + [i for i in end_of_turn_ids(self.tokenizer) if i not in stops]}
+
+    def engine(self, max_batch_size: int = 8) -> Engine:
+        """The batched engine over this model (made once per batch size and kept)."""
+        engines = self.__dict__.setdefault("_engines", {})
+        if max_batch_size not in engines:
+            engines[max_batch_size] = Engine(self.model, self.runtime, max_batch_size=max_batch_size,
+                                             decode_step=self.decode_step)
+        return engines[max_batch_size]
+
+    def generate_batch(self, prompts: Sequence[str | list[int] | dict[str, Any]], max_batch_size: int = 8,
+                       **sampling: Any) -> list[Completion]:
+        """Continue many prompts at once through the batched engine; one :class:`Completion` each, in order.
+
+        A prompt is text, token ids, or a dict with ``"prompt"`` (text or ids) or ``"messages"``
+        (a chat, answered in the model's chat format) plus any :class:`SamplingConfig` fields
+        of its own, which override ``sampling``. Each completion has ``.text`` (cut before any
+        stop string), ``.token_ids``, ``.finish_reason`` and token counts.
+        """
+        requests = []
+        for index, item in enumerate(prompts):
+            own = dict(item) if isinstance(item, dict) else {"prompt": item}
+            messages, prompt = own.pop("messages", None), own.pop("prompt", None)
+            if (messages is None) == (prompt is None):
+                raise ValueError(f"prompt {index}: give either 'prompt' or 'messages'")
+            settings = {**sampling, **own}
+            if messages is not None:
+                ids, settings = self.chat_prompt(messages), self._chat_sampling(settings)
+            else:
+                ids = self.encode_prompt(prompt)
+            requests.append(Request(ids, self.sampling_config(**settings), decode=self._reply_text))
+        return self.engine(max_batch_size).generate(requests)
+
+    def _reply_text(self, ids: list[int]) -> str:
+        """Generated text without special tokens (a sampled reply may hold one)."""
+        try:
+            return self.tokenizer.decode(ids, skip_special=True)
+        except TypeError:  # a minimal tokenizer without the option
+            return self.tokenizer.decode(ids)
 
     def generate(self, prompt: str | list[int], **sampling: Any) -> str:
         """The generated continuation of ``prompt`` (prompt not included), cut before any stop string."""
@@ -149,6 +189,8 @@ def load(path: str | Path, device: str = "auto", dtype: str = "auto", attention:
     path = resolve_model(path)
     if path.suffix != ".gguf" and (path.is_file() or (not (path / CONFIG).exists() and path.suffix)):
         path = path.parent  # a file inside a checkpoint folder
+    if weights != "fp32" and dtype == "auto":
+        dtype = "fp32"  # 16-bit storage means fp32 arithmetic, even where "auto" would pick bf16
     runtime = Runtime.resolve(device, dtype, attention)
     model = load_model(path, device=runtime.device, attention=runtime.attention)
     if weights != "fp32":

@@ -214,7 +214,12 @@ def cmd_generate(args: argparse.Namespace) -> None:
     from lmforge.api import load
     from lmforge.infer.sampling import SamplingConfig
 
+    if (args.prompt is None) == (args.input is None):
+        raise InputError("give a prompt, or --input prompts.jsonl (not both)")
     lm = load(args.checkpoint, device=args.device, dtype=args.dtype, compile=args.compile, weights=args.weights)
+    if args.input is not None:
+        _generate_jsonl(lm, args)
+        return
     sampling = build(SamplingConfig, args)
     fields = {k: v for k, v in vars(sampling).items()}
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
@@ -228,6 +233,62 @@ def cmd_generate(args: argparse.Namespace) -> None:
         print()
     except ValueError as err:  # a prompt too long for the model, and the like
         raise InputError(str(err)) from err
+
+
+def _generate_jsonl(lm, args: argparse.Namespace) -> None:
+    """Each line of --input ({"prompt": ...} or {"messages": [...]}, plus its own sampling fields) through
+    the batched engine; one JSON line per prompt, in order, to --output (default: standard output)."""
+    import time
+
+    from lmforge.infer.sampling import SamplingConfig
+
+    sampling = {name: value for name, value in vars(args).items()
+                if name in SamplingConfig.__dataclass_fields__ and value is not None}
+    path, items = Path(args.input), []
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as err:
+        raise InputError(f"cannot read {path}: {err}") from err
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise InputError(f"{path}:{number}: invalid JSON: {err.msg}") from err
+        if not isinstance(record, dict) or ("prompt" in record) == ("messages" in record):
+            raise InputError(f'{path}:{number}: expected {{"prompt": ...}} or {{"messages": [...]}}')
+        items.append((number, record))
+    start = time.perf_counter()
+    results = []
+    for number, record in items:  # check every line before running any
+        try:
+            lm.sampling_config(**{**sampling, **{k: v for k, v in record.items() if k not in ("prompt", "messages")}})
+        except (TypeError, ValueError) as err:
+            raise InputError(f"{path}:{number}: {err}") from err
+    try:
+        results = lm.generate_batch([record for _, record in items], max_batch_size=args.batch_size, **sampling)
+    except ValueError as err:
+        raise InputError(f"{path}: {err}") from err
+    out = open(args.output, "w", encoding="utf-8") if args.output else sys.stdout
+    try:
+        for (number, record), result in zip(items, results):
+            row = {"line": number, **record, "completion": result.text, "finish_reason": result.finish_reason,
+                   "prompt_tokens": result.prompt_tokens, "completion_tokens": result.completion_tokens}
+            out.write(json.dumps(row, ensure_ascii=False) + "\n")
+    finally:
+        if args.output:
+            out.close()
+    tokens = sum(r.completion_tokens for r in results)
+    seconds = time.perf_counter() - start
+    print(f"generated {tokens:,} tokens for {len(results)} prompts in {seconds:.1f} s "
+          f"({tokens / max(seconds, 1e-9):,.0f} tokens/s, batches of up to {args.batch_size})", file=sys.stderr)
+
+
+def cmd_serve(args: argparse.Namespace) -> None:
+    from lmforge.serve.server import ServeConfig, parse_model_specs, run_server
+
+    run_server(parse_model_specs(args.model_path, args.model), build(ServeConfig, args))
 
 
 def cmd_import(args: argparse.Namespace) -> None:
@@ -253,6 +314,7 @@ def make_parser() -> argparse.ArgumentParser:
     from lmforge.infer.sampling import SamplingConfig
     from lmforge.interop.packaged import DEFAULT_CHAT_MODEL
     from lmforge.model import ModelConfig
+    from lmforge.serve.server import ServeConfig
     from lmforge.speedrun import SpeedrunConfig
     from lmforge.train import TrainConfig
 
@@ -316,7 +378,11 @@ def make_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("generate", help="continue a prompt with a trained model")
     p.add_argument("checkpoint", help="checkpoint folder, Hugging Face model directory, .gguf file, "
                                       "or smollm2-135m-instruct")
-    p.add_argument("prompt", help="the prompt ('-' reads standard input)")
+    p.add_argument("prompt", nargs="?", help="the prompt ('-' reads standard input)")
+    p.add_argument("--input", help='JSONL file, one {"prompt": ...} or {"messages": [...]} per line (each may '
+                                   "carry its own sampling fields): decoded together by the batched engine")
+    p.add_argument("--output", help="with --input: write the JSONL results here (default: standard output)")
+    p.add_argument("--batch-size", type=int, default=8, help="with --input: prompts decoded together")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, mps")
     p.add_argument("--dtype", default="auto", help="auto, bf16, fp32")
     p.add_argument("--no-stream", action="store_true", help="print the whole text at the end")
@@ -347,6 +413,17 @@ def make_parser() -> argparse.ArgumentParser:
     add_arguments(p, FinetuneConfig)
     add_arguments(p, TrainConfig)
     p.set_defaults(func=cmd_sft)
+
+    p = sub.add_parser("serve", help="an OpenAI-compatible HTTP server with a web UI and Prometheus metrics",
+                       description="Serve models behind /v1/chat/completions, /v1/completions, /v1/embeddings, "
+                                   "/v1/models, /health and /metrics, with a chat UI at /. Many requests are "
+                                   "decoded together (continuous batching). See docs/SERVING.md.")
+    p.add_argument("model_path", nargs="?", default=None, metavar="MODEL",
+                   help=f"checkpoint, HF directory, .gguf or packaged name (default: {DEFAULT_CHAT_MODEL})")
+    p.add_argument("--model", action="append", metavar="NAME=PATH",
+                   help="serve another model under NAME (repeatable); clients pick it with 'model': NAME")
+    add_arguments(p, ServeConfig)
+    p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("import", help="a Hugging Face model directory or GGUF file -> lmforge checkpoint")
     p.add_argument("source", help="HF folder (Llama, Mistral, Qwen2, GPT-2), a .gguf file (Llama, Qwen2), "

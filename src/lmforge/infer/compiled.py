@@ -62,7 +62,8 @@ class CompiledDecodeStep:
         options["guard_filter_fn"] = _guards_worth_checking
         self.compiled = torch.compile(model, options=options)
 
-    def __call__(self, input_ids: torch.Tensor, cache: KVCache) -> torch.Tensor:
+    def __call__(self, input_ids: torch.Tensor, cache: KVCache, **ragged: torch.Tensor) -> torch.Tensor:
+        """``ragged``: the batched engine's ``positions`` (B, 1) and ``mask`` (B, 1, 1, Tk), passed on."""
         import torch._inductor.config as inductor_config
 
         if input_ids.shape[1] != 1:
@@ -76,7 +77,7 @@ class CompiledDecodeStep:
         # past it Dynamo would silently run the step eagerly.
         with inductor_config.patch(freezing=True, autotune_num_choices_displayed=0), \
                 torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT):
-            return self.compiled(input_ids, cache)
+            return self.compiled(input_ids, cache, **ragged)
 
     def warm_up(self, batch_size: int = 1) -> float:
         """Compile for ``batch_size`` now (not in the first generate call); returns the seconds it took.

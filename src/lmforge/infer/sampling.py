@@ -24,6 +24,8 @@ class SamplingConfig:
     top_k: int = field(0, "sample only from the k likeliest tokens; 0 turns the filter off")
     top_p: float = field(1.0, "sample only from the smallest set of tokens whose probability reaches p; 1 is off")
     repetition_penalty: float = field(1.0, "shrink the logits of tokens already in the prompt or output; 1 is off")
+    presence_penalty: float = field(0.0, "subtract this from the logit of every token already generated (OpenAI's); 0 is off")
+    frequency_penalty: float = field(0.0, "subtract this times its count from each generated token's logit (OpenAI's); 0 is off")
     stop: list[str] = field([], "stop when the generated text contains one of these strings (it is cut off)")
     stop_token_ids: list[int] = field([], "stop a sequence when it generates one of these token ids")
     seed: int | None = field(None, "random seed for sampling; None draws from the global generator")
@@ -41,6 +43,9 @@ class SamplingConfig:
             raise ValueError(f"top_p must be in (0, 1] (1 is off), got {self.top_p}")
         if self.repetition_penalty <= 0:
             raise ValueError(f"repetition_penalty must be > 0 (1 is off), got {self.repetition_penalty}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not -2.0 <= getattr(self, name) <= 2.0:
+                raise ValueError(f"{name} must be in [-2, 2], got {getattr(self, name)}")
         if isinstance(self.stop, str):
             raise ValueError(f"stop must be a list of strings, got the string {self.stop!r}; write [{self.stop!r}]")
         if any(not isinstance(s, str) or not s for s in self.stop):
@@ -71,6 +76,19 @@ def apply_repetition_penalty(logits: torch.Tensor, token_ids: torch.Tensor, pena
     seen = logits.gather(1, token_ids)  # (B, N)
     seen = torch.where(seen > 0, seen / penalty, seen * penalty)
     return logits.scatter(1, token_ids, seen)
+
+
+def apply_presence_frequency_penalty(logits: torch.Tensor, counts: torch.Tensor, presence: float,
+                                     frequency: float) -> torch.Tensor:
+    """OpenAI's penalties on generated tokens: logit -= presence * [count > 0] + frequency * count.
+
+    logits (B, V); counts (B, V) how often each token was generated so far in each row.
+    Negative values encourage repetition instead.
+    """
+    if presence == 0.0 and frequency == 0.0:
+        return logits
+    counts = counts.to(logits.dtype)
+    return logits - presence * (counts > 0).to(logits.dtype) - frequency * counts
 
 
 def top_k_filter(logits: torch.Tensor, k: int) -> torch.Tensor:
@@ -107,6 +125,14 @@ def sample_next(logits: torch.Tensor, config: SamplingConfig, generator: torch.G
     logits = logits.float()
     if seen_ids is not None:
         logits = apply_repetition_penalty(logits, seen_ids, config.repetition_penalty)
+    return draw(logits, config, generator)
+
+
+def draw(logits: torch.Tensor, config: SamplingConfig, generator: torch.Generator | None = None) -> torch.Tensor:
+    """The last part of :func:`sample_next`, after the penalties: (B, V) fp32 logits -> token ids (B,).
+
+    Greedy takes the argmax; otherwise temperature -> top-k -> top-p -> one multinomial draw.
+    """
     if config.greedy:
         return logits.argmax(dim=-1)
     logits = top_p_filter(top_k_filter(logits / config.temperature, config.top_k), config.top_p)

@@ -103,7 +103,8 @@ class DecoderLM(nn.Module):
             block.attn.backend = backend
 
     def forward(self, input_ids: torch.Tensor, cache: KVCache | None = None,
-                return_hidden: bool = False, segments: torch.Tensor | None = None) -> torch.Tensor:
+                return_hidden: bool = False, segments: torch.Tensor | None = None,
+                positions: torch.Tensor | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
         """input_ids (B, T) -> logits (B, T, V), or the final hidden states (B, T, dim).
 
         With a cache, the tokens continue the cached prefix: their positions start at
@@ -111,12 +112,18 @@ class DecoderLM(nn.Module):
         (B, T), a row holds several examples packed back to back (equal ids, contiguous
         runs): each attends only within itself and its positions restart at 0, so the
         logits equal those of each example run alone.
+
+        Rows of different lengths (the batched engine, :mod:`lmforge.infer.engine`) pass
+        ``positions`` (B, T), each token's own position, and ``mask`` (B, 1, T, Tk), True
+        where a token may attend to a cached or new key; their cache stores each row's
+        keys at its own positions (:class:`lmforge.infer.slot_cache.SlotKVCache`).
         """
         batch, seq_len = input_ids.shape
-        start = cache.length if cache is not None else 0
-        if start + seq_len > self.config.max_seq_len:
-            raise ValueError(f"sequence of {start + seq_len} tokens exceeds max_seq_len={self.config.max_seq_len}")
-        positions = mask = None
+        start = 0
+        if positions is None:
+            start = cache.length if cache is not None else 0
+            if start + seq_len > self.config.max_seq_len:
+                raise ValueError(f"sequence of {start + seq_len} tokens exceeds max_seq_len={self.config.max_seq_len}")
         if segments is not None:
             if cache is not None:
                 raise ValueError("packed segments are for training and scoring, not for a KV-cached decode")

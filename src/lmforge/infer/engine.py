@@ -1,0 +1,384 @@
+"""The batched engine: many requests of different lengths decoded together.
+
+    engine = Engine(model, max_batch_size=8)
+    engine.add(Request(prompt_ids, SamplingConfig(temperature=0.7, seed=1), decode=tokenizer.decode))
+    while engine.has_work:
+        for output in engine.step():   # RequestOutput: new tokens and text of one request
+            ...
+
+Each request owns a slot of the :class:`SlotKVCache` from its admission to its end.
+One :meth:`Engine.step` does, in order:
+
+1. **Admission** (continuous batching). Waiting requests take free slots and are
+   prefilled one at a time, within ``max_prefill_tokens`` per step, so a long prompt
+   delays the running rows by at most one step. A request joins the running batch
+   between two steps; the rows already running are not touched.
+2. **Prefix cache.** A slot keeps the tokens whose keys it holds after its request ends.
+   A new prompt that begins with tokens some slot holds (the earlier turns of a chat, a
+   shared system prompt, few-shot examples) reuses them: in place when that slot is
+   free, else copied into a free slot. Only the rest of the prompt is computed.
+3. **One decode step** for every running row: slots ``0..B-1`` in one forward pass, B
+   the running rows' span rounded up to a bucket (1, 2, 4, 8, ...): a compiled step
+   compiles once per bucket, not once per batch size.
+4. **Sampling per row**, with the row's own settings and its own random generator
+   (seeded per request), so a row's tokens do not depend on what else shares the batch.
+   Stop tokens, stop strings, the token limit and constraints end rows independently.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+import torch
+
+from lmforge.infer.generate import autocast_for, eval_mode
+from lmforge.infer.request import Completion, Request, RequestOutput, TokenLogprob
+from lmforge.infer.sampling import apply_presence_frequency_penalty, apply_repetition_penalty, draw
+from lmforge.infer.slot_cache import SlotKVCache, attention_mask
+from lmforge.infer.stream import StopStrings, TextStream
+from lmforge.model import DecoderLM
+from lmforge.runtime import Runtime
+
+
+@dataclass
+class _Slot:
+    index: int
+    tokens: list[int] = field(default_factory=list)  # the tokens whose keys/values this slot holds, in order
+    sequence: _Sequence | None = None  # the request using it; None when free
+    last_used: float = 0.0
+
+
+@dataclass
+class _Sequence:
+    """A request's state inside the engine."""
+
+    request: Request
+    stop_ids: set[int]
+    generator: torch.Generator
+    slot: _Slot | None = None
+    generated: list[int] = field(default_factory=list)  # sampled tokens, a stop token included
+    pending: int | None = None  # the last sampled token, not yet fed to the model
+    cached_tokens: int = 0
+    text: TextStream | None = None
+    stops: StopStrings | None = None
+    counts: torch.Tensor | None = None  # (V,) how often each token was generated (presence/frequency)
+
+    @property
+    def id(self) -> str:
+        return self.request.request_id
+
+
+@dataclass
+class EngineStats:
+    """Counters since the engine started (for /metrics)."""
+
+    prompt_tokens: int = 0
+    cached_tokens: int = 0  # prompt tokens served from the prefix cache
+    generated_tokens: int = 0
+    prefix_queries: int = 0  # admissions that looked up the prefix cache
+    prefix_hits: int = 0  # ... and found at least one token
+    decode_steps: int = 0
+    finished: dict[str, int] = field(default_factory=dict)  # by finish reason
+
+
+def batch_buckets(max_batch_size: int) -> list[int]:
+    """Batch sizes the decode step runs at: powers of two below ``max_batch_size``, and it."""
+    sizes, size = [], 1
+    while size < max_batch_size:
+        sizes.append(size)
+        size *= 2
+    return [*sizes, max_batch_size]
+
+
+def common_prefix(a: list[int], b: list[int]) -> int:
+    """Length of the longest common prefix of two token lists."""
+    n = min(len(a), len(b))
+    if n == 0 or a[0] != b[0]:
+        return 0
+    if a[:n] == b[:n]:
+        return n
+    lo, hi = 1, n  # a[:lo] == b[:lo] and a[:hi] != b[:hi]: bisect on list slices (C speed)
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if a[:mid] == b[:mid]:
+            lo = mid
+        else:
+            hi = mid
+    return lo
+
+
+class Engine:
+    """Continuous-batching generation over one model. Not thread-safe: one thread calls it.
+
+    ``context``: positions per slot (default: the model's ``max_seq_len``); a request's
+    prompt plus ``max_new_tokens`` must fit. ``decode_step``: a compiled version of the
+    model for the one-token steps (:class:`CompiledDecodeStep`); prefills run eagerly.
+    """
+
+    def __init__(self, model: DecoderLM, runtime: Runtime | None = None, max_batch_size: int = 8,
+                 context: int | None = None, decode_step=None, max_prefill_tokens: int = 2048,
+                 prefix_caching: bool = True):
+        if max_batch_size < 1:
+            raise ValueError(f"max_batch_size must be at least 1, got {max_batch_size}")
+        self.model, self.runtime, self.decode_step = model, runtime, decode_step
+        self.context = min(context or model.config.max_seq_len, model.config.max_seq_len)
+        self.cache = SlotKVCache.for_model(model, max_batch_size, self.context)
+        self.slots = [_Slot(i) for i in range(max_batch_size)]
+        self.buckets = batch_buckets(max_batch_size)
+        self.max_prefill_tokens, self.prefix_caching = max_prefill_tokens, prefix_caching
+        self.vocab_size = model.config.vocab_size
+        self.device = self.cache.device
+        self.waiting: deque[_Sequence] = deque()
+        self.running: dict[str, _Sequence] = {}
+        self._aborted: list[RequestOutput] = []
+        self.stats = EngineStats()
+
+    # ---- the public surface ------------------------------------------------------------------
+
+    @property
+    def max_batch_size(self) -> int:
+        return len(self.slots)
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running or self._aborted)
+
+    def add(self, request: Request) -> None:
+        """Queue a request; it joins the batch at the next step with a free slot. Bad requests raise ValueError."""
+        self.validate(request)
+        if request.request_id in self.running or any(s.id == request.request_id for s in self.waiting):
+            raise ValueError(f"request id {request.request_id!r} is already in the engine")
+        config = request.sampling
+        seed = config.seed if config.seed is not None else int(torch.randint(0, 2**62, ()).item())
+        sequence = _Sequence(request, set(config.stop_token_ids), torch.Generator(device=self.device).manual_seed(seed))
+        if request.decode is not None:
+            sequence.text, sequence.stops = TextStream(request.decode), StopStrings(config.stop)
+        self.waiting.append(sequence)
+
+    def validate(self, request: Request) -> None:
+        """Raise ValueError for a request this engine cannot run (reads only the engine's settings)."""
+        prompt, config = request.prompt_ids, request.sampling
+        if not prompt:
+            raise ValueError("the prompt is empty: give at least one token (e.g. the BOS token)")
+        if len(prompt) + config.max_new_tokens > self.context:
+            raise ValueError(f"the prompt has {len(prompt)} tokens; with max_new_tokens={config.max_new_tokens} "
+                             f"that exceeds the context of {self.context} tokens")
+        if min(prompt) < 0 or max(prompt) >= self.vocab_size:
+            raise ValueError(f"prompt token ids must be in [0, {self.vocab_size}), got {min(prompt)}..{max(prompt)}")
+        if config.num_beams > 1:
+            raise ValueError("the batched engine samples; beam search runs on its own (lmforge.infer.beam_search)")
+        if config.stop and request.decode is None:
+            raise ValueError("stop strings need the request's decode function to read the text")
+
+    def abort(self, request_id: str) -> bool:
+        """Stop a request now and free its slot; its last output (reason "abort") comes with the next step."""
+        for sequence in self.waiting:
+            if sequence.id == request_id:
+                self.waiting.remove(sequence)
+                break
+        else:
+            sequence = self.running.get(request_id)
+            if sequence is None:
+                return False
+        self._aborted.append(self._finish(sequence, RequestOutput(request_id, []), "abort"))
+        return True
+
+    def step(self) -> list[RequestOutput]:
+        """Admit what fits, run one decode step, sample; returns what each request added."""
+        outputs, self._aborted = self._aborted, []
+        with eval_mode(self.model), torch.inference_mode(), autocast_for(self.model, self.runtime):
+            outputs += self._admit()
+            if any(s.pending is not None for s in self.running.values()):
+                outputs += self._decode()
+        return outputs
+
+    def generate(self, requests: Iterable[Request]) -> list[Completion]:
+        """Run ``requests`` to the end (at most ``max_batch_size`` at once); completions in request order."""
+        requests = list(requests)
+        outputs: dict[str, list[RequestOutput]] = {r.request_id: [] for r in requests}
+        if len(outputs) != len(requests):
+            raise ValueError("request ids must be unique")
+        for request in requests:
+            self.add(request)
+        while self.has_work:
+            for output in self.step():
+                if output.request_id in outputs:
+                    outputs[output.request_id].append(output)
+        return [Completion.join(outputs[r.request_id]) for r in requests]
+
+    def warm_up(self) -> float:
+        """Run the decode step once per batch bucket at two cache lengths (padding rows only), so that a
+        compiled step compiles now rather than in the first requests; returns the seconds it took."""
+        start = time.perf_counter()
+        step = self.decode_step or self.model
+        with eval_mode(self.model), torch.inference_mode(), autocast_for(self.model, self.runtime):
+            for batch in self.buckets:
+                ids = torch.zeros(batch, 1, dtype=torch.long, device=self.device)
+                positions = torch.zeros_like(ids)  # its own tensor: an input aliasing another is guarded on
+                for kv_len in (2, 3):  # a decode reads at least 2 positions; the second length makes it symbolic
+                    self.cache.bind(0, torch.full_like(ids, self.cache.scratch), kv_len)
+                    step(ids, self.cache, positions=positions, mask=attention_mask(positions, kv_len))
+        return time.perf_counter() - start
+
+    def usage(self) -> dict[str, float]:
+        """Load figures for monitoring: waiting and running requests, KV positions in use."""
+        used = sum(len(s.tokens) for s in self.slots if s.sequence is not None)
+        return {"waiting": len(self.waiting), "running": len(self.running),
+                "kv_cache_usage": used / (len(self.slots) * self.context)}
+
+    # ---- admission: slots, prefix cache, prefill ------------------------------------------------
+
+    def _admit(self) -> list[RequestOutput]:
+        outputs, budget = [], self.max_prefill_tokens
+        while self.waiting and budget > 0 and any(s.sequence is None for s in self.slots):
+            sequence = self.waiting.popleft()
+            slot, reused = self._place(sequence.request)
+            budget -= len(sequence.request.prompt_ids) - reused
+            outputs.append(self._prefill(sequence, slot, reused))
+        return outputs
+
+    def _place(self, request: Request) -> tuple[_Slot, int]:
+        """Choose a free slot and how many leading prompt tokens it can reuse.
+
+        A prompt must compute at least its last token (its logits start the reply). Without
+        a match, the slot is an empty one, else the one unused for longest.
+        """
+        free = [s for s in self.slots if s.sequence is None]
+        prompt = request.prompt_ids
+        if not self.prefix_caching or request.prompt_logprobs is not None:
+            return min(free, key=lambda s: (bool(s.tokens), s.last_used)), 0
+        self.stats.prefix_queries += 1
+        matches = {s.index: min(common_prefix(s.tokens, prompt), len(prompt) - 1) for s in self.slots}
+        best = max(self.slots, key=lambda s: (matches[s.index], s.sequence is None))
+        reused = matches[best.index]
+        if reused > 0:
+            self.stats.prefix_hits += 1
+        if best.sequence is None:
+            if reused > 0:
+                return best, reused
+        target = min(free, key=lambda s: (bool(s.tokens), s.last_used))
+        if reused > 0:  # the prefix lives in a running slot: copy its keys and values
+            self.cache.copy_prefix(best.index, target.index, reused)
+        return target, reused
+
+    def _prefill(self, sequence: _Sequence, slot: _Slot, reused: int) -> RequestOutput:
+        """Compute the prompt after its reused prefix into ``slot``; sample the first token."""
+        request, prompt = sequence.request, sequence.request.prompt_ids
+        slot.sequence, slot.tokens, sequence.slot = sequence, list(prompt), slot
+        sequence.cached_tokens = reused
+        self.running[sequence.id] = sequence
+        self.stats.prompt_tokens += len(prompt)
+        self.stats.cached_tokens += reused
+        ids = torch.tensor([prompt[reused:]], device=self.device)  # (1, T)
+        positions = torch.arange(reused, len(prompt), device=self.device)[None]  # (1, T)
+        self.cache.bind(slot.index, positions, len(prompt))
+        hidden = self.model(ids, self.cache, return_hidden=True, positions=positions,
+                            mask=attention_mask(positions, len(prompt)))  # (1, T, dim)
+        prompt_logprobs = None
+        if request.prompt_logprobs is not None:
+            logits = self.model.lm_head(hidden[0]).float()  # (T, V): every prompt position
+            prompt_logprobs = [None] + [_logprob_entry(row, token, request.prompt_logprobs)
+                                        for row, token in zip(logits[:-1], prompt[1:])]
+            last = logits[-1]
+        else:
+            last = self.model.lm_head(hidden[0, -1:]).float()[0]  # (V,)
+        output = self._sample(sequence, last)
+        output.prompt_logprobs = prompt_logprobs
+        return output
+
+    # ---- decoding -------------------------------------------------------------------------------
+
+    def _decode(self) -> list[RequestOutput]:
+        """One token for every running row, in one forward pass over slots 0..B-1."""
+        rows = {s.slot.index: s for s in self.running.values() if s.pending is not None}
+        span = max(rows) + 1
+        batch = next(b for b in self.buckets if b >= span)
+        ids, positions, write = [0] * batch, [0] * batch, [self.cache.scratch] * batch  # padding rows
+        for index, sequence in rows.items():
+            ids[index] = sequence.pending
+            positions[index] = write[index] = len(sequence.slot.tokens)
+        kv_len = max(positions) + 1
+        ids_t = torch.tensor(ids, device=self.device)[:, None]  # (B, 1)
+        positions_t = torch.tensor(positions, device=self.device)[:, None]  # (B, 1)
+        self.cache.bind(0, torch.tensor(write, device=self.device)[:, None], kv_len)
+        step = self.decode_step or self.model
+        logits = step(ids_t, self.cache, positions=positions_t, mask=attention_mask(positions_t, kv_len))
+        logits = logits[:, -1].float()  # (B, V)
+        self.stats.decode_steps += 1
+        outputs = []
+        for index, sequence in rows.items():
+            sequence.slot.tokens.append(sequence.pending)
+            sequence.pending = None
+            outputs.append(self._sample(sequence, logits[index]))
+        return outputs
+
+    def _sample(self, sequence: _Sequence, logits: torch.Tensor) -> RequestOutput:
+        """Choose the next token from fp32 logits (V,), record it, and report what it added."""
+        request, config = sequence.request, sequence.request.sampling
+        scores = logits[None]  # (1, V)
+        if config.repetition_penalty != 1.0:
+            seen = torch.tensor([request.prompt_ids + sequence.generated], device=self.device)
+            scores = apply_repetition_penalty(scores, seen, config.repetition_penalty)
+        if config.presence_penalty or config.frequency_penalty:
+            if sequence.counts is None:
+                sequence.counts = torch.zeros(self.vocab_size, device=self.device)
+            scores = apply_presence_frequency_penalty(scores, sequence.counts[None], config.presence_penalty,
+                                                      config.frequency_penalty)
+        if request.constraint is not None:
+            remaining = config.max_new_tokens - len(sequence.generated)
+            allowed = request.constraint.allowed(remaining).to(self.device)
+            scores = scores.masked_fill(~allowed[None], float("-inf"))
+        token = int(draw(scores, config, sequence.generator)[0])
+        sequence.generated.append(token)
+        self.stats.generated_tokens += 1
+        if sequence.counts is not None:
+            sequence.counts[token] += 1
+        output = RequestOutput(sequence.id, [])
+        if request.logprobs is not None:  # a stop token gets its entry too (scoring counts one generated token)
+            output.logprobs.append(_logprob_entry(logits, token, request.logprobs))
+        if token in sequence.stop_ids:
+            return self._finish(sequence, output, "stop")
+        if request.constraint is not None:
+            request.constraint.advance(token)
+        output.token_ids.append(token)
+        if sequence.text is not None:
+            output.text, stopped = sequence.stops.push(sequence.text.push(token))
+            if stopped:
+                return self._finish(sequence, output, "stop", flush=False)
+        if len(sequence.generated) >= config.max_new_tokens:
+            return self._finish(sequence, output, "length")
+        sequence.pending = token
+        return self._count(sequence, output)
+
+    def _finish(self, sequence: _Sequence, output: RequestOutput, reason: str, flush: bool = True) -> RequestOutput:
+        """End a request: release its slot (its tokens stay for the prefix cache), flush held-back text."""
+        if flush and sequence.text is not None:
+            text, stopped = sequence.stops.push(sequence.text.flush())
+            output.text += text if stopped else text + sequence.stops.flush()
+        if sequence.slot is not None:
+            sequence.slot.sequence, sequence.slot.last_used = None, time.monotonic()
+        self.running.pop(sequence.id, None)
+        sequence.pending = None
+        output.finished, output.finish_reason = True, reason
+        self.stats.finished[reason] = self.stats.finished.get(reason, 0) + 1
+        return self._count(sequence, output)
+
+    @staticmethod
+    def _count(sequence: _Sequence, output: RequestOutput) -> RequestOutput:
+        output.prompt_tokens = len(sequence.request.prompt_ids)
+        output.cached_tokens = sequence.cached_tokens
+        output.completion_tokens = len(sequence.generated)
+        return output
+
+
+def _logprob_entry(logits: torch.Tensor, token: int, top: int) -> TokenLogprob:
+    """The model's log-probability of ``token`` under fp32 logits (V,), and the ``top`` likeliest tokens."""
+    logprobs = torch.log_softmax(logits, dim=-1)
+    entry = TokenLogprob(token, float(logprobs[token]))
+    if top > 0:
+        values, ids = logprobs.topk(top)
+        entry.top = list(zip(ids.tolist(), values.tolist()))
+    return entry

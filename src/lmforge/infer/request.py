@@ -1,0 +1,98 @@
+"""What goes into the batched engine and what comes out of it.
+
+A :class:`Request` is one prompt with its own sampling settings, seed, stop strings,
+stop tokens, token limit and (optionally) a constraint on the tokens it may produce.
+Each engine step reports, for every request that moved, a :class:`RequestOutput` with
+the tokens and text it added; the last one has ``finished=True`` and a reason.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import torch
+
+from lmforge.infer.sampling import SamplingConfig
+
+
+class TokenConstraint(Protocol):
+    """Limits which tokens a request may produce (e.g. :class:`lmforge.infer.constrain.JsonConstraint`)."""
+
+    def allowed(self, remaining: int | None = None) -> torch.Tensor:
+        """(V,) bool: the tokens that may come next; ``remaining`` tokens are left in the budget."""
+
+    def advance(self, token_id: int) -> None:
+        """Take the token that was chosen."""
+
+
+@dataclass
+class TokenLogprob:
+    """A token's log-probability under the model, and the ``k`` likeliest alternatives at its place."""
+
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]] = field(default_factory=list)  # (token id, log-prob), likeliest first
+
+
+@dataclass
+class Request:
+    """One prompt to continue.
+
+    ``logprobs``: None for none; k >= 0 reports each generated token's log-probability and
+    the k likeliest tokens at its place. ``prompt_logprobs``: the same for the prompt's
+    tokens (the first has none); such a request is prefilled in full, without the prefix
+    cache, since the cached positions' logits are not kept. ``decode`` turns ids into text
+    for streaming and for stop strings; without it the outputs carry token ids only and
+    stop strings cannot be checked.
+    """
+
+    prompt_ids: list[int]
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    logprobs: int | None = None
+    prompt_logprobs: int | None = None
+    constraint: TokenConstraint | None = None
+    decode: Callable[[list[int]], str] | None = None
+    arrival: float = field(default_factory=time.monotonic)
+
+
+@dataclass
+class RequestOutput:
+    """What one engine step added to one request."""
+
+    request_id: str
+    token_ids: list[int]  # new tokens (a stop token is not included)
+    text: str = ""  # their text: complete characters only, cut before any stop string
+    logprobs: list[TokenLogprob] = field(default_factory=list)  # one per new token, a stop token included
+    prompt_logprobs: list[TokenLogprob | None] | None = None  # in the first output, when asked for
+    finished: bool = False
+    finish_reason: str | None = None  # "stop" (stop token or string), "length", "abort"
+    prompt_tokens: int = 0
+    cached_tokens: int = 0  # prompt tokens taken from the prefix cache instead of computed
+    completion_tokens: int = 0  # generated so far, a stop token included
+
+
+@dataclass
+class Completion:
+    """A finished request, all its outputs joined (what :meth:`Engine.generate` returns)."""
+
+    request_id: str
+    token_ids: list[int]
+    text: str
+    finish_reason: str | None
+    logprobs: list[TokenLogprob]
+    prompt_logprobs: list[TokenLogprob | None] | None
+    prompt_tokens: int
+    cached_tokens: int
+    completion_tokens: int
+
+    @classmethod
+    def join(cls, outputs: list[RequestOutput]) -> Completion:
+        last = outputs[-1]
+        return cls(last.request_id, [t for o in outputs for t in o.token_ids], "".join(o.text for o in outputs),
+                   last.finish_reason, [lp for o in outputs for lp in o.logprobs], outputs[0].prompt_logprobs,
+                   last.prompt_tokens, last.cached_tokens, last.completion_tokens)

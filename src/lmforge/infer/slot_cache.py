@@ -1,0 +1,102 @@
+"""The KV cache of the batched engine: one slot per sequence, each with its own length.
+
+Layout. Every layer keeps keys and values in one tensor of shape
+(num_slots, Hkv, context + 1, D). Slot ``s`` holds one sequence; the keys of its token at
+position ``p`` sit at index ``p``, so a position is also a cache index and a row's
+attention mask is simply "key index <= my position". This is llama.cpp's slot layout,
+not vLLM's paged one: it wastes the unused tail of each slot, but needs no block table,
+keeps every slot's keys contiguous for the attention kernel, and lets one compiled graph
+serve any mix of lengths.
+
+A forward pass works on a contiguous range of slots ``[first, first + B)``: the decode
+step runs over slots ``0 .. B-1`` (B a bucketed batch size; slots in that range without a
+running request are padding rows), a prefill over the one slot it fills. Before each
+pass the engine calls :meth:`bind` with where each new token's keys go; the model then
+calls :meth:`update` once per layer (the same contract as :class:`KVCache`). Padding
+rows write to the extra index ``context`` (a scratch column nobody reads) and attend
+only to key 0, so they never disturb a slot's contents and never produce NaNs.
+
+Memory is zeroed lazily up to the furthest index used so far: a slot is read up to the
+longest running row, and never-written entries must be finite (a masked score gives
+weight 0, but 0 * NaN is NaN).
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class SlotKVCache:
+    def __init__(self, num_layers: int, num_slots: int, context: int, num_kv_heads: int, head_dim: int,
+                 dtype: torch.dtype, device: torch.device | str = "cpu"):
+        shape = (num_slots, num_kv_heads, context + 1, head_dim)  # +1: the padding rows' scratch column
+        self.keys = [torch.empty(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.values = [torch.empty(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.num_slots, self.context, self.scratch = num_slots, context, context
+        self._zeroed = 0  # indices [0, _zeroed) of every slot hold finite values
+        # where the current forward pass reads and writes (set by bind)
+        self.first, self.rows, self.kv_len = 0, 0, 0
+        self.write_index = torch.zeros(1, 1, dtype=torch.long, device=device)
+
+    @classmethod
+    def for_model(cls, model, num_slots: int, context: int | None = None,
+                  dtype: torch.dtype | None = None) -> SlotKVCache:
+        config = model.config
+        param = next(model.parameters())
+        return cls(config.num_layers, num_slots, context or config.max_seq_len, config.num_kv_heads,
+                   config.head_dim, dtype or param.dtype, param.device)
+
+    @property
+    def device(self) -> torch.device:
+        return self.keys[0].device
+
+    def bytes_per_slot(self) -> int:
+        return sum(k[0].numel() * k.element_size() for k in self.keys + self.values)
+
+    def bind(self, first: int, write_index: torch.Tensor, kv_len: int) -> None:
+        """Prepare a forward pass over slots ``[first, first + B)``.
+
+        write_index (B, T): the cache index of each new token's keys (its position, or
+        :attr:`scratch` for a padding row). ``kv_len``: how many leading indices the
+        attention reads (the longest row's length after this pass).
+        """
+        if kv_len > self.context:
+            raise ValueError(f"KV slot is full: {kv_len} positions needed, context is {self.context}")
+        self._zero_up_to(kv_len)
+        self.first, self.rows, self.kv_len = first, write_index.shape[0], kv_len
+        self.write_index = write_index
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store k, v (B, Hkv, T, D) at each row's write indices; return (B, Hkv, kv_len, D) views."""
+        keys = self.keys[layer][self.first:self.first + self.rows]  # views of the bound slots
+        values = self.values[layer][self.first:self.first + self.rows]
+        row = torch.arange(self.rows, device=k.device)[:, None]  # (B, 1), broadcast against (B, T)
+        # Advanced indices on dims 0 and 2 put their (B, T) shape first: the target is (B, T, Hkv, D).
+        keys[row, :, self.write_index] = k.transpose(1, 2)
+        values[row, :, self.write_index] = v.transpose(1, 2)
+        return keys[:, :, :self.kv_len], values[:, :, :self.kv_len]
+
+    def advance(self, num_tokens: int) -> None:
+        """Part of the cache contract; lengths live with the engine's slots, so nothing to do."""
+
+    def copy_prefix(self, source: int, target: int, length: int) -> None:
+        """Copy the first ``length`` positions of slot ``source`` into slot ``target`` (prefix reuse)."""
+        for tensors in (self.keys, self.values):
+            for t in tensors:
+                t[target, :, :length] = t[source, :, :length]
+
+    def _zero_up_to(self, length: int) -> None:
+        if length > self._zeroed:  # (the scratch column is written, never read: it may hold anything)
+            for t in self.keys + self.values:
+                t[:, :, self._zeroed:length] = 0
+            self._zeroed = length
+
+
+def attention_mask(positions: torch.Tensor, kv_len: int) -> torch.Tensor:
+    """(B, 1, T, kv_len) boolean mask: a token at position p sees cache indices 0..p.
+
+    positions (B, T). Causal within a prefill and ragged across rows, because a
+    position is a cache index in the slot layout.
+    """
+    keys = torch.arange(kv_len, device=positions.device)
+    return (keys[None, None, :] <= positions[:, :, None])[:, None]

@@ -1,0 +1,1 @@
+"""The OpenAI-compatible server: HTTP API, web UI and metrics over the batched engine."""

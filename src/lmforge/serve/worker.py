@@ -1,0 +1,153 @@
+"""The engine's thread: the HTTP side talks to it through an inbox and per-request queues.
+
+The :class:`~lmforge.infer.engine.Engine` knows nothing of HTTP and is not thread-safe;
+one thread owns it and loops: take new requests and aborts from the inbox, run one
+engine step, hand each output to its request's asyncio queue (thread-safely, on the
+server's event loop). With nothing to do it sleeps on the inbox. Other work that needs
+the model (embeddings) is queued the same way and runs between two steps.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import Future
+from typing import Any
+
+from lmforge.infer.engine import Engine
+from lmforge.infer.request import Request, RequestOutput
+
+log = logging.getLogger("lmforge.serve")
+
+
+class EngineWorker:
+    def __init__(self, engine: Engine, name: str = "engine"):
+        self.engine = engine
+        self.inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self.sinks: dict[str, Callable[[RequestOutput | BaseException], None]] = {}  # engine thread only
+        self.in_flight = 0  # requests submitted and not yet finished (event-loop thread only)
+        self.name, self._stop = name, threading.Event()
+        self.thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        if self.thread is not None and self.thread.is_alive():
+            raise RuntimeError(f"the engine of {self.name!r} already has a thread (one server per model)")
+        self._stop.clear()
+        self.thread = threading.Thread(target=self._run, name=f"lmforge-{self.name}", daemon=True)
+        self.thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Cancel what is still running and end the thread."""
+        self._stop.set()
+        self.inbox.put(("wake",))
+        if self.thread is not None:
+            self.thread.join(timeout)
+
+    @property
+    def queued(self) -> int:
+        """Requests that have no slot yet."""
+        return max(0, self.in_flight - self.engine.max_batch_size)
+
+    async def submit(self, request: Request) -> AsyncIterator[RequestOutput]:
+        """Add ``request`` and yield its outputs as the engine makes them.
+
+        Leaving the iteration early (a client that went away, a cancelled task) aborts the
+        request in the engine, which frees its slot at the next step.
+        """
+        loop = asyncio.get_running_loop()
+        outputs: asyncio.Queue = asyncio.Queue()
+
+        def sink(item: RequestOutput | BaseException) -> None:
+            loop.call_soon_threadsafe(outputs.put_nowait, item)
+
+        self.in_flight += 1
+        finished = False
+        try:
+            self.inbox.put(("add", request, sink))
+            while not finished:
+                item = await outputs.get()
+                if isinstance(item, BaseException):
+                    finished = True
+                    raise item
+                finished = item.finished
+                yield item
+        finally:
+            self.in_flight -= 1
+            if not finished:
+                self.inbox.put(("abort", request.request_id))
+
+    def abort_all(self) -> None:
+        """End every request now (shutdown): each stream gets its last output, finish reason "abort"."""
+        self.inbox.put(("abort_all",))
+
+    def call(self, fn: Callable[[], Any]) -> Future:
+        """Run ``fn`` on the engine's thread between two steps; a Future of its result."""
+        future: Future = Future()
+        self.inbox.put(("call", fn, future))
+        return future
+
+    # ---- the engine's thread ----------------------------------------------------------------------
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self._take_inbox(block=not self.engine.has_work)
+            if self._stop.is_set():
+                break
+            try:
+                outputs = self.engine.step()
+            except Exception as err:  # a bug: fail the running requests, keep serving
+                log.exception("engine step failed")
+                self._fail_all(err)
+                continue
+            for output in outputs:
+                sink = self.sinks.get(output.request_id)
+                if sink is not None:
+                    sink(output)
+                if output.finished:
+                    self.sinks.pop(output.request_id, None)
+        self._fail_all(RuntimeError("the server is shutting down"))
+
+    def _take_inbox(self, block: bool) -> None:
+        try:
+            item = self.inbox.get(timeout=0.5) if block else self.inbox.get_nowait()
+        except queue.Empty:
+            return
+        while True:
+            self._handle(item)
+            try:
+                item = self.inbox.get_nowait()
+            except queue.Empty:
+                return
+
+    def _handle(self, item: tuple) -> None:
+        kind = item[0]
+        if kind == "add":
+            _, request, sink = item
+            try:
+                self.engine.add(request)
+            except ValueError as err:
+                sink(err)
+                return
+            self.sinks[request.request_id] = sink
+        elif kind == "abort":
+            self.engine.abort(item[1])
+        elif kind == "abort_all":
+            for request_id in list(self.sinks):
+                self.engine.abort(request_id)
+        elif kind == "call":
+            _, fn, future = item
+            try:
+                future.set_result(fn())
+            except BaseException as err:  # handed to the caller
+                future.set_exception(err)
+
+    def _fail_all(self, err: BaseException) -> None:
+        for request_id, sink in list(self.sinks.items()):
+            self.engine.abort(request_id)
+            sink(err)
+        self.sinks.clear()
+        if self.engine.has_work:
+            self.engine.step()  # flush the aborts

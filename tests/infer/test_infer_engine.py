@@ -1,0 +1,201 @@
+"""The batched engine: a row of a mixed batch decodes exactly as its prompt alone."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lmforge.infer import SamplingConfig, generate
+from lmforge.infer.engine import Engine, batch_buckets, common_prefix
+from lmforge.infer.request import Request
+
+PROMPTS = [[1, 2, 3], [5, 6, 7, 8, 9, 10, 11], [4], [9] * 14 + [1], [3, 3, 8, 2]]
+
+
+def greedy(n: int = 20, **extra) -> SamplingConfig:
+    return SamplingConfig(max_new_tokens=n, temperature=0, **extra)
+
+
+def sampled(seed: int, n: int = 24) -> SamplingConfig:
+    return SamplingConfig(max_new_tokens=n, temperature=1.0, top_k=20, top_p=0.95, seed=seed)
+
+
+def run_alone(model, request_args: list[tuple[list[int], SamplingConfig]], **request_extra):
+    return [Engine(model, max_batch_size=1).generate([Request(p, c, **request_extra)])[0] for p, c in request_args]
+
+
+def test_mixed_batch_greedy_equals_each_prompt_alone_and_the_reference_decoder(make_model):
+    model = make_model()
+    batch = Engine(model, max_batch_size=8).generate([Request(p, greedy()) for p in PROMPTS])
+    alone = run_alone(model, [(p, greedy()) for p in PROMPTS])
+    reference = generate(model, PROMPTS, greedy(), use_cache=False)  # full recompute, no cache
+    assert [c.token_ids for c in batch] == [c.token_ids for c in alone] == reference
+    assert all(c.finish_reason == "length" and c.completion_tokens == 20 for c in batch)
+
+
+def test_sampling_with_a_seed_does_not_depend_on_the_batch(make_model):
+    model = make_model()
+    args = [(p, sampled(seed)) for seed, p in enumerate(PROMPTS)]
+    alone = [c.token_ids for c in run_alone(model, args)]
+    together = [c.token_ids for c in Engine(model, max_batch_size=8).generate([Request(p, c) for p, c in args])]
+    shuffled = Engine(model, max_batch_size=3).generate([Request(p, c) for p, c in reversed(args)])
+    assert together == alone
+    assert [c.token_ids for c in reversed(shuffled)] == alone
+    other_seed = Engine(model).generate([Request(PROMPTS[0], sampled(99))])[0].token_ids
+    assert other_seed != alone[0]
+
+
+def test_each_row_keeps_its_own_settings_and_limits(make_model):
+    model = make_model()
+    first = Engine(model).generate([Request(PROMPTS[1], greedy(30))])[0].token_ids
+    stop_token = first[5]
+    requests = [Request(PROMPTS[1], greedy(30, stop_token_ids=[stop_token])), Request(PROMPTS[1], greedy(3)),
+                Request(PROMPTS[1], sampled(1, 30)), Request(PROMPTS[1], greedy(30))]
+    out = Engine(model, max_batch_size=4).generate(requests)
+    assert out[0].token_ids == first[:first.index(stop_token)] and out[0].finish_reason == "stop"
+    assert out[0].completion_tokens == first.index(stop_token) + 1  # the stop token counts as generated
+    assert out[1].token_ids == first[:3] and out[1].finish_reason == "length"
+    assert out[3].token_ids == first
+
+
+def test_a_request_joining_mid_flight_changes_no_other_row(make_model):
+    model = make_model()
+    engine = Engine(model, max_batch_size=4)
+    first = [Request(PROMPTS[0], greedy(30), request_id="a"), Request(PROMPTS[1], sampled(5, 30), request_id="b")]
+    for r in first:
+        engine.add(r)
+    outputs: dict[str, list[int]] = {"a": [], "b": [], "c": []}
+    steps = 0
+    while engine.has_work:
+        if steps == 7:  # two rows are running: a third prompt joins the batch
+            engine.add(Request(PROMPTS[3], sampled(6, 10), request_id="c"))
+        for output in engine.step():
+            outputs[output.request_id] += output.token_ids
+        steps += 1
+    alone = run_alone(model, [(PROMPTS[0], greedy(30)), (PROMPTS[1], sampled(5, 30)), (PROMPTS[3], sampled(6, 10))])
+    assert [outputs[k] for k in "abc"] == [c.token_ids for c in alone]
+
+
+def test_prefix_cache_hit_gives_the_cold_tokens_and_logprobs(make_model):
+    model = make_model()
+    system = [7, 1, 9, 2, 8, 3, 6, 4, 5, 10, 11, 12]
+    turn = system + [20, 21, 22]
+    cold = Engine(model, max_batch_size=2).generate([Request(turn, greedy(12), logprobs=3)])[0]
+    engine = Engine(model, max_batch_size=2)
+    warm_up = engine.generate([Request(system + [30, 31], greedy(5))])[0]
+    hit = engine.generate([Request(turn, greedy(12), logprobs=3)])[0]
+    assert warm_up.cached_tokens == 0 and hit.cached_tokens == len(system)
+    assert engine.stats.prefix_hits == 1 and engine.stats.cached_tokens == len(system)
+    assert hit.token_ids == cold.token_ids
+    for a, b in zip(hit.logprobs, cold.logprobs):
+        assert a.token_id == b.token_id and a.logprob == pytest.approx(b.logprob, abs=1e-5)
+        assert [t for t, _ in a.top] == [t for t, _ in b.top]
+
+
+def test_prefix_shared_with_a_running_row_is_copied_into_a_free_slot(make_model):
+    model = make_model()
+    shared = [7, 1, 9, 2, 8, 3, 6, 4]
+    engine = Engine(model, max_batch_size=2)
+    engine.add(Request(shared + [1], greedy(40), request_id="long"))
+    engine.step()
+    engine.step()
+    copy = engine.generate([Request(shared + [2, 3], sampled(3))])[0]
+    cold = Engine(model, max_batch_size=1).generate([Request(shared + [2, 3], sampled(3))])[0]
+    assert copy.cached_tokens == len(shared) and copy.token_ids == cold.token_ids
+
+
+def test_logprobs_are_the_models_distribution(make_model):
+    model = make_model()
+    prompt = PROMPTS[1]
+    out = Engine(model).generate([Request(prompt, greedy(4), logprobs=2, prompt_logprobs=1)])[0]
+    ids = prompt + out.token_ids
+    with torch.no_grad():
+        reference = torch.log_softmax(model(torch.tensor([ids]))[0].float(), dim=-1)  # (T, V)
+    for i, entry in enumerate(out.prompt_logprobs[1:], start=1):
+        assert entry.token_id == ids[i]
+        assert entry.logprob == pytest.approx(float(reference[i - 1, ids[i]]), abs=1e-5)
+    for i, entry in enumerate(out.logprobs):
+        position = len(prompt) - 1 + i
+        assert entry.logprob == pytest.approx(float(reference[position, entry.token_id]), abs=1e-5)
+        assert entry.top[0][0] == entry.token_id  # greedy picks the likeliest
+        assert len(entry.top) == 2
+    assert out.prompt_logprobs[0] is None and out.cached_tokens == 0
+
+
+def test_stop_strings_cut_the_text_per_row(make_model, byte_tokenizer):
+    model = make_model(vocab_size=258)
+    prompt = [256, 65, 66]
+    free = Engine(model).generate([Request(prompt, greedy(20), decode=byte_tokenizer.decode)])[0]
+    stop = free.text[6:8]
+    assert stop
+    out = Engine(model, max_batch_size=2).generate([
+        Request(prompt, greedy(20, stop=[stop]), decode=byte_tokenizer.decode),
+        Request(prompt, greedy(20), decode=byte_tokenizer.decode)])
+    assert out[0].text == free.text[:free.text.index(stop)] and out[0].finish_reason == "stop"
+    assert out[1].text == free.text
+
+
+def test_abort_frees_the_slot_and_reports_it(make_model):
+    engine = Engine(make_model(), max_batch_size=1)
+    engine.add(Request(PROMPTS[0], greedy(50), request_id="x"))
+    engine.add(Request(PROMPTS[1], greedy(5), request_id="y"))
+    engine.step()
+    assert engine.usage()["running"] == 1 and engine.usage()["waiting"] == 1
+    assert engine.abort("x") and not engine.abort("nobody")
+    outputs = engine.step()
+    assert outputs[0].request_id == "x" and outputs[0].finish_reason == "abort"
+    assert any(o.request_id == "y" for o in outputs)  # y took the freed slot in the same step
+
+
+def test_bad_requests_are_refused_with_a_reason(make_model):
+    engine = Engine(make_model(), max_batch_size=1, context=32)
+    with pytest.raises(ValueError, match="empty"):
+        engine.add(Request([], greedy()))
+    with pytest.raises(ValueError, match="context of 32"):
+        engine.add(Request([1] * 20, greedy(20)))
+    with pytest.raises(ValueError, match="token ids"):
+        engine.add(Request([1, 999], greedy()))
+    with pytest.raises(ValueError, match="beam"):
+        engine.add(Request([1], SamplingConfig(max_new_tokens=4, num_beams=2, temperature=0)))
+
+
+def test_penalties_change_the_choice(make_model):
+    model = make_model()
+    plain = Engine(model).generate([Request(PROMPTS[2], greedy(30))])[0].token_ids
+    penalised = Engine(model).generate([Request(PROMPTS[2], greedy(30, frequency_penalty=2.0,
+                                                                    presence_penalty=2.0))])[0].token_ids
+    assert len(set(plain)) < len(plain)  # the plain greedy output repeats itself
+    assert penalised != plain
+    assert max(penalised.count(t) for t in penalised) <= max(plain.count(t) for t in plain)
+
+
+def test_helpers():
+    assert batch_buckets(1) == [1] and batch_buckets(8) == [1, 2, 4, 8] and batch_buckets(6) == [1, 2, 4, 6]
+    assert common_prefix([1, 2, 3, 4], [1, 2, 5]) == 2 and common_prefix([], [1]) == 0
+    assert common_prefix(list(range(1000)), list(range(700)) + [0]) == 700
+
+
+def test_compiled_step_serves_changing_batches_without_recompiling(make_model):
+    from torch._dynamo.utils import counters
+
+    from lmforge.infer import CompiledDecodeStep
+
+    model = make_model()
+    reference = Engine(model, max_batch_size=2).generate([Request(p, greedy(12)) for p in PROMPTS[:3]])
+    engine = Engine(model, max_batch_size=2, decode_step=CompiledDecodeStep(model, max_autotune=False))
+    engine.warm_up()
+    compiled_before = counters["stats"]["unique_graphs"]
+    out = engine.generate([Request(p, greedy(12)) for p in PROMPTS[:3]])  # batch 2, then 1 as rows end
+    out += engine.generate([Request(PROMPTS[3], greedy(30))])
+    assert counters["stats"]["unique_graphs"] == compiled_before
+    assert [c.token_ids for c in out[:3]] == [c.token_ids for c in reference]
+
+
+def test_a_stop_token_has_a_logprob_entry_but_no_token(make_model):
+    """Scoring asks for one generated token's log-probability after the prompt, whatever it is."""
+    model = make_model()
+    first = Engine(model).generate([Request(PROMPTS[1], greedy(1), logprobs=1)])[0]
+    stopped = Engine(model).generate([Request(PROMPTS[1], greedy(5, stop_token_ids=first.token_ids), logprobs=1)])[0]
+    assert stopped.token_ids == [] and stopped.finish_reason == "stop" and stopped.completion_tokens == 1
+    assert [e.token_id for e in stopped.logprobs] == first.token_ids
+    assert stopped.logprobs[0].logprob == pytest.approx(first.logprobs[0].logprob)
