@@ -125,14 +125,14 @@ class LanguageModel:
         prompt_ids = self.encode_prompt(prompt)
         if config.num_beams > 1:
             tokens = beam_search(self.model, prompt_ids, config, self.runtime, self.decode_step).tokens
-            return cut_at_stop(self.tokenizer.decode(tokens), config.stop)
+            return cut_at_stop(self._reply_text(tokens), config.stop)
         tokens: list[int] = []
-        detector = _StopDetector(self.tokenizer.decode, config.stop)
+        detector = _StopDetector(self._reply_text, config.stop)
         for token in generate_tokens(self.model, prompt_ids, config, self.runtime, decode_step=self.decode_step):
             tokens.append(token)
             if detector.push(token):
                 break
-        return cut_at_stop(self.tokenizer.decode(tokens), config.stop)
+        return cut_at_stop(self._reply_text(tokens), config.stop)
 
     def stream(self, prompt: str | list[int], **sampling: Any) -> Iterator[str]:
         """Yield the continuation as text pieces as they are decoded.
@@ -142,7 +142,7 @@ class LanguageModel:
         concatenate to ``generate(prompt, **sampling)`` for the same settings and seed.
         """
         config = self.sampling_config(**sampling)
-        text_stream, stops = TextStream(self.tokenizer.decode), StopStrings(config.stop)
+        text_stream, stops = TextStream(self._reply_text), StopStrings(config.stop)
         tokens = generate_tokens(self.model, self.encode_prompt(prompt), config, self.runtime,
                                  decode_step=self.decode_step)
         try:
