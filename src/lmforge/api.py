@@ -86,7 +86,8 @@ class LanguageModel:
         engines = self.__dict__.setdefault("_engines", {})
         if max_batch_size not in engines:
             engines[max_batch_size] = Engine(self.model, self.runtime, max_batch_size=max_batch_size,
-                                             decode_step=self.decode_step)
+                                             decode_step=self.decode_step,
+                                             vocab_limit=getattr(self.tokenizer, "vocab_size", None))
         return engines[max_batch_size]
 
     def generate_batch(self, prompts: Sequence[str | list[int] | dict[str, Any]], max_batch_size: int = 8,

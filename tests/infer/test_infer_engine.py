@@ -199,3 +199,9 @@ def test_a_stop_token_has_a_logprob_entry_but_no_token(make_model):
     assert stopped.token_ids == [] and stopped.finish_reason == "stop" and stopped.completion_tokens == 1
     assert [e.token_id for e in stopped.logprobs] == first.token_ids
     assert stopped.logprobs[0].logprob == pytest.approx(first.logprobs[0].logprob)
+
+
+def test_ids_past_the_tokenizer_are_never_sampled(make_model):
+    model = make_model()  # 64 logits; pretend the tokenizer knows only 10 tokens
+    out = Engine(model, vocab_limit=10).generate([Request(p, sampled(i, 40)) for i, p in enumerate(PROMPTS[:3])])
+    assert all(0 <= t < 10 for c in out for t in c.token_ids)

@@ -130,3 +130,15 @@ def test_packed_rows_equal_each_example_alone(overrides, backend):
     torch.testing.assert_close(logits, torch.cat([model(e) for e in examples], dim=1), rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="not for a KV-cached decode"):
         model(packed, KVCache.for_model(model, 1, 32), segments=segments)
+
+
+def test_one_query_attention_equals_the_reference_with_ragged_rows():
+    from lmforge.model.attention import eager_attention, one_query_attention, sdpa_attention
+
+    torch.manual_seed(0)
+    q, k, v = torch.randn(3, 6, 1, 8), torch.randn(3, 2, 10, 8), torch.randn(3, 2, 10, 8)  # GQA: 3 heads per kv head
+    mask = (torch.arange(10)[None, :] <= torch.tensor([[2], [9], [5]]))[:, None, None, :]  # rows of 3, 10, 6 keys
+    reference = eager_attention(q, k, v, mask=mask)
+    torch.testing.assert_close(one_query_attention(q, k, v, mask), reference)
+    low = sdpa_attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), mask=mask)  # takes the grouped path in bf16
+    torch.testing.assert_close(low.float(), reference, atol=3e-2, rtol=3e-2)

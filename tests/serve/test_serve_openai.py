@@ -362,3 +362,23 @@ def test_remote_tokenizer_routes_for_lm_evaluation_harness(live_server, tiny_lm)
     back = httpx.post(live_server + "/detokenize", json={"tokens": plain["tokens"]}).json()["prompt"]
     assert back == text
     assert httpx.post(live_server + "/detokenize", json={"tokens": [10**9]}).status_code == 400
+
+
+def test_an_engine_failure_fails_its_requests_and_the_server_goes_on(tiny_lm, start_server):
+    from lmforge.serve.served_model import ServedModel
+
+    served = ServedModel(MODEL, tiny_lm, max_batch_size=2)
+    real_step, calls = served.engine.step, []
+
+    def failing_step():
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("boom")
+        return real_step()
+
+    served.engine.step = failing_step
+    with start_server({MODEL: served}) as url:
+        body = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3}
+        failed = httpx.post(url + "/v1/chat/completions", json=body, timeout=30)
+        assert failed.status_code == 500 and "boom" in failed.json()["error"]["message"]
+        assert httpx.post(url + "/v1/chat/completions", json=body, timeout=30).status_code == 200

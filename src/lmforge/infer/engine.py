@@ -116,11 +116,13 @@ class Engine:
     ``context``: positions per slot (default: the model's ``max_seq_len``); a request's
     prompt plus ``max_new_tokens`` must fit. ``decode_step``: a compiled version of the
     model for the one-token steps (:class:`CompiledDecodeStep`); prefills run eagerly.
+    ``vocab_limit``: the tokenizer's size when the model has more logits than it has
+    tokens (padded embedding tables); the ids past it are never sampled.
     """
 
     def __init__(self, model: DecoderLM, runtime: Runtime | None = None, max_batch_size: int = 8,
                  context: int | None = None, decode_step=None, max_prefill_tokens: int = 2048,
-                 prefix_caching: bool = True):
+                 prefix_caching: bool = True, vocab_limit: int | None = None):
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be at least 1, got {max_batch_size}")
         self.model, self.runtime, self.decode_step = model, runtime, decode_step
@@ -130,6 +132,7 @@ class Engine:
         self.buckets = batch_buckets(max_batch_size)
         self.max_prefill_tokens, self.prefix_caching = max_prefill_tokens, prefix_caching
         self.vocab_size = model.config.vocab_size
+        self.vocab_limit = vocab_limit if vocab_limit is not None and vocab_limit < self.vocab_size else None
         self.device = self.cache.device
         self.waiting: deque[_Sequence] = deque()
         self.running: dict[str, _Sequence] = {}
@@ -319,6 +322,9 @@ class Engine:
         """Choose the next token from fp32 logits (V,), record it, and report what it added."""
         request, config = sequence.request, sequence.request.sampling
         scores = logits[None]  # (1, V)
+        if self.vocab_limit is not None:
+            scores = scores.clone()
+            scores[:, self.vocab_limit:] = float("-inf")
         if config.repetition_penalty != 1.0:
             seen = torch.tensor([request.prompt_ids + sequence.generated], device=self.device)
             scores = apply_repetition_penalty(scores, seen, config.repetition_penalty)

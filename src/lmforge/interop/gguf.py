@@ -29,13 +29,22 @@ from lmforge.tokenizer.bytelevel import SPLIT_PATTERN
 ARCHITECTURES = ("llama", "qwen2")
 TOKENIZER_MODELS = ("gpt2",)  # byte-level BPE; sentencepiece ("llama") vocabularies are not read yet
 
-# Pre-tokenizer regexes by ``tokenizer.ggml.pre``: how text is cut into words before BPE.
+# Pre-tokenizer regexes by ``tokenizer.ggml.pre``: how text is cut into words before BPE, applied
+# in turn (each regex splits the pieces the one before made), as llama.cpp's llama-vocab.cpp does.
 GPT2_SPLIT = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+DIGIT_SPLIT = r"\p{N}"  # every digit on its own (SmolLM, StarCoder), before the GPT-2 split
 LLAMA3_SPLIT = SPLIT_PATTERN  # lmforge's own tokenizers split text as Llama 3 does
 QWEN2_SPLIT = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"""
                r"""|\s*[\r\n]+|\s+(?!\S)|\s+""")
-PRE_TOKENIZER_SPLITS = {"default": GPT2_SPLIT, "gpt2": GPT2_SPLIT, "smollm": GPT2_SPLIT, "starcoder": GPT2_SPLIT,
-                        "llama-bpe": LLAMA3_SPLIT, "llama3": LLAMA3_SPLIT, "qwen2": QWEN2_SPLIT}
+PRE_TOKENIZER_SPLITS = {"default": (GPT2_SPLIT,), "gpt-2": (GPT2_SPLIT,), "smollm": (DIGIT_SPLIT, GPT2_SPLIT),
+                        "starcoder": (DIGIT_SPLIT, GPT2_SPLIT), "llama-bpe": (LLAMA3_SPLIT,),
+                        "llama3": (LLAMA3_SPLIT,), "qwen2": (QWEN2_SPLIT,),
+                        "gpt2": (GPT2_SPLIT,)}  # "gpt2": what lmforge wrote before; llama.cpp refuses it
+# The name written for each split, as llama.cpp's convert_hf_to_gguf.py names it (Llama 3 ->
+# "llama-bpe", GPT-2 -> "gpt-2", SmolLM -> "smollm", Qwen2 -> "qwen2"); a tokenizer read from a
+# GGUF file keeps the name it carried (GGUF_PRE_KEY of its config) instead.
+EXPORT_PRE_NAMES = ("llama-bpe", "qwen2", "gpt-2", "smollm")
+GGUF_PRE_KEY = "gguf_pre_tokenizer"
 CONTROL = 3  # tokenizer.ggml.token_type of special tokens such as <|im_end|>
 
 
@@ -196,7 +205,7 @@ def tokenizer_from_gguf(meta: dict, source: str):
     merges = [tuple(merge.split(" ", 1)) for merge in meta.get("tokenizer.ggml.merges", [])]
     hf = Tokenizer(models.BPE(vocab={token: i for i, token in enumerate(tokens)}, merges=merges))
     hf.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(PRE_TOKENIZER_SPLITS[pre]), behavior="isolated"),
+        *(pre_tokenizers.Split(Regex(split), behavior="isolated") for split in PRE_TOKENIZER_SPLITS[pre]),
         pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
     ])
     hf.decoder = decoders.ByteLevel()
@@ -211,6 +220,8 @@ def tokenizer_from_gguf(meta: dict, source: str):
     config = {"bos_token": name("bos_token_id"), "eos_token": name("eos_token_id"), "pad_token": name("padding_token_id"),
               "add_bos_token": bool(meta.get("tokenizer.ggml.add_bos_token", False)),
               "add_eos_token": bool(meta.get("tokenizer.ggml.add_eos_token", False))}
+    if "tokenizer.ggml.pre" in meta:  # written back on export: it names the model's split, not just its regex
+        config[GGUF_PRE_KEY] = pre
     return PretrainedTokenizer(hf, config, meta.get("tokenizer.chat_template"), source=source)
 
 
@@ -300,18 +311,38 @@ def _add_tensor(writer, name: str, tensor: torch.Tensor, out_type: str) -> None:
 
 
 def _pre_tokenizer_name(pre: dict) -> str:
-    """The ``tokenizer.ggml.pre`` name under which llama.cpp splits text as this pre-tokenizer does."""
-    steps = pre.get("pretokenizers") or [pre]
-    for step in steps:
-        pattern = (step.get("pattern") or {}).get("Regex") if step.get("type") == "Split" else None
-        if pattern:
-            for name in ("llama-bpe", "qwen2", "gpt2"):
-                if PRE_TOKENIZER_SPLITS[name] == pattern:
-                    return name
-            raise InputError("GGUF export: the tokenizer splits text with a regex llama.cpp does not know by name")
-        if step.get("type") == "ByteLevel" and step.get("use_regex", True):
-            return "gpt2"
-    raise InputError("GGUF export: the tokenizer is not byte-level BPE with a known split (llama-bpe, qwen2, gpt2)")
+    """The ``tokenizer.ggml.pre`` name under which llama.cpp splits text as this pre-tokenizer does.
+
+    ``pre`` is the ``pre_tokenizer`` of a ``tokenizer.json``: Split steps with a regex (lmforge's
+    own tokenizers, and what :func:`tokenizer_from_gguf` builds), a Digits step, and ByteLevel
+    (whose own regex is GPT-2's when ``use_regex``).
+    """
+    splits = []
+    for step in pre.get("pretokenizers") or [pre]:
+        kind = step.get("type")
+        if kind == "Split" and (step.get("pattern") or {}).get("Regex"):
+            splits.append(step["pattern"]["Regex"])
+        elif kind == "Digits" and step.get("individual_digits"):
+            splits.append(DIGIT_SPLIT)
+        elif kind == "ByteLevel" and step.get("use_regex", True):
+            splits.append(GPT2_SPLIT)
+        elif kind not in ("ByteLevel", None):
+            raise InputError(f"GGUF export: the tokenizer's {kind} pre-tokenizer step has no llama.cpp equivalent")
+    for name in EXPORT_PRE_NAMES:
+        if tuple(splits) == PRE_TOKENIZER_SPLITS[name]:
+            return name
+    if splits:
+        raise InputError("GGUF export: the tokenizer splits text with a regex llama.cpp does not know by name")
+    raise InputError("GGUF export: the tokenizer is not byte-level BPE with a known split "
+                     f"({', '.join(EXPORT_PRE_NAMES)})")
+
+
+def _kept_pre_tokenizer_name(tokenizer) -> str | None:
+    """The name a tokenizer read from a GGUF file carried, when llama.cpp knows it (not lmforge's old "gpt2")."""
+    name = (getattr(tokenizer, "config", None) or {}).get(GGUF_PRE_KEY)
+    if name == "gpt2":
+        return "gpt-2"
+    return name if name in PRE_TOKENIZER_SPLITS else None
 
 
 def _write_tokenizer(writer, tokenizer, vocab_size: int) -> None:
@@ -330,7 +361,8 @@ def _write_tokenizer(writer, tokenizer, vocab_size: int) -> None:
             tokens[index], types[index] = token, CONTROL if token in special else 1  # 1: normal
     merges = [" ".join(m) if isinstance(m, list) else m for m in config["model"].get("merges") or []]
     writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre(_pre_tokenizer_name(config.get("pre_tokenizer") or {}))
+    pre = _kept_pre_tokenizer_name(tokenizer) or _pre_tokenizer_name(config.get("pre_tokenizer") or {})
+    writer.add_tokenizer_pre(pre)
     writer.add_token_list(tokens)
     writer.add_token_types(types)
     writer.add_token_merges(merges)
@@ -338,6 +370,9 @@ def _write_tokenizer(writer, tokenizer, vocab_size: int) -> None:
                      ("pad_id", writer.add_pad_token_id)):
         if getattr(tokenizer, key, None) is not None:
             add(getattr(tokenizer, key))
+    bos_token = getattr(tokenizer, "bos_token", None)
+    if getattr(tokenizer, "bos_id", None) is None and bos_token in vocab:
+        writer.add_bos_token_id(vocab[bos_token])  # named but not added (SmolLM2): else llama.cpp assumes id 11
     writer.add_add_bos_token(getattr(tokenizer, "bos_id", None) is not None)
     template = getattr(tokenizer, "chat_template", None)
     if template:

@@ -57,12 +57,32 @@ def eager_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout: 
     return weights @ v
 
 
+def one_query_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Attention of one new token per row over its own keys (the batched engine's decode step).
+
+    q (B, H, 1, D); k, v (B, Hkv, Tk, D); mask (B, 1, 1, Tk). The query heads that share a
+    key/value head are stacked as rows of one matrix product, so keys are never copied
+    per head: (B, Hkv, G, D) @ (B, Hkv, D, Tk). In bf16 this is 5x faster than PyTorch's
+    fused CPU kernel with a mask at batch 8 (164 vs 856 us for SmolLM2's shapes); in fp32
+    the fused kernel is as fast or faster, and :func:`sdpa_attention` keeps it.
+    """
+    batch, heads, _, dim = q.shape
+    kv_heads = k.shape[1]
+    grouped = q.reshape(batch, kv_heads, heads // kv_heads, dim)  # (B, Hkv, G, D)
+    scores = (grouped @ k.transpose(-1, -2)).float() / math.sqrt(dim)  # (B, Hkv, G, Tk)
+    scores = scores.masked_fill(~mask, float("-inf"))  # (B, 1, 1, Tk) broadcasts over heads and groups
+    weights = torch.softmax(scores, dim=-1).to(v.dtype)
+    return (weights @ v).reshape(batch, heads, 1, dim)
+
+
 def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout: float = 0.0,
                    training: bool = False, mask: torch.Tensor | None = None) -> torch.Tensor:
     """Fused attention, same contract as :func:`eager_attention`."""
     num_queries, num_keys = q.shape[2], k.shape[2]
     gqa = q.shape[1] != k.shape[1]
     p = dropout if training else 0.0
+    if mask is not None and num_queries == 1 and q.dtype != torch.float32 and not training:
+        return one_query_attention(q, k, v, mask)
     if mask is not None:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p, enable_gqa=gqa)
     if num_queries == num_keys:

@@ -51,17 +51,20 @@ STATIC = Path(__file__).parent / "static"
 TOKENIZER_ROUTES = ("/tokenize", "/detokenize", "/tokenizer_info")
 
 
-def create_app(models: dict[str, ServedModel], api_key: str | None = None, max_queue: int = 64) -> FastAPI:
+def create_app(models: dict[str, ServedModel], api_key: str | None = None, max_queue: int = 64,
+               engine_threads: bool = True) -> FastAPI:
     """An app serving ``models`` (the first is the default). ``max_queue``: requests waiting for
-    a slot, per model, beyond which new ones get 429."""
+    a slot, per model, beyond which new ones get 429. ``engine_threads``: start a thread per
+    engine with the app; False when the caller drives them (``lmforge serve``: its main thread)."""
     if not models:
         raise ValueError("serve at least one model")
     metrics = ServerMetrics(lambda: {name: _figures(m) for name, m in models.items()})
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        for model in models.values():
-            model.worker.start()
+        if engine_threads:
+            for model in models.values():
+                model.worker.start()
         yield
         for model in models.values():  # SIGTERM: uvicorn has let in-flight responses finish or closed them
             model.worker.stop()
@@ -83,6 +86,11 @@ def create_app(models: dict[str, ServedModel], api_key: str | None = None, max_q
             return JSONResponse(APIError(400, "the request body is not valid JSON").body(), status_code=400)
         message = f"{'.'.join(where) or 'body'}: {first.get('msg', 'invalid value')}"
         return JSONResponse(APIError(400, message, ".".join(where) or None).body(), status_code=400)
+
+    @app.exception_handler(Exception)
+    async def bug(_: Request, err: Exception):  # a failure of ours, not of the request: say so, keep serving
+        body = APIError(500, f"internal error: {type(err).__name__}: {err}", kind="server_error").body()
+        return JSONResponse(body, status_code=500)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(_: Request, err: StarletteHTTPException):

@@ -19,7 +19,7 @@ class ServedModel:
     def __init__(self, name: str, lm: LanguageModel, max_batch_size: int = 8, context: int | None = None):
         self.name, self.lm, self.tokenizer = name, lm, lm.tokenizer
         self.engine = Engine(lm.model, lm.runtime, max_batch_size=max_batch_size, context=context,
-                             decode_step=lm.decode_step)
+                             decode_step=lm.decode_step, vocab_limit=getattr(lm.tokenizer, "vocab_size", None))
         self.worker = EngineWorker(self.engine, name)
         self.created = int(time.time())
         template = getattr(self.tokenizer, "chat_template", None) or ""

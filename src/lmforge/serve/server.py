@@ -79,59 +79,40 @@ def build_models(paths: dict[str, str], config: ServeConfig, log=print) -> dict:
 
 
 def run_server(paths: dict[str, str], config: ServeConfig) -> None:
+    """Serve until SIGTERM or Ctrl-C: HTTP in a thread, the engines on this (the loading) thread."""
+    import signal
+    import threading
+
     import uvicorn
 
     from lmforge.serve.app import create_app
+    from lmforge.serve.worker import drive
 
     if config.max_batch_size < 1:
         raise InputError(f"--max-batch-size must be at least 1, got {config.max_batch_size}")
     models = build_models(paths, config)
-    app = create_app(models, api_key=config.api_key, max_queue=config.max_queue)
+    app = create_app(models, api_key=config.api_key, max_queue=config.max_queue, engine_threads=False)
     print(f"[serve] http://{config.host}:{config.port}/  (web UI; API at /v1, metrics at /metrics)", flush=True)
     logging.getLogger("uvicorn.access").setLevel(logging.WARNING)
-    config_ = uvicorn.Config(app, host=config.host, port=config.port, log_level="info",
-                             timeout_graceful_shutdown=config.graceful_seconds)
-    _server_class()(config_, lambda: _end_in_flight(models, config.graceful_seconds)).run()
+    server = uvicorn.Server(uvicorn.Config(app, host=config.host, port=config.port, log_level="info",
+                                           timeout_graceful_shutdown=config.graceful_seconds))
 
+    def stop(sig, frame) -> None:
+        """SIGTERM/Ctrl-C: stop taking connections; half-way through the grace period, end what is still
+        generating, so that every stream closes with its final chunk and [DONE] rather than being cut."""
+        if not server.should_exit:
+            timer = threading.Timer(config.graceful_seconds * 0.5,
+                                    lambda: [m.worker.abort_all() for m in models.values()])
+            timer.daemon = True
+            timer.start()
+        server.handle_exit(sig, frame)
 
-def _server_class():
-    """uvicorn's server, changed in two ways for SIGTERM/Ctrl-C: it ends in-flight generations within its
-    grace period, so that every stream closes with a final chunk and ``[DONE]`` rather than being cut;
-    and it exits with code 0 afterwards (uvicorn re-raises the signal, which kills the process)."""
-    import signal
-    from contextlib import contextmanager
-
-    import uvicorn
-
-    class Server(uvicorn.Server):
-        def __init__(self, config: uvicorn.Config, on_exit):
-            super().__init__(config)
-            self.on_exit = on_exit
-
-        def handle_exit(self, sig, frame) -> None:
-            if not self.should_exit:
-                self.on_exit()
-            super().handle_exit(sig, frame)
-
-        @contextmanager
-        def capture_signals(self):
-            previous = {sig: signal.signal(sig, self.handle_exit) for sig in (signal.SIGINT, signal.SIGTERM)}
-            try:
-                yield
-            finally:
-                for sig, handler in previous.items():
-                    signal.signal(sig, handler)
-
-    return Server
-
-
-def _end_in_flight(models: dict, grace: float) -> None:
-    """Half-way through the grace period, abort whatever is still generating."""
-    import threading
-
-    def abort() -> None:
-        for model in models.values():
-            model.worker.abort_all()
-    timer = threading.Timer(grace * 0.5, abort)
-    timer.daemon = True
-    timer.start()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, stop)
+    http = threading.Thread(target=server.run, name="lmforge-http")
+    http.start()
+    workers = [m.worker for m in models.values()]
+    watcher = threading.Thread(target=lambda: (http.join(), [w.stop() for w in workers]), daemon=True)
+    watcher.start()  # the HTTP server ended (shutdown, or it could not bind): stop driving the engines
+    drive(workers)
+    http.join()
