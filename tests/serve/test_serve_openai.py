@@ -382,3 +382,23 @@ def test_an_engine_failure_fails_its_requests_and_the_server_goes_on(tiny_lm, st
         failed = httpx.post(url + "/v1/chat/completions", json=body, timeout=30)
         assert failed.status_code == 500 and "boom" in failed.json()["error"]["message"]
         assert httpx.post(url + "/v1/chat/completions", json=body, timeout=30).status_code == 200
+
+
+def test_several_models_by_name(tiny_lm, start_server):
+    from lmforge.api import LanguageModel
+    from lmforge.model import DecoderLM, preset
+    from lmforge.serve.served_model import ServedModel
+
+    torch.manual_seed(5)
+    other = LanguageModel(DecoderLM(preset("tiny", vocab_size=tiny_lm.model.config.vocab_size, max_seq_len=256)).eval(),
+                          tiny_lm.tokenizer, tiny_lm.runtime)
+    models = {"first": ServedModel("first", tiny_lm, max_batch_size=1), "second": ServedModel("second", other, 1)}
+    with start_server(models) as url:
+        client = openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0)
+        assert [m.id for m in client.models.list().data] == ["first", "second"]
+        assert client.models.retrieve("second").model_dump()["max_model_len"] == 256
+        answers = {name: client.completions.create(model=name, prompt="The quick", max_tokens=8, temperature=0,
+                                                   logprobs=0).choices[0].logprobs.token_logprobs
+                   for name in ("first", "second")}
+        assert answers["first"] != answers["second"]  # each name reaches its own weights
+        assert models["second"].engine.stats.decode_steps > 0 and models["first"].engine.stats.decode_steps > 0
