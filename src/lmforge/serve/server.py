@@ -28,7 +28,8 @@ class ServeConfig:
     device: str = field("auto", "auto, cpu, cuda, mps")
     dtype: str = field("auto", "auto, bf16, fp32")
     weights: str = field("fp32", "fp32, or fp16/bf16: 16-bit weights with fp32 arithmetic")
-    compile: bool = field(False, "compile the decode step for every batch bucket at startup (faster, slow start)")
+    compile: bool = field(False, "compile the decode step for every batch bucket at startup (SmolLM2: about 75 s "
+                                 "per bucket on 2 cores; 1.2-1.35x the eager tokens/s)")
     graceful_seconds: float = field(10.0, "on SIGTERM, how long in-flight responses may take to finish")
 
 
@@ -64,7 +65,11 @@ def build_models(paths: dict[str, str], config: ServeConfig, log=print) -> dict:
     models = {}
     for name, path in paths.items():
         start = time.perf_counter()
-        lm = load(path, device=config.device, dtype=config.dtype, weights=config.weights, compile=config.compile)
+        lm = load(path, device=config.device, dtype=config.dtype, weights=config.weights)
+        if config.compile:  # without autotuning: it compiles each batch bucket in half the time
+            from lmforge.infer.compiled import CompiledDecodeStep
+
+            lm.decode_step = CompiledDecodeStep(lm.model, max_autotune=False)
         context = config.context or min(lm.model.config.max_seq_len, 4096)
         served = ServedModel(name, lm, config.max_batch_size, context)
         log(f"[serve] {name}: {path} ({lm.model.num_parameters() / 1e6:.1f}M parameters, context {served.context}, "
