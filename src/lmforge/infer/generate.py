@@ -55,11 +55,13 @@ def autocast_for(model: DecoderLM, runtime: Runtime | None) -> contextlib.Abstra
 def eval_mode(model: DecoderLM) -> Iterator[None]:
     """Switch off dropout while decoding; restore the model's mode afterwards (e.g. mid-training)."""
     was_training = model.training
-    model.eval()
+    if was_training:  # eval()/train() walk every module: 11% of a SmolLM2 decode step when done each step
+        model.eval()
     try:
         yield
     finally:
-        model.train(was_training)
+        if was_training:
+            model.train()
 
 
 def check_request(model: DecoderLM, prompt_ids: list[list[int]], max_new_tokens: int, use_cache: bool = True,

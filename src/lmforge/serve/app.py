@@ -300,8 +300,17 @@ class _Timer:
 
 async def _merged(model: ServedModel, plan: Plan, metrics: ServerMetrics) -> AsyncIterator[tuple[int, RequestOutput]]:
     """Every choice's outputs as they come, tagged with the choice index; cancelling aborts them all."""
-    queue: asyncio.Queue = asyncio.Queue()
     arrival = time.monotonic()
+    if len(plan.requests) == 1:  # one choice: no merging needed
+        timer = _Timer(model, metrics, arrival)
+        try:
+            async for output in model.worker.submit(plan.requests[0]):
+                timer.tokens(output)
+                yield 0, output
+        except ValueError as err:
+            raise APIError(400, str(err)) from err
+        return
+    queue: asyncio.Queue = asyncio.Queue()
 
     async def pump(index: int) -> None:
         timer = _Timer(model, metrics, arrival)

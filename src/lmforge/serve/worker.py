@@ -35,7 +35,7 @@ class EngineWorker:
     def __init__(self, engine: Engine, name: str = "engine"):
         self.engine = engine
         self.inbox: queue.SimpleQueue = queue.SimpleQueue()
-        self.sinks: dict[str, Callable[[RequestOutput | BaseException], None]] = {}  # engine thread only
+        self.sinks: dict[str, Sink] = {}  # engine thread only
         self.in_flight = 0  # requests submitted and not yet finished (event-loop thread only)
         self.name, self._stop = name, threading.Event()
         self.thread: threading.Thread | None = None
@@ -66,12 +66,8 @@ class EngineWorker:
         Leaving the iteration early (a client that went away, a cancelled task) aborts the
         request in the engine, which frees its slot at the next step.
         """
-        loop = asyncio.get_running_loop()
         outputs: asyncio.Queue = asyncio.Queue()
-
-        def sink(item: RequestOutput | BaseException) -> None:
-            loop.call_soon_threadsafe(outputs.put_nowait, item)
-
+        sink = Sink(asyncio.get_running_loop(), outputs)
         self.in_flight += 1
         finished = False
         try:
@@ -129,12 +125,15 @@ class EngineWorker:
             log.exception("engine step failed")
             self._fail_all(err)
             return False
+        deliveries: dict[asyncio.AbstractEventLoop, list] = {}  # one wake-up per event loop and step
         for output in outputs:
             sink = self.sinks.get(output.request_id)
             if sink is not None:
-                sink(output)
+                deliveries.setdefault(sink.loop, []).append((sink.queue, output))
             if output.finished:
                 self.sinks.pop(output.request_id, None)
+        for loop, items in deliveries.items():
+            loop.call_soon_threadsafe(_put_all, items)
         return self.engine.has_work
 
     def _handle(self, item: tuple) -> None:
@@ -169,6 +168,21 @@ class EngineWorker:
                 self.engine.step()  # flush the aborts (nothing is left to decode)
         except Exception:
             log.exception("engine step failed while clearing the batch")
+
+
+class Sink:
+    """Where a request's outputs go: an asyncio queue, filled on its own event loop."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, outputs: asyncio.Queue):
+        self.loop, self.queue = loop, outputs
+
+    def __call__(self, item: RequestOutput | BaseException) -> None:
+        self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
+
+
+def _put_all(items: list[tuple[asyncio.Queue, RequestOutput]]) -> None:
+    for outputs, item in items:
+        outputs.put_nowait(item)
 
 
 def drive(workers: list[EngineWorker]) -> None:
