@@ -28,8 +28,8 @@ class ServeConfig:
     device: str = field("auto", "auto, cpu, cuda, mps")
     dtype: str = field("auto", "auto, bf16, fp32")
     weights: str = field("fp32", "fp32, or fp16/bf16: 16-bit weights with fp32 arithmetic")
-    compile: bool = field(False, "compile the decode step for every batch bucket at startup (SmolLM2: about 75 s "
-                                 "per bucket on 2 cores; 1.2-1.35x the eager tokens/s)")
+    compile: bool = field(False, "compile the decode step for every batch bucket at startup (SmolLM2 on 2 cores: "
+                                 "about 110 s per bucket, then ~1.5x the eager tokens/s)")
     graceful_seconds: float = field(10.0, "on SIGTERM, how long in-flight responses may take to finish")
 
 
