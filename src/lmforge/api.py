@@ -110,10 +110,10 @@ class LanguageModel:
                 ids, settings = self.chat_prompt(messages), self._chat_sampling(settings)
             else:
                 ids = self.encode_prompt(prompt)
-            requests.append(Request(ids, self.sampling_config(**settings), decode=self._reply_text))
+            requests.append(Request(ids, self.sampling_config(**settings), decode=self.reply_text))
         return self.engine(max_batch_size).generate(requests)
 
-    def _reply_text(self, ids: list[int]) -> str:
+    def reply_text(self, ids: list[int]) -> str:
         """Generated text without special tokens (a sampled reply may hold one)."""
         try:
             return self.tokenizer.decode(ids, skip_special=True)
@@ -126,14 +126,14 @@ class LanguageModel:
         prompt_ids = self.encode_prompt(prompt)
         if config.num_beams > 1:
             tokens = beam_search(self.model, prompt_ids, config, self.runtime, self.decode_step).tokens
-            return cut_at_stop(self._reply_text(tokens), config.stop)
+            return cut_at_stop(self.reply_text(tokens), config.stop)
         tokens: list[int] = []
-        detector = _StopDetector(self._reply_text, config.stop)
+        detector = _StopDetector(self.reply_text, config.stop)
         for token in generate_tokens(self.model, prompt_ids, config, self.runtime, decode_step=self.decode_step):
             tokens.append(token)
             if detector.push(token):
                 break
-        return cut_at_stop(self._reply_text(tokens), config.stop)
+        return cut_at_stop(self.reply_text(tokens), config.stop)
 
     def stream(self, prompt: str | list[int], **sampling: Any) -> Iterator[str]:
         """Yield the continuation as text pieces as they are decoded.
@@ -143,7 +143,7 @@ class LanguageModel:
         concatenate to ``generate(prompt, **sampling)`` for the same settings and seed.
         """
         config = self.sampling_config(**sampling)
-        text_stream, stops = TextStream(self._reply_text), StopStrings(config.stop)
+        text_stream, stops = TextStream(self.reply_text), StopStrings(config.stop)
         tokens = generate_tokens(self.model, self.encode_prompt(prompt), config, self.runtime,
                                  decode_step=self.decode_step)
         try:

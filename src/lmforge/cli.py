@@ -260,7 +260,6 @@ def _generate_jsonl(lm, args: argparse.Namespace) -> None:
             raise InputError(f'{path}:{number}: expected {{"prompt": ...}} or {{"messages": [...]}}')
         items.append((number, record))
     start = time.perf_counter()
-    results = []
     for number, record in items:  # check every line before running any
         try:
             lm.sampling_config(**{**sampling, **{k: v for k, v in record.items() if k not in ("prompt", "messages")}})

@@ -80,3 +80,9 @@ def live_server(served) -> Iterator[str]:
 def start_server():
     """``start_server(models, **create_app options)``: a context manager yielding another server's URL."""
     return running_server
+
+
+@pytest.fixture
+def port() -> int:
+    """A free loopback port (for a server the test starts as a subprocess)."""
+    return free_port()

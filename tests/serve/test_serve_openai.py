@@ -38,7 +38,7 @@ def test_models_and_health(client, live_server):
     assert httpx.get(live_server + "/health").json()["status"] == "ok"
 
 
-def test_chat_answer_equals_the_engine_and_its_stream(client, served):
+def test_chat_answer_usage_and_its_stream_agree(client, served):
     answer = chat(client, temperature=0, max_tokens=12)
     choice = answer.choices[0]
     prompt = served.chat_ids([{"role": "user", "content": "Tell me about Paris."}])
@@ -298,7 +298,7 @@ def test_full_queue_answers_429_with_retry_after(tiny_lm, start_server):
                     model=MODEL, messages=[{"role": "user", "content": "x"}], max_tokens=2)
 
 
-def test_sigterm_ends_in_flight_streams_and_exits_cleanly(tiny_lm, tmp_path):
+def test_sigterm_ends_in_flight_streams_and_exits_cleanly(tiny_lm, tmp_path, port):
     import os
     import signal
     import subprocess
@@ -307,8 +307,6 @@ def test_sigterm_ends_in_flight_streams_and_exits_cleanly(tiny_lm, tmp_path):
     from lmforge.checkpoint import save_checkpoint
 
     save_checkpoint(tmp_path / "model", tiny_lm.model, tiny_lm.tokenizer)
-    with socket_port() as port:
-        pass
     server = subprocess.Popen([sys.executable, "-m", "lmforge.cli", "serve", str(tmp_path / "model"), "--port",
                                str(port), "--graceful-seconds", "1", "--max-batch-size", "2"],
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -337,18 +335,6 @@ def test_sigterm_ends_in_flight_streams_and_exits_cleanly(tiny_lm, tmp_path):
             server.kill()
         output = server.stdout.read()
     assert "Traceback" not in output, output
-
-
-def socket_port():
-    import socket
-    from contextlib import contextmanager
-
-    @contextmanager
-    def port():
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            yield s.getsockname()[1]
-    return port()
 
 
 def test_remote_tokenizer_routes_for_lm_evaluation_harness(live_server, tiny_lm):

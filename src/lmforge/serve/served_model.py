@@ -56,8 +56,8 @@ class ServedModel:
         return [eos] if eos is not None else []
 
     def decode(self, ids: list[int]) -> str:
-        """Reply text: special tokens (a BOS, a reserved id a sampled reply may hold) are left out."""
-        return self.tokenizer.decode(ids, skip_special=True)
+        """Reply text, as the Python API gives it (special tokens left out)."""
+        return self.lm.reply_text(ids)
 
     @functools.cached_property
     def vocab_bytes(self) -> list[bytes | None]:
