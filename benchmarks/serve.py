@@ -37,6 +37,7 @@ import json
 import math
 import random
 import re
+import shlex
 import signal
 import statistics
 import sys
@@ -264,8 +265,8 @@ def run_lmforge(args, served: str, folder: Path, sets, maker) -> dict:
     if args.lmforge_url:
         return asyncio.run(bench_server(attach("lmforge", args.lmforge_url), served, sets, args, maker))
     port = free_port()
-    command = lmforge_command(served, port, max(args.concurrency), args.slot_context)
-    with started("lmforge", command, port, folder / "lmforge-serve.log") as server:
+    command = lmforge_command(served, port, max(args.concurrency), args.slot_context, shlex.split(args.lmforge_args))
+    with started("lmforge", command, port, folder / "lmforge-serve.log", args.ready_seconds) as server:
         model = first_model_id(server.url) or served
         return asyncio.run(bench_server(server, model, sets, args, maker))
 
@@ -353,6 +354,10 @@ def main() -> None:
     parser.add_argument("--request-timeout", type=float, default=300, help="seconds before a request counts as failed")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--llama-url", help="use this running llama-server instead of starting one")
+    parser.add_argument("--lmforge-args", default="",
+                        help='more flags for lmforge serve, e.g. "--compile" (quote them as one argument)')
+    parser.add_argument("--ready-seconds", type=float, default=1200,
+                        help="how long a server may take to start (--compile compiles every batch bucket first)")
     parser.add_argument("--lmforge-url", help="use this running lmforge server instead of starting one")
     parser.add_argument("--out", help="write the results as JSON here")
     args = parser.parse_args()

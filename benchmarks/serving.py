@@ -22,7 +22,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlparse
@@ -113,10 +113,13 @@ def stop(process: subprocess.Popen, grace: float = 20) -> None:
         process.wait()
 
 
-def lmforge_command(model: str, port: int, slots: int, slot_context: int) -> list[str]:
-    """lmforge's server, as ``lmforge serve`` starts it. Adjust here when the CLI changes."""
+def lmforge_command(model: str, port: int, slots: int, slot_context: int, extra: Sequence[str] = ()) -> list[str]:
+    """lmforge's server, as ``lmforge serve`` starts it (``extra``: more flags, e.g. ``--compile``).
+
+    Adjust here when the CLI changes.
+    """
     return [sys.executable, "-m", "lmforge.cli", "serve", model, "--host", "127.0.0.1", "--port", str(port),
-            "--max-batch-size", str(slots), "--context", str(slot_context)]
+            "--max-batch-size", str(slots), "--context", str(slot_context), *extra]
 
 
 def llama_server_command(binary: str, gguf: Path, port: int, slots: int, slot_context: int,

@@ -290,6 +290,75 @@ def cmd_serve(args: argparse.Namespace) -> None:
     run_server(parse_model_specs(args.model_path, args.model), build(ServeConfig, args))
 
 
+def cmd_eval(args: argparse.Namespace) -> None:
+    from lmforge.eval.run import EvalConfig, run_eval
+
+    if args.list_tasks:
+        from lmforge.eval.tasks_builtin import BUILTIN_TASKS, builtin_task
+
+        for name in BUILTIN_TASKS:
+            task = builtin_task(name)
+            print(f"{name:14} {task.kind:16} {task.language}  {len(task.test)} test / {len(task.train)} train items")
+        return
+    config = build(EvalConfig, args)
+    results = run_eval(config, args.model_path)
+    for task, strategies in results["tasks"].items():
+        for label, entry in strategies.items():
+            shown = ", ".join(f"{k} {v['value']:.4f}" + (f" ± {v['stderr']:.4f}" if v.get("stderr") == v.get("stderr")
+                                                          and v.get("stderr") is not None else "")
+                              for k, v in entry["metrics"].items() if isinstance(v["value"], float))
+            print(f"{task} [{label}{', chat' if entry['chat_template'] else ''}] n={entry['n']}: {shown}")
+    print(f"wrote {Path(config.out) / 'results.json'}, report.md and samples/"
+          + (f"; added to {config.leaderboard}" if config.leaderboard else ""))
+
+
+def cmd_human(argv: list[str]) -> None:
+    """``lmforge eval human-report DB`` and ``lmforge eval human-export DB --out FILE``."""
+    from lmforge.eval.human import RatingStore, export_preferences, format_report, human_report
+
+    parser = argparse.ArgumentParser(prog=f"lmforge eval {argv[0]}")
+    parser.add_argument("db", help="the SQLite file given to `lmforge serve --ratings`")
+    if argv[0] == "human-report":
+        parser.description = ("Per-criterion means with confidence intervals, win rates and inter-rater "
+                              "agreement (Krippendorff's alpha) of the stored human ratings.")
+        parser.add_argument("--out", help="also write the Markdown report here")
+        parser.add_argument("--json", help="also write the report as JSON here")
+        parser.add_argument("--confidence", type=float, default=0.95, help="confidence level of the intervals")
+    else:
+        parser.description = "Pairs rated with a preference -> a preference data set (prompt, chosen, rejected)."
+        parser.add_argument("--out", required=True, help="JSONL file to write")
+        parser.add_argument("--majority", action="store_true",
+                            help="one line per item with a strict majority (default: one line per rating)")
+    args = parser.parse_args(argv[1:])
+    if not Path(args.db).is_file():
+        raise InputError(f"no ratings database at {args.db} (start `lmforge serve --ratings {args.db}`)")
+    store = RatingStore(args.db)
+    try:
+        if argv[0] == "human-report":
+            report = human_report(store, args.confidence)
+            text = format_report(report)
+            print(text)
+            if args.out:
+                Path(args.out).write_text(text + "\n", encoding="utf-8")
+            if args.json:
+                Path(args.json).write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        else:
+            print(f"wrote {export_preferences(store, args.out, majority=args.majority)} preference pairs to {args.out}")
+    finally:
+        store.close()
+
+
+def cmd_leaderboard(args: argparse.Namespace) -> None:
+    from lmforge.eval import leaderboard
+
+    if not Path(args.db).is_file():
+        raise InputError(f"no leaderboard database at {args.db} (run `lmforge eval` first)")
+    rows = leaderboard.latest(args.db)
+    print(leaderboard.markdown(rows))
+    md, page = leaderboard.write(args.db, args.out)
+    print(f"wrote {md} and {page}")
+
+
 def cmd_import(args: argparse.Namespace) -> None:
     from lmforge.interop.convert import import_model
 
@@ -309,6 +378,7 @@ def cmd_export(args: argparse.Namespace) -> None:
 def make_parser() -> argparse.ArgumentParser:
     from lmforge.chat import HELP as CHAT_HELP
     from lmforge.data import DataConfig
+    from lmforge.eval.run import EvalConfig
     from lmforge.finetune import FinetuneConfig
     from lmforge.infer.sampling import SamplingConfig
     from lmforge.interop.packaged import DEFAULT_CHAT_MODEL
@@ -424,6 +494,24 @@ def make_parser() -> argparse.ArgumentParser:
     add_arguments(p, ServeConfig)
     p.set_defaults(func=cmd_serve)
 
+    p = sub.add_parser("eval", help="score a model on tasks (multiple choice, generation, perplexity) "
+                                    "under several prompting strategies",
+                       description="Evaluate a model (anything lmforge loads, or --base-url for an OpenAI-"
+                                   "compatible server) and write results.json, report.md and per-sample logs; "
+                                   "each run joins the leaderboard. Human ratings: `lmforge eval human-report DB` "
+                                   "and `lmforge eval human-export DB --out prefs.jsonl`. See docs/EVALUATION.md.")
+    p.add_argument("model_path", nargs="?", default=None, metavar="MODEL",
+                   help=f"checkpoint, HF directory, .gguf or packaged name (default: {DEFAULT_CHAT_MODEL}); "
+                        "with --base-url: the server's model name (default: its first)")
+    p.add_argument("--list-tasks", action="store_true", help="list the built-in tasks and exit")
+    add_arguments(p, EvalConfig)
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("leaderboard", help="the scores of every evaluation run, as tables and a static page")
+    p.add_argument("--db", default="runs/leaderboard.sqlite", help="the database `lmforge eval` writes")
+    p.add_argument("--out", default="runs/leaderboard", help="folder for leaderboard.md and leaderboard.html")
+    p.set_defaults(func=cmd_leaderboard)
+
     p = sub.add_parser("import", help="a Hugging Face model directory or GGUF file -> lmforge checkpoint")
     p.add_argument("source", help="HF folder (Llama, Mistral, Qwen2, GPT-2), a .gguf file (Llama, Qwen2), "
                                   "or smollm2-135m-instruct")
@@ -441,10 +529,18 @@ def make_parser() -> argparse.ArgumentParser:
     return parser
 
 
+HUMAN_ACTIONS = ("human-report", "human-export")
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = make_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    human = argv[:1] == ["eval"] and argv[1:2] and argv[1] in HUMAN_ACTIONS
+    args = None if human else make_parser().parse_args(argv)
     try:
-        args.func(args)
+        if human:
+            cmd_human(argv[1:])
+        else:
+            args.func(args)
     except InputError as err:
         print(f"lmforge: error: {err}", file=sys.stderr)
         return 2

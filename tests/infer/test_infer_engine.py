@@ -122,6 +122,32 @@ def test_logprobs_are_the_models_distribution(make_model):
     assert out.prompt_logprobs[0] is None and out.cached_tokens == 0
 
 
+def test_scoring_continuations_reuses_the_context_and_matches_a_full_forward(make_model):
+    """Multiple choice: max_new_tokens=0 scores only; the context is computed once and each
+    choice's log-probs equal those of one full forward pass over context + choice."""
+    model = make_model()
+    context, choices = [7, 1, 9, 2, 8, 3, 6, 4, 5], [[10, 11], [12], [13, 14, 15]]
+    engine = Engine(model, max_batch_size=2)
+    requests = [Request(context + c, SamplingConfig(max_new_tokens=0), prompt_logprobs=1,
+                        prompt_logprobs_start=len(context)) for c in choices]
+    outs = engine.generate(requests)
+    assert [o.cached_tokens for o in outs] == [0, len(context) - 1, len(context) - 1]
+    for choice, out in zip(choices, outs):
+        ids = context + choice
+        assert out.token_ids == [] and out.completion_tokens == 0 and out.finish_reason == "length"
+        assert out.prompt_logprobs[: len(context)] == [None] * len(context)
+        with torch.no_grad():
+            reference = torch.log_softmax(model(torch.tensor([ids]))[0].float(), dim=-1)  # (T, V)
+        for i in range(len(context), len(ids)):
+            entry = out.prompt_logprobs[i]
+            assert entry.token_id == ids[i]
+            assert entry.logprob == pytest.approx(float(reference[i - 1, ids[i]]), abs=1e-5)
+            assert entry.top[0][0] == int(reference[i - 1].argmax())
+    with pytest.raises(ValueError, match="prompt_logprobs_start"):
+        engine.add(Request(context, SamplingConfig(max_new_tokens=0), prompt_logprobs=0,
+                           prompt_logprobs_start=len(context) + 1))
+
+
 def test_stop_strings_cut_the_text_per_row(make_model, byte_tokenizer):
     model = make_model(vocab_size=258)
     prompt = [256, 65, 66]

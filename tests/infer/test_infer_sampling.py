@@ -96,7 +96,7 @@ def test_low_temperature_concentrates_on_the_top_token():
 
 
 @pytest.mark.parametrize("settings, message", [
-    (dict(max_new_tokens=0), "max_new_tokens"),
+    (dict(max_new_tokens=-1), "max_new_tokens"),
     (dict(temperature=-0.1), "temperature"),
     (dict(top_k=-1), "top_k"),
     (dict(top_p=0.0), "top_p"),

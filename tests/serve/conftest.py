@@ -1,42 +1,22 @@
-"""A live `lmforge serve` for the tests: a tiny random-weight model behind a real uvicorn server.
-
-The model has an lmforge BPE tokenizer and a 2048-token context, so answers can be made long
-(max_tokens) for streaming and stop tests. Each server runs in a thread on a free loopback port.
-"""
+"""A live `lmforge serve` for the tests: the tiny random-weight model of tests/conftest.py
+(``tiny_lm``) behind a real uvicorn server, in a thread on a free loopback port."""
 
 from __future__ import annotations
 
+import shutil
 import socket
 import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 import pytest
-import torch
 
-from lmforge.api import LanguageModel
-from lmforge.model import DecoderLM, preset
-from lmforge.runtime import Runtime
 from lmforge.serve.app import create_app
 from lmforge.serve.served_model import ServedModel
-from lmforge.tokenizer import SPECIAL_IDS, train_tokenizer
 
 MODEL = "tiny"
-TEXT = ("The quick brown fox jumps over the lazy dog. Paris is the capital of France. "
-        '{"name": "get_weather", "arguments": {"city": "Paris", "days": 3}} [1, 2, 3] true false null. ') * 30
-
-
-@pytest.fixture(scope="session")
-def tiny_lm() -> LanguageModel:
-    tokenizer = train_tokenizer([TEXT], 400, progress=False)
-    torch.manual_seed(0)
-    model = DecoderLM(preset("tiny", vocab_size=tokenizer.vocab_size, max_seq_len=2048, tie_embeddings=False)).eval()
-    with torch.no_grad():  # its replies are text: special tokens (left out of reply text) get logit 0, never the top
-        model.lm_head.weight[list(SPECIAL_IDS.values())] = 0.0
-    return LanguageModel(model, tokenizer, Runtime.resolve("cpu", "fp32"))
-
-
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -86,3 +66,25 @@ def start_server():
 def port() -> int:
     """A free loopback port (for a server the test starts as a subprocess)."""
     return free_port()
+
+
+def find_chromium(playwright) -> str | None:
+    for name in ("chromium", "chromium-browser"):
+        if path := shutil.which(name):
+            return path
+    bundled = playwright.chromium.executable_path  # where `playwright install chromium` puts it
+    return bundled if bundled and Path(bundled).exists() else None
+
+
+@pytest.fixture(scope="module")
+def browser():
+    """Headless Chromium through Playwright: Debian's `chromium` (scripts/test.sh installs it) or
+    Playwright's own; the test is skipped without either."""
+    sync_api = pytest.importorskip("playwright.sync_api")
+    with sync_api.sync_playwright() as playwright:
+        executable = find_chromium(playwright)
+        if executable is None:
+            pytest.skip("no Chromium: neither `chromium` on PATH nor a `playwright install chromium` browser")
+        browser = playwright.chromium.launch(executable_path=executable)
+        yield browser
+        browser.close()

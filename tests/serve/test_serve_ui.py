@@ -10,12 +10,11 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 import urllib.request
 from pathlib import Path
 
 import pytest
-from playwright.sync_api import Page, expect, sync_playwright
+from playwright.sync_api import Page, expect
 from playwright.sync_api import TimeoutError as PlaywrightTimeoutError
 
 # Answer lengths, capped at 1/4 and 1/2 of the model's context: the first long enough to arrive
@@ -57,25 +56,6 @@ print('<b>hi</b>')
 <script>alert(1)</script> <img src=x onerror="alert(1)"> [bad](javascript:alert(1))
 ```html
 <iframe src=x></iframe>"""
-
-
-def find_chromium(playwright) -> str | None:
-    for name in ("chromium", "chromium-browser"):
-        if path := shutil.which(name):
-            return path
-    bundled = playwright.chromium.executable_path  # where `playwright install chromium` puts it
-    return bundled if bundled and Path(bundled).exists() else None
-
-
-@pytest.fixture(scope="module")
-def browser():
-    with sync_playwright() as playwright:
-        executable = find_chromium(playwright)
-        if executable is None:
-            pytest.skip("no Chromium: neither `chromium` on PATH nor a `playwright install chromium` browser")
-        browser = playwright.chromium.launch(executable_path=executable)
-        yield browser
-        browser.close()
 
 
 @pytest.fixture

@@ -171,6 +171,9 @@ class Engine:
                              f"that exceeds the context of {self.context} tokens")
         if min(prompt) < 0 or max(prompt) >= self.vocab_size:
             raise ValueError(f"prompt token ids must be in [0, {self.vocab_size}), got {min(prompt)}..{max(prompt)}")
+        if request.prompt_logprobs is not None and not 1 <= request.prompt_logprobs_start <= len(prompt):
+            raise ValueError(f"prompt_logprobs_start must be in [1, {len(prompt)}] (the prompt's length), "
+                             f"got {request.prompt_logprobs_start}")
         if config.num_beams > 1:
             raise ValueError("the batched engine samples; beam search runs on its own (lmforge.infer.beam_search)")
         if config.stop and request.decode is None:
@@ -251,10 +254,14 @@ class Engine:
         """
         free = [s for s in self.slots if s.sequence is None]
         prompt = request.prompt_ids
-        if not self.prefix_caching or request.prompt_logprobs is not None:
+        # reusable: all but the last token, and with prompt log-probs, no position whose logits are needed
+        limit = len(prompt) - 1
+        if request.prompt_logprobs is not None:
+            limit = min(limit, request.prompt_logprobs_start - 1)
+        if not self.prefix_caching or limit <= 0:
             return min(free, key=lambda s: (bool(s.tokens), s.last_used)), 0
         self.stats.prefix_queries += 1
-        matches = {s.index: min(common_prefix(s.tokens, prompt), len(prompt) - 1) for s in self.slots}
+        matches = {s.index: min(common_prefix(s.tokens, prompt), limit) for s in self.slots}
         best = max(self.slots, key=lambda s: (matches[s.index], s.sequence is None))
         reused = matches[best.index]
         if reused > 0:
@@ -282,13 +289,17 @@ class Engine:
                             mask=attention_mask(positions, len(prompt)))  # (1, T, dim)
         prompt_logprobs = None
         if request.prompt_logprobs is not None:
-            logits = self.model.lm_head(hidden[0]).float()  # (T, V): every prompt position
-            prompt_logprobs = [None] + [_logprob_entry(row, token, request.prompt_logprobs)
-                                        for row, token in zip(logits[:-1], prompt[1:])]
+            start = max(request.prompt_logprobs_start, 1)  # >= reused + 1: _place saw to it
+            logits = self.model.lm_head(hidden[0, start - 1 - reused:]).float()  # (T', V): positions start-1..
+            prompt_logprobs = [None] * start + [_logprob_entry(row, token, request.prompt_logprobs)
+                                                for row, token in zip(logits[:-1], prompt[start:])]
             last = logits[-1]
         else:
             last = self.model.lm_head(hidden[0, -1:]).float()[0]  # (V,)
-        output = self._sample(sequence, last)
+        if request.sampling.max_new_tokens == 0:  # scoring only: nothing to generate
+            output = self._finish(sequence, RequestOutput(sequence.id, []), "length")
+        else:
+            output = self._sample(sequence, last)
         output.prompt_logprobs = prompt_logprobs
         return output
 

@@ -44,8 +44,11 @@ class Request:
 
     ``logprobs``: None for none; k >= 0 reports each generated token's log-probability and
     the k likeliest tokens at its place. ``prompt_logprobs``: the same for the prompt's
-    tokens (the first has none); such a request is prefilled in full, without the prefix
-    cache, since the cached positions' logits are not kept. ``decode`` turns ids into text
+    tokens from index ``prompt_logprobs_start`` on (default 1: all but the first, which has
+    none). The prefix cache can serve only the tokens before ``prompt_logprobs_start - 1``,
+    since a cached position's logits are not kept: scoring the continuations of one context
+    (multiple choice) computes the context once. With ``max_new_tokens=0`` the request only
+    scores its prompt and generates nothing. ``decode`` turns ids into text
     for streaming and for stop strings; without it the outputs carry token ids only and
     stop strings cannot be checked.
     """
@@ -55,6 +58,7 @@ class Request:
     request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
     logprobs: int | None = None
     prompt_logprobs: int | None = None
+    prompt_logprobs_start: int = 1
     constraint: TokenConstraint | None = None
     decode: Callable[[list[int]], str] | None = None
     arrival: float = field(default_factory=time.monotonic)
@@ -68,7 +72,8 @@ class RequestOutput:
     token_ids: list[int]  # new tokens (a stop token is not included)
     text: str = ""  # their text: complete characters only, cut before any stop string
     logprobs: list[TokenLogprob] = field(default_factory=list)  # one per new token, a stop token included
-    prompt_logprobs: list[TokenLogprob | None] | None = None  # in the first output, when asked for
+    prompt_logprobs: list[TokenLogprob | None] | None = None  # in the first output, when asked for; None
+    # before prompt_logprobs_start
     finished: bool = False
     finish_reason: str | None = None  # "stop" (stop token or string), "length", "abort"
     prompt_tokens: int = 0

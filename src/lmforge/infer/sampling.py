@@ -19,7 +19,7 @@ from lmforge.settings import field
 class SamplingConfig:
     """How to decode: the length, the sampling filters, the stop conditions and beam search."""
 
-    max_new_tokens: int = field(128, "most tokens to generate after the prompt")
+    max_new_tokens: int = field(128, "most tokens to generate after the prompt; 0 only scores the prompt")
     temperature: float = field(1.0, "divide the logits by this before sampling; 0 picks the likeliest token (greedy)")
     top_k: int = field(0, "sample only from the k likeliest tokens; 0 turns the filter off")
     top_p: float = field(1.0, "sample only from the smallest set of tokens whose probability reaches p; 1 is off")
@@ -33,8 +33,8 @@ class SamplingConfig:
     length_penalty: float = field(1.0, "beam search ranks by sum of log-probs / length**length_penalty")
 
     def __post_init__(self) -> None:
-        if self.max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be at least 1, got {self.max_new_tokens}")
+        if self.max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be >= 0 (0 only scores the prompt), got {self.max_new_tokens}")
         if self.temperature < 0:
             raise ValueError(f"temperature must be >= 0 (0 is greedy), got {self.temperature}")
         if self.top_k < 0:

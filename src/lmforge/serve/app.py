@@ -25,6 +25,7 @@ from fastapi.responses import FileResponse, JSONResponse, Response, StreamingRes
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from lmforge.eval.human import RatingStore
 from lmforge.infer.request import RequestOutput
 from lmforge.serve.completions import (
     Plan,
@@ -44,6 +45,7 @@ from lmforge.serve.protocol import (
     EmbeddingRequest,
     TokenizeRequest,
 )
+from lmforge.serve.ratings import rating_routes
 from lmforge.serve.served_model import ServedModel
 from lmforge.serve.tools import OPEN, ToolCallStream, parse_tool_calls
 
@@ -52,10 +54,11 @@ TOKENIZER_ROUTES = ("/tokenize", "/detokenize", "/tokenizer_info")
 
 
 def create_app(models: dict[str, ServedModel], api_key: str | None = None, max_queue: int = 64,
-               engine_threads: bool = True) -> FastAPI:
+               engine_threads: bool = True, ratings: RatingStore | None = None) -> FastAPI:
     """An app serving ``models`` (the first is the default). ``max_queue``: requests waiting for
     a slot, per model, beyond which new ones get 429. ``engine_threads``: start a thread per
-    engine with the app; False when the caller drives them (``lmforge serve``: its main thread)."""
+    engine with the app; False when the caller drives them (``lmforge serve``: its main thread).
+    ``ratings``: also serve the human-evaluation routes over this store (serve/ratings.py)."""
     if not models:
         raise ValueError("serve at least one model")
     metrics = ServerMetrics(lambda: {name: _figures(m) for name, m in models.items()})
@@ -193,7 +196,8 @@ def create_app(models: dict[str, ServedModel], api_key: str | None = None, max_q
             if body.echo:
                 if request.logprobs is not None:
                     logprobs = completion_logprobs(model, request.prompt_ids + ids,
-                                                   list(outs[0].prompt_logprobs or []) + entries)
+                                                   list(outs[0].prompt_logprobs or []) + entries,
+                                                   echoed=plan.prompt_texts[index])
                 text = plan.prompt_texts[index] + text
             elif request.logprobs is not None:
                 logprobs = completion_logprobs(model, ids, entries)
@@ -252,6 +256,9 @@ def create_app(models: dict[str, ServedModel], api_key: str | None = None, max_q
     @app.get("/", include_in_schema=False)
     async def index():
         return FileResponse(STATIC / "index.html")
+
+    if ratings is not None:
+        app.include_router(rating_routes(ratings))
 
     if STATIC.is_dir():
         app.mount("/static", StaticFiles(directory=STATIC), name="static")
@@ -403,11 +410,14 @@ async def _completion_stream(model: ServedModel, plan: Plan, body: CompletionReq
         ids = [e.token_id for e in entries]
         if body.max_tokens == 0:
             text, ids, entries = "", [], []
+        echo_text = None
         if body.echo and not echoed[index]:
-            echoed[index] = True
-            text = plan.prompt_texts[index] + text
+            echoed[index], echo_text = True, plan.prompt_texts[index]
+            text = echo_text + text
             ids, entries = request.prompt_ids + ids, list(output.prompt_logprobs or [None] * len(request.prompt_ids)) + entries
-        logprobs = completion_logprobs(model, ids, entries) if request.logprobs is not None else None
+        logprobs = None
+        if request.logprobs is not None:
+            logprobs = completion_logprobs(model, ids, entries, echoed=echo_text)
         reason = None
         if output.finished:
             reason = "length" if body.max_tokens == 0 else finish_reason(output.finish_reason, False)

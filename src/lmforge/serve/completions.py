@@ -167,16 +167,35 @@ def chat_logprobs(model: ServedModel, entries: list[TokenLogprob]) -> dict:
 
 
 def completion_logprobs(model: ServedModel, token_ids: list[int], entries: list[TokenLogprob | None],
-                        offset: int = 0) -> dict:
-    """The legacy ``logprobs`` object; ``entries`` aligned with ``token_ids`` (None: no value, the first prompt token)."""
+                        echoed: str | None = None) -> dict:
+    """The legacy ``logprobs`` object; ``entries`` aligned with ``token_ids`` (None: no value, the first prompt token).
+
+    ``text_offset`` counts characters of the returned text: a token that ends inside a character
+    starts the next offset there; with ``echoed`` (the prompt text given), a BOS token that the
+    server put before it takes no characters.
+    """
     tokens, values, tops, offsets = [], [], [], []
-    for token_id, entry in zip(token_ids, entries):
+    chars, pending = 0, b""
+    for index, (token_id, entry) in enumerate(zip(token_ids, entries)):
         text = model.token_text(token_id)
         tokens.append(text)
         values.append(None if entry is None else entry.logprob)
         tops.append(None if entry is None else {model.token_text(t): lp for t, lp in entry.top})
-        offsets.append(offset)
-        offset += len(text)
+        offsets.append(chars)
+        raw = model.vocab_bytes[token_id] if token_id < len(model.vocab_bytes) else None
+        if raw is None:  # a special token: its text, unless it is the BOS the server added
+            added = index == 0 and echoed is not None and not echoed.startswith(text)
+            chars += 0 if added else len(text)
+            continue
+        pending += raw
+        complete = len(pending)
+        while complete > 0:  # the longest prefix that decodes: whole characters only
+            try:
+                chars += len(pending[:complete].decode("utf-8"))
+                break
+            except UnicodeDecodeError:
+                complete -= 1
+        pending = pending[complete:]
     return {"tokens": tokens, "token_logprobs": values, "top_logprobs": tops, "text_offset": offsets}
 
 

@@ -31,6 +31,10 @@ class ServeConfig:
     compile: bool = field(False, "compile the decode step for every batch bucket at startup (SmolLM2 on 2 cores: "
                                  "about 110 s per bucket, then ~1.5x the eager tokens/s)")
     graceful_seconds: float = field(10.0, "on SIGTERM, how long in-flight responses may take to finish")
+    ratings: str | None = field(None, "SQLite file for human ratings: turns on the rating page /static/rate.html "
+                                      "and /v1/ratings (see `lmforge eval human-report`)")
+    rating_items: str | None = field(None, "JSONL of answers to rate (prompt, answer_a, answer_b, model_a, "
+                                           "model_b), added to --ratings at startup")
 
 
 def parse_model_specs(default: str | None, specs: list[str] | None) -> dict[str, str]:
@@ -96,7 +100,17 @@ def run_server(paths: dict[str, str], config: ServeConfig) -> None:
     if config.max_batch_size < 1:
         raise InputError(f"--max-batch-size must be at least 1, got {config.max_batch_size}")
     models = build_models(paths, config)
-    app = create_app(models, api_key=config.api_key, max_queue=config.max_queue, engine_threads=False)
+    ratings = None
+    if config.ratings:
+        from lmforge.eval.human import RatingStore
+
+        ratings = RatingStore(config.ratings)
+        if config.rating_items:
+            print(f"[serve] added {ratings.import_jsonl(config.rating_items)} items to rate", flush=True)
+    elif config.rating_items:
+        raise InputError("--rating-items needs --ratings FILE (where the ratings are stored)")
+    app = create_app(models, api_key=config.api_key, max_queue=config.max_queue, engine_threads=False,
+                     ratings=ratings)
     print(f"[serve] http://{config.host}:{config.port}/  (web UI; API at /v1, metrics at /metrics)", flush=True)
     logging.getLogger("uvicorn.access").setLevel(logging.WARNING)
     server = uvicorn.Server(uvicorn.Config(app, host=config.host, port=config.port, log_level="info",
