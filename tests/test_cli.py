@@ -91,11 +91,11 @@ def test_broken_jsonl_names_file_and_line(tmp_path, capsys):
 def test_speedrun_writes_a_report(tmp_path):
     assert main(["speedrun", "--runs-dir", str(tmp_path), "--name", "t", "--preset", "tiny", "--minutes", "0.3",
                  "--max-bytes", "300000", "--vocab-size", "512", "--seq-len", "64", "--batch-size", "8",
-                 "--sft-tasks", "200", "--eval-tasks", "10", "--progress", "false"]) == 0
+                 "--sft-tasks", "200", "--eval-tasks", "10", "--leaderboard-items", "6", "--progress", "false"]) == 0
     run = tmp_path / "t"
     report = (run / "report.md").read_text()
     for section in ("## Corpus", "## Tokenizer", "## Model", "## Training", "## Evaluation",
-                    "## From base model to assistant", "| identity |", "## Samples"):
+                    "## From base model to assistant", "| identity |", "## On the leaderboard", "## Samples"):
         assert section in report
     summary = json.loads((run / "summary.json").read_text())
     assert summary["training"]["steps"] > 0 and summary["final_eval"]["val_bpb"] > 0
@@ -103,8 +103,13 @@ def test_speedrun_writes_a_report(tmp_path):
     assert sft["steps"] > 0 and sft["pretrain_val_after_sft"]["val_loss"] > 0
     assert set(sft["task_accuracy_before"]["accuracy"]) == set(sft["task_accuracy_after"]["accuracy"])
     for path in ("data/manifest.json", "tokenizer.json", "shards/train.bin", "train/checkpoint/model.safetensors",
-                 "train/loss.png", "sft/model/model.safetensors", "sft/loss.png"):
+                 "train/loss.png", "sft/model/model.safetensors", "sft/loss.png", "eval/chat/report.md"):
         assert (run / path).exists(), path
+    from lmforge.eval.leaderboard import latest
+
+    board = {(r["model"], r["task"]) for r in latest(tmp_path / "leaderboard.sqlite")}
+    assert {("t/base", "pyref_mc"), ("t/chat", "verifiable"), ("t/chat", "pyref_ppl")} <= board
+    assert summary["leaderboard"]["chat"]["verifiable"]["zero"]["exact_match_flexible"] >= 0
 
 
 def test_export_import_and_generate_from_hugging_face_and_gguf(workdir, capsys):

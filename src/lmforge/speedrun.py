@@ -50,6 +50,8 @@ class SpeedrunConfig:
     sft_share: float = field(0.25, "share of the training time for instruction fine-tuning (0 skips it)")
     sft_tasks: int = field(6000, "built-in task conversations to fine-tune on")
     eval_tasks: int = field(200, "held-out built-in tasks for the accuracy of base and chat model")
+    leaderboard_items: int = field(50, "items per task when the base and chat models join the leaderboard "
+                                        "(<runs-dir>/leaderboard.sqlite); 0 skips it")
     seed: int = field(1337, "seed for everything")
     progress: bool = field(True, "show progress bars")
 
@@ -93,6 +95,7 @@ def speedrun(config: SpeedrunConfig) -> Path:
     reserve = min(0.5, 0.1 * config.minutes)
     if config.sft_share > 0:
         reserve += 2 * 0.2 * config.eval_tasks / 60
+    reserve += 2 * LEADERBOARD_SECONDS_PER_ITEM * config.leaderboard_items / 60
     left = max(0.1, config.minutes - (time.perf_counter() - t0) / 60 - reserve)
     train_minutes, sft_minutes = left * (1 - config.sft_share), left * config.sft_share
     train_config = TrainConfig(out_dir=str(run / "train"), batch_size=config.batch_size, seq_len=config.seq_len,
@@ -116,6 +119,12 @@ def speedrun(config: SpeedrunConfig) -> Path:
         sft = _finetune_on_tasks(config, run, result.checkpoint, stage_data, runtime, minutes=max(0.05, sft_minutes))
         stage("sft", t)
 
+    leaderboard = None
+    if config.leaderboard_items > 0:
+        t = time.perf_counter()
+        leaderboard = _join_leaderboard(config, run, result.checkpoint, sft["model"] if sft else None)
+        stage("leaderboard", t)
+
     summary = {
         "config": to_dict(config),
         "runtime": runtime.describe(),
@@ -134,12 +143,37 @@ def speedrun(config: SpeedrunConfig) -> Path:
         "final_eval_tokens": final_eval_tokens,
         "samples": samples,
         "sft": sft,
+        "leaderboard": leaderboard,
     }
     (run / "summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n", encoding="utf-8")
     report = write_report(run, summary)
     print(f"[speedrun] done in {summary['total_seconds'] / 60:.1f} min: {report}", flush=True)
     return report
 
+
+
+LEADERBOARD_SECONDS_PER_ITEM = 0.3  # measured per item of the three tasks below, a cpu-small model on 2 cores
+
+
+def _join_leaderboard(config: SpeedrunConfig, run: Path, base: Path, chat: str | None) -> dict:
+    """`lmforge eval` of the base model (multiple choice, perplexity) and the chat model (the same and
+    the held-out verifiable tasks, in its chat format), added to <runs-dir>/leaderboard.sqlite."""
+    from lmforge.eval.run import EvalConfig, run_eval
+
+    out = {}
+    models = {"base": (base, "pyref_mc,pyref_ppl")}
+    if chat:
+        models["chat"] = (chat, "pyref_mc,pyref_ppl,verifiable")
+    for role, (path, tasks) in models.items():
+        eval_config = EvalConfig(tasks=tasks, limit=config.leaderboard_items, seed=config.seed,
+                                 out=str(run / "eval" / role), bootstrap=200, device=config.device,
+                                 dtype=config.dtype, leaderboard=str(Path(config.runs_dir) / "leaderboard.sqlite"))
+        results = run_eval(eval_config, str(path), progress=config.progress, name=f"{config.name}/{role}")
+        out[role] = {task: {label: {k: v["value"] for k, v in entry["metrics"].items()
+                                    if isinstance(v["value"], float)}
+                            for label, entry in strategies.items()}
+                     for task, strategies in results["tasks"].items()}
+    return out
 
 
 def _finetune_on_tasks(config: SpeedrunConfig, run: Path, checkpoint: Path, pretrain: PretrainStage,

@@ -97,12 +97,29 @@ def write_report(run: Path, s: dict) -> Path:
                   f"- bits per byte: **{fe.get('val_bpb', float('nan')):.4f}**", ""]
     if s.get("sft"):
         lines += _sft_section(s["sft"], fe)
+    if s.get("leaderboard"):
+        lines += _leaderboard_section(s["leaderboard"], s["config"])
     lines += ["## Samples", "", "Sampled at temperature 0.8, top-k 50, seed 0.", ""]
     for sample in s["samples"]:
         lines += [f"**Prompt** `{sample['prompt']!r}`", "", "```", sample["prompt"] + sample["completion"], "```", ""]
     path = run / "report.md"
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return path
+
+
+def _leaderboard_section(board: dict, config: dict) -> list[str]:
+    """The base and chat models' `lmforge eval` scores (zero-shot), as they joined the leaderboard."""
+    lines = ["## On the leaderboard", "",
+             f"`lmforge eval`, zero-shot, {config['leaderboard_items']} items per task; full results in "
+             f"eval/base and eval/chat, all runs in `lmforge leaderboard --db {config['runs_dir']}/leaderboard.sqlite`.",
+             "", "| model | task | metric | value |", "|---|---|---|---:|"]
+    main = ("acc", "exact_match_flexible", "bits_per_byte")
+    for role, tasks in board.items():
+        for task, strategies in tasks.items():
+            for metric, value in strategies.get("zero", {}).items():
+                if metric in main:
+                    lines.append(f"| {role} | {task} | {metric} | {value:.4f} |")
+    return lines + [""]
 
 
 def _sft_section(sft: dict, base_eval: dict) -> list[str]:

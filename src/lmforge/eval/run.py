@@ -452,8 +452,10 @@ def write_outputs(results: dict, out: str | Path) -> Path:
     return out / "results.json"
 
 
-def run_eval(config: EvalConfig, model_path: str | None = None, progress: bool = True) -> dict:
-    """`lmforge eval`: load the model (or reach the server), evaluate, write the outputs and the leaderboard."""
+def run_eval(config: EvalConfig, model_path: str | None = None, progress: bool = True,
+             name: str | None = None) -> dict:
+    """`lmforge eval`: load the model (or reach the server), evaluate, write the outputs and the leaderboard
+    (where the model is called ``name``: by default its path, or model@url for a server)."""
     from lmforge.eval import leaderboard
     from lmforge.eval.harness import EndpointModel, LocalModel
 
@@ -461,15 +463,15 @@ def run_eval(config: EvalConfig, model_path: str | None = None, progress: bool =
     if config.base_url:
         model = EndpointModel(config.base_url, model_path, config.api_key, concurrency=config.batch_size,
                               progress=progress)
-        name = f"{model.name}@{config.base_url}"
+        name = name or f"{model.name}@{config.base_url}"
     else:
         from lmforge.api import load
         from lmforge.interop.packaged import DEFAULT_CHAT_MODEL
 
         model_path = model_path or DEFAULT_CHAT_MODEL
-        model = LocalModel(load(model_path, device=config.device, dtype=config.dtype), name=str(model_path),
+        name = name or str(model_path)
+        model = LocalModel(load(model_path, device=config.device, dtype=config.dtype), name=name,
                            batch_size=config.batch_size, progress=progress)
-        name = str(model_path)
     results = evaluate(model, config, name, tasks)
     write_outputs(results, config.out)
     if config.leaderboard:

@@ -305,7 +305,7 @@ def verifiable(limit: int | None = None, seed: int = 0) -> Task:
                 for i, t in enumerate(tasks)]
 
     return Task("verifiable", "generate", items(test, "test"), items(train, "train"),
-                template="{question}", stop=("\n",))
+                template="{question}", stop=("\n",), chat=True)  # asked as a chat, as sft trains
 
 
 # ---- Chinese ----------------------------------------------------------------------------------
