@@ -199,7 +199,7 @@ def test_jsonl_errors(tmp_path, lines, message):
     ({"items": [MC], "num_fewshot": 2}, r"'num_fewshot' is 2 but the file has 0 train items"),
     ({"items": [MC], "template": "{passage}"}, r"'template' cannot be filled in for item '0'.*passage"),
     ({"name": "x"}, r"no items: give 'items'"),
-    ({"items": [MC], "data": "d.jsonl"}, r"give 'items' or 'data', not both"),
+    ({"items": [MC], "data": "d.jsonl"}, r"give one of 'items', 'data', 'hf_data', not items and data"),
     ({"data": "missing.jsonl"}, r"'data': file not found"),
     ({"kind": "perplexity", "items": [{"question": "text", "answer": "x"}]}, r"items\[0\]: field 'answer' is not used"),
 ])
@@ -231,3 +231,29 @@ def test_file_level_errors(tmp_path, name, text, message):
         load_task_file(path)
     with pytest.raises(InputError, match="task file not found"):
         load_task_file(tmp_path / "absent.jsonl")
+
+
+def test_yaml_task_from_a_hugging_face_dataset(tmp_path, monkeypatch):
+    """hf_data streams a dataset (a stand-in module here: no network in tests); fields map its columns."""
+    import sys
+    import types
+
+    rows = {"test": [{"id": "q1", "question": "Sky colour?", "choices": {"text": ["red", "blue"], "label": ["A", "B"]},
+                      "answerKey": "B"},
+                     {"id": "q2", "question": "Grass colour?", "choices": {"text": ["green", "pink"], "label": ["A", "B"]},
+                      "answerKey": "A"}],
+            "train": [{"id": "t1", "question": "Snow colour?", "choices": {"text": ["white", "black"]}, "answerKey": "A"}]}
+    module = types.ModuleType("datasets")
+    module.load_dataset = lambda name, config, split, streaming: iter(rows[split])
+    monkeypatch.setitem(sys.modules, "datasets", module)
+    spec = tmp_path / "arc.yaml"
+    spec.write_text("hf_data: hf:allenai/ai2_arc:ARC-Easy:test\nhf_train_data: hf:allenai/ai2_arc:ARC-Easy:train\n"
+                    "fields: {question: question, choices: choices.text, answer: answerKey, id: id}\n"
+                    "num_fewshot: 1\n")
+    task = load_task_file(spec)
+    assert task.kind == "multiple_choice" and [i.id for i in task.test] == ["q1", "q2"]
+    assert [i.answer for i in task.test] == [1, 0] and task.test[0].choices == ("red", "blue")
+    assert [i.id for i in task.train] == ["t1"]
+    spec.write_text("hf_data: hf:allenai/ai2_arc:ARC-Easy:test\nfields: {question: query}\n")
+    with pytest.raises(InputError, match="no column 'query'"):
+        load_task_file(spec)

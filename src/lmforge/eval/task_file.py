@@ -41,6 +41,16 @@ Item fields:
     train_items:                    # or  train_data: capitals_train.jsonl; optional
       - {question: Italy, country: Italy, choices: [Paris, Rome], answer: 1}
 
+A Hugging Face dataset (needs ``datasets`` and a network) stands in for ``data``/``train_data``::
+
+    hf_data: hf:allenai/ai2_arc:ARC-Easy:test       # hf:NAME[:CONFIG]:SPLIT, streamed
+    hf_train_data: hf:allenai/ai2_arc:ARC-Easy:train
+    fields: {question: question, choices: choices.text, answer: answerKey, id: id}
+    max_items: 500                                  # per split (default 1000)
+
+``fields`` maps item fields to columns (dotted paths reach nested ones); an answer that is a letter
+(A, B, ...) not among the choices names a choice by position.
+
 Without ``kind`` the kind is inferred as for JSONL. Without ``train_items``/``train_data`` (and no
 item with ``split: train``) nothing is held out: ``num_fewshot`` above 0 is then an error.
 
@@ -66,7 +76,7 @@ SETTINGS: dict[str, tuple[type, ...]] = {
     "fewshot_delimiter": (str,), "description": (str,), "num_fewshot": (int,), "stop": (str, list),
     "max_new_tokens": (int,), "answer_pattern": (str,), "metrics": (str, list), "language": (str,),
 }
-DATA_KEYS = ("items", "data", "train_items", "train_data")
+DATA_KEYS = ("items", "data", "train_items", "train_data", "hf_data", "hf_train_data", "fields", "max_items")
 YAML_KEYS = (*SETTINGS, *DATA_KEYS)
 
 
@@ -194,6 +204,42 @@ def _data_entries(value, path: Path, key: str) -> list[tuple[dict, str, str]]:
     return _read_jsonl(data)
 
 
+def _hf_entries(spec: dict, path: Path, key: str) -> list[tuple[dict, str, str]]:
+    """Items from a Hugging Face dataset (``hf:NAME[:CONFIG]:SPLIT``, streamed, at most ``max_items``),
+    each record's columns renamed to item fields by ``fields`` (dotted paths reach nested columns;
+    an answer that is a letter A, B, ... names a choice by position)."""
+    from lmforge.data.sources import iter_hf_records
+    from lmforge.eval.task import LETTERS
+
+    fields = spec.get("fields") or {}
+    if not isinstance(fields, dict) or not all(isinstance(v, str) for v in fields.values()):
+        raise InputError(f"{path}: 'fields' must map item fields to dataset columns, e.g. "
+                         "{question: question, choices: choices.text, answer: answerKey}")
+    limit = spec.get("max_items", 1000)
+    if not isinstance(limit, int) or isinstance(limit, bool) or limit < 1:
+        raise InputError(f"{path}: 'max_items' must be a positive integer, got {limit!r}")
+    entries = []
+    for where, record in iter_hf_records(spec[key]):
+        item = dict(record) if isinstance(record, dict) else {"question": record}
+        for name, column in fields.items():
+            value = record
+            for part in column.split("."):
+                if not isinstance(value, dict) or part not in value:
+                    raise InputError(f"{path}: {key} {where}: no column {column!r} (for field {name!r}); "
+                                     f"columns: {', '.join(map(str, record))}")
+                value = value[part]
+            item[name] = value
+        answer, choices = item.get("answer"), item.get("choices")
+        if isinstance(answer, str) and isinstance(choices, list) and answer not in choices \
+                and len(answer) == 1 and answer in LETTERS[: len(choices)]:
+            item["answer"] = LETTERS.index(answer)
+        item = {k: v for k, v in item.items() if k in ITEM_FIELDS or k in fields or isinstance(v, (str, int, float))}
+        entries.append((item, f"{path}, {where}", where.rsplit(":", 1)[-1]))
+        if len(entries) >= limit:
+            break
+    return entries
+
+
 def _settings(spec: dict, path: Path) -> dict:
     """The Task keyword arguments of a YAML spec, checked."""
     settings = {}
@@ -236,15 +282,19 @@ def _load_yaml(path: Path) -> tuple[dict, list[tuple[Item, str]]]:
     if unknown:
         raise InputError(f"{path}: unknown key {unknown[0]!r}; known keys: {', '.join(YAML_KEYS)}")
     settings = _settings(spec, path)
-    for test_key, data_key in (("items", "data"), ("train_items", "train_data")):
-        if test_key in spec and data_key in spec:
-            raise InputError(f"{path}: give {test_key!r} or {data_key!r}, not both")
+    for keys in (("items", "data", "hf_data"), ("train_items", "train_data", "hf_train_data")):
+        given = [k for k in keys if k in spec]
+        if len(given) > 1:
+            raise InputError(f"{path}: give one of {', '.join(map(repr, keys))}, not {' and '.join(given)}")
     if "items" in spec:
         entries = _yaml_entries(spec["items"], path, "items", "")
     elif "data" in spec:
         entries = _data_entries(spec["data"], path, "data")
+    elif "hf_data" in spec:
+        entries = _hf_entries(spec, path, "hf_data")
     else:
-        raise InputError(f"{path}: no items: give 'items' (a list) or 'data' (a .jsonl file)")
+        raise InputError(f"{path}: no items: give 'items' (a list), 'data' (a .jsonl file) or 'hf_data' "
+                         "(hf:NAME[:CONFIG]:SPLIT)")
     if not entries:
         raise InputError(f"{path}: 'items' is empty")
     train_entries = []
@@ -252,6 +302,8 @@ def _load_yaml(path: Path) -> tuple[dict, list[tuple[Item, str]]]:
         train_entries = _yaml_entries(spec["train_items"], path, "train_items", "train-")
     elif "train_data" in spec:
         train_entries = _data_entries(spec["train_data"], path, "train_data")
+    elif "hf_train_data" in spec:
+        train_entries = [(r, w, f"train-{i}") for r, w, i in _hf_entries(spec, path, "hf_train_data")]
     kind = settings.setdefault("kind", _infer_kind(entries[0][0]))
     _check_kind(kind, path)
     return settings, _items(entries, kind) + _items(train_entries, kind, forced_split="train")
