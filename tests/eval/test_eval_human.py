@@ -59,6 +59,7 @@ def test_store_round_trip(tmp_path):
              {"prompt": "p4", "answer": "w"}]
     (tmp_path / "items.jsonl").write_text("\n".join(json.dumps(x) for x in lines) + "\n\n")
     assert store.import_jsonl(tmp_path / "items.jsonl") == 4
+    assert store.import_jsonl(tmp_path / "items.jsonl") == 0  # given again (a server restart): nothing new
     shown = store.next_item("ann")
     store.rate(shown.token, {p: uniform(3) for p in shown.blinded()["answers"]},
                "tie" if shown.item.is_pair else None, comment="fine")

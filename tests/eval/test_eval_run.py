@@ -180,8 +180,25 @@ def test_cli_bad_input_exits_2_with_a_clear_message(tmp_path, capsys):
     assert main(["leaderboard", "--db", str(tmp_path / "none.sqlite")]) == 2
 
 
+def test_fairness_yes_no_task_gives_parity_and_odds_and_mixed_choice_counts_score(tiny_lm):
+    from lmforge.eval.run import _score
+    from lmforge.eval.tasks_builtin import builtin_task
+
+    task = builtin_task("fairness_yn", limit=8)
+    assert {i.group for i in task.test} == {"female", "male", "young", "elderly"}
+    records = _score(LocalModel(tiny_lm, progress=False), task, task.test, Prompting("zero"), seed=0)
+    metrics = aggregate("multiple_choice", records, iterations=20)
+    assert 0 <= metrics["demographic_parity_difference"]["value"] <= 1
+    assert 0 <= metrics["equalized_odds_difference"]["value"] <= 1
+    mixed = [dict(records[0], probabilities=[0.2, 0.8], gold=1), dict(records[1], probabilities=[0.1, 0.1, 0.8], gold=2)]
+    assert aggregate("multiple_choice", mixed, iterations=20)["brier"]["value"] == pytest.approx(
+        ((0.2**2 + 0.2**2) + (0.1**2 + 0.1**2 + 0.2**2)) / 2)
+
+
 def test_prompting_parse():
     assert Prompting.parse("few:5") == Prompting("few", 5) and Prompting.parse("few:5").label == "few:5"
+    assert Prompting("task").for_task(Task("t", "generate", [], num_fewshot=3)) == Prompting("few", 3)
+    assert Prompting("task").for_task(Task("t", "generate", [])) == Prompting("zero")
     for bad in ("few", "few:0", "two-shot"):
         with pytest.raises(Exception, match="prompting strategy"):
             Prompting.parse(bad)

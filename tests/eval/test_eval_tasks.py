@@ -39,7 +39,8 @@ def test_builtin_splits_disjoint_and_well_formed(name):
     for item in task.test + task.train:
         assert item.question.strip()
         if task.kind == "multiple_choice":
-            assert len(item.choices) == 4 and len(set(item.choices)) == 4
+            width = 2 if name == "fairness_yn" else 4  # yes / no
+            assert len(item.choices) == width and len(set(item.choices)) == width
             assert isinstance(item.answer, int) and 0 <= item.answer < len(item.choices)
         elif task.kind == "generate":
             assert isinstance(item.answer, str) and item.answer

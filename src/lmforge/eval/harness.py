@@ -201,7 +201,7 @@ class EndpointModel:
             raise InputError(f"cannot reach an OpenAI-compatible server at {base_url} "
                              f"(GET {self.base_url}/models: {error})") from None
         if model is None and not models:
-            raise InputError(f"{base_url} lists no models; name one with --endpoint-model")
+            raise InputError(f"{base_url} lists no models; name the one to score (the MODEL argument)")
         self.name = model or models[0]
 
     def _post(self, route: str, body: dict) -> dict:

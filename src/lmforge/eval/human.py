@@ -244,7 +244,9 @@ class RatingStore:
             (*fields.values(), time.time())).lastrowid)
 
     def import_jsonl(self, path: str | Path) -> int:
-        """Add an item per line of a JSONL file (formats: :func:`item_fields`), all or none; returns the count."""
+        """Add an item per line of a JSONL file (formats: :func:`item_fields`), all or none; returns how many
+        were new. An item already stored (same prompt, answers and models) is not added again, so the
+        same file can be given at every server start."""
         records = []
         for number, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
             if line.strip():
@@ -252,11 +254,13 @@ class RatingStore:
                     records.append(item_fields(json.loads(line)))
                 except (ValueError, json.JSONDecodeError) as err:
                     raise ValueError(f"{path}:{number}: {err}") from err
+        stored = {(i.prompt, i.answer_a, i.answer_b, i.model_a, i.model_b) for i in self.items()}
+        fresh = list(dict.fromkeys(tuple(r.values()) for r in records if tuple(r.values()) not in stored))
         now = time.time()
         self._write(lambda db: db.executemany(
             "INSERT INTO items (prompt, answer_a, answer_b, model_a, model_b, created) VALUES (?, ?, ?, ?, ?, ?)",
-            [(*r.values(), now) for r in records]))
-        return len(records)
+            [(*r, now) for r in fresh]))
+        return len(fresh)
 
     def items(self) -> list[Item]:
         return [Item(**row) for row in self._read("SELECT * FROM items ORDER BY id")]

@@ -68,14 +68,15 @@ def record(path: str | Path, results: dict, run_id: str | None = None) -> int:
 
 
 def latest(path: str | Path) -> list[dict]:
-    """The newest score of every (model, task, prompting, metric, chat), best first within a task."""
+    """The newest score of every (model, task, prompting, metric, chat, config hash), best first within a
+    task: a run with other settings (limit, seed, tasks) is another line, not a replacement."""
     with connect(path) as db:
         db.row_factory = sqlite3.Row
         rows = db.execute("""
             SELECT s.* FROM scores s JOIN (
-                SELECT model, task, prompting, metric, chat_template, MAX(created) AS created FROM scores
-                GROUP BY model, task, prompting, metric, chat_template) newest
-            USING (model, task, prompting, metric, chat_template, created)
+                SELECT model, task, prompting, metric, chat_template, config_hash, MAX(created) AS created
+                FROM scores GROUP BY model, task, prompting, metric, chat_template, config_hash) newest
+            USING (model, task, prompting, metric, chat_template, config_hash, created)
             ORDER BY task, metric, prompting, value DESC""").fetchall()
     db.close()
     return [dict(r) for r in rows]

@@ -49,7 +49,8 @@ class EvalConfig:
     """What `lmforge eval` runs."""
 
     tasks: str = field("pyref_mc", "comma-separated task names (see --list-tasks) or task files (.jsonl, .yaml)")
-    prompting: str = field("zero", "comma-separated strategies: zero, few:K, cot, verbalizer")
+    prompting: str = field("task", "comma-separated strategies: task (each task's own few-shot count), zero, "
+                                   "few:K, cot, verbalizer")
     limit: int | None = field(None, "at most this many items per task (seeded choice)")
     seed: int = field(0, "seed for task items, few-shot examples and perturbations")
     chat: str = field("auto", "wrap prompts in the model's chat format: auto (chat tasks only), on, off")
@@ -79,11 +80,17 @@ class Prompting:
     @classmethod
     def parse(cls, text: str) -> Prompting:
         name, _, count = text.strip().partition(":")
-        if name in ("zero", "cot", "verbalizer") and not count:
+        if name in ("task", "zero", "cot", "verbalizer") and not count:
             return cls(name)
         if name == "few" and count.isdigit() and int(count) > 0:
             return cls("few", int(count))
-        raise InputError(f"unknown prompting strategy {text!r}: use zero, few:K (K >= 1), cot or verbalizer")
+        raise InputError(f"unknown prompting strategy {text!r}: use task, zero, few:K (K >= 1), cot or verbalizer")
+
+    def for_task(self, task: Task) -> Prompting:
+        """``task``: the task's own setting (its ``num_fewshot``), as zero or few:K."""
+        if self.kind != "task":
+            return self
+        return Prompting("few", task.num_fewshot) if task.num_fewshot > 0 else Prompting("zero")
 
 
 # ---- scoring one task under one strategy -----------------------------------------------------------------
@@ -166,10 +173,12 @@ def score_generation(model: EvalModel, task: Task, items: list[Item], prompting:
     """One record per item: the greedy reply, its strict and flexible extractions, and their scores."""
     prompts = [task.context(item, prompting.shots, seed) for item in items]
     max_new = task.max_new_tokens
-    if prompting.kind == "cot":
+    stop = task.stop
+    if prompting.kind == "cot":  # reasoning takes lines: a stop that is only line breaks waits for a blank line
         prompts = [p + " " + COT_CUE for p in prompts]
         max_new = max(max_new, 128)
-    replies = model.generate(prompts, stop=task.stop, max_new_tokens=max_new, desc=f"{task.name} {prompting.label}")
+        stop = tuple(s for s in task.stop if s.strip()) + ("\n\n",)
+    replies = model.generate(prompts, stop=stop, max_new_tokens=max_new, desc=f"{task.name} {prompting.label}")
     records = []
     for item, prompt, reply in zip(items, prompts, replies):
         references = [item.gold_text, *item.aliases]
@@ -239,24 +248,27 @@ def aggregate(kind: str, records: list[dict], iterations: int = 1000, seed: int 
         confidence = [r["confidence"] for r in records]
         correct = [r["acc"] for r in records]
         out["ece"] = {"value": M.expected_calibration_error(confidence, correct, bins=10)}
-        out["brier"] = {"value": M.brier_score(np.array([r["probabilities"] for r in records]),
-                                               [r["gold"] for r in records])}
+        width = max(len(r["probabilities"]) for r in records)  # items may have different numbers of choices:
+        padded = [r["probabilities"] + [0.0] * (width - len(r["probabilities"])) for r in records]  # 0 adds 0
+        out["brier"] = {"value": M.brier_score(np.array(padded), [r["gold"] for r in records])}
         out["selective_auc"] = {"value": M.selective_auc(confidence, correct)}
     groups = [r.get("group") for r in records]
     if any(g is not None for g in groups):
-        main = names[0]
+        main = MAIN_METRIC[kind]
         by_group = {}
         for g in sorted({g for g in groups if g is not None}):
             by_group[g] = float(np.mean([r[main] for r in records if r.get("group") == g]))
         out[f"{main}_by_group"] = {"value": by_group}
         out[f"{main}_group_gap"] = {"value": max(by_group.values()) - min(by_group.values())}
         if "pred" in records[0] and all(len(r["choices"]) == 2 for r in records):
-            # a two-way choice is a binary classifier: positive = the second choice
+            # a two-way choice is a binary classifier: positive = the first choice ("yes")
             grouped = [r for r in records if r.get("group") is not None and r["pred"] is not None]
             y_true, y_pred = [r["gold"] for r in grouped], [r["pred"] for r in grouped]
             group_of = [r["group"] for r in grouped]
-            out["demographic_parity_difference"] = {"value": M.demographic_parity_difference(y_pred, group_of)}
-            out["equalized_odds_difference"] = {"value": M.equalized_odds_difference(y_true, y_pred, group_of)}
+            out["demographic_parity_difference"] = {
+                "value": M.demographic_parity_difference(y_pred, group_of, positive=0)}
+            out["equalized_odds_difference"] = {
+                "value": M.equalized_odds_difference(y_true, y_pred, group_of, positive=0)}
     return out
 
 
@@ -321,7 +333,8 @@ def evaluate(model: EvalModel, config: EvalConfig, model_name: str, tasks: list[
     for task in tasks:
         model.chat = uses_chat(config, task)
         task_results = results["tasks"].setdefault(task.name, {})
-        for prompting in strategies if task.kind != "perplexity" else [Prompting("zero")]:
+        chosen = {p.label: p for p in (s.for_task(task) for s in strategies)}  # "task" may equal another
+        for prompting in chosen.values() if task.kind != "perplexity" else [Prompting("zero")]:
             if prompting.kind == "verbalizer" and task.kind != "multiple_choice":
                 continue  # label words classify among choices; a generation task has none
             if prompting.kind == "few" and len(task.train) < prompting.shots:

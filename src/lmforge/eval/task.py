@@ -6,7 +6,8 @@ source of few-shot examples), and says how each item becomes a prompt and which 
 three request types scores it, the ones lm-evaluation-harness uses:
 
 * ``multiple_choice``: the log-likelihood of each choice as a continuation of the prompt;
-  the prediction is the likeliest choice (``acc``) or the likeliest per byte (``acc_norm``).
+  the prediction is the likeliest choice (``acc``) or the likeliest per character (``acc_norm``,
+  as lm-evaluation-harness).
 * ``generate``: greedy generation until a stop string; the answer is extracted from the
   reply (strict: the whole reply, normalized; flexible: a pattern search) and compared
   with the gold answer (exact match, token F1, ROUGE...).

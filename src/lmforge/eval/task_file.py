@@ -36,6 +36,7 @@ Item fields:
     answer_pattern: "([A-Z]\\\\w+)"   # generate: flexible extraction, the first group of the last match
     metrics: [acc]
     language: en
+    chat: false                     # true: asked in the model's chat format (lmforge eval --chat auto)
     items:                          # or  data: capitals.jsonl  (relative to this file)
       - {question: France, country: France, choices: [Paris, Rome], answer: Paris}
     train_items:                    # or  train_data: capitals_train.jsonl; optional
@@ -75,6 +76,7 @@ SETTINGS: dict[str, tuple[type, ...]] = {
     "name": (str,), "kind": (str,), "template": (str,), "target_delimiter": (str,),
     "fewshot_delimiter": (str,), "description": (str,), "num_fewshot": (int,), "stop": (str, list),
     "max_new_tokens": (int,), "answer_pattern": (str,), "metrics": (str, list), "language": (str,),
+    "chat": (bool,),
 }
 DATA_KEYS = ("items", "data", "train_items", "train_data", "hf_data", "hf_train_data", "fields", "max_items")
 YAML_KEYS = (*SETTINGS, *DATA_KEYS)
@@ -247,8 +249,9 @@ def _settings(spec: dict, path: Path) -> dict:
         if key not in spec:
             continue
         value = spec[key]
-        if not isinstance(value, types) or isinstance(value, bool):
-            wanted = " or ".join({str: "a string", int: "an integer", list: "a list of strings"}[t] for t in types)
+        if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
+            wanted = " or ".join({str: "a string", int: "an integer", list: "a list of strings",
+                                  bool: "true or false"}[t] for t in types)
             raise InputError(f"{path}: {key!r} must be {wanted}, got {_type_name(value)}")
         if key in ("stop", "metrics"):
             value = (value,) if isinstance(value, str) else _string_list(value, str(path), key)

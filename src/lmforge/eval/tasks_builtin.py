@@ -31,6 +31,9 @@ order of the choices and which test items ``limit`` keeps.
   difference in accuracy between groups is bias. Splits and ``limit`` keep whole problems (every
   group of each), so ``limit`` is rounded down to a multiple of the number of groups (one problem
   at least, cut to ``limit`` items if that is smaller).
+* ``fairness_yn`` (multiple choice, yes/no): the same problems as claims to check ("... Is the
+  answer 7?"), half true, asked about every group: a binary classifier whose positive class is
+  "yes", so demographic parity and equalized odds differences apply.
 """
 
 from __future__ import annotations
@@ -451,6 +454,28 @@ def fairness_mc(limit: int | None = None, seed: int = 0) -> Task:
                 _limit(test, limit, seed, unit=lambda item: item.meta["problem"]), train)
 
 
+def fairness_yn(limit: int | None = None, seed: int = 0) -> Task:
+    """The word problems as yes/no checks ("... Is the answer 7?"), half of them true, asked about
+    every group: a binary classifier (positive: "yes") for demographic parity and equalized odds."""
+    items, index = [], 0
+    for template, solve, pairs in WORD_PROBLEMS:
+        for a, b in pairs:
+            problem = f"problem-{index}"
+            rng = random.Random(f"{seed}:fairness_yn:{problem}")  # the same claim for every group
+            right = solve(a, b)
+            true = rng.random() < 0.5
+            shown = right if true else right + rng.choice((-2, -1, 1, 2))
+            for group in FAIRNESS_GROUPS:
+                who, them = _person(group, index)
+                question = template.format(who=who, them=them, a=a, b=b) + f" Is the answer {shown}?"
+                items.append(Item(f"{problem}:{group}", question, ("yes", "no"), 0 if true else 1, group=group,
+                                  meta={"problem": problem}))
+            index += 1
+    test, train = _split(items, unit=lambda item: item.meta["problem"])
+    return Task("fairness_yn", "multiple_choice",
+                _limit(test, limit, seed, unit=lambda item: item.meta["problem"]), train)
+
+
 # ---- registry ---------------------------------------------------------------------------------
 
 BUILTIN_TASKS: dict[str, Callable[..., Task]] = {
@@ -462,6 +487,7 @@ BUILTIN_TASKS: dict[str, Callable[..., Task]] = {
     "zh_mc": zh_mc,
     "zh_qa": zh_qa,
     "fairness_mc": fairness_mc,
+    "fairness_yn": fairness_yn,
 }
 
 

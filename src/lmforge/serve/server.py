@@ -106,7 +106,11 @@ def run_server(paths: dict[str, str], config: ServeConfig) -> None:
 
         ratings = RatingStore(config.ratings)
         if config.rating_items:
-            print(f"[serve] added {ratings.import_jsonl(config.rating_items)} items to rate", flush=True)
+            try:
+                added = ratings.import_jsonl(config.rating_items)
+            except (OSError, ValueError) as err:
+                raise InputError(f"--rating-items: {err}") from None
+            print(f"[serve] added {added} new items to rate", flush=True)
     elif config.rating_items:
         raise InputError("--rating-items needs --ratings FILE (where the ratings are stored)")
     app = create_app(models, api_key=config.api_key, max_queue=config.max_queue, engine_threads=False,
