@@ -81,14 +81,15 @@ class LanguageModel:
         stops = list(sampling.get("stop_token_ids") or [])
         return {**sampling, "stop_token_ids": stops + [i for i in end_of_turn_ids(self.tokenizer) if i not in stops]}
 
-    def engine(self, max_batch_size: int = 8) -> Engine:
-        """The batched engine over this model (made once per batch size and kept)."""
+    def engine(self, max_batch_size: int = 8, context: int | None = None) -> Engine:
+        """The batched engine over this model (made once per batch size and context, then kept).
+        ``context``: positions per slot (default: the model's ``max_seq_len``)."""
         engines = self.__dict__.setdefault("_engines", {})
-        if max_batch_size not in engines:
-            engines[max_batch_size] = Engine(self.model, self.runtime, max_batch_size=max_batch_size,
-                                             decode_step=self.decode_step,
-                                             vocab_limit=getattr(self.tokenizer, "vocab_size", None))
-        return engines[max_batch_size]
+        key = (max_batch_size, context)
+        if key not in engines:
+            engines[key] = Engine(self.model, self.runtime, max_batch_size=max_batch_size, context=context,
+                                  decode_step=self.decode_step, vocab_limit=getattr(self.tokenizer, "vocab_size", None))
+        return engines[key]
 
     def generate_batch(self, prompts: Sequence[str | list[int] | dict[str, Any]], max_batch_size: int = 8,
                        **sampling: Any) -> list[Completion]:

@@ -33,9 +33,9 @@ def test_loglikelihood_equals_a_forward_pass_and_reuses_the_shared_context(tiny_
     model = LocalModel(tiny_lm, batch_size=2, progress=False)
     context = "The quick brown fox jumps over the"
     pairs = [(context, " lazy dog"), (context, " capital"), (context + " ", "Paris")]
-    before = model.engine.stats.cached_tokens
+    before = model.engine.stats.prefill_passes
     scores = model.loglikelihood(pairs)
-    assert model.engine.stats.cached_tokens > before  # later choices computed only their own tokens
+    assert model.engine.stats.prefill_passes == before + 1  # one row: the context once, the choices as branches
     for (ctx, cont), score in zip(pairs, scores):
         ctx, cont = split_pair(ctx, cont)
         ctx_ids = tiny_lm.encode_prompt(ctx)
@@ -49,7 +49,7 @@ def test_loglikelihood_equals_a_forward_pass_and_reuses_the_shared_context(tiny_
     for _ in range(3):
         ids.append(int(forward_logprobs(tiny_lm, ids)[-1].argmax()))
     request = model._score_request(ids[:-3], ids[-3:])
-    assert _sum_logprobs(model._run([request], "greedy")[0], request.prompt_logprobs_start).greedy
+    assert _sum_logprobs(model._run([request], "greedy")[0].prompt_logprobs[request.prompt_logprobs_start:]).greedy
 
 
 def test_rolling_loglikelihood_scores_every_token_once_across_windows(tiny_lm):

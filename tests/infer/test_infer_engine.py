@@ -148,6 +148,53 @@ def test_scoring_continuations_reuses_the_context_and_matches_a_full_forward(mak
                            prompt_logprobs_start=len(context) + 1))
 
 
+def test_continuations_scored_as_branches_equal_each_pair_alone(make_model):
+    """A question and its choices in one row (a tree of branches): each choice's log-probs equal a
+    forward pass over context + that choice alone, and the row shares a pass with a plain prompt."""
+    model = make_model()
+    context, choices = [7, 1, 9, 2, 8, 3, 6, 4, 5], [[10, 11], [12], [13, 14, 15], [10, 12]]
+    engine = Engine(model, max_batch_size=4)
+    tree = Request(context, SamplingConfig(max_new_tokens=0), continuations=choices)
+    plain = Request([4, 4, 2, 9, 9, 1, 5, 7, 3, 3, 2, 1, 6, 6, 8, 2], greedy(2), prompt_logprobs=0)
+    out, other = engine.generate([tree, plain])
+    assert engine.stats.prefill_passes == 1 and out.token_ids == [] and out.finish_reason == "length"
+    for choice, entries in zip(choices, out.continuation_logprobs):
+        ids = context + choice
+        reference = forward_logprobs(model, ids)
+        assert [e.token_id for e in entries] == choice
+        for i, entry in zip(range(len(context), len(ids)), entries):
+            assert entry.logprob == pytest.approx(float(reference[i - 1, ids[i]]), abs=1e-5)
+            assert entry.top[0][0] == int(reference[i - 1].argmax())
+    reference = forward_logprobs(model, plain.prompt_ids)
+    for i in range(1, len(plain.prompt_ids)):
+        assert other.prompt_logprobs[i].logprob == pytest.approx(float(reference[i - 1, plain.prompt_ids[i]]), abs=1e-5)
+    again = engine.generate([Request(context + [20], greedy(2))])[0]  # the context stayed in the prefix cache
+    assert again.cached_tokens == len(context)
+    for bad in ([], [[]], [[10**6]]):
+        with pytest.raises(ValueError, match="continuation"):
+            engine.add(Request(context, SamplingConfig(max_new_tokens=0), continuations=bad))
+
+
+def test_prompts_prefilled_together_equal_each_alone(make_model):
+    """Several prompts of different lengths in one right-padded prefill pass: every row's prompt
+    log-probs equal a full forward of that prompt alone, and the greedy tokens are the same."""
+    model = make_model()
+    prompts = [[3, 1, 4, 1, 5], [9, 2, 6, 5, 3, 5], [8, 9, 7, 9, 3, 2, 3], [8, 4, 6, 2, 6, 4, 3, 3]]
+    engine = Engine(model, max_batch_size=8)
+    outs = engine.generate([Request(p, greedy(3), prompt_logprobs=0) for p in prompts])
+    assert engine.stats.prefill_passes == 1
+    for prompt, out in zip(prompts, outs):
+        reference = forward_logprobs(model, prompt)
+        for i in range(1, len(prompt)):
+            assert out.prompt_logprobs[i].logprob == pytest.approx(float(reference[i - 1, prompt[i]]), abs=1e-5)
+        assert out.token_ids == run_alone(model, [(prompt, greedy(3))])[0].token_ids
+
+
+def forward_logprobs(model, ids: list[int]) -> torch.Tensor:
+    with torch.no_grad():
+        return torch.log_softmax(model(torch.tensor([ids]))[0].float(), dim=-1)  # (T, V)
+
+
 def test_stop_strings_cut_the_text_per_row(make_model, byte_tokenizer):
     model = make_model(vocab_size=258)
     prompt = [256, 65, 66]

@@ -14,7 +14,9 @@ An :class:`EvalModel` answers, for many inputs at once:
 and its continuation are tokenized as lm-evaluation-harness does: whitespace at the end of
 the context moves to the continuation, the pair is encoded whole, and the continuation is
 what follows the context's own tokens. The choices of one multiple-choice item share their
-context, and the engine's prefix cache computes it once: only the continuation is new work.
+context: one request carries them all as ``continuations``, which the engine scores as branches
+of a tree in the context's own prefill row (each choice sees the context and itself), so the
+context is computed once and every choice beside it, in one pass.
 
 :class:`EndpointModel` sends the same requests to any OpenAI-compatible server (lmforge
 serve, vLLM, llama.cpp's server): log-likelihoods through ``/v1/completions`` with
@@ -70,13 +72,15 @@ def split_pair(context: str, continuation: str) -> tuple[str, str]:
 class LocalModel:
     """An lmforge :class:`LanguageModel` behind the three request types, on its batched engine."""
 
-    def __init__(self, lm: LanguageModel, name: str = "model", batch_size: int = 8, chat: bool = False,
-                 progress: bool = True, add_bos: bool | None = None):
-        """``add_bos``: start plain prompts with the BOS token (None: when the tokenizer has one, as
-        lmforge trains; False matches lm-eval's default for causal models)."""
+    def __init__(self, lm: LanguageModel, name: str = "model", batch_size: int = 16, chat: bool = False,
+                 progress: bool = True, add_bos: bool | None = None, context: int | None = 4096):
+        """``batch_size``: engine slots (questions scored together); ``context``: positions per slot, at
+        most the model's (a longer prompt loses its start); ``add_bos``: start plain prompts with the
+        BOS token (None: when the tokenizer has one, as lmforge trains; False matches lm-eval's
+        default for causal models)."""
         self.lm, self.name, self.chat, self.progress = lm, name, chat, progress
         self.add_bos = add_bos
-        self.engine = lm.engine(batch_size)
+        self.engine = lm.engine(batch_size, min(context or lm.model.config.max_seq_len, lm.model.config.max_seq_len))
         self.window = self.engine.context
 
     # ---- tokenization ----------------------------------------------------------------------------
@@ -108,14 +112,43 @@ class LocalModel:
     # ---- the three request types -----------------------------------------------------------------
 
     def loglikelihood(self, pairs: Sequence[tuple[str, str]], desc: str = "loglikelihood") -> list[Loglikelihood]:
-        requests = []
+        """Consecutive pairs with the same context (a question's choices) go in one request whose
+        continuations the engine scores as branches of one prefill row: the context once, every
+        choice beside it. A question too long for the window is scored pair by pair instead, with
+        the start of its context cut."""
+        encoded = []
         for context, continuation in pairs:
             context_ids, continuation_ids = self.pair_ids(context, continuation)
             if not continuation_ids:
                 raise InputError(f"the continuation {continuation!r} has no tokens: nothing to score")
-            requests.append(self._score_request(context_ids, continuation_ids))
-        return [_sum_logprobs(c, r.prompt_logprobs_start) for c, r in
-                zip(self._run(requests, desc), requests)]
+            encoded.append((context_ids, continuation_ids))
+        requests, owners = [], []  # owners[r]: the pair indices request r scores
+        index = 0
+        while index < len(encoded):
+            context_ids = encoded[index][0]
+            group = [index]
+            while group[-1] + 1 < len(encoded) and encoded[group[-1] + 1][0] == context_ids:
+                group.append(group[-1] + 1)
+            branches = [encoded[i][1] for i in group]
+            if len(context_ids) + sum(map(len, branches)) <= self.window:
+                requests.append(Request(context_ids, SamplingConfig(max_new_tokens=0), continuations=branches))
+                owners.append(group)
+            else:
+                for i in group:
+                    requests.append(self._score_request(*encoded[i]))
+                    owners.append([i])
+            index = group[-1] + 1
+        # the longest first (as lm-eval sorts): prefill passes of rows of similar length
+        order = sorted(range(len(requests)), key=lambda r: -(len(requests[r].prompt_ids)
+                                                               + sum(map(len, requests[r].continuations or ()))))
+        results: list[Loglikelihood | None] = [None] * len(pairs)
+        for r, completion in zip(order, self._run([requests[r] for r in order], desc)):
+            if requests[r].continuations is None:
+                results[owners[r][0]] = _sum_logprobs(completion.prompt_logprobs[requests[r].prompt_logprobs_start:])
+            else:
+                for i, entries in zip(owners[r], completion.continuation_logprobs):
+                    results[i] = _sum_logprobs(entries)
+        return results
 
     def loglikelihood_rolling(self, texts: Sequence[str], desc: str = "perplexity") -> list[Loglikelihood]:
         """Windows of the model's context over each text, each window's first token the one before it
@@ -133,7 +166,7 @@ class LocalModel:
                 owner.append(index)
         totals = [Loglikelihood(0.0, True, 0) for _ in texts]
         for index, completion in zip(owner, self._run(requests, desc)):
-            part = _sum_logprobs(completion, 1)
+            part = _sum_logprobs(completion.prompt_logprobs[1:])
             total = totals[index]
             total.logprob += part.logprob
             total.greedy &= part.greedy
@@ -174,8 +207,8 @@ class LocalModel:
         return [Completion.join(outputs[r.request_id]) for r in requests]
 
 
-def _sum_logprobs(completion: Completion, start: int) -> Loglikelihood:
-    entries = completion.prompt_logprobs[start:]
+def _sum_logprobs(entries: list) -> Loglikelihood:
+    """The total of scored tokens (TokenLogprob with the likeliest token first in ``top``)."""
     return Loglikelihood(sum(e.logprob for e in entries),
                          all(e.top and e.top[0][0] == e.token_id for e in entries), len(entries))
 

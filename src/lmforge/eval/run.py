@@ -56,7 +56,8 @@ class EvalConfig:
     chat: str = field("auto", "wrap prompts in the model's chat format: auto (chat tasks only), on, off")
     perturb: str = field("", "robustness: comma-separated perturbations to rerun each task under "
                              "(typos, swap_chars, add_distractor, reword_instruction)")
-    batch_size: int = field(8, "requests decoded together (engine slots)")
+    batch_size: int = field(16, "requests run together (engine slots; with --base-url: requests in flight)")
+    context: int = field(4096, "positions per engine slot, at most the model's (a longer prompt loses its start)")
     out: str = field("runs/eval", "folder for results.json, report.md and per-sample logs")
     leaderboard: str = field("runs/leaderboard.sqlite", "SQLite database every run is added to ('' for none)")
     base_url: str | None = field(None, "score an OpenAI-compatible server instead of a local model")
@@ -484,7 +485,7 @@ def run_eval(config: EvalConfig, model_path: str | None = None, progress: bool =
         model_path = model_path or DEFAULT_CHAT_MODEL
         name = name or str(model_path)
         model = LocalModel(load(model_path, device=config.device, dtype=config.dtype), name=name,
-                           batch_size=config.batch_size, progress=progress)
+                           batch_size=config.batch_size, progress=progress, context=config.context)
     results = evaluate(model, config, name, tasks)
     write_outputs(results, config.out)
     if config.leaderboard:

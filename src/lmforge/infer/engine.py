@@ -10,9 +10,11 @@ Each request owns a slot of the :class:`SlotKVCache` from its admission to its e
 One :meth:`Engine.step` does, in order:
 
 1. **Admission** (continuous batching). Waiting requests take free slots and are
-   prefilled one at a time, within ``max_prefill_tokens`` per step, so a long prompt
-   delays the running rows by at most one step. A request joins the running batch
-   between two steps; the rows already running are not touched.
+   prefilled, several prompts in one forward pass (right-padded; a prompt much longer or
+   shorter than the others, or one that could reuse what the pass computes, waits for
+   the next pass), within ``max_prefill_tokens`` per step, so a long prompt delays the
+   running rows by at most one step. A request joins the running batch between two
+   steps; the rows already running are not touched.
 2. **Prefix cache.** A slot keeps the tokens whose keys it holds after its request ends.
    A new prompt that begins with tokens some slot holds (the earlier turns of a chat, a
    shared system prompt, few-shot examples) reuses them: in place when that slot is
@@ -47,6 +49,7 @@ from lmforge.runtime import Runtime
 class _Slot:
     index: int
     tokens: list[int] = field(default_factory=list)  # the tokens whose keys/values this slot holds, in order
+    computed: int = 0  # how many of them are in the cache already (fewer while a prefill is assembled)
     sequence: _Sequence | None = None  # the request using it; None when free
     last_used: float = 0.0
 
@@ -81,6 +84,7 @@ class EngineStats:
     prefix_queries: int = 0  # admissions that looked up the prefix cache
     prefix_hits: int = 0  # ... and found at least one token
     decode_steps: int = 0
+    prefill_passes: int = 0  # forward passes that prefilled one or more prompts
     finished: dict[str, int] = field(default_factory=dict)  # by finish reason
 
 
@@ -171,6 +175,14 @@ class Engine:
                              f"that exceeds the context of {self.context} tokens")
         if min(prompt) < 0 or max(prompt) >= self.vocab_size:
             raise ValueError(f"prompt token ids must be in [0, {self.vocab_size}), got {min(prompt)}..{max(prompt)}")
+        if request.continuations is not None:
+            if not request.continuations or not all(request.continuations):
+                raise ValueError("continuations must be a non-empty list of non-empty token lists")
+            if len(prompt) + _branch_tokens(request) > self.context:
+                raise ValueError(f"the prompt ({len(prompt)} tokens) and its continuations ({_branch_tokens(request)}) "
+                                 f"exceed the context of {self.context} tokens")
+            if min(map(min, request.continuations)) < 0 or max(map(max, request.continuations)) >= self.vocab_size:
+                raise ValueError(f"continuation token ids must be in [0, {self.vocab_size})")
         if request.prompt_logprobs is not None and not 1 <= request.prompt_logprobs_start <= len(prompt):
             raise ValueError(f"prompt_logprobs_start must be in [1, {len(prompt)}] (the prompt's length), "
                              f"got {request.prompt_logprobs_start}")
@@ -238,70 +250,152 @@ class Engine:
     # ---- admission: slots, prefix cache, prefill ------------------------------------------------
 
     def _admit(self) -> list[RequestOutput]:
-        outputs, budget = [], self.max_prefill_tokens
+        """Place waiting requests into free slots and prefill them, several in one forward pass."""
+        outputs, budget, batch, width = [], self.max_prefill_tokens, [], 0
         while self.waiting and budget > 0 and any(s.sequence is None for s in self.slots):
-            sequence = self.waiting.popleft()
+            sequence = self.waiting[0]
             slot, reused = self._place(sequence.request)
-            budget -= len(sequence.request.prompt_ids) - reused
-            outputs.append(self._prefill(sequence, slot, reused))
+            new = _new_tokens(sequence.request, reused)
+            if batch and (not _fits(batch, width, new) or self._waits_for(sequence.request, batch, reused)):
+                # too uneven to share a pass, or it could reuse what the pass computes: run what we have
+                outputs += self._prefill(batch)
+                batch, width = [], 0
+                continue  # place it again: the slots the batch filled are computed now
+            self.waiting.popleft()
+            self._claim(sequence, slot, reused)
+            batch.append((sequence, slot, reused))
+            width = max(width, new)
+            budget -= new
+        if batch:
+            outputs += self._prefill(batch)
         return outputs
 
     def _place(self, request: Request) -> tuple[_Slot, int]:
         """Choose a free slot and how many leading prompt tokens it can reuse.
 
         A prompt must compute at least its last token (its logits start the reply). Without
-        a match, the slot is an empty one, else the one unused for longest.
+        a match, the slot is an empty one, else the one unused for longest. A slot claimed
+        by the prefill being assembled offers only the positions computed before it.
         """
         free = [s for s in self.slots if s.sequence is None]
-        prompt = request.prompt_ids
-        # reusable: all but the last token, and with prompt log-probs, no position whose logits are needed
-        limit = len(prompt) - 1
-        if request.prompt_logprobs is not None:
-            limit = min(limit, request.prompt_logprobs_start - 1)
-        if not self.prefix_caching or limit <= 0:
+        prompt, limit = request.prompt_ids, self._reusable(request)
+        if limit <= 0:
             return min(free, key=lambda s: (bool(s.tokens), s.last_used)), 0
-        self.stats.prefix_queries += 1
-        matches = {s.index: min(common_prefix(s.tokens, prompt), limit) for s in self.slots}
+        matches = {s.index: min(common_prefix(s.tokens, prompt), limit, s.computed) for s in self.slots}
         best = max(self.slots, key=lambda s: (matches[s.index], s.sequence is None))
         reused = matches[best.index]
-        if reused > 0:
-            self.stats.prefix_hits += 1
-        if best.sequence is None:
-            if reused > 0:
-                return best, reused
+        if best.sequence is None and reused > 0:
+            return best, reused
         target = min(free, key=lambda s: (bool(s.tokens), s.last_used))
-        if reused > 0:  # the prefix lives in a running slot: copy its keys and values
-            self.cache.copy_prefix(best.index, target.index, reused)
         return target, reused
 
-    def _prefill(self, sequence: _Sequence, slot: _Slot, reused: int) -> RequestOutput:
-        """Compute the prompt after its reused prefix into ``slot``; sample the first token."""
+    def _waits_for(self, request: Request, batch: list[tuple[_Sequence, _Slot, int]], reused: int) -> bool:
+        """Whether ``request`` shares enough of its prompt with one being prefilled (a system prompt, a
+        question's context) that it should wait one pass and take those positions from the cache."""
+        limit, prompt = self._reusable(request), request.prompt_ids
+        shared = max(min(common_prefix(s.tokens, prompt), limit) for _, s, _ in batch)
+        return shared - reused >= max(8, (len(prompt) - reused) // 4)
+
+    def _reusable(self, request: Request) -> int:
+        """How many leading prompt tokens could come from the prefix cache: all but the last, and with
+        prompt log-probs none whose logits are needed; 0 without prefix caching."""
+        if not self.prefix_caching:
+            return 0
+        limit = len(request.prompt_ids) - 1
+        if request.prompt_logprobs is not None:
+            limit = min(limit, request.prompt_logprobs_start - 1)
+        return limit
+
+    def _claim(self, sequence: _Sequence, slot: _Slot, reused: int) -> None:
+        """Give ``slot`` to ``sequence``, its first ``reused`` positions taken from the prefix cache."""
         request, prompt = sequence.request, sequence.request.prompt_ids
-        slot.sequence, slot.tokens, sequence.slot = sequence, list(prompt), slot
+        if self._reusable(request) > 0:
+            self.stats.prefix_queries += 1
+            self.stats.prefix_hits += reused > 0
+        if reused > 0 and slot.tokens[:reused] != prompt[:reused]:  # the prefix lives in another slot: copy it
+            source = next(s for s in self.slots if s.computed >= reused and s.tokens[:reused] == prompt[:reused])
+            self.cache.copy_prefix(source.index, slot.index, reused)
+        slot.sequence, slot.tokens, slot.computed, sequence.slot = sequence, list(prompt), reused, slot
         sequence.cached_tokens = reused
         self.running[sequence.id] = sequence
         self.stats.prompt_tokens += len(prompt)
         self.stats.cached_tokens += reused
-        ids = torch.tensor([prompt[reused:]], device=self.device)  # (1, T)
-        positions = torch.arange(reused, len(prompt), device=self.device)[None]  # (1, T)
-        self.cache.bind(slot.index, positions, len(prompt))
+
+    def _prefill(self, batch: list[tuple[_Sequence, _Slot, int]]) -> list[RequestOutput]:
+        """Compute each prompt after its reused prefix, all rows in one forward pass over the slots they
+        span (slots in that span outside the batch are padding rows, as in decoding; so are the tokens
+        that right-pad a shorter row); then each row's prompt log-probs and first token.
+
+        A request with ``continuations`` adds them after its prompt in the same row, as branches of a
+        tree: a branch's tokens sit at positions L, L+1, ... (L the prompt's length) like a plain
+        continuation, take cache indices after the prompt's and each other's, and see the prompt and
+        their own branch only. So every choice of a question is scored in one row, the context once.
+        """
+        first = min(slot.index for _, slot, _ in batch)
+        rows = max(slot.index for _, slot, _ in batch) - first + 1
+        width = max(_new_tokens(seq.request, reused) for seq, _, reused in batch)
+        kv_len = max(len(seq.request.prompt_ids) + _branch_tokens(seq.request) for seq, _, _ in batch)
+        ids = torch.zeros(rows, width, dtype=torch.long)
+        positions = torch.zeros(rows, width, dtype=torch.long)  # padding: position 0, sees key 0 only
+        write = torch.full((rows, width), self.cache.scratch, dtype=torch.long)
+        upto = torch.zeros(rows, width, dtype=torch.long)  # the last cache index a token sees
+        branch = torch.zeros(rows, width, dtype=torch.long)  # ... and where its branch starts (0: no branch)
+        trunk = torch.full((rows, 1), kv_len, dtype=torch.long)  # keys below this are the prompt's
+        picks = []  # per row: which of its tokens' outputs the logits are needed of
+        for sequence, slot, reused in batch:
+            request, row = sequence.request, slot.index - first
+            prompt, n = request.prompt_ids, len(request.prompt_ids) - reused
+            ids[row, :n] = torch.tensor(prompt[reused:])
+            positions[row, :n] = write[row, :n] = upto[row, :n] = torch.arange(reused, len(prompt))
+            if request.continuations is None:
+                begin = n - 1 if request.prompt_logprobs is None else max(request.prompt_logprobs_start, 1) - 1 - reused
+                picks.append(list(range(begin, n)))
+                continue
+            trunk[row] = len(prompt)
+            at, chosen = n, []
+            for tokens in request.continuations:  # a branch: positions L.., cache indices after the last branch
+                m, index = len(tokens), reused + at
+                ids[row, at:at + m] = torch.tensor(tokens)
+                positions[row, at:at + m] = torch.arange(len(prompt), len(prompt) + m)
+                write[row, at:at + m] = upto[row, at:at + m] = torch.arange(index, index + m)
+                branch[row, at:at + m] = index
+                chosen += [n - 1, *range(at, at + m - 1)]  # each token's logits come from the one before it
+                at += m
+            picks.append(chosen)
+        keys = torch.arange(kv_len)
+        mask = (keys <= upto[..., None]) & ((keys < trunk[..., None]) | (keys >= branch[..., None]))
+        ids, positions, write = ids.to(self.device), positions.to(self.device), write.to(self.device)
+        self.cache.bind(first, write, kv_len)
         hidden = self.model(ids, self.cache, return_hidden=True, positions=positions,
-                            mask=attention_mask(positions, len(prompt)))  # (1, T, dim)
-        prompt_logprobs = None
-        if request.prompt_logprobs is not None:
-            start = max(request.prompt_logprobs_start, 1)  # >= reused + 1: _place saw to it
-            logits = self.model.lm_head(hidden[0, start - 1 - reused:]).float()  # (T', V): positions start-1..
-            prompt_logprobs = [None] * start + [_logprob_entry(row, token, request.prompt_logprobs)
-                                                for row, token in zip(logits[:-1], prompt[start:])]
-            last = logits[-1]
-        else:
-            last = self.model.lm_head(hidden[0, -1:]).float()[0]  # (V,)
-        if request.sampling.max_new_tokens == 0:  # scoring only: nothing to generate
-            output = self._finish(sequence, RequestOutput(sequence.id, []), "length")
-        else:
-            output = self._sample(sequence, last)
-        output.prompt_logprobs = prompt_logprobs
-        return output
+                            mask=mask[:, None].to(self.device))  # (rows, width, dim)
+        self.stats.prefill_passes += 1
+        rows_of = [slot.index - first for _, slot, _ in batch]
+        logits = self.model.lm_head(torch.cat([hidden[row, chosen] for row, chosen in zip(rows_of, picks)])).float()
+        outputs, offset = [], 0
+        for (sequence, slot, reused), chosen in zip(batch, picks):
+            request, prompt = sequence.request, sequence.request.prompt_ids
+            slot.computed = len(prompt)  # branches lie past the prompt: the prefix cache keeps the prompt only
+            part = logits[offset:offset + len(chosen)]
+            offset += len(chosen)
+            prompt_logprobs = continuation_logprobs = None
+            if request.continuations is not None:
+                logprobs, continuation_logprobs = torch.log_softmax(part, dim=-1), []
+                for tokens in request.continuations:
+                    continuation_logprobs.append([_logprob_entry(row_lp, token, 1)
+                                                  for row_lp, token in zip(logprobs[:len(tokens)], tokens)])
+                    logprobs = logprobs[len(tokens):]
+            elif request.prompt_logprobs is not None:
+                start = reused + chosen[0] + 1  # the first prompt index scored
+                logprobs = torch.log_softmax(part[:-1], dim=-1)
+                prompt_logprobs = [None] * start + [_logprob_entry(row_lp, token, request.prompt_logprobs)
+                                                    for row_lp, token in zip(logprobs, prompt[start:])]
+            if request.sampling.max_new_tokens == 0 or request.continuations is not None:  # scoring only
+                output = self._finish(sequence, RequestOutput(sequence.id, []), "length")
+            else:
+                output = self._sample(sequence, part[-1])
+            output.prompt_logprobs, output.continuation_logprobs = prompt_logprobs, continuation_logprobs
+            outputs.append(output)
+        return outputs
 
     # ---- decoding -------------------------------------------------------------------------------
 
@@ -325,6 +419,7 @@ class Engine:
         outputs = []
         for index, sequence in rows.items():
             sequence.slot.tokens.append(sequence.pending)
+            sequence.slot.computed = len(sequence.slot.tokens)
             sequence.pending = None
             outputs.append(self._sample(sequence, logits[index]))
         return outputs
@@ -355,7 +450,7 @@ class Engine:
             sequence.counts[token] += 1
         output = RequestOutput(sequence.id, [])
         if request.logprobs is not None:  # a stop token gets its entry too (scoring counts one generated token)
-            output.logprobs.append(_logprob_entry(logits, token, request.logprobs))
+            output.logprobs.append(_logprob_entry(torch.log_softmax(logits, dim=-1), token, request.logprobs))
         if token in sequence.stop_ids:
             return self._finish(sequence, output, "stop")
         if request.constraint is not None:
@@ -391,9 +486,24 @@ class Engine:
         return output
 
 
-def _logprob_entry(logits: torch.Tensor, token: int, top: int) -> TokenLogprob:
-    """The model's log-probability of ``token`` under fp32 logits (V,), and the ``top`` likeliest tokens."""
-    logprobs = torch.log_softmax(logits, dim=-1)
+def _branch_tokens(request: Request) -> int:
+    return sum(map(len, request.continuations or ()))
+
+
+def _new_tokens(request: Request, reused: int) -> int:
+    """The tokens a request puts through its prefill: its prompt after the reused prefix, and its branches."""
+    return len(request.prompt_ids) - reused + _branch_tokens(request)
+
+
+def _fits(batch: list, width: int, new: int) -> bool:
+    """Whether a prompt of ``new`` tokens may join a prefill of rows up to ``width`` tokens: padding to
+    the longest row must not waste more than half the pass."""
+    real = sum(_new_tokens(seq.request, reused) for seq, _, reused in batch) + new
+    return (len(batch) + 1) * max(width, new) <= 2 * real
+
+
+def _logprob_entry(logprobs: torch.Tensor, token: int, top: int) -> TokenLogprob:
+    """``token``'s log-probability under fp32 log-probabilities (V,), and the ``top`` likeliest tokens."""
     entry = TokenLogprob(token, float(logprobs[token]))
     if top > 0:
         values, ids = logprobs.topk(top)

@@ -48,7 +48,10 @@ class Request:
     none). The prefix cache can serve only the tokens before ``prompt_logprobs_start - 1``,
     since a cached position's logits are not kept: scoring the continuations of one context
     (multiple choice) computes the context once. With ``max_new_tokens=0`` the request only
-    scores its prompt and generates nothing. ``decode`` turns ids into text
+    scores its prompt and generates nothing. ``continuations``: token lists to score each as the
+    continuation of the prompt (the choices of a question), all in the prompt's own prefill row
+    (a tree: each sees the prompt and itself, not the others); the request then generates nothing
+    and its output carries ``continuation_logprobs``. ``decode`` turns ids into text
     for streaming and for stop strings; without it the outputs carry token ids only and
     stop strings cannot be checked.
     """
@@ -59,6 +62,7 @@ class Request:
     logprobs: int | None = None
     prompt_logprobs: int | None = None
     prompt_logprobs_start: int = 1
+    continuations: list[list[int]] | None = None
     constraint: TokenConstraint | None = None
     decode: Callable[[list[int]], str] | None = None
     arrival: float = field(default_factory=time.monotonic)
@@ -74,6 +78,7 @@ class RequestOutput:
     logprobs: list[TokenLogprob] = field(default_factory=list)  # one per new token, a stop token included
     prompt_logprobs: list[TokenLogprob | None] | None = None  # in the first output, when asked for; None
     # before prompt_logprobs_start
+    continuation_logprobs: list[list[TokenLogprob]] | None = None  # per continuation, one per token
     finished: bool = False
     finish_reason: str | None = None  # "stop" (stop token or string), "length", "abort"
     prompt_tokens: int = 0
@@ -94,10 +99,11 @@ class Completion:
     prompt_tokens: int
     cached_tokens: int
     completion_tokens: int
+    continuation_logprobs: list[list[TokenLogprob]] | None = None
 
     @classmethod
     def join(cls, outputs: list[RequestOutput]) -> Completion:
         last = outputs[-1]
         return cls(last.request_id, [t for o in outputs for t in o.token_ids], "".join(o.text for o in outputs),
                    last.finish_reason, [lp for o in outputs for lp in o.logprobs], outputs[0].prompt_logprobs,
-                   last.prompt_tokens, last.cached_tokens, last.completion_tokens)
+                   last.prompt_tokens, last.cached_tokens, last.completion_tokens, outputs[0].continuation_logprobs)
