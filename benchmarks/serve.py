@@ -355,7 +355,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--llama-url", help="use this running llama-server instead of starting one")
     parser.add_argument("--lmforge-args", default="",
-                        help='more flags for lmforge serve, e.g. "--compile" (quote them as one argument)')
+                        help='more flags for lmforge serve, as one argument: --lmforge-args="--compile"')
     parser.add_argument("--ready-seconds", type=float, default=1200,
                         help="how long a server may take to start (--compile compiles every batch bucket first)")
     parser.add_argument("--lmforge-url", help="use this running lmforge server instead of starting one")

@@ -332,9 +332,14 @@ class Engine:
         their own branch only. So every choice of a question is scored in one row, the context once.
         """
         first = min(slot.index for _, slot, _ in batch)
-        rows = max(slot.index for _, slot, _ in batch) - first + 1
-        width = max(_new_tokens(seq.request, reused) for seq, _, reused in batch)
+        span = max(slot.index for _, slot, _ in batch) - first + 1
+        # Shapes come in buckets (rows: the decode step's batch sizes; tokens: four steps an octave):
+        # every new matrix shape costs CPU kernels memory they keep, so unbounded shapes grow memory.
+        rows = next(b for b in self.buckets if b >= span)
+        first = min(first, len(self.slots) - rows)
+        width = shape_bucket(max(_new_tokens(seq.request, reused) for seq, _, reused in batch))
         kv_len = max(len(seq.request.prompt_ids) + _branch_tokens(seq.request) for seq, _, _ in batch)
+        kv_len = min(shape_bucket(kv_len), self.context)
         ids = torch.zeros(rows, width, dtype=torch.long)
         positions = torch.zeros(rows, width, dtype=torch.long)  # padding: position 0, sees key 0 only
         write = torch.full((rows, width), self.cache.scratch, dtype=torch.long)
@@ -370,7 +375,10 @@ class Engine:
                             mask=mask[:, None].to(self.device))  # (rows, width, dim)
         self.stats.prefill_passes += 1
         rows_of = [slot.index - first for _, slot, _ in batch]
-        logits = self.model.lm_head(torch.cat([hidden[row, chosen] for row, chosen in zip(rows_of, picks)])).float()
+        needed = torch.cat([hidden[row, chosen] for row, chosen in zip(rows_of, picks)])  # (N, dim)
+        padded = needed.new_zeros(shape_bucket(len(needed)), needed.shape[1])
+        padded[:len(needed)] = needed
+        logits = self.model.lm_head(padded)[:len(needed)].float()
         outputs, offset = [], 0
         for (sequence, slot, reused), chosen in zip(batch, picks):
             request, prompt = sequence.request, sequence.request.prompt_ids
@@ -484,6 +492,13 @@ class Engine:
         output.cached_tokens = sequence.cached_tokens
         output.completion_tokens = len(sequence.generated)
         return output
+
+
+def shape_bucket(n: int) -> int:
+    """``n`` rounded up to four steps an octave (1..8 as they are, then 10, 12, 14, 16, 20, 24, ...):
+    at most a quarter of padding, and a few dozen distinct sizes up to thousands."""
+    step = max(1, 2 ** (n.bit_length() - 3))
+    return -(-n // step) * step
 
 
 def _branch_tokens(request: Request) -> int:
