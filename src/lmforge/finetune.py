@@ -102,7 +102,7 @@ def finetune(config: FinetuneConfig, train_config: TrainConfig, resume: bool = F
 
     def task_accuracy() -> dict:
         lm = LanguageModel(model.to(runtime.device), tokenizer, runtime)
-        return evaluate_tasks(lm, held_out, config.system or None, progress=train_config.progress, examples=5)
+        return evaluate_tasks(lm, held_out, config.system or None, examples=5)
 
     before = task_accuracy() if held_out else None
     train, val = split_conversations(conversations, config.val_fraction)

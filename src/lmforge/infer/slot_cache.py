@@ -72,8 +72,9 @@ class SlotKVCache:
         values = self.values[layer][self.first:self.first + self.rows]
         row = torch.arange(self.rows, device=k.device)[:, None]  # (B, 1), broadcast against (B, T)
         # Advanced indices on dims 0 and 2 put their (B, T) shape first: the target is (B, T, Hkv, D).
-        keys[row, :, self.write_index] = k.transpose(1, 2)
-        values[row, :, self.write_index] = v.transpose(1, 2)
+        # (under autocast, k and v may come in a lower precision than the cache keeps: store them in its own)
+        keys[row, :, self.write_index] = k.transpose(1, 2).to(keys.dtype)
+        values[row, :, self.write_index] = v.transpose(1, 2).to(values.dtype)
         return keys[:, :, :self.kv_len], values[:, :, :self.kv_len]
 
     def advance(self, num_tokens: int) -> None:
