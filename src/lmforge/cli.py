@@ -313,10 +313,41 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
 
 def cmd_human(argv: list[str]) -> None:
-    """``lmforge eval human-report DB`` and ``lmforge eval human-export DB --out FILE``."""
-    from lmforge.eval.human import RatingStore, export_preferences, format_report, human_report
+    """``lmforge eval human-items PROMPTS --model A=PATH [--model B=PATH] --out ITEMS``,
+    ``lmforge eval human-report DB`` and ``lmforge eval human-export DB --out FILE``."""
+    from lmforge.eval.human import RatingStore, answer_items, export_preferences, format_report, human_report
 
     parser = argparse.ArgumentParser(prog=f"lmforge eval {argv[0]}")
+    if argv[0] == "human-items":
+        parser.description = ("Ask one or two models every prompt and write their answers side by side as "
+                              "rating items, for `lmforge serve --ratings DB --rating-items ITEMS`.")
+        parser.add_argument("prompts", help="a text file with one prompt per line, or JSONL with a 'prompt' field")
+        parser.add_argument("--model", action="append", required=True, metavar="NAME=PATH",
+                            help="a model to ask (repeat for a second one)")
+        parser.add_argument("--out", required=True, help="JSONL file of items to write")
+        parser.add_argument("--max-new-tokens", type=int, default=256)
+        parser.add_argument("--temperature", type=float, default=0.0)
+        args = parser.parse_args(argv[1:])
+        from lmforge.api import load
+        from lmforge.serve.server import parse_model_specs
+
+        path = Path(args.prompts)
+        if not path.is_file():
+            raise InputError(f"prompts file not found: {path}")
+        lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        if path.suffix == ".jsonl":
+            try:
+                lines = [json.loads(line)["prompt"] for line in lines]
+            except (json.JSONDecodeError, KeyError, TypeError) as err:
+                raise InputError(f"{path}: each line must be a JSON object with a 'prompt' ({err})") from None
+        specs = parse_model_specs(None, args.model)
+        try:
+            count = answer_items(lines, {name: load(spec) for name, spec in specs.items()}, args.out,
+                                 args.max_new_tokens, args.temperature)
+        except ValueError as err:
+            raise InputError(str(err)) from None
+        print(f"wrote {count} items to {args.out}")
+        return
     parser.add_argument("db", help="the SQLite file given to `lmforge serve --ratings`")
     if argv[0] == "human-report":
         parser.description = ("Per-criterion means with confidence intervals, win rates and inter-rater "
@@ -498,7 +529,8 @@ def make_parser() -> argparse.ArgumentParser:
                                     "under several prompting strategies",
                        description="Evaluate a model (anything lmforge loads, or --base-url for an OpenAI-"
                                    "compatible server) and write results.json, report.md and per-sample logs; "
-                                   "each run joins the leaderboard. Human ratings: `lmforge eval human-report DB` "
+                                   "each run joins the leaderboard. Human ratings: `lmforge eval human-items PROMPTS --model A=PATH "
+                                   "--model B=PATH --out items.jsonl`, `lmforge eval human-report DB` "
                                    "and `lmforge eval human-export DB --out prefs.jsonl`. See docs/EVALUATION.md.")
     p.add_argument("model_path", nargs="?", default=None, metavar="MODEL",
                    help=f"checkpoint, HF directory, .gguf or packaged name (default: {DEFAULT_CHAT_MODEL}); "
@@ -529,7 +561,7 @@ def make_parser() -> argparse.ArgumentParser:
     return parser
 
 
-HUMAN_ACTIONS = ("human-report", "human-export")
+HUMAN_ACTIONS = ("human-items", "human-report", "human-export")
 
 
 def main(argv: list[str] | None = None) -> int:

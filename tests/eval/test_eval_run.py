@@ -224,3 +224,23 @@ def test_cli_human_report_and_export(tmp_path, capsys):
     lines = [json.loads(line) for line in (tmp_path / "prefs.jsonl").read_text().splitlines()]
     assert len(lines) == 2 and all(line["chosen"] == "Paris." and line["rejected"] == "London." for line in lines)
     assert main(["eval", "human-report", str(tmp_path / "missing.sqlite")]) == 2
+
+
+def test_cli_human_items_writes_two_models_answers_to_rate(tiny_lm, tmp_path):
+    from lmforge.checkpoint import save_checkpoint
+    from lmforge.eval.human import RatingStore
+
+    checkpoint = save_checkpoint(tmp_path / "ckpt", tiny_lm.model, tiny_lm.tokenizer)
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("What is the capital of France?\nSay something about foxes.\n")
+    items = tmp_path / "items.jsonl"
+    assert main(["eval", "human-items", str(prompts), "--model", f"a={checkpoint}", "--model", f"b={checkpoint}",
+                 "--out", str(items), "--max-new-tokens", "8"]) == 0
+    lines = [json.loads(line) for line in items.read_text().splitlines()]
+    assert [line["prompt"] for line in lines] == ["What is the capital of France?", "Say something about foxes."]
+    assert all(line["models"] == ["a", "b"] and len(line["answers"]) == 2 for line in lines)
+    store = RatingStore(tmp_path / "r.sqlite")
+    assert store.import_jsonl(items) == 2
+    store.close()
+    assert main(["eval", "human-items", str(prompts), "--model", f"a={checkpoint}", "--model", f"b={checkpoint}",
+                 "--model", f"c={checkpoint}", "--out", str(items)]) == 2

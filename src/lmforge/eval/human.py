@@ -616,3 +616,30 @@ def export_preferences(store: RatingStore, path: str | Path, majority: bool = Fa
         for line in lines:
             out.write(json.dumps(line, ensure_ascii=False) + "\n")
     return len(lines)
+
+
+def answer_items(prompts: Sequence[str], models: dict[str, object], path: str | Path,
+                 max_new_tokens: int = 256, temperature: float = 0.0, seed: int = 0) -> int:
+    """Write rating items: each prompt asked (as a chat turn) to one or two models, their answers side
+    by side (``prompt``, ``answers``, ``models``), for ``lmforge serve --rating-items``. ``models``:
+    name -> :class:`lmforge.api.LanguageModel`; every model answers every prompt in one batched
+    run. Returns the number of items written."""
+    if len(models) not in (1, 2):
+        raise ValueError(f"rating items compare one or two models, got {len(models)}")
+    if not prompts:
+        raise ValueError("no prompts to answer")
+    replies = {}
+    for name, lm in models.items():
+        batch = [{"messages": [{"role": "user", "content": p}]} for p in prompts]
+        replies[name] = [c.text.strip() for c in lm.generate_batch(batch, max_new_tokens=max_new_tokens,
+                                                                      temperature=temperature, seed=seed)]
+    written = 0
+    with open(path, "w", encoding="utf-8") as out:
+        for index, prompt in enumerate(prompts):
+            answers = [(name, replies[name][index]) for name in models if replies[name][index]]
+            if not answers:
+                continue  # nothing to rate: every model replied with nothing
+            out.write(json.dumps({"prompt": prompt, "answers": [a for _, a in answers],
+                                  "models": [n for n, _ in answers]}, ensure_ascii=False) + "\n")
+            written += 1
+    return written
