@@ -52,6 +52,18 @@ def test_top_p_works_per_row():
     assert kept(top_p_filter(logits, 0.75)) == [{0, 2}, {1}]
 
 
+@pytest.mark.parametrize("scale", [12.0, 0.5])  # a peaked distribution (nucleus in the 64 likeliest), a flat one
+def test_top_p_over_a_large_vocabulary_equals_a_full_sort(scale):
+    torch.manual_seed(0)
+    logits = torch.randn(3, 5000) * scale
+    for p in (0.5, 0.9, 0.99):
+        ranked, order = torch.sort(logits, dim=-1, descending=True)
+        probs = torch.softmax(ranked, dim=-1)
+        keep_ranked = (probs.cumsum(-1) - probs) < p
+        expected = [set(order[row][keep_ranked[row]].tolist()) for row in range(3)]
+        assert kept(top_p_filter(logits, p)) == expected
+
+
 def test_repetition_penalty_divides_positive_and_multiplies_negative_logits():
     logits = torch.tensor([[2.0, -1.0, 0.5, 3.0], [2.0, -1.0, 0.5, 3.0]])
     seen = torch.tensor([[0, 1, 1], [3, 3, 3]])  # repeats count once

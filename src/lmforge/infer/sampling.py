@@ -99,6 +99,9 @@ def top_k_filter(logits: torch.Tensor, k: int) -> torch.Tensor:
     return logits.masked_fill(logits < kth, float("-inf"))
 
 
+NUCLEUS_FIRST_TRY = 64  # tokens ranked before falling back to sorting the whole vocabulary
+
+
 def top_p_filter(logits: torch.Tensor, p: float) -> torch.Tensor:
     """Nucleus filter (Holtzman et al., 2019, arXiv:1904.09751).
 
@@ -107,12 +110,20 @@ def top_p_filter(logits: torch.Tensor, p: float) -> torch.Tensor:
     """
     if p >= 1.0:
         return logits
-    sorted_logits, order = torch.sort(logits, dim=-1, descending=True)  # (B, V)
-    probs = torch.softmax(sorted_logits.float(), dim=-1)
+    # Sorting the whole vocabulary costs ~2 ms a row at 32k tokens, and a trained model's nucleus is
+    # usually a few dozen tokens. So rank the 64 likeliest first (probabilities still over the whole
+    # vocabulary); when they hold p the set is the one a full sort finds; else sort everything.
+    logits_f = logits.float()
+    total = torch.logsumexp(logits_f, dim=-1, keepdim=True)  # (B, 1)
+    top, order = torch.topk(logits_f, min(NUCLEUS_FIRST_TRY, logits.shape[-1]), dim=-1)  # likeliest first
+    probs = torch.exp(top - total)
+    if not bool((probs.sum(dim=-1) >= p).all()):
+        top, order = torch.sort(logits_f, dim=-1, descending=True)  # (B, V)
+        probs = torch.exp(top - total)
     mass_before = probs.cumsum(dim=-1) - probs  # probability of the tokens ranked above each one
-    drop_sorted = mass_before >= p  # the set already reached p without this token
-    drop = drop_sorted.scatter(1, order, drop_sorted)  # back to vocabulary order
-    return logits.masked_fill(drop, float("-inf"))
+    keep_ranked = mass_before < p  # the set had not reached p without this token
+    keep = torch.zeros_like(logits, dtype=torch.bool).scatter(1, order, keep_ranked)  # back to vocabulary order
+    return logits.masked_fill(~keep, float("-inf"))
 
 
 def sample_next(logits: torch.Tensor, config: SamplingConfig, generator: torch.Generator | None = None,
