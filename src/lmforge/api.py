@@ -195,6 +195,9 @@ def load(path: str | Path, device: str = "auto", dtype: str = "auto", attention:
         dtype = "fp32"  # 16-bit storage means fp32 arithmetic, even where "auto" would pick bf16
     runtime = Runtime.resolve(device, dtype, attention)
     model = load_model(path, device=runtime.device, attention=runtime.attention)
+    if model.config.head != "lm":
+        raise InputError(f"{path} has the {model.config.head!r} head (a reward model), not next-token logits: "
+                         "load it with lmforge.checkpoint.load_model and score with lmforge.model.heads")
     if weights != "fp32":
         if runtime.dtype != torch.float32:
             raise InputError(f"weights={weights!r} keeps the arithmetic in fp32; it does not combine with "

@@ -39,6 +39,9 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, format: str = "hf
         raise InputError(f"unknown export format {format!r}; choose {', '.join(FORMATS)}")
     path = resolve_model(checkpoint)
     config, state = read_checkpoint(path)
+    if config.head != "lm":
+        raise InputError(f"{path} has the {config.head!r} head (a reward model): exporting it is not supported "
+                         "yet; only language models (head 'lm') export")
     tokenizer = _tokenizer_or_none(path)
     if format == "gguf":
         return save_gguf(out, config, state, tokenizer, gguf_type, name=path.stem if path.suffix else path.name)

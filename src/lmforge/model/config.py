@@ -17,6 +17,7 @@ from lmforge.settings import field
 POSITIONS = ("rope", "learned", "sinusoidal")
 NORMS = ("rmsnorm", "layernorm")
 ACTIVATIONS = ("swiglu", "gelu", "relu")
+HEADS = ("lm", "score")
 
 
 @dataclass
@@ -44,6 +45,7 @@ class ModelConfig:
     qkv_bias: bool = field(False, "add biases to the query/key/value projections only (Qwen2)")
     dropout: float = field(0.0, "dropout on embeddings, attention weights and residual branches")
     init_std: float = field(0.02, "standard deviation of the initial weights")
+    head: str = field("lm", "output head: lm (next-token logits) or score (one scalar per position: a reward model)")
 
     def __post_init__(self) -> None:
         if self.head_dim == 0:
@@ -60,7 +62,7 @@ class ModelConfig:
         if self.num_heads % self.num_kv_heads:
             raise ValueError(f"num_heads={self.num_heads} must be a multiple of num_kv_heads={self.num_kv_heads}")
         for name, value, allowed in (("position", self.position, POSITIONS), ("norm", self.norm, NORMS),
-                                     ("activation", self.activation, ACTIVATIONS)):
+                                     ("activation", self.activation, ACTIVATIONS), ("head", self.head, HEADS)):
             if value not in allowed:
                 raise ValueError(f"{name}={value!r}; choose one of {', '.join(allowed)}")
         if self.position == "rope" and self.head_dim % 2:

@@ -71,6 +71,8 @@ class DecoderLM(nn.Module):
         self.lm_head = nn.Linear(config.dim, config.vocab_size, bias=False)
         if config.tie_embeddings:
             self.lm_head.weight = self.embed.weight
+        # head "score": one scalar per position read off the same backbone (a reward model; a value head)
+        self.score = nn.Linear(config.dim, 1, bias=False) if config.head == "score" else None
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -105,7 +107,8 @@ class DecoderLM(nn.Module):
     def forward(self, input_ids: torch.Tensor, cache: KVCache | None = None,
                 return_hidden: bool = False, segments: torch.Tensor | None = None,
                 positions: torch.Tensor | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
-        """input_ids (B, T) -> logits (B, T, V), or the final hidden states (B, T, dim).
+        """input_ids (B, T) -> logits (B, T, V), scores (B, T) for a model with the "score" head, or the
+        final hidden states (B, T, dim).
 
         With a cache, the tokens continue the cached prefix: their positions start at
         ``cache.length``, and their keys/values are added to it. With ``segments``
@@ -139,6 +142,8 @@ class DecoderLM(nn.Module):
         x = self.norm(x)
         if return_hidden:
             return x
+        if self.score is not None:
+            return self.score(x).squeeze(-1)  # (B, T)
         return self.lm_head(x)
 
     def init_buffers(self, device: torch.device | str | None = None) -> None:
