@@ -74,6 +74,14 @@ def pack_examples(examples: list[ChatTokens], seq_len: int, pad_id: int) -> Pack
     return out
 
 
+def epoch_rows(seed: int, count: int, step: int, first: int, size: int, global_size: int) -> np.ndarray:
+    """Indices (of ``count`` examples) of sequences first..first+size-1 of the global batch of ``step``:
+    each epoch visits every example once, in an order drawn from (seed, epoch)."""
+    index = step * global_size + first + np.arange(size)  # position in the endless stream of examples
+    epoch, offset = np.divmod(index, count)
+    return np.array([np.random.default_rng([seed, e]).permutation(count)[o] for e, o in zip(epoch, offset)])
+
+
 class SFTStage:
     """Batches of packed rows and the answer-only loss, for :func:`lmforge.train.fit`.
 
@@ -87,11 +95,7 @@ class SFTStage:
         self.train, self.val, self.seed = train, val, seed
 
     def rows_of(self, step: int, first: int, size: int, global_size: int) -> np.ndarray:
-        """Row indices of sequences first..first+size-1 of the global batch of ``step``."""
-        index = step * global_size + first + np.arange(size)  # position in the endless stream of rows
-        epoch, offset = np.divmod(index, len(self.train))
-        return np.array([np.random.default_rng([self.seed, e]).permutation(len(self.train))[o]
-                         for e, o in zip(epoch, offset)])
+        return epoch_rows(self.seed, len(self.train), step, first, size, global_size)
 
     def batch(self, step: int, first: int, size: int, global_size: int, device: torch.device) -> dict:
         rows = self.rows_of(step, first, size, global_size)
