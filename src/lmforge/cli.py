@@ -210,6 +210,46 @@ def cmd_sft(args: argparse.Namespace) -> None:
     print(f"model: {summary['model']}")
 
 
+def cmd_rm(args: argparse.Namespace) -> None:
+    from lmforge.reward_model import RewardConfig, train_reward_model
+    from lmforge.train import TrainConfig
+
+    config = build(RewardConfig, args)
+    train_config = build(TrainConfig, args, base={**SFT_DEFAULTS, "lr": 1e-5, "out_dir": "runs/rm"})
+    summary = train_reward_model(config, train_config, resume=args.resume)
+    before, after = summary["before"], summary["after"]
+    print(f"reward model trained on {summary['train_pairs']} pairs, {summary['steps']} steps in "
+          f"{summary['seconds'] / 60:.1f} min")
+    if after:
+        print(f"held-out pair accuracy {before['pair_accuracy']:.1%} -> {after['pair_accuracy']:.1%}, "
+              f"mean margin {before['margin']:.3f} -> {after['margin']:.3f} ({summary['val_pairs']} pairs)")
+    print(f"model: {summary['model']}")
+
+
+def cmd_rm_score(argv: list[str]) -> None:
+    """``lmforge rm score MODEL --input pairs.jsonl``: each pair's scores, and the accuracy."""
+    from lmforge.data.preferences import read_preferences
+    from lmforge.reward_model import score_pairs
+
+    parser = argparse.ArgumentParser(prog="lmforge rm score",
+                                     description="Score the chosen and rejected answer of every pair with a "
+                                                 "reward model; print them and the share where chosen wins.")
+    parser.add_argument("model", help="a reward model (`lmforge rm` writes OUT_DIR/model)")
+    parser.add_argument("--input", required=True, help="preference pairs (.jsonl)")
+    parser.add_argument("--output", help="write one JSON line per pair here instead of printing")
+    args = parser.parse_args(argv)
+    pairs, _ = read_preferences(args.input)
+    scores = score_pairs(args.model, pairs)
+    lines = [{"source": p.source, "chosen_score": c, "rejected_score": r, "chosen_wins": c > r}
+             for p, (c, r) in zip(pairs, scores)]
+    if args.output:
+        Path(args.output).write_text("".join(json.dumps(line) + "\n" for line in lines), encoding="utf-8")
+    else:
+        for line in lines:
+            print(json.dumps(line))
+    print(f"chosen scores higher in {sum(x['chosen_wins'] for x in lines)} of {len(lines)} pairs", file=sys.stderr)
+
+
 def cmd_generate(args: argparse.Namespace) -> None:
     from lmforge.api import load
     from lmforge.infer.sampling import SamplingConfig
@@ -414,6 +454,7 @@ def make_parser() -> argparse.ArgumentParser:
     from lmforge.infer.sampling import SamplingConfig
     from lmforge.interop.packaged import DEFAULT_CHAT_MODEL
     from lmforge.model import ModelConfig
+    from lmforge.reward_model import RewardConfig
     from lmforge.serve.server import ServeConfig
     from lmforge.speedrun import SpeedrunConfig
     from lmforge.train import TrainConfig
@@ -514,6 +555,15 @@ def make_parser() -> argparse.ArgumentParser:
     add_arguments(p, TrainConfig)
     p.set_defaults(func=cmd_sft)
 
+    p = sub.add_parser("rm", help="train a reward model on preference pairs (Bradley-Terry); `rm score` scores pairs",
+                       description="Train a reward model: a language model's backbone with a scalar head, on "
+                                   "preference pairs, with the pairwise loss; held-out pair accuracy before and "
+                                   "after. `lmforge rm score MODEL --input pairs.jsonl` scores pairs.")
+    p.add_argument("--resume", action="store_true", help="continue from <out-dir>/checkpoint")
+    add_arguments(p, RewardConfig)
+    add_arguments(p, TrainConfig)
+    p.set_defaults(func=cmd_rm)
+
     p = sub.add_parser("serve", help="an OpenAI-compatible HTTP server with a web UI and Prometheus metrics",
                        description="Serve models behind /v1/chat/completions, /v1/completions, /v1/embeddings, "
                                    "/v1/models, /health and /metrics, with a chat UI at /. Many requests are "
@@ -567,10 +617,13 @@ HUMAN_ACTIONS = ("human-items", "human-report", "human-export")
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     human = argv[:1] == ["eval"] and argv[1:2] and argv[1] in HUMAN_ACTIONS
-    args = None if human else make_parser().parse_args(argv)
+    scoring = argv[:2] == ["rm", "score"]
+    args = None if human or scoring else make_parser().parse_args(argv)
     try:
         if human:
             cmd_human(argv[1:])
+        elif scoring:
+            cmd_rm_score(argv[2:])
         else:
             args.func(args)
     except InputError as err:

@@ -1,0 +1,106 @@
+"""`lmforge rm`: train a reward model on preference pairs; `lmforge rm score`: score answers with it.
+
+    lmforge rm --model runs/speedrun/sft/model --data builtin-preferences --out-dir runs/rm
+    lmforge rm score runs/rm/model --input pairs.jsonl        # one score per answer, and which wins
+
+The model starts from a language model's backbone with a new ``score`` head
+(:func:`lmforge.model.heads.with_head`), or continues a reward model. It learns with the
+pairwise Bradley-Terry loss (:class:`lmforge.train.reward.RewardStage`) on the one training
+loop, and reports the held-out pair accuracy and mean margin before and after.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from lmforge.checkpoint import load_model, load_tokenizer, save_checkpoint
+from lmforge.data.preferences import Preference, builtin_preferences, read_preferences, split_preferences
+from lmforge.errors import InputError
+from lmforge.interop.packaged import DEFAULT_CHAT_MODEL, resolve_model
+from lmforge.model.heads import with_head
+from lmforge.runtime import Runtime
+from lmforge.settings import field, to_dict
+from lmforge.train import TrainConfig, fit
+from lmforge.train.reward import PairRows, RewardStage
+
+BUILTIN_PREFERENCES = "builtin-preferences"
+
+
+@dataclass
+class RewardConfig:
+    """What reward model to train, on which pairs."""
+
+    model: str = field(DEFAULT_CHAT_MODEL, "model to start from (a language model gets a new score head) or a "
+                                           "reward model to go on training")
+    data: list[str] = field([BUILTIN_PREFERENCES], f"preference pairs: .jsonl files or {BUILTIN_PREFERENCES}")
+    pairs: int = field(2000, f"how many {BUILTIN_PREFERENCES} pairs to make")
+    val_fraction: float = field(0.1, "share of the prompts held out to measure pair accuracy")
+    margin: float = field(0.0, "required score gap in the loss: -log sigmoid(r_chosen - r_rejected - margin)")
+    skip_errors: bool = field(False, "skip malformed pairs (counted) instead of stopping")
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.val_fraction < 1.0:
+            raise ValueError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
+
+
+def read_pairs(config: RewardConfig, seed: int) -> tuple[list[Preference], dict]:
+    pairs, read = [], {}
+    for spec in config.data:
+        if spec == BUILTIN_PREFERENCES:
+            made = builtin_preferences(config.pairs, seed)
+            pairs += made
+            read[spec] = {"read": len(made), "skipped": {}}
+        else:
+            found, summary = read_preferences(spec, skip_bad=config.skip_errors)
+            pairs += found
+            read[spec] = summary
+    if not pairs:
+        raise InputError("no preference pairs to train on (--data)")
+    return pairs, read
+
+
+def train_reward_model(config: RewardConfig, train_config: TrainConfig, resume: bool = False) -> dict:
+    """Train and write ``model/`` under ``train_config.out_dir``; returns a summary (also summary.json)."""
+    path = resolve_model(config.model)
+    model, tokenizer = load_model(path), load_tokenizer(path)
+    if model.config.head != "score":
+        torch.manual_seed(train_config.seed)  # the new head's initial weights
+        model = with_head(model, "score")
+    pairs, read = read_pairs(config, train_config.seed)
+    train, val = split_preferences(pairs, config.val_fraction, train_config.seed)
+    pad_id = next((i for i in (getattr(tokenizer, "pad_id", None), getattr(tokenizer, "eos_id", None)) if i is not None), 0)
+    stage = RewardStage(PairRows(tokenizer, train, train_config.seq_len, pad_id), train_config.seed,
+                        PairRows(tokenizer, val, train_config.seq_len, pad_id) if val else None, config.margin)
+    runtime = Runtime.resolve(train_config.device, train_config.dtype)
+    before = stage.evaluate(model.to(runtime.device), runtime, 0, train_config.batch_size)
+    result = fit(model, stage, train_config, tokenizer=tokenizer, resume=resume)
+    out = Path(train_config.out_dir)
+    save_checkpoint(out / "model", model, tokenizer)
+    after = stage.evaluate(model, runtime, 0, train_config.batch_size)
+    summary = {"config": to_dict(config), "read": read, "train_pairs": len(train), "val_pairs": len(val),
+               "before": before, "after": after, "steps": result.steps, "seconds": result.seconds,
+               "model": str(out / "model")}
+    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    return summary
+
+
+@torch.no_grad()
+def score_pairs(model_path: str | Path, pairs: list[Preference], batch_size: int = 16,
+                seq_len: int | None = None) -> list[tuple[float, float]]:
+    """(score of chosen, score of rejected) for each pair, under the reward model at ``model_path``."""
+    model, tokenizer = load_model(model_path), load_tokenizer(model_path)
+    if model.config.head != "score":
+        raise InputError(f"{model_path} is a language model (head 'lm'), not a reward model: train one with "
+                         "`lmforge rm`")
+    stage = RewardStage(PairRows(tokenizer, pairs, seq_len or model.config.max_seq_len), seed=0)
+    model.eval()
+    scores = []
+    for first in range(0, len(pairs), batch_size):
+        batch = stage.train.take(list(range(first, min(len(pairs), first + batch_size))), torch.device("cpu"))
+        chosen, rejected = stage.scores(model, batch)
+        scores += list(zip(chosen.tolist(), rejected.tolist()))
+    return scores
