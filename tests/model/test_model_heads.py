@@ -58,5 +58,26 @@ def test_a_reward_model_is_refused_where_a_language_model_is_needed(lm, tmp_path
     path = save_checkpoint(tmp_path / "rm", with_head(lm, "score"))
     with pytest.raises(InputError, match="reward model"):
         lmforge.load(path)
-    with pytest.raises(InputError, match="reward model"):
-        export_checkpoint(path, tmp_path / "out", "hf")
+    with pytest.raises(InputError, match="not to GGUF"):
+        export_checkpoint(path, tmp_path / "out.gguf", "gguf")
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_reward_model_exports_as_sequence_classification_with_the_same_scores(tmp_path, tied):
+    transformers = pytest.importorskip("transformers")
+    from lmforge.interop.convert import export_checkpoint
+
+    torch.manual_seed(0)
+    reward = with_head(DecoderLM(preset("tiny", vocab_size=64, max_seq_len=32, tie_embeddings=tied)), "score").eval()
+    with torch.no_grad():
+        reward.score.weight.normal_()  # a head that tells rows apart
+    out = export_checkpoint(save_checkpoint(tmp_path / "rm", reward), tmp_path / "hf", "hf")
+    hf = transformers.AutoModelForSequenceClassification.from_pretrained(out, dtype=torch.float32).eval()
+    assert type(hf).__name__ == "LlamaForSequenceClassification"
+    hf.config.pad_token_id = 0  # (a checkpoint saved with its tokenizer writes it; this one has none)
+    lengths = torch.tensor([10, 7, 4])
+    ids = torch.randint(1, 64, (3, 10)) * (torch.arange(10) < lengths[:, None])  # right-padded with 0
+    with torch.no_grad():
+        theirs = hf(ids).logits[:, 0]  # (B,): the score at each row's last non-padding token
+        ours = last_token_scores(reward, ids, lengths)
+    torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=1e-4)

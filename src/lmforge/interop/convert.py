@@ -39,9 +39,11 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, format: str = "hf
         raise InputError(f"unknown export format {format!r}; choose {', '.join(FORMATS)}")
     path = resolve_model(checkpoint)
     config, state = read_checkpoint(path)
-    if config.head != "lm":
-        raise InputError(f"{path} has the {config.head!r} head (a reward model): exporting it is not supported "
-                         "yet; only language models (head 'lm') export")
+    if config.head != "lm" and format != "hf":
+        raise InputError(f"{path} has the {config.head!r} head (a reward model): it exports to transformers "
+                         "(--format hf, as LlamaForSequenceClassification), not to GGUF")
+    if config.head != "lm" and config.position != "rope":
+        raise InputError(f"{path}: a reward model exports in the Llama layout only (RoPE), not {config.position!r}")
     tokenizer = _tokenizer_or_none(path)
     if format == "gguf":
         return save_gguf(out, config, state, tokenizer, gguf_type, name=path.stem if path.suffix else path.name)

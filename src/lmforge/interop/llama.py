@@ -36,7 +36,9 @@ def llama_names(config: ModelConfig) -> dict[str, str]:
     With tied embeddings the output head is the embedding matrix and has no entry.
     """
     names = {"embed.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight"}
-    if not config.tie_embeddings:
+    if config.head == "score":  # transformers' *ForSequenceClassification: a score head, no lm_head
+        names["score.weight"] = "score.weight"
+    elif not config.tie_embeddings:
         names["lm_head.weight"] = "lm_head.weight"
     for i in range(config.num_layers):
         ours, theirs = f"blocks.{i}.", f"model.layers.{i}."
@@ -60,9 +62,9 @@ def hf_llama_config(config: ModelConfig, model_type: str = "llama") -> dict:
         model_type = "qwen2"  # Llama's attention_bias also puts a bias on o_proj; Qwen2's layout is q/k/v only
     if config.bias and model_type != "llama":
         raise InputError(f"biases on every linear layer do not fit the {model_type} layout")
+    family = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2"}[model_type]
     out = {
-        "architectures": [{"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
-                           "qwen2": "Qwen2ForCausalLM"}[model_type]],
+        "architectures": [family + ("ForSequenceClassification" if config.head == "score" else "ForCausalLM")],
         "model_type": model_type,
         "vocab_size": config.vocab_size, "hidden_size": config.dim, "intermediate_size": config.ffn_dim,
         "num_hidden_layers": config.num_layers, "num_attention_heads": config.num_heads,
@@ -71,6 +73,8 @@ def hf_llama_config(config: ModelConfig, model_type: str = "llama") -> dict:
         "rope_theta": config.rope_theta, "tie_word_embeddings": config.tie_embeddings,
         "hidden_act": "silu", "initializer_range": config.init_std, "attention_dropout": config.dropout,
     }
+    if config.head == "score":
+        out["num_labels"] = 1  # one reward per sequence, read at its last non-padding token
     if model_type == "llama":
         out.update(attention_bias=config.bias, mlp_bias=config.bias)
     if model_type in ("mistral", "qwen2"):
