@@ -71,13 +71,14 @@ class LanguageModel:
 
     def chat(self, messages: list[dict[str, str]], **sampling: Any) -> str:
         """The assistant's reply to ``messages`` ([{"role", "content"}, ...]); it ends at the end of its turn."""
-        return self.generate(self.chat_prompt(messages), **self._chat_sampling(sampling))
+        return self.generate(self.chat_prompt(messages), **self.chat_sampling(sampling))
 
     def stream_chat(self, messages: list[dict[str, str]], **sampling: Any) -> Iterator[str]:
         """The assistant's reply as text pieces, as :meth:`stream` yields them."""
-        return self.stream(self.chat_prompt(messages), **self._chat_sampling(sampling))
+        return self.stream(self.chat_prompt(messages), **self.chat_sampling(sampling))
 
-    def _chat_sampling(self, sampling: dict) -> dict:
+    def chat_sampling(self, sampling: dict) -> dict:
+        """``sampling`` with the chat format's end-of-turn tokens added to the stop tokens."""
         stops = list(sampling.get("stop_token_ids") or [])
         return {**sampling, "stop_token_ids": stops + [i for i in end_of_turn_ids(self.tokenizer) if i not in stops]}
 
@@ -108,7 +109,7 @@ class LanguageModel:
                 raise ValueError(f"prompt {index}: give either 'prompt' or 'messages'")
             settings = {**sampling, **own}
             if messages is not None:
-                ids, settings = self.chat_prompt(messages), self._chat_sampling(settings)
+                ids, settings = self.chat_prompt(messages), self.chat_sampling(settings)
             else:
                 ids = self.encode_prompt(prompt)
             requests.append(Request(ids, self.sampling_config(**settings), decode=self.reply_text))

@@ -611,19 +611,21 @@ def make_parser() -> argparse.ArgumentParser:
     return parser
 
 
-HUMAN_ACTIONS = ("human-items", "human-report", "human-export")
+# `lmforge COMMAND ACTION ...` whose command also takes a positional MODEL: the action is read first,
+# and the rest of the line goes to the action's own parser.
+ACTIONS = {("eval", "human-items"): lambda argv: cmd_human(argv[1:]),
+           ("eval", "human-report"): lambda argv: cmd_human(argv[1:]),
+           ("eval", "human-export"): lambda argv: cmd_human(argv[1:]),
+           ("rm", "score"): lambda argv: cmd_rm_score(argv[2:])}
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    human = argv[:1] == ["eval"] and argv[1:2] and argv[1] in HUMAN_ACTIONS
-    scoring = argv[:2] == ["rm", "score"]
-    args = None if human or scoring else make_parser().parse_args(argv)
+    action = ACTIONS.get(tuple(argv[:2]))
+    args = None if action else make_parser().parse_args(argv)
     try:
-        if human:
-            cmd_human(argv[1:])
-        elif scoring:
-            cmd_rm_score(argv[2:])
+        if action:
+            action(argv)
         else:
             args.func(args)
     except InputError as err:

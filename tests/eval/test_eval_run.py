@@ -188,7 +188,9 @@ def test_fairness_yes_no_task_gives_parity_and_odds_and_mixed_choice_counts_scor
     assert {i.group for i in task.test} == {"female", "male", "young", "elderly"}
     records = _score(LocalModel(tiny_lm, progress=False), task, task.test, Prompting("zero"), seed=0)
     metrics = aggregate("multiple_choice", records, iterations=20)
-    assert 0 <= metrics["demographic_parity_difference"]["value"] <= 1
+    says_yes = {g: [r["pred"] == 0 for r in records if r["group"] == g] for g in {r["group"] for r in records}}
+    rates = [sum(v) / len(v) for v in says_yes.values()]  # P(answer "yes") per group: positive = the first choice
+    assert metrics["demographic_parity_difference"]["value"] == pytest.approx(max(rates) - min(rates))
     assert 0 <= metrics["equalized_odds_difference"]["value"] <= 1
     mixed = [dict(records[0], probabilities=[0.2, 0.8], gold=1), dict(records[1], probabilities=[0.1, 0.1, 0.8], gold=2)]
     assert aggregate("multiple_choice", mixed, iterations=20)["brier"]["value"] == pytest.approx(

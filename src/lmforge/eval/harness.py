@@ -181,7 +181,7 @@ class LocalModel:
             ids = ids[max(0, len(ids) + max_new_tokens - self.window):]  # the end of a prompt too long to fit
             settings = {"max_new_tokens": max_new_tokens, "temperature": 0.0, "stop": list(stop)}
             if self.chat:
-                settings = self.lm._chat_sampling(settings)
+                settings = self.lm.chat_sampling(settings)
             requests.append(Request(ids, self.lm.sampling_config(**settings), decode=self.lm.reply_text))
         return [cut_at_stop(c.text, list(stop)) for c in self._run(requests, desc)]
 

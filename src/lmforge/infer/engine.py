@@ -254,7 +254,7 @@ class Engine:
         outputs, budget, batch, width = [], self.max_prefill_tokens, [], 0
         while self.waiting and budget > 0 and any(s.sequence is None for s in self.slots):
             sequence = self.waiting[0]
-            slot, reused = self._place(sequence.request)
+            slot, reused, source = self._place(sequence.request)
             new = _new_tokens(sequence.request, reused)
             if batch and (not _fits(batch, width, new) or self._waits_for(sequence.request, batch, reused)):
                 # too uneven to share a pass, or it could reuse what the pass computes: run what we have
@@ -262,7 +262,7 @@ class Engine:
                 batch, width = [], 0
                 continue  # place it again: the slots the batch filled are computed now
             self.waiting.popleft()
-            self._claim(sequence, slot, reused)
+            self._claim(sequence, slot, reused, source)
             batch.append((sequence, slot, reused))
             width = max(width, new)
             budget -= new
@@ -270,8 +270,8 @@ class Engine:
             outputs += self._prefill(batch)
         return outputs
 
-    def _place(self, request: Request) -> tuple[_Slot, int]:
-        """Choose a free slot and how many leading prompt tokens it can reuse.
+    def _place(self, request: Request) -> tuple[_Slot, int, _Slot | None]:
+        """Choose a free slot, how many leading prompt tokens it can reuse, and the slot they are in.
 
         A prompt must compute at least its last token (its logits start the reply). Without
         a match, the slot is an empty one, else the one unused for longest. A slot claimed
@@ -280,14 +280,14 @@ class Engine:
         free = [s for s in self.slots if s.sequence is None]
         prompt, limit = request.prompt_ids, self._reusable(request)
         if limit <= 0:
-            return min(free, key=lambda s: (bool(s.tokens), s.last_used)), 0
+            return min(free, key=lambda s: (bool(s.tokens), s.last_used)), 0, None
         matches = {s.index: min(common_prefix(s.tokens, prompt), limit, s.computed) for s in self.slots}
         best = max(self.slots, key=lambda s: (matches[s.index], s.sequence is None))
         reused = matches[best.index]
         if best.sequence is None and reused > 0:
-            return best, reused
+            return best, reused, best
         target = min(free, key=lambda s: (bool(s.tokens), s.last_used))
-        return target, reused
+        return target, reused, best if reused > 0 else None
 
     def _waits_for(self, request: Request, batch: list[tuple[_Sequence, _Slot, int]], reused: int) -> bool:
         """Whether ``request`` shares enough of its prompt with one being prefilled (a system prompt, a
@@ -306,14 +306,14 @@ class Engine:
             limit = min(limit, request.prompt_logprobs_start - 1)
         return limit
 
-    def _claim(self, sequence: _Sequence, slot: _Slot, reused: int) -> None:
-        """Give ``slot`` to ``sequence``, its first ``reused`` positions taken from the prefix cache."""
+    def _claim(self, sequence: _Sequence, slot: _Slot, reused: int, source: _Slot | None) -> None:
+        """Give ``slot`` to ``sequence``, its first ``reused`` positions taken from ``source``'s (copied
+        when that is another slot)."""
         request, prompt = sequence.request, sequence.request.prompt_ids
         if self._reusable(request) > 0:
             self.stats.prefix_queries += 1
             self.stats.prefix_hits += reused > 0
-        if reused > 0 and slot.tokens[:reused] != prompt[:reused]:  # the prefix lives in another slot: copy it
-            source = next(s for s in self.slots if s.computed >= reused and s.tokens[:reused] == prompt[:reused])
+        if source is not None and source is not slot:  # the prefix lives in another slot: copy it
             self.cache.copy_prefix(source.index, slot.index, reused)
         slot.sequence, slot.tokens, slot.computed, sequence.slot = sequence, list(prompt), reused, slot
         sequence.cached_tokens = reused
