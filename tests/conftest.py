@@ -34,3 +34,28 @@ def store(tmp_path):
     store = RatingStore(tmp_path / "ratings.sqlite")
     yield store
     store.close()
+
+
+@pytest.fixture
+def interrupt(monkeypatch):
+    """``interrupt(StageClass, step)``: the stage's ``batch`` raises KeyboardInterrupt at ``step`` (a run stopped
+    by Ctrl-C right after the checkpoint before it) until ``interrupt.release()``, which restores it."""
+    originals = []
+
+    def stop(stage_cls, at: int) -> None:
+        original = stage_cls.batch
+        originals.append((stage_cls, "batch", original))
+
+        def batch(self, step, *args, **kwargs):
+            if step == at:
+                raise KeyboardInterrupt
+            return original(self, step, *args, **kwargs)
+
+        monkeypatch.setattr(stage_cls, "batch", batch)
+
+    def release() -> None:
+        while originals:
+            monkeypatch.setattr(*originals.pop())
+
+    stop.release = release
+    return stop

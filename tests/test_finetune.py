@@ -78,7 +78,7 @@ def test_builtin_tasks_report_held_out_accuracy_before_and_after(base, capsys):
     assert summary["train_conversations"] + summary["val_conversations"] == 40
 
 
-def test_a_resumed_lora_run_continues_the_same_losses(base, monkeypatch):
+def test_a_resumed_lora_run_continues_the_same_losses(base, interrupt):
     from lmforge.train.sft import SFTStage
 
     def run(out, resume=False):
@@ -93,16 +93,9 @@ def test_a_resumed_lora_run_continues_the_same_losses(base, monkeypatch):
         return [r["loss"] for r in rows if r.get("kind") == "train"]
 
     assert run(base / "straight") == 0
-    original = SFTStage.batch
-
-    def interrupted(self, step, *args, **kwargs):  # the run is stopped right after its step-3 checkpoint
-        if step == 3:
-            raise KeyboardInterrupt
-        return original(self, step, *args, **kwargs)
-
-    monkeypatch.setattr(SFTStage, "batch", interrupted)
+    interrupt(SFTStage, 3)  # the run stops right after its step-3 checkpoint
     assert run(base / "cut") == 130
-    monkeypatch.setattr(SFTStage, "batch", original)
+    interrupt.release()
     assert run(base / "cut", resume=True) == 0
     assert len(losses(base / "cut")) == 6
     assert losses(base / "cut") == pytest.approx(losses(base / "straight"), rel=1e-6, abs=1e-6)

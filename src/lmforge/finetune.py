@@ -18,46 +18,36 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
-from lmforge.api import LanguageModel
 from lmforge.checkpoint import load_model, load_tokenizer, save_checkpoint
 from lmforge.data.chat_records import iter_chat_records
 from lmforge.data.sources import ReadErrors
 from lmforge.errors import InputError
-from lmforge.eval.tasks import evaluate_tasks
+from lmforge.eval.tasks import model_task_accuracy
 from lmforge.interop.packaged import DEFAULT_CHAT_MODEL
-from lmforge.peft.lora import ALL_PROJECTIONS, LoraConfig, apply_lora, merge_lora, save_adapter
+from lmforge.peft.method import MethodConfig, finish_weights, prepare_weights
 from lmforge.runtime import Runtime
 from lmforge.settings import field, to_dict
-from lmforge.tokenizer.chat import render_chat
+from lmforge.tokenizer.chat import padding_id, render_chat
 from lmforge.train import TrainConfig, fit
 from lmforge.train.sft import PackedRows, SFTStage, pack_examples
 
-METHODS = ("full", "lora", "qlora")
 BUILTIN_TASKS = "builtin-tasks"
 
 
 @dataclass
-class FinetuneConfig:
+class FinetuneConfig(MethodConfig):
     """What to fine-tune, on what, and how."""
 
     model: str = field(DEFAULT_CHAT_MODEL, "model to start from: checkpoint, HF directory, .gguf or packaged name")
     data: list[str] = field([BUILTIN_TASKS], f"conversations: .jsonl/.parquet files, hf:NAME[:CONFIG]:SPLIT, or {BUILTIN_TASKS}")
-    method: str = field("lora", "full (every weight), lora (adapters) or qlora (adapters over a 4-bit base)")
     tasks: int = field(2000, f"how many {BUILTIN_TASKS} conversations to generate for training")
     eval_tasks: int = field(200, f"{BUILTIN_TASKS} held out (no shared prompt) to measure accuracy before and after")
     val_fraction: float = field(0.05, "share of the conversations held out for the validation loss")
     system: str = field("", "system prompt put before every conversation that has none")
     skip_errors: bool = field(False, "skip malformed records (counted) instead of stopping")
-    lora_rank: int = field(8, "LoRA rank")
-    lora_alpha: float = field(16.0, "LoRA alpha (the update is scaled by alpha / rank)")
-    lora_dropout: float = field(0.0, "dropout on the LoRA branch")
-    lora_targets: list[str] = field(list(ALL_PROJECTIONS), "linear layers that get adapters")
 
     def __post_init__(self) -> None:
-        if self.method not in METHODS:
-            raise ValueError(f"method={self.method!r}; choose one of {', '.join(METHODS)}")
+        super().__post_init__()
         if not 0.0 <= self.val_fraction < 1.0:
             raise ValueError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
 
@@ -101,37 +91,23 @@ def finetune(config: FinetuneConfig, train_config: TrainConfig, resume: bool = F
     runtime = Runtime.resolve(train_config.device, train_config.dtype)
 
     def task_accuracy() -> dict:
-        lm = LanguageModel(model.to(runtime.device), tokenizer, runtime)
-        return evaluate_tasks(lm, held_out, config.system or None, examples=5)
+        return model_task_accuracy(model, tokenizer, runtime, held_out, config.system or None)
 
     before = task_accuracy() if held_out else None
     train, val = split_conversations(conversations, config.val_fraction)
     if not train:
         raise InputError("every conversation went to validation: lower --val-fraction")
-    pad_id = next((i for i in (getattr(tokenizer, "pad_id", None), getattr(tokenizer, "eos_id", None)) if i is not None), 0)
+    pad_id = padding_id(tokenizer)
 
     def pack(items: list) -> PackedRows:
         return pack_examples([render_chat(tokenizer, c) for c in items], train_config.seq_len, pad_id)
 
     rows = pack(train)
     stage = SFTStage(rows, train_config.seed, pack(val) if val else None)
-    if config.method == "qlora":
-        from lmforge.quant import quantize_model_nf4
-
-        quantize_model_nf4(model)
-    if config.method in ("lora", "qlora"):
-        torch.manual_seed(train_config.seed)  # the adapters' initial A: the same run twice is the same run
-        apply_lora(model, LoraConfig(config.lora_rank, config.lora_alpha, config.lora_dropout, config.lora_targets))
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    trainable = prepare_weights(model, config, train_config.seed)
     result = fit(model, stage, train_config, tokenizer=tokenizer, resume=resume)
     out = Path(train_config.out_dir)
-    if config.method != "full":
-        save_adapter(model, out / "adapter", base_model=config.model)
-        if config.method == "qlora":  # the 4-bit base back to plain weights, so the adapters can merge
-            from lmforge.quant import dequantize_model
-
-            dequantize_model(model)
-        merge_lora(model)
+    finish_weights(model, config, out, config.model)
     save_checkpoint(out / "model", model, tokenizer)
     after = task_accuracy() if held_out else None
     summary = {"task_accuracy_before": before, "task_accuracy_after": after,"config": to_dict(config), "read": read, "train_conversations": len(train),

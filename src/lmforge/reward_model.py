@@ -18,16 +18,15 @@ from pathlib import Path
 import torch
 
 from lmforge.checkpoint import load_model, load_tokenizer, save_checkpoint
-from lmforge.data.preferences import Preference, builtin_preferences, read_preferences, split_preferences
+from lmforge.data.preferences import BUILTIN_PREFERENCES, Preference, load_pairs, split_preferences
 from lmforge.errors import InputError
 from lmforge.interop.packaged import DEFAULT_CHAT_MODEL, resolve_model
 from lmforge.model.heads import with_head
 from lmforge.runtime import Runtime
 from lmforge.settings import field, to_dict
+from lmforge.tokenizer.chat import padding_id
 from lmforge.train import TrainConfig, fit
 from lmforge.train.reward import PairRows, RewardStage
-
-BUILTIN_PREFERENCES = "builtin-preferences"
 
 
 @dataclass
@@ -47,22 +46,6 @@ class RewardConfig:
             raise ValueError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
 
 
-def read_pairs(config: RewardConfig, seed: int) -> tuple[list[Preference], dict]:
-    pairs, read = [], {}
-    for spec in config.data:
-        if spec == BUILTIN_PREFERENCES:
-            made = builtin_preferences(config.pairs, seed)
-            pairs += made
-            read[spec] = {"read": len(made), "skipped": {}}
-        else:
-            found, summary = read_preferences(spec, skip_bad=config.skip_errors)
-            pairs += found
-            read[spec] = summary
-    if not pairs:
-        raise InputError("no preference pairs to train on (--data)")
-    return pairs, read
-
-
 def train_reward_model(config: RewardConfig, train_config: TrainConfig, resume: bool = False) -> dict:
     """Train and write ``model/`` under ``train_config.out_dir``; returns a summary (also summary.json)."""
     path = resolve_model(config.model)
@@ -70,9 +53,9 @@ def train_reward_model(config: RewardConfig, train_config: TrainConfig, resume: 
     if model.config.head != "score":
         torch.manual_seed(train_config.seed)  # the new head's initial weights
         model = with_head(model, "score")
-    pairs, read = read_pairs(config, train_config.seed)
+    pairs, read, _ = load_pairs(config.data, config.pairs, train_config.seed, config.skip_errors)
     train, val = split_preferences(pairs, config.val_fraction, train_config.seed)
-    pad_id = next((i for i in (getattr(tokenizer, "pad_id", None), getattr(tokenizer, "eos_id", None)) if i is not None), 0)
+    pad_id = padding_id(tokenizer)
     stage = RewardStage(PairRows(tokenizer, train, train_config.seq_len, pad_id), train_config.seed,
                         PairRows(tokenizer, val, train_config.seq_len, pad_id) if val else None, config.margin)
     runtime = Runtime.resolve(train_config.device, train_config.dtype)

@@ -32,10 +32,19 @@ from pathlib import Path
 
 from lmforge.data.chat_records import _jsonl_rows
 from lmforge.data.sources import ReadErrors
-from lmforge.data.tasks import IDENTITY, KINDS, Task, docs_quotes, generate_tasks, is_correct
+from lmforge.data.tasks import (
+    IDENTITY,
+    KINDS,
+    Task,
+    docs_quotes,
+    generate_tasks,
+    is_correct,
+    train_eval_tasks,
+)
 from lmforge.errors import InputError
 from lmforge.tokenizer.chat import check_messages
 
+BUILTIN_PREFERENCES = "builtin-preferences"  # the data name of :func:`builtin_preferences` on the command line
 PAIR_WRONG = "correct-vs-wrong"  # (a) the correct answer over a plausible wrong one
 PAIR_MALFORMED = "clean-vs-malformed"  # (b) the correct answer over the same answer with noise
 PAIR_KINDS = (PAIR_WRONG, PAIR_MALFORMED)
@@ -258,7 +267,12 @@ def builtin_preferences(count: int, seed: int = 0) -> list[Preference]:
     order flipping every round of task kinds so that each kind gets both. The prompt is the task's
     user message; ``source`` is ``builtin:<seed>:<i>:<task kind>:<pair kind>``.
     """
-    tasks = generate_tasks(count, seed)
+    return preferences_from_tasks(generate_tasks(count, seed), seed)
+
+
+def preferences_from_tasks(tasks: Sequence[Task], seed: int = 0) -> list[Preference]:
+    """One pair per task, made as :func:`builtin_preferences` makes them (for tasks drawn elsewhere, such as
+    the training half of :func:`lmforge.data.tasks.train_eval_tasks`)."""
     rng = random.Random(f"{seed}:preferences")
     prefs = []
     for i, task in enumerate(tasks):
@@ -286,3 +300,26 @@ def split_preferences(prefs: Sequence[Preference], val_fraction: float,
     for p in prefs:
         (val if json.dumps(p.prompt, sort_keys=True) in held else train).append(p)
     return train, val
+
+
+def load_pairs(specs: Sequence[str], count: int, seed: int, skip_bad: bool = False,
+               eval_tasks: int = 0) -> tuple[list[Preference], dict, list[Task]]:
+    """The pairs of every spec (a ``.jsonl`` file or :data:`BUILTIN_PREFERENCES`, ``count`` pairs), a
+    summary of what was read and skipped per spec, and ``eval_tasks`` built-in tasks held out from the
+    built-in pairs (no shared prompt), to measure what training on them changed."""
+    pairs: list[Preference] = []
+    read: dict[str, dict] = {}
+    held_out: list[Task] = []
+    for spec in specs:
+        if spec == BUILTIN_PREFERENCES:
+            train, held_out = train_eval_tasks(count, eval_tasks, seed)
+            made = preferences_from_tasks(train, seed)
+            pairs += made
+            read[spec] = {"read": len(made), "skipped": {}}
+        else:
+            found, summary = read_preferences(spec, skip_bad=skip_bad)
+            pairs += found
+            read[spec] = summary
+    if not pairs:
+        raise InputError("no preference pairs to train on (--data)")
+    return pairs, read, held_out

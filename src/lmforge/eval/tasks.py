@@ -25,3 +25,11 @@ def evaluate_tasks(lm, tasks: Sequence[Task], system: str | None = None, max_new
     shown = [{"kind": t.kind, "prompt": t.prompt, "expected": t.answer, "reply": o}
              for t, o in list(zip(tasks, outputs))[:examples]]
     return {"accuracy": accuracy(tasks, outputs), "examples": shown, "too_long": too_long}
+
+
+def model_task_accuracy(model, tokenizer, runtime, tasks: Sequence[Task], system: str | None = None,
+                        examples: int = 5) -> dict:
+    """:func:`evaluate_tasks` for a bare model and tokenizer (a training command's before and after)."""
+    from lmforge.api import LanguageModel
+
+    return evaluate_tasks(LanguageModel(model.to(runtime.device), tokenizer, runtime), tasks, system, examples=examples)

@@ -3,6 +3,7 @@
 from lmforge.peft.lora import (
     LoraConfig,
     LoRALinear,
+    adapters_disabled,
     apply_lora,
     load_adapter,
     lora_layers,
@@ -10,4 +11,4 @@ from lmforge.peft.lora import (
     save_adapter,
 )
 
-__all__ = ["LoRALinear", "LoraConfig", "apply_lora", "load_adapter", "lora_layers", "merge_lora", "save_adapter"]
+__all__ = ["LoRALinear", "LoraConfig", "adapters_disabled", "apply_lora", "load_adapter", "lora_layers", "merge_lora", "save_adapter"]

@@ -15,8 +15,10 @@ loads onto the exported base model.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -64,6 +66,7 @@ class LoRALinear(nn.Module):
         self.scale = alpha / rank
         self.dropout = nn.Dropout(dropout)
         self.merged = False
+        self.enabled = True  # off: the layer is its base alone (the reference model of DPO, PPO, GRPO)
 
     @property
     def in_features(self) -> int:
@@ -83,7 +86,7 @@ class LoRALinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base(x)
-        if self.merged:
+        if self.merged or not self.enabled:
             return out
         a = F.linear(self.dropout(x), self.lora_A.to(x.dtype))  # (..., r)
         return out + F.linear(a, self.lora_B.to(x.dtype)) * self.scale
@@ -119,6 +122,25 @@ def apply_lora(model: nn.Module, config: LoraConfig) -> nn.Module:
 
 def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
     return {name: module for name, module in model.named_modules() if isinstance(module, LoRALinear)}
+
+
+@contextlib.contextmanager
+def adapters_disabled(model: nn.Module) -> Iterator[nn.Module]:
+    """Inside the block, ``model`` computes as its base: every adapter is switched off.
+
+    Preference and RL training need a frozen reference model beside the one that learns; with
+    LoRA the reference is the same weights without the adapters, so no second copy is held.
+    """
+    layers = list(lora_layers(model).values())
+    if any(layer.merged for layer in layers):
+        raise RuntimeError("adapters are merged into the base weights; unmerge them before switching them off")
+    for layer in layers:
+        layer.enabled = False
+    try:
+        yield model
+    finally:
+        for layer in layers:
+            layer.enabled = True
 
 
 def merge_lora(model: nn.Module) -> nn.Module:

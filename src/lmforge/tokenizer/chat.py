@@ -135,6 +135,13 @@ def _render_with_template(tokenizer, messages: list[dict[str, str]], add_generat
     return ChatTokens(list(encoding.ids), mask)
 
 
+def padding_id(tokenizer) -> int:
+    """The id that fills the rest of a padded training row: the tokenizer's padding, else its end of
+    text, else 0 (padding is never a target and never attended to, so any id serves)."""
+    return next((i for i in (getattr(tokenizer, "pad_id", None), getattr(tokenizer, "eos_id", None))
+                 if i is not None), 0)
+
+
 def end_of_turn_ids(tokenizer) -> list[int]:
     """Token ids that end an assistant turn: ``<|end_of_turn|>`` in lmforge's format, else the model's EOS."""
     from lmforge.tokenizer.tokenizer import Tokenizer

@@ -1,11 +1,9 @@
-"""The one training loop. A stage (pretraining, and later SFT, DPO ...) supplies
+"""The one training loop. A stage (pretraining, SFT, reward model, DPO ...) supplies
 batches and a loss; this file owns everything else: precision, accumulation,
 clipping, schedule, data parallelism, evaluation, metrics, checkpoints, resume.
 
-A stage provides:
-    batch(step, first, size, global_size, device) -> dict   sequences first..first+size-1 of the step
-    loss(model, batch) -> scalar tensor                       mean loss of the micro-batch
-    evaluate(model, runtime, max_tokens, batch_size) -> dict  validation metrics (may be empty)
+A stage is a :class:`Stage`; one that has more to log than its loss (DPO's rewards and
+margins, an RL stage's KL) is also a :class:`ReportingStage`.
 """
 
 from __future__ import annotations
@@ -17,6 +15,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol, runtime_checkable
 
 import torch
 from torch import nn
@@ -32,6 +31,32 @@ from lmforge.train.distributed import World, all_reduce_mean, barrier, init_worl
 from lmforge.train.metrics import MetricsLog, plot_losses
 from lmforge.train.optim import build_optimizer, load_optimizer_tensors, optimizer_tensors
 from lmforge.train.schedule import learning_rate
+
+
+class Stage(Protocol):
+    """What the loop trains on. Batches depend only on (step, first): resume and data parallelism
+    see the same sequences."""
+
+    def batch(self, step: int, first: int, size: int, global_size: int, device: torch.device) -> dict:
+        """Sequences ``first .. first + size - 1`` of the global batch of ``step`` (``global_size`` in all)."""
+        ...
+
+    def loss(self, model: nn.Module, batch: dict) -> torch.Tensor:
+        """The micro-batch's mean loss (a scalar that backpropagates into ``model``)."""
+        ...
+
+    def evaluate(self, model: nn.Module, runtime: Runtime, max_tokens: int, batch_size: int) -> dict:
+        """Validation figures (may be empty)."""
+        ...
+
+
+@runtime_checkable
+class ReportingStage(Stage, Protocol):
+    """A stage with figures beside its loss: ``loss`` records them, ``pop_metrics`` returns their
+    means since the last call (the loop calls it at each log line and writes them there)."""
+
+    def pop_metrics(self) -> dict[str, float]:
+        ...
 
 
 class TrainingDiverged(RuntimeError):
@@ -53,7 +78,7 @@ def checkpoint_dir(config: TrainConfig) -> Path:
     return Path(config.out_dir) / "checkpoint"
 
 
-def fit(model: DecoderLM, stage, config: TrainConfig, tokenizer=None, resume: bool = False,
+def fit(model: DecoderLM, stage: Stage, config: TrainConfig, tokenizer=None, resume: bool = False,
         sample_fn: Callable[[nn.Module], list[str]] | None = None) -> TrainResult:
     """Train ``model`` on ``stage``; returns figures and the final checkpoint's path."""
     runtime = Runtime.resolve(config.device, config.dtype)
@@ -124,10 +149,11 @@ def fit(model: DecoderLM, stage, config: TrainConfig, tokenizer=None, resume: bo
             tok_s = window_tokens / (now - window_t)
             mfu = tok_s * flops_per_token / peak
             window_t, window_tokens = now, 0
+            extra = stage.pop_metrics() if isinstance(stage, ReportingStage) else {}
             if metrics:
                 metrics.write(kind="train", step=done, tokens=done * tokens_per_step, loss=loss_value, lr=lr,
                               grad_norm=grad_norm, tokens_per_second=tok_s, mfu=mfu,
-                              elapsed=elapsed_before + now - t_start)
+                              elapsed=elapsed_before + now - t_start, **extra)
             bar.set_postfix(loss=f"{loss_value:.3f}", tok_s=f"{tok_s:,.0f}", mfu=f"{mfu:.1%}", refresh=False)
         if config.eval_every and (done % config.eval_every == 0 or done == max_steps):
             final = stage.evaluate(model, runtime, config.eval_tokens, config.batch_size)
@@ -181,7 +207,7 @@ def _restore(ckpt: Path, model: DecoderLM, optimizer: torch.optim.Optimizer, run
     return state["step"], state["max_steps"], state.get("elapsed", 0.0)
 
 
-def _steps_for_budget(model: DecoderLM, stage, config: TrainConfig, runtime: Runtime, world: World) -> int:
+def _steps_for_budget(model: DecoderLM, stage: Stage, config: TrainConfig, runtime: Runtime, world: World) -> int:
     """Time a few steps on a copy of the model and choose max_steps to fit ``config.minutes``.
 
     Validation passes are counted in (a forward pass costs about a third of a step).
@@ -209,4 +235,6 @@ def _steps_for_budget(model: DecoderLM, stage, config: TrainConfig, runtime: Run
         eval_steps = config.eval_tokens / (config.batch_size * config.seq_len * config.grad_accum)
         eval_cost = eval_steps * per_step / 3 / config.eval_every
     steps = int(config.minutes * 60 / (per_step + eval_cost))
+    if isinstance(stage, ReportingStage):
+        stage.pop_metrics()  # the probe's figures are not the run's
     return max(steps, 1)

@@ -55,3 +55,34 @@ def plot_losses(metrics_path: str | Path, png_path: str | Path, title: str = "lo
     fig.savefig(png_path)
     plt.close(fig)
     return Path(png_path)
+
+
+def plot_rewards(metrics_path: str | Path, png_path: str | Path) -> Path | None:
+    """Preference training's curves against steps: the implicit rewards of the chosen and rejected
+    answers and their margin (left), and how often the chosen one wins (right). None if not logged."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in read_metrics(metrics_path) if r.get("kind") == "train" and "rewards/margins" in r]
+    if not rows:
+        return None
+    steps = [r["step"] for r in rows]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4), dpi=110)
+    for name in ("rewards/chosen", "rewards/rejected", "rewards/margins"):
+        left.plot(steps, [r[name] for r in rows], label=name.split("/")[1], linewidth=1.2)
+    left.axhline(0, color="grey", linewidth=0.6)
+    left.set_xlabel("step")
+    left.set_ylabel("implicit reward β·log(π/π_ref)")
+    left.legend()
+    right.plot(steps, [r["rewards/accuracies"] for r in rows], color="tab:green", linewidth=1.2)
+    right.set_ylim(0, 1.02)
+    right.set_xlabel("step")
+    right.set_ylabel("share of pairs where chosen wins")
+    for ax in (left, right):
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(png_path)
+    plt.close(fig)
+    return Path(png_path)

@@ -42,12 +42,15 @@ def sequence_logps(logits: torch.Tensor, labels: torch.Tensor,
         raise ValueError(f"shapes must be (B, T, V), (B, T), (B, T); got {tuple(logits.shape)}, "
                          f"{tuple(labels.shape)}, {tuple(mask.shape)}")
     mask = mask.bool()
-    logits = logits.float()
-    safe_labels = torch.where(mask, labels, torch.zeros_like(labels))
-    token_logits = logits.gather(-1, safe_labels.unsqueeze(-1)).squeeze(-1)
-    token_logps = token_logits - torch.logsumexp(logits, dim=-1)
+    token_logps = label_logps(logits, torch.where(mask, labels, torch.zeros_like(labels)))
     sum_logps = (token_logps * mask).sum(-1)
     return sum_logps, mask.sum(-1)
+
+
+def label_logps(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """``log softmax(logits)[label]`` at each position, in fp32: logits (..., V), labels (...) -> (...)."""
+    logits = logits.float()
+    return logits.gather(-1, labels.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
 
 
 def bradley_terry_loss(chosen_scores: torch.Tensor, rejected_scores: torch.Tensor,
