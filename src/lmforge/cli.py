@@ -251,6 +251,28 @@ def cmd_dpo(args: argparse.Namespace) -> None:
     print(f"model: {summary['model']}")
 
 
+GRPO_LR = {"full": 1e-6, "lora": 1e-4, "qlora": 1e-4}
+GRPO_DEFAULTS = {**SFT_DEFAULTS, "out_dir": "runs/grpo", "batch_size": 4, "max_steps": 100, "warmup_steps": 0,
+                 "eval_every": 0, "save_every": 25, "log_every": 1}
+
+
+def cmd_grpo(args: argparse.Namespace) -> None:
+    from lmforge.grpo import GRPOConfig, train_grpo
+    from lmforge.train import TrainConfig
+
+    config = build(GRPOConfig, args)
+    train_config = build(TrainConfig, args, base={**GRPO_DEFAULTS, "lr": GRPO_LR[config.method]})
+    summary = train_grpo(config, train_config, resume=args.resume)
+    print(f"GRPO ({config.loss}, {config.method}) on {summary['prompts']} prompts x {config.group_size} answers, "
+          f"{summary['trainable_parameters']:,} trainable parameters, {summary['steps']} steps in "
+          f"{summary['seconds'] / 60:.1f} min")
+    if summary["task_accuracy_before"]:
+        before, after = summary["task_accuracy_before"]["accuracy"], summary["task_accuracy_after"]["accuracy"]
+        print(f"held-out task accuracy ({summary['held_out_tasks']} tasks), before -> after: "
+              + ", ".join(f"{kind} {before[kind]:.0%} -> {after[kind]:.0%}" for kind in after))
+    print(f"model: {summary['model']}")
+
+
 def cmd_rm_score(argv: list[str]) -> None:
     """``lmforge rm score MODEL --input pairs.jsonl``: each pair's scores, and the accuracy."""
     from lmforge.data.preferences import read_preferences
@@ -477,6 +499,7 @@ def make_parser() -> argparse.ArgumentParser:
     from lmforge.dpo import DPOConfig
     from lmforge.eval.run import EvalConfig
     from lmforge.finetune import FinetuneConfig
+    from lmforge.grpo import GRPOConfig
     from lmforge.infer.sampling import SamplingConfig
     from lmforge.interop.packaged import DEFAULT_CHAT_MODEL
     from lmforge.model import ModelConfig
@@ -600,6 +623,18 @@ def make_parser() -> argparse.ArgumentParser:
     add_arguments(p, DPOConfig)
     add_arguments(p, TrainConfig)
     p.set_defaults(func=cmd_dpo)
+
+    p = sub.add_parser("grpo", help="reinforcement learning with verifiable rewards (GRPO) on the batched engine",
+                       description="Sample a group of answers per prompt with the batched engine, reward each (the "
+                                   "built-in tasks' checker, or FILE.py:FUNCTION), and raise the probability of the "
+                                   "answers that beat their group. --batch-size is prompts per step. Defaults: "
+                                   + ", ".join(f"{k}={v}" for k, v in GRPO_DEFAULTS.items() if k != "out_dir")
+                                   + ", lr " + ", ".join(f"{k} {v}" for k, v in GRPO_LR.items())
+                                   + ". See docs/ALIGN.md.")
+    p.add_argument("--resume", action="store_true", help="continue from <out-dir>/checkpoint")
+    add_arguments(p, GRPOConfig)
+    add_arguments(p, TrainConfig)
+    p.set_defaults(func=cmd_grpo)
 
     p = sub.add_parser("serve", help="an OpenAI-compatible HTTP server with a web UI and Prometheus metrics",
                        description="Serve models behind /v1/chat/completions, /v1/completions, /v1/embeddings, "

@@ -86,3 +86,28 @@ def plot_rewards(metrics_path: str | Path, png_path: str | Path) -> Path | None:
     fig.savefig(png_path)
     plt.close(fig)
     return Path(png_path)
+
+
+def plot_curves(metrics_path: str | Path, png_path: str | Path, panels: list[tuple[str, str]]) -> Path | None:
+    """One panel per logged training figure (``(name, axis label)``) against steps; figures never logged
+    are left out. None if none was."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in read_metrics(metrics_path) if r.get("kind") == "train"]
+    panels = [(name, label) for name, label in panels if any(name in r for r in rows)]
+    if not panels:
+        return None
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.6), dpi=110, squeeze=False)
+    for ax, (name, label) in zip(axes[0], panels):
+        points = [(r["step"], r[name]) for r in rows if name in r]
+        ax.plot(*zip(*points), linewidth=1.2)
+        ax.set_xlabel("step")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(png_path)
+    plt.close(fig)
+    return Path(png_path)
