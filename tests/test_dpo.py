@@ -35,12 +35,14 @@ def args(base, out, *extra):
 
 def test_dpo_writes_the_aligned_model_figures_and_accuracy(base, capsys):
     out = base / "lora"
-    assert main(args(base, out, "--pairs", "60", "--eval-tasks", "12", "--max-steps", "4", "--lr", "1e-2")) == 0
+    assert main(args(base, out, "--pairs", "60", "--kinds", "max", "add", "--eval-tasks", "12", "--max-steps", "4",
+                     "--lr", "1e-2")) == 0
     printed = capsys.readouterr().out
-    assert "held-out task accuracy (12 tasks)" in printed and "chosen wins" in printed
+    assert "held-out task accuracy (12 tasks)" in printed and "chosen wins" in printed and "95% CI" in printed
     summary = json.loads((out / "summary.json").read_text())
     assert summary["steps"] == 4 and summary["train_pairs"] + summary["val_pairs"] == 60
-    assert summary["task_accuracy_before"]["accuracy"].keys() == summary["task_accuracy_after"]["accuracy"].keys()
+    assert set(summary["task_accuracy_after"]["accuracy"]) == {"max", "add", "all"}
+    assert summary["task_accuracy_gain"]["tasks"] == 12
     assert {"val_loss", "val_rewards/accuracies", "val_rewards/margins"} <= set(summary["final"])
     assert (out / "rewards.png").is_file() and (out / "adapter" / "adapter_config.json").is_file()
     aligned, start = load_model(out / "model"), load_model(base / "base")

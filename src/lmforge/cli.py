@@ -248,6 +248,8 @@ def cmd_dpo(args: argparse.Namespace) -> None:
         before, after = summary["task_accuracy_before"]["accuracy"], summary["task_accuracy_after"]["accuracy"]
         print(f"held-out task accuracy ({summary['held_out_tasks']} tasks), before -> after: "
               + ", ".join(f"{kind} {before[kind]:.0%} -> {after[kind]:.0%}" for kind in after))
+        gain = summary["task_accuracy_gain"]
+        print(f"gain {gain['gain']:+.1%} (95% CI {gain['ci95'][0]:+.1%} to {gain['ci95'][1]:+.1%})")
     print(f"model: {summary['model']}")
 
 
@@ -270,6 +272,8 @@ def cmd_grpo(args: argparse.Namespace) -> None:
         before, after = summary["task_accuracy_before"]["accuracy"], summary["task_accuracy_after"]["accuracy"]
         print(f"held-out task accuracy ({summary['held_out_tasks']} tasks), before -> after: "
               + ", ".join(f"{kind} {before[kind]:.0%} -> {after[kind]:.0%}" for kind in after))
+        gain = summary["task_accuracy_gain"]
+        print(f"gain {gain['gain']:+.1%} (95% CI {gain['ci95'][0]:+.1%} to {gain['ci95'][1]:+.1%})")
     print(f"model: {summary['model']}")
 
 

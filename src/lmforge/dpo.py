@@ -20,8 +20,9 @@ from pathlib import Path
 
 from lmforge.checkpoint import load_model, load_tokenizer, save_checkpoint
 from lmforge.data.preferences import BUILTIN_PREFERENCES, load_pairs, split_preferences
+from lmforge.data.tasks import KINDS
 from lmforge.errors import InputError
-from lmforge.eval.tasks import model_task_accuracy
+from lmforge.eval.tasks import accuracy_gain, model_task_accuracy
 from lmforge.interop.packaged import DEFAULT_CHAT_MODEL, resolve_model
 from lmforge.peft.method import MethodConfig, finish_weights, prepare_weights
 from lmforge.runtime import Runtime
@@ -39,6 +40,8 @@ class DPOConfig(MethodConfig):
     model: str = field(DEFAULT_CHAT_MODEL, "model to start from (and, unless --reference, the reference)")
     data: list[str] = field([BUILTIN_PREFERENCES], f"preference pairs: .jsonl files or {BUILTIN_PREFERENCES}")
     pairs: int = field(2000, f"how many {BUILTIN_PREFERENCES} pairs to make")
+    kinds: list[str] = field(list(KINDS), f"built-in task kinds the pairs and held-out tasks come from "
+                                          f"({', '.join(KINDS)})")
     eval_tasks: int = field(200, f"built-in tasks held out from {BUILTIN_PREFERENCES} (no shared prompt) to "
                                  "measure accuracy before and after (0: none)")
     val_fraction: float = field(0.05, "share of the prompts held out for validation (loss, reward accuracy)")
@@ -58,6 +61,9 @@ class DPOConfig(MethodConfig):
             raise ValueError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
         if not 0.0 <= self.label_smoothing < 0.5:
             raise ValueError(f"label_smoothing must be in [0, 0.5), got {self.label_smoothing}")
+        unknown = set(self.kinds) - set(KINDS)
+        if unknown:
+            raise ValueError(f"unknown task kind(s) {', '.join(sorted(unknown))}; known: {', '.join(KINDS)}")
         if self.label_smoothing and self.loss != "sigmoid":
             raise ValueError("label_smoothing (conservative DPO) goes with loss=sigmoid")
 
@@ -78,7 +84,7 @@ def train_dpo(config: DPOConfig, train_config: TrainConfig, resume: bool = False
     if model.config.head != "lm":
         raise InputError(f"{config.model} has the {model.config.head!r} head; DPO trains a language model")
     pairs, read, held_out = load_pairs(config.data, config.pairs, train_config.seed, config.skip_errors,
-                                       config.eval_tasks)
+                                       config.eval_tasks, config.kinds)
     train, val = split_preferences(pairs, config.val_fraction, train_config.seed)
     if not train:
         raise InputError("every pair went to validation: lower --val-fraction")
@@ -101,7 +107,8 @@ def train_dpo(config: DPOConfig, train_config: TrainConfig, resume: bool = False
     plot_rewards(out / "metrics.jsonl", out / "rewards.png")
     summary = {"config": to_dict(config), "read": read, "train_pairs": len(train), "val_pairs": len(val),
                "truncated": rows.truncated, "trainable_parameters": trainable, "held_out_tasks": len(held_out),
-               "task_accuracy_before": before, "task_accuracy_after": after, "final": final,
+               "task_accuracy_before": before, "task_accuracy_after": after,
+               "task_accuracy_gain": accuracy_gain(before, after) if held_out else None, "final": final,
                "steps": result.steps, "seconds": result.seconds, "model": str(out / "model")}
     (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n", encoding="utf-8")
     return summary

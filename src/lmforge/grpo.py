@@ -23,7 +23,7 @@ from pathlib import Path
 from lmforge.checkpoint import load_model, load_tokenizer, save_checkpoint
 from lmforge.data.tasks import KINDS, Task, is_correct, train_eval_tasks
 from lmforge.errors import InputError
-from lmforge.eval.tasks import model_task_accuracy
+from lmforge.eval.tasks import accuracy_gain, model_task_accuracy
 from lmforge.interop.packaged import DEFAULT_CHAT_MODEL, resolve_model
 from lmforge.peft.method import MethodConfig, finish_weights, prepare_weights
 from lmforge.runtime import Runtime
@@ -166,6 +166,7 @@ def train_grpo(config: GRPOConfig, train_config: TrainConfig, resume: bool = Fal
                                                                             "groups with one reward")])
     summary = {"config": to_dict(config), "prompts": len(prompts), "held_out_tasks": len(held_out),
                "trainable_parameters": trainable, "task_accuracy_before": before, "task_accuracy_after": after,
+               "task_accuracy_gain": accuracy_gain(before, after) if held_out else None,
                "steps": result.steps, "seconds": result.seconds, "model": str(out / "model")}
     (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n", encoding="utf-8")
     return summary

@@ -302,17 +302,17 @@ def split_preferences(prefs: Sequence[Preference], val_fraction: float,
     return train, val
 
 
-def load_pairs(specs: Sequence[str], count: int, seed: int, skip_bad: bool = False,
-               eval_tasks: int = 0) -> tuple[list[Preference], dict, list[Task]]:
-    """The pairs of every spec (a ``.jsonl`` file or :data:`BUILTIN_PREFERENCES`, ``count`` pairs), a
-    summary of what was read and skipped per spec, and ``eval_tasks`` built-in tasks held out from the
-    built-in pairs (no shared prompt), to measure what training on them changed."""
+def load_pairs(specs: Sequence[str], count: int, seed: int, skip_bad: bool = False, eval_tasks: int = 0,
+               kinds: Sequence[str] = KINDS) -> tuple[list[Preference], dict, list[Task]]:
+    """The pairs of every spec (a ``.jsonl`` file or :data:`BUILTIN_PREFERENCES`, ``count`` pairs of the
+    task ``kinds``), a summary of what was read and skipped per spec, and ``eval_tasks`` built-in tasks
+    held out from the built-in pairs (no shared prompt), to measure what training on them changed."""
     pairs: list[Preference] = []
     read: dict[str, dict] = {}
     held_out: list[Task] = []
     for spec in specs:
         if spec == BUILTIN_PREFERENCES:
-            train, held_out = train_eval_tasks(count, eval_tasks, seed)
+            train, held_out = train_eval_tasks(count, eval_tasks, seed, kinds)
             made = preferences_from_tasks(train, seed)
             pairs += made
             read[spec] = {"read": len(made), "skipped": {}}

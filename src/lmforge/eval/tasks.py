@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from lmforge.data.tasks import Task, accuracy
+from lmforge.data.tasks import Task, accuracy, is_correct
 
 
 def evaluate_tasks(lm, tasks: Sequence[Task], system: str | None = None, max_new_tokens: int = 24,
@@ -24,7 +24,22 @@ def evaluate_tasks(lm, tasks: Sequence[Task], system: str | None = None, max_new
     too_long = fits.count(False)
     shown = [{"kind": t.kind, "prompt": t.prompt, "expected": t.answer, "reply": o}
              for t, o in list(zip(tasks, outputs))[:examples]]
-    return {"accuracy": accuracy(tasks, outputs), "examples": shown, "too_long": too_long}
+    correct = [is_correct(task, output) for task, output in zip(tasks, outputs)]
+    return {"accuracy": accuracy(tasks, outputs), "correct": correct, "examples": shown, "too_long": too_long}
+
+
+def accuracy_gain(before: dict, after: dict) -> dict:
+    """The change in accuracy between two :func:`evaluate_tasks` results on the same tasks, with a 95%
+    confidence interval for the paired difference: ``d_i = after_i − before_i`` per task, mean ± 1.96·s/√n."""
+    pairs = list(zip(before["correct"], after["correct"]))
+    if not pairs:
+        return {"gain": 0.0, "ci95": [0.0, 0.0], "tasks": 0}
+    diffs = [float(a) - float(b) for b, a in pairs]
+    n = len(diffs)
+    mean = sum(diffs) / n
+    spread = (sum((d - mean) ** 2 for d in diffs) / (n - 1)) ** 0.5 if n > 1 else 0.0
+    half = 1.96 * spread / n ** 0.5
+    return {"gain": mean, "ci95": [mean - half, mean + half], "tasks": n}
 
 
 def model_task_accuracy(model, tokenizer, runtime, tasks: Sequence[Task], system: str | None = None,
