@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 
 from lmforge.checkpoint import save_checkpoint
@@ -36,3 +37,32 @@ def test_rm_trains_writes_a_reward_model_and_scores_pairs(tmp_path, capsys):
     assert len(lines) == 5 and all(x["chosen_wins"] == (x["chosen_score"] > x["rejected_score"]) for x in lines)
     assert main(["rm", "score", str(lm), "--input", str(data)]) == 2  # a language model is not a reward model
     assert "not a reward model" in capsys.readouterr().err
+
+
+def test_a_resumed_rm_run_continues_the_same_losses(tmp_path, interrupt):
+    from lmforge.train.reward import RewardStage
+
+    pairs = builtin_preferences(40, seed=2)
+    tokenizer = train_tokenizer([p.prompt[0]["content"] + " " + p.chosen + " " + p.rejected for p in pairs], 300,
+                                progress=False)
+    torch.manual_seed(0)
+    lm = save_checkpoint(tmp_path / "lm", DecoderLM(preset("tiny", vocab_size=tokenizer.vocab_size, max_seq_len=64)),
+                         tokenizer)
+
+    def run(out, resume=False):
+        return main(["rm", "--model", str(lm), "--pairs", "40", "--out-dir", str(out), "--max-steps", "6",
+                     "--save-every", "3", "--log-every", "1", "--batch-size", "4", "--seq-len", "64", "--lr", "3e-3",
+                     "--eval-every", "0", "--device", "cpu", "--dtype", "fp32", "--progress", "false"]
+                    + (["--resume"] if resume else []))
+
+    def losses(out):
+        rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        return [r["loss"] for r in rows if r.get("kind") == "train"]
+
+    assert run(tmp_path / "straight") == 0
+    interrupt(RewardStage, 3)
+    assert run(tmp_path / "cut") == 130
+    interrupt.release()
+    assert run(tmp_path / "cut", resume=True) == 0
+    assert len(losses(tmp_path / "cut")) == 6
+    assert losses(tmp_path / "cut") == pytest.approx(losses(tmp_path / "straight"), rel=1e-6, abs=1e-6)
