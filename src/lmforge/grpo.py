@@ -162,8 +162,8 @@ def train_grpo(config: GRPOConfig, train_config: TrainConfig, resume: bool = Fal
     save_checkpoint(out / "model", model, tokenizer)
     after = model_task_accuracy(model, tokenizer, runtime, held_out, system) if held_out else None
     plot_curves(out / "metrics.jsonl", out / "rewards.png",
-                [("reward", "mean reward"), ("kl", "KL to the reference"), ("frac_reward_zero_std",
-                                                                            "groups with one reward")])
+                [("reward", "mean reward"), ("kl", "KL to the reference"), ("entropy", "entropy (nats/token)"),
+                 ("frac_reward_zero_std", "groups with one reward")])
     summary = {"config": to_dict(config), "prompts": len(prompts), "held_out_tasks": len(held_out),
                "trainable_parameters": trainable, "task_accuracy_before": before, "task_accuracy_after": after,
                "task_accuracy_gain": accuracy_gain(before, after) if held_out else None,

@@ -86,8 +86,9 @@ def test_grpo_raises_the_reward_and_logs_trl_figures(tokenizer, tmp_path):
 
     logged = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     train = [r for r in logged if r["kind"] == "train"]
-    assert {"reward", "reward_std", "frac_reward_zero_std", "kl", "entropy", "clip_ratio",
+    assert {"reward", "reward_std", "frac_reward_zero_std", "entropy", "clip_ratio",
             "completions/mean_length", "completions/max_length"} <= set(train[-1])
+    assert "kl" not in train[-1]  # beta 0: no reference pass, no KL to report
     assert train[-1]["reward"] > train[0]["reward"]
 
 

@@ -248,7 +248,6 @@ class GRPOStage:
         figures = {
             "reward": rewards.mean().item(),
             "reward_std": rewards.std().item() if rewards.numel() > 1 else 0.0,
-            "kl": ((kl.detach() * answer).sum() / tokens).item(),
             "entropy": ((entropy * answer).sum() / tokens).item(),
             "clip_ratio": (((ratio.detach() - clipped.detach()).abs() > 0).float() * answer).sum().item() / tokens.item(),
             "completions/mean_length": rollouts.lengths.float().mean().item(),
@@ -256,4 +255,6 @@ class GRPOStage:
             "completions/max_length": rollouts.lengths.max().item(),
             "completions/clipped_ratio": rollouts.truncated.float().mean().item(),
         }
+        if self.beta > 0:  # without the KL term there is no reference pass, so nothing to report (as TRL)
+            figures["kl"] = ((kl.detach() * answer).sum() / tokens).item()
         return loss, figures
