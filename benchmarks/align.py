@@ -105,7 +105,7 @@ else:  # GRPO rollouts
         apply_lora(model, LoraConfig(rank=8, alpha=16, targets=TARGETS))
         stage = GRPOStage([RLPrompt(m) for m in messages], lambda p, c, m: [0.0] * len(c), tokenizer, runtime, 0,
                           group_size=group, max_new_tokens=new_tokens)
-        stage.stop_ids = []  # every answer runs to new_tokens, as on the peer's side
+        stage.sampler.stop_ids = []  # every answer runs to new_tokens, as on the peer's side
         def rollout(step):
             return sum(len(a) for a in stage.sample(model, list(range(len(messages))), step))
     else:

@@ -95,15 +95,21 @@ def test_speedrun_writes_a_report(tmp_path):
     run = tmp_path / "t"
     report = (run / "report.md").read_text()
     for section in ("## Corpus", "## Tokenizer", "## Model", "## Training", "## Evaluation",
-                    "## From base model to assistant", "| identity |", "## On the leaderboard", "## Samples"):
+                    "## From base model to assistant", "| identity |", "## From assistant to aligned model",
+                    "## On the leaderboard", "## Samples"):
         assert section in report
     summary = json.loads((run / "summary.json").read_text())
     assert summary["training"]["steps"] > 0 and summary["final_eval"]["val_bpb"] > 0
     sft = summary["sft"]
     assert sft["steps"] > 0 and sft["pretrain_val_after_sft"]["val_loss"] > 0
     assert set(sft["task_accuracy_before"]["accuracy"]) == set(sft["task_accuracy_after"]["accuracy"])
+    align = summary["align"]
+    assert align["method"] == "grpo" and align["steps"] > 0 and align["config"]["model"] == sft["model"]
+    assert align["task_accuracy_before"]["accuracy"] == sft["task_accuracy_after"]["accuracy"]  # the same tasks
+    assert "ci95" in align["task_accuracy_gain"]
     for path in ("data/manifest.json", "tokenizer.json", "shards/train.bin", "train/checkpoint/model.safetensors",
-                 "train/loss.png", "sft/model/model.safetensors", "sft/loss.png", "eval/chat/report.md"):
+                 "train/loss.png", "sft/model/model.safetensors", "sft/loss.png", "align/model/model.safetensors",
+                 "align/rewards.png", "eval/chat/report.md"):
         assert (run / path).exists(), path
     from lmforge.eval.leaderboard import latest
 

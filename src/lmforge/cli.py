@@ -215,7 +215,8 @@ def cmd_rm(args: argparse.Namespace) -> None:
     from lmforge.train import TrainConfig
 
     config = build(RewardConfig, args)
-    train_config = build(TrainConfig, args, base={**SFT_DEFAULTS, "lr": 1e-5, "out_dir": "runs/rm"})
+    lr = 1e-5 if config.method == "full" else 2e-4  # adapters start at zero and need a larger step
+    train_config = build(TrainConfig, args, base={**SFT_DEFAULTS, "lr": lr, "out_dir": "runs/rm"})
     summary = train_reward_model(config, train_config, resume=args.resume)
     before, after = summary["before"], summary["after"]
     print(f"reward model trained on {summary['train_pairs']} pairs, {summary['steps']} steps in "
@@ -224,6 +225,17 @@ def cmd_rm(args: argparse.Namespace) -> None:
         print(f"held-out pair accuracy {before['pair_accuracy']:.1%} -> {after['pair_accuracy']:.1%}, "
               f"mean margin {before['margin']:.3f} -> {after['margin']:.3f} ({summary['val_pairs']} pairs)")
     print(f"model: {summary['model']}")
+
+
+def print_task_gain(summary: dict) -> None:
+    """Held-out task accuracy before and after an alignment command, and the gain with its 95% interval."""
+    if not summary["task_accuracy_before"]:
+        return
+    before, after = summary["task_accuracy_before"]["accuracy"], summary["task_accuracy_after"]["accuracy"]
+    print(f"held-out task accuracy ({summary['held_out_tasks']} tasks), before -> after: "
+          + ", ".join(f"{kind} {before[kind]:.0%} -> {after[kind]:.0%}" for kind in after))
+    gain = summary["task_accuracy_gain"]
+    print(f"gain {gain['gain']:+.1%} (95% CI {gain['ci95'][0]:+.1%} to {gain['ci95'][1]:+.1%})")
 
 
 DPO_LR = {"full": 5e-6, "lora": 2e-4, "qlora": 2e-4}  # adapters start at zero and need a larger step
@@ -244,12 +256,7 @@ def cmd_dpo(args: argparse.Namespace) -> None:
         print(f"held-out pairs ({summary['val_pairs']}): chosen wins {final['val_rewards/accuracies']:.1%}, "
               f"margin {final['val_rewards/margins']:.3f}, chosen {final['val_rewards/chosen']:.3f}, "
               f"rejected {final['val_rewards/rejected']:.3f}")
-    if summary["task_accuracy_before"]:
-        before, after = summary["task_accuracy_before"]["accuracy"], summary["task_accuracy_after"]["accuracy"]
-        print(f"held-out task accuracy ({summary['held_out_tasks']} tasks), before -> after: "
-              + ", ".join(f"{kind} {before[kind]:.0%} -> {after[kind]:.0%}" for kind in after))
-        gain = summary["task_accuracy_gain"]
-        print(f"gain {gain['gain']:+.1%} (95% CI {gain['ci95'][0]:+.1%} to {gain['ci95'][1]:+.1%})")
+    print_task_gain(summary)
     print(f"model: {summary['model']}")
 
 
@@ -268,12 +275,26 @@ def cmd_grpo(args: argparse.Namespace) -> None:
     print(f"GRPO ({config.loss}, {config.method}) on {summary['prompts']} prompts x {config.group_size} answers, "
           f"{summary['trainable_parameters']:,} trainable parameters, {summary['steps']} steps in "
           f"{summary['seconds'] / 60:.1f} min")
-    if summary["task_accuracy_before"]:
-        before, after = summary["task_accuracy_before"]["accuracy"], summary["task_accuracy_after"]["accuracy"]
-        print(f"held-out task accuracy ({summary['held_out_tasks']} tasks), before -> after: "
-              + ", ".join(f"{kind} {before[kind]:.0%} -> {after[kind]:.0%}" for kind in after))
-        gain = summary["task_accuracy_gain"]
-        print(f"gain {gain['gain']:+.1%} (95% CI {gain['ci95'][0]:+.1%} to {gain['ci95'][1]:+.1%})")
+    print_task_gain(summary)
+    print(f"model: {summary['model']}")
+
+
+PPO_LR = {"full": 1e-6, "lora": 1e-4, "qlora": 1e-4}
+PPO_DEFAULTS = {**SFT_DEFAULTS, "out_dir": "runs/ppo", "batch_size": 8, "max_steps": 200, "warmup_steps": 0,
+                "eval_every": 0, "save_every": 20, "log_every": 4}
+
+
+def cmd_ppo(args: argparse.Namespace) -> None:
+    from lmforge.ppo import PPOConfig, train_ppo
+    from lmforge.train import TrainConfig
+
+    config = build(PPOConfig, args)
+    train_config = build(TrainConfig, args, base={**PPO_DEFAULTS, "lr": PPO_LR[config.method]})
+    summary = train_ppo(config, train_config, resume=args.resume)
+    print(f"PPO ({config.method}) on {summary['prompts']} prompts, {summary['trainable_parameters']:,} trainable "
+          f"parameters, {summary['steps']} steps ({summary['rollout_cycle_steps']} per batch of rollouts) in "
+          f"{summary['seconds'] / 60:.1f} min")
+    print_task_gain(summary)
     print(f"model: {summary['model']}")
 
 
@@ -507,6 +528,7 @@ def make_parser() -> argparse.ArgumentParser:
     from lmforge.infer.sampling import SamplingConfig
     from lmforge.interop.packaged import DEFAULT_CHAT_MODEL
     from lmforge.model import ModelConfig
+    from lmforge.ppo import PPOConfig
     from lmforge.reward_model import RewardConfig
     from lmforge.serve.server import ServeConfig
     from lmforge.speedrun import SpeedrunConfig
@@ -639,6 +661,19 @@ def make_parser() -> argparse.ArgumentParser:
     add_arguments(p, GRPOConfig)
     add_arguments(p, TrainConfig)
     p.set_defaults(func=cmd_grpo)
+
+    p = sub.add_parser("ppo", help="RLHF with PPO: a value head, a KL penalty to the reference, GAE, clipped losses",
+                       description="Sample one answer per prompt with the batched engine, score it (a reward model, "
+                                   "the built-in tasks' checker, or FILE.py:FUNCTION), pay a per-token KL penalty to "
+                                   "the reference, and improve the policy and its value head with PPO's clipped "
+                                   "losses over --ppo-epochs passes. --batch-size is answers per optimizer step. "
+                                   "Defaults: " + ", ".join(f"{k}={v}" for k, v in PPO_DEFAULTS.items() if k != "out_dir")
+                                   + ", lr " + ", ".join(f"{k} {v}" for k, v in PPO_LR.items())
+                                   + ". See docs/ALIGN.md.")
+    p.add_argument("--resume", action="store_true", help="continue from <out-dir>/checkpoint")
+    add_arguments(p, PPOConfig)
+    add_arguments(p, TrainConfig)
+    p.set_defaults(func=cmd_ppo)
 
     p = sub.add_parser("serve", help="an OpenAI-compatible HTTP server with a web UI and Prometheus metrics",
                        description="Serve models behind /v1/chat/completions, /v1/completions, /v1/embeddings, "

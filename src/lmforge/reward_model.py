@@ -22,6 +22,7 @@ from lmforge.data.preferences import BUILTIN_PREFERENCES, Preference, load_pairs
 from lmforge.errors import InputError
 from lmforge.interop.packaged import DEFAULT_CHAT_MODEL, resolve_model
 from lmforge.model.heads import with_head
+from lmforge.peft.method import MethodConfig, finish_weights, prepare_weights
 from lmforge.runtime import Runtime
 from lmforge.settings import field, to_dict
 from lmforge.tokenizer.chat import padding_id
@@ -30,9 +31,10 @@ from lmforge.train.reward import PairRows, RewardStage
 
 
 @dataclass
-class RewardConfig:
-    """What reward model to train, on which pairs."""
+class RewardConfig(MethodConfig):
+    """What reward model to train, on which pairs, changing which weights."""
 
+    method: str = field("full", "full (every weight), lora (adapters; the score head trains in full) or qlora")
     model: str = field(DEFAULT_CHAT_MODEL, "model to start from (a language model gets a new score head) or a "
                                            "reward model to go on training")
     data: list[str] = field([BUILTIN_PREFERENCES], f"preference pairs: .jsonl files or {BUILTIN_PREFERENCES}")
@@ -42,6 +44,7 @@ class RewardConfig:
     skip_errors: bool = field(False, "skip malformed pairs (counted) instead of stopping")
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if not 0.0 <= self.val_fraction < 1.0:
             raise ValueError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
 
@@ -60,13 +63,15 @@ def train_reward_model(config: RewardConfig, train_config: TrainConfig, resume: 
                         PairRows(tokenizer, val, train_config.seq_len, pad_id) if val else None, config.margin)
     runtime = Runtime.resolve(train_config.device, train_config.dtype)
     before = stage.evaluate(model.to(runtime.device), runtime, 0, train_config.batch_size)
+    trainable = prepare_weights(model, config, train_config.seed)
     result = fit(model, stage, train_config, tokenizer=tokenizer, resume=resume)
     out = Path(train_config.out_dir)
+    finish_weights(model, config, out, config.model)
     save_checkpoint(out / "model", model, tokenizer)
     after = stage.evaluate(model, runtime, 0, train_config.batch_size)
     summary = {"config": to_dict(config), "read": read, "train_pairs": len(train), "val_pairs": len(val),
-               "before": before, "after": after, "steps": result.steps, "seconds": result.seconds,
-               "model": str(out / "model")}
+               "trainable_parameters": trainable, "before": before, "after": after, "steps": result.steps,
+               "seconds": result.seconds, "model": str(out / "model")}
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
     return summary
 

@@ -3,11 +3,17 @@
     data (built-in corpus) -> BPE tokenizer -> token shards -> pretraining under a
     time budget -> validation loss and bits per byte -> samples
     -> instruction fine-tuning on the built-in tasks (loss on answers only) -> base vs
-       chat accuracy on held-out tasks, forgetting (validation loss before and after) -> report.md
+       chat accuracy on held-out tasks, forgetting (validation loss before and after)
+    -> alignment of the chat model (GRPO with the tasks' checker as the reward, or DPO on the
+       built-in preference pairs) -> accuracy on the same held-out tasks, reward and KL curves
+    -> report.md
+
+Each later stage is the recipe its own command runs (``lmforge sft``, ``lmforge grpo``,
+``lmforge dpo``): the speedrun only fills in their configs.
 
 Everything goes into one run folder (``runs/<name>``):
     data/  tokenizer.json  shards/  train/ (metrics.jsonl, loss.png, checkpoint/)
-    sft/ (metrics.jsonl, loss.png, model/)  report.md
+    sft/ (metrics.jsonl, loss.png, model/)  align/ (metrics.jsonl, rewards.png, model/)  report.md
 """
 
 from __future__ import annotations
@@ -29,6 +35,8 @@ from lmforge.settings import field, to_dict
 from lmforge.tokenizer import bytes_per_token, train_tokenizer
 from lmforge.train import PretrainStage, TrainConfig, fit
 
+ALIGN_METHODS = ("grpo", "dpo", "none")
+
 
 @dataclass
 class SpeedrunConfig:
@@ -49,11 +57,21 @@ class SpeedrunConfig:
     compile: bool = field(False, "torch.compile the model")
     sft_share: float = field(0.25, "share of the training time for instruction fine-tuning (0 skips it)")
     sft_tasks: int = field(6000, "built-in task conversations to fine-tune on")
+    align: str = field("grpo", "third stage on the chat model: grpo (the tasks' checker as reward), dpo (built-in "
+                               "preference pairs) or none")
+    align_share: float = field(0.15, "share of the training time for the alignment stage")
+    align_lr: float = field(1e-4, "learning rate of the alignment stage (full fine-tuning)")
     eval_tasks: int = field(200, "held-out built-in tasks for the accuracy of base and chat model")
     leaderboard_items: int = field(50, "items per task when the base and chat models join the leaderboard "
                                         "(<runs-dir>/leaderboard.sqlite); 0 skips it")
     seed: int = field(1337, "seed for everything")
     progress: bool = field(True, "show progress bars")
+
+    def __post_init__(self) -> None:
+        if self.align not in ALIGN_METHODS:
+            raise ValueError(f"align={self.align!r}; choose one of {', '.join(ALIGN_METHODS)}")
+        if self.sft_share < 0 or self.align_share < 0 or self.sft_share + self.align_share >= 1:
+            raise ValueError("sft_share and align_share must be non-negative and leave time for pretraining")
 
 
 def speedrun(config: SpeedrunConfig) -> Path:
@@ -93,11 +111,14 @@ def speedrun(config: SpeedrunConfig) -> Path:
     # Leave time for the final evaluation, samples and the report, and for asking the base and
     # the chat model every held-out task (about 0.2 s a task each on 2 cores).
     reserve = min(0.5, 0.1 * config.minutes)
+    aligning = config.sft_share > 0 and config.align != "none" and config.align_share > 0
     if config.sft_share > 0:
-        reserve += 2 * 0.2 * config.eval_tasks / 60
+        reserve += (4 if aligning else 2) * 0.2 * config.eval_tasks / 60
     reserve += 5 * LEADERBOARD_SECONDS_PER_ITEM * config.leaderboard_items / 60  # 2 tasks of the base, 3 of the chat
     left = max(0.1, config.minutes - (time.perf_counter() - t0) / 60 - reserve)
-    train_minutes, sft_minutes = left * (1 - config.sft_share), left * config.sft_share
+    align_share = config.align_share if aligning else 0.0
+    train_minutes = left * (1 - config.sft_share - align_share)
+    sft_minutes, align_minutes = left * config.sft_share, left * align_share
     train_config = TrainConfig(out_dir=str(run / "train"), batch_size=config.batch_size, seq_len=config.seq_len,
                                minutes=train_minutes, lr=config.lr, warmup_steps=30, eval_every=100,
                                eval_tokens=32768, save_every=200, log_every=10, sample_every=0,
@@ -118,6 +139,12 @@ def speedrun(config: SpeedrunConfig) -> Path:
         t = time.perf_counter()
         sft = _finetune_on_tasks(config, run, result.checkpoint, stage_data, runtime, minutes=max(0.05, sft_minutes))
         stage("sft", t)
+
+    aligned = None
+    if aligning:
+        t = time.perf_counter()
+        aligned = _align(config, run, sft["model"], minutes=max(0.05, align_minutes))
+        stage("align", t)
 
     leaderboard = None
     if config.leaderboard_items > 0:
@@ -143,6 +170,7 @@ def speedrun(config: SpeedrunConfig) -> Path:
         "final_eval_tokens": final_eval_tokens,
         "samples": samples,
         "sft": sft,
+        "align": aligned,
         "leaderboard": leaderboard,
     }
     (run / "summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n", encoding="utf-8")
@@ -197,3 +225,25 @@ def _finetune_on_tasks(config: SpeedrunConfig, run: Path, checkpoint: Path, pret
     after = pretrain.evaluate(tuned, runtime, max_tokens=max(0, min(262144, len(pretrain.val_tokens) - 1)),
                               batch_size=16)
     return {**summary, "pretrain_val_after_sft": after}
+
+
+def _align(config: SpeedrunConfig, run: Path, chat_model: str, minutes: float) -> dict:
+    """The chat model aligned by the recipe of ``lmforge grpo`` (rewarded by the built-in tasks' checker, with
+    a KL penalty to a frozen copy) or of ``lmforge dpo`` (built-in preference pairs), full fine-tuning; the
+    held-out tasks are drawn as the sft stage draws them, so the accuracies line up."""
+    train_config = TrainConfig(out_dir=str(run / "align"), batch_size=8, seq_len=config.seq_len, minutes=minutes,
+                               lr=config.align_lr, warmup_steps=0, weight_decay=0.0, eval_every=0,
+                               save_every=100000, log_every=1, device=config.device, dtype=config.dtype,
+                               seed=config.seed, progress=config.progress)
+    if config.align == "grpo":
+        from lmforge.grpo import GRPOConfig, train_grpo
+
+        recipe = GRPOConfig(model=chat_model, method="full", tasks=config.sft_tasks, eval_tasks=config.eval_tasks,
+                            group_size=8, max_new_tokens=24, beta=0.04)
+        summary = train_grpo(recipe, train_config)
+    else:
+        from lmforge.dpo import DPOConfig, train_dpo
+
+        recipe = DPOConfig(model=chat_model, method="full", eval_tasks=config.eval_tasks)
+        summary = train_dpo(recipe, train_config)
+    return {"method": config.align, **summary}

@@ -17,6 +17,7 @@ from lmforge.peft import (
     merge_lora,
     save_adapter,
 )
+from lmforge.peft.lora import merged_copy
 
 
 def model_and_ids(seed: int = 0):
@@ -62,6 +63,29 @@ def test_merge_equals_the_adapted_model_and_unmerge_restores_it():
     merged = merge_lora(model)
     assert not lora_layers(merged)
     torch.testing.assert_close(merged(ids), adapted, rtol=1e-5, atol=1e-5)
+
+
+def test_a_merged_copy_has_the_adapted_logits_and_leaves_the_model_alone():
+    model, ids = model_and_ids()
+    apply_lora(model, LoraConfig(rank=4, alpha=8))
+    randomise_adapters(model)
+    adapted = model(ids)
+    copy = merged_copy(model, torch.float32)
+    torch.testing.assert_close(copy(ids), adapted, rtol=1e-4, atol=1e-4)
+    assert not lora_layers(copy) and not any(p.requires_grad for p in copy.parameters())
+    assert copy.lm_head.weight is copy.embed.weight  # the tie survives
+    torch.testing.assert_close(model(ids), adapted)  # the model keeps its adapters, unmerged
+    assert lora_layers(model) and not any(layer.merged for layer in lora_layers(model).values())
+    half = merged_copy(model, torch.bfloat16)
+    assert next(half.parameters()).dtype == torch.bfloat16
+    assert (half(ids).float() - adapted).abs().max() < 0.1
+    from lmforge.quant import quantize_model_nf4
+
+    quantized, ids = model_and_ids()
+    quantize_model_nf4(quantized)
+    apply_lora(quantized, LoraConfig(rank=4, alpha=8))
+    randomise_adapters(quantized)
+    torch.testing.assert_close(merged_copy(quantized, torch.float32)(ids), quantized(ids), rtol=1e-4, atol=1e-4)
 
 
 def test_hugging_face_peft_loads_the_adapter_with_the_same_logits(tmp_path):

@@ -11,8 +11,9 @@ from lmforge.peft.lora import LoraConfig, apply_lora
 from lmforge.runtime import Runtime
 from lmforge.tokenizer import train_tokenizer
 from lmforge.train import TrainConfig, fit
-from lmforge.train.grpo import GRPOStage, RLPrompt, group_advantages, token_logps_and_entropy
+from lmforge.train.grpo import GRPOStage, RLPrompt, group_advantages
 from lmforge.train.preference import sequence_logps
+from lmforge.train.rollout import token_stats
 
 CPU = Runtime.resolve("cpu", "fp32")
 TEXT = "the cat sat on the mat. a dog ran to the park. one two three four five six seven eight nine ten. " * 20
@@ -45,7 +46,7 @@ def test_token_logps_equal_the_full_logits_computation(tokenizer):
     ids = torch.randint(0, tokenizer.vocab_size, (3, 20))
     mask = torch.zeros(3, 20, dtype=torch.bool)
     mask[0, 5:], mask[1, 12:18], mask[2, 1:] = True, True, True
-    logps, entropy = token_logps_and_entropy(model, ids, mask)
+    logps, entropy, _ = token_stats(model, ids, mask)
     sums, _ = sequence_logps(model(ids)[:, :-1], ids[:, 1:], mask[:, 1:])
     torch.testing.assert_close(logps.sum(1), sums, rtol=1e-5, atol=1e-4)
     assert bool((logps[~mask] == 0).all()) and bool((entropy[mask] > 0).all())

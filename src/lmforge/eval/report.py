@@ -97,6 +97,8 @@ def write_report(run: Path, s: dict) -> Path:
                   f"- bits per byte: **{fe.get('val_bpb', float('nan')):.4f}**", ""]
     if s.get("sft"):
         lines += _sft_section(s["sft"], fe)
+    if s.get("align"):
+        lines += _align_section(s["align"])
     if s.get("leaderboard"):
         lines += _leaderboard_section(s["leaderboard"], s["config"])
     lines += ["## Samples", "", "Sampled at temperature 0.8, top-k 50, seed 0.", ""]
@@ -120,6 +122,30 @@ def _leaderboard_section(board: dict, config: dict) -> list[str]:
                 if metric in main:
                     lines.append(f"| {role} | {task} | {metric} | {value:.4f} |")
     return lines + [""]
+
+
+def _align_section(align: dict) -> list[str]:
+    """Chat vs aligned accuracy on the held-out tasks, with the paired gain, and the training curves."""
+    method, config = align["method"], align["config"]
+    before, after, gain = align["task_accuracy_before"], align["task_accuracy_after"], align["task_accuracy_gain"]
+    if method == "grpo":
+        what = (f"GRPO ({align['prompts']:,} task prompts, {config['group_size']} sampled answers each, reward 1 "
+                f"when the tasks' checker accepts the answer, KL penalty {config['beta']} to the chat model)")
+        curves = "Mean reward, KL to the chat model, entropy and the share of groups whose answers all got " \
+                 "one reward, per step:"
+    else:
+        what = f"DPO on {align['train_pairs']:,} built-in preference pairs (beta {config['beta']})"
+        curves = "Implicit rewards of the chosen and rejected answers, and their margin, per step:"
+    lines = ["## From assistant to aligned model", "",
+             f"{what}; full fine-tuning, {align['steps']} steps in {align['seconds'] / 60:.1f} min. Exact match "
+             f"on {align['held_out_tasks']} held-out tasks, greedy replies:", "",
+             "| task | chat model | aligned model |", "|---|---:|---:|"]
+    for kind in after["accuracy"]:
+        lines.append(f"| {kind} | {before['accuracy'][kind]:.0%} | {after['accuracy'][kind]:.0%} |")
+    low, high = gain["ci95"]
+    lines += ["", f"Gain over all held-out tasks: **{gain['gain']:+.1%}** (95% interval {low:+.1%} to {high:+.1%}, "
+                  "paired over the same tasks).", "", curves, "", "![alignment curves](align/rewards.png)", ""]
+    return lines
 
 
 def _sft_section(sft: dict, base_eval: dict) -> list[str]:

@@ -142,13 +142,25 @@ def sample_next(logits: torch.Tensor, config: SamplingConfig, generator: torch.G
 def draw(logits: torch.Tensor, config: SamplingConfig, generator: torch.Generator | None = None) -> torch.Tensor:
     """The last part of :func:`sample_next`, after the penalties: (B, V) fp32 logits -> token ids (B,).
 
-    Greedy takes the argmax; otherwise temperature -> top-k -> top-p -> one multinomial draw.
+    Greedy takes the argmax; otherwise temperature -> top-k -> top-p -> one draw from the distribution
+    (:func:`draw_from`).
     """
     if config.greedy:
         return logits.argmax(dim=-1)
     logits = top_p_filter(top_k_filter(logits / config.temperature, config.top_k), config.top_p)
-    probs = torch.softmax(logits, dim=-1)  # (B, V)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(1)
+    return draw_from(torch.softmax(logits, dim=-1), generator)
+
+
+def draw_from(probs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """One token per row of ``probs`` (B, V), by inverting the cumulative distribution: a uniform number u
+    per row, and the first token whose cumulative probability exceeds u. One random number per row
+    instead of one per vocabulary entry (``torch.multinomial`` draws V exponentials: 2 ms a row for a
+    49k vocabulary on a CPU core, a third of a batched decode step). Tokens of probability 0 are never
+    drawn: the cumulative sum does not rise there, and the search takes the first index above u."""
+    cdf = probs.double().cumsum(-1)  # (B, V); float64 so 49k small terms still sum to 1 closely
+    u = torch.rand(probs.shape[0], 1, generator=generator, dtype=torch.float64, device=probs.device)
+    chosen = torch.searchsorted(cdf, u * cdf[:, -1:], right=True).squeeze(1)
+    return chosen.clamp(max=probs.shape[1] - 1)
 
 
 def make_generator(seed: int | None, device: torch.device | str = "cpu") -> torch.Generator | None:

@@ -39,6 +39,9 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, format: str = "hf
         raise InputError(f"unknown export format {format!r}; choose {', '.join(FORMATS)}")
     path = resolve_model(checkpoint)
     config, state = read_checkpoint(path)
+    if config.head == "lm+value":
+        raise InputError(f"{path} is a PPO training checkpoint (a policy with a value head): export the policy "
+                         "that `lmforge ppo` writes to OUT_DIR/model")
     if config.head != "lm" and format != "hf":
         raise InputError(f"{path} has the {config.head!r} head (a reward model): it exports to transformers "
                          "(--format hf, as LlamaForSequenceClassification), not to GGUF")

@@ -17,7 +17,7 @@ from lmforge.settings import field
 POSITIONS = ("rope", "learned", "sinusoidal")
 NORMS = ("rmsnorm", "layernorm")
 ACTIVATIONS = ("swiglu", "gelu", "relu")
-HEADS = ("lm", "score")
+HEADS = ("lm", "score", "lm+value")
 
 
 @dataclass
@@ -45,7 +45,8 @@ class ModelConfig:
     qkv_bias: bool = field(False, "add biases to the query/key/value projections only (Qwen2)")
     dropout: float = field(0.0, "dropout on embeddings, attention weights and residual branches")
     init_std: float = field(0.02, "standard deviation of the initial weights")
-    head: str = field("lm", "output head: lm (next-token logits) or score (one scalar per position: a reward model)")
+    head: str = field("lm", "output head: lm (next-token logits), score (one scalar per position: a reward model) "
+                                 "or lm+value (logits, and a value head beside them: a PPO policy in training)")
 
     def __post_init__(self) -> None:
         if self.head_dim == 0:

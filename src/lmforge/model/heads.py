@@ -1,5 +1,5 @@
-"""Heads on one backbone: the same decoder with next-token logits (``head="lm"``) or one scalar per
-position (``head="score"``: a reward model, later a value head).
+"""Heads on one backbone: the same decoder with next-token logits (``head="lm"``), one scalar per
+position (``head="score"``: a reward model), or both (``head="lm+value"``: a PPO policy with its value head).
 
 The checkpoint's ``config.json`` names the head, so ``load_model`` builds the right one.
 :func:`with_head` turns a language model into a reward model (or back): the backbone's weights
@@ -33,8 +33,9 @@ def with_head(model: DecoderLM, head: str) -> DecoderLM:
 
 def last_token_scores(model: DecoderLM, input_ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
     """(B,) the score of each right-padded row (B, T) at its last real token (``lengths`` (B,) tokens)."""
-    if model.score is None:
-        raise ValueError("this model has the 'lm' head; make a reward model with with_head(model, 'score')")
+    if model.config.head != "score":
+        raise ValueError(f"this model has the {model.config.head!r} head; make a reward model with "
+                         "with_head(model, 'score')")
     if int(lengths.min()) < 1 or int(lengths.max()) > input_ids.shape[1]:
         raise ValueError(f"lengths must be in [1, {input_ids.shape[1]}]")
     scores = model(input_ids)  # (B, T); causal: padding after a row's end does not change its scores

@@ -71,8 +71,9 @@ class DecoderLM(nn.Module):
         self.lm_head = nn.Linear(config.dim, config.vocab_size, bias=False)
         if config.tie_embeddings:
             self.lm_head.weight = self.embed.weight
-        # head "score": one scalar per position read off the same backbone (a reward model; a value head)
-        self.score = nn.Linear(config.dim, 1, bias=False) if config.head == "score" else None
+        # one scalar per position read off the same backbone: the output of a reward model (head "score"),
+        # or a PPO policy's value estimate beside its logits (head "lm+value", read by the PPO stage)
+        self.score = nn.Linear(config.dim, 1, bias=False) if config.head in ("score", "lm+value") else None
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -142,7 +143,7 @@ class DecoderLM(nn.Module):
         x = self.norm(x)
         if return_hidden:
             return x
-        if self.score is not None:
+        if self.config.head == "score":
             return self.score(x).squeeze(-1)  # (B, T)
         return self.lm_head(x)
 

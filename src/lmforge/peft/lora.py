@@ -153,6 +153,47 @@ def merge_lora(model: nn.Module) -> nn.Module:
     return model
 
 
+@torch.no_grad()
+def merged_copy(model: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """A plain copy of ``model`` (a :class:`~lmforge.model.DecoderLM`) in ``dtype``, every LoRA adapter merged
+    into its weight and every 4-bit (NF4) weight dequantized; ``model`` itself is not changed.
+
+    What sampling from a policy in training needs: the copy decodes without the adapters' extra matmuls
+    and, in bf16, without autocast casting every fp32 weight at every step."""
+    from lmforge.model import DecoderLM
+    from lmforge.quant.nf4 import NF4Linear
+
+    dense: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
+    for name, module in model.named_modules():
+        if any(name.startswith(prefix + ".") for prefix in dense):
+            continue  # inside a layer already made dense
+        if isinstance(module, LoRALinear):
+            weight = module.base.weight.float()
+            if module.enabled and not module.merged:
+                weight = weight + module.delta()
+            dense[name] = (weight, module.base.bias)
+        elif isinstance(module, NF4Linear):
+            dense[name] = (module.weight, module.bias)
+    state = {key: value for key, value in model.state_dict().items()
+             if not any(key.startswith(prefix + ".") for prefix in dense)}
+    for name, (weight, bias) in dense.items():
+        state[name + ".weight"] = weight
+        if bias is not None:
+            state[name + ".bias"] = bias
+    device = next(model.parameters()).device
+    state = {key: value.to(device=device, dtype=dtype) if value.is_floating_point() else value
+             for key, value in state.items()}
+    with torch.device("meta"):
+        copy = DecoderLM(model.config, attention=model.blocks[0].attn.backend)
+    if model.config.tie_embeddings:
+        state["lm_head.weight"] = state["embed.weight"]
+    copy.load_state_dict(state, strict=True, assign=True)
+    if model.config.tie_embeddings:
+        copy.lm_head.weight = copy.embed.weight
+    copy.init_buffers(device)
+    return copy.eval().requires_grad_(False)
+
+
 def _peft_module_name(name: str, config) -> str:
     """lmforge module name -> the HF Llama module name PEFT keys use."""
     from lmforge.interop.llama import llama_names
@@ -162,7 +203,8 @@ def _peft_module_name(name: str, config) -> str:
 
 
 def save_adapter(model: nn.Module, out: str | Path, base_model: str = "") -> Path:
-    """Write the adapters in PEFT's layout: ``adapter_config.json`` and ``adapter_model.safetensors``."""
+    """Write the adapters in PEFT's layout: ``adapter_config.json`` and ``adapter_model.safetensors``; a reward
+    model's (``head="score"``) as a sequence-classification adapter that carries its score head."""
     config: LoraConfig = model.lora_config
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -171,11 +213,16 @@ def save_adapter(model: nn.Module, out: str | Path, base_model: str = "") -> Pat
         key = "base_model.model." + _peft_module_name(name, model.config)
         tensors[key + ".lora_A.weight"] = layer.lora_A.detach().contiguous()
         tensors[key + ".lora_B.weight"] = layer.lora_B.detach().contiguous()
+    reward_model = model.config.head == "score"
+    if reward_model:  # the score head is new and trained in full: PEFT keeps it as a module to save
+        tensors["base_model.model.score.weight"] = model.score.weight.detach().contiguous()
     save_file(tensors, out / ADAPTER_WEIGHTS, metadata={"format": "pt"})
-    peft_config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": config.rank, "lora_alpha": config.alpha,
-                   "lora_dropout": config.dropout, "target_modules": sorted(config.targets), "bias": "none",
-                   "fan_in_fan_out": False, "base_model_name_or_path": base_model, "inference_mode": True,
-                   "modules_to_save": None, "use_rslora": False, "use_dora": False, "init_lora_weights": True}
+    peft_config = {"peft_type": "LORA", "task_type": "SEQ_CLS" if reward_model else "CAUSAL_LM", "r": config.rank,
+                   "lora_alpha": config.alpha, "lora_dropout": config.dropout,
+                   "target_modules": sorted(config.targets), "bias": "none", "fan_in_fan_out": False,
+                   "base_model_name_or_path": base_model, "inference_mode": True,
+                   "modules_to_save": ["score"] if reward_model else None, "use_rslora": False, "use_dora": False,
+                   "init_lora_weights": True}
     (out / ADAPTER_CONFIG).write_text(json.dumps(peft_config, indent=2) + "\n", encoding="utf-8")
     return out
 

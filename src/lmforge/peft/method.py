@@ -47,6 +47,8 @@ def prepare_weights(model: nn.Module, config: MethodConfig, seed: int) -> int:
     if config.adapters:
         torch.manual_seed(seed)  # the adapters' initial A: the same run twice is the same run
         apply_lora(model, LoraConfig(config.lora_rank, config.lora_alpha, config.lora_dropout, config.lora_targets))
+        if getattr(model, "score", None) is not None:  # a reward or value head starts fresh: it trains in full
+            model.score.requires_grad_(True)
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 

@@ -30,6 +30,7 @@ from lmforge.data.preferences import Preference
 from lmforge.peft.lora import adapters_disabled, lora_layers
 from lmforge.runtime import Runtime
 from lmforge.tokenizer.chat import render_chat
+from lmforge.train.metrics import RecordsFigures
 from lmforge.train.preference import dpo_loss, label_logps, preference_metrics, simpo_loss
 from lmforge.train.sft import epoch_rows
 
@@ -99,7 +100,7 @@ def answer_logps(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor) -> tup
     return sums, targets.sum(1)
 
 
-class DPOStage:
+class DPOStage(RecordsFigures):
     """Batches of pairs and the DPO loss (or IPO, cDPO, SimPO), for :func:`lmforge.train.fit`.
 
     ``reference``: a frozen model; ``None`` means the policy with its LoRA adapters switched off (the
@@ -118,7 +119,6 @@ class DPOStage:
         self.reference = reference
         if reference is not None:
             reference.eval().requires_grad_(False)
-        self._logged: dict[str, list[float]] = defaultdict(list)
 
     def batch(self, step: int, first: int, size: int, global_size: int, device: torch.device) -> dict:
         return self.train.take(epoch_rows(self.seed, len(self.train), step, first, size, global_size), device)
@@ -147,12 +147,13 @@ class DPOStage:
 
     def losses(self, model: nn.Module, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
         """Per-pair losses (B,) and the batch's figures under TRL's names."""
+        if self.loss_type != "simpo":  # first, so its pass never overlaps the policy's saved activations
+            ref_chosen, ref_rejected, _, _ = self.reference_logps(model, batch)
         chosen, rejected, n_chosen, n_rejected = self.logps(model, batch)
         if self.loss_type == "simpo":
             losses, chosen_rewards, rejected_rewards = simpo_loss(
                 chosen / n_chosen.clamp(min=1), rejected / n_rejected.clamp(min=1), self.beta, self.simpo_gamma)
         else:
-            ref_chosen, ref_rejected, _, _ = self.reference_logps(model, batch)
             # the logged rewards are β·(summed log-ratio) for every variant, as TRL logs them
             chosen_rewards, rejected_rewards = self.beta * (chosen.detach() - ref_chosen), \
                 self.beta * (rejected.detach() - ref_rejected)
@@ -167,14 +168,8 @@ class DPOStage:
 
     def loss(self, model: nn.Module, batch: dict) -> torch.Tensor:
         losses, figures = self.losses(model, batch)
-        for name, value in figures.items():
-            self._logged[name].append(value)
+        self.record(figures)
         return losses.mean()
-
-    def pop_metrics(self) -> dict[str, float]:
-        means = {name: float(np.mean(values)) for name, values in self._logged.items()}
-        self._logged.clear()
-        return means
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module, runtime: Runtime, max_tokens: int, batch_size: int) -> dict:

@@ -3,7 +3,22 @@
 from __future__ import annotations
 
 import json
+from collections import defaultdict
 from pathlib import Path
+
+
+class RecordsFigures:
+    """For a stage with figures beside its loss (:class:`lmforge.train.loop.ReportingStage`): ``record``
+    them as they come; ``pop_metrics`` gives each one's mean since the last call."""
+
+    def record(self, figures: dict[str, float]) -> None:
+        log = self.__dict__.setdefault("_figures", defaultdict(list))
+        for name, value in figures.items():
+            log[name].append(value)
+
+    def pop_metrics(self) -> dict[str, float]:
+        log = self.__dict__.pop("_figures", {})
+        return {name: sum(values) / len(values) for name, values in log.items()}
 
 
 class MetricsLog:
