@@ -115,3 +115,15 @@ def test_groups_with_one_reward_teach_nothing(tokenizer):
     assert loss.item() == 0.0 and all(p.grad is None or not p.grad.any() for p in model.parameters())
     with pytest.raises(ValueError, match="rewards for"):
         stage_for(tokenizer, lambda p, c, m: [1.0]).rollout(model, [0], step=0)
+
+
+def test_an_answer_that_ends_keeps_its_stop_token(tokenizer):
+    model = tiny(tokenizer)
+    stage = stage_for(tokenizer, starts_with("t"))
+    stop = stage.sampler.stop_ids[0]
+    model.register_forward_hook(lambda module, args, logits: logits.index_add(
+        -1, torch.tensor([stop]), torch.full((*logits.shape[:-1], 1), 50.0)))  # decode steps end the answer
+    answers = stage.sample(model, [0, 1], step=0)
+    assert all(a[-1] == stop and len(a) <= 2 for a in answers)  # the stop token is trained with the answer
+    rows = stage.sampler.rows([0] * 16, answers)
+    assert not rows.truncated.any() and rows.mask.sum(1).tolist() == [len(a) for a in answers]

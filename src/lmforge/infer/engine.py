@@ -460,6 +460,7 @@ class Engine:
         if request.logprobs is not None:  # a stop token gets its entry too (scoring counts one generated token)
             output.logprobs.append(_logprob_entry(torch.log_softmax(logits, dim=-1), token, request.logprobs))
         if token in sequence.stop_ids:
+            output.stop_token_id = token
             return self._finish(sequence, output, "stop")
         if request.constraint is not None:
             request.constraint.advance(token)

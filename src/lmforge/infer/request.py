@@ -81,6 +81,7 @@ class RequestOutput:
     continuation_logprobs: list[list[TokenLogprob]] | None = None  # per continuation, one per token
     finished: bool = False
     finish_reason: str | None = None  # "stop" (stop token or string), "length", "abort"
+    stop_token_id: int | None = None  # the stop token that ended the request, if one did
     prompt_tokens: int = 0
     cached_tokens: int = 0  # prompt tokens taken from the prefix cache instead of computed
     completion_tokens: int = 0  # generated so far, a stop token included
@@ -100,10 +101,12 @@ class Completion:
     cached_tokens: int
     completion_tokens: int
     continuation_logprobs: list[list[TokenLogprob]] | None = None
+    stop_token_id: int | None = None  # the stop token that ended it (not in token_ids), if one did
 
     @classmethod
     def join(cls, outputs: list[RequestOutput]) -> Completion:
         last = outputs[-1]
         return cls(last.request_id, [t for o in outputs for t in o.token_ids], "".join(o.text for o in outputs),
                    last.finish_reason, [lp for o in outputs for lp in o.logprobs], outputs[0].prompt_logprobs,
-                   last.prompt_tokens, last.cached_tokens, last.completion_tokens, outputs[0].continuation_logprobs)
+                   last.prompt_tokens, last.cached_tokens, last.completion_tokens, outputs[0].continuation_logprobs,
+                   last.stop_token_id)

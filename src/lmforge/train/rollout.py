@@ -124,7 +124,9 @@ class RolloutSampler:
         self.pad_id = padding_id(tokenizer)
 
     def sample(self, model: nn.Module, prompt_indices: list[int], step: int, per_prompt: int) -> list[list[int]]:
-        """``per_prompt`` sampled answers (token ids) for each prompt, prompt by prompt."""
+        """``per_prompt`` sampled answers (token ids) for each prompt, prompt by prompt.
+
+        An answer that ended keeps its stop token: the policy learns when to stop as it learns what to say."""
         base = getattr(model, "module", model)
         base = getattr(base, "_orig_mod", base)
         limit = base.config.max_seq_len
@@ -144,7 +146,7 @@ class RolloutSampler:
             for p in prompt_indices for g in range(per_prompt)]
         with torch.no_grad():
             done = engine.generate(requests)  # the engine puts a model in training mode in eval mode meanwhile
-        return [c.token_ids for c in done]
+        return [c.token_ids + ([c.stop_token_id] if c.stop_token_id is not None else []) for c in done]
 
     def rows(self, prompt_of: list[int], answers: list[list[int]]) -> AnswerRows:
         """Answer ``i`` (to prompt ``prompt_of[i]``) after its prompt, one row each, on the runtime's device."""
