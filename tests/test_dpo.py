@@ -80,3 +80,13 @@ def test_a_resumed_dpo_run_continues_the_same_losses(base, interrupt):
     assert run(base / "cut", resume=True) == 0
     assert len(logged(base / "cut")) == 12
     assert logged(base / "cut") == pytest.approx(logged(base / "straight"), rel=1e-6, abs=1e-6)
+
+
+def test_dpo_on_the_models_own_sampled_answers(base):
+    out = base / "sampled"
+    assert main(args(base, out, "--data", "sampled-preferences", "--pairs", "12", "--kinds", "max", "--samples", "3",
+                     "--eval-tasks", "4", "--val-fraction", "0", "--max-steps", "1", "--lr", "1e-3")) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    read = summary["read"]["sampled-preferences"]
+    assert read["read"] + read.get("skipped", {}).get("all_answers_correct", 0) == 12
+    assert summary["train_pairs"] == read["read"] > 0 and summary["steps"] == 1

@@ -14,12 +14,12 @@ from lmforge.model import DecoderLM, preset
 from lmforge.tokenizer import train_tokenizer
 
 
-def tiny_lm(tmp_path, pairs):
+def tiny_lm(tmp_path, pairs, max_seq_len=64):
     """A tiny language model (saved under tmp_path/lm) and a tokenizer trained on the pairs' text."""
     tokenizer = train_tokenizer([p.prompt[0]["content"] + " " + p.chosen + " " + p.rejected for p in pairs], 300,
                                 progress=False)
     torch.manual_seed(0)
-    model = DecoderLM(preset("tiny", vocab_size=tokenizer.vocab_size, max_seq_len=64))
+    model = DecoderLM(preset("tiny", vocab_size=tokenizer.vocab_size, max_seq_len=max_seq_len))
     return save_checkpoint(tmp_path / "lm", model, tokenizer), tokenizer
 
 
@@ -98,3 +98,14 @@ def test_a_resumed_rm_run_continues_the_same_losses(tmp_path, interrupt):
     assert run(tmp_path / "cut", resume=True) == 0
     assert len(losses(tmp_path / "cut")) == 6
     assert losses(tmp_path / "cut") == pytest.approx(losses(tmp_path / "straight"), rel=1e-6, abs=1e-6)
+
+
+def test_rm_ranks_answers_sampled_from_its_starting_model(tmp_path):
+    lm, _ = tiny_lm(tmp_path, builtin_preferences(60, seed=1), max_seq_len=256)  # room for a prompt and answers
+    out = tmp_path / "rm"
+    assert main(["rm", "--model", str(lm), "--data", "sampled-preferences", "--pairs", "10", "--samples", "2",
+                 "--val-fraction", "0", "--out-dir", str(out), "--max-steps", "1", "--batch-size", "4",
+                 "--seq-len", "64", "--eval-every", "0", "--device", "cpu", "--dtype", "fp32",
+                 "--progress", "false"]) == 0
+    read = json.loads((out / "summary.json").read_text())["read"]["sampled-preferences"]
+    assert read["read"] + read.get("skipped", {}).get("all_answers_correct", 0) == 10 and read["read"] > 0

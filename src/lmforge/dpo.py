@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lmforge.checkpoint import load_model, load_tokenizer, save_checkpoint
-from lmforge.data.preferences import BUILTIN_PREFERENCES, load_pairs, split_preferences
+from lmforge.data.preferences import BUILTIN_PREFERENCES, SAMPLED_PREFERENCES, load_pairs, split_preferences
 from lmforge.data.tasks import KINDS
 from lmforge.errors import InputError
 from lmforge.eval.tasks import accuracy_gain, model_task_accuracy
@@ -31,6 +31,7 @@ from lmforge.tokenizer.chat import padding_id
 from lmforge.train import TrainConfig, fit
 from lmforge.train.dpo import DPO_LOSSES, DPOStage, PreferenceRows
 from lmforge.train.metrics import plot_rewards
+from lmforge.train.rollout import task_sampler
 
 
 @dataclass
@@ -38,8 +39,11 @@ class DPOConfig(MethodConfig):
     """What to align, on which pairs, with which loss."""
 
     model: str = field(DEFAULT_CHAT_MODEL, "model to start from (and, unless --reference, the reference)")
-    data: list[str] = field([BUILTIN_PREFERENCES], f"preference pairs: .jsonl files or {BUILTIN_PREFERENCES}")
-    pairs: int = field(2000, f"how many {BUILTIN_PREFERENCES} pairs to make")
+    data: list[str] = field([BUILTIN_PREFERENCES], f"preference pairs: .jsonl files, hf:NAME[:CONFIG]:SPLIT, "
+                                                   f"{BUILTIN_PREFERENCES} or {SAMPLED_PREFERENCES} (the "
+                                                   "model's own answers ranked by the tasks' checker)")
+    pairs: int = field(2000, f"how many tasks {BUILTIN_PREFERENCES} and {SAMPLED_PREFERENCES} make pairs of")
+    samples: int = field(4, f"answers sampled per task for {SAMPLED_PREFERENCES}")
     kinds: list[str] = field(list(KINDS), f"built-in task kinds the pairs and held-out tasks come from "
                                           f"({', '.join(KINDS)})")
     eval_tasks: int = field(200, f"built-in tasks held out from {BUILTIN_PREFERENCES} (no shared prompt) to "
@@ -83,8 +87,11 @@ def train_dpo(config: DPOConfig, train_config: TrainConfig, resume: bool = False
     model, tokenizer = load_model(path), load_tokenizer(path)
     if model.config.head != "lm":
         raise InputError(f"{config.model} has the {model.config.head!r} head; DPO trains a language model")
+    runtime = Runtime.resolve(train_config.device, train_config.dtype)
     pairs, read, held_out = load_pairs(config.data, config.pairs, train_config.seed, config.skip_errors,
-                                       config.eval_tasks, config.kinds)
+                                       config.eval_tasks, config.kinds,
+                                       task_sampler(model, tokenizer, runtime, config.samples, train_config.seed,
+                                                    train_config.progress))
     train, val = split_preferences(pairs, config.val_fraction, train_config.seed)
     if not train:
         raise InputError("every pair went to validation: lower --val-fraction")
@@ -92,7 +99,6 @@ def train_dpo(config: DPOConfig, train_config: TrainConfig, resume: bool = False
     rows = PreferenceRows(tokenizer, train, train_config.seq_len, pad_id)
     stage = DPOStage(rows, train_config.seed, PreferenceRows(tokenizer, val, train_config.seq_len, pad_id) if val else None,
                      config.loss, config.beta, config.label_smoothing, config.simpo_gamma, _reference(config, path))
-    runtime = Runtime.resolve(train_config.device, train_config.dtype)
     if stage.reference is not None:
         stage.reference.to(runtime.device)
     system = config.system or None

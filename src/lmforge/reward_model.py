@@ -18,7 +18,13 @@ from pathlib import Path
 import torch
 
 from lmforge.checkpoint import load_model, load_tokenizer, save_checkpoint
-from lmforge.data.preferences import BUILTIN_PREFERENCES, Preference, load_pairs, split_preferences
+from lmforge.data.preferences import (
+    BUILTIN_PREFERENCES,
+    SAMPLED_PREFERENCES,
+    Preference,
+    load_pairs,
+    split_preferences,
+)
 from lmforge.errors import InputError
 from lmforge.interop.packaged import DEFAULT_CHAT_MODEL, resolve_model
 from lmforge.model.heads import with_head
@@ -28,6 +34,7 @@ from lmforge.settings import field, to_dict
 from lmforge.tokenizer.chat import padding_id
 from lmforge.train import TrainConfig, fit
 from lmforge.train.reward import PairRows, RewardStage
+from lmforge.train.rollout import task_sampler
 
 
 @dataclass
@@ -37,8 +44,11 @@ class RewardConfig(MethodConfig):
     method: str = field("full", "full (every weight), lora (adapters; the score head trains in full) or qlora")
     model: str = field(DEFAULT_CHAT_MODEL, "model to start from (a language model gets a new score head) or a "
                                            "reward model to go on training")
-    data: list[str] = field([BUILTIN_PREFERENCES], f"preference pairs: .jsonl files or {BUILTIN_PREFERENCES}")
-    pairs: int = field(2000, f"how many {BUILTIN_PREFERENCES} pairs to make")
+    data: list[str] = field([BUILTIN_PREFERENCES], f"preference pairs: .jsonl files, hf:NAME[:CONFIG]:SPLIT, "
+                                                   f"{BUILTIN_PREFERENCES} or {SAMPLED_PREFERENCES} (answers "
+                                                   "of the starting language model ranked by the tasks' checker)")
+    pairs: int = field(2000, f"how many tasks {BUILTIN_PREFERENCES} and {SAMPLED_PREFERENCES} make pairs of")
+    samples: int = field(4, f"answers sampled per task for {SAMPLED_PREFERENCES}")
     val_fraction: float = field(0.1, "share of the prompts held out to measure pair accuracy")
     margin: float = field(0.0, "required score gap in the loss: -log sigmoid(r_chosen - r_rejected - margin)")
     skip_errors: bool = field(False, "skip malformed pairs (counted) instead of stopping")
@@ -53,15 +63,19 @@ def train_reward_model(config: RewardConfig, train_config: TrainConfig, resume: 
     """Train and write ``model/`` under ``train_config.out_dir``; returns a summary (also summary.json)."""
     path = resolve_model(config.model)
     model, tokenizer = load_model(path), load_tokenizer(path)
+    runtime = Runtime.resolve(train_config.device, train_config.dtype)
+    sampler = None  # sampled pairs come from the language model the reward model starts from
+    if model.config.head == "lm":
+        sampler = task_sampler(model, tokenizer, runtime, config.samples, train_config.seed, train_config.progress)
+    pairs, read, _ = load_pairs(config.data, config.pairs, train_config.seed, config.skip_errors,
+                                sample_answers=sampler)
     if model.config.head != "score":
         torch.manual_seed(train_config.seed)  # the new head's initial weights
         model = with_head(model, "score")
-    pairs, read, _ = load_pairs(config.data, config.pairs, train_config.seed, config.skip_errors)
     train, val = split_preferences(pairs, config.val_fraction, train_config.seed)
     pad_id = padding_id(tokenizer)
     stage = RewardStage(PairRows(tokenizer, train, train_config.seq_len, pad_id), train_config.seed,
                         PairRows(tokenizer, val, train_config.seq_len, pad_id) if val else None, config.margin)
-    runtime = Runtime.resolve(train_config.device, train_config.dtype)
     before = stage.evaluate(model.to(runtime.device), runtime, 0, train_config.batch_size)
     trainable = prepare_weights(model, config, train_config.seed)
     result = fit(model, stage, train_config, tokenizer=tokenizer, resume=resume)

@@ -8,6 +8,7 @@ or AMX), fp32 elsewhere. Layers never decide this themselves.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import functools
 import platform
 from dataclasses import dataclass
@@ -31,6 +32,28 @@ def cpu_has_fast_bf16() -> bool:
     except OSError:
         return False
     return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+@functools.cache
+def return_freed_memory(threshold: int = 1 << 20) -> bool:
+    """Make glibc hand blocks of ``threshold`` bytes or more back to the system when torch frees them.
+
+    A training step allocates and frees its activations, tensors of a few megabytes each. glibc
+    serves large blocks with ``mmap`` and unmaps them when they are freed, but each time such a
+    block is freed it raises its threshold (up to 32 MiB), so from the first step on the activations
+    come from the heap, and a heap keeps its freed memory: resident memory grows over the first
+    steps to about twice what a step needs (measured for DPO on SmolLM2-135M: 2.9 GiB peak, 2.0
+    GiB with a fixed threshold). A fixed threshold (``mallopt(M_MMAP_THRESHOLD)``) stops the
+    climb. Returns False where the C library is not glibc (nothing is changed there).
+    """
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return False
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return False
+    m_mmap_threshold = -3  # from glibc's malloc.h
+    return bool(mallopt(m_mmap_threshold, threshold))
 
 
 def describe_machine() -> str:

@@ -12,13 +12,15 @@ from lmforge.data.preferences import (
     PAIR_WRONG,
     Preference,
     builtin_preferences,
+    load_pairs,
     malformed_answer,
+    preferences_from_samples,
     read_preferences,
     split_preferences,
     write_preferences,
     wrong_answer,
 )
-from lmforge.data.tasks import KINDS, generate_tasks, is_correct
+from lmforge.data.tasks import KINDS, Task, generate_tasks, is_correct
 from lmforge.errors import InputError
 
 
@@ -115,6 +117,48 @@ def test_skip_bad_counts_reasons(tmp_path):
         expected[reason] = expected.get(reason, 0) + 1
     assert len(prefs) == 2 and stats == {"read": 2, "skipped": expected}
     assert [p.source for p in prefs] == [f"{path}:1", f"{path}:{len(BAD) + 2}"]
+
+
+def test_hugging_face_dataset_rows(monkeypatch):
+    import sys
+    import types
+
+    rows = [{"prompt": "2+2?", "chosen": [{"role": "assistant", "content": "4"}],  # TRL's conversational rows
+             "rejected": [{"role": "assistant", "content": "5"}]},
+            {"prompt": "Capital of France?", "chosen": "Paris", "rejected": ""},
+            {"prompt": "Colour of snow?", "chosen": "white", "rejected": "black"}]
+    asked = []
+    module = types.ModuleType("datasets")
+    module.load_dataset = lambda name, config, split, streaming: asked.append((name, config, split)) or iter(rows)
+    monkeypatch.setitem(sys.modules, "datasets", module)
+    with pytest.raises(InputError, match=r"hf:org/prefs:train:2: field 'rejected' is empty"):
+        load_pairs(["hf:org/prefs:train"], count=0, seed=0)
+    pairs, read, _ = load_pairs(["hf:org/prefs:train"], count=0, seed=0, skip_bad=True)
+    assert asked[-1] == ("org/prefs", None, "train")
+    assert [(p.prompt, p.chosen, p.rejected) for p in pairs] == [(_user("2+2?"), "4", "5"),
+                                                                  (_user("Colour of snow?"), "white", "black")]
+    assert read == {"hf:org/prefs:train": {"read": 2, "skipped": {"empty_text": 1}}}
+
+
+def test_sampled_answers_ranked_by_the_checker():
+    tasks = [Task("max", "Largest of 3, 9, 4?", "9"), Task("max", "Largest of 1, 2?", "2"),
+             Task("max", "Largest of 5, 7?", "7")]
+    samples = [["9", "4", "I think 3", "9"],  # right and wrong: a right one over a wrong one
+               ["1", "one", ""],  # none right: the task's answer over a wrong one (never the empty answer)
+               ["7", "7"]]  # all right: no pair
+    prefs, all_right = preferences_from_samples(tasks, samples, seed=3)
+    assert all_right == 1 and len(prefs) == 2
+    assert prefs[0].chosen == "9" and prefs[0].rejected in ("4", "I think 3")
+    assert prefs[1].chosen == "2" and prefs[1].rejected in ("1", "one")
+    assert [p.source.rsplit(":", 1)[1] for p in prefs] == ["sample-vs-sample", "answer-vs-sample"]
+    assert prefs == preferences_from_samples(tasks, samples, seed=3)[0]  # seeded
+    asked = []
+    pairs, read, held_out = load_pairs(["sampled-preferences"], count=6, seed=0, eval_tasks=4, kinds=["max"],
+                                       sample_answers=lambda ts: asked.extend(ts) or [["0", t.answer] for t in ts])
+    assert len(asked) == 6 and not {t.prompt for t in asked} & {t.prompt for t in held_out}
+    assert len(pairs) == 6 and read == {"sampled-preferences": {"read": 6, "skipped": {}}}
+    with pytest.raises(InputError, match="needs a model"):
+        load_pairs(["sampled-preferences"], count=6, seed=0)
 
 
 def test_missing_file(tmp_path):

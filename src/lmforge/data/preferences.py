@@ -1,6 +1,7 @@
 """Preference pairs (a prompt, a chosen answer, a rejected answer) for reward models and DPO.
 
-Read from JSONL (:func:`read_preferences`), one record a line, in any of these shapes:
+Read from JSONL (:func:`read_preferences`), one record a line, or from a Hugging Face dataset
+(:func:`read_hf_preferences`, ``hf:NAME[:CONFIG]:SPLIT``), one record a row, in any of these shapes:
 
 - ``{"prompt": "text", "chosen": "text", "rejected": "text"}`` (a text prompt is one user message);
 - ``{"prompt": [messages], "chosen": "text", "rejected": "text"}``;
@@ -26,12 +27,12 @@ from __future__ import annotations
 import json
 import random
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from lmforge.data.chat_records import _jsonl_rows
-from lmforge.data.sources import ReadErrors
+from lmforge.data.sources import ReadErrors, iter_hf_records
 from lmforge.data.tasks import (
     IDENTITY,
     KINDS,
@@ -45,9 +46,12 @@ from lmforge.errors import InputError
 from lmforge.tokenizer.chat import check_messages
 
 BUILTIN_PREFERENCES = "builtin-preferences"  # the data name of :func:`builtin_preferences` on the command line
+SAMPLED_PREFERENCES = "sampled-preferences"  # the data name of :func:`preferences_from_samples`
 PAIR_WRONG = "correct-vs-wrong"  # (a) the correct answer over a plausible wrong one
 PAIR_MALFORMED = "clean-vs-malformed"  # (b) the correct answer over the same answer with noise
 PAIR_KINDS = (PAIR_WRONG, PAIR_MALFORMED)
+PAIR_SAMPLED = "sample-vs-sample"  # (c) a sampled answer the checker accepts over one it rejects
+PAIR_ANSWER_SAMPLED = "answer-vs-sample"  # (c') no sample was right: the task's answer over a sampled one
 
 # Noise for (b); each keeps the correct answer in it but is not a clean reply (fails ``is_correct``).
 _CHATTER = (
@@ -157,6 +161,22 @@ def read_preferences(path: str | Path, skip_bad: bool = False) -> tuple[list[Pre
     errors = ReadErrors(skip=skip_bad)
     prefs = []
     for where, record in _jsonl_rows(path, errors):
+        try:
+            prefs.append(record_to_preference(record, where))
+        except _Bad as err:
+            errors.report(err.reason, str(err))
+    return prefs, {"read": len(prefs), "skipped": dict(errors.counts)}
+
+
+def read_hf_preferences(spec: str, skip_bad: bool = False, limit: int | None = None) -> tuple[list[Preference], dict]:
+    """The preferences of a Hugging Face dataset named ``hf:NAME[:CONFIG]:SPLIT`` (needs ``datasets`` and a
+    network), whose rows have the shapes a JSONL line may have (TRL's preference sets do), at most ``limit``;
+    bad rows raise or are skipped and counted as in :func:`read_preferences`."""
+    errors = ReadErrors(skip=skip_bad)
+    prefs = []
+    for where, record in iter_hf_records(spec):
+        if limit is not None and len(prefs) >= limit:
+            break
         try:
             prefs.append(record_to_preference(record, where))
         except _Bad as err:
@@ -283,6 +303,32 @@ def preferences_from_tasks(tasks: Sequence[Task], seed: int = 0) -> list[Prefere
     return prefs
 
 
+def preferences_from_samples(tasks: Sequence[Task], samples: Sequence[Sequence[str]],
+                             seed: int = 0) -> tuple[list[Preference], int]:
+    """Pairs from a model's own answers, ranked by the tasks' checker (``samples[i]``: answers to ``tasks[i]``).
+
+    For each task, an answer that :func:`~lmforge.data.tasks.is_correct` accepts (:data:`PAIR_SAMPLED`) or,
+    when none is, the task's own answer (:data:`PAIR_ANSWER_SAMPLED`) is chosen over one it rejects, each
+    drawn at random among its kind. A task whose answers are all accepted gives no pair: returns the pairs
+    and the number of such tasks. ``source`` is ``sampled:<seed>:<i>:<task kind>:<pair kind>``.
+    """
+    if len(samples) != len(tasks):
+        raise ValueError(f"{len(samples)} lists of answers for {len(tasks)} tasks")
+    rng = random.Random(f"{seed}:sampled-preferences")
+    prefs, all_correct = [], 0
+    for i, (task, answers) in enumerate(zip(tasks, samples)):
+        right = [a for a in answers if is_correct(task, a)]
+        wrong = [a for a in answers if a.strip() and not is_correct(task, a)]
+        if not wrong:
+            all_correct += 1
+            continue
+        pair = PAIR_SAMPLED if right else PAIR_ANSWER_SAMPLED
+        chosen = rng.choice(right) if right else task.answer
+        prefs.append(Preference([{"role": "user", "content": task.prompt}], chosen, rng.choice(wrong),
+                                f"sampled:{seed}:{i}:{task.kind}:{pair}"))
+    return prefs, all_correct
+
+
 def split_preferences(prefs: Sequence[Preference], val_fraction: float,
                       seed: int = 0) -> tuple[list[Preference], list[Preference]]:
     """(train, val): about ``val_fraction`` of the distinct prompts (at least one when the fraction
@@ -303,10 +349,17 @@ def split_preferences(prefs: Sequence[Preference], val_fraction: float,
 
 
 def load_pairs(specs: Sequence[str], count: int, seed: int, skip_bad: bool = False, eval_tasks: int = 0,
-               kinds: Sequence[str] = KINDS) -> tuple[list[Preference], dict, list[Task]]:
-    """The pairs of every spec (a ``.jsonl`` file or :data:`BUILTIN_PREFERENCES`, ``count`` pairs of the
+               kinds: Sequence[str] = KINDS,
+               sample_answers: Callable[[Sequence[Task]], list[list[str]]] | None = None,
+               ) -> tuple[list[Preference], dict, list[Task]]:
+    """The pairs of every spec (a ``.jsonl`` file, a Hugging Face dataset ``hf:NAME[:CONFIG]:SPLIT``, or
+    :data:`BUILTIN_PREFERENCES`, ``count`` pairs of the
     task ``kinds``), a summary of what was read and skipped per spec, and ``eval_tasks`` built-in tasks
-    held out from the built-in pairs (no shared prompt), to measure what training on them changed."""
+    held out from the built-in pairs (no shared prompt), to measure what training on them changed.
+
+    :data:`SAMPLED_PREFERENCES` makes pairs of the same ``count`` tasks from the answers that
+    ``sample_answers`` (a model's sampler, given by the command that trains) gives to them
+    (:func:`preferences_from_samples`); tasks whose answers were all right are counted as skipped."""
     pairs: list[Preference] = []
     read: dict[str, dict] = {}
     held_out: list[Task] = []
@@ -316,8 +369,16 @@ def load_pairs(specs: Sequence[str], count: int, seed: int, skip_bad: bool = Fal
             made = preferences_from_tasks(train, seed)
             pairs += made
             read[spec] = {"read": len(made), "skipped": {}}
+        elif spec == SAMPLED_PREFERENCES:
+            if sample_answers is None:
+                raise InputError(f"{SAMPLED_PREFERENCES} needs a model to sample answers from; this command has none")
+            train, held_out = train_eval_tasks(count, eval_tasks, seed, kinds)
+            made, all_right = preferences_from_samples(train, sample_answers(train), seed)
+            pairs += made
+            read[spec] = {"read": len(made), "skipped": {"all_answers_correct": all_right} if all_right else {}}
         else:
-            found, summary = read_preferences(spec, skip_bad=skip_bad)
+            read_spec = read_hf_preferences if spec.startswith("hf:") else read_preferences
+            found, summary = read_spec(spec, skip_bad=skip_bad)
             pairs += found
             read[spec] = summary
     if not pairs:

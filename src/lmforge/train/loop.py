@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 from lmforge.checkpoint import is_checkpoint, read_trainer_state, save_checkpoint
 from lmforge.errors import InputError
 from lmforge.model import DecoderLM, train_flops_per_token
-from lmforge.runtime import Runtime, measure_matmul_peak
+from lmforge.runtime import Runtime, measure_matmul_peak, return_freed_memory
 from lmforge.settings import to_dict
 from lmforge.train.config import TrainConfig
 from lmforge.train.distributed import World, all_reduce_mean, barrier, init_world
@@ -82,6 +82,8 @@ def fit(model: DecoderLM, stage: Stage, config: TrainConfig, tokenizer=None, res
         sample_fn: Callable[[nn.Module], list[str]] | None = None) -> TrainResult:
     """Train ``model`` on ``stage``; returns figures and the final checkpoint's path."""
     runtime = Runtime.resolve(config.device, config.dtype)
+    if runtime.device.type == "cpu":
+        return_freed_memory()  # or resident memory climbs to about twice what a step needs
     world = init_world(runtime.device.type)
     out_dir = Path(config.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

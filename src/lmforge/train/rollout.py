@@ -177,3 +177,33 @@ class RolloutSampler:
             return self.tokenizer.decode(ids, skip_special=True)
         except TypeError:
             return self.tokenizer.decode(ids)
+
+
+def sample_task_answers(model: nn.Module, tokenizer, runtime: Runtime, tasks: Sequence, samples: int, seed: int,
+                        max_new_tokens: int = 32, temperature: float = 1.0, chunk: int = 8,
+                        progress: bool = True) -> list[list[str]]:
+    """``samples`` answers (text) of ``model`` to each built-in task's prompt, task by task, on the engine:
+    what :data:`lmforge.data.preferences.SAMPLED_PREFERENCES` ranks into pairs."""
+    from tqdm.auto import tqdm
+
+    sampler = RolloutSampler([RLPrompt([{"role": "user", "content": t.prompt}], t) for t in tasks], tokenizer,
+                             runtime, seed, max_new_tokens, temperature)
+    model.to(runtime.device)
+    answers: list[list[str]] = []
+    with tqdm(total=len(tasks), desc="sampling answers", unit="task", disable=not progress) as bar:
+        for start in range(0, len(tasks), chunk):
+            indices = list(range(start, min(start + chunk, len(tasks))))
+            texts = [sampler.text(a) for a in sampler.sample(model, indices, step=0, per_prompt=samples)]
+            answers += [texts[i * samples:(i + 1) * samples] for i in range(len(indices))]
+            bar.update(len(indices))
+    return answers
+
+
+def task_sampler(model: nn.Module, tokenizer, runtime: Runtime, samples: int, seed: int,
+                 progress: bool = True) -> Callable[[Sequence], list[list[str]]]:
+    """:func:`sample_task_answers` of ``model`` as the ``sample_answers`` that
+    :func:`lmforge.data.preferences.load_pairs` takes (it samples only when asked for sampled pairs)."""
+    if samples < 2:
+        raise ValueError(f"samples must be at least 2 to rank answers against each other, got {samples}")
+    return lambda tasks: sample_task_answers(model, tokenizer, runtime, tasks, samples, seed, progress=progress)
+
