@@ -11,8 +11,9 @@ model is loaded.
 * DPO: lmforge's ``DPOStage`` (reference = adapters off) one optimizer step at a time, against
   ``trl.DPOTrainer`` training on the same pairs (a PEFT model, reference = adapters off, as TRL does
   it); the median of ``--steps`` steps after one warm-up, timed by a trainer callback.
-  lmforge sets glibc's mmap threshold as ``fit`` does; TRL runs once as it comes and once with the same
-  setting (through ``MALLOC_MMAP_THRESHOLD_``), so the memory figure shows what the setting is worth.
+  Both sides run twice: with glibc's defaults, and with a fixed mmap threshold
+  (``MALLOC_MMAP_THRESHOLD_``, what ``--release-memory`` sets in lmforge's process), which trades
+  page faults for memory.
 * GRPO rollouts: ``--batch-size`` / 2 prompts x ``--group-size`` sampled answers of up to
   ``--new-tokens`` tokens. lmforge: ``GRPOStage.sample`` (the batched engine); peer: what TRL's
   ``GRPOTrainer`` does without vLLM, ``generate`` of the PEFT model on the left-padded prompts,
@@ -54,9 +55,7 @@ torch.manual_seed(0)
 if what == "dpo" and side == "lmforge":
     from lmforge.checkpoint import load_model, load_tokenizer
     from lmforge.peft import LoraConfig, apply_lora
-    from lmforge.runtime import return_freed_memory
     from lmforge.train.dpo import DPOStage, PreferenceRows
-    return_freed_memory()  # as lmforge.train.fit does
     model, tokenizer = load_model(hf_path), load_tokenizer(hf_path)
     apply_lora(model, LoraConfig(rank=8, alpha=16, targets=TARGETS))
     model.train()
@@ -139,6 +138,9 @@ else:  # GRPO rollouts
 """
 
 
+RELEASE = {"MALLOC_MMAP_THRESHOLD_": str(1 << 20)}  # lmforge.runtime.return_freed_memory's setting
+
+
 def run(what: str, side: str, args, hf_dir: Path, env: dict | None = None) -> dict:
     out = subprocess.run([sys.executable, "-c", CHILD, what, side, args.model, str(hf_dir), str(args.batch_size),
                           str(args.steps), str(args.group_size), str(args.new_tokens)],
@@ -165,17 +167,14 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         hf_dir = export_checkpoint(args.model, Path(tmp) / "hf")
         if args.only in (None, "dpo"):
-            ours, theirs = run("dpo", "lmforge", args, hf_dir), run("dpo", "trl", args, hf_dir)
-            print(f"DPO step, {args.batch_size} pairs: lmforge {ours['seconds'] * 1000:.0f} ms (peak "
-                  f"+{ours['peak'] / 1e6:.0f} MB), TRL DPOTrainer {theirs['seconds'] * 1000:.0f} ms (peak "
-                  f"+{theirs['peak'] / 1e6:.0f} MB): {theirs['seconds'] / ours['seconds']:.2f}x faster, "
-                  f"{ours['peak'] / theirs['peak']:.2f}x the memory", flush=True)
-            # lmforge fixes glibc's mmap threshold (lmforge.runtime.return_freed_memory); the peer, given the same
-            # setting through glibc's environment variable, shows how much of the memory figure that is
-            same = run("dpo", "trl", args, hf_dir, env={"MALLOC_MMAP_THRESHOLD_": str(1 << 20)})
-            print(f"  TRL with the same malloc setting (MALLOC_MMAP_THRESHOLD_=1MiB): {same['seconds'] * 1000:.0f} ms "
-                  f"(peak +{same['peak'] / 1e6:.0f} MB): lmforge {same['seconds'] / ours['seconds']:.2f}x faster, "
-                  f"{ours['peak'] / same['peak']:.2f}x the memory", flush=True)
+            # glibc as it comes, then with a fixed mmap threshold (what `--release-memory` sets in lmforge's
+            # process), given to both sides through glibc's environment variable
+            for label, env in (("glibc defaults", None), ("MALLOC_MMAP_THRESHOLD_=1MiB", RELEASE)):
+                ours, theirs = run("dpo", "lmforge", args, hf_dir, env), run("dpo", "trl", args, hf_dir, env)
+                print(f"DPO step, {args.batch_size} pairs, {label}: lmforge {ours['seconds'] * 1000:.0f} ms (peak "
+                      f"+{ours['peak'] / 1e6:.0f} MB), TRL DPOTrainer {theirs['seconds'] * 1000:.0f} ms (peak "
+                      f"+{theirs['peak'] / 1e6:.0f} MB): {theirs['seconds'] / ours['seconds']:.2f}x faster, "
+                      f"{ours['peak'] / theirs['peak']:.2f}x the memory", flush=True)
         if args.only in (None, "grpo"):
             ours, theirs = run("grpo", "lmforge", args, hf_dir), run("grpo", "transformers", args, hf_dir)
             answers = max(1, args.batch_size // 2) * args.group_size

@@ -88,6 +88,21 @@ def test_a_merged_copy_has_the_adapted_logits_and_leaves_the_model_alone():
     torch.testing.assert_close(merged_copy(quantized, torch.float32)(ids), quantized(ids), rtol=1e-4, atol=1e-4)
 
 
+def test_a_merged_copy_refreshed_in_place_equals_a_new_one():
+    model, ids = model_and_ids()
+    apply_lora(model, LoraConfig(rank=4, alpha=8))
+    randomise_adapters(model)
+    copy = merged_copy(model, torch.bfloat16)
+    randomise_adapters(model)  # the policy moved on
+    with torch.no_grad():
+        model.blocks[0].ffn_norm.weight.mul_(1.5)  # a weight outside the adapters too
+    refreshed = merged_copy(model, torch.bfloat16, into=copy)
+    fresh = merged_copy(model, torch.bfloat16)
+    assert refreshed is copy and refreshed.lm_head.weight is refreshed.embed.weight
+    for (name, a), b in zip(refreshed.state_dict().items(), fresh.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
 def test_hugging_face_peft_loads_the_adapter_with_the_same_logits(tmp_path):
     transformers = pytest.importorskip("transformers")
     peft = pytest.importorskip("peft")

@@ -119,3 +119,12 @@ def test_weight_decay_skips_vectors():
     assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
     assert all(p.dim() >= 2 for p in decay["params"]) and all(p.dim() == 1 for p in no_decay["params"])
     assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
+
+
+@pytest.mark.parametrize("release", [False, True])
+def test_release_memory_sets_the_allocator_only_when_asked(tmp_path, pattern_stage, monkeypatch, release):
+    calls = []
+    monkeypatch.setattr("lmforge.train.loop.return_freed_memory", lambda: calls.append(1))
+    fit(tiny_model(), pattern_stage(), config(tmp_path, max_steps=1, eval_every=0, device="cpu",
+                                              release_memory=release))
+    assert len(calls) == int(release)

@@ -1,4 +1,5 @@
-"""Freed activations go back to the system (lmforge.runtime.return_freed_memory, which fit calls)."""
+"""Freed activations go back to the system (lmforge.runtime.return_freed_memory, which fit calls with
+TrainConfig.release_memory)."""
 
 from __future__ import annotations
 

@@ -424,34 +424,60 @@ class Engine:
         logits = step(ids_t, self.cache, positions=positions_t, mask=attention_mask(positions_t, kv_len))
         logits = logits[:, -1].float()  # (B, V)
         self.stats.decode_steps += 1
+        drawn = self._draw_together(rows, logits)
         outputs = []
         for index, sequence in rows.items():
             sequence.slot.tokens.append(sequence.pending)
             sequence.slot.computed = len(sequence.slot.tokens)
             sequence.pending = None
-            outputs.append(self._sample(sequence, logits[index]))
+            outputs.append(self._sample(sequence, logits[index], drawn.get(index)))
         return outputs
 
-    def _sample(self, sequence: _Sequence, logits: torch.Tensor) -> RequestOutput:
-        """Choose the next token from fp32 logits (V,), record it, and report what it added."""
+    def _draw_together(self, rows: dict[int, _Sequence], logits: torch.Tensor) -> dict[int, int]:
+        """Tokens for the rows that sample with the same settings and nothing row-specific (no penalty, no
+        constraint): one softmax and one cumulative sum over those rows, a random number from each row's own
+        generator, so each row gets the token it would get alone (a rollout of 32 answers draws 32 rows)."""
+        groups: dict[tuple, list[int]] = {}
+        for index, sequence in rows.items():
+            config = sequence.request.sampling
+            if (config.greedy or sequence.generator is None or sequence.request.constraint is not None
+                    or config.repetition_penalty != 1.0 or config.presence_penalty or config.frequency_penalty):
+                continue
+            groups.setdefault((config.temperature, config.top_k, config.top_p), []).append(index)
+        drawn: dict[int, int] = {}
+        for indices in groups.values():
+            if len(indices) < 2:
+                continue
+            scores = logits[indices]  # (n, V), a copy
+            if self.vocab_limit is not None:
+                scores[:, self.vocab_limit:] = float("-inf")
+            config = rows[indices[0]].request.sampling
+            tokens = draw(scores, config, [rows[i].generator for i in indices])
+            drawn.update(zip(indices, tokens.tolist()))
+        return drawn
+
+    def _sample(self, sequence: _Sequence, logits: torch.Tensor, token: int | None = None) -> RequestOutput:
+        """Choose the next token from fp32 logits (V,) unless ``token`` was drawn already, record it, and
+        report what it added."""
         request, config = sequence.request, sequence.request.sampling
-        scores = logits[None]  # (1, V)
-        if self.vocab_limit is not None:
-            scores = scores.clone()
-            scores[:, self.vocab_limit:] = float("-inf")
-        if config.repetition_penalty != 1.0:
-            seen = torch.tensor([request.prompt_ids + sequence.generated], device=self.device)
-            scores = apply_repetition_penalty(scores, seen, config.repetition_penalty)
-        if config.presence_penalty or config.frequency_penalty:
-            if sequence.counts is None:
-                sequence.counts = torch.zeros(self.vocab_size, device=self.device)
-            scores = apply_presence_frequency_penalty(scores, sequence.counts[None], config.presence_penalty,
-                                                      config.frequency_penalty)
-        if request.constraint is not None:
-            remaining = config.max_new_tokens - len(sequence.generated)
-            allowed = request.constraint.allowed(remaining).to(self.device)
-            scores = scores.masked_fill(~allowed[None], float("-inf"))
-        token = int(draw(scores, config, sequence.generator)[0])
+        if token is None:  # not drawn with other rows
+            scores = logits[None]  # (1, V)
+            if self.vocab_limit is not None:
+                scores = scores.clone()
+                scores[:, self.vocab_limit:] = float("-inf")
+            if config.repetition_penalty != 1.0:
+                seen = torch.tensor([request.prompt_ids + sequence.generated], device=self.device)
+                scores = apply_repetition_penalty(scores, seen, config.repetition_penalty)
+            if config.presence_penalty or config.frequency_penalty:
+                if sequence.counts is None:
+                    sequence.counts = torch.zeros(self.vocab_size, device=self.device)
+                scores = apply_presence_frequency_penalty(scores, sequence.counts[None], config.presence_penalty,
+                                                          config.frequency_penalty)
+            if request.constraint is not None:
+                remaining = config.max_new_tokens - len(sequence.generated)
+                allowed = request.constraint.allowed(remaining).to(self.device)
+                scores = scores.masked_fill(~allowed[None], float("-inf"))
+            token = int(draw(scores, config, sequence.generator)[0])
         sequence.generated.append(token)
         self.stats.generated_tokens += 1
         if sequence.counts is not None:

@@ -8,6 +8,7 @@ repetition penalty -> temperature -> top-k -> top-p -> draw.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -139,11 +140,16 @@ def sample_next(logits: torch.Tensor, config: SamplingConfig, generator: torch.G
     return draw(logits, config, generator)
 
 
-def draw(logits: torch.Tensor, config: SamplingConfig, generator: torch.Generator | None = None) -> torch.Tensor:
+# a generator for every row, or one per row (None: torch's global generator)
+Generators = torch.Generator | None | Sequence[torch.Generator | None]
+
+
+def draw(logits: torch.Tensor, config: SamplingConfig, generator: Generators = None) -> torch.Tensor:
     """The last part of :func:`sample_next`, after the penalties: (B, V) fp32 logits -> token ids (B,).
 
     Greedy takes the argmax; otherwise temperature -> top-k -> top-p -> one draw from the distribution
-    (:func:`draw_from`).
+    (:func:`draw_from`). Every step is row by row, so rows drawn together with a generator each get the
+    tokens they would get drawn alone.
     """
     if config.greedy:
         return logits.argmax(dim=-1)
@@ -151,14 +157,19 @@ def draw(logits: torch.Tensor, config: SamplingConfig, generator: torch.Generato
     return draw_from(torch.softmax(logits, dim=-1), generator)
 
 
-def draw_from(probs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+def draw_from(probs: torch.Tensor, generator: Generators = None) -> torch.Tensor:
     """One token per row of ``probs`` (B, V), by inverting the cumulative distribution: a uniform number u
     per row, and the first token whose cumulative probability exceeds u. One random number per row
     instead of one per vocabulary entry (``torch.multinomial`` draws V exponentials: 2 ms a row for a
     49k vocabulary on a CPU core, a third of a batched decode step). Tokens of probability 0 are never
-    drawn: the cumulative sum does not rise there, and the search takes the first index above u."""
+    drawn: the cumulative sum does not rise there, and the search takes the first index above u.
+
+    ``generator``: one for all rows (or None: torch's global one), or a list with one per row."""
     cdf = probs.double().cumsum(-1)  # (B, V); float64 so 49k small terms still sum to 1 closely
-    u = torch.rand(probs.shape[0], 1, generator=generator, dtype=torch.float64, device=probs.device)
+    if isinstance(generator, (list, tuple)):
+        u = torch.cat([torch.rand(1, 1, generator=g, dtype=torch.float64, device=probs.device) for g in generator])
+    else:
+        u = torch.rand(probs.shape[0], 1, generator=generator, dtype=torch.float64, device=probs.device)
     chosen = torch.searchsorted(cdf, u * cdf[:, -1:], right=True).squeeze(1)
     return chosen.clamp(max=probs.shape[1] - 1)
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -154,33 +154,42 @@ def merge_lora(model: nn.Module) -> nn.Module:
 
 
 @torch.no_grad()
-def merged_copy(model: nn.Module, dtype: torch.dtype) -> nn.Module:
+def merged_copy(model: nn.Module, dtype: torch.dtype, into: nn.Module | None = None) -> nn.Module:
     """A plain copy of ``model`` (a :class:`~lmforge.model.DecoderLM`) in ``dtype``, every LoRA adapter merged
     into its weight and every 4-bit (NF4) weight dequantized; ``model`` itself is not changed.
 
     What sampling from a policy in training needs: the copy decodes without the adapters' extra matmuls
-    and, in bf16, without autocast casting every fp32 weight at every step."""
+    and, in bf16, without autocast casting every fp32 weight at every step. ``into``, an earlier copy of
+    the same model, is refreshed in place instead (one pass over the weights, nothing allocated)."""
     from lmforge.model import DecoderLM
     from lmforge.quant.nf4 import NF4Linear
 
-    dense: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
+    dense: dict[str, tuple[Callable[[], torch.Tensor], torch.Tensor | None]] = {}
     for name, module in model.named_modules():
         if any(name.startswith(prefix + ".") for prefix in dense):
             continue  # inside a layer already made dense
         if isinstance(module, LoRALinear):
-            weight = module.base.weight.float()
             if module.enabled and not module.merged:
-                weight = weight + module.delta()
-            dense[name] = (weight, module.base.bias)
+                dense[name] = (lambda m=module: m.base.weight.float() + m.delta(), module.base.bias)
+            else:
+                dense[name] = (lambda m=module: m.base.weight, module.base.bias)
         elif isinstance(module, NF4Linear):
-            dense[name] = (module.weight, module.bias)
-    state = {key: value for key, value in model.state_dict().items()
+            dense[name] = (lambda m=module: m.weight, module.bias)
+    state = {key: (lambda v=value: v) for key, value in model.state_dict().items()
              if not any(key.startswith(prefix + ".") for prefix in dense)}
     for name, (weight, bias) in dense.items():
         state[name + ".weight"] = weight
         if bias is not None:
-            state[name + ".bias"] = bias
+            state[name + ".bias"] = lambda b=bias: b
+    if into is not None:
+        targets = into.state_dict()
+        with torch.no_grad():
+            for key, value in state.items():
+                if key in targets and not (key == "lm_head.weight" and model.config.tie_embeddings):
+                    targets[key].copy_(value())  # cast to the copy's dtype on the way
+        return into
     device = next(model.parameters()).device
+    state = {key: value() for key, value in state.items()}
     state = {key: value.to(device=device, dtype=dtype) if value.is_floating_point() else value
              for key, value in state.items()}
     with torch.device("meta"):

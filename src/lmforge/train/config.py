@@ -32,5 +32,7 @@ class TrainConfig:
     device: str = field("auto", "auto, cpu, cuda, cuda:1, mps")
     dtype: str = field("auto", "compute dtype: auto (bf16 where fast), bf16, fp32")
     compile: bool = field(False, "torch.compile the model")
+    release_memory: bool = field(False, "on CPU, hand freed activations back to the system (glibc): about a "
+                                        "quarter less peak memory, steps about a fifth slower (docs/GUIDE.md)")
     seed: int = field(1337, "seed for weights, batches and dropout")
     progress: bool = field(True, "show a progress bar")

@@ -82,8 +82,8 @@ def fit(model: DecoderLM, stage: Stage, config: TrainConfig, tokenizer=None, res
         sample_fn: Callable[[nn.Module], list[str]] | None = None) -> TrainResult:
     """Train ``model`` on ``stage``; returns figures and the final checkpoint's path."""
     runtime = Runtime.resolve(config.device, config.dtype)
-    if runtime.device.type == "cpu":
-        return_freed_memory()  # or resident memory climbs to about twice what a step needs
+    if config.release_memory and runtime.device.type == "cpu":
+        return_freed_memory()  # less memory for more page faults
     world = init_world(runtime.device.type)
     out_dir = Path(config.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

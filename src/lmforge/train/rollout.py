@@ -122,6 +122,7 @@ class RolloutSampler:
         eos = getattr(tokenizer, "eos_id", None)
         self.stop_ids = sorted({*end_of_turn_ids(tokenizer), *([eos] if eos is not None else [])})
         self.pad_id = padding_id(tokenizer)
+        self._copy: tuple[nn.Module, nn.Module] | None = None  # (policy, its plain copy in the runtime's dtype)
 
     def sample(self, model: nn.Module, prompt_indices: list[int], step: int, per_prompt: int) -> list[list[int]]:
         """``per_prompt`` sampled answers (token ids) for each prompt, prompt by prompt.
@@ -136,7 +137,10 @@ class RolloutSampler:
                              f"{limit} tokens")
         sampler = base
         if lora_layers(base) or next(base.parameters()).dtype != self.runtime.dtype:
-            sampler = merged_copy(base, self.runtime.dtype)  # 2.2x the tokens/s of the adapters under autocast
+            # 2.2x the tokens/s of the adapters under autocast; refreshed in place from the second time on
+            cached = self._copy if self._copy is not None and self._copy[0] is base else None
+            sampler = merged_copy(base, self.runtime.dtype, into=cached[1] if cached else None)
+            self._copy = (base, sampler)
         engine = Engine(sampler, self.runtime, context=min(limit, longest + self.max_new_tokens),
                         max_batch_size=min(self.max_batch_size, len(prompt_indices) * per_prompt))
         requests = [Request(self.prompt_ids[p], SamplingConfig(  # answers stop at the context's end at the latest
