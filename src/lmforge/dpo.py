@@ -46,8 +46,8 @@ class DPOConfig(MethodConfig):
     samples: int = field(4, f"answers sampled per task for {SAMPLED_PREFERENCES}")
     kinds: list[str] = field(list(KINDS), f"built-in task kinds the pairs and held-out tasks come from "
                                           f"({', '.join(KINDS)})")
-    eval_tasks: int = field(200, f"built-in tasks held out from {BUILTIN_PREFERENCES} (no shared prompt) to "
-                                 "measure accuracy before and after (0: none)")
+    eval_tasks: int = field(200, f"built-in tasks held out from {BUILTIN_PREFERENCES} and {SAMPLED_PREFERENCES} "
+                                 "(no shared prompt) to measure accuracy before and after (0: none)")
     val_fraction: float = field(0.05, "share of the prompts held out for validation (loss, reward accuracy)")
     loss: str = field("sigmoid", "sigmoid (DPO), ipo, or simpo (reference-free)")
     beta: float = field(0.1, "how far from the reference the policy may move (larger: closer); SimPO's reward scale")

@@ -21,10 +21,9 @@ def rss():
     with open("/proc/self/status") as f:
         return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS:"))
 big = 3 << 19  # 1.5 MiB: an activation of a small model's step
-def fill(n):
-    return [torch.ones(big // 4) for _ in range(n)]
-del fill(50)[:]
-kept, blocks = [], []
+blocks = [torch.ones(big // 4) for _ in range(50)]
+blocks.clear()
+kept = []
 for _ in range(100):
     blocks.append(torch.ones(big // 4))
     kept.append(torch.ones(1024))

@@ -27,7 +27,7 @@ from __future__ import annotations
 import json
 import random
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -159,24 +159,21 @@ def read_preferences(path: str | Path, skip_bad: bool = False) -> tuple[list[Pre
     if not path.is_file():
         raise InputError(f"preference data not found: {path}")
     errors = ReadErrors(skip=skip_bad)
-    prefs = []
-    for where, record in _jsonl_rows(path, errors):
-        try:
-            prefs.append(record_to_preference(record, where))
-        except _Bad as err:
-            errors.report(err.reason, str(err))
-    return prefs, {"read": len(prefs), "skipped": dict(errors.counts)}
+    return _preferences_of(_jsonl_rows(path, errors), errors)
 
 
-def read_hf_preferences(spec: str, skip_bad: bool = False, limit: int | None = None) -> tuple[list[Preference], dict]:
+def read_hf_preferences(spec: str, skip_bad: bool = False) -> tuple[list[Preference], dict]:
     """The preferences of a Hugging Face dataset named ``hf:NAME[:CONFIG]:SPLIT`` (needs ``datasets`` and a
-    network), whose rows have the shapes a JSONL line may have (TRL's preference sets do), at most ``limit``;
-    bad rows raise or are skipped and counted as in :func:`read_preferences`."""
+    network), whose rows have the shapes a JSONL line may have (TRL's preference sets do); bad rows raise or
+    are skipped and counted as in :func:`read_preferences`."""
     errors = ReadErrors(skip=skip_bad)
+    return _preferences_of(iter_hf_records(spec), errors)
+
+
+def _preferences_of(records: Iterable[tuple[str, object]], errors: ReadErrors) -> tuple[list[Preference], dict]:
+    """The preferences of (where, record) pairs, bad ones reported to ``errors``, and what was read/skipped."""
     prefs = []
-    for where, record in iter_hf_records(spec):
-        if limit is not None and len(prefs) >= limit:
-            break
+    for where, record in records:
         try:
             prefs.append(record_to_preference(record, where))
         except _Bad as err:

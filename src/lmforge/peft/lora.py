@@ -18,7 +18,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -153,6 +153,30 @@ def merge_lora(model: nn.Module) -> nn.Module:
     return model
 
 
+def _plain_state(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+    """``model``'s state under a plain :class:`~lmforge.model.DecoderLM`'s keys, one tensor at a time: each
+    LoRA adapter merged into its weight (in fp32, computed as it is reached), each NF4 weight dequantized."""
+    from lmforge.quant.nf4 import NF4Linear
+
+    dense: dict[str, nn.Module] = {}
+    for name, module in model.named_modules():
+        if isinstance(module, (LoRALinear, NF4Linear)) and not any(name.startswith(p + ".") for p in dense):
+            dense[name] = module  # a LoRA layer over an NF4 base is made dense as one
+    for key, value in model.state_dict().items():
+        if not any(key.startswith(prefix + ".") for prefix in dense):
+            yield key, value
+    for name, module in dense.items():
+        if isinstance(module, LoRALinear):
+            adapted = module.enabled and not module.merged
+            weight = module.base.weight.float() + module.delta() if adapted else module.base.weight
+            bias = module.base.bias
+        else:
+            weight, bias = module.weight, module.bias
+        yield name + ".weight", weight
+        if bias is not None:
+            yield name + ".bias", bias
+
+
 @torch.no_grad()
 def merged_copy(model: nn.Module, dtype: torch.dtype, into: nn.Module | None = None) -> nn.Module:
     """A plain copy of ``model`` (a :class:`~lmforge.model.DecoderLM`) in ``dtype``, every LoRA adapter merged
@@ -160,44 +184,25 @@ def merged_copy(model: nn.Module, dtype: torch.dtype, into: nn.Module | None = N
 
     What sampling from a policy in training needs: the copy decodes without the adapters' extra matmuls
     and, in bf16, without autocast casting every fp32 weight at every step. ``into``, an earlier copy of
-    the same model, is refreshed in place instead (one pass over the weights, nothing allocated)."""
+    the same model, is refreshed in place instead (one pass over the weights, one layer merged at a time)."""
     from lmforge.model import DecoderLM
-    from lmforge.quant.nf4 import NF4Linear
 
-    dense: dict[str, tuple[Callable[[], torch.Tensor], torch.Tensor | None]] = {}
-    for name, module in model.named_modules():
-        if any(name.startswith(prefix + ".") for prefix in dense):
-            continue  # inside a layer already made dense
-        if isinstance(module, LoRALinear):
-            if module.enabled and not module.merged:
-                dense[name] = (lambda m=module: m.base.weight.float() + m.delta(), module.base.bias)
-            else:
-                dense[name] = (lambda m=module: m.base.weight, module.base.bias)
-        elif isinstance(module, NF4Linear):
-            dense[name] = (lambda m=module: m.weight, module.bias)
-    state = {key: (lambda v=value: v) for key, value in model.state_dict().items()
-             if not any(key.startswith(prefix + ".") for prefix in dense)}
-    for name, (weight, bias) in dense.items():
-        state[name + ".weight"] = weight
-        if bias is not None:
-            state[name + ".bias"] = lambda b=bias: b
+    tied = model.config.tie_embeddings
     if into is not None:
         targets = into.state_dict()
-        with torch.no_grad():
-            for key, value in state.items():
-                if key in targets and not (key == "lm_head.weight" and model.config.tie_embeddings):
-                    targets[key].copy_(value())  # cast to the copy's dtype on the way
+        for key, value in _plain_state(model):
+            if key in targets and not (tied and key == "lm_head.weight"):
+                targets[key].copy_(value)  # cast to the copy's dtype on the way
         return into
     device = next(model.parameters()).device
-    state = {key: value() for key, value in state.items()}
     state = {key: value.to(device=device, dtype=dtype) if value.is_floating_point() else value
-             for key, value in state.items()}
+             for key, value in _plain_state(model)}
     with torch.device("meta"):
         copy = DecoderLM(model.config, attention=model.blocks[0].attn.backend)
-    if model.config.tie_embeddings:
+    if tied:
         state["lm_head.weight"] = state["embed.weight"]
     copy.load_state_dict(state, strict=True, assign=True)
-    if model.config.tie_embeddings:
+    if tied:
         copy.lm_head.weight = copy.embed.weight
     copy.init_buffers(device)
     return copy.eval().requires_grad_(False)

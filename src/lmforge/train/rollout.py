@@ -190,8 +190,10 @@ def sample_task_answers(model: nn.Module, tokenizer, runtime: Runtime, tasks: Se
     what :data:`lmforge.data.preferences.SAMPLED_PREFERENCES` ranks into pairs."""
     from tqdm.auto import tqdm
 
-    sampler = RolloutSampler([RLPrompt([{"role": "user", "content": t.prompt}], t) for t in tasks], tokenizer,
-                             runtime, seed, max_new_tokens, temperature)
+    if samples < 1:
+        raise ValueError(f"samples must be at least 1, got {samples}")
+    sampler = RolloutSampler([RLPrompt(t.messages()[:-1], t) for t in tasks], tokenizer, runtime, seed,
+                             max_new_tokens, temperature)
     model.to(runtime.device)
     answers: list[list[str]] = []
     with tqdm(total=len(tasks), desc="sampling answers", unit="task", disable=not progress) as bar:
@@ -207,7 +209,5 @@ def task_sampler(model: nn.Module, tokenizer, runtime: Runtime, samples: int, se
                  progress: bool = True) -> Callable[[Sequence], list[list[str]]]:
     """:func:`sample_task_answers` of ``model`` as the ``sample_answers`` that
     :func:`lmforge.data.preferences.load_pairs` takes (it samples only when asked for sampled pairs)."""
-    if samples < 2:
-        raise ValueError(f"samples must be at least 2 to rank answers against each other, got {samples}")
     return lambda tasks: sample_task_answers(model, tokenizer, runtime, tasks, samples, seed, progress=progress)
 
