@@ -31,6 +31,7 @@ from lmforge.infer.sampling import SamplingConfig
 from lmforge.infer.stream import StopStrings, TextStream, cut_at_stop
 from lmforge.interop.packaged import resolve_model
 from lmforge.model import DecoderLM
+from lmforge.model.fused import fuse_projections
 from lmforge.quant.weight_only import quantize_weights
 from lmforge.runtime import Runtime
 from lmforge.tokenizer.chat import end_of_turn_ids, render_chat
@@ -207,5 +208,6 @@ def load(path: str | Path, device: str = "auto", dtype: str = "auto", attention:
     elif runtime.dtype != torch.float32:
         model = model.to(runtime.dtype)
     model.eval()
+    fuse_projections(model)  # q/k/v and gate/up as one product each when no gradient is taken
     decode_step = CompiledDecodeStep(model) if compile else None
     return LanguageModel(model, load_tokenizer(path), runtime, decode_step)

@@ -101,6 +101,10 @@ def test_a_merged_copy_refreshed_in_place_equals_a_new_one():
     assert refreshed is copy and refreshed.lm_head.weight is refreshed.embed.weight
     for (name, a), b in zip(refreshed.state_dict().items(), fresh.state_dict().values()):
         assert torch.equal(a, b), name
+    # the copy decodes with q/k/v and gate/up stacked (lmforge.model.fused): the refresh wrote into the stacks
+    assert refreshed.blocks[0].attn.qkv.intact() and refreshed.blocks[0].ffn.gate_up.intact()
+    with torch.inference_mode():
+        torch.testing.assert_close(refreshed(ids), fresh(ids), rtol=0, atol=0)
 
 
 def test_hugging_face_peft_loads_the_adapter_with_the_same_logits(tmp_path):

@@ -25,6 +25,8 @@ from __future__ import annotations
 
 import torch
 
+ZERO_AHEAD = 64  # positions zeroed at a time
+
 
 class SlotKVCache:
     def __init__(self, num_layers: int, num_slots: int, context: int, num_kv_heads: int, head_dim: int,
@@ -65,17 +67,19 @@ class SlotKVCache:
         self._zero_up_to(kv_len)
         self.first, self.rows, self.kv_len = first, write_index.shape[0], kv_len
         self.write_index = write_index
+        self.slot_index = torch.arange(first, first + self.rows, device=write_index.device)[:, None]  # (B, 1)
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store k, v (B, Hkv, T, D) at each row's write indices; return (B, Hkv, kv_len, D) views."""
-        keys = self.keys[layer][self.first:self.first + self.rows]  # views of the bound slots
-        values = self.values[layer][self.first:self.first + self.rows]
-        row = torch.arange(self.rows, device=k.device)[:, None]  # (B, 1), broadcast against (B, T)
-        # Advanced indices on dims 0 and 2 put their (B, T) shape first: the target is (B, T, Hkv, D).
-        # (under autocast, k and v may come in a lower precision than the cache keeps: store them in its own)
-        keys[row, :, self.write_index] = k.transpose(1, 2).to(keys.dtype)
-        values[row, :, self.write_index] = v.transpose(1, 2).to(values.dtype)
-        return keys[:, :, :self.kv_len], values[:, :, :self.kv_len]
+        keys, values = self.keys[layer], self.values[layer]
+        if k.dtype != keys.dtype:  # under autocast they may come in a lower precision than the cache keeps
+            k, v = k.to(keys.dtype), v.to(values.dtype)
+        # Advanced indices on dims 0 and 2 (slot (B, 1), index (B, T)) put their (B, T) shape first:
+        # the target is (B, T, Hkv, D).
+        keys[self.slot_index, :, self.write_index] = k.transpose(1, 2)
+        values[self.slot_index, :, self.write_index] = v.transpose(1, 2)
+        rows = slice(self.first, self.first + self.rows)
+        return keys[rows, :, :self.kv_len], values[rows, :, :self.kv_len]
 
     def advance(self, num_tokens: int) -> None:
         """Part of the cache contract; lengths live with the engine's slots, so nothing to do."""
@@ -88,6 +92,7 @@ class SlotKVCache:
 
     def _zero_up_to(self, length: int) -> None:
         if length > self._zeroed:  # (the scratch column is written, never read: it may hold anything)
+            length = min(max(length, self._zeroed + ZERO_AHEAD), self.context)  # not one column per decode step
             for t in self.keys + self.values:
                 t[:, :, self._zeroed:length] = 0
             self._zeroed = length

@@ -15,7 +15,7 @@ from torch import nn
 
 from lmforge.model.config import ModelConfig
 from lmforge.model.kv_cache import KVCache
-from lmforge.model.position import RotaryEmbedding
+from lmforge.model.position import RotaryEmbedding, rotate
 
 
 def causal_mask(num_queries: int, num_keys: int, device: torch.device) -> torch.Tensor:
@@ -70,7 +70,7 @@ def one_query_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask:
     kv_heads = k.shape[1]
     grouped = q.reshape(batch, kv_heads, heads // kv_heads, dim)  # (B, Hkv, G, D)
     scores = (grouped @ k.transpose(-1, -2)).float() / math.sqrt(dim)  # (B, Hkv, G, Tk)
-    scores = scores.masked_fill(~mask, float("-inf"))  # (B, 1, 1, Tk) broadcasts over heads and groups
+    scores = torch.where(mask, scores, float("-inf"))  # (B, 1, 1, Tk) broadcasts over heads and groups
     weights = torch.softmax(scores, dim=-1).to(v.dtype)
     return (weights @ v).reshape(batch, heads, 1, dim)
 
@@ -110,17 +110,27 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(config.num_heads * config.head_dim, config.dim, bias=config.bias)
         self.rope = rope
         self.backend = backend
+        self.qkv = None  # the three projections as one product, for inference (lmforge.model.fused)
 
-    def forward(self, x: torch.Tensor, start: int, cache: KVCache | None = None,
-                positions: torch.Tensor | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
-        """x (B, T, dim) at positions start.. (or ``positions`` (B, T)); ``mask`` for packed rows."""
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None, rotary: tuple | None = None,
+                mask: torch.Tensor | None = None) -> torch.Tensor:
+        """x (B, T, dim); ``rotary``: the (cos, sin) of the tokens' positions (RotaryEmbedding.tables);
+        ``mask`` (B, 1, T, Tk) for packed rows and the batched engine."""
         batch, seq_len, _ = x.shape
-        # (B, T, H*D) -> (B, H, T, D)
-        q = self.q_proj(x).view(batch, seq_len, self.num_heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(batch, seq_len, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(batch, seq_len, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        if self.rope is not None:
-            q, k = self.rope(q, k, start, positions)
+        heads, kv_heads, dim = self.num_heads, self.num_kv_heads, self.head_dim
+        if self.qkv is not None and self.qkv.usable():  # one product; q and k rotated together
+            qkv = self.qkv(x).view(batch, seq_len, heads + 2 * kv_heads, dim)
+            qk, v = qkv[:, :, :heads + kv_heads], qkv[:, :, heads + kv_heads:]
+            if rotary is not None:
+                qk = rotate(qk, *rotary)
+            q, k = qk.split([heads, kv_heads], dim=2)
+        else:
+            q = self.q_proj(x).view(batch, seq_len, heads, dim)
+            k = self.k_proj(x).view(batch, seq_len, kv_heads, dim)
+            v = self.v_proj(x).view(batch, seq_len, kv_heads, dim)
+            if rotary is not None:
+                q, k = rotate(q, *rotary), rotate(k, *rotary)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, T, heads, D) -> (B, heads, T, D)
         if cache is not None:
             k, v = cache.update(self.layer, k, v)  # (B, Hkv, start+T, D)
         out = BACKENDS[self.backend](q, k, v, self.dropout, self.training, mask)  # (B, H, T, D)

@@ -21,10 +21,15 @@ class FeedForward(nn.Module):
             self.gate_proj = nn.Linear(dim, hidden, bias=bias)
         self.up_proj = nn.Linear(dim, hidden, bias=bias)
         self.down_proj = nn.Linear(hidden, dim, bias=bias)
+        self.gate_up = None  # gate and up as one product, for inference (lmforge.model.fused)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.activation == "swiglu":
-            hidden = F.silu(self.gate_proj(x)) * self.up_proj(x)
+            if self.gate_up is not None and self.gate_up.usable():
+                gate, up = self.gate_up(x).split(self.gate_up.sizes, dim=-1)
+            else:
+                gate, up = self.gate_proj(x), self.up_proj(x)
+            hidden = F.silu(gate) * up
         elif self.activation == "gelu":
             hidden = F.gelu(self.up_proj(x), approximate="tanh")
         else:

@@ -35,21 +35,34 @@ class RotaryEmbedding(nn.Module):
         positions = torch.arange(self.max_seq_len, dtype=torch.float64, device=device)
         angles = torch.outer(positions, inv_freq)  # (L, D/2)
         angles = torch.cat([angles, angles], dim=-1)  # (L, D)
+        # rotate_half(x) * sin == roll(x, D/2) * signed_sin: the first half's sines negated (see rotate)
+        signed_sin = angles.sin()
+        signed_sin[:, :d // 2] *= -1
         self.register_buffer("cos", angles.cos().float(), persistent=False)
-        self.register_buffer("sin", angles.sin().float(), persistent=False)
+        self.register_buffer("signed_sin", signed_sin.float(), persistent=False)
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, start: int,
-                positions: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Rotate q (B, H, T, D) and k (B, Hkv, T, D) for positions start .. start+T-1,
-        or for ``positions`` (B, T) when given (packed sequences restart at 0)."""
-        seq_len = q.shape[2]
+    def tables(self, start: int, seq_len: int, positions: torch.Tensor | None = None,
+               dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+        """(cos, signed_sin) for positions start .. start+T-1, each (T, 1, D); or for ``positions``
+        (B, T) when given (packed sequences restart at 0; the batched engine's rows), each (B, T, 1, D).
+        Computed once per forward pass and used by every layer (:func:`rotate`)."""
         if positions is not None:
-            cos = self.cos[positions][:, None].to(q.dtype)  # (B, 1, T, D)
-            sin = self.sin[positions][:, None].to(q.dtype)
+            cos, sin = self.cos[positions][:, :, None], self.signed_sin[positions][:, :, None]
         else:
-            cos = self.cos[start:start + seq_len].to(q.dtype)  # (T, D)
-            sin = self.sin[start:start + seq_len].to(q.dtype)
-        return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+            cos, sin = self.cos[start:start + seq_len, None], self.signed_sin[start:start + seq_len, None]
+        return cos.to(dtype), sin.to(dtype)
+
+
+def rotate(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    """Rotate queries or keys x (B, T, heads, D) by the angles of their positions (RotaryEmbedding.tables).
+
+    Dimension i pairs with i + D/2: x * cos + rotate_half(x) * sin, where rotate_half(x) =
+    (-x2, x1) for the halves x1, x2. Rolling x by D/2 gives (x2, x1); the sines of the first
+    half come negated in ``signed_sin``, so the same numbers take one op instead of four.
+    """
+    if cos.dtype != x.dtype:
+        cos, signed_sin = cos.to(x.dtype), signed_sin.to(x.dtype)
+    return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * signed_sin
 
 
 def scale_frequencies(inv_freq: torch.Tensor, scaling: dict) -> torch.Tensor:
@@ -69,11 +82,6 @@ def scale_frequencies(inv_freq: torch.Tensor, scaling: dict) -> torch.Tensor:
     wavelength = 2 * math.pi / inv_freq
     blend = ((context / wavelength - low) / (high - low)).clamp(0.0, 1.0)  # 0: low frequency, 1: high
     return (1 - blend) * inv_freq / factor + blend * inv_freq
-
-
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat([-x[..., half:], x[..., :half]], dim=-1)
 
 
 class LearnedPositions(nn.Module):

@@ -39,9 +39,9 @@ class Block(nn.Module):
         self.ffn = FeedForward(config.dim, config.ffn_dim, config.activation, config.bias)
         self.dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x: torch.Tensor, start: int, cache: KVCache | None,
-                positions: torch.Tensor | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
-        x = x + self.dropout(self.attn(self.attn_norm(x), start, cache, positions, mask))
+    def forward(self, x: torch.Tensor, cache: KVCache | None, rotary: tuple | None = None,
+                mask: torch.Tensor | None = None) -> torch.Tensor:
+        x = x + self.dropout(self.attn(self.attn_norm(x), cache, rotary, mask))
         return x + self.dropout(self.ffn(self.ffn_norm(x)))
 
 
@@ -136,8 +136,13 @@ class DecoderLM(nn.Module):
         if self.positions is not None:
             x = x + self.positions(seq_len, start, positions)
         x = self.dropout(x)
+        rotary = None
+        if self.rope is not None:  # the tables of these positions, once for every layer, in q's dtype
+            device = x.device.type
+            dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+            rotary = self.rope.tables(start, seq_len, positions, dtype)
         for block in self.blocks:
-            x = block(x, start, cache, positions, mask)
+            x = block(x, cache, rotary, mask)
         if cache is not None:
             cache.advance(seq_len)
         x = self.norm(x)

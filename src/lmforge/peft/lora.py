@@ -186,6 +186,7 @@ def merged_copy(model: nn.Module, dtype: torch.dtype, into: nn.Module | None = N
     and, in bf16, without autocast casting every fp32 weight at every step. ``into``, an earlier copy of
     the same model, is refreshed in place instead (one pass over the weights, one layer merged at a time)."""
     from lmforge.model import DecoderLM
+    from lmforge.model.fused import fuse_projections
 
     tied = model.config.tie_embeddings
     if into is not None:
@@ -205,6 +206,7 @@ def merged_copy(model: nn.Module, dtype: torch.dtype, into: nn.Module | None = N
     if tied:
         copy.lm_head.weight = copy.embed.weight
     copy.init_buffers(device)
+    fuse_projections(copy)  # a sampling copy: q/k/v and gate/up as one product each (refreshing writes through)
     return copy.eval().requires_grad_(False)
 
 
