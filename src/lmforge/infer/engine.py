@@ -435,15 +435,17 @@ class Engine:
 
     def _draw_together(self, rows: dict[int, _Sequence], logits: torch.Tensor) -> dict[int, int]:
         """Tokens for the rows that sample with the same settings and nothing row-specific (no penalty, no
-        constraint): one softmax and one cumulative sum over those rows, a random number from each row's own
-        generator, so each row gets the token it would get alone (a rollout of 32 answers draws 32 rows)."""
+        constraint): one argmax for greedy rows; else one softmax and one cumulative sum over those rows, a
+        random number from each row's own generator, so each row gets the token it would get alone (a
+        rollout of 32 answers draws 32 rows)."""
         groups: dict[tuple, list[int]] = {}
         for index, sequence in rows.items():
             config = sequence.request.sampling
-            if (config.greedy or sequence.generator is None or sequence.request.constraint is not None
+            if (sequence.generator is None or sequence.request.constraint is not None
                     or config.repetition_penalty != 1.0 or config.presence_penalty or config.frequency_penalty):
                 continue
-            groups.setdefault((config.temperature, config.top_k, config.top_p), []).append(index)
+            key = (0.0, 0, 1.0) if config.greedy else (config.temperature, config.top_k, config.top_p)
+            groups.setdefault(key, []).append(index)
         drawn: dict[int, int] = {}
         for indices in groups.values():
             if len(indices) < 2:
