@@ -108,3 +108,12 @@ def test_a_fused_model_saves_and_loads(tmp_path):
     ids = torch.randint(0, 97, (1, 7))
     with torch.inference_mode():
         torch.testing.assert_close(loaded(ids), model(ids), rtol=1e-5, atol=1e-5)
+
+
+def test_a_fused_model_traces_into_one_graph():
+    """The compiled decode step traces the fused path without a graph break per layer."""
+    model = tiny()
+    fuse_projections(model)
+    with torch.inference_mode():
+        explained = torch._dynamo.explain(model)(torch.randint(0, 97, (1, 1)))
+    assert explained.graph_break_count == 0, [b.reason.splitlines()[0] for b in explained.break_reasons]

@@ -119,7 +119,7 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, cache: KVCache | None = None, rotary: tuple | None = None,
                 mask: torch.Tensor | None = None) -> torch.Tensor:
-        """x (B, T, dim); ``rotary``: the (cos, sin) of the tokens' positions (RotaryEmbedding.tables);
+        """x (B, T, dim); ``rotary``: the (cos, signed_sin) of the tokens' positions (RotaryEmbedding.tables);
         ``mask`` (B, 1, T, Tk) for packed rows and the batched engine."""
         batch, seq_len, _ = x.shape
         heads, kv_heads, dim = self.num_heads, self.num_kv_heads, self.head_dim
