@@ -17,6 +17,12 @@ def tiny(**overrides) -> DecoderLM:
     return DecoderLM(preset("tiny", vocab_size=97, **overrides)).eval()
 
 
+def fused(**overrides) -> DecoderLM:
+    model = tiny(**overrides)
+    fuse_projections(model)
+    return model
+
+
 def calls_of(model: DecoderLM, name: str) -> list[int]:
     """A counter of the forward calls of every block's ``name`` projection (e.g. "attn.q_proj")."""
     count = [0]
@@ -61,8 +67,7 @@ def test_parameters_stay_the_models_own_and_are_views_of_the_stacked_weight():
 
 
 def test_gradients_reach_the_parameters_of_a_fused_model():
-    model = tiny()
-    fuse_projections(model)
+    model = fused()
     ids = torch.randint(0, 97, (2, 8))
     model(ids).logsumexp(-1).mean().backward()  # with autograd on, the separate projections run
     for block in model.blocks:
@@ -71,8 +76,7 @@ def test_gradients_reach_the_parameters_of_a_fused_model():
 
 
 def test_a_changed_group_falls_back_to_the_separate_projections():
-    model = tiny()
-    fuse_projections(model)
+    model = fused()
     ids = torch.randint(0, 97, (1, 10))
     # LoRA wraps q/k/v: the group is no longer the plain layers it stacked
     lora = apply_lora(copy.deepcopy(model), LoraConfig(rank=4, targets=["q_proj", "v_proj"]))
@@ -101,8 +105,7 @@ def test_only_plain_linear_groups_are_fused():
 
 
 def test_a_fused_model_saves_and_loads(tmp_path):
-    model = tiny()
-    fuse_projections(model)
+    model = fused()
     save_checkpoint(tmp_path / "ckpt", model)
     loaded = load_model(tmp_path / "ckpt")
     ids = torch.randint(0, 97, (1, 7))
@@ -112,8 +115,7 @@ def test_a_fused_model_saves_and_loads(tmp_path):
 
 def test_a_fused_model_traces_into_one_graph():
     """The compiled decode step traces the fused path without a graph break per layer."""
-    model = tiny()
-    fuse_projections(model)
+    model = fused()
     with torch.inference_mode():
         explained = torch._dynamo.explain(model)(torch.randint(0, 97, (1, 1)))
     assert explained.graph_break_count == 0, [b.reason.splitlines()[0] for b in explained.break_reasons]

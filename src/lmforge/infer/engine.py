@@ -444,8 +444,7 @@ class Engine:
             if (sequence.generator is None or sequence.request.constraint is not None
                     or config.repetition_penalty != 1.0 or config.presence_penalty or config.frequency_penalty):
                 continue
-            key = (0.0, 0, 1.0) if config.greedy else (config.temperature, config.top_k, config.top_p)
-            groups.setdefault(key, []).append(index)
+            groups.setdefault((config.temperature, config.top_k, config.top_p), []).append(index)
         drawn: dict[int, int] = {}
         for indices in groups.values():
             if len(indices) < 2:

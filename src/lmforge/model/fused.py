@@ -81,7 +81,8 @@ class FusedLinear:
 
 
 def _fusable(members: list[nn.Module]) -> bool:
-    """Plain linear layers (not LoRA, not quantized) with one dtype and device, all with or without a bias."""
+    """Plain linear layers (not LoRA, not quantized, not missing) with one dtype, device and input width,
+    all with or without a bias."""
     if not all(type(m) is nn.Linear for m in members):
         return False
     first = members[0].weight
@@ -100,10 +101,10 @@ def fuse_projections(model: nn.Module) -> int:
     for block in model.blocks:
         for owner, names, attribute in ((block.attn, ["q_proj", "k_proj", "v_proj"], "qkv"),
                                         (block.ffn, ["gate_proj", "up_proj"], "gate_up")):
-            current = getattr(owner, attribute, None)
-            if current is not None and current.intact() or not all(hasattr(owner, n) for n in names):
-                continue
-            members = [getattr(owner, name) for name in names]
+            current = getattr(owner, attribute)
+            if current is not None and current.intact():
+                continue  # fused already
+            members = [getattr(owner, name, None) for name in names]  # (a GELU or ReLU FFN has no gate_proj)
             if _fusable(members):
                 setattr(owner, attribute, FusedLinear(owner, names))
                 made += 1
