@@ -12,6 +12,7 @@ whose prompt is the exact string lmforge built, so both sides score the same req
     python benchmarks/eval.py                                   # pyref_mc (59 items: all it has) + verifiable (40)
     python benchmarks/eval.py --limit-mc 8 --limit-gen 4        # a quick check
     python benchmarks/eval.py --tasks pyref_mc pyref_qa --dtype bf16 --repeats 3 --out runs/bench-eval.json
+    python benchmarks/eval.py --tasks verifiable pyref_qa --shots 5 --dtype bf16  # few-shot: a shared prefix
 
 Generation tasks are asked in the model's chat format on both sides by default (``--chat
 generate``: lmforge ``--chat on``, lm-eval ``apply_chat_template``): asked plainly, as
@@ -23,7 +24,8 @@ reports for a task (prompts, tokenization, the engine, the per-item records; not
 aggregation). lm-eval's are the time spent in its request methods (``loglikelihood``,
 ``generate_until``: tokenization, sorting and padding into batches, the model); the whole
 ``simple_evaluate`` call (datasets, instances, metrics) is reported beside it. Both models
-get one tiny untimed warm-up call first. items/s = items / seconds; the ratio is
+get one tiny untimed warm-up call first; with ``--compile`` lmforge's decode step is
+compiled for every batch bucket before that, timed and printed apart. items/s = items / seconds; the ratio is
 lmforge's items/s over lm-eval's. With ``--repeats N`` every task runs N times on each side,
 interleaved (the side that goes first takes turns), and the medians are reported. On a
 machine whose cores are shared with other work the seconds swing widely (10x seen on 2
@@ -78,34 +80,41 @@ class LmforgeSide:
 
         self.args = args
         start = time.perf_counter()
-        self.model = LocalModel(load(args.model, device=args.device, dtype=args.dtype), name=args.model,
-                                batch_size=args.batch_size, progress=False)
+        self.model = LocalModel(load(args.model, device=args.device, dtype=args.dtype, compile=args.compile,
+                                     autotune=False), name=args.model, batch_size=args.batch_size, progress=False)
         self.load_seconds = time.perf_counter() - start
+        self.compile_seconds = self.model.engine.warm_up() if args.compile else 0.0  # what `lmforge eval --compile` does
+        if args.compile:
+            print(f"compiled lmforge's decode step for batch sizes {self.model.engine.decode_buckets} in "
+                  f"{self.compile_seconds:.0f}s (not in items/s)", flush=True)
         self.model.loglikelihood([("Warm up", " now")])
         self.model.generate(["Warm up"], stop=["\n"], max_new_tokens=2)
 
     def run(self, name: str, spec: str, limit: int, chat: bool) -> tuple[dict, list[dict]]:
-        """(results["tasks"][name]["zero"], results["samples"][f"{name}.zero"]) of `lmforge eval` on one task."""
+        """(results["tasks"][name][P], results["samples"][f"{name}.{P}"]) of `lmforge eval` on one task,
+        P the prompting: ``zero``, or ``few:K`` with ``--shots K``."""
         args = self.args
-        config = EvalConfig(tasks=spec, prompting="zero", limit=limit, seed=args.seed, chat="on" if chat else "off",
+        prompting = f"few:{args.shots}" if args.shots else "zero"
+        config = EvalConfig(tasks=spec, prompting=prompting, limit=limit, seed=args.seed, chat="on" if chat else "off",
                             batch_size=args.batch_size, leaderboard="", out="", device=args.device, dtype=args.dtype)
         results = evaluate(self.model, config, args.model)
-        entry = results["tasks"][name]["zero"]
+        entry = results["tasks"][name][prompting]
         print(f"  lmforge {name}: {entry['n']} items in {entry['seconds']:.1f}s", flush=True)
-        return entry, results["samples"][f"{name}.zero"]
+        return entry, results["samples"][f"{name}.{prompting}"]
 
 
 # ---- lm-eval -------------------------------------------------------------------------------------
 
 
-def export_task(task: Task, seed: int, folder: Path) -> str:
-    """``task`` as an lm-eval task (YAML + JSONL of its test items, each with lmforge's prompt); its name."""
+def export_task(task: Task, seed: int, shots: int, folder: Path) -> str:
+    """``task`` as an lm-eval task (YAML + JSONL of its test items, each with lmforge's prompt, ``shots``
+    solved train items first, the ones lmforge's ``few:K`` shows); its name."""
     import yaml
 
     name = f"lmforge_{task.name}"
     rows = []
     for item in task.test:
-        row = {"id": item.id, "prompt": task.context(item, 0, seed)}
+        row = {"id": item.id, "prompt": task.context(item, shots, seed)}
         if task.kind == "multiple_choice":
             row.update(choices=list(item.choices), gold=int(item.answer))
         else:
@@ -160,7 +169,7 @@ class LmEvalSide:
         from lm_eval.tasks import TaskManager
 
         self.args = args
-        self.names = {name: export_task(task, args.seed, folder) for name, task in tasks.items()}
+        self.names = {name: export_task(task, args.seed, args.shots, folder) for name, task in tasks.items()}
         self.manager = TaskManager(include_path=str(folder))
         start = time.perf_counter()
         self.lm = HFLM(pretrained=str(hf_dir), dtype=LM_EVAL_DTYPES[args.dtype], device=args.device,
@@ -275,7 +284,9 @@ def print_table(rows: list[dict], loads: dict[str, float]) -> None:
               f"{row['items']} | "
               f"{row['lmforge_items_per_second']:.2f} | {row['lm_eval_items_per_second']:.2f} | "
               f"{row['ratio']:.2f}x | {_scores(row['lmforge'])} | {_scores(row['lm_eval'])} | {row['agreement']} |")
-    print(f"\nload: lmforge {loads['lmforge']:.1f}s, lm-eval (HFLM) {loads['lm_eval']:.1f}s (not in items/s)")
+    print(f"\nload: lmforge {loads['lmforge']:.1f}s"
+          + (f" + {loads['lmforge_compile']:.0f}s compiling" if loads.get("lmforge_compile") else "")
+          + f", lm-eval (HFLM) {loads['lm_eval']:.1f}s (not in items/s)")
     for row in rows:
         print(f"{row['task']}: lmforge {row['lmforge_seconds']:.1f}s, lm-eval {row['lm_eval_seconds']:.1f}s in its "
               f"request methods ({row['lm_eval_whole_call_seconds']:.1f}s for the whole simple_evaluate call)"
@@ -302,11 +313,16 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=16, help="lmforge: requests decoded together (engine slots)")
     parser.add_argument("--lm-eval-batch-size", type=int, default=16,
                         help="lm-eval: requests per padded batch (it sorts them by length)")
-    parser.add_argument("--seed", type=int, default=0, help="which items --limit keeps")
+    parser.add_argument("--seed", type=int, default=0, help="which items --limit keeps (and which few-shot examples)")
+    parser.add_argument("--shots", type=int, default=0,
+                        help="K solved train items before every prompt on both sides (lmforge few:K; the same "
+                             "K examples for every item of a task, as lm-eval's fixed few-shot tasks)")
     parser.add_argument("--threads", type=int, default=0, help="torch intra-op threads; 0 keeps torch's default")
     parser.add_argument("--chat", choices=["off", "generate"], default="generate",
                         help="generate: ask the generation tasks in the model's chat format on both sides "
                              "(lmforge --chat on, lm-eval apply_chat_template); multiple choice stays plain")
+    parser.add_argument("--compile", action="store_true",
+                        help="lmforge: compile the decode step first, as `lmforge eval --compile` (timed apart)")
     parser.add_argument("--repeats", type=int, default=1,
                         help="score every task this many times on each side, interleaved; median seconds")
     parser.add_argument("--out", help="also write the results here as JSON")
@@ -323,7 +339,7 @@ def main() -> None:
         tasks[task.name], specs[task.name] = task, (spec, limit)
     print(f"machine: {machine()}")
     print(f"model {args.model}, dtype {args.dtype} on both sides (lm-eval dtype={LM_EVAL_DTYPES[args.dtype]}), "
-          f"batch size lmforge {args.batch_size} / lm-eval {args.lm_eval_batch_size}; tasks "
+          f"batch size lmforge {args.batch_size} / lm-eval {args.lm_eval_batch_size}, {args.shots}-shot; tasks "
           + ", ".join(f"{name} ({task.kind}, {len(task.test)} items)" for name, task in tasks.items()), flush=True)
 
     from lmforge.interop.convert import export_checkpoint
@@ -350,13 +366,15 @@ def main() -> None:
                         theirs[name].append(lm_eval_side.run(name, chat[name]))
         rows = [compare(tasks[name], ours[name], theirs[name], same_prompt(lmforge_side, lm_eval_side, chat[name]))
                 for name in tasks]
-    loads = {"lmforge": lmforge_side.load_seconds, "lm_eval": lm_eval_side.load_seconds}
+    loads = {"lmforge": lmforge_side.load_seconds, "lmforge_compile": lmforge_side.compile_seconds,
+             "lm_eval": lm_eval_side.load_seconds}
     print_table(rows, loads)
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps({"machine": machine(), "model": args.model, "dtype": args.dtype,
                                               "batch_size": args.batch_size, "repeats": args.repeats, "chat": args.chat,
-                                              "lm_eval_batch_size": args.lm_eval_batch_size,
+                                              "lm_eval_batch_size": args.lm_eval_batch_size, "shots": args.shots,
+                                              "compile": args.compile,
                                               "load_seconds": loads, "tasks": rows}, indent=2) + "\n")
         print(f"wrote {args.out}")
 

@@ -83,14 +83,17 @@ class LanguageModel:
         stops = list(sampling.get("stop_token_ids") or [])
         return {**sampling, "stop_token_ids": stops + [i for i in end_of_turn_ids(self.tokenizer) if i not in stops]}
 
-    def engine(self, max_batch_size: int = 8, context: int | None = None) -> Engine:
-        """The batched engine over this model (made once per batch size and context, then kept).
-        ``context``: positions per slot (default: the model's ``max_seq_len``)."""
+    def engine(self, max_batch_size: int = 8, context: int | None = None,
+               decode_buckets: tuple[int, ...] | None = None) -> Engine:
+        """The batched engine over this model (made once per batch size, context and buckets, then kept).
+        ``context``: positions per slot (default: the model's ``max_seq_len``); ``decode_buckets``: the
+        decode step's batch sizes (see :class:`Engine`)."""
         engines = self.__dict__.setdefault("_engines", {})
-        key = (max_batch_size, context)
+        key = (max_batch_size, context, decode_buckets)
         if key not in engines:
             engines[key] = Engine(self.model, self.runtime, max_batch_size=max_batch_size, context=context,
-                                  decode_step=self.decode_step, vocab_limit=getattr(self.tokenizer, "vocab_size", None))
+                                  decode_step=self.decode_step, vocab_limit=getattr(self.tokenizer, "vocab_size", None),
+                                  decode_buckets=list(decode_buckets) if decode_buckets else None)
         return engines[key]
 
     def generate_batch(self, prompts: Sequence[str | list[int] | dict[str, Any]], max_batch_size: int = 8,
@@ -177,7 +180,7 @@ class _StopDetector:
 
 
 def load(path: str | Path, device: str = "auto", dtype: str = "auto", attention: str = "sdpa",
-         compile: bool = False, weights: str = "fp32") -> LanguageModel:
+         compile: bool = False, weights: str = "fp32", autotune: bool = True) -> LanguageModel:
     """Load a checkpoint directory (or a file inside one) for inference.
 
     ``device``/``dtype`` as in :meth:`Runtime.resolve`. When the dtype is not fp32 the
@@ -189,6 +192,9 @@ def load(path: str | Path, device: str = "auto", dtype: str = "auto", attention:
     size (docs/BENCHMARKS.md). ``weights="fp16"`` or ``"bf16"`` stores the weights in 16
     bits and keeps the arithmetic in fp32 (:mod:`lmforge.quant.weight_only`): half the
     memory, and with ``compile=True`` fewer ms per token on CPUs without native bf16.
+    ``autotune=False`` compiles each batch size in about half the time and gains less
+    (what `lmforge serve --compile` and `lmforge eval --compile` use: they compile every
+    batch bucket of the engine before the first request).
     """
     path = resolve_model(path)
     if path.suffix != ".gguf" and (path.is_file() or (not (path / CONFIG).exists() and path.suffix)):
@@ -209,5 +215,5 @@ def load(path: str | Path, device: str = "auto", dtype: str = "auto", attention:
         model = model.to(runtime.dtype)
     model.eval()
     fuse_projections(model)  # q/k/v and gate/up as one product each when no gradient is taken
-    decode_step = CompiledDecodeStep(model) if compile else None
+    decode_step = CompiledDecodeStep(model, max_autotune=autotune) if compile else None
     return LanguageModel(model, load_tokenizer(path), runtime, decode_step)

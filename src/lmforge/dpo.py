@@ -53,6 +53,8 @@ class DPOConfig(MethodConfig):
     beta: float = field(0.1, "how far from the reference the policy may move (larger: closer); SimPO's reward scale")
     label_smoothing: float = field(0.0, "conservative DPO: the chance that a pair's label is wrong (sigmoid only)")
     simpo_gamma: float = field(0.5, "SimPO's target reward margin")
+    rpo_alpha: float = field(0.0, "RPO: add this times the chosen answers' token NLL to the loss (TRL's "
+                                  "loss_type [sigmoid, sft] with loss_weights [1, alpha]; 0: plain DPO)")
     reference: str = field("", "reference model (default: the starting model)")
     system: str = field("", "system prompt for the held-out task accuracy")
     skip_errors: bool = field(False, "skip malformed pairs (counted) instead of stopping")
@@ -68,6 +70,8 @@ class DPOConfig(MethodConfig):
         unknown = set(self.kinds) - set(KINDS)
         if unknown:
             raise ValueError(f"unknown task kind(s) {', '.join(sorted(unknown))}; known: {', '.join(KINDS)}")
+        if self.rpo_alpha < 0:
+            raise ValueError(f"rpo_alpha must be >= 0, got {self.rpo_alpha}")
         if self.label_smoothing and self.loss != "sigmoid":
             raise ValueError("label_smoothing (conservative DPO) goes with loss=sigmoid")
 
@@ -98,7 +102,8 @@ def train_dpo(config: DPOConfig, train_config: TrainConfig, resume: bool = False
     pad_id = padding_id(tokenizer)
     rows = PreferenceRows(tokenizer, train, train_config.seq_len, pad_id)
     stage = DPOStage(rows, train_config.seed, PreferenceRows(tokenizer, val, train_config.seq_len, pad_id) if val else None,
-                     config.loss, config.beta, config.label_smoothing, config.simpo_gamma, _reference(config, path))
+                     config.loss, config.beta, config.label_smoothing, config.simpo_gamma, _reference(config, path),
+                     config.rpo_alpha)
     if stage.reference is not None:
         stage.reference.to(runtime.device)
     system = config.system or None

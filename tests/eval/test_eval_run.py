@@ -11,6 +11,7 @@ import torch
 
 from lmforge.cli import main
 from lmforge.eval import leaderboard
+from lmforge.eval import metrics as M
 from lmforge.eval.harness import LocalModel, _sum_logprobs, split_pair
 from lmforge.eval.run import (
     EvalConfig,
@@ -109,6 +110,27 @@ def test_multiple_choice_records_and_metrics(tiny_lm, strategy):
     assert "acc_by_group" in metrics and set(metrics["acc_by_group"]["value"]) == {"a", "b"}
 
 
+def test_a_task_s_metrics_add_corpus_bleu_chrf_and_aurc():
+    """Metrics a task names are reported beside its kind's defaults, with the values of the functions."""
+    generated = [{"flexible": reply, "gold": [gold], "exact_match_strict": 0.0, "exact_match_flexible": 0.0,
+                  "f1": 0.0} for reply, gold in [("the cat sat on the mat", "the cat sat on a mat"),
+                                                 ("a dog barked", "the dog barked loudly")]]
+    plain = aggregate("generate", generated, iterations=20)
+    assert "bleu" not in plain and "chrf" not in plain
+    metrics = aggregate("generate", generated, iterations=20, extra=("bleu", "chrf"))
+    replies, golds = [r["flexible"] for r in generated], [r["gold"][0] for r in generated]
+    assert metrics["bleu"]["value"] == pytest.approx(M.bleu(replies, golds)) and metrics["bleu"]["value"] > 0
+    assert metrics["chrf"]["value"] == pytest.approx(M.chrf(replies, golds))
+    chinese = [{**generated[0], "flexible": "猫坐在垫子上", "gold": ["猫坐在一个垫子上"]}]
+    assert aggregate("generate", chinese, iterations=20, extra=("bleu",))["bleu"]["value"] == pytest.approx(
+        M.bleu(["猫坐在垫子上"], ["猫坐在一个垫子上"], tokenize="zh"))  # not 0, as 13a tokens would give
+    chosen = [{"acc": float(a), "confidence": c, "probabilities": [c, 1 - c], "gold": 0}
+              for a, c in [(1, 0.9), (0, 0.8), (1, 0.6), (0, 0.55)]]
+    mc = aggregate("multiple_choice", chosen, iterations=20, extra=("aurc",))
+    assert mc["aurc"]["value"] == pytest.approx(M.aurc([0.9, 0.8, 0.6, 0.55], [1, 0, 1, 0]))
+    assert mc["aurc"]["value"] == pytest.approx(1 - mc["selective_auc"]["value"])
+
+
 def test_answer_extraction():
     assert extract_answer("Let me see. The answer is Paris.\nMore", None, cot=True) == "Paris"
     assert extract_answer("x = 41 + 1 = 42, so 42", r"(\d+)") == "42"
@@ -167,13 +189,34 @@ def test_cli_eval_and_leaderboard(tiny_lm, tmp_path, capsys):
     assert (tmp_path / "lb" / "leaderboard.html").is_file()
 
 
+def test_cli_eval_compile_gives_the_eager_replies(tiny_lm, tmp_path, capsys):
+    """`lmforge eval --compile` compiles the engine's decode step before scoring and replies as the eager run."""
+    from lmforge.checkpoint import save_checkpoint
+
+    checkpoint = save_checkpoint(tmp_path / "ckpt", tiny_lm.model, tiny_lm.tokenizer)
+    task_file = tmp_path / "say.jsonl"
+    task_file.write_text("\n".join(json.dumps({"question": q, "answer": "fox"})
+                                   for q in ["The quick brown", "Paris is the", "[1, 2,"]) + "\n")
+    replies = {}
+    for flags in ([], ["--compile"]):
+        out = tmp_path / ("compiled" if flags else "eager")
+        assert main(["eval", str(checkpoint), "--tasks", str(task_file), "--out", str(out), "--leaderboard", "",
+                     "--dtype", "fp32", "--bootstrap", "20", "--batch-size", "1", *flags]) == 0
+        lines = (out / "samples" / "say.zero.jsonl").read_text().splitlines()
+        replies[bool(flags)] = [json.loads(line)["reply"] for line in lines]
+        assert json.loads((out / "results.json").read_text())["config"]["compile"] is bool(flags)
+    assert "compiled in" in capsys.readouterr().out
+    assert replies[True] == replies[False] and any(replies[True])
+
+
 def test_cli_bad_input_exits_2_with_a_clear_message(tmp_path, capsys):
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"question": "q", "choices": ["a", "b"], "answer": 5}) + "\n")
     cases = [(["--tasks", str(bad)], "bad.jsonl, line 1: field 'answer'"),
              (["--tasks", "no_such_task"], "unknown task 'no_such_task'"),
              (["--tasks", "pyref_mc", "--prompting", "many"], "unknown prompting strategy 'many'"),
-             (["--tasks", "pyref_mc", "--base-url", "http://127.0.0.1:9"], "cannot reach")]
+             (["--tasks", "pyref_mc", "--base-url", "http://127.0.0.1:9"], "cannot reach"),
+             (["--tasks", "pyref_mc", "--base-url", "http://127.0.0.1:9", "--compile"], "--compile is for a local")]
     for flags, message in cases:
         assert main(["eval", *flags, "--leaderboard", "", "--out", str(tmp_path / "x")]) == 2
         assert message in capsys.readouterr().err

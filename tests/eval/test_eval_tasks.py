@@ -192,6 +192,8 @@ def test_jsonl_errors(tmp_path, lines, message):
 
 @pytest.mark.parametrize(("spec", "message"), [
     ({"kind": "essay", "items": [MC]}, r"bad\.yaml: 'kind': unknown kind 'essay'; known kinds: multiple_choice"),
+    ({"metrics": ["acc", "perplexity"], "items": [MC]}, r"bad\.yaml: 'metrics': unknown metric 'perplexity'; known: acc"),
+    ({"metrics": "bleu", "items": [MC]}, r"bad\.yaml: 'metrics': 'bleu' is for generate tasks; this task is multiple"),
     ({"itmes": [MC]}, r"unknown key 'itmes'; known keys: name, kind"),
     ({"items": [MC, {**MC, "answer": 4}]}, r"bad\.yaml, items\[1\]: field 'answer': answer 4 is out of range"),
     ({"items": [MC, {"answer": 0}]}, r"items\[1\]: field 'question' is missing"),

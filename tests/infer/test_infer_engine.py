@@ -33,6 +33,24 @@ def test_mixed_batch_greedy_equals_each_prompt_alone_and_the_reference_decoder(m
     assert all(c.finish_reason == "length" and c.completion_tokens == 20 for c in batch)
 
 
+def test_decode_steps_padded_to_the_full_batch_give_the_same_tokens(make_model):
+    """decode_buckets=[max]: every step runs all slots (one compiled graph), rows decode as before."""
+    model = make_model()
+    sizes = []
+
+    def step(ids, cache, **ragged):
+        sizes.append(ids.shape[0])
+        return model(ids, cache, **ragged)
+
+    requests = [Request(p, greedy(6 + 3 * i)) for i, p in enumerate(PROMPTS)]  # rows end at different steps
+    full = Engine(model, max_batch_size=8, decode_step=step, decode_buckets=[8]).generate(requests)
+    default = Engine(model, max_batch_size=8).generate([Request(r.prompt_ids, r.sampling) for r in requests])
+    assert [c.token_ids for c in full] == [c.token_ids for c in default]
+    assert set(sizes) == {8}  # the last row alone still ran a full batch
+    with pytest.raises(ValueError, match="decode_buckets"):
+        Engine(model, max_batch_size=8, decode_buckets=[4])
+
+
 def test_sampling_with_a_seed_does_not_depend_on_the_batch(make_model):
     model = make_model()
     args = [(p, sampled(seed)) for seed, p in enumerate(PROMPTS)]

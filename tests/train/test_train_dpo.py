@@ -86,6 +86,20 @@ def test_the_reference_is_the_model_with_its_adapters_off(setup):
         pass
 
 
+def test_rpo_alpha_adds_the_chosen_answers_token_nll(setup):
+    tokenizer, rows, _ = setup
+    policy = apply_lora(tiny(tokenizer), LoraConfig(rank=4))
+    batch = rows.take(list(range(4)), torch.device("cpu"))
+    plain, figures = DPOStage(rows, seed=0).losses(policy, batch)
+    rpo, rpo_figures = DPOStage(rows, seed=0, rpo_alpha=0.5).losses(policy, batch)
+    chosen, _, n_chosen, _ = DPOStage.logps(policy, batch)
+    nll = -chosen.sum() / n_chosen.sum()
+    torch.testing.assert_close(rpo.mean(), plain.mean() + 0.5 * nll)
+    assert "nll_loss" not in figures and rpo_figures["nll_loss"] == pytest.approx(nll.item())
+    with pytest.raises(ValueError, match="rpo_alpha"):
+        DPOStage(rows, seed=0, rpo_alpha=-1)
+
+
 def train(stage, model, tmp_path, steps=60, lr=3e-3, **overrides):
     config = TrainConfig(out_dir=str(tmp_path), batch_size=16, seq_len=SEQ, max_steps=steps, lr=lr, warmup_steps=5,
                          eval_every=0, save_every=1000, log_every=10, device="cpu", dtype="fp32", progress=False,

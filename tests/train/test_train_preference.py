@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from lmforge.train.preference import (
+    answer_nll,
     bradley_terry_loss,
     dpo_loss,
     preference_metrics,
@@ -134,14 +135,16 @@ def test_preference_metrics_names_and_values():
 # per-token log-probabilities, so nothing but TRL's own loss and metric code runs.
 
 
-def _trl_compute(loss_type, beta, label_smoothing, per_token_logps, completion_mask, ref_chosen, ref_rejected):
+def _trl_compute(loss_type, beta, label_smoothing, per_token_logps, completion_mask, ref_chosen, ref_rejected,
+                 weights=(1.0,)):
     dpo_trainer = pytest.importorskip("trl.trainer.dpo_trainer")
     identity = lambda x: x  # noqa: E731
     trainer = SimpleNamespace(
         model=SimpleNamespace(training=False), accelerator=SimpleNamespace(device="cpu", gather=identity,
                                                                            gather_for_metrics=identity),
         aux_loss_enabled=False, ld_alpha=None, precompute_ref_logps=True, f_divergence_type="reverse_kl",
-        loss_types=[loss_type], loss_weights=[1.0], beta=beta, label_smoothing=label_smoothing,
+        loss_types=[loss_type] if isinstance(loss_type, str) else list(loss_type), loss_weights=list(weights),
+        beta=beta, label_smoothing=label_smoothing,
         use_weighting=False, _total_train_tokens=0, _tp_size=1, _metrics={"eval": defaultdict(list)})
     shape = per_token_logps.shape
     outputs = SimpleNamespace(log_probs=per_token_logps, entropy=torch.zeros(shape),
@@ -177,6 +180,25 @@ def test_dpo_loss_matches_trl(loss_type, beta):
     metrics = preference_metrics(chosen_rewards, rejected_rewards, chosen, rejected)
     for name, value in metrics.items():
         assert value == pytest.approx(trl_metrics[name], rel=1e-5, abs=1e-6), name
+
+
+@pytest.mark.parametrize("alpha", [0.5, 1.0])
+def test_rpo_matches_trl_sigmoid_plus_weighted_sft(alpha):
+    """RPO: DPO's loss plus alpha times the chosen answers' token NLL, as TRL combines "sigmoid" and "sft"."""
+    torch.manual_seed(4)
+    pairs, steps = 5, 8
+    completion_mask = torch.zeros(2 * pairs, steps + 1, dtype=torch.long)
+    for row, start in enumerate(torch.randint(1, steps - 2, (2 * pairs,)).tolist()):
+        completion_mask[row, start:] = 1
+    per_token = -torch.rand(2 * pairs, steps) * 3 * completion_mask[:, 1:]
+    ref_chosen, ref_rejected = (per_token.sum(1) + torch.randn(2 * pairs)).chunk(2)
+    trl_loss, _ = _trl_compute(("sigmoid", "sft"), 0.1, 0.0, per_token, completion_mask, ref_chosen, ref_rejected,
+                               weights=(1.0, alpha))
+    chosen, rejected = per_token.sum(1).chunk(2)
+    n_chosen = completion_mask[:, 1:].sum(1).chunk(2)[0]
+    ours = dpo_loss(chosen, rejected, ref_chosen, ref_rejected, beta=0.1)[0].mean() + alpha * answer_nll(chosen, n_chosen)
+    assert ours.item() == pytest.approx(trl_loss.item(), rel=1e-5, abs=1e-6)
+    assert answer_nll(chosen, n_chosen).item() > 0
 
 
 def test_trl_sigmoid_ignores_label_smoothing():

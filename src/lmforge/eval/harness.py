@@ -80,7 +80,11 @@ class LocalModel:
         default for causal models)."""
         self.lm, self.name, self.chat, self.progress = lm, name, chat, progress
         self.add_bos = add_bos
-        self.engine = lm.engine(batch_size, min(context or lm.model.config.max_seq_len, lm.model.config.max_seq_len))
+        # With a compiled decode step every step runs at the full batch: one graph to compile, not one
+        # per batch bucket (evaluation keeps the slots full until its last requests).
+        full = (batch_size,) if lm.decode_step is not None else None
+        self.engine = lm.engine(batch_size, min(context or lm.model.config.max_seq_len, lm.model.config.max_seq_len),
+                                decode_buckets=full)
         self.window = self.engine.context
 
     # ---- tokenization ----------------------------------------------------------------------------

@@ -64,6 +64,8 @@ class EvalConfig:
     api_key: str | None = field(None, "bearer token for --base-url")
     device: str = field("auto", "auto, cpu, cuda, mps")
     dtype: str = field("auto", "auto, bf16, fp32")
+    compile: bool = field(False, "compile the engine's decode step for each batch bucket before scoring (tens of "
+                                 "seconds each; pays off on long generation runs)")
     bootstrap: int = field(1000, "bootstrap resamples for standard errors")
 
 
@@ -227,8 +229,10 @@ def _stat(values, iterations: int, seed: int) -> dict:
             if len(values) > 1 else float("nan")}
 
 
-def aggregate(kind: str, records: list[dict], iterations: int = 1000, seed: int = 0) -> dict:
-    """Metrics over a task's records, each ``{"value", "stderr"}`` (bootstrap) where it is a mean."""
+def aggregate(kind: str, records: list[dict], iterations: int = 1000, seed: int = 0,
+              extra: tuple[str, ...] = ()) -> dict:
+    """Metrics over a task's records, each ``{"value", "stderr"}`` (bootstrap) where it is a mean; ``extra``:
+    the task's ``metrics`` (corpus BLEU and chrF of the flexible replies, AURC: values only)."""
     out: dict[str, dict] = {}
     if kind == "perplexity":
         logprob = sum(r["logprob"] for r in records)
@@ -253,6 +257,15 @@ def aggregate(kind: str, records: list[dict], iterations: int = 1000, seed: int 
         padded = [r["probabilities"] + [0.0] * (width - len(r["probabilities"])) for r in records]  # 0 adds 0
         out["brier"] = {"value": M.brier_score(np.array(padded), [r["gold"] for r in records])}
         out["selective_auc"] = {"value": M.selective_auc(confidence, correct)}
+        if "aurc" in extra:
+            out["aurc"] = {"value": M.aurc(confidence, correct)}
+    if kind == "generate" and {"bleu", "chrf"} & set(extra):
+        replies, references = [r["flexible"] for r in records], [r["gold"][0] for r in records]
+        if "bleu" in extra:  # sacrebleu's 13a tokenizer sees a Chinese sentence as one word: "zh" cuts it
+            chinese = any(M.is_cjk(c) for text in references for c in text)
+            out["bleu"] = {"value": M.bleu(replies, references, tokenize="zh" if chinese else "13a")}
+        if "chrf" in extra:
+            out["chrf"] = {"value": M.chrf(replies, references)}
     groups = [r.get("group") for r in records]
     if any(g is not None for g in groups):
         main = MAIN_METRIC[kind]
@@ -347,7 +360,7 @@ def evaluate(model: EvalModel, config: EvalConfig, model_name: str, tasks: list[
             entry = {"kind": task.kind, "n": len(records), "seconds": round(seconds, 3),
                      "items_per_second": len(records) / max(seconds, 1e-9), "chat_template": model.chat,
                      "language": task.language, "source": task.source,
-                     "metrics": aggregate(task.kind, records, config.bootstrap, config.seed)}
+                     "metrics": aggregate(task.kind, records, config.bootstrap, config.seed, task.metrics)}
             main = MAIN_METRIC[task.kind]
             for name in perturbations if task.kind != "perplexity" else []:
                 attacked = _score(model, *_perturbed(task, name, config.seed), prompting, config.seed)
@@ -474,6 +487,8 @@ def run_eval(config: EvalConfig, model_path: str | None = None, progress: bool =
     from lmforge.eval.harness import EndpointModel, LocalModel
 
     tasks = plan(config)[0]  # bad task files and flags fail before a model is loaded
+    if config.base_url and config.compile:
+        raise InputError("--compile is for a local model; the server at --base-url runs its own")
     if config.base_url:
         model = EndpointModel(config.base_url, model_path, config.api_key, concurrency=config.batch_size,
                               progress=progress)
@@ -484,8 +499,15 @@ def run_eval(config: EvalConfig, model_path: str | None = None, progress: bool =
 
         model_path = model_path or DEFAULT_CHAT_MODEL
         name = name or str(model_path)
-        model = LocalModel(load(model_path, device=config.device, dtype=config.dtype), name=name,
+        model = LocalModel(load(model_path, device=config.device, dtype=config.dtype, compile=config.compile,
+                                autotune=False), name=name,
                            batch_size=config.batch_size, progress=progress, context=config.context)
+        if config.compile:
+            if progress:
+                print(f"compiling the decode step for batch sizes {model.engine.decode_buckets} ...", flush=True)
+            seconds = model.engine.warm_up()
+            if progress:
+                print(f"compiled in {seconds:.0f} s", flush=True)
     results = evaluate(model, config, name, tasks)
     write_outputs(results, config.out)
     if config.leaderboard:

@@ -30,6 +30,15 @@ KINDS: tuple[str, ...] = ("multiple_choice", "generate", "perplexity")
 LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 
 
+# Metrics a task may name (``metrics``). A task always reports its kind's defaults (multiple
+# choice: acc, acc_norm, ece, brier, selective_auc; generation: exact_match_strict/flexible,
+# f1); naming one of those changes nothing. The others add: rouge (ROUGE-1/L per reply),
+# bleu and chrf (corpus BLEU and chrF of the flexible replies, sacrebleu), aurc (the area
+# under the risk-coverage curve, multiple choice).
+DEFAULT_METRICS = frozenset({"acc", "acc_norm", "ece", "brier", "selective_auc", "exact_match", "f1"})
+EXTRA_METRICS = {"rouge": "generate", "bleu": "generate", "chrf": "generate", "aurc": "multiple_choice"}
+METRICS = DEFAULT_METRICS | set(EXTRA_METRICS)
+
 @dataclass(frozen=True)
 class Item:
     """One thing to ask. ``answer``: the index of the right choice (multiple choice), the
@@ -74,7 +83,7 @@ class Task:
     stop: tuple[str, ...] = ("\n\n", "Question:")  # generation ends at the first of these
     max_new_tokens: int = 32
     answer_pattern: str | None = None  # flexible extraction: the first group of the last match
-    metrics: tuple[str, ...] = ()  # empty: the kind's defaults
+    metrics: tuple[str, ...] = ()  # reported beside the kind's defaults: names from METRICS
     language: str = "en"
     chat: bool = False  # a chat task: asked in the model's chat format unless told otherwise
     source: str = "builtin"  # where the items came from: builtin, a file path, an HF dataset name

@@ -34,7 +34,7 @@ Item fields:
     stop: ["\\n"]                    # generate: a string or a list of strings
     max_new_tokens: 16
     answer_pattern: "([A-Z]\\\\w+)"   # generate: flexible extraction, the first group of the last match
-    metrics: [acc]
+    metrics: [acc, aurc]            # added to the kind's defaults: rouge, bleu, chrf (generate), aurc
     language: en
     chat: false                     # true: asked in the model's chat format (lmforge eval --chat auto)
     items:                          # or  data: capitals.jsonl  (relative to this file)
@@ -68,7 +68,7 @@ import re
 from pathlib import Path
 
 from lmforge.errors import InputError
-from lmforge.eval.task import KINDS, Item, Task
+from lmforge.eval.task import EXTRA_METRICS, KINDS, METRICS, Item, Task
 
 ITEM_FIELDS = ("question", "choices", "answer", "aliases", "group", "id", "split")
 # YAML setting -> the types it may have (str settings are plain strings).
@@ -309,6 +309,11 @@ def _load_yaml(path: Path) -> tuple[dict, list[tuple[Item, str]]]:
         train_entries = [(r, w, f"train-{i}") for r, w, i in _hf_entries(spec, path, "hf_train_data")]
     kind = settings.setdefault("kind", _infer_kind(entries[0][0]))
     _check_kind(kind, path)
+    for metric in settings.get("metrics", ()):
+        if metric not in METRICS:
+            raise InputError(f"{path}: 'metrics': unknown metric {metric!r}; known: {', '.join(sorted(METRICS))}")
+        if EXTRA_METRICS.get(metric, kind) != kind:
+            raise InputError(f"{path}: 'metrics': {metric!r} is for {EXTRA_METRICS[metric]} tasks; this task is {kind}")
     return settings, _items(entries, kind) + _items(train_entries, kind, forced_split="train")
 
 

@@ -69,18 +69,16 @@ def build_models(paths: dict[str, str], config: ServeConfig, log=print) -> dict:
     models = {}
     for name, path in paths.items():
         start = time.perf_counter()
-        lm = load(path, device=config.device, dtype=config.dtype, weights=config.weights)
-        if config.compile:  # without autotuning: it compiles each batch bucket in half the time
-            from lmforge.infer.compiled import CompiledDecodeStep
-
-            lm.decode_step = CompiledDecodeStep(lm.model, max_autotune=False)
+        # Compiled without autotuning: each batch bucket compiles in half the time.
+        lm = load(path, device=config.device, dtype=config.dtype, weights=config.weights, compile=config.compile,
+                  autotune=False)
         context = config.context or min(lm.model.config.max_seq_len, 4096)
         served = ServedModel(name, lm, config.max_batch_size, context)
         log(f"[serve] {name}: {path} ({lm.model.num_parameters() / 1e6:.1f}M parameters, context {served.context}, "
             f"{config.max_batch_size} slots, KV cache {served.engine.cache.bytes_per_slot() * config.max_batch_size / 2**20:.0f} MiB) "
             f"in {time.perf_counter() - start:.1f} s")
         if config.compile:
-            log(f"[serve] {name}: compiling the decode step for batch sizes {served.engine.buckets} ...")
+            log(f"[serve] {name}: compiling the decode step for batch sizes {served.engine.decode_buckets} ...")
             seconds = served.engine.warm_up()
             log(f"[serve] {name}: compiled in {seconds:.0f} s")
         models[name] = served

@@ -31,7 +31,7 @@ from lmforge.peft.lora import adapters_disabled, lora_layers
 from lmforge.runtime import Runtime
 from lmforge.tokenizer.chat import render_chat
 from lmforge.train.metrics import RecordsFigures
-from lmforge.train.preference import dpo_loss, label_logps, preference_metrics, simpo_loss
+from lmforge.train.preference import answer_nll, dpo_loss, label_logps, preference_metrics, simpo_loss
 from lmforge.train.sft import epoch_rows
 
 DPO_LOSSES = ("sigmoid", "ipo", "simpo")
@@ -101,7 +101,8 @@ def answer_logps(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor) -> tup
 
 
 class DPOStage(RecordsFigures):
-    """Batches of pairs and the DPO loss (or IPO, cDPO, SimPO), for :func:`lmforge.train.fit`.
+    """Batches of pairs and the DPO loss (or IPO, cDPO, SimPO), for :func:`lmforge.train.fit`;
+    ``rpo_alpha > 0`` adds α times the chosen answers' token NLL (RPO, :func:`answer_nll`).
 
     ``reference``: a frozen model; ``None`` means the policy with its LoRA adapters switched off (the
     policy must have adapters), or no reference at all for SimPO.
@@ -109,11 +110,14 @@ class DPOStage(RecordsFigures):
 
     def __init__(self, train: PreferenceRows, seed: int, val: PreferenceRows | None = None,
                  loss_type: str = "sigmoid", beta: float = 0.1, label_smoothing: float = 0.0,
-                 simpo_gamma: float = 0.5, reference: nn.Module | None = None):
+                 simpo_gamma: float = 0.5, reference: nn.Module | None = None, rpo_alpha: float = 0.0):
         if loss_type not in DPO_LOSSES:
             raise ValueError(f"loss_type must be one of {', '.join(DPO_LOSSES)}, got {loss_type!r}")
         if beta <= 0:
             raise ValueError(f"beta must be positive, got {beta}")
+        if rpo_alpha < 0:
+            raise ValueError(f"rpo_alpha must be >= 0, got {rpo_alpha}")
+        self.rpo_alpha = rpo_alpha
         self.train, self.val, self.seed = train, val, seed
         self.loss_type, self.beta, self.label_smoothing, self.simpo_gamma = loss_type, beta, label_smoothing, simpo_gamma
         self.reference = reference
@@ -164,7 +168,12 @@ class DPOStage(RecordsFigures):
             else:
                 losses = dpo_loss(chosen, rejected, ref_chosen, ref_rejected, self.beta, "sigmoid",
                                   self.label_smoothing)[0]
-        return losses, preference_metrics(chosen_rewards, rejected_rewards, chosen, rejected)
+        figures = preference_metrics(chosen_rewards, rejected_rewards, chosen, rejected)
+        if self.rpo_alpha:  # RPO: the chosen answers' token NLL, the same for every pair (its mean adds α·NLL)
+            nll = answer_nll(chosen, n_chosen)
+            losses = losses + self.rpo_alpha * nll
+            figures["nll_loss"] = nll.item()
+        return losses, figures
 
     def loss(self, model: nn.Module, batch: dict) -> torch.Tensor:
         losses, figures = self.losses(model, batch)

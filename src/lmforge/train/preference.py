@@ -122,6 +122,16 @@ def dpo_loss(policy_chosen_logps: torch.Tensor, policy_rejected_logps: torch.Ten
     return losses, beta * chosen_ratio.detach(), beta * rejected_ratio.detach()
 
 
+def answer_nll(chosen_logps: torch.Tensor, chosen_tokens: torch.Tensor) -> torch.Tensor:
+    """The chosen answers' negative log-likelihood per token over the whole batch (a scalar): RPO's
+    term (Pang et al. (2024), "Iterative Reasoning Preference Optimization"), which DPO adds with a
+    weight α so that the chosen answers also become likelier, not only likelier than the rejected.
+    ``chosen_logps``: summed log-probabilities (B,); ``chosen_tokens``: their token counts (B,). As
+    TRL (≥ 1.0: ``loss_type=["sigmoid", "sft"]``, ``loss_weights=[1, α]``): every answer token of
+    the batch weighs the same."""
+    return -chosen_logps.float().sum() / chosen_tokens.sum().clamp(min=1)
+
+
 def simpo_loss(chosen_logps_avg: torch.Tensor, rejected_logps_avg: torch.Tensor, beta: float = 2.0,
                gamma: float = 0.5) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """SimPO, Meng et al. (2024), "SimPO: Simple Preference Optimization with a Reference-Free Reward".
