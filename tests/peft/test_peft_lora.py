@@ -134,3 +134,31 @@ def test_bad_settings_and_missing_adapters_are_clear(tmp_path):
         apply_lora(model, LoraConfig(targets=["qkv"]))
     with pytest.raises(InputError, match="no LoRA adapter"):
         load_adapter(model, tmp_path)
+
+
+def test_under_autocast_each_norm_output_is_kept_once_for_the_backward_pass():
+    """The products after a norm share one bf16 copy of its output: with LoRA, an fp32 norm output is cast
+    and kept by each adapter that reads it (q, k and v: three copies; gate and up: two)."""
+    model, ids = model_and_ids()
+    apply_lora(model, LoraConfig(rank=4, alpha=8))
+    model.train()
+    dim = model.config.dim
+    saved = {}
+
+    def pack(tensor):
+        if tensor.dtype == torch.bfloat16 and tensor.shape[-1] == dim and tensor.numel() == ids.numel() * dim \
+                and tensor.dim() <= 3:  # a product's input, (B, T, dim) or (B*T, dim); not attention's (B, H, T, D)
+            saved[tensor.untyped_storage().data_ptr()] = tensor
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), torch.autocast("cpu", torch.bfloat16):
+        model(ids).float().sum().backward()
+    # Kept for the adapters' gradients, per block: the attention norm's output (q, k, v), the attention's output
+    # (o_proj), the FFN norm's output (gate, up). With the norm's output in fp32 it was 6: one copy per adapter.
+    assert len(saved) == 3 * model.config.num_layers
+    from lmforge.model.norm import RMSNorm
+
+    norm, x = RMSNorm(dim), torch.randn(2, 3, dim)
+    with torch.autocast("cpu", torch.bfloat16):
+        low = norm(x)
+    assert low.dtype == torch.bfloat16 and torch.equal(low, norm(x).bfloat16())  # the same numbers, cast once
