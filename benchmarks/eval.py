@@ -25,7 +25,8 @@ aggregation). lm-eval's are the time spent in its request methods (``loglikeliho
 ``generate_until``: tokenization, sorting and padding into batches, the model); the whole
 ``simple_evaluate`` call (datasets, instances, metrics) is reported beside it. Both models
 get one tiny untimed warm-up call first; with ``--compile`` lmforge's decode step is
-compiled for every batch bucket before that, timed and printed apart. items/s = items / seconds; the ratio is
+compiled before that (one graph at the full batch, as `lmforge eval --compile`), timed and
+printed apart. items/s = items / seconds; the ratio is
 lmforge's items/s over lm-eval's. With ``--repeats N`` every task runs N times on each side,
 interleaved (the side that goes first takes turns), and the medians are reported. On a
 machine whose cores are shared with other work the seconds swing widely (10x seen on 2

@@ -93,7 +93,7 @@ class LanguageModel:
         if key not in engines:
             engines[key] = Engine(self.model, self.runtime, max_batch_size=max_batch_size, context=context,
                                   decode_step=self.decode_step, vocab_limit=getattr(self.tokenizer, "vocab_size", None),
-                                  decode_buckets=list(decode_buckets) if decode_buckets else None)
+                                  decode_buckets=decode_buckets)
         return engines[key]
 
     def generate_batch(self, prompts: Sequence[str | list[int] | dict[str, Any]], max_batch_size: int = 8,

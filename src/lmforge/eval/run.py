@@ -64,8 +64,8 @@ class EvalConfig:
     api_key: str | None = field(None, "bearer token for --base-url")
     device: str = field("auto", "auto, cpu, cuda, mps")
     dtype: str = field("auto", "auto, bf16, fp32")
-    compile: bool = field(False, "compile the engine's decode step for each batch bucket before scoring (tens of "
-                                 "seconds each; pays off on long generation runs)")
+    compile: bool = field(False, "compile the engine's decode step before scoring (one graph at the full batch, "
+                                 "a minute or more; pays off on long generation runs)")
     bootstrap: int = field(1000, "bootstrap resamples for standard errors")
 
 

@@ -39,6 +39,7 @@ DEFAULT_METRICS = frozenset({"acc", "acc_norm", "ece", "brier", "selective_auc",
 EXTRA_METRICS = {"rouge": "generate", "bleu": "generate", "chrf": "generate", "aurc": "multiple_choice"}
 METRICS = DEFAULT_METRICS | set(EXTRA_METRICS)
 
+
 @dataclass(frozen=True)
 class Item:
     """One thing to ask. ``answer``: the index of the right choice (multiple choice), the

@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -130,7 +130,7 @@ class Engine:
     def __init__(self, model: DecoderLM, runtime: Runtime | None = None, max_batch_size: int = 8,
                  context: int | None = None, decode_step=None, max_prefill_tokens: int = 2048,
                  prefix_caching: bool = True, vocab_limit: int | None = None,
-                 decode_buckets: list[int] | None = None):
+                 decode_buckets: Sequence[int] | None = None):
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be at least 1, got {max_batch_size}")
         self.model, self.runtime, self.decode_step = model, runtime, decode_step
