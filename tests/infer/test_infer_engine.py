@@ -94,6 +94,35 @@ def test_a_request_joining_mid_flight_changes_no_other_row(make_model):
     assert [outputs[k] for k in "abc"] == [c.token_ids for c in alone]
 
 
+def test_new_prompts_ride_along_with_the_running_rows_packed_without_padding(make_model):
+    """Admitting requests costs the running rows no extra pass, and that pass computes the real tokens
+    only: the running row's next token and the new prompts back to back (3 + 12 + 1 = 16, where
+    right-padding both prompts to the longest, with the decode step apart, would run (2, 12) and (1, 1))."""
+    model = make_model()
+    shapes, forward = [], model.forward
+
+    def recording(ids, *args, **kwargs):
+        shapes.append(tuple(ids.shape))
+        return forward(ids, *args, **kwargs)
+
+    model.forward = recording
+    engine = Engine(model, max_batch_size=4)
+    requests = [Request(PROMPTS[0], greedy(8)), Request([5, 5, 5], greedy(6)), Request(list(range(20, 32)), greedy(6))]
+    engine.add(requests[0])
+    outputs = {r.request_id: [] for r in requests}
+    for step in range(20):
+        if step == 1:
+            engine.add(requests[1])
+            engine.add(requests[2])
+        for output in engine.step():
+            outputs[output.request_id] += output.token_ids
+    assert shapes[:3] == [(1, 3), (1, 16), (4, 1)]  # then decode steps over slots 0..3
+    assert engine.stats.prefill_passes == 2 and not engine.has_work
+    del model.forward
+    alone = run_alone(model, [(r.prompt_ids, r.sampling) for r in requests])
+    assert [outputs[r.request_id] for r in requests] == [c.token_ids for c in alone]
+
+
 def test_prefix_cache_hit_gives_the_cold_tokens_and_logprobs(make_model):
     model = make_model()
     system = [7, 1, 9, 2, 8, 3, 6, 4, 5, 10, 11, 12]
@@ -194,7 +223,7 @@ def test_continuations_scored_as_branches_equal_each_pair_alone(make_model):
 
 
 def test_prompts_prefilled_together_equal_each_alone(make_model):
-    """Several prompts of different lengths in one right-padded prefill pass: every row's prompt
+    """Several prompts of different lengths in one packed pass: every row's prompt
     log-probs equal a full forward of that prompt alone, and the greedy tokens are the same."""
     model = make_model()
     prompts = [[3, 1, 4, 1, 5], [9, 2, 6, 5, 3, 5], [8, 9, 7, 9, 3, 2, 3], [8, 4, 6, 2, 6, 4, 3, 3]]

@@ -121,8 +121,8 @@ def test_an_answer_that_ends_keeps_its_stop_token(tokenizer):
     model = tiny(tokenizer)
     stage = stage_for(tokenizer, starts_with("t"))
     stop = stage.sampler.stop_ids[0]
-    model.register_forward_hook(lambda module, args, logits: logits.index_add(
-        -1, torch.tensor([stop]), torch.full((*logits.shape[:-1], 1), 50.0)))  # decode steps end the answer
+    model.lm_head.register_forward_hook(lambda module, args, logits: logits.index_add(
+        -1, torch.tensor([stop]), torch.full((*logits.shape[:-1], 1), 50.0)))  # the stop token comes first
     answers = stage.sample(model, [0, 1], step=0)
     assert all(a[-1] == stop and len(a) <= 2 for a in answers)  # the stop token is trained with the answer
     rows = stage.sampler.rows([0] * 16, answers)

@@ -9,19 +9,21 @@
 Each request owns a slot of the :class:`SlotKVCache` from its admission to its end.
 One :meth:`Engine.step` does, in order:
 
-1. **Admission** (continuous batching). Waiting requests take free slots and are
-   prefilled, several prompts in one forward pass (right-padded; a prompt much longer or
-   shorter than the others, or one that could reuse what the pass computes, waits for
-   the next pass), within ``max_prefill_tokens`` per step, so a long prompt delays the
-   running rows by at most one step. A request joins the running batch between two
-   steps; the rows already running are not touched.
+1. **Admission** (continuous batching). Waiting requests take free slots, within
+   ``max_prefill_tokens`` new prompt tokens per step (so a long prompt delays the running
+   rows by at most one pass); a prompt that could reuse what this step computes waits for
+   the next.
 2. **Prefix cache.** A slot keeps the tokens whose keys it holds after its request ends.
    A new prompt that begins with tokens some slot holds (the earlier turns of a chat, a
    shared system prompt, few-shot examples) reuses them: in place when that slot is
    free, else copied into a free slot. Only the rest of the prompt is computed.
-3. **One decode step** for every running row: slots ``0..B-1`` in one forward pass, B
-   the running rows' span rounded up to a bucket (1, 2, 4, 8, ...): a compiled step
-   compiles once per bucket, not once per batch size.
+3. **One forward pass.** With new prompts: a packed pass, the running rows' next tokens
+   and the new prompts' tokens as one sequence with no padding between prompts
+   (:meth:`SlotKVCache.bind_packed`): admitting requests costs the running rows no extra
+   pass, and the products see only real tokens. Without: a plain decode step over slots
+   ``0..B-1``, B the running rows' span rounded up to a bucket (1, 2, 4, 8, ...), the
+   fixed-shape pass that a compiled step runs (it compiles once per bucket, not once per
+   batch size).
 4. **Sampling per row**, with the row's own settings and its own random generator
    (seeded per request), so a row's tokens do not depend on what else shares the batch.
    Stop tokens, stop strings, the token limit and constraints end rows independently.
@@ -39,7 +41,7 @@ import torch
 from lmforge.infer.generate import autocast_for, eval_mode
 from lmforge.infer.request import Completion, Request, RequestOutput, TokenLogprob
 from lmforge.infer.sampling import apply_presence_frequency_penalty, apply_repetition_penalty, draw
-from lmforge.infer.slot_cache import SlotKVCache, attention_mask
+from lmforge.infer.slot_cache import Segment, SlotKVCache, attention_mask
 from lmforge.infer.stream import StopStrings, TextStream
 from lmforge.model import DecoderLM
 from lmforge.runtime import Runtime
@@ -137,8 +139,7 @@ class Engine:
         self.context = min(context or model.config.max_seq_len, model.config.max_seq_len)
         self.cache = SlotKVCache.for_model(model, max_batch_size, self.context)
         self.slots = [_Slot(i) for i in range(max_batch_size)]
-        self.buckets = batch_buckets(max_batch_size)  # row counts of prefills, and of decode steps by default
-        self.decode_buckets = sorted(decode_buckets or self.buckets)
+        self.decode_buckets = sorted(decode_buckets or batch_buckets(max_batch_size))
         if self.decode_buckets[-1] != max_batch_size or self.decode_buckets[0] < 1:
             raise ValueError(f"decode_buckets must lie in 1..{max_batch_size} and include it, got {decode_buckets}")
         self.max_prefill_tokens, self.prefix_caching = max_prefill_tokens, prefix_caching
@@ -212,12 +213,16 @@ class Engine:
         return True
 
     def step(self) -> list[RequestOutput]:
-        """Admit what fits, run one decode step, sample; returns what each request added."""
+        """Admit what fits, run one forward pass (new prompts and one token for every running row, or
+        a plain decode step), sample; returns what each request added."""
         outputs, self._aborted = self._aborted, []
         with eval_mode(self.model), torch.inference_mode(), autocast_for(self.model, self.runtime):
-            outputs += self._admit()
-            if any(s.pending is not None for s in self.running.values()):
-                outputs += self._decode()
+            batch = self._admit()
+            decoding = {s.slot.index: s for s in self.running.values() if s.pending is not None}
+            if batch:
+                outputs += self._packed(batch, decoding)
+            elif decoding:
+                outputs += self._decode(decoding)
         return outputs
 
     def generate(self, requests: Iterable[Request]) -> list[Completion]:
@@ -244,7 +249,7 @@ class Engine:
                 ids = torch.zeros(batch, 1, dtype=torch.long, device=self.device)
                 positions = torch.zeros_like(ids)  # its own tensor: an input aliasing another is guarded on
                 for kv_len in (2, 3):  # a decode reads at least 2 positions; the second length makes it symbolic
-                    self.cache.bind(0, torch.full_like(ids, self.cache.scratch), kv_len)
+                    self.cache.bind(torch.full_like(ids, self.cache.scratch), kv_len)
                     step(ids, self.cache, positions=positions, mask=attention_mask(positions, kv_len))
         return time.perf_counter() - start
 
@@ -256,26 +261,21 @@ class Engine:
 
     # ---- admission: slots, prefix cache, prefill ------------------------------------------------
 
-    def _admit(self) -> list[RequestOutput]:
-        """Place waiting requests into free slots and prefill them, several in one forward pass."""
-        outputs, budget, batch, width = [], self.max_prefill_tokens, [], 0
+    def _admit(self) -> list[tuple[_Sequence, _Slot, int]]:
+        """Place waiting requests into free slots, within ``max_prefill_tokens`` new tokens (at least one
+        request); a request that could reuse positions this step computes waits for the next step.
+        Returns (sequence, slot, reused prompt tokens) for the step's pass."""
+        batch, budget = [], self.max_prefill_tokens
         while self.waiting and budget > 0 and any(s.sequence is None for s in self.slots):
             sequence = self.waiting[0]
             slot, reused, source = self._place(sequence.request)
-            new = _new_tokens(sequence.request, reused)
-            if batch and (not _fits(batch, width, new) or self._waits_for(sequence.request, batch, reused)):
-                # too uneven to share a pass, or it could reuse what the pass computes: run what we have
-                outputs += self._prefill(batch)
-                batch, width = [], 0
-                continue  # place it again: the slots the batch filled are computed now
+            if batch and self._waits_for(sequence.request, batch, reused):
+                break
             self.waiting.popleft()
             self._claim(sequence, slot, reused, source)
             batch.append((sequence, slot, reused))
-            width = max(width, new)
-            budget -= new
-        if batch:
-            outputs += self._prefill(batch)
-        return outputs
+            budget -= _new_tokens(sequence.request, reused)
+        return batch
 
     def _place(self, request: Request) -> tuple[_Slot, int, _Slot | None]:
         """Choose a free slot, how many leading prompt tokens it can reuse, and the slot they are in.
@@ -328,65 +328,73 @@ class Engine:
         self.stats.prompt_tokens += len(prompt)
         self.stats.cached_tokens += reused
 
-    def _prefill(self, batch: list[tuple[_Sequence, _Slot, int]]) -> list[RequestOutput]:
-        """Compute each prompt after its reused prefix, all rows in one forward pass over the slots they
-        span (slots in that span outside the batch are padding rows, as in decoding; so are the tokens
-        that right-pad a shorter row); then each row's prompt log-probs and first token.
+    def _packed(self, batch: list[tuple[_Sequence, _Slot, int]], decoding: dict[int, _Sequence]) -> list[RequestOutput]:
+        """One forward pass over the new prompts of ``batch`` (each after its reused prefix) and, first,
+        one token for every running row in ``decoding`` (slot index -> sequence): all tokens packed
+        into one sequence with no padding between prompts (:meth:`SlotKVCache.bind_packed`). Then the
+        running rows' next tokens, and each prompt's log-probs and first token.
 
-        A request with ``continuations`` adds them after its prompt in the same row, as branches of a
-        tree: a branch's tokens sit at positions L, L+1, ... (L the prompt's length) like a plain
+        A request with ``continuations`` adds them after its prompt, as branches of a tree: a
+        branch's tokens sit at positions L, L+1, ... (L the prompt's length) like a plain
         continuation, take cache indices after the prompt's and each other's, and see the prompt and
         their own branch only. So every choice of a question is scored in one row, the context once.
         """
-        first = min(slot.index for _, slot, _ in batch)
-        span = max(slot.index for _, slot, _ in batch) - first + 1
-        # Shapes come in buckets (rows: the decode step's batch sizes; tokens: four steps an octave):
-        # every new matrix shape costs CPU kernels memory they keep, so unbounded shapes grow memory.
-        rows = next(b for b in self.buckets if b >= span)
-        first = min(first, len(self.slots) - rows)
-        width = shape_bucket(max(_new_tokens(seq.request, reused) for seq, _, reused in batch))
-        kv_len = max(len(seq.request.prompt_ids) + _branch_tokens(seq.request) for seq, _, _ in batch)
-        kv_len = min(shape_bucket(kv_len), self.context)
-        ids = torch.zeros(rows, width, dtype=torch.long)
-        positions = torch.zeros(rows, width, dtype=torch.long)  # padding: position 0, sees key 0 only
-        write = torch.full((rows, width), self.cache.scratch, dtype=torch.long)
-        upto = torch.zeros(rows, width, dtype=torch.long)  # the last cache index a token sees
-        branch = torch.zeros(rows, width, dtype=torch.long)  # ... and where its branch starts (0: no branch)
-        trunk = torch.full((rows, 1), kv_len, dtype=torch.long)  # keys below this are the prompt's
-        picks = []  # per row: which of its tokens' outputs the logits are needed of
+        tokens, slot_of, write, positions = [], [], [], []  # per token of the pass
+        decode_mask = None
+        if decoding:  # the decode step's rows first: slots 0..B-1, one token each, as in _decode
+            ids, pos, where = self._decode_rows(decoding)
+            decode_mask = attention_mask(torch.tensor(pos)[:, None], max(pos) + 1).to(self.device)
+            tokens += ids
+            slot_of += range(len(ids))
+            write += where
+            positions += pos
+        segments, picks = [], []  # per request: which of its tokens' outputs the logits are needed of
         for sequence, slot, reused in batch:
-            request, row = sequence.request, slot.index - first
+            request, start = sequence.request, len(tokens)
             prompt, n = request.prompt_ids, len(request.prompt_ids) - reused
-            ids[row, :n] = torch.tensor(prompt[reused:])
-            positions[row, :n] = write[row, :n] = upto[row, :n] = torch.arange(reused, len(prompt))
+            tokens += prompt[reused:]
+            positions += range(reused, len(prompt))
+            write += range(reused, len(prompt))
             if request.continuations is None:
                 begin = n - 1 if request.prompt_logprobs is None else max(request.prompt_logprobs_start, 1) - 1 - reused
                 picks.append(list(range(begin, n)))
-                continue
-            trunk[row] = len(prompt)
-            at, chosen = n, []
-            for tokens in request.continuations:  # a branch: positions L.., cache indices after the last branch
-                m, index = len(tokens), reused + at
-                ids[row, at:at + m] = torch.tensor(tokens)
-                positions[row, at:at + m] = torch.arange(len(prompt), len(prompt) + m)
-                write[row, at:at + m] = upto[row, at:at + m] = torch.arange(index, index + m)
-                branch[row, at:at + m] = index
-                chosen += [n - 1, *range(at, at + m - 1)]  # each token's logits come from the one before it
-                at += m
-            picks.append(chosen)
-        keys = torch.arange(kv_len)
-        mask = (keys <= upto[..., None]) & ((keys < trunk[..., None]) | (keys >= branch[..., None]))
-        ids, positions, write = ids.to(self.device), positions.to(self.device), write.to(self.device)
-        self.cache.bind(first, write, kv_len)
-        hidden = self.model(ids, self.cache, return_hidden=True, positions=positions,
-                            mask=mask[:, None].to(self.device))  # (rows, width, dim)
+                seen = torch.arange(len(prompt))
+                mask = seen[None] <= torch.arange(reused, len(prompt))[:, None]  # causal over the slot's keys
+            else:
+                upto, branch, chosen, at = list(range(reused, len(prompt))), [0] * n, [], n
+                for branch_tokens in request.continuations:  # positions L..; cache indices after the last branch
+                    m, index = len(branch_tokens), reused + at
+                    tokens += branch_tokens
+                    positions += range(len(prompt), len(prompt) + m)
+                    write += range(index, index + m)
+                    upto += range(index, index + m)
+                    branch += [index] * m
+                    chosen += [n - 1, *range(at, at + m - 1)]  # each token's logits come from the one before it
+                    at += m
+                picks.append(chosen)
+                seen, upto_t = torch.arange(max(upto) + 1), torch.tensor(upto)[:, None]
+                mask = (seen[None] <= upto_t) & ((seen[None] < len(prompt)) | (seen[None] >= torch.tensor(branch)[:, None]))
+            segments.append(Segment(slot.index, start, len(tokens), mask[None, None].to(self.device)))
+            slot_of += [slot.index] * (len(tokens) - start)
+        padding = shape_bucket(len(tokens)) - len(tokens)  # a few dozen distinct lengths: kernels keep memory per shape
+        if padding:  # padding tokens: slot 0's scratch column, seeing its key 0 only
+            segments.append(Segment(0, len(tokens), len(tokens) + padding,
+                                    torch.ones(1, 1, padding, 1, dtype=torch.bool, device=self.device)))
+            tokens += [0] * padding
+            positions += [0] * padding
+            write += [self.cache.scratch] * padding
+            slot_of += [0] * padding
+        self.cache.bind_packed(torch.tensor(slot_of, device=self.device), torch.tensor(write, device=self.device),
+                               decode_mask, segments)
+        hidden = self.model(torch.tensor([tokens], device=self.device), self.cache, return_hidden=True,
+                            positions=torch.tensor([positions], device=self.device))[0]  # (N, dim)
         self.stats.prefill_passes += 1
-        rows_of = [slot.index - first for _, slot, _ in batch]
-        needed = torch.cat([hidden[row, chosen] for row, chosen in zip(rows_of, picks)])  # (N, dim)
-        padded = needed.new_zeros(shape_bucket(len(needed)), needed.shape[1])
-        padded[:len(needed)] = needed
-        logits = self.model.lm_head(padded)[:len(needed)].float()
-        outputs, offset = [], 0
+        self.stats.decode_steps += bool(decoding)
+        rows = list(decoding)  # a decode row's token is the token at its slot index
+        needed = rows + [segment.start + i for segment, chosen in zip(segments, picks) for i in chosen]
+        logits = self._logits(hidden[needed])
+        outputs = self._advance(decoding, logits[:len(rows)])
+        offset = len(rows)
         for (sequence, slot, reused), chosen in zip(batch, picks):
             request, prompt = sequence.request, sequence.request.prompt_ids
             slot.computed = len(prompt)  # branches lie past the prompt: the prefix cache keeps the prompt only
@@ -395,10 +403,10 @@ class Engine:
             prompt_logprobs = continuation_logprobs = None
             if request.continuations is not None:
                 logprobs, continuation_logprobs = torch.log_softmax(part, dim=-1), []
-                for tokens in request.continuations:
+                for branch_tokens in request.continuations:
                     continuation_logprobs.append([_logprob_entry(row_lp, token, 1)
-                                                  for row_lp, token in zip(logprobs[:len(tokens)], tokens)])
-                    logprobs = logprobs[len(tokens):]
+                                                  for row_lp, token in zip(logprobs[:len(branch_tokens)], branch_tokens)])
+                    logprobs = logprobs[len(branch_tokens):]
             elif request.prompt_logprobs is not None:
                 start = reused + chosen[0] + 1  # the first prompt index scored
                 logprobs = torch.log_softmax(part[:-1], dim=-1)
@@ -412,32 +420,48 @@ class Engine:
             outputs.append(output)
         return outputs
 
+    def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """fp32 logits of final hidden states (N, dim), the product padded to a bucketed row count."""
+        padded = hidden.new_zeros(shape_bucket(len(hidden)), hidden.shape[1])
+        padded[:len(hidden)] = hidden
+        return self.model.lm_head(padded)[:len(hidden)].float()
+
     # ---- decoding -------------------------------------------------------------------------------
 
-    def _decode(self) -> list[RequestOutput]:
-        """One token for every running row, in one forward pass over slots 0..B-1."""
-        rows = {s.slot.index: s for s in self.running.values() if s.pending is not None}
-        span = max(rows) + 1
-        batch = next(b for b in self.decode_buckets if b >= span)
-        ids, positions, write = [0] * batch, [0] * batch, [self.cache.scratch] * batch  # padding rows
-        for index, sequence in rows.items():
+    def _decode_rows(self, decoding: dict[int, _Sequence]) -> tuple[list[int], list[int], list[int]]:
+        """(token, position, cache index) of slots 0..B-1 for one decode step, B the bucket that spans
+        the running rows; slots without a running row are padding (token 0 at position 0, written to
+        the scratch column)."""
+        batch = next(b for b in self.decode_buckets if b > max(decoding))
+        ids, positions, write = [0] * batch, [0] * batch, [self.cache.scratch] * batch
+        for index, sequence in decoding.items():
             ids[index] = sequence.pending
             positions[index] = write[index] = len(sequence.slot.tokens)
-        kv_len = max(positions) + 1
+        return ids, positions, write
+
+    def _decode(self, decoding: dict[int, _Sequence]) -> list[RequestOutput]:
+        """One token for every running row, in one forward pass over slots 0..B-1 (fixed shapes: the
+        pass a compiled step runs)."""
+        ids, positions, write = self._decode_rows(decoding)
         ids_t = torch.tensor(ids, device=self.device)[:, None]  # (B, 1)
         positions_t = torch.tensor(positions, device=self.device)[:, None]  # (B, 1)
-        self.cache.bind(0, torch.tensor(write, device=self.device)[:, None], kv_len)
+        self.cache.bind(torch.tensor(write, device=self.device)[:, None], max(positions) + 1)
         step = self.decode_step or self.model
-        logits = step(ids_t, self.cache, positions=positions_t, mask=attention_mask(positions_t, kv_len))
-        logits = logits[:, -1].float()  # (B, V)
+        logits = step(ids_t, self.cache, positions=positions_t, mask=attention_mask(positions_t, max(positions) + 1))
         self.stats.decode_steps += 1
+        return self._advance(decoding, logits[list(decoding), -1].float())
+
+    def _advance(self, decoding: dict[int, _Sequence], logits: torch.Tensor) -> list[RequestOutput]:
+        """Feed each running row's pending token to its slot and sample the next from fp32 ``logits``
+        (one row per entry of ``decoding``, in its order)."""
+        rows = dict(enumerate(decoding.values()))
         drawn = self._draw_together(rows, logits)
         outputs = []
-        for index, sequence in rows.items():
+        for i, sequence in rows.items():
             sequence.slot.tokens.append(sequence.pending)
             sequence.slot.computed = len(sequence.slot.tokens)
             sequence.pending = None
-            outputs.append(self._sample(sequence, logits[index], drawn.get(index)))
+            outputs.append(self._sample(sequence, logits[i], drawn.get(i)))
         return outputs
 
     def _draw_together(self, rows: dict[int, _Sequence], logits: torch.Tensor) -> dict[int, int]:
@@ -543,13 +567,6 @@ def _branch_tokens(request: Request) -> int:
 def _new_tokens(request: Request, reused: int) -> int:
     """The tokens a request puts through its prefill: its prompt after the reused prefix, and its branches."""
     return len(request.prompt_ids) - reused + _branch_tokens(request)
-
-
-def _fits(batch: list, width: int, new: int) -> bool:
-    """Whether a prompt of ``new`` tokens may join a prefill of rows up to ``width`` tokens: padding to
-    the longest row must not waste more than half the pass."""
-    real = sum(_new_tokens(seq.request, reused) for seq, _, reused in batch) + new
-    return (len(batch) + 1) * max(width, new) <= 2 * real
 
 
 def _logprob_entry(logprobs: torch.Tensor, token: int, top: int) -> TokenLogprob:

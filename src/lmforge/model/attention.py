@@ -133,7 +133,10 @@ class Attention(nn.Module):
             if rotary is not None:
                 q, k = rotate(q, *rotary), rotate(k, *rotary)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, T, heads, D) -> (B, heads, T, D)
-        if cache is not None:
-            k, v = cache.update(self.layer, k, v)  # (B, Hkv, start+T, D)
-        out = BACKENDS[self.backend](q, k, v, self.dropout, self.training, mask)  # (B, H, T, D)
+        if cache is not None and cache.attends:  # a packed pass of the batched engine: the cache knows each row's keys
+            out = cache.attend(self.layer, q, k, v, BACKENDS[self.backend])
+        else:
+            if cache is not None:
+                k, v = cache.update(self.layer, k, v)  # (B, Hkv, start+T, D)
+            out = BACKENDS[self.backend](q, k, v, self.dropout, self.training, mask)  # (B, H, T, D)
         return self.o_proj(out.transpose(1, 2).reshape(batch, seq_len, self.num_heads * self.head_dim))

@@ -12,6 +12,8 @@ import torch
 
 
 class KVCache:
+    attends = False  # the model attends over what update returns (see SlotKVCache.attend for the other way)
+
     def __init__(self, num_layers: int, batch_size: int, max_len: int, num_kv_heads: int, head_dim: int,
                  dtype: torch.dtype, device: torch.device | str = "cpu"):
         shape = (batch_size, num_kv_heads, max_len, head_dim)
