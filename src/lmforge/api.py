@@ -203,6 +203,9 @@ def load(path: str | Path, device: str = "auto", dtype: str = "auto", attention:
         dtype = "fp32"  # 16-bit storage means fp32 arithmetic, even where "auto" would pick bf16
     runtime = Runtime.resolve(device, dtype, attention)
     model = load_model(path, device=runtime.device, attention=runtime.attention)
+    if not model.config.causal:
+        raise InputError(f"{path} is an encoder (every token sees the whole text): it does not generate; "
+                         "load it with lmforge.embed.load for embeddings")
     if model.config.head != "lm":
         raise InputError(f"{path} has the {model.config.head!r} head (a reward model), not next-token logits: "
                          "load it with lmforge.checkpoint.load_model and score with lmforge.model.heads")

@@ -72,6 +72,37 @@ def cmd_tokenizer_train(args: argparse.Namespace) -> None:
     print(f"wrote {out} ({tokenizer.vocab_size} tokens)")
 
 
+def cmd_embed(args: argparse.Namespace) -> None:
+    import numpy as np
+
+    from lmforge.embed import load
+
+    texts = list(args.texts)
+    if args.input:
+        path = Path(args.input)
+        if not path.is_file():
+            raise InputError(f"--input {path}: no such file")
+        texts += [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if not texts:
+        raise InputError("give texts to embed, or --input FILE with one text per line")
+    embedder = load(args.model, device=args.device, dtype=args.dtype)
+    vectors = embedder.encode(texts, batch_size=args.batch_size, progress=len(texts) > 64)
+    if args.out:
+        np.save(args.out, vectors)
+        print(f"wrote {len(texts)} vectors of dim {embedder.dim} to {args.out}")
+        return
+    print(f"{len(texts)} text(s), dim {embedder.dim}, {embedder.pooling} pooling"
+          f"{', normalized' if embedder.normalize else ''}")
+    for text, vector in zip(texts, vectors):
+        print(f"  {' '.join(f'{v:+.3f}' for v in vector[:6])} ...  {text[:60]!r}")
+    if 1 < len(texts) <= 12:
+        norms = np.linalg.norm(vectors, axis=1, keepdims=True).clip(min=1e-12)
+        similarity = (vectors / norms) @ (vectors / norms).T
+        print("cosine similarity:")
+        for i, row in enumerate(similarity):
+            print(f"  [{i}] " + " ".join(f"{v:5.2f}" for v in row))
+
+
 def cmd_tokenize(args: argparse.Namespace) -> None:
     from lmforge.tokenizer import Tokenizer, format_tokens
 
@@ -144,6 +175,13 @@ def cmd_pretrain(args: argparse.Namespace) -> None:
 
     train_config = build(TrainConfig, args, base=load_json(args.train_config) if args.train_config else None)
     tokenizer = Tokenizer.from_file(_tokenizer_path(args.tokenizer))
+    mlm = args.objective == "mlm"
+    if args.nsp and not mlm:
+        raise InputError("--nsp (next-sentence prediction) goes with --objective mlm")
+    if mlm and train_config.sample_every:
+        raise InputError("--sample-every shows generated text: an encoder trained with --objective mlm does not generate")
+    if args.preset is None:
+        args.preset = "bert-small" if mlm else "cpu-small"
     ckpt = checkpoint_dir(train_config)
     torch.manual_seed(train_config.seed)
     if args.resume:
@@ -156,13 +194,27 @@ def cmd_pretrain(args: argparse.Namespace) -> None:
             raise InputError(f"--seq-len {train_config.seq_len} exceeds {args.init_from}'s max_seq_len "
                              f"{model.config.max_seq_len}")
     else:
-        model = DecoderLM(_model_config(args, {"vocab_size": tokenizer.vocab_size,
-                                               "max_seq_len": train_config.seq_len}))
+        extra = {"vocab_size": tokenizer.vocab_size, "max_seq_len": train_config.seq_len}
+        if args.nsp:
+            extra["head"] = "mlm+nsp"
+        model = DecoderLM(_model_config(args, extra))
     if model.config.vocab_size < tokenizer.vocab_size:
         raise InputError(f"vocab_size={model.config.vocab_size} is smaller than the tokenizer's {tokenizer.vocab_size}")
+    if mlm != (not model.config.causal) or (mlm and not model.config.head.startswith("mlm")):
+        raise InputError(f"--objective {args.objective} needs " + ("an encoder with a masked-LM head (causal=false, "
+                         "head mlm or mlm+nsp: --preset bert-small)" if mlm else "a causal decoder with head lm")
+                         + f"; this model has causal={model.config.causal}, head {model.config.head!r}")
+    if args.nsp and model.config.head != "mlm+nsp":
+        raise InputError(f"--nsp needs the mlm+nsp head; this model has {model.config.head!r}")
     shards = Path(args.shards)
-    stage = PretrainStage(load_shard(shards, "train"), train_config.seq_len, train_config.seed,
-                          val_tokens=load_shard(shards, "val"), token_bytes=tokenizer.token_byte_lengths())
+    if mlm:
+        from lmforge.train.mlm import MaskedLMStage
+
+        stage = MaskedLMStage(load_shard(shards, "train"), train_config.seq_len, train_config.seed,
+                              tokenizer.vocab_size, val_tokens=load_shard(shards, "val"), nsp=args.nsp)
+    else:
+        stage = PretrainStage(load_shard(shards, "train"), train_config.seq_len, train_config.seed,
+                              val_tokens=load_shard(shards, "val"), token_bytes=tokenizer.token_byte_lengths())
     sample_fn = None
     if train_config.sample_every:
         from lmforge.eval.samples import sample_texts
@@ -563,6 +615,17 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_tokenizer_train)
 
+    p = sub.add_parser("embed", help="sentence embeddings from an encoder (all-minilm-l6-v2, a BERT directory, "
+                                     "or a checkpoint from pretrain --objective mlm)")
+    p.add_argument("model", help="encoder: all-minilm-l6-v2, a BERT / sentence-transformers directory or a checkpoint")
+    p.add_argument("texts", nargs="*", help="texts to embed")
+    p.add_argument("--input", help="a file with one text per line")
+    p.add_argument("--out", help="write the vectors here (.npy) instead of printing them")
+    p.add_argument("--batch-size", type=int, default=32, help="texts encoded together")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, mps")
+    p.add_argument("--dtype", default="fp32", help="fp32 (the reference vectors), bf16 or auto")
+    p.set_defaults(func=cmd_embed)
+
     p = sub.add_parser("tokenize", help="show the tokens of a text, their ids and the count")
     p.add_argument("text", help="the text ('-' reads standard input)")
     p.add_argument("--tokenizer", help="tokenizer.json or a checkpoint folder (default: the last speedrun's)")
@@ -578,10 +641,17 @@ def make_parser() -> argparse.ArgumentParser:
     add_arguments(p, ModelConfig)
     p.set_defaults(func=cmd_model_info)
 
-    p = sub.add_parser("pretrain", help="next-token pretraining on token shards")
+    p = sub.add_parser("pretrain", help="pretraining on token shards: next-token (a decoder) or masked-token "
+                                        "(an encoder, --objective mlm)")
     p.add_argument("--shards", required=True, help="folder from `data shard`")
     p.add_argument("--tokenizer", help="tokenizer.json (default: the last speedrun's)")
-    p.add_argument("--preset", default="cpu-small", help="named model shape")
+    p.add_argument("--objective", choices=["clm", "mlm"], default="clm",
+                   help="clm: next-token prediction (a decoder); mlm: masked-token prediction, BERT's 15%% of "
+                        "positions, 80/10/10 masked/random/kept (an encoder)")
+    p.add_argument("--nsp", action="store_true", help="with --objective mlm: also next-sentence prediction "
+                                                      "(sentence pairs, the mlm+nsp head)")
+    p.add_argument("--preset", default=None, help="named model shape (default: cpu-small; bert-small with "
+                                                  "--objective mlm)")
     p.add_argument("--model-config", help="JSON file of ModelConfig fields")
     p.add_argument("--train-config", help="JSON file of TrainConfig fields")
     p.add_argument("--resume", action="store_true", help="continue from <out-dir>/checkpoint")

@@ -226,3 +226,16 @@ def test_saved_json_is_plain_tokenizers_format(tokenizer: Tokenizer, tmp_path) -
     assert config["model"]["type"] == "BPE" and config["model"]["ignore_merges"] is True
     assert [t["content"] for t in config["added_tokens"]] == list(SPECIAL_TOKENS)
     assert all(t["special"] for t in config["added_tokens"])
+
+
+def test_a_tokenizer_trained_before_the_mask_token_still_loads(tokenizer: Tokenizer) -> None:
+    """The mask token took reserved slot 8: a tokenizer file that still names it <|reserved_0|> loads,
+    encodes the same, and id 8 still means the mask."""
+    from lmforge.tokenizer.special import MASK
+
+    assert tokenizer.id_to_token(8) == MASK
+    older = Tokenizer.from_str(tokenizer.to_str().replace(MASK, "<|reserved_0|>"))
+    assert older.id_to_token(8) == "<|reserved_0|>" and older.special_ids[MASK] == 8
+    assert older.encode("hello <|mask|> world") == tokenizer.encode("hello <|mask|> world")
+    with pytest.raises(InputError, match="not an lmforge tokenizer"):
+        Tokenizer.from_str(tokenizer.to_str().replace(MASK, "<|other|>"))

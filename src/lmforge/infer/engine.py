@@ -135,6 +135,8 @@ class Engine:
                  decode_buckets: Sequence[int] | None = None):
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be at least 1, got {max_batch_size}")
+        if not model.config.causal:
+            raise ValueError("this model is an encoder (every token sees the whole text): it does not generate")
         self.model, self.runtime, self.decode_step = model, runtime, decode_step
         self.context = min(context or model.config.max_seq_len, model.config.max_seq_len)
         self.cache = SlotKVCache.for_model(model, max_batch_size, self.context)

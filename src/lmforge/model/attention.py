@@ -1,4 +1,5 @@
-"""Causal multi-head self-attention with separate key/value heads (MHA, GQA, MQA).
+"""Multi-head self-attention with separate key/value heads (MHA, GQA, MQA): causal in a decoder,
+bidirectional in an encoder (``ModelConfig.causal``).
 
 Two backends compute the same thing: "sdpa" calls PyTorch's fused
 ``scaled_dot_product_attention``; "eager" spells out softmax(q k^T / sqrt(d) + mask) v
@@ -30,28 +31,33 @@ def causal_mask(num_queries: int, num_keys: int, device: torch.device) -> torch.
     return k <= q + offset
 
 
-def packed_mask(segments: torch.Tensor) -> torch.Tensor:
-    """(B, 1, T, T) boolean mask for packed sequences: causal, and only within one's own segment.
+def packed_mask(segments: torch.Tensor, causal: bool = True) -> torch.Tensor:
+    """(B, 1, T, T) boolean mask for packed sequences: only within one's own segment, and causal
+    unless ``causal`` is false (an encoder).
 
     segments (B, T): which packed example each position belongs to (equal ids, contiguous runs).
     """
     seq_len = segments.shape[1]
     same = segments[:, :, None] == segments[:, None, :]  # (B, T, T)
-    return (same & causal_mask(seq_len, seq_len, segments.device))[:, None]
+    if causal:
+        same = same & causal_mask(seq_len, seq_len, segments.device)
+    return same[:, None]
 
 
 def eager_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout: float = 0.0,
-                    training: bool = False, mask: torch.Tensor | None = None) -> torch.Tensor:
+                    training: bool = False, mask: torch.Tensor | None = None, causal: bool = True) -> torch.Tensor:
     """Reference attention. q (B, H, Tq, D); k, v (B, Hkv, Tk, D) -> (B, H, Tq, D).
 
-    ``mask`` (B, 1, Tq, Tk), True where allowed, replaces the causal mask (packed sequences).
+    ``mask`` (B, 1, Tq, Tk), True where allowed, replaces the causal mask (packed sequences,
+    padding). Without a mask, ``causal=False`` lets every query see every key (an encoder).
     """
     groups = q.shape[1] // k.shape[1]
     k = k.repeat_interleave(groups, dim=1)  # (B, H, Tk, D): each kv head serves `groups` query heads
     v = v.repeat_interleave(groups, dim=1)
     scores = (q @ k.transpose(-2, -1)).float() / math.sqrt(q.shape[-1])  # (B, H, Tq, Tk)
-    allowed = mask if mask is not None else causal_mask(q.shape[2], k.shape[2], q.device)
-    scores = scores.masked_fill(~allowed, float("-inf"))
+    allowed = mask if mask is not None or not causal else causal_mask(q.shape[2], k.shape[2], q.device)
+    if allowed is not None:
+        scores = scores.masked_fill(~allowed, float("-inf"))
     weights = torch.softmax(scores, dim=-1).to(v.dtype)
     weights = F.dropout(weights, p=dropout, training=training)
     return weights @ v
@@ -78,14 +84,14 @@ def one_query_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask:
 
 
 def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout: float = 0.0,
-                   training: bool = False, mask: torch.Tensor | None = None) -> torch.Tensor:
+                   training: bool = False, mask: torch.Tensor | None = None, causal: bool = True) -> torch.Tensor:
     """Fused attention, same contract as :func:`eager_attention`."""
     num_queries, num_keys = q.shape[2], k.shape[2]
     gqa = q.shape[1] != k.shape[1]
     p = dropout if training else 0.0
     if mask is not None and num_queries == 1 and not training:
         return one_query_attention(q, k, v, mask)
-    if mask is not None:
+    if mask is not None or not causal:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p, enable_gqa=gqa)
     if num_queries == num_keys:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=p, enable_gqa=gqa)
@@ -112,6 +118,7 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(config.num_heads * config.head_dim, config.dim, bias=config.bias)
         self.rope = rope
         self.backend = backend
+        self.causal = config.causal
         self.qkv = None  # the three projections as one product, for inference (lmforge.model.fused)
 
     def forward(self, x: torch.Tensor, cache: KVCache | None = None, rotary: tuple | None = None,
@@ -138,5 +145,5 @@ class Attention(nn.Module):
         else:
             if cache is not None:
                 k, v = cache.update(self.layer, k, v)  # (B, Hkv, start+T, D)
-            out = BACKENDS[self.backend](q, k, v, self.dropout, self.training, mask)  # (B, H, T, D)
+            out = BACKENDS[self.backend](q, k, v, self.dropout, self.training, mask, self.causal)  # (B, H, T, D)
         return self.o_proj(out.transpose(1, 2).reshape(batch, seq_len, self.num_heads * self.head_dim))

@@ -1,7 +1,9 @@
-"""The model's shape: every concept of the decoder-only Transformer is a field here.
+"""The model's shape: every concept of the Transformer is a field here.
 
-Defaults are the modern choices (RoPE, RMSNorm, SwiGLU, grouped-query attention)
-so that a model maps onto the Llama layout. Presets name whole shapes.
+Defaults are the modern decoder's choices (RoPE, RMSNorm, SwiGLU, grouped-query
+attention) so that a model maps onto the Llama layout. ``causal=False`` with
+``norm_position="post"``, learned positions, segment embeddings and an ``mlm`` head is
+the encoder-only form (BERT). Presets name whole shapes.
 """
 
 from __future__ import annotations
@@ -16,13 +18,14 @@ from lmforge.settings import field
 
 POSITIONS = ("rope", "learned", "sinusoidal")
 NORMS = ("rmsnorm", "layernorm")
-ACTIVATIONS = ("swiglu", "gelu", "relu")
-HEADS = ("lm", "score", "lm+value")
+ACTIVATIONS = ("swiglu", "gelu", "gelu_erf", "relu")
+HEADS = ("lm", "score", "lm+value", "mlm", "mlm+nsp", "hidden")
+NORM_POSITIONS = ("pre", "post")
 
 
 @dataclass
 class ModelConfig:
-    """Hyper-parameters of a decoder-only Transformer language model."""
+    """Hyper-parameters of a Transformer: a decoder-only language model, or (``causal=False``) an encoder."""
 
     vocab_size: int = field(8192, "number of token ids (the tokenizer's vocabulary)")
     max_seq_len: int = field(512, "longest sequence the model attends over")
@@ -32,8 +35,15 @@ class ModelConfig:
     num_kv_heads: int = field(2, "key/value heads: =num_heads is MHA, 1 is MQA, between is GQA")
     head_dim: int = field(0, "width of one head; 0 means dim // num_heads")
     ffn_dim: int = field(0, "hidden width of the feed-forward network; 0 derives it from dim")
-    activation: str = field("swiglu", "feed-forward network: swiglu, gelu or relu")
+    activation: str = field("swiglu", "feed-forward network: swiglu, gelu (tanh approximation, GPT-2), "
+                                      "gelu_erf (exact, BERT) or relu")
     norm: str = field("rmsnorm", "normalization: rmsnorm or layernorm")
+    norm_position: str = field("pre", "pre: x + f(norm(x)) and a final norm (GPT-2, Llama); post: norm(x + f(x)), "
+                                      "the embeddings normalized and no final norm (the original Transformer, BERT)")
+    causal: bool = field(True, "each position attends to earlier ones only (a decoder); false: to every position "
+                               "(an encoder, BERT)")
+    type_vocab_size: int = field(0, "segment (token type) embeddings added to the tokens' (BERT: 2, for sentence "
+                                    "A and B); 0: none")
     norm_eps: float = field(1e-5, "epsilon inside the normalization")
     position: str = field("rope", "positional encoding: rope, learned or sinusoidal")
     rope_theta: float = field(10000.0, "RoPE base frequency")
@@ -45,8 +55,11 @@ class ModelConfig:
     qkv_bias: bool = field(False, "add biases to the query/key/value projections only (Qwen2)")
     dropout: float = field(0.0, "dropout on embeddings, attention weights and residual branches")
     init_std: float = field(0.02, "standard deviation of the initial weights")
-    head: str = field("lm", "output head: lm (next-token logits), score (one scalar per position: a reward model) "
-                                 "or lm+value (logits, and a value head beside them: a PPO policy in training)")
+    head: str = field("lm", "output head: lm (next-token logits), score (one scalar per position: a reward model), "
+                            "lm+value (logits, and a value head beside them: a PPO policy in training), mlm "
+                            "(masked-token logits: BERT's transform then the tied output layer), mlm+nsp (and a "
+                            "next-sentence classifier on the pooled first token) or hidden (the final hidden "
+                            "states, and the pooler: an encoder for embeddings)")
 
     def __post_init__(self) -> None:
         if self.head_dim == 0:
@@ -63,7 +76,8 @@ class ModelConfig:
         if self.num_heads % self.num_kv_heads:
             raise ValueError(f"num_heads={self.num_heads} must be a multiple of num_kv_heads={self.num_kv_heads}")
         for name, value, allowed in (("position", self.position, POSITIONS), ("norm", self.norm, NORMS),
-                                     ("activation", self.activation, ACTIVATIONS), ("head", self.head, HEADS)):
+                                     ("activation", self.activation, ACTIVATIONS), ("head", self.head, HEADS),
+                                     ("norm_position", self.norm_position, NORM_POSITIONS)):
             if value not in allowed:
                 raise ValueError(f"{name}={value!r}; choose one of {', '.join(allowed)}")
         if self.position == "rope" and self.head_dim % 2:
@@ -72,6 +86,10 @@ class ModelConfig:
             check_rope_scaling(self.rope_scaling)
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        if self.type_vocab_size < 0:
+            raise ValueError(f"type_vocab_size must be at least 0, got {self.type_vocab_size}")
+        if self.head.startswith("mlm") and self.causal:
+            raise ValueError(f"head={self.head!r} predicts masked tokens from both sides: it needs causal=false")
 
     @property
     def attention_kind(self) -> str:
@@ -118,6 +136,10 @@ def check_rope_scaling(scaling: dict) -> None:
         raise ValueError(f"rope_scaling of type {kind!r} needs {', '.join(missing)}")
 
 
+# The encoder-only form as BERT lays it out (transformers' BertModel and its heads read it).
+BERT_LAYOUT = dict(causal=False, norm_position="post", norm="layernorm", norm_eps=1e-12, activation="gelu_erf",
+                   bias=True, position="learned", type_vocab_size=2, head="mlm")
+
 # Named shapes. vocab_size and max_seq_len may be overridden when a preset is used.
 PRESETS: dict[str, dict] = {
     # For tests: runs a forward pass in milliseconds.
@@ -127,6 +149,9 @@ PRESETS: dict[str, dict] = {
     "cpu-base": dict(dim=384, num_layers=8, num_heads=6, num_kv_heads=2, max_seq_len=512),
     # The benchmark shape compared with transformers' LlamaForCausalLM: 42M with a 32k vocabulary.
     "llama-42m": dict(dim=512, num_layers=8, num_heads=8, num_kv_heads=8, max_seq_len=512, vocab_size=32000),
+    # Encoder-only (BERT layout): bidirectional attention, post-norm, learned positions, segment embeddings.
+    "bert-tiny": dict(dim=64, num_layers=2, num_heads=4, num_kv_heads=4, max_seq_len=128, **BERT_LAYOUT),
+    "bert-small": dict(dim=256, num_layers=4, num_heads=4, num_kv_heads=4, max_seq_len=512, **BERT_LAYOUT),
     # GPU sizes.
     "gpu-125m": dict(dim=768, num_layers=12, num_heads=12, num_kv_heads=4, max_seq_len=1024, vocab_size=32768),
     "gpu-350m": dict(dim=1024, num_layers=24, num_heads=16, num_kv_heads=4, max_seq_len=2048, vocab_size=32768),

@@ -1,4 +1,4 @@
-"""The position-wise feed-forward network: ReLU, GELU or SwiGLU."""
+"""The position-wise feed-forward network: ReLU, GELU (tanh approximation or exact) or SwiGLU."""
 
 from __future__ import annotations
 
@@ -30,8 +30,10 @@ class FeedForward(nn.Module):
             else:
                 gate, up = self.gate_proj(x), self.up_proj(x)
             hidden = F.silu(gate) * up
-        elif self.activation == "gelu":
+        elif self.activation == "gelu":  # GPT-2's tanh approximation
             hidden = F.gelu(self.up_proj(x), approximate="tanh")
+        elif self.activation == "gelu_erf":  # x * Phi(x) exactly, as BERT
+            hidden = F.gelu(self.up_proj(x))
         else:
             hidden = F.relu(self.up_proj(x))
         return self.down_proj(hidden)

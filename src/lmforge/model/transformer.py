@@ -1,8 +1,14 @@
-"""The decoder-only Transformer language model.
+"""The Transformer: a decoder-only language model, or with ``causal=False`` an encoder (BERT).
 
-tokens -> embedding (+ absolute positions) -> N x [x + attn(norm(x)); x + ffn(norm(x))]
-       -> final norm -> linear head -> logits over the vocabulary
-Pre-norm residual blocks as in GPT-2/Llama.
+tokens -> embedding (+ absolute positions, + segment embeddings) -> N blocks -> head
+Pre-norm blocks as in GPT-2/Llama: x + attn(norm(x)), x + ffn(norm(x)), then a final norm.
+Post-norm blocks as in the original Transformer and BERT: norm(x + attn(x)), norm(x + ffn(x)),
+with the embeddings normalized first and no final norm.
+
+Heads on the one backbone (``ModelConfig.head``): next-token logits (``lm``), one scalar per
+position (``score``), both (``lm+value``), masked-token logits through BERT's transform (``mlm``),
+and a next-sentence classifier on the pooled first token beside them (``mlm+nsp``), or the
+hidden states themselves (``hidden``, an encoder for embeddings).
 """
 
 from __future__ import annotations
@@ -10,6 +16,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from lmforge.model.attention import Attention, packed_mask
@@ -28,8 +35,15 @@ def positions_in_segments(segments: torch.Tensor) -> torch.Tensor:
     return index - torch.cummax(torch.where(first, index, 0), dim=1).values
 
 
+def padding_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """(B, 1, 1, T) boolean mask from a tokenizer's attention mask (B, T) of 1 (token) and 0 (padding):
+    every query of an encoder sees the row's real tokens only."""
+    return attention_mask.bool()[:, None, None, :]
+
+
 class Block(nn.Module):
-    """One Transformer block: pre-norm attention and pre-norm FFN, each on a residual branch."""
+    """One Transformer block: attention and FFN, each on a residual branch, normalized before the
+    branch (pre-norm) or after the sum (post-norm)."""
 
     def __init__(self, config: ModelConfig, layer: int, rope: RotaryEmbedding | None, attention: str):
         super().__init__()
@@ -38,15 +52,21 @@ class Block(nn.Module):
         self.ffn_norm = make_norm(config.norm, config.dim, config.norm_eps)
         self.ffn = FeedForward(config.dim, config.ffn_dim, config.activation, config.bias)
         self.dropout = nn.Dropout(config.dropout)
+        self.post_norm = config.norm_position == "post"
 
     def forward(self, x: torch.Tensor, cache: KVCache | None, rotary: tuple | None = None,
                 mask: torch.Tensor | None = None) -> torch.Tensor:
+        if self.post_norm:
+            x = self.attn_norm(x + self.dropout(self.attn(x, cache, rotary, mask)))
+            return self.ffn_norm(x + self.dropout(self.ffn(x)))
         x = x + self.dropout(self.attn(self.attn_norm(x), cache, rotary, mask))
         return x + self.dropout(self.ffn(self.ffn_norm(x)))
 
 
 class DecoderLM(nn.Module):
-    """A causal language model. ``forward(ids, cache) -> logits``.
+    """A Transformer on token ids: a causal language model (``forward(ids, cache) -> logits``), or with
+    ``causal=False`` an encoder (``forward(ids, token_types=, mask=)`` -> masked-token logits or hidden
+    states, by its head).
 
     ``attention`` picks the attention backend ("sdpa" or "eager"); it is a runtime
     choice, not part of the saved config.
@@ -65,15 +85,26 @@ class DecoderLM(nn.Module):
         else:
             rope = RotaryEmbedding(config.head_dim, config.max_seq_len, config.rope_theta, config.rope_scaling)
         self.rope = rope  # one table shared by every layer
+        # BERT's segment embeddings: which sentence of a pair a token belongs to
+        self.type_embed = nn.Embedding(config.type_vocab_size, config.dim) if config.type_vocab_size else None
+        post = config.norm_position == "post"
+        self.embed_norm = make_norm(config.norm, config.dim, config.norm_eps) if post else None
         self.dropout = nn.Dropout(config.dropout)
         self.blocks = nn.ModuleList(Block(config, i, rope, attention) for i in range(config.num_layers))
-        self.norm = make_norm(config.norm, config.dim, config.norm_eps)
-        self.lm_head = nn.Linear(config.dim, config.vocab_size, bias=False)
+        self.norm = nn.Identity() if post else make_norm(config.norm, config.dim, config.norm_eps)
+        head = config.head
+        # masked-token logits (BERT): dense + GELU + norm, then the output layer with a bias per token
+        self.mlm_dense = nn.Linear(config.dim, config.dim) if head.startswith("mlm") else None
+        self.mlm_norm = make_norm(config.norm, config.dim, config.norm_eps) if head.startswith("mlm") else None
+        self.lm_head = nn.Linear(config.dim, config.vocab_size, bias=head.startswith("mlm"))
         if config.tie_embeddings:
             self.lm_head.weight = self.embed.weight
         # one scalar per position read off the same backbone: the output of a reward model (head "score"),
         # or a PPO policy's value estimate beside its logits (head "lm+value", read by the PPO stage)
-        self.score = nn.Linear(config.dim, 1, bias=False) if config.head in ("score", "lm+value") else None
+        self.score = nn.Linear(config.dim, 1, bias=False) if head in ("score", "lm+value") else None
+        # the first token's final state through dense + tanh (BERT's pooler), and whether sentence B follows A
+        self.pooler = nn.Linear(config.dim, config.dim) if head in ("mlm+nsp", "hidden") and not config.causal else None
+        self.nsp = nn.Linear(config.dim, 2) if head == "mlm+nsp" else None
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -107,7 +138,8 @@ class DecoderLM(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, cache: KVCache | None = None,
                 return_hidden: bool = False, segments: torch.Tensor | None = None,
-                positions: torch.Tensor | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
+                positions: torch.Tensor | None = None, mask: torch.Tensor | None = None,
+                token_types: torch.Tensor | None = None) -> torch.Tensor:
         """input_ids (B, T) -> logits (B, T, V), scores (B, T) for a model with the "score" head, or the
         final hidden states (B, T, dim).
 
@@ -121,6 +153,9 @@ class DecoderLM(nn.Module):
         ``positions`` (B, T), each token's own position, and ``mask`` (B, 1, T, Tk), True
         where a token may attend to a cached or new key; their cache stores each row's
         keys at its own positions (:class:`lmforge.infer.slot_cache.SlotKVCache`).
+
+        An encoder (``causal=False``) sees the whole row; ``mask`` (B, 1, 1, T) hides padding keys
+        (:func:`padding_mask`), and ``token_types`` (B, T) are the segment ids (0 when omitted).
         """
         batch, seq_len = input_ids.shape
         start = 0
@@ -131,10 +166,16 @@ class DecoderLM(nn.Module):
         if segments is not None:
             if cache is not None:
                 raise ValueError("packed segments are for training and scoring, not for a KV-cached decode")
-            positions, mask = positions_in_segments(segments), packed_mask(segments)
+            positions, mask = positions_in_segments(segments), packed_mask(segments, self.config.causal)
         x = self.embed(input_ids)  # (B, T, dim)
         if self.positions is not None:
             x = x + self.positions(seq_len, start, positions)
+        if self.type_embed is not None:
+            x = x + (self.type_embed(token_types) if token_types is not None else self.type_embed.weight[0])
+        elif token_types is not None:
+            raise ValueError("token_types given, but this model has no segment embeddings (type_vocab_size=0)")
+        if self.embed_norm is not None:
+            x = self.embed_norm(x)
         x = self.dropout(x)
         rotary = None
         if self.rope is not None:  # the tables of these positions, once for every layer, in q's dtype
@@ -146,11 +187,31 @@ class DecoderLM(nn.Module):
         if cache is not None:
             cache.advance(seq_len)
         x = self.norm(x)
-        if return_hidden:
+        if return_hidden or self.config.head == "hidden":
             return x
         if self.config.head == "score":
             return self.score(x).squeeze(-1)  # (B, T)
-        return self.lm_head(x)
+        return self.logits(x)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Token logits of final hidden states (..., dim): the output layer, after BERT's transform for
+        the masked-LM heads."""
+        if self.mlm_dense is not None:
+            hidden = self.mlm_norm(F.gelu(self.mlm_dense(hidden)))
+        return self.lm_head(hidden)
+
+    def next_sentence_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """(B, 2) logits of "sentence B follows A" (index 0) and "B is random" (1), from final hidden
+        states (B, T, dim): BERT's pooler (dense + tanh on the first token) then the classifier."""
+        if self.nsp is None:
+            raise ValueError(f"this model has the {self.config.head!r} head; next-sentence prediction needs mlm+nsp")
+        return self.nsp(self.pooled(hidden))
+
+    def pooled(self, hidden: torch.Tensor) -> torch.Tensor:
+        """BERT's pooled output (B, dim): tanh(dense(first token's final state))."""
+        if self.pooler is None:
+            raise ValueError(f"this model has no pooler (head {self.config.head!r})")
+        return torch.tanh(self.pooler(hidden[:, 0]))
 
     def init_buffers(self, device: torch.device | str | None = None) -> None:
         """Recompute derived tables (RoPE, sinusoidal) on ``device``: after building on "meta"."""

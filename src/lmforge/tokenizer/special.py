@@ -38,7 +38,10 @@ TOOL = "<|tool|>"
 END_OF_TURN = "<|end_of_turn|>"
 """Closes any chat turn; a chat model's generation stops here."""
 
-NUM_RESERVED = 8
+MASK = "<|mask|>"
+"""Stands for a hidden token in masked-language-model training (an encoder, BERT's [MASK])."""
+
+NUM_RESERVED = 7
 """Spare slots kept so that new special tokens do not move the ids of old ones."""
 
 SPECIAL_TOKENS: tuple[str, ...] = (
@@ -50,8 +53,13 @@ SPECIAL_TOKENS: tuple[str, ...] = (
     ASSISTANT,
     TOOL,
     END_OF_TURN,
-) + tuple(f"<|reserved_{index}|>" for index in range(NUM_RESERVED))
+    MASK,
+) + tuple(f"<|reserved_{index}|>" for index in range(1, NUM_RESERVED + 1))
 """All special tokens; the token at position ``i`` has id ``i`` in every lmforge tokenizer."""
+
+FORMER_NAMES: dict[str, str] = {MASK: "<|reserved_0|>"}
+"""The reserved name a special token's slot had before the token took it: tokenizers trained
+earlier hold that name there, and still load (the id means the same)."""
 
 SPECIAL_IDS: dict[str, int] = {text: index for index, text in enumerate(SPECIAL_TOKENS)}
 """Special token string -> its fixed id."""

@@ -33,7 +33,14 @@ from lmforge.errors import InputError
 from lmforge.tokenizer.bytelevel import SPLIT_PATTERN, replace_surrogates, token_string_to_bytes
 from lmforge.tokenizer.chat import LMFORGE_CHAT_TEMPLATE, check_messages, render_template
 from lmforge.tokenizer.fast import build_encoding, merge_order_problem
-from lmforge.tokenizer.special import BEGIN_OF_TEXT, END_OF_TEXT, NUM_SPECIAL, PAD, SPECIAL_TOKENS
+from lmforge.tokenizer.special import (
+    BEGIN_OF_TEXT,
+    END_OF_TEXT,
+    FORMER_NAMES,
+    NUM_SPECIAL,
+    PAD,
+    SPECIAL_TOKENS,
+)
 
 FILE_NAME = "tokenizer.json"
 """The file a tokenizer is saved as inside a checkpoint or run directory."""
@@ -43,7 +50,8 @@ def _pipeline_problem(config: dict[str, Any]) -> str | None:
     """Why ``config`` (parsed tokenizer.json) does not split text like our tiktoken mirror, or ``None``."""
     if config.get("normalizer") is not None:
         return "it has a normalizer"
-    if any(token["content"] not in SPECIAL_TOKENS for token in config.get("added_tokens") or []):
+    known = {*SPECIAL_TOKENS, *FORMER_NAMES.values()}
+    if any(token["content"] not in known for token in config.get("added_tokens") or []):
         return "it has added tokens besides lmforge's special tokens"
     steps = (config.get("pre_tokenizer") or {}).get("pretokenizers") or []
     if len(steps) != 2:
@@ -112,7 +120,8 @@ class Tokenizer:
         id_to_string = sorted(vocab, key=vocab.__getitem__)
         if [vocab[token] for token in id_to_string] != list(range(len(vocab))):
             raise InputError(f"{source}: token ids are not 0..{len(vocab) - 1} without gaps")
-        if tuple(id_to_string[:NUM_SPECIAL]) != SPECIAL_TOKENS:
+        if len(id_to_string) < NUM_SPECIAL or any(found not in (name, FORMER_NAMES.get(name))
+                                                   for found, name in zip(id_to_string, SPECIAL_TOKENS)):
             raise InputError(
                 f"{source}: not an lmforge tokenizer: ids 0..{NUM_SPECIAL - 1} must be the special tokens "
                 f"{', '.join(SPECIAL_TOKENS[:3])}, ... in lmforge's order"

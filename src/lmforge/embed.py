@@ -1,0 +1,164 @@
+"""Sentence embeddings from an encoder: texts in, one unit vector per text out.
+
+    embedder = lmforge.embed.load("all-minilm-l6-v2")        # or any encoder checkpoint / BERT directory
+    vectors = embedder.encode(["How do I open a file?", "with open(path) as f: ..."])  # (2, 384)
+    vectors[0] @ vectors[1]                                   # cosine similarity
+
+An embedder is an encoder (``ModelConfig.causal=False``: every token sees the whole text)
+followed by pooling: the mean of the final hidden states over the text's real tokens
+(padding excluded), or the first token's state (``cls``), then scaled to length 1, so a
+dot product is a cosine similarity. A sentence-transformers directory says which pooling
+and whether to normalize (``modules.json``, ``1_Pooling/config.json``) and how many tokens
+it reads (``sentence_bert_config.json``); lmforge follows it, so all-MiniLM-L6-v2 gives
+the vectors sentence-transformers gives (tests/model/test_embed.py, within 1e-5).
+
+Texts are encoded in batches of similar length (sorted by token count, the longest first),
+so little of each batch is padding; the vectors come back in the order given.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from lmforge.checkpoint import load_model, load_tokenizer
+from lmforge.errors import InputError
+from lmforge.interop.packaged import resolve_model
+from lmforge.model import DecoderLM
+from lmforge.model.fused import fuse_projections
+from lmforge.model.transformer import padding_mask
+from lmforge.runtime import Runtime
+from lmforge.tokenizer.pretrained import PretrainedTokenizer
+
+POOLINGS = ("mean", "cls")
+
+
+@dataclass
+class Embedder:
+    """An encoder, its tokenizer and how its states become one vector per text."""
+
+    model: DecoderLM
+    tokenizer: object
+    runtime: Runtime
+    pooling: str = "mean"
+    normalize: bool = True
+    max_tokens: int = 512
+
+    def __post_init__(self) -> None:
+        check_encoder(self.model)
+        if self.pooling not in POOLINGS:
+            raise InputError(f"pooling {self.pooling!r}; choose one of {', '.join(POOLINGS)}")
+        self.max_tokens = min(self.max_tokens, self.model.config.max_seq_len)
+        if isinstance(self.tokenizer, PretrainedTokenizer):  # lmforge pads and cuts itself (tokenize, _embed)
+            self.tokenizer.hf.no_padding()
+            self.tokenizer.hf.no_truncation()
+
+    @property
+    def dim(self) -> int:
+        return self.model.config.dim
+
+    def tokenize(self, texts: Sequence[str]) -> list[list[int]]:
+        """Token ids of each text with the encoder's framing ([CLS] ... [SEP] for BERT; begin-of-text ...
+        end-of-text for an lmforge tokenizer), cut to ``max_tokens`` (the last token stays the end mark)."""
+        if isinstance(self.tokenizer, PretrainedTokenizer):
+            rows = [e.ids for e in self.tokenizer.hf.encode_batch(list(texts), add_special_tokens=True)]
+        else:
+            rows = [self.tokenizer.encode(text, add_bos=True, add_eos=True) for text in texts]
+        return [ids if len(ids) <= self.max_tokens else ids[:self.max_tokens - 1] + ids[-1:] for ids in rows]
+
+    def encode(self, texts: Sequence[str] | str, batch_size: int = 32, progress: bool = False) -> np.ndarray:
+        """(N, dim) float32 vectors of ``texts`` (one text gives (dim,)), in the order given."""
+        single = isinstance(texts, str)
+        texts = [texts] if single else list(texts)
+        if not texts:
+            return np.zeros((0, self.dim), dtype=np.float32)
+        rows = self.tokenize(texts)
+        order = sorted(range(len(rows)), key=lambda i: -len(rows[i]))
+        out = np.zeros((len(rows), self.dim), dtype=np.float32)
+        with torch.inference_mode(), self.runtime.autocast(), \
+                tqdm(total=len(rows), desc="embedding", unit="text", disable=not progress) as bar:
+            for start in range(0, len(order), batch_size):
+                chosen = order[start:start + batch_size]
+                out[chosen] = self._embed([rows[i] for i in chosen]).cpu().numpy()
+                bar.update(len(chosen))
+        return out[0] if single else out
+
+    def _embed(self, rows: list[list[int]]) -> torch.Tensor:
+        """(B, dim) fp32 vectors of one batch of token-id rows."""
+        width = max(map(len, rows))
+        device = self.runtime.device
+        ids = torch.zeros(len(rows), width, dtype=torch.long)
+        attention = torch.zeros(len(rows), width, dtype=torch.long)
+        for i, row in enumerate(rows):
+            ids[i, :len(row)] = torch.tensor(row)
+            attention[i, :len(row)] = 1
+        ids, attention = ids.to(device), attention.to(device)
+        hidden = self.model(ids, mask=padding_mask(attention), return_hidden=True).float()  # (B, T, dim)
+        if self.pooling == "cls":
+            vectors = hidden[:, 0]
+        else:
+            weights = attention[..., None].float()
+            vectors = (hidden * weights).sum(1) / weights.sum(1).clamp(min=1e-9)
+        if self.normalize:
+            vectors = torch.nn.functional.normalize(vectors, dim=-1)
+        return vectors
+
+
+def load(path: str | Path, device: str = "auto", dtype: str = "fp32", pooling: str | None = None,
+         normalize: bool | None = None, max_tokens: int | None = None) -> Embedder:
+    """An embedder from an encoder checkpoint, a BERT directory (a sentence-transformers folder
+    included) or a packaged model's name (``all-minilm-l6-v2``).
+
+    ``pooling`` / ``normalize`` / ``max_tokens`` default to what a sentence-transformers folder
+    says, else mean pooling, normalized, the model's context. ``dtype`` defaults to fp32: the
+    vectors then match other implementations to about 1e-6; bf16 is faster on CPUs with AMX.
+    """
+    path = resolve_model(path)
+    runtime = Runtime.resolve(device, dtype)
+    model = load_model(path, device=runtime.device).to(runtime.dtype).eval()
+    check_encoder(model, path)
+    fuse_projections(model)  # q, k, v as one product (no gradients are taken here)
+    settings = sentence_transformers_settings(path)
+    return Embedder(model, load_tokenizer(path), runtime,
+                    pooling=pooling or settings.get("pooling", "mean"),
+                    normalize=settings.get("normalize", True) if normalize is None else normalize,
+                    max_tokens=max_tokens or settings.get("max_tokens", model.config.max_seq_len))
+
+
+def check_encoder(model: DecoderLM, source: str | Path = "this model") -> None:
+    if model.config.causal:
+        raise InputError(f"{source}: embeddings need an encoder (causal=false: every token sees the whole "
+                         "text); this is a causal decoder")
+
+
+def sentence_transformers_settings(path: Path) -> dict:
+    """Pooling, normalization and token limit of a sentence-transformers folder ({} for another)."""
+    modules_file = path / "modules.json"
+    if not modules_file.is_file():
+        return {}
+    try:
+        modules = json.loads(modules_file.read_text(encoding="utf-8"))
+        settings: dict = {"normalize": any(m.get("type", "").endswith("Normalize") for m in modules)}
+        for module in modules:
+            if module.get("type", "").endswith("Pooling"):
+                pooling = json.loads((path / module["path"] / "config.json").read_text(encoding="utf-8"))
+                modes = [mode for mode in ("mean", "cls") if pooling.get(f"pooling_mode_{mode}_tokens"
+                                                                          if mode == "mean" else "pooling_mode_cls_token")]
+                others = [k for k, v in pooling.items() if k.startswith("pooling_mode_") and v
+                          and k not in ("pooling_mode_mean_tokens", "pooling_mode_cls_token")]
+                if others or len(modes) != 1:
+                    raise InputError(f"{path / module['path']}: pooling {others or modes} is not supported "
+                                     "(lmforge pools by mean or cls)")
+                settings["pooling"] = modes[0]
+        bert_config = path / "sentence_bert_config.json"
+        if bert_config.is_file():
+            settings["max_tokens"] = json.loads(bert_config.read_text(encoding="utf-8")).get("max_seq_length")
+    except (json.JSONDecodeError, OSError, KeyError) as err:
+        raise InputError(f"{path}: cannot read the sentence-transformers settings: {err}") from err
+    return {k: v for k, v in settings.items() if v is not None}
