@@ -103,6 +103,27 @@ def cmd_embed(args: argparse.Namespace) -> None:
             print(f"  [{i}] " + " ".join(f"{v:5.2f}" for v in row))
 
 
+def cmd_rag_index(args: argparse.Namespace) -> None:
+    from lmforge.rag import index_paths
+
+    report = index_paths(args.paths, args.out, encoder=args.encoder, max_tokens=args.max_tokens,
+                         overlap=args.overlap, batch_size=args.batch_size, progress=not args.quiet)
+    print(f"{args.out}: {report.chunks} chunks from {report.files} files ({report.files_read} read); "
+          f"{report.added} embedded, {report.kept} kept, {report.removed} removed, in {report.seconds:.1f}s")
+
+
+def cmd_rag_search(args: argparse.Namespace) -> None:
+    from lmforge.rag import KnowledgeBase, Retriever
+
+    hits = Retriever(KnowledgeBase(args.kb)).search(args.query, k=args.k, method=args.method)
+    if not hits:
+        print("no chunk matches")
+    for hit in hits:
+        text = " ".join(hit.chunk.text.split())
+        print(f"[{hit.rank}] {hit.score:.4f}  {hit.chunk.title}  ({hit.chunk.source}:{hit.chunk.start}-{hit.chunk.end})")
+        print(f"    {text[:args.width]}{'...' if len(text) > args.width else ''}")
+
+
 def cmd_tokenize(args: argparse.Namespace) -> None:
     from lmforge.tokenizer import Tokenizer, format_tokens
 
@@ -625,6 +646,27 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, mps")
     p.add_argument("--dtype", default="fp32", help="fp32 (the reference vectors), bf16 or auto")
     p.set_defaults(func=cmd_embed)
+
+    rag = sub.add_parser("rag", help="retrieval: index documents into a knowledge base, search it"
+                         ).add_subparsers(dest="action", required=True)
+    p = rag.add_parser("index", help="read, chunk and embed files into a knowledge base (again: update it)")
+    p.add_argument("paths", nargs="+", help="files and folders: text, Markdown, HTML, PDF, source code, JSONL")
+    p.add_argument("--out", required=True, help="the knowledge base folder (created, or updated in place)")
+    p.add_argument("--encoder", default="all-minilm-l6-v2", help="embedding model: all-minilm-l6-v2, a BERT / "
+                                                                 "sentence-transformers directory or an encoder checkpoint")
+    p.add_argument("--max-tokens", type=int, default=256, help="tokens per chunk at most (the encoder's)")
+    p.add_argument("--overlap", type=int, default=32, help="tokens a chunk repeats from the one before")
+    p.add_argument("--batch-size", type=int, default=32, help="chunks embedded together")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_rag_index)
+    p = rag.add_parser("search", help="the chunks of a knowledge base that best match a question")
+    p.add_argument("kb", help="knowledge base folder (from rag index)")
+    p.add_argument("query", help="the question")
+    p.add_argument("-k", type=int, default=5, help="how many chunks")
+    p.add_argument("--method", default="hybrid", choices=["bm25", "dense", "hybrid"],
+                   help="bm25 (keywords), dense (embeddings) or hybrid (both, reciprocal rank fusion)")
+    p.add_argument("--width", type=int, default=160, help="characters of each chunk to show")
+    p.set_defaults(func=cmd_rag_search)
 
     p = sub.add_parser("tokenize", help="show the tokens of a text, their ids and the count")
     p.add_argument("text", help="the text ('-' reads standard input)")

@@ -17,13 +17,13 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from lmforge.checkpoint import is_checkpoint, load_model, load_tokenizer
+from lmforge.data.jsonl import iter_records
 from lmforge.data.tasks import KINDS, Task, is_correct, train_eval_tasks
 from lmforge.errors import InputError
 from lmforge.eval.tasks import model_task_accuracy
@@ -132,26 +132,18 @@ def read_prompts(path: str, system: str) -> list[RLPrompt]:
     from lmforge.tokenizer.chat import check_messages
 
     prompts = []
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{number}"
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise InputError(f"{where}: invalid JSON: {err.msg}") from err
-            if not isinstance(record, dict) or ("prompt" in record) == ("messages" in record):
-                raise InputError(f"{where}: a record needs either 'prompt' (text) or 'messages'")
-            if "prompt" in record:
-                if not isinstance(record["prompt"], str) or not record["prompt"].strip():
-                    raise InputError(f"{where}: 'prompt' must be non-empty text")
-                messages = [{"role": "user", "content": record["prompt"]}]
-            else:
-                messages = check_messages(record["messages"], f"{where}: messages")
-            if system and messages[0]["role"] != "system":
-                messages = [{"role": "system", "content": system}, *messages]
-            prompts.append(RLPrompt(messages, record))
+    for record, where in iter_records(path):
+        if not isinstance(record, dict) or ("prompt" in record) == ("messages" in record):
+            raise InputError(f"{where}: a record needs either 'prompt' (text) or 'messages'")
+        if "prompt" in record:
+            if not isinstance(record["prompt"], str) or not record["prompt"].strip():
+                raise InputError(f"{where}: 'prompt' must be non-empty text")
+            messages = [{"role": "user", "content": record["prompt"]}]
+        else:
+            messages = check_messages(record["messages"], f"{where}: messages")
+        if system and messages[0]["role"] != "system":
+            messages = [{"role": "system", "content": system}, *messages]
+        prompts.append(RLPrompt(messages, record))
     return prompts
 
 

@@ -1,0 +1,96 @@
+"""Finding the chunks that answer a question: BM25, dense, and the two fused.
+
+    retriever = Retriever(KnowledgeBase("runs/kb"))
+    for hit in retriever.search("how does a with statement close a file?", k=5, method="hybrid"):
+        print(hit.rank, hit.score, hit.chunk.title)
+
+- ``bm25``: keyword search (:mod:`lmforge.rag.bm25`): exact words, rare ones weigh most.
+- ``dense``: the question embedded by the knowledge base's encoder, chunks ranked by
+  cosine similarity, searched exactly (one matrix-vector product over all vectors).
+- ``hybrid``: reciprocal rank fusion of the two: a chunk scores ``sum_m w_m / (k0 + rank_m)``
+  over the methods that ranked it in their top ``candidates`` (Cormack et al., 2009; k0 = 60),
+  so a chunk that both methods rank well beats one that only one ranks first, and the
+  methods' incomparable scores never meet.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from lmforge.embed import Embedder
+from lmforge.errors import InputError
+from lmforge.rag.bm25 import bm25_tokens
+from lmforge.rag.store import KnowledgeBase, StoredChunk
+
+METHODS = ("bm25", "dense", "hybrid")
+
+
+@dataclass(frozen=True)
+class Hit:
+    chunk: StoredChunk
+    score: float
+    rank: int  # 1 for the best
+    method: str
+
+
+class Retriever:
+    """Search one knowledge base. ``embedder``: its encoder (loaded from the knowledge base's meta when
+    not given, on the first dense search)."""
+
+    def __init__(self, kb: KnowledgeBase, embedder: Embedder | None = None):
+        self.kb, self._embedder = kb, embedder
+
+    @property
+    def embedder(self) -> Embedder:
+        if self._embedder is None:
+            from lmforge.embed import load
+            from lmforge.rag.index import encoder_fingerprint
+
+            self._embedder = load(self.kb.meta["encoder"])
+            if encoder_fingerprint(self._embedder) != self.kb.meta.get("encoder_fingerprint"):
+                raise InputError(f"{self.kb.path}: the encoder {self.kb.meta['encoder']!r} found now is not the one "
+                                 "that made this knowledge base's vectors; index again")
+        return self._embedder
+
+    def search(self, query: str, k: int = 5, method: str = "hybrid", weights: tuple[float, float] = (1.0, 1.0),
+               candidates: int = 50, rrf_k: int = 60) -> list[Hit]:
+        """The ``k`` best chunks for ``query`` by ``method`` (bm25, dense or hybrid)."""
+        if method not in METHODS:
+            raise InputError(f"unknown retrieval method {method!r}; choose one of {', '.join(METHODS)}")
+        if k < 1:
+            raise InputError(f"k must be at least 1, got {k}")
+        if method == "bm25":
+            return self._hits(self.bm25_scores(query), k, method)
+        if method == "dense":
+            return self._hits(self.dense_scores(query), k, method)
+        fused = np.zeros(len(self.kb))
+        for weight, scores in zip(weights, (self.bm25_scores(query), self.dense_scores(query))):
+            top = _top(scores, candidates)
+            fused[top] += weight / (rrf_k + np.arange(1, len(top) + 1))
+        return self._hits(fused, k, method)
+
+    def bm25_scores(self, query: str) -> np.ndarray:
+        """(N,) BM25 score of every chunk (0 for a chunk without a query word)."""
+        tokens = bm25_tokens(query)
+        if not tokens:
+            return np.zeros(len(self.kb))
+        return np.asarray(self.kb.bm25.get_scores(tokens), dtype=np.float64)
+
+    def dense_scores(self, query: str) -> np.ndarray:
+        """(N,) cosine similarity of every chunk's vector with the query's."""
+        return np.asarray(self.kb.vectors @ self.embedder.encode(query), dtype=np.float64)
+
+    def _hits(self, scores: np.ndarray, k: int, method: str) -> list[Hit]:
+        top = [i for i in _top(scores, k) if method == "dense" or scores[i] > 0]
+        return [Hit(self.kb.chunks[i], float(scores[i]), rank, method) for rank, i in enumerate(top, start=1)]
+
+
+def _top(scores: np.ndarray, k: int) -> np.ndarray:
+    """Indices of the ``k`` largest scores, best first (ties: the lower row first)."""
+    k = min(k, len(scores))
+    if k == 0:
+        return np.zeros(0, dtype=np.int64)
+    part = np.argpartition(-scores, k - 1)[:k]
+    return part[np.lexsort((part, -scores[part]))]

@@ -1,0 +1,120 @@
+"""The knowledge base on disk: chunks and metadata in SQLite, vectors beside them, a BM25 index.
+
+A knowledge base is a folder:
+
+- ``kb.sqlite``: ``meta`` (the encoder that made the vectors and the chunking settings),
+  ``files`` (each indexed file and the SHA-256 of its bytes), ``chunks`` (row, id, file,
+  source, title, start, end, text, tokens), rows numbered 0..N-1 in (file, start) order;
+- ``vectors.npy``: (N, dim) float32 unit vectors, row i the vector of chunk row i;
+- ``bm25/``: the BM25 index of the chunk texts (bm25s), in the same row order.
+
+It is written whole into a sibling folder and then renamed into place, so a run that
+fails leaves the previous knowledge base as it was.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sqlite3
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from lmforge.errors import InputError
+from lmforge.rag.chunk import Chunk
+
+DATABASE, VECTORS, BM25_FOLDER = "kb.sqlite", "vectors.npy", "bm25"
+FORMAT = 1
+
+
+@dataclass(frozen=True)
+class StoredChunk(Chunk):
+    file: str = ""
+    row: int = 0
+
+
+def is_knowledge_base(path: str | Path) -> bool:
+    return (Path(path) / DATABASE).is_file() and (Path(path) / VECTORS).is_file()
+
+
+class KnowledgeBase:
+    """A knowledge base opened for reading: its chunks, vectors, BM25 index and metadata."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        if not is_knowledge_base(self.path):
+            raise InputError(f"{self.path}: not a knowledge base (make one with `lmforge rag index PATHS --out "
+                             f"{self.path}`)")
+        with sqlite3.connect(self.path / DATABASE) as db:
+            self.meta = {key: json.loads(value) for key, value in db.execute("SELECT key, value FROM meta")}
+            if self.meta.get("format") != FORMAT:
+                raise InputError(f"{self.path}: knowledge base format {self.meta.get('format')}, this lmforge reads "
+                                 f"{FORMAT}; index again")
+            self.files = dict(db.execute("SELECT path, hash FROM files"))
+            self.chunks = [StoredChunk(id=r[1], source=r[3], title=r[4], start=r[5], end=r[6], text=r[7], tokens=r[8],
+                                       file=r[2], row=r[0])
+                           for r in db.execute("SELECT row, id, file, source, title, start, end_, text, tokens "
+                                               "FROM chunks ORDER BY row")]
+        self.vectors = np.load(self.path / VECTORS, mmap_mode="r")
+        if len(self.vectors) != len(self.chunks):
+            raise InputError(f"{self.path}: {len(self.chunks)} chunks but {len(self.vectors)} vectors; index again")
+        self._bm25 = None
+
+    def __len__(self) -> int:
+        return len(self.chunks)
+
+    @property
+    def bm25(self):
+        """The BM25 index (bm25s), loaded on first use."""
+        if self._bm25 is None:
+            import bm25s
+
+            self._bm25 = bm25s.BM25.load(str(self.path / BM25_FOLDER))
+        return self._bm25
+
+    def chunks_of(self, file: str) -> list[StoredChunk]:
+        return [c for c in self.chunks if c.file == file]
+
+
+def write_knowledge_base(path: str | Path, meta: dict, files: dict[str, str], chunks: Iterable[tuple[str, Chunk]],
+                         vectors: np.ndarray) -> None:
+    """Write a knowledge base at ``path`` atomically: rows in the order of ``chunks`` ((file, chunk) pairs)."""
+    from lmforge.rag.bm25 import build_bm25
+
+    path = Path(path)
+    chunks = list(chunks)
+    if len(chunks) != len(vectors):
+        raise ValueError(f"{len(chunks)} chunks but {len(vectors)} vectors")
+    tmp = path.with_name(path.name + ".tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    with sqlite3.connect(tmp / DATABASE) as db:
+        db.executescript("""
+            CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+            CREATE TABLE files (path TEXT PRIMARY KEY, hash TEXT NOT NULL);
+            CREATE TABLE chunks (row INTEGER PRIMARY KEY, id TEXT UNIQUE NOT NULL, file TEXT NOT NULL,
+                                 source TEXT NOT NULL, title TEXT NOT NULL, start INTEGER NOT NULL,
+                                 end_ INTEGER NOT NULL, text TEXT NOT NULL, tokens INTEGER NOT NULL);
+            CREATE INDEX chunks_file ON chunks (file);
+        """)
+        db.executemany("INSERT INTO meta VALUES (?, ?)", [(k, json.dumps(v)) for k, v in {**meta, "format": FORMAT}.items()])
+        db.executemany("INSERT INTO files VALUES (?, ?)", sorted(files.items()))
+        db.executemany("INSERT INTO chunks VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                       [(row, c.id, file, c.source, c.title, c.start, c.end, c.text, c.tokens)
+                        for row, (file, c) in enumerate(chunks)])
+    db.close()
+    np.save(tmp / VECTORS, np.ascontiguousarray(vectors, dtype=np.float32))
+    build_bm25([c.text for _, c in chunks]).save(str(tmp / BM25_FOLDER))
+    old = path.with_name(path.name + ".old")
+    if old.exists():
+        shutil.rmtree(old)
+    if path.exists():
+        os.replace(path, old)
+    os.replace(tmp, path)
+    if old.exists():
+        shutil.rmtree(old)

@@ -1,0 +1,194 @@
+"""Knowledge bases: reading, chunking, indexing, updating, searching."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import numpy as np
+import pytest
+
+from lmforge.cli import main
+from lmforge.errors import InputError
+from lmforge.rag import KnowledgeBase, Retriever, index_paths
+from lmforge.rag.bm25 import bm25_tokens
+from lmforge.rag.chunk import chunk_document
+from lmforge.rag.documents import SourceDocument, html_to_text, read_documents
+
+GUIDE = """# Guide
+
+Intro. lmforge trains small language models on a laptop CPU.
+
+## Install
+
+Run the setup script once; it installs PyTorch first.
+
+```bash
+bash scripts/setup.sh
+
+echo done
+```
+
+## Serving
+
+The server speaks the OpenAI API. Point any client at port 8000.
+"""
+CODE = '''"""Helpers."""
+
+
+def area(radius):
+    """The area of a circle."""
+    return 3.14159 * radius ** 2
+
+
+class Stack:
+    """Last in, first out."""
+
+    def push(self, item):
+        self.items.append(item)
+'''
+CHINESE = "机器学习是人工智能的一个分支。它研究计算机怎样模拟人类的学习行为。\n\n长城是中国古代的军事防御工程，全长两万多公里。"
+
+
+def count_words(text: str) -> int:
+    return len(re.findall(r"\w+|[^\w\s]", text))
+
+
+@pytest.fixture(scope="module")
+def embedder():
+    from lmforge.embed import load
+
+    return load("all-minilm-l6-v2", device="cpu")
+
+
+def write_corpus(folder):
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "guide.md").write_text(GUIDE, encoding="utf-8")
+    (folder / "shapes.py").write_text(CODE, encoding="utf-8")
+    (folder / "wall.txt").write_text(CHINESE, encoding="utf-8")
+    (folder / "page.html").write_text("<html><head><style>p{}</style><script>var x</script></head><body>"
+                                      "<h1>Kettles</h1><p>A kettle boils water for tea.</p></body></html>",
+                                      encoding="utf-8")
+    (folder / "faq.jsonl").write_text(json.dumps({"text": "The capital of France is Paris.", "title": "geo"}) + "\n"
+                                      + json.dumps({"text": "Rust has no garbage collector."}) + "\n", encoding="utf-8")
+    (folder / "notes.bin").write_bytes(b"\x00ignored")  # unknown kinds inside a folder are skipped
+    return folder
+
+
+def test_chunks_follow_structure_and_are_spans_of_their_document():
+    document = SourceDocument(GUIDE, "guide.md", "markdown", "guide.md")
+    chunks = chunk_document(document, count_words, max_tokens=20, overlap=4)
+    assert all(GUIDE[c.start:c.end] == c.text and c.tokens <= 20 for c in chunks)
+    assert [c.title for c in chunks][0] == "guide.md > Guide"
+    fence = next(c for c in chunks if "```bash" in c.text)
+    assert fence.text.endswith("```") and fence.title == "guide.md > Guide > Install"  # the code block whole
+    assert {c.title for c in chunks} == {"guide.md > Guide", "guide.md > Guide > Install", "guide.md > Guide > Serving"}
+    assert len({c.id for c in chunks}) == len(chunks)
+    # a paragraph too long for the budget is cut at sentence ends, Chinese ones included
+    chinese = chunk_document(SourceDocument(CHINESE, "wall.txt", "text"), lambda t: len(t), max_tokens=20, overlap=0)
+    assert [c.text for c in chinese[:2]] == ["机器学习是人工智能的一个分支。", "它研究计算机怎样模拟人类的学习行为。"]
+    assert all(len(c.text) <= 20 for c in chinese)  # a 23-character sentence: cut by length
+    assert "".join(CHINESE[c.start:c.end] for c in chinese).replace("\n", "") == CHINESE.replace("\n", "")
+    code = chunk_document(SourceDocument(CODE, "shapes.py", "code", "shapes.py"), count_words, max_tokens=64)
+    assert [c.title for c in code] == ["shapes.py", "shapes.py > def area(radius):", "shapes.py > class Stack:"]
+    # ids follow content: an unchanged paragraph keeps its id when text before it changes
+    edited = chunk_document(SourceDocument("# Guide\n\nA new first line.\n\n" + GUIDE[8:], "guide.md", "markdown",
+                                           "guide.md"), count_words, max_tokens=20, overlap=4)
+    assert {c.id for c in chunks if "OpenAI" in c.text} <= {c.id for c in edited}
+    with pytest.raises(ValueError, match="overlap"):
+        chunk_document(document, count_words, max_tokens=20, overlap=20)
+
+
+def test_readers(tmp_path):
+    write_corpus(tmp_path)
+    assert html_to_text((tmp_path / "page.html").read_text()) == "# Kettles\n\nA kettle boils water for tea."
+    faq = read_documents(tmp_path / "faq.jsonl")
+    assert [(d.source.rsplit(":", 1)[1], d.title) for d in faq] == [("1", "geo"), ("2", "faq.jsonl")]
+    (tmp_path / "bad.jsonl").write_text('{"title": "no text"}\n')
+    with pytest.raises(InputError, match=r"bad.jsonl:1: .*'text'"):
+        read_documents(tmp_path / "bad.jsonl")
+    (tmp_path / "bad.txt").write_bytes(b"fine\n\xff\xfe")
+    with pytest.raises(InputError, match=r"bad.txt:2: invalid UTF-8"):
+        read_documents(tmp_path / "bad.txt")
+    from pypdf import PdfWriter
+
+    writer = PdfWriter()
+    writer.add_blank_page(72, 72)
+    writer.encrypt("secret")
+    with (tmp_path / "locked.pdf").open("wb") as handle:
+        writer.write(handle)
+    with pytest.raises(InputError, match="encrypted"):
+        read_documents(tmp_path / "locked.pdf")
+
+
+def test_index_search_and_update_equal_a_rebuild(tmp_path, embedder):
+    corpus = write_corpus(tmp_path / "docs")
+    kb_path = tmp_path / "kb"
+    first = index_paths([corpus], kb_path, encoder=embedder, max_tokens=64, overlap=8, progress=False)
+    assert first.files == 5 and first.added == first.chunks > 5 and first.kept == first.removed == 0
+    kb = KnowledgeBase(kb_path)
+    assert kb.vectors.shape == (first.chunks, 384)
+    retriever = Retriever(kb, embedder)
+    top = retriever.search("capital of France", k=1, method="bm25")[0]
+    assert "Paris" in top.chunk.text and top.chunk.title == "geo"
+    assert "kettle" in retriever.search("How do I make hot water for a cup of tea?", k=1, method="dense")[0].chunk.text
+    assert "长城" in retriever.search("长城有多长", k=1, method="bm25")[0].chunk.text  # Chinese, no spaces
+    hybrid = retriever.search("OpenAI server port", k=3, method="hybrid")
+    assert "8000" in hybrid[0].chunk.text and [h.rank for h in hybrid] == [1, 2, 3]
+    assert retriever.search("zzzz qqqq", method="bm25") == []  # no word in common: no hit, not a random one
+
+    # change one paragraph, delete a file, add one: only new chunks are embedded
+    (corpus / "guide.md").write_text(GUIDE.replace("port 8000", "port 9000"), encoding="utf-8")
+    (corpus / "shapes.py").unlink()
+    (corpus / "more.md").write_text("# More\n\nTea tastes best with fresh water.\n", encoding="utf-8")
+    update = index_paths([corpus], kb_path, encoder=embedder, max_tokens=64, overlap=8, progress=False)
+    assert update.files_read == 2 and 0 < update.added < 4 and update.removed >= 3 and update.kept > 0
+    rebuilt = index_paths([corpus], tmp_path / "fresh", encoder=embedder, max_tokens=64, overlap=8, progress=False)
+    a, b = KnowledgeBase(kb_path), KnowledgeBase(tmp_path / "fresh")
+    assert [(c.id, c.file, c.title, c.start, c.text) for c in a.chunks] == \
+           [(c.id, c.file, c.title, c.start, c.text) for c in b.chunks]
+    assert a.files == b.files and rebuilt.chunks == update.chunks
+    assert np.abs(np.asarray(a.vectors) - np.asarray(b.vectors)).max() < 1e-5
+    assert "9000" in Retriever(a, embedder).search("server port", k=1, method="bm25")[0].chunk.text
+
+
+def test_bad_input_leaves_the_knowledge_base_intact(tmp_path, embedder):
+    from lmforge.embed import Embedder
+    from lmforge.model import DecoderLM, preset
+    from lmforge.runtime import Runtime
+
+    corpus = write_corpus(tmp_path / "docs")
+    kb_path = tmp_path / "kb"
+    index_paths([corpus], kb_path, encoder=embedder, max_tokens=64, progress=False)
+    before = (kb_path / "kb.sqlite").read_bytes()
+    (corpus / "broken.txt").write_bytes(b"\xff\xfe")
+    with pytest.raises(InputError, match="broken.txt"):
+        index_paths([corpus], kb_path, encoder=embedder, max_tokens=64, progress=False)
+    assert (kb_path / "kb.sqlite").read_bytes() == before
+    other = Embedder(DecoderLM(preset("bert-tiny", vocab_size=30522, head="hidden")).eval(), embedder.tokenizer,
+                     Runtime.resolve("cpu", "fp32"))
+    (corpus / "broken.txt").unlink()
+    with pytest.raises(InputError, match="encoder"):
+        index_paths([corpus], kb_path, encoder=other, max_tokens=64, progress=False)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(InputError, match="no files to index"):
+        index_paths([empty], tmp_path / "kb2", encoder=embedder, progress=False)
+    with pytest.raises(InputError, match="not a knowledge base"):
+        KnowledgeBase(empty)
+
+
+def test_bm25_words_for_chinese_and_english():
+    assert bm25_tokens("Hello, World_2!") == ["hello", "world_2"]
+    assert bm25_tokens("学习") == ["学", "习", "学习"]
+
+
+def test_cli_index_and_search(tmp_path, capsys):
+    corpus = write_corpus(tmp_path / "docs")
+    assert main(["rag", "index", str(corpus), "--out", str(tmp_path / "kb"), "--quiet", "--max-tokens", "64"]) == 0
+    assert "5 files" in capsys.readouterr().out
+    assert main(["rag", "search", str(tmp_path / "kb"), "capital of France", "-k", "2"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("[1]") and "Paris" in out
+    assert main(["rag", "search", str(tmp_path / "nowhere"), "x"]) == 2
+    assert main(["rag", "index", str(tmp_path / "missing"), "--out", str(tmp_path / "kb3")]) == 2
