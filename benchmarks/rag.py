@@ -1,8 +1,10 @@
 """Retrieval building blocks against their peers, in one run: sentence embeddings (lmforge.embed
-against sentence-transformers, the same all-MiniLM-L6-v2 weights).
+against sentence-transformers, the same all-MiniLM-L6-v2 weights), BM25 (lmforge's index against
+bm25s and rank-bm25 on the same words), and query latency at 10k and 100k chunks.
 
-    python benchmarks/rag.py                       # 2,000 texts from the language reference, fp32 and bf16
-    python benchmarks/rag.py --texts 500 --repeats 3
+    python benchmarks/rag.py                       # everything
+    python benchmarks/rag.py --only embed --texts 500
+    python benchmarks/rag.py --only bm25 latency --sizes 10000   # pip install rank-bm25 for its column
 
 The texts are paragraphs of the language reference (``pydoc_data.topics``), which every
 Python installation has, cut to at most 600 characters: a realistic mix of short and long
@@ -13,8 +15,19 @@ reported, with the largest difference between the two sides' vectors. bf16: lmfo
 its weights (``dtype="bf16"``); sentence-transformers loads the model in bf16
 (``model_kwargs={"torch_dtype": torch.bfloat16}``); only where the CPU runs bf16 natively.
 
-Still to come here (issue 12): BM25 against bm25s and rank-bm25, query latency at 10k and
-100k chunks, recall of hybrid retrieval.
+BM25: the chunks are paragraphs of the standard library's docstrings and the language
+reference (``--sizes`` of them, repeated when the text runs out), the queries 200 runs of
+3-5 consecutive words drawn from them. All three score the same words (lmforge's
+:func:`~lmforge.rag.bm25.bm25_tokens`): lmforge (bm25s's Lucene BM25 behind
+``Retriever.bm25_scores`` and a top-k), bm25s called directly (``BM25.retrieve``, the same
+variant: the scores must agree), rank-bm25's ``BM25Okapi`` (another IDF, so its top 10 is
+compared by overlap; it scores in Python, so it gets 20 queries). Build: seconds to index.
+
+Latency: per query, p50 and p95 over 200 queries, of lmforge's three methods on a
+knowledge base of ``--sizes`` chunks with random unit vectors (the dense search cost does
+not depend on what the vectors mean; the query is embedded for real).
+
+Still to come here (issue 12): recall of hybrid retrieval against the single retrievers.
 """
 
 from __future__ import annotations
@@ -44,22 +57,134 @@ def reference_texts(count: int, max_chars: int = 600) -> list[str]:
     return [p[:max_chars] for p in paragraphs[:count]]
 
 
+def corpus_chunks(count: int) -> list[str]:
+    """``count`` paragraphs of stdlib docstrings and the language reference (repeated if needed)."""
+    from lmforge.data.builtin import stdlib_docstrings
+
+    paragraphs = [p.strip() for d in stdlib_docstrings() for p in d.text.split("\n\n") if len(p.split()) >= 8]
+    paragraphs += reference_texts(5000)
+    return [paragraphs[i % len(paragraphs)] for i in range(count)]
+
+
+def make_queries(chunks: list[str], count: int, seed: int = 0) -> list[str]:
+    rng = np.random.default_rng(seed)
+    queries = []
+    while len(queries) < count:
+        words = chunks[int(rng.integers(len(chunks)))].split()
+        size = int(rng.integers(3, 6))
+        if len(words) > size:
+            start = int(rng.integers(len(words) - size))
+            queries.append(" ".join(words[start:start + size]))
+    return queries
+
+
+def bench_bm25(sizes: list[int]) -> None:
+    import bm25s
+
+    from lmforge.rag.bm25 import bm25_tokens, build_bm25
+    from lmforge.rag.retrieve import _top
+
+    try:
+        from rank_bm25 import BM25Okapi
+    except ImportError:
+        BM25Okapi = None
+        print("rank-bm25 is not installed (pip install rank-bm25): its column stays empty")
+    print("\n| chunks | side | build s | queries/s | agreement with lmforge |")
+    print("|---:|---|---:|---:|---|")
+    for size in sizes:
+        chunks = corpus_chunks(size)
+        queries = make_queries(chunks, 200)
+        start = time.perf_counter()
+        ours = build_bm25(chunks)
+        ours_build = time.perf_counter() - start
+        start = time.perf_counter()
+        our_top = [_top(np.asarray(ours.get_scores(bm25_tokens(q)), dtype=np.float64), 10) for q in queries]
+        ours_qps = len(queries) / (time.perf_counter() - start)
+        print(f"| {size} | lmforge (bm25s Lucene behind Retriever) | {ours_build:.2f} | {ours_qps:.0f} | |")
+        tokens = [bm25_tokens(c) or [""] for c in chunks]
+        start = time.perf_counter()
+        direct = bm25s.BM25(k1=1.5, b=0.75, method="lucene")
+        direct.index(tokens, show_progress=False)
+        direct_build = time.perf_counter() - start
+        start = time.perf_counter()
+        found, scores = direct.retrieve([bm25_tokens(q) for q in queries], k=10, show_progress=False)
+        direct_qps = len(queries) / (time.perf_counter() - start)
+        ours_scores = np.array([np.sort(np.asarray(ours.get_scores(bm25_tokens(q))))[::-1][:10] for q in queries])
+        difference = float(np.abs(ours_scores - scores).max())
+        print(f"| {size} | bm25s (retrieve, same words) | {direct_build:.2f} | {direct_qps:.0f} | "
+              f"top-10 scores differ by at most {difference:.1e} |")
+        if BM25Okapi is not None:
+            start = time.perf_counter()
+            okapi = BM25Okapi(tokens)
+            okapi_build = time.perf_counter() - start
+            few = queries[:20]
+            start = time.perf_counter()
+            okapi_top = [np.argsort(-okapi.get_scores(bm25_tokens(q)))[:10] for q in few]
+            okapi_qps = len(few) / (time.perf_counter() - start)
+            overlap = statistics.mean(len(set(a) & set(b)) / 10 for a, b in zip(okapi_top, our_top))
+            print(f"| {size} | rank-bm25 (BM25Okapi, same words, 20 queries) | {okapi_build:.2f} | {okapi_qps:.1f} | "
+                  f"top-10 overlap {overlap:.2f} (Okapi IDF) |")
+
+
+def bench_latency(sizes: list[int]) -> None:
+    import tempfile
+
+    from lmforge.embed import load
+    from lmforge.rag import KnowledgeBase, Retriever
+    from lmforge.rag.chunk import Chunk
+    from lmforge.rag.store import write_knowledge_base
+
+    embedder = load(MODEL, device="cpu")
+    print("\n| chunks | method | p50 ms | p95 ms |")
+    print("|---:|---|---:|---:|")
+    for size in sizes:
+        chunks = corpus_chunks(size)
+        rng = np.random.default_rng(0)
+        vectors = rng.standard_normal((size, embedder.dim)).astype(np.float32)
+        vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+        with tempfile.TemporaryDirectory() as folder:
+            rows = [("corpus", Chunk(f"{i:08d}", "corpus", "", 0, len(t), t, 0)) for i, t in enumerate(chunks)]
+            write_knowledge_base(Path(folder) / "kb", {"encoder": MODEL}, {"corpus": "-"}, rows, vectors)
+            retriever = Retriever(KnowledgeBase(Path(folder) / "kb"), embedder)
+            queries = make_queries(chunks, 200, seed=1)
+            for method in ("bm25", "dense", "hybrid"):
+                retriever.search(queries[0], method=method)  # warm-up
+                times = []
+                for query in queries:
+                    start = time.perf_counter()
+                    retriever.search(query, k=10, method=method)
+                    times.append((time.perf_counter() - start) * 1000)
+                p50, p95 = np.percentile(times, [50, 95])
+                print(f"| {size} | {method} | {p50:.1f} | {p95:.1f} |", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--only", nargs="+", choices=["embed", "bm25", "latency"], default=["embed", "bm25", "latency"])
     parser.add_argument("--texts", type=int, default=2000, help="how many texts to embed")
+    parser.add_argument("--sizes", type=int, nargs="+", default=[10000, 100000], help="chunks for bm25 and latency")
     parser.add_argument("--batch-size", type=int, default=32, help="texts per batch, both sides")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per side (medians reported)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads; 0 keeps torch's default")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    print(f"machine: {machine()}")
+    if "embed" in args.only:
+        bench_embed(args)
+    if "bm25" in args.only:
+        bench_bm25(args.sizes)
+    if "latency" in args.only:
+        bench_latency(args.sizes)
+
+
+def bench_embed(args: argparse.Namespace) -> None:
     from sentence_transformers import SentenceTransformer
 
     from lmforge.embed import load
     from lmforge.interop.packaged import packaged_model_path
 
     texts = reference_texts(args.texts)
-    print(f"machine: {machine()}")
     print(f"{len(texts)} language-reference paragraphs (mean {statistics.mean(map(len, texts)):.0f} characters), "
           f"batch size {args.batch_size}, {args.repeats} repeats")
     rows = []

@@ -124,6 +124,27 @@ def cmd_rag_search(args: argparse.Namespace) -> None:
         print(f"    {text[:args.width]}{'...' if len(text) > args.width else ''}")
 
 
+def cmd_rag_ask(args: argparse.Namespace) -> None:
+    from lmforge.rag import KnowledgeBase, Retriever
+    from lmforge.rag.ask import ask, endpoint_generator, local_generator
+
+    retriever = Retriever(KnowledgeBase(args.kb))
+    if args.base_url:
+        generate = endpoint_generator(args.base_url, model=args.model, api_key=args.api_key)
+    else:
+        from lmforge.api import load
+
+        generate = local_generator(load(args.model or "smollm2-135m-instruct", device=args.device, dtype=args.dtype))
+    answer = ask(retriever, args.question, generate, k=args.k, method=args.method, min_score=args.min_score,
+                 max_new_tokens=args.max_new_tokens)
+    print(answer.text)
+    if answer.sources:
+        print("\nsources:")
+        for number, hit in enumerate(answer.sources, 1):
+            mark = "*" if number in answer.cited else " "
+            print(f" {mark}[{number}] {hit.chunk.title}  ({hit.chunk.source}:{hit.chunk.start}-{hit.chunk.end})")
+
+
 def cmd_tokenize(args: argparse.Namespace) -> None:
     from lmforge.tokenizer import Tokenizer, format_tokens
 
@@ -667,6 +688,21 @@ def make_parser() -> argparse.ArgumentParser:
                    help="bm25 (keywords), dense (embeddings) or hybrid (both, reciprocal rank fusion)")
     p.add_argument("--width", type=int, default=160, help="characters of each chunk to show")
     p.set_defaults(func=cmd_rag_search)
+    p = rag.add_parser("ask", help="answer a question from a knowledge base, citing its sources")
+    p.add_argument("kb", help="knowledge base folder (from rag index)")
+    p.add_argument("question", help="the question")
+    p.add_argument("--model", help="the answering model: checkpoint, HF directory, .gguf or packaged name "
+                                   "(default smollm2-135m-instruct), or with --base-url the served model's name")
+    p.add_argument("--base-url", help="ask an OpenAI-compatible server instead (lmforge serve, llama.cpp, vLLM)")
+    p.add_argument("--api-key", help="with --base-url: its API key")
+    p.add_argument("-k", type=int, default=4, help="chunks given to the model")
+    p.add_argument("--method", default="hybrid", choices=["bm25", "dense", "hybrid"], help="retrieval method")
+    p.add_argument("--min-score", type=float, default=0.3,
+                   help="the best chunk's cosine similarity below which the answer is 'not found'")
+    p.add_argument("--max-new-tokens", type=int, default=256, help="longest answer")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, mps")
+    p.add_argument("--dtype", default="auto", help="auto, bf16, fp32")
+    p.set_defaults(func=cmd_rag_ask)
 
     p = sub.add_parser("tokenize", help="show the tokens of a text, their ids and the count")
     p.add_argument("text", help="the text ('-' reads standard input)")

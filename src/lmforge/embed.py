@@ -29,7 +29,7 @@ from tqdm import tqdm
 
 from lmforge.checkpoint import load_model, load_tokenizer
 from lmforge.errors import InputError
-from lmforge.interop.packaged import resolve_model
+from lmforge.interop.packaged import PACKAGED, resolve_model
 from lmforge.model import DecoderLM
 from lmforge.model.fused import fuse_projections
 from lmforge.model.transformer import padding_mask
@@ -49,6 +49,7 @@ class Embedder:
     pooling: str = "mean"
     normalize: bool = True
     max_tokens: int = 512
+    name: str = ""  # what load() was given (a packaged name or a path): how a knowledge base finds it again
 
     def __post_init__(self) -> None:
         check_encoder(self.model)
@@ -119,6 +120,7 @@ def load(path: str | Path, device: str = "auto", dtype: str = "fp32", pooling: s
     says, else mean pooling, normalized, the model's context. ``dtype`` defaults to fp32: the
     vectors then match other implementations to about 1e-6; bf16 is faster on CPUs with AMX.
     """
+    name = str(path) if str(path) in PACKAGED else str(Path(path).resolve())  # found again from any folder
     path = resolve_model(path)
     runtime = Runtime.resolve(device, dtype)
     model = load_model(path, device=runtime.device).to(runtime.dtype).eval()
@@ -128,7 +130,7 @@ def load(path: str | Path, device: str = "auto", dtype: str = "fp32", pooling: s
     return Embedder(model, load_tokenizer(path), runtime,
                     pooling=pooling or settings.get("pooling", "mean"),
                     normalize=settings.get("normalize", True) if normalize is None else normalize,
-                    max_tokens=max_tokens or settings.get("max_tokens", model.config.max_seq_len))
+                    max_tokens=max_tokens or settings.get("max_tokens", model.config.max_seq_len), name=name)
 
 
 def check_encoder(model: DecoderLM, source: str | Path = "this model") -> None:

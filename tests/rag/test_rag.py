@@ -192,3 +192,35 @@ def test_cli_index_and_search(tmp_path, capsys):
     assert out.startswith("[1]") and "Paris" in out
     assert main(["rag", "search", str(tmp_path / "nowhere"), "x"]) == 2
     assert main(["rag", "index", str(tmp_path / "missing"), "--out", str(tmp_path / "kb3")]) == 2
+
+
+def test_ask_cites_its_sources_and_does_not_guess(tmp_path, embedder, tiny_lm, capsys):
+    from lmforge.checkpoint import model_state, write_checkpoint
+    from lmforge.rag.ask import NOT_FOUND, ask, build_messages
+
+    corpus = write_corpus(tmp_path / "docs")
+    index_paths([corpus], tmp_path / "kb", encoder=embedder, max_tokens=64, progress=False)
+    retriever = Retriever(KnowledgeBase(tmp_path / "kb"), embedder)
+    seen = []
+
+    def answer_with(text):
+        def generate(messages, max_new_tokens):
+            seen.append(messages)
+            return text
+        return generate
+
+    answer = ask(retriever, "What is the capital of France?", answer_with("Paris [1], see also [9]."), k=3)
+    assert answer.found and answer.cited == [1] and len(answer.sources) == 3
+    system = seen[0][0]["content"]
+    assert "[1] geo\nThe capital of France is Paris." in system and "[1] or [2]" in system
+    assert seen[0][1] == {"role": "user", "content": "What is the capital of France?"}
+    assert build_messages("q", answer.sources)[0]["content"] == system
+    # nothing relevant: the model is not asked at all
+    unrelated = ask(retriever, "Which football club won the 1998 cup final?", answer_with("guess"), min_score=0.5)
+    assert (unrelated.found, unrelated.text, unrelated.sources) == (False, NOT_FOUND, []) and len(seen) == 1
+    # the command line, with a local model (random weights: the words are noise, the plumbing is not)
+    write_checkpoint(tmp_path / "model", tiny_lm.model.config, model_state(tiny_lm.model), tiny_lm.tokenizer)
+    assert main(["rag", "ask", str(tmp_path / "kb"), "What is the capital of France?", "--model",
+                 str(tmp_path / "model"), "--max-new-tokens", "4", "--device", "cpu", "--dtype", "fp32"]) == 0
+    out = capsys.readouterr().out
+    assert "sources:" in out and "[1] geo" in out

@@ -241,7 +241,8 @@ class EndpointModel:
             raise InputError(f"{base_url} lists no models; name the one to score (the MODEL argument)")
         self.name = model or models[0]
 
-    def _post(self, route: str, body: dict) -> dict:
+    def post(self, route: str, body: dict) -> dict:
+        """POST ``body`` (with this model's name) to ``route`` under /v1; the JSON answer, InputError otherwise."""
         import httpx
 
         try:
@@ -263,7 +264,7 @@ class EndpointModel:
 
     def _prompt_logprobs(self, text: str) -> tuple[list[int], list[float | None], list[dict | None]]:
         """(text offsets, token log-probs, top log-probs) of ``text``'s tokens, as the server scores them."""
-        choice = self._post("/completions", {"prompt": text, "max_tokens": 1, "echo": True, "logprobs": 1,
+        choice = self.post("/completions", {"prompt": text, "max_tokens": 1, "echo": True, "logprobs": 1,
                                              "temperature": 0.0})["choices"][0]
         logprobs = choice.get("logprobs") or {}
         offsets, values = logprobs.get("text_offset"), logprobs.get("token_logprobs")
@@ -305,10 +306,10 @@ class EndpointModel:
         def reply(prompt: str) -> str:
             body = {"max_tokens": max_new_tokens, "temperature": 0.0, "stop": stops or None}
             if self.chat:
-                answer = self._post("/chat/completions", {"messages": [{"role": "user", "content": prompt}], **body})
+                answer = self.post("/chat/completions", {"messages": [{"role": "user", "content": prompt}], **body})
                 text = answer["choices"][0]["message"].get("content") or ""
             else:
-                text = self._post("/completions", {"prompt": prompt, **body})["choices"][0]["text"]
+                text = self.post("/completions", {"prompt": prompt, **body})["choices"][0]["text"]
             return cut_at_stop(text, list(stop))
 
         return self._map(reply, list(prompts), desc)

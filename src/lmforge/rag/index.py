@@ -63,7 +63,7 @@ def index_paths(paths: list[str | Path], out: str | Path, encoder: str | Embedde
     out = Path(out)
     files = files_under(paths)
     embedder = encoder if isinstance(encoder, Embedder) else load_embedder(encoder)
-    name = encoder if isinstance(encoder, str) else "embedder"
+    name = embedder.name or "embedder"
     fingerprint = encoder_fingerprint(embedder)
     max_tokens = min(max_tokens, embedder.max_tokens - 2)  # room for the encoder's [CLS] and [SEP]
     settings = {"max_tokens": max_tokens, "overlap": overlap}
