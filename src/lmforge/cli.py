@@ -145,6 +145,20 @@ def cmd_rag_ask(args: argparse.Namespace) -> None:
             print(f" {mark}[{number}] {hit.chunk.title}  ({hit.chunk.source}:{hit.chunk.start}-{hit.chunk.end})")
 
 
+def cmd_rag_eval(args: argparse.Namespace) -> None:
+    from lmforge.rag import KnowledgeBase, Retriever
+    from lmforge.rag.evaluate import evaluate_retrieval, format_table, read_questions, sampled_questions
+
+    kb = KnowledgeBase(args.kb)
+    questions = read_questions(args.questions) if args.questions else sampled_questions(kb, args.count, seed=args.seed)
+    results = evaluate_retrieval(Retriever(kb), questions, tuple(args.methods))
+    table = format_table(results, len(questions))
+    print(table)
+    if args.out:
+        Path(args.out).write_text(json.dumps({"questions": len(questions), "results": results}, indent=2) + "\n",
+                                  encoding="utf-8")
+
+
 def cmd_tokenize(args: argparse.Namespace) -> None:
     from lmforge.tokenizer import Tokenizer, format_tokens
 
@@ -703,6 +717,15 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, mps")
     p.add_argument("--dtype", default="auto", help="auto, bf16, fp32")
     p.set_defaults(func=cmd_rag_ask)
+    p = rag.add_parser("eval", help="recall@k, MRR and nDCG@10 of each retriever on questions with known sources")
+    p.add_argument("kb", help="knowledge base folder (from rag index)")
+    p.add_argument("questions", nargs="?", help='JSONL: {"question": ..., "sources": [chunk id, source or file]} '
+                                               "per line (default: questions drawn from the knowledge base)")
+    p.add_argument("--methods", nargs="+", default=["bm25", "dense", "hybrid"], choices=["bm25", "dense", "hybrid"])
+    p.add_argument("--count", type=int, default=100, help="questions drawn when no file is given")
+    p.add_argument("--seed", type=int, default=0, help="which chunks the drawn questions come from")
+    p.add_argument("--out", help="also write the figures here (JSON)")
+    p.set_defaults(func=cmd_rag_eval)
 
     p = sub.add_parser("tokenize", help="show the tokens of a text, their ids and the count")
     p.add_argument("text", help="the text ('-' reads standard input)")

@@ -224,3 +224,34 @@ def test_ask_cites_its_sources_and_does_not_guess(tmp_path, embedder, tiny_lm, c
                  str(tmp_path / "model"), "--max-new-tokens", "4", "--device", "cpu", "--dtype", "fp32"]) == 0
     out = capsys.readouterr().out
     assert "sources:" in out and "[1] geo" in out
+
+
+def test_rag_eval_scores_each_retriever(tmp_path, embedder, capsys):
+    from lmforge.rag.evaluate import Question, evaluate_retrieval, read_questions, sampled_questions
+
+    corpus = write_corpus(tmp_path / "docs")
+    index_paths([corpus], tmp_path / "kb", encoder=embedder, max_tokens=64, progress=False)
+    kb = KnowledgeBase(tmp_path / "kb")
+    retriever = Retriever(kb, embedder)
+    paris = next(c for c in kb.chunks if "Paris" in c.text)
+    questions = [Question("capital of France", (paris.source,)),  # one relevant chunk, found first by every method
+                 Question("Which keyword hides in the text?", ("no-such-file.md", "faq.jsonl"))]
+    results = evaluate_retrieval(retriever, questions[:1])
+    for figures in results.values():
+        assert figures == {"recall@1": 1.0, "recall@5": 1.0, "recall@10": 1.0, "mrr": 1.0, "ndcg@10": 1.0}
+    with pytest.raises(InputError, match="none of its sources"):
+        evaluate_retrieval(retriever, [Question("x", ("no-such-file.md",))])
+    half = evaluate_retrieval(retriever, questions[1:], ("bm25",))["bm25"]
+    assert half["recall@10"] <= 0.5  # one of its two sources does not exist: at most half can be found
+    drawn = sampled_questions(kb, count=5, seed=3)
+    assert drawn == sampled_questions(kb, count=5, seed=3) and len(drawn) == 5
+    assert all(len(q.text.split()) == 6 and q.sources[0] in kb.files for q in drawn)
+    (tmp_path / "qa.jsonl").write_text(json.dumps({"question": "capital of France", "sources": ["faq.jsonl"]}) + "\n")
+    assert read_questions(tmp_path / "qa.jsonl") == [Question("capital of France", ("faq.jsonl",))]
+    (tmp_path / "bad.jsonl").write_text(json.dumps({"question": "no sources"}) + "\n")
+    with pytest.raises(InputError, match=r"bad.jsonl:1: 'sources'"):
+        read_questions(tmp_path / "bad.jsonl")
+    assert main(["rag", "eval", str(tmp_path / "kb"), str(tmp_path / "qa.jsonl"), "--out", str(tmp_path / "r.json")]) == 0
+    assert "| hybrid | 1.000 | 1.000 | 1.000 | 1.000 |" in capsys.readouterr().out
+    assert json.loads((tmp_path / "r.json").read_text())["questions"] == 1
+    assert main(["rag", "eval", str(tmp_path / "kb"), str(tmp_path / "bad.jsonl")]) == 2
