@@ -159,6 +159,21 @@ def cmd_rag_eval(args: argparse.Namespace) -> None:
                                   encoding="utf-8")
 
 
+def cmd_rag_train_retriever(args: argparse.Namespace) -> None:
+    from lmforge.rag.train import train_retriever
+
+    report = train_retriever(args.kb, args.out, encoder=args.encoder, steps=args.steps, batch_size=args.batch_size,
+                             lr=args.lr, questions_per_chunk=args.questions_per_chunk, temperature=args.temperature,
+                             seed=args.seed, progress=not args.quiet)
+    print(f"{report['train_pairs']} training pairs, {report['steps']} steps; {report['test_questions']} held-out "
+          "questions, dense retrieval over the whole knowledge base:")
+    names = list(report["before"])
+    print("| encoder | " + " | ".join(names) + " |\n|---|" + "---:|" * len(names))
+    for label in ("before", "after"):
+        print(f"| {label} | " + " | ".join(f"{report[label][n]:.3f}" for n in names) + " |")
+    print(f"trained encoder: {report['checkpoint']} (index again with --encoder {report['checkpoint']})")
+
+
 def cmd_tokenize(args: argparse.Namespace) -> None:
     from lmforge.tokenizer import Tokenizer, format_tokens
 
@@ -726,6 +741,20 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="which chunks the drawn questions come from")
     p.add_argument("--out", help="also write the figures here (JSON)")
     p.set_defaults(func=cmd_rag_eval)
+    p = rag.add_parser("train-retriever", help="train a dense retriever (dual encoder, in-batch negatives) on "
+                                               "question-passage pairs drawn from a knowledge base")
+    p.add_argument("kb", help="knowledge base folder (from rag index)")
+    p.add_argument("--out", required=True, help="folder for the trained encoder (OUT/checkpoint) and its report")
+    p.add_argument("--encoder", default="all-minilm-l6-v2", help="the encoder to start from (e.g. a checkpoint of "
+                                                                 "pretrain --objective mlm)")
+    p.add_argument("--steps", type=int, default=200, help="optimizer steps")
+    p.add_argument("--batch-size", type=int, default=32, help="pairs per batch (each question's negatives: the rest)")
+    p.add_argument("--lr", type=float, default=5e-5, help="peak learning rate")
+    p.add_argument("--questions-per-chunk", type=int, default=2, help="questions drawn from each chunk")
+    p.add_argument("--temperature", type=float, default=0.05, help="softmax temperature of the similarities")
+    p.add_argument("--seed", type=int, default=0, help="which chunks train and which measure")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_rag_train_retriever)
 
     p = sub.add_parser("tokenize", help="show the tokens of a text, their ids and the count")
     p.add_argument("text", help="the text ('-' reads standard input)")

@@ -37,6 +37,7 @@ from lmforge.runtime import Runtime
 from lmforge.tokenizer.pretrained import PretrainedTokenizer
 
 POOLINGS = ("mean", "cls")
+EMBEDDER_SETTINGS = "embedder.json"  # pooling, normalize, max_tokens of an encoder lmforge trained (rag train-retriever)
 
 
 @dataclass
@@ -92,23 +93,32 @@ class Embedder:
 
     def _embed(self, rows: list[list[int]]) -> torch.Tensor:
         """(B, dim) fp32 vectors of one batch of token-id rows."""
-        width = max(map(len, rows))
-        device = self.runtime.device
-        ids = torch.zeros(len(rows), width, dtype=torch.long)
-        attention = torch.zeros(len(rows), width, dtype=torch.long)
-        for i, row in enumerate(rows):
-            ids[i, :len(row)] = torch.tensor(row)
-            attention[i, :len(row)] = 1
-        ids, attention = ids.to(device), attention.to(device)
-        hidden = self.model(ids, mask=padding_mask(attention), return_hidden=True).float()  # (B, T, dim)
-        if self.pooling == "cls":
-            vectors = hidden[:, 0]
-        else:
-            weights = attention[..., None].float()
-            vectors = (hidden * weights).sum(1) / weights.sum(1).clamp(min=1e-9)
-        if self.normalize:
-            vectors = torch.nn.functional.normalize(vectors, dim=-1)
-        return vectors
+        ids, attention = pad_rows(rows, self.runtime.device)
+        return embed_batch(self.model, ids, attention, self.pooling, self.normalize)
+
+
+def pad_rows(rows: list[list[int]], device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    """Token-id rows right-padded with 0 into (B, T) ids and their (B, T) attention mask (1 = token)."""
+    width = max(map(len, rows))
+    ids = torch.zeros(len(rows), width, dtype=torch.long)
+    attention = torch.zeros(len(rows), width, dtype=torch.long)
+    for i, row in enumerate(rows):
+        ids[i, :len(row)] = torch.tensor(row)
+        attention[i, :len(row)] = 1
+    return ids.to(device), attention.to(device)
+
+
+def embed_batch(model: DecoderLM, ids: torch.Tensor, attention: torch.Tensor, pooling: str = "mean",
+                normalize: bool = True) -> torch.Tensor:
+    """(B, dim) fp32 vectors of a padded batch: the encoder's final states pooled over real tokens (mean)
+    or the first token's (cls), scaled to length 1 when ``normalize``. Differentiable (training uses it)."""
+    hidden = model(ids, mask=padding_mask(attention), return_hidden=True).float()  # (B, T, dim)
+    if pooling == "cls":
+        vectors = hidden[:, 0]
+    else:
+        weights = attention[..., None].float()
+        vectors = (hidden * weights).sum(1) / weights.sum(1).clamp(min=1e-9)
+    return torch.nn.functional.normalize(vectors, dim=-1) if normalize else vectors
 
 
 def load(path: str | Path, device: str = "auto", dtype: str = "fp32", pooling: str | None = None,
@@ -140,7 +150,14 @@ def check_encoder(model: DecoderLM, source: str | Path = "this model") -> None:
 
 
 def sentence_transformers_settings(path: Path) -> dict:
-    """Pooling, normalization and token limit of a sentence-transformers folder ({} for another)."""
+    """Pooling, normalization and token limit of a sentence-transformers folder, or of an encoder lmforge
+    trained (its ``embedder.json``); {} for another."""
+    own = path / EMBEDDER_SETTINGS
+    if own.is_file():
+        try:
+            return json.loads(own.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as err:
+            raise InputError(f"{own}:{err.lineno}: invalid JSON: {err.msg}") from err
     modules_file = path / "modules.json"
     if not modules_file.is_file():
         return {}

@@ -255,3 +255,46 @@ def test_rag_eval_scores_each_retriever(tmp_path, embedder, capsys):
     assert "| hybrid | 1.000 | 1.000 | 1.000 | 1.000 |" in capsys.readouterr().out
     assert json.loads((tmp_path / "r.json").read_text())["questions"] == 1
     assert main(["rag", "eval", str(tmp_path / "kb"), str(tmp_path / "bad.jsonl")]) == 2
+
+
+def test_train_retriever_beats_the_untrained_encoder(tmp_path, embedder):
+    """60 topics, each a document of 3 sentences: 7 words from a pool of 10 shared by every document, and
+    the topic's own word. A random-weight encoder (BERT layout, the MiniLM tokenizer) pools all words
+    alike and is misled by the shared ones; 100 steps of in-batch-negative training on 192 questions
+    drawn from the documents teach it to weigh the rare word, and retrieval for 48 held-out questions
+    improves (MRR 0.51 -> 0.68 when written)."""
+    import torch
+
+    from lmforge.checkpoint import model_state, write_checkpoint
+    from lmforge.embed import load
+    from lmforge.model import DecoderLM, preset
+    from lmforge.rag.train import train_retriever
+
+    rng = np.random.default_rng(0)
+    vocab = sorted(w for w in embedder.tokenizer.hf.get_vocab() if w.isalpha() and w.isascii() and len(w) > 4)[:3000]
+    topics = [str(w) for w in rng.choice(vocab, 60, replace=False)]
+    shared = [w for w in vocab if w not in set(topics)][:10]
+    folder = tmp_path / "docs"
+    folder.mkdir()
+    for topic in topics:
+        sentences = []
+        for _ in range(3):
+            words = [str(w) for w in rng.choice(shared, 7)]
+            words.insert(int(rng.integers(8)), topic)
+            sentences.append(" ".join(words) + ".")
+        (folder / f"{topic}.md").write_text(" ".join(sentences) + "\n")
+    torch.manual_seed(0)
+    model = DecoderLM(preset("bert-tiny", vocab_size=30522, head="hidden", max_seq_len=64))
+    write_checkpoint(tmp_path / "random", model.config, model_state(model), embedder.tokenizer)
+    index_paths([folder], tmp_path / "kb", encoder=str(tmp_path / "random"), max_tokens=48, progress=False)
+    report = train_retriever(tmp_path / "kb", tmp_path / "trained", encoder=str(tmp_path / "random"), steps=100,
+                             batch_size=32, lr=1e-3, questions_per_chunk=4, progress=False)
+    assert (report["train_pairs"], report["test_questions"]) == (192, 48)
+    assert report["after"]["mrr"] > report["before"]["mrr"] + 0.1
+    assert report["after"]["recall@1"] > report["before"]["recall@1"]
+    trained = load(report["checkpoint"])  # carries its pooling settings: usable as an --encoder
+    assert (trained.pooling, trained.normalize) == ("mean", True) and trained.encode("x").shape == (64,)
+    index_paths([write_corpus(tmp_path / "small") / "faq.jsonl"], tmp_path / "kb-small", encoder=embedder,
+                progress=False)
+    with pytest.raises(InputError, match="at least 10"):
+        train_retriever(tmp_path / "kb-small", tmp_path / "x", encoder="all-minilm-l6-v2", steps=1, progress=False)

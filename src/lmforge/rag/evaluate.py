@@ -57,20 +57,27 @@ def read_questions(path: str | Path) -> list[Question]:
 
 def sampled_questions(kb: KnowledgeBase, count: int = 100, words: int = 6, seed: int = 0) -> list[Question]:
     """``count`` questions from the knowledge base's own chunks (see the module docstring)."""
+    return [question for question, _ in draw_questions(kb, count, words, seed)]
+
+
+def draw_questions(kb: KnowledgeBase, count: int, words: int = 6, seed: int = 0, per_chunk: int = 1
+                   ) -> list[tuple[Question, int]]:
+    """Up to ``count`` (question, chunk row) pairs: chunks in a fixed-seed order, ``per_chunk`` questions
+    from each (``words`` consecutive words of one of its sentences), the chunk's file as the source."""
     rng = np.random.default_rng(seed)
-    questions = []
+    drawn = []
     for row in rng.permutation(len(kb)):
-        sentences = [s.split() for s in kb.chunks[row].text.replace("\n", " ").split(". ") if len(s.split()) >= words + 2]
-        if not sentences:
-            continue
-        sentence = sentences[int(rng.integers(len(sentences)))]
-        start = int(rng.integers(len(sentence) - words + 1))
-        questions.append(Question(" ".join(sentence[start:start + words]), (kb.chunks[row].file,)))
-        if len(questions) == count:
+        chunk = kb.chunks[row]
+        sentences = [s.split() for s in chunk.text.replace("\n", " ").split(". ") if len(s.split()) >= words + 2]
+        for _ in range(per_chunk if sentences else 0):
+            sentence = sentences[int(rng.integers(len(sentences)))]
+            start = int(rng.integers(len(sentence) - words + 1))
+            drawn.append((Question(" ".join(sentence[start:start + words]), (chunk.file,)), int(row)))
+        if len(drawn) >= count:
             break
-    if not questions:
+    if not drawn:
         raise InputError(f"{kb.path}: no chunk has a sentence long enough to ask about")
-    return questions
+    return drawn[:count]
 
 
 def _matches(chunk: StoredChunk, source: str) -> bool:
