@@ -115,7 +115,8 @@ def cmd_rag_index(args: argparse.Namespace) -> None:
 def cmd_rag_search(args: argparse.Namespace) -> None:
     from lmforge.rag import KnowledgeBase, Retriever
 
-    hits = Retriever(KnowledgeBase(args.kb)).search(args.query, k=args.k, method=args.method)
+    retriever = Retriever(KnowledgeBase(args.kb), reranker=_reranker(args))
+    hits = retriever.search(args.query, k=args.k, method=args.method, rerank=bool(args.rerank))
     if not hits:
         print("no chunk matches")
     for hit in hits:
@@ -124,11 +125,23 @@ def cmd_rag_search(args: argparse.Namespace) -> None:
         print(f"    {text[:args.width]}{'...' if len(text) > args.width else ''}")
 
 
+def _reranker(args: argparse.Namespace):
+    """The language-model reranker of ``--rerank MODEL`` (None without it)."""
+    if not args.rerank:
+        return None
+    from lmforge.api import load
+    from lmforge.eval.harness import LocalModel
+    from lmforge.rag.rerank import LMReranker
+
+    lm = load(args.rerank, device=args.device, dtype=args.dtype)
+    return LMReranker(LocalModel(lm, name=args.rerank, chat=True, progress=False))  # the question as a user turn
+
+
 def cmd_rag_ask(args: argparse.Namespace) -> None:
     from lmforge.rag import KnowledgeBase, Retriever
     from lmforge.rag.ask import ask, endpoint_generator, local_generator
 
-    retriever = Retriever(KnowledgeBase(args.kb))
+    retriever = Retriever(KnowledgeBase(args.kb), reranker=_reranker(args))
     if args.base_url:
         generate = endpoint_generator(args.base_url, model=args.model, api_key=args.api_key)
     else:
@@ -136,7 +149,7 @@ def cmd_rag_ask(args: argparse.Namespace) -> None:
 
         generate = local_generator(load(args.model or "smollm2-135m-instruct", device=args.device, dtype=args.dtype))
     answer = ask(retriever, args.question, generate, k=args.k, method=args.method, min_score=args.min_score,
-                 max_new_tokens=args.max_new_tokens)
+                 max_new_tokens=args.max_new_tokens, rerank=bool(args.rerank))
     print(answer.text)
     if answer.sources:
         print("\nsources:")
@@ -151,7 +164,8 @@ def cmd_rag_eval(args: argparse.Namespace) -> None:
 
     kb = KnowledgeBase(args.kb)
     questions = read_questions(args.questions) if args.questions else sampled_questions(kb, args.count, seed=args.seed)
-    results = evaluate_retrieval(Retriever(kb), questions, tuple(args.methods))
+    methods = tuple(args.methods) + (("hybrid+rerank",) if args.rerank else ())
+    results = evaluate_retrieval(Retriever(kb, reranker=_reranker(args)), questions, methods)
     table = format_table(results, len(questions))
     print(table)
     if args.out:
@@ -716,6 +730,10 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--method", default="hybrid", choices=["bm25", "dense", "hybrid"],
                    help="bm25 (keywords), dense (embeddings) or hybrid (both, reciprocal rank fusion)")
     p.add_argument("--width", type=int, default=160, help="characters of each chunk to show")
+    p.add_argument("--rerank", metavar="MODEL", help="reorder the best 20 chunks by a language model's judgement "
+                                                      "(log P(yes) - log P(no) that the chunk answers the question)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, mps (the reranking model's)")
+    p.add_argument("--dtype", default="auto", help="auto, bf16, fp32 (the reranking model's)")
     p.set_defaults(func=cmd_rag_search)
     p = rag.add_parser("ask", help="answer a question from a knowledge base, citing its sources")
     p.add_argument("kb", help="knowledge base folder (from rag index)")
@@ -731,6 +749,8 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=256, help="longest answer")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, mps")
     p.add_argument("--dtype", default="auto", help="auto, bf16, fp32")
+    p.add_argument("--rerank", metavar="MODEL", help="reorder the best 20 chunks by a language model's judgement "
+                                                      "(log P(yes) - log P(no) that the chunk answers the question)")
     p.set_defaults(func=cmd_rag_ask)
     p = rag.add_parser("eval", help="recall@k, MRR and nDCG@10 of each retriever on questions with known sources")
     p.add_argument("kb", help="knowledge base folder (from rag index)")
@@ -740,6 +760,10 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--count", type=int, default=100, help="questions drawn when no file is given")
     p.add_argument("--seed", type=int, default=0, help="which chunks the drawn questions come from")
     p.add_argument("--out", help="also write the figures here (JSON)")
+    p.add_argument("--rerank", metavar="MODEL", help="also score hybrid+rerank: the best 20 chunks reordered by a language model's judgement "
+                                                      "(log P(yes) - log P(no) that the chunk answers the question)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, mps (the reranking model's)")
+    p.add_argument("--dtype", default="auto", help="auto, bf16, fp32 (the reranking model's)")
     p.set_defaults(func=cmd_rag_eval)
     p = rag.add_parser("train-retriever", help="train a dense retriever (dual encoder, in-batch negatives) on "
                                                "question-passage pairs drawn from a knowledge base")

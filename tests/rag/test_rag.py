@@ -298,3 +298,44 @@ def test_train_retriever_beats_the_untrained_encoder(tmp_path, embedder):
                 progress=False)
     with pytest.raises(InputError, match="at least 10"):
         train_retriever(tmp_path / "kb-small", tmp_path / "x", encoder="all-minilm-l6-v2", steps=1, progress=False)
+
+
+def test_a_language_model_reranks_the_candidates(tmp_path, embedder, tiny_lm, capsys):
+    from lmforge.checkpoint import model_state, write_checkpoint
+    from lmforge.eval.harness import LocalModel, Loglikelihood
+    from lmforge.rag.evaluate import Question, evaluate_retrieval
+    from lmforge.rag.rerank import LMReranker
+
+    corpus = write_corpus(tmp_path / "docs")
+    index_paths([corpus], tmp_path / "kb", encoder=embedder, max_tokens=64, progress=False)
+    kb = KnowledgeBase(tmp_path / "kb")
+
+    class Judge:  # says "yes" to the passage about kettles only
+        def __init__(self):
+            self.pairs = []
+
+        def loglikelihood(self, pairs, desc=""):
+            self.pairs += pairs
+            return [Loglikelihood(0.0 if ("kettle" in context) == (answer == " yes") else -5.0, True, 1)
+                    for context, answer in pairs]
+
+    judge = Judge()
+    retriever = Retriever(kb, embedder, reranker=LMReranker(judge), rerank_candidates=4)
+    plain = retriever.search("capital of France", k=4, method="bm25")
+    reranked = retriever.search("capital of France", k=6, method="bm25", rerank=True)
+    expected = sorted(plain, key=lambda h: ("kettle" not in h.chunk.text, h.rank))  # the judge's order, ties kept
+    assert [h.chunk.id for h in reranked[:len(plain)]] == [h.chunk.id for h in expected]
+    assert [h.rank for h in reranked] == list(range(1, len(reranked) + 1))
+    assert len(judge.pairs) == 2 * len(plain) and "Question: capital of France" in judge.pairs[0][0]
+    kettle = next(c for c in kb.chunks if "kettle" in c.text)
+    results = evaluate_retrieval(retriever, [Question("kettle water tea", (kettle.source,))], ("hybrid", "hybrid+rerank"))
+    assert results["hybrid+rerank"]["mrr"] == 1.0
+    with pytest.raises(InputError, match="reranker"):
+        Retriever(kb, embedder).search("x", rerank=True)
+    # a real model through the engine (random weights: any order, but one score per candidate)
+    scores = LMReranker(LocalModel(tiny_lm, chat=True, progress=False)).scores("capital of France", plain)
+    assert len(scores) == len(plain) and all(np.isfinite(scores))
+    write_checkpoint(tmp_path / "model", tiny_lm.model.config, model_state(tiny_lm.model), tiny_lm.tokenizer)
+    assert main(["rag", "search", str(tmp_path / "kb"), "capital of France", "--rerank", str(tmp_path / "model"),
+                 "--device", "cpu", "--dtype", "fp32", "-k", "2"]) == 0
+    assert capsys.readouterr().out.startswith("[1]")

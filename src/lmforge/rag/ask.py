@@ -54,12 +54,12 @@ def relevant(retriever: Retriever, question: str, hits: list[Hit], min_score: fl
 
 
 def ask(retriever: Retriever, question: str, generate, k: int = 4, method: str = "hybrid",
-        min_score: float = 0.3, max_new_tokens: int = 256) -> Answer:
+        min_score: float = 0.3, max_new_tokens: int = 256, rerank: bool = False) -> Answer:
     """Answer ``question`` from the knowledge base. ``generate(messages, max_new_tokens) -> str`` is the
     model (:func:`local_generator` or :func:`endpoint_generator`)."""
     if not question.strip():
         raise ValueError("the question is empty")
-    hits = retriever.search(question, k=k, method=method)
+    hits = retriever.search(question, k=k, method=method, rerank=rerank)
     if not relevant(retriever, question, hits, min_score):
         return Answer(question, NOT_FOUND, [], found=False)
     text = generate(build_messages(question, hits), max_new_tokens).strip()

@@ -9,7 +9,8 @@ asked with a few words of one of its sentences; relevant is every chunk of the s
 file. Those questions share words with their answers, so they flatter BM25; they check
 that retrieval works, not how it compares on real questions.
 
-For each method (bm25, dense, hybrid), over the questions:
+For each method (bm25, dense, hybrid; ``hybrid+rerank`` when the retriever has a reranker), over the
+questions:
 
 - ``recall@k`` (k = 1, 5, 10): the fraction of a question's relevant sources with at least
   one chunk in the top k, averaged over questions;
@@ -97,8 +98,9 @@ def evaluate_retrieval(retriever: Retriever, questions: list[Question], methods:
     results = {}
     for method in methods:
         totals = dict.fromkeys([*(f"recall@{k}" for k in CUTOFFS), "mrr", "ndcg@10"], 0.0)
+        base, _, rerank = method.partition("+")
         for question, rows in zip(questions, relevant):
-            ranked = [hit.chunk for hit in retriever.search(question.text, k=DEPTH, method=method)]
+            ranked = [hit.chunk for hit in retriever.search(question.text, k=DEPTH, method=base, rerank=bool(rerank))]
             for k in CUTOFFS:
                 found = sum(any(_matches(c, s) for c in ranked[:k]) for s in question.sources)
                 totals[f"recall@{k}"] += found / len(question.sources)

@@ -37,10 +37,13 @@ class Hit:
 
 class Retriever:
     """Search one knowledge base. ``embedder``: its encoder (loaded from the knowledge base's meta when
-    not given, on the first dense search)."""
+    not given, on the first dense search). ``reranker``: reorders the best ``rerank_candidates`` of a
+    search when it asks for it (:class:`lmforge.rag.rerank.LMReranker`)."""
 
-    def __init__(self, kb: KnowledgeBase, embedder: Embedder | None = None):
+    def __init__(self, kb: KnowledgeBase, embedder: Embedder | None = None, reranker=None,
+                 rerank_candidates: int = 20):
         self.kb, self._embedder = kb, embedder
+        self.reranker, self.rerank_candidates = reranker, rerank_candidates
 
     @property
     def embedder(self) -> Embedder:
@@ -55,12 +58,20 @@ class Retriever:
         return self._embedder
 
     def search(self, query: str, k: int = 5, method: str = "hybrid", weights: tuple[float, float] = (1.0, 1.0),
-               candidates: int = 50, rrf_k: int = 60) -> list[Hit]:
-        """The ``k`` best chunks for ``query`` by ``method`` (bm25, dense or hybrid)."""
+               candidates: int = 50, rrf_k: int = 60, rerank: bool = False) -> list[Hit]:
+        """The ``k`` best chunks for ``query`` by ``method`` (bm25, dense or hybrid); with ``rerank`` the
+        reranker reorders the best ``rerank_candidates`` of them (the rest follow in their order)."""
         if method not in METHODS:
             raise InputError(f"unknown retrieval method {method!r}; choose one of {', '.join(METHODS)}")
         if k < 1:
             raise InputError(f"k must be at least 1, got {k}")
+        if rerank:
+            if self.reranker is None:
+                raise InputError("reranking needs a reranker (--rerank MODEL)")
+            hits = self.search(query, max(k, self.rerank_candidates), method, weights, candidates, rrf_k)
+            head = self.reranker.rerank(query, hits[:self.rerank_candidates])
+            tail = [Hit(h.chunk, h.score, len(head) + i, h.method) for i, h in enumerate(hits[len(head):], 1)]
+            return (head + tail)[:k]
         if method == "bm25":
             return self._hits(self.bm25_scores(query), k, method)
         if method == "dense":
