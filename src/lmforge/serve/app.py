@@ -43,6 +43,7 @@ from lmforge.serve.protocol import (
     CompletionRequest,
     DetokenizeRequest,
     EmbeddingRequest,
+    RagAskRequest,
     TokenizeRequest,
 )
 from lmforge.serve.ratings import rating_routes
@@ -54,11 +55,15 @@ TOKENIZER_ROUTES = ("/tokenize", "/detokenize", "/tokenizer_info")
 
 
 def create_app(models: dict[str, ServedModel], api_key: str | None = None, max_queue: int = 64,
-               engine_threads: bool = True, ratings: RatingStore | None = None) -> FastAPI:
+               engine_threads: bool = True, ratings: RatingStore | None = None, embedder=None,
+               knowledge_base=None) -> FastAPI:
     """An app serving ``models`` (the first is the default). ``max_queue``: requests waiting for
     a slot, per model, beyond which new ones get 429. ``engine_threads``: start a thread per
     engine with the app; False when the caller drives them (``lmforge serve``: its main thread).
-    ``ratings``: also serve the human-evaluation routes over this store (serve/ratings.py)."""
+    ``ratings``: also serve the human-evaluation routes over this store (serve/ratings.py).
+    ``embedder`` (:class:`lmforge.embed.Embedder`): /v1/embeddings answers with this encoder
+    (requests naming it, or naming no chat model). ``knowledge_base``
+    (:class:`lmforge.rag.KnowledgeBase`): ``POST /v1/rag/ask`` answers from it with sources."""
     if not models:
         raise ValueError("serve at least one model")
     metrics = ServerMetrics(lambda: {name: _figures(m) for name, m in models.items()})
@@ -148,7 +153,40 @@ def create_app(models: dict[str, ServedModel], api_key: str | None = None, max_q
 
     @app.get("/v1/models")
     async def list_models():
-        return {"object": "list", "data": [m.card() for m in models.values()]}
+        cards = [m.card() for m in models.values()]
+        if embedder is not None:
+            cards.append({"id": embedder.name, "object": "model", "created": 0, "owned_by": "lmforge",
+                          "max_model_len": embedder.max_tokens, "kind": "embedding"})
+        return {"object": "list", "data": cards}
+
+    @app.post("/v1/rag/ask")
+    async def rag_ask(body: RagAskRequest, raw: Request):
+        """An answer from the knowledge base citing numbered sources (lmforge.rag.ask), decoded on the engine."""
+        if knowledge_base is None:
+            raise APIError(404, "this server has no knowledge base (start it with --kb KB)", code="no_knowledge_base")
+        from lmforge.rag import Retriever
+        from lmforge.rag.ask import ask
+
+        model = pick(body.model)
+        retriever = Retriever(knowledge_base, embedder)
+        loop = asyncio.get_running_loop()
+
+        def generate(messages: list[dict], max_new_tokens: int) -> str:
+            chat = ChatCompletionRequest(messages=messages, model=model.name, max_tokens=max_new_tokens, temperature=0)
+            plan = admit(model, build_chat(model, chat))
+            outputs = asyncio.run_coroutine_threadsafe(_collect(model, plan, raw, metrics), loop).result()
+            return "".join(o.text for o in outputs[0])
+
+        try:
+            answer = await asyncio.to_thread(ask, retriever, body.question, generate, body.k, body.method,
+                                             body.min_score, body.max_tokens)
+        except ValueError as err:
+            raise APIError(400, str(err), "question") from err
+        sources = [{"number": i, "title": h.chunk.title, "source": h.chunk.source, "start": h.chunk.start,
+                    "end": h.chunk.end, "text": h.chunk.text, "score": h.score, "cited": i in answer.cited}
+                   for i, h in enumerate(answer.sources, 1)]
+        return {"object": "rag.answer", "model": model.name, "question": body.question, "answer": answer.text,
+                "found": answer.found, "sources": sources}
 
     @app.get("/v1/models/{name:path}")
     async def one_model(name: str):
@@ -212,6 +250,8 @@ def create_app(models: dict[str, ServedModel], api_key: str | None = None, max_q
 
     @app.post("/v1/embeddings")
     async def embeddings(body: EmbeddingRequest):
+        if embedder is not None and body.model not in models:
+            return await _encoder_embeddings(embedder, body)
         model = pick(body.model)
         inputs = body.input
         if isinstance(inputs, str) or (inputs and all(isinstance(t, int) for t in inputs)):
@@ -340,6 +380,24 @@ async def _merged(model: ServedModel, plan: Plan, metrics: ServerMetrics) -> Asy
     finally:
         for task in tasks:
             task.cancel()
+
+
+async def _encoder_embeddings(embedder, body: EmbeddingRequest) -> dict:
+    """/v1/embeddings from the server's encoder: text inputs only (token ids are another model's)."""
+    inputs = [body.input] if isinstance(body.input, str) else list(body.input)
+    if not inputs:
+        raise APIError(400, "input is empty", "input")
+    if not all(isinstance(x, str) for x in inputs):
+        raise APIError(400, f"the encoder {embedder.name!r} takes text; send strings, not token ids", "input")
+    if body.dimensions is not None and body.dimensions != embedder.dim:
+        raise APIError(400, f"this encoder's embeddings have {embedder.dim} dimensions", "dimensions")
+    vectors = await asyncio.to_thread(embedder.encode, inputs)
+    data = [{"object": "embedding", "index": i,
+             "embedding": _encode_vector(v.tolist()) if body.encoding_format == "base64" else v.tolist()}
+            for i, v in enumerate(vectors)]
+    tokens = sum(map(len, embedder.tokenize(inputs)))
+    return {"object": "list", "data": data, "model": embedder.name,
+            "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
 
 
 async def _collect(model: ServedModel, plan: Plan, raw: Request, metrics: ServerMetrics) -> list[list[RequestOutput]]:

@@ -88,6 +88,19 @@ class EmbeddingRequest(BaseModel):
     user: str | None = None
 
 
+class RagAskRequest(BaseModel):
+    """``POST /v1/rag/ask``: a question answered from the server's knowledge base (``lmforge serve --kb``)."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    question: str
+    model: str | None = None
+    k: int = Field(4, ge=1, le=50)
+    method: Literal["bm25", "dense", "hybrid"] = "hybrid"
+    min_score: float = 0.3
+    max_tokens: int = Field(256, ge=1)
+
+
 class TokenizeRequest(BaseModel):
     model: str | None = None
     prompt: str

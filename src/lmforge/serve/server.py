@@ -35,6 +35,10 @@ class ServeConfig:
                                       "and /v1/ratings (see `lmforge eval human-report`)")
     rating_items: str | None = field(None, "JSONL of answers to rate (prompt, answer_a, answer_b, model_a, "
                                            "model_b), added to --ratings at startup")
+    embedder: str | None = field(None, "an encoder for /v1/embeddings (e.g. all-minilm-l6-v2): requests naming it, "
+                                       "or naming no chat model, get its sentence embeddings")
+    kb: str | None = field(None, "a knowledge base (lmforge rag index) answered from at POST /v1/rag/ask, with "
+                                 "sources; its own encoder embeds the questions unless --embedder is given")
 
 
 def parse_model_specs(default: str | None, specs: list[str] | None) -> dict[str, str]:
@@ -111,8 +115,19 @@ def run_server(paths: dict[str, str], config: ServeConfig) -> None:
             print(f"[serve] added {added} new items to rate", flush=True)
     elif config.rating_items:
         raise InputError("--rating-items needs --ratings FILE (where the ratings are stored)")
+    embedder = knowledge_base = None
+    if config.embedder:
+        from lmforge.embed import load as load_embedder
+
+        embedder = load_embedder(config.embedder, device=config.device)
+        print(f"[serve] embeddings: {config.embedder} ({embedder.dim} dimensions)", flush=True)
+    if config.kb:
+        from lmforge.rag import KnowledgeBase
+
+        knowledge_base = KnowledgeBase(config.kb)
+        print(f"[serve] knowledge base: {config.kb} ({len(knowledge_base)} chunks) at POST /v1/rag/ask", flush=True)
     app = create_app(models, api_key=config.api_key, max_queue=config.max_queue, engine_threads=False,
-                     ratings=ratings)
+                     ratings=ratings, embedder=embedder, knowledge_base=knowledge_base)
     print(f"[serve] http://{config.host}:{config.port}/  (web UI; API at /v1, metrics at /metrics)", flush=True)
     logging.getLogger("uvicorn.access").setLevel(logging.WARNING)
     server = uvicorn.Server(uvicorn.Config(app, host=config.host, port=config.port, log_level="info",
