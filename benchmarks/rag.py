@@ -5,6 +5,7 @@ bm25s and rank-bm25 on the same words), and query latency at 10k and 100k chunks
     python benchmarks/rag.py                       # everything
     python benchmarks/rag.py --only embed --texts 500
     python benchmarks/rag.py --only bm25 latency --sizes 10000   # pip install rank-bm25 for its column
+    python benchmarks/rag.py --only recall --questions 200
 
 The texts are paragraphs of the language reference (``pydoc_data.topics``), which every
 Python installation has, cut to at most 600 characters: a realistic mix of short and long
@@ -27,7 +28,11 @@ Latency: per query, p50 and p95 over 200 queries, of lmforge's three methods on 
 knowledge base of ``--sizes`` chunks with random unit vectors (the dense search cost does
 not depend on what the vectors mean; the query is embedded for real).
 
-Still to come here (issue 12): recall of hybrid retrieval against the single retrievers.
+Recall: a knowledge base of every language-reference topic (one Markdown file each, indexed
+with all-MiniLM-L6-v2), 200 questions drawn from it by ``lmforge rag eval``'s sampler (six
+consecutive words of a chunk's sentence, the chunk's file relevant); recall@k, MRR and
+nDCG@10 of bm25, dense and hybrid side by side. Drawn questions share words with their
+answers, which favours BM25: a hand-written question set would tell more.
 """
 
 from __future__ import annotations
@@ -158,9 +163,31 @@ def bench_latency(sizes: list[int]) -> None:
                 print(f"| {size} | {method} | {p50:.1f} | {p95:.1f} |", flush=True)
 
 
+def bench_recall(questions: int) -> None:
+    import tempfile
+    from pydoc_data.topics import topics
+
+    from lmforge.rag import KnowledgeBase, Retriever, index_paths
+    from lmforge.rag.evaluate import evaluate_retrieval, format_table, sampled_questions
+
+    with tempfile.TemporaryDirectory() as folder:
+        docs = Path(folder) / "pyref"
+        docs.mkdir()
+        for name, text in topics.items():
+            (docs / f"{name}.md").write_text(f"# {name}\n\n{text}", encoding="utf-8")
+        report = index_paths([docs], Path(folder) / "kb", encoder=MODEL, progress=False)
+        kb = KnowledgeBase(Path(folder) / "kb")
+        print(f"\nrecall: {report.chunks} chunks of {report.files} language-reference topics, indexed in "
+              f"{report.seconds:.0f} s")
+        asked = sampled_questions(kb, questions, seed=0)
+        print(format_table(evaluate_retrieval(Retriever(kb), asked), len(asked)))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--only", nargs="+", choices=["embed", "bm25", "latency"], default=["embed", "bm25", "latency"])
+    parser.add_argument("--only", nargs="+", choices=["embed", "bm25", "latency", "recall"],
+                        default=["embed", "bm25", "latency", "recall"])
+    parser.add_argument("--questions", type=int, default=200, help="drawn questions for the recall part")
     parser.add_argument("--texts", type=int, default=2000, help="how many texts to embed")
     parser.add_argument("--sizes", type=int, nargs="+", default=[10000, 100000], help="chunks for bm25 and latency")
     parser.add_argument("--batch-size", type=int, default=32, help="texts per batch, both sides")
@@ -176,6 +203,8 @@ def main() -> None:
         bench_bm25(args.sizes)
     if "latency" in args.only:
         bench_latency(args.sizes)
+    if "recall" in args.only:
+        bench_recall(args.questions)
 
 
 def bench_embed(args: argparse.Namespace) -> None:
