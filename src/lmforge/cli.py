@@ -116,7 +116,8 @@ def cmd_rag_search(args: argparse.Namespace) -> None:
     from lmforge.rag import KnowledgeBase, Retriever
 
     retriever = Retriever(KnowledgeBase(args.kb), reranker=_reranker(args))
-    hits = retriever.search(args.query, k=args.k, method=args.method, rerank=bool(args.rerank))
+    hits = retriever.search(args.query, k=args.k, method=args.method, rerank=bool(args.rerank),
+                            weights=tuple(args.weights))
     if not hits:
         print("no chunk matches")
     for hit in hits:
@@ -165,7 +166,8 @@ def cmd_rag_eval(args: argparse.Namespace) -> None:
     kb = KnowledgeBase(args.kb)
     questions = read_questions(args.questions) if args.questions else sampled_questions(kb, args.count, seed=args.seed)
     methods = tuple(args.methods) + (("hybrid+rerank",) if args.rerank else ())
-    results = evaluate_retrieval(Retriever(kb, reranker=_reranker(args)), questions, methods)
+    results = evaluate_retrieval(Retriever(kb, reranker=_reranker(args)), questions, methods,
+                                 weights=tuple(args.weights))
     table = format_table(results, len(questions))
     print(table)
     if args.out:
@@ -730,6 +732,8 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--method", default="hybrid", choices=["bm25", "dense", "hybrid"],
                    help="bm25 (keywords), dense (embeddings) or hybrid (both, reciprocal rank fusion)")
     p.add_argument("--width", type=int, default=160, help="characters of each chunk to show")
+    p.add_argument("--weights", type=float, nargs=2, default=[1.0, 1.0], metavar=("BM25", "DENSE"),
+                   help="hybrid: each method's weight in the reciprocal rank fusion")
     p.add_argument("--rerank", metavar="MODEL", help="reorder the best 20 chunks by a language model's judgement "
                                                       "(log P(yes) - log P(no) that the chunk answers the question)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, mps (the reranking model's)")
@@ -760,6 +764,8 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--count", type=int, default=100, help="questions drawn when no file is given")
     p.add_argument("--seed", type=int, default=0, help="which chunks the drawn questions come from")
     p.add_argument("--out", help="also write the figures here (JSON)")
+    p.add_argument("--weights", type=float, nargs=2, default=[1.0, 1.0], metavar=("BM25", "DENSE"),
+                   help="hybrid: each method's weight in the reciprocal rank fusion")
     p.add_argument("--rerank", metavar="MODEL", help="also score hybrid+rerank: the best 20 chunks reordered by a language model's judgement "
                                                       "(log P(yes) - log P(no) that the chunk answers the question)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, mps (the reranking model's)")

@@ -255,6 +255,10 @@ def test_rag_eval_scores_each_retriever(tmp_path, embedder, capsys):
     assert "| hybrid | 1.000 | 1.000 | 1.000 | 1.000 |" in capsys.readouterr().out
     assert json.loads((tmp_path / "r.json").read_text())["questions"] == 1
     assert main(["rag", "eval", str(tmp_path / "kb"), str(tmp_path / "bad.jsonl")]) == 2
+    # fusion weights: with dense's weight 0, hybrid ranks as BM25 does
+    drawn = sampled_questions(kb, count=20, seed=1)
+    only_bm25 = evaluate_retrieval(retriever, drawn, ("bm25", "hybrid"), weights=(1.0, 0.0))
+    assert only_bm25["hybrid"]["mrr"] == pytest.approx(only_bm25["bm25"]["mrr"], abs=0.05)
 
 
 def test_train_retriever_beats_the_untrained_encoder(tmp_path, embedder):

@@ -85,8 +85,10 @@ def _matches(chunk: StoredChunk, source: str) -> bool:
     return source in (chunk.id, chunk.source, chunk.file) or chunk.file.endswith("/" + source)
 
 
-def evaluate_retrieval(retriever: Retriever, questions: list[Question], methods: tuple[str, ...] = METHODS) -> dict:
-    """{method: {"recall@1", "recall@5", "recall@10", "mrr", "ndcg@10"}} over ``questions``."""
+def evaluate_retrieval(retriever: Retriever, questions: list[Question], methods: tuple[str, ...] = METHODS,
+                       weights: tuple[float, float] = (1.0, 1.0)) -> dict:
+    """{method: {"recall@1", "recall@5", "recall@10", "mrr", "ndcg@10"}} over ``questions``; ``weights``:
+    hybrid's (bm25, dense) weights in the fusion."""
     chunks = retriever.kb.chunks
     relevant = []
     for question in questions:
@@ -100,7 +102,8 @@ def evaluate_retrieval(retriever: Retriever, questions: list[Question], methods:
         totals = dict.fromkeys([*(f"recall@{k}" for k in CUTOFFS), "mrr", "ndcg@10"], 0.0)
         base, _, rerank = method.partition("+")
         for question, rows in zip(questions, relevant):
-            ranked = [hit.chunk for hit in retriever.search(question.text, k=DEPTH, method=base, rerank=bool(rerank))]
+            ranked = [hit.chunk for hit in retriever.search(question.text, k=DEPTH, method=base, rerank=bool(rerank),
+                                                            weights=weights)]
             for k in CUTOFFS:
                 found = sum(any(_matches(c, s) for c in ranked[:k]) for s in question.sources)
                 totals[f"recall@{k}"] += found / len(question.sources)
