@@ -657,6 +657,17 @@ def cmd_export(args: argparse.Namespace) -> None:
 
 # -- parser -----------------------------------------------------------------------------------------------
 
+def _retrieval_options(p: argparse.ArgumentParser, rerank: str, weights: bool = True) -> None:
+    """The options rag search, ask and eval share: fusion weights, the reranking model, its device and dtype."""
+    if weights:
+        p.add_argument("--weights", type=float, nargs=2, default=[1.0, 1.0], metavar=("BM25", "DENSE"),
+                       help="hybrid: each method's weight in the reciprocal rank fusion")
+    p.add_argument("--rerank", metavar="MODEL", help=f"{rerank} by a language model's judgement (log P(yes) - "
+                                                      "log P(no) that the chunk answers the question)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, mps (the language models')")
+    p.add_argument("--dtype", default="auto", help="auto, bf16, fp32 (the language models')")
+
+
 def make_parser() -> argparse.ArgumentParser:
     from lmforge.chat import HELP as CHAT_HELP
     from lmforge.data import DataConfig
@@ -732,12 +743,7 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--method", default="hybrid", choices=["bm25", "dense", "hybrid"],
                    help="bm25 (keywords), dense (embeddings) or hybrid (both, reciprocal rank fusion)")
     p.add_argument("--width", type=int, default=160, help="characters of each chunk to show")
-    p.add_argument("--weights", type=float, nargs=2, default=[1.0, 1.0], metavar=("BM25", "DENSE"),
-                   help="hybrid: each method's weight in the reciprocal rank fusion")
-    p.add_argument("--rerank", metavar="MODEL", help="reorder the best 20 chunks by a language model's judgement "
-                                                      "(log P(yes) - log P(no) that the chunk answers the question)")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda, mps (the reranking model's)")
-    p.add_argument("--dtype", default="auto", help="auto, bf16, fp32 (the reranking model's)")
+    _retrieval_options(p, "reorder the best 20 chunks")
     p.set_defaults(func=cmd_rag_search)
     p = rag.add_parser("ask", help="answer a question from a knowledge base, citing its sources")
     p.add_argument("kb", help="knowledge base folder (from rag index)")
@@ -751,10 +757,7 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--min-score", type=float, default=0.3,
                    help="the best chunk's cosine similarity below which the answer is 'not found'")
     p.add_argument("--max-new-tokens", type=int, default=256, help="longest answer")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda, mps")
-    p.add_argument("--dtype", default="auto", help="auto, bf16, fp32")
-    p.add_argument("--rerank", metavar="MODEL", help="reorder the best 20 chunks by a language model's judgement "
-                                                      "(log P(yes) - log P(no) that the chunk answers the question)")
+    _retrieval_options(p, "reorder the best 20 chunks", weights=False)
     p.set_defaults(func=cmd_rag_ask)
     p = rag.add_parser("eval", help="recall@k, MRR and nDCG@10 of each retriever on questions with known sources")
     p.add_argument("kb", help="knowledge base folder (from rag index)")
@@ -764,12 +767,7 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--count", type=int, default=100, help="questions drawn when no file is given")
     p.add_argument("--seed", type=int, default=0, help="which chunks the drawn questions come from")
     p.add_argument("--out", help="also write the figures here (JSON)")
-    p.add_argument("--weights", type=float, nargs=2, default=[1.0, 1.0], metavar=("BM25", "DENSE"),
-                   help="hybrid: each method's weight in the reciprocal rank fusion")
-    p.add_argument("--rerank", metavar="MODEL", help="also score hybrid+rerank: the best 20 chunks reordered by a language model's judgement "
-                                                      "(log P(yes) - log P(no) that the chunk answers the question)")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda, mps (the reranking model's)")
-    p.add_argument("--dtype", default="auto", help="auto, bf16, fp32 (the reranking model's)")
+    _retrieval_options(p, "also score hybrid+rerank: the best 20 chunks reordered")
     p.set_defaults(func=cmd_rag_eval)
     p = rag.add_parser("train-retriever", help="train a dense retriever (dual encoder, in-batch negatives) on "
                                                "question-passage pairs drawn from a knowledge base")

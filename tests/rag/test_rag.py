@@ -218,6 +218,16 @@ def test_ask_cites_its_sources_and_does_not_guess(tmp_path, embedder, tiny_lm, c
     # nothing relevant: the model is not asked at all
     unrelated = ask(retriever, "Which football club won the 1998 cup final?", answer_with("guess"), min_score=0.5)
     assert (unrelated.found, unrelated.text, unrelated.sources) == (False, NOT_FOUND, []) and len(seen) == 1
+
+    class NoJudge:  # nor is a reranker: relevance is checked first
+        def loglikelihood(self, pairs, desc=""):
+            raise AssertionError("the reranker was asked about an unanswerable question")
+
+    from lmforge.rag.rerank import LMReranker
+
+    picky = Retriever(retriever.kb, embedder, reranker=LMReranker(NoJudge()))
+    assert not ask(picky, "Which football club won the 1998 cup final?", answer_with("guess"), min_score=0.5,
+                   rerank=True).found
     # the command line, with a local model (random weights: the words are noise, the plumbing is not)
     write_checkpoint(tmp_path / "model", tiny_lm.model.config, model_state(tiny_lm.model), tiny_lm.tokenizer)
     assert main(["rag", "ask", str(tmp_path / "kb"), "What is the capital of France?", "--model",

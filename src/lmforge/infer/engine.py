@@ -426,7 +426,7 @@ class Engine:
         """fp32 logits of final hidden states (N, dim), the product padded to a bucketed row count."""
         padded = hidden.new_zeros(shape_bucket(len(hidden)), hidden.shape[1])
         padded[:len(hidden)] = hidden
-        return self.model.lm_head(padded)[:len(hidden)].float()
+        return self.model.logits(padded)[:len(hidden)].float()
 
     # ---- decoding -------------------------------------------------------------------------------
 

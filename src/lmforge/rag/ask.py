@@ -46,11 +46,11 @@ def build_messages(question: str, sources: list[Hit], max_chars: int = 1500) -> 
             {"role": "user", "content": question}]
 
 
-def relevant(retriever: Retriever, question: str, hits: list[Hit], min_score: float) -> bool:
-    """Whether anything retrieved bears on ``question``: some chunk at least ``min_score`` close to it in
-    meaning (cosine similarity of the encoder's vectors). Shared words alone do not count: every text
-    shares "the" with every question."""
-    return bool(hits) and float(np.max(retriever.dense_scores(question))) >= min_score
+def relevant(retriever: Retriever, question: str, min_score: float) -> bool:
+    """Whether anything in the knowledge base bears on ``question``: some chunk at least ``min_score``
+    close to it in meaning (cosine similarity of the encoder's vectors). Shared words alone do not
+    count: every text shares "the" with every question."""
+    return float(np.max(retriever.dense_scores(question))) >= min_score
 
 
 def ask(retriever: Retriever, question: str, generate, k: int = 4, method: str = "hybrid",
@@ -59,8 +59,9 @@ def ask(retriever: Retriever, question: str, generate, k: int = 4, method: str =
     model (:func:`local_generator` or :func:`endpoint_generator`)."""
     if not question.strip():
         raise ValueError("the question is empty")
-    hits = retriever.search(question, k=k, method=method, rerank=rerank)
-    if not relevant(retriever, question, hits, min_score):
+    hits = retriever.search(question, k=k, method=method, rerank=rerank) if relevant(retriever, question,
+                                                                                      min_score) else []
+    if not hits:  # nothing close enough (checked before any reranking), or no chunk shares a word (bm25)
         return Answer(question, NOT_FOUND, [], found=False)
     text = generate(build_messages(question, hits), max_new_tokens).strip()
     cited = sorted({int(n) for n in _CITATION.findall(text) if 1 <= int(n) <= len(hits)})

@@ -19,7 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -44,7 +44,6 @@ class IndexReport:
     kept: int = 0  # chunks whose vectors came from the previous knowledge base
     removed: int = 0  # chunks of the previous knowledge base no longer there
     seconds: float = 0.0
-    sources: list[str] = field(default_factory=list)
 
 
 def encoder_fingerprint(embedder: Embedder) -> str:
@@ -104,7 +103,6 @@ def index_paths(paths: list[str | Path], out: str | Path, encoder: str | Embedde
     report.files, report.chunks = len(files), len(ordered)
     report.added, report.kept = len(missing), len(ordered) - len(missing)
     report.removed = sum(1 for chunk_id in old_vectors if chunk_id not in kept_ids)
-    report.sources = sorted(hashes)
     report.seconds = time.perf_counter() - start
     return report
 

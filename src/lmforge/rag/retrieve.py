@@ -38,12 +38,14 @@ class Hit:
 class Retriever:
     """Search one knowledge base. ``embedder``: its encoder (loaded from the knowledge base's meta when
     not given, on the first dense search). ``reranker``: reorders the best ``rerank_candidates`` of a
-    search when it asks for it (:class:`lmforge.rag.rerank.LMReranker`)."""
+    search when it asks for it (:class:`lmforge.rag.rerank.LMReranker`). ``vectors``: the chunks'
+    vectors by ``embedder`` when it is not the encoder that indexed ``kb`` (to compare encoders)."""
 
     def __init__(self, kb: KnowledgeBase, embedder: Embedder | None = None, reranker=None,
-                 rerank_candidates: int = 20):
+                 rerank_candidates: int = 20, vectors: np.ndarray | None = None):
         self.kb, self._embedder = kb, embedder
         self.reranker, self.rerank_candidates = reranker, rerank_candidates
+        self.vectors = kb.vectors if vectors is None else vectors
 
     @property
     def embedder(self) -> Embedder:
@@ -91,7 +93,7 @@ class Retriever:
 
     def dense_scores(self, query: str) -> np.ndarray:
         """(N,) cosine similarity of every chunk's vector with the query's."""
-        return np.asarray(self.kb.vectors @ self.embedder.encode(query), dtype=np.float64)
+        return np.asarray(self.vectors @ self.embedder.encode(query), dtype=np.float64)
 
     def _hits(self, scores: np.ndarray, k: int, method: str) -> list[Hit]:
         top = [i for i in _top(scores, k) if method == "dense" or scores[i] > 0]

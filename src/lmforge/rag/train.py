@@ -21,23 +21,18 @@ from pathlib import Path
 
 import numpy as np
 
-from lmforge.checkpoint import load_model, load_tokenizer
-from lmforge.embed import EMBEDDER_SETTINGS, Embedder, check_encoder
+from lmforge.embed import EMBEDDER_SETTINGS, Embedder
 from lmforge.embed import load as load_embedder
 from lmforge.errors import InputError
-from lmforge.interop.packaged import resolve_model
 from lmforge.rag.evaluate import draw_questions, evaluate_retrieval
 from lmforge.rag.retrieve import Retriever
 from lmforge.rag.store import KnowledgeBase
-from lmforge.runtime import Runtime
 
 
-class _Reembedded(KnowledgeBase):
-    """A knowledge base's chunks with vectors from another encoder (for measuring it), in memory."""
-
-    def __init__(self, kb: KnowledgeBase, embedder: Embedder):
-        self.__dict__.update(kb.__dict__)
-        self.vectors = embedder.encode([c.text for c in kb.chunks])
+def dense_figures(kb: KnowledgeBase, embedder: Embedder, questions: list) -> dict:
+    """Dense retrieval's figures for ``questions`` over ``kb``, its chunks embedded by ``embedder``."""
+    vectors = embedder.encode([c.text for c in kb.chunks])
+    return evaluate_retrieval(Retriever(kb, embedder, vectors=vectors), questions, ("dense",))["dense"]
 
 
 def train_retriever(kb_path: str | Path, out: str | Path, encoder: str = "all-minilm-l6-v2", steps: int = 200,
@@ -58,27 +53,19 @@ def train_retriever(kb_path: str | Path, out: str | Path, encoder: str = "all-mi
     if len(train_pairs) < 2 or not test:
         raise InputError(f"{kb_path}: too few chunks with sentences to draw training questions from")
 
-    before_embedder = load_embedder(encoder)
-    before = evaluate_retrieval(Retriever(_Reembedded(kb, before_embedder), before_embedder), test, ("dense",))
-    settings = {"pooling": before_embedder.pooling, "normalize": before_embedder.normalize,
-                "max_tokens": before_embedder.max_tokens}
-
-    path = resolve_model(encoder)
-    model = load_model(path)
-    check_encoder(model, encoder)
-    tokenizer = load_tokenizer(path)
-    framing = Embedder(model, tokenizer, Runtime.resolve("cpu", "fp32"), settings["pooling"], settings["normalize"],
-                       settings["max_tokens"])
-    pairs = [(framing.tokenize([q.text])[0], framing.tokenize([kb.chunks[row].text])[0]) for q, row in train_pairs]
+    embedder = load_embedder(encoder)  # its model is the one trained (from fp32 weights)
+    before = dense_figures(kb, embedder, test)
+    settings = {"pooling": embedder.pooling, "normalize": embedder.normalize, "max_tokens": embedder.max_tokens}
+    pairs = [(embedder.tokenize([q.text])[0], embedder.tokenize([kb.chunks[row].text])[0]) for q, row in train_pairs]
     config = TrainConfig(out_dir=str(out), batch_size=batch_size, seq_len=settings["max_tokens"], max_steps=steps,
                          lr=lr, warmup_steps=max(1, steps // 10), weight_decay=0.01, eval_every=0, save_every=steps,
                          log_every=max(1, steps // 20), dtype="fp32", progress=progress, seed=seed)
-    result = fit(model, ContrastiveStage(pairs, seed, temperature, settings["pooling"]), config, tokenizer=tokenizer)
+    result = fit(embedder.model, ContrastiveStage(pairs, seed, temperature, settings["pooling"]), config,
+                 tokenizer=embedder.tokenizer)
     (result.checkpoint / EMBEDDER_SETTINGS).write_text(json.dumps(settings, indent=2) + "\n", encoding="utf-8")
 
-    after_embedder = load_embedder(result.checkpoint)
-    after = evaluate_retrieval(Retriever(_Reembedded(kb, after_embedder), after_embedder), test, ("dense",))
+    after = dense_figures(kb, load_embedder(result.checkpoint), test)  # the checkpoint as --encoder would load it
     report = {"encoder": encoder, "checkpoint": str(result.checkpoint), "train_pairs": len(pairs),
-              "test_questions": len(test), "steps": result.steps, "before": before["dense"], "after": after["dense"]}
+              "test_questions": len(test), "steps": result.steps, "before": before, "after": after}
     (Path(out) / "retriever_report.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
     return report
