@@ -6,6 +6,7 @@ bm25s and rank-bm25 on the same words), and query latency at 10k and 100k chunks
     python benchmarks/rag.py --only embed --texts 500
     python benchmarks/rag.py --only bm25 latency --sizes 10000   # pip install rank-bm25 for its column
     python benchmarks/rag.py --only recall --questions 200
+    python benchmarks/rag.py --only ann --ann-texts 20000
 
 The texts are paragraphs of the language reference (``pydoc_data.topics``), which every
 Python installation has, cut to at most 600 characters: a realistic mix of short and long
@@ -23,6 +24,12 @@ reference (``--sizes`` of them, repeated when the text runs out), the queries 20
 ``Retriever.bm25_scores`` and a top-k), bm25s called directly (``BM25.retrieve``, the same
 variant: the scores must agree), rank-bm25's ``BM25Okapi`` (another IDF, so its top 10 is
 compared by overlap; it scores in Python, so it gets 20 queries). Build: seconds to index.
+
+ANN: HNSW against exact dense search on ``--ann-texts`` real embedded paragraphs: recall@10
+of the graph's top 10 against the exact one, and search time per query, per ``ef_search``.
+
+Recall: recall@1/5/10, MRR and nDCG@10 of bm25, dense and hybrid over the whole language
+reference, on the built-in hand-written questions (``langref``) and on ``--questions`` drawn ones.
 
 Latency: per query, p50 and p95 over 200 queries, of lmforge's three methods on a
 knowledge base of ``--sizes`` chunks with random unit vectors (the dense search cost does
@@ -163,30 +170,72 @@ def bench_latency(sizes: list[int]) -> None:
                 print(f"| {size} | {method} | {p50:.1f} | {p95:.1f} |", flush=True)
 
 
+def bench_ann(texts: int) -> None:
+    """HNSW (approximate) against exact dense search on real vectors: ``texts`` distinct paragraphs of
+    the stdlib's docstrings and the language reference, embedded by all-MiniLM-L6-v2; 200 queries of a
+    few words from them. Per ``ef_search``: recall@10 against the exact top 10, and the search time
+    per query (the query's embedding, the same for both, not counted)."""
+    from lmforge.embed import load
+    from lmforge.rag.ann import HNSWIndex
+    from lmforge.rag.retrieve import _top
+
+    chunks = list(dict.fromkeys(corpus_chunks(texts * 2)))[:texts]
+    embedder = load(MODEL, device="cpu")
+    start = time.perf_counter()
+    vectors = embedder.encode(chunks, batch_size=64, progress=False)
+    print(f"\nann: {len(chunks)} distinct paragraphs embedded in {time.perf_counter() - start:.0f} s")
+    queries = embedder.encode(make_queries(chunks, 200, seed=2), progress=False)
+    start = time.perf_counter()
+    graph = HNSWIndex.build(vectors)
+    print(f"HNSW graph (m 32, ef_construction 128) built in {time.perf_counter() - start:.1f} s")
+
+    def timed(search) -> tuple[list, float, float]:
+        found, times = [], []
+        for query in queries:
+            begin = time.perf_counter()
+            found.append(search(query))
+            times.append((time.perf_counter() - begin) * 1000)
+        p50, p95 = np.percentile(times, [50, 95])
+        return found, p50, p95
+
+    exact, p50, p95 = timed(lambda q: _top(vectors @ q, 10))
+    print("\n| search | recall@10 vs exact | p50 ms | p95 ms |\n|---|---:|---:|---:|")
+    print(f"| exact (all {len(chunks)} vectors) | 1.000 | {p50:.2f} | {p95:.2f} |")
+    for ef in (16, 32, 64, 128, 256):
+        approx, p50, p95 = timed(lambda q, ef=ef: graph.search(q, 10, ef)[0])
+        recall = statistics.mean(len(set(a) & set(e)) / 10 for a, e in zip(approx, exact))
+        print(f"| hnsw ef_search {ef} | {recall:.3f} | {p50:.2f} | {p95:.2f} |", flush=True)
+
+
 def bench_recall(questions: int) -> None:
+    """Recall of each retriever over the language reference: on the built-in hand-written question set
+    (``langref``: questions in a learner's words, which is the comparison that counts) and on questions
+    drawn from the chunks themselves (a few of their own words: these flatter BM25)."""
     import tempfile
-    from pydoc_data.topics import topics
 
     from lmforge.rag import KnowledgeBase, Retriever, index_paths
-    from lmforge.rag.evaluate import evaluate_retrieval, format_table, sampled_questions
+    from lmforge.rag.evaluate import evaluate_retrieval, format_table, read_questions, sampled_questions
+    from lmforge.rag.langref import write_topics
 
     with tempfile.TemporaryDirectory() as folder:
-        docs = Path(folder) / "pyref"
-        docs.mkdir()
-        for name, text in topics.items():
-            (docs / f"{name}.md").write_text(f"# {name}\n\n{text}", encoding="utf-8")
-        report = index_paths([docs], Path(folder) / "kb", encoder=MODEL, progress=False)
+        write_topics(Path(folder) / "pyref")
+        report = index_paths([Path(folder) / "pyref"], Path(folder) / "kb", encoder=MODEL, progress=False)
         kb = KnowledgeBase(Path(folder) / "kb")
         print(f"\nrecall: {report.chunks} chunks of {report.files} language-reference topics, indexed in "
               f"{report.seconds:.0f} s")
-        asked = sampled_questions(kb, questions, seed=0)
-        print(format_table(evaluate_retrieval(Retriever(kb), asked), len(asked)))
+        retriever = Retriever(kb)
+        written = read_questions("langref")
+        print("\nhand-written questions (langref):\n" + format_table(evaluate_retrieval(retriever, written),
+                                                                       len(written)))
+        drawn = sampled_questions(kb, questions, seed=0)
+        print("\ndrawn questions:\n" + format_table(evaluate_retrieval(retriever, drawn), len(drawn)))
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--only", nargs="+", choices=["embed", "bm25", "latency", "recall"],
-                        default=["embed", "bm25", "latency", "recall"])
+    parser.add_argument("--only", nargs="+", choices=["embed", "bm25", "latency", "ann", "recall"],
+                        default=["embed", "bm25", "latency", "ann", "recall"])
+    parser.add_argument("--ann-texts", type=int, default=20000, help="real paragraphs embedded for the ann part")
     parser.add_argument("--questions", type=int, default=200, help="drawn questions for the recall part")
     parser.add_argument("--texts", type=int, default=2000, help="how many texts to embed")
     parser.add_argument("--sizes", type=int, nargs="+", default=[10000, 100000], help="chunks for bm25 and latency")
@@ -203,6 +252,8 @@ def main() -> None:
         bench_bm25(args.sizes)
     if "latency" in args.only:
         bench_latency(args.sizes)
+    if "ann" in args.only:
+        bench_ann(args.ann_texts)
     if "recall" in args.only:
         bench_recall(args.questions)
 

@@ -107,15 +107,16 @@ def cmd_rag_index(args: argparse.Namespace) -> None:
     from lmforge.rag import index_paths
 
     report = index_paths(args.paths, args.out, encoder=args.encoder, max_tokens=args.max_tokens,
-                         overlap=args.overlap, batch_size=args.batch_size, progress=not args.quiet)
+                         overlap=args.overlap, batch_size=args.batch_size, ann=args.ann, progress=not args.quiet)
     print(f"{args.out}: {report.chunks} chunks from {report.files} files ({report.files_read} read); "
-          f"{report.added} embedded, {report.kept} kept, {report.removed} removed, in {report.seconds:.1f}s")
+          f"{report.added} embedded, {report.kept} kept, {report.removed} removed"
+          f"{', HNSW graph built' if report.ann else ''}, in {report.seconds:.1f}s")
 
 
 def cmd_rag_search(args: argparse.Namespace) -> None:
     from lmforge.rag import KnowledgeBase, Retriever
 
-    retriever = Retriever(KnowledgeBase(args.kb), reranker=_reranker(args))
+    retriever = Retriever(KnowledgeBase(args.kb), reranker=_reranker(args), exact=args.exact)
     hits = retriever.search(args.query, k=args.k, method=args.method, rerank=bool(args.rerank),
                             weights=tuple(args.weights))
     if not hits:
@@ -140,16 +141,10 @@ def _reranker(args: argparse.Namespace):
 
 def cmd_rag_ask(args: argparse.Namespace) -> None:
     from lmforge.rag import KnowledgeBase, Retriever
-    from lmforge.rag.ask import ask, endpoint_generator, local_generator
+    from lmforge.rag.ask import ask
 
-    retriever = Retriever(KnowledgeBase(args.kb), reranker=_reranker(args))
-    if args.base_url:
-        generate = endpoint_generator(args.base_url, model=args.model, api_key=args.api_key)
-    else:
-        from lmforge.api import load
-
-        generate = local_generator(load(args.model or "smollm2-135m-instruct", device=args.device, dtype=args.dtype))
-    answer = ask(retriever, args.question, generate, k=args.k, method=args.method, min_score=args.min_score,
+    retriever = Retriever(KnowledgeBase(args.kb), reranker=_reranker(args), exact=args.exact)
+    answer = ask(retriever, args.question, _rag_generator(args), k=args.k, method=args.method, min_score=args.min_score,
                  max_new_tokens=args.max_new_tokens, rerank=bool(args.rerank))
     print(answer.text)
     if answer.sources:
@@ -166,13 +161,50 @@ def cmd_rag_eval(args: argparse.Namespace) -> None:
     kb = KnowledgeBase(args.kb)
     questions = read_questions(args.questions) if args.questions else sampled_questions(kb, args.count, seed=args.seed)
     methods = tuple(args.methods) + (("hybrid+rerank",) if args.rerank else ())
-    results = evaluate_retrieval(Retriever(kb, reranker=_reranker(args)), questions, methods,
-                                 weights=tuple(args.weights))
-    table = format_table(results, len(questions))
-    print(table)
+    retriever = Retriever(kb, reranker=_reranker(args), exact=args.exact)
+    results = evaluate_retrieval(retriever, questions, methods, weights=tuple(args.weights))
+    print(format_table(results, len(questions)))
+    report = {"questions": len(questions), "results": results}
+    if args.model or args.base_url:
+        from lmforge.rag.evaluate import evaluate_answers, format_answer_table
+
+        summary, records = evaluate_answers(retriever, questions, _rag_generator(args), judge=_claim_judge(args),
+                                            k=args.k, min_score=args.min_score, max_new_tokens=args.max_new_tokens,
+                                            rerank=bool(args.rerank))
+        print(f"\nanswers by {args.model or args.base_url} (hybrid{'+rerank' if args.rerank else ''}, k={args.k}; "
+              f"claims judged by {args.judge or 'word coverage'})\n\n" + format_answer_table(summary))
+        report |= {"answers": summary, "replies": records}
     if args.out:
-        Path(args.out).write_text(json.dumps({"questions": len(questions), "results": results}, indent=2) + "\n",
-                                  encoding="utf-8")
+        Path(args.out).write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+def cmd_rag_langref(args: argparse.Namespace) -> None:
+    from lmforge.rag.langref import write_topics
+
+    print(f"wrote {len(write_topics(args.out))} language-reference topics to {args.out}")
+
+
+def _rag_generator(args: argparse.Namespace):
+    """The answering model of rag ask / rag eval: --base-url's server, or --model loaded here."""
+    from lmforge.rag.ask import endpoint_generator, local_generator
+
+    if args.base_url:
+        return endpoint_generator(args.base_url, model=args.model, api_key=args.api_key)
+    from lmforge.api import load
+
+    return local_generator(load(args.model or "smollm2-135m-instruct", device=args.device, dtype=args.dtype))
+
+
+def _claim_judge(args: argparse.Namespace):
+    """--judge MODEL: a language model judges the claims (None: word coverage)."""
+    if not args.judge:
+        return None
+    from lmforge.api import load
+    from lmforge.eval.harness import LocalModel
+    from lmforge.rag.support import ModelJudge
+
+    lm = load(args.judge, device=args.device, dtype=args.dtype)
+    return ModelJudge(LocalModel(lm, name=args.judge, chat=True, progress=False))
 
 
 def cmd_rag_train_retriever(args: argparse.Namespace) -> None:
@@ -657,6 +689,17 @@ def cmd_export(args: argparse.Namespace) -> None:
 
 # -- parser -----------------------------------------------------------------------------------------------
 
+def _answer_options(p: argparse.ArgumentParser, model_help: str, max_new_tokens: int) -> None:
+    """The options rag ask and rag eval share: the answering model and how it is given the chunks."""
+    p.add_argument("--model", help=model_help)
+    p.add_argument("--base-url", help="answer through an OpenAI-compatible server (lmforge serve, llama.cpp, vLLM)")
+    p.add_argument("--api-key", help="with --base-url: its API key")
+    p.add_argument("-k", type=int, default=4, help="chunks given to the model")
+    p.add_argument("--min-score", type=float, default=0.3,
+                   help="the best chunk's cosine similarity below which the answer is 'not found'")
+    p.add_argument("--max-new-tokens", type=int, default=max_new_tokens, help="longest answer")
+
+
 def _retrieval_options(p: argparse.ArgumentParser, rerank: str, weights: bool = True) -> None:
     """The options rag search, ask and eval share: fusion weights, the reranking model, its device and dtype."""
     if weights:
@@ -664,6 +707,8 @@ def _retrieval_options(p: argparse.ArgumentParser, rerank: str, weights: bool = 
                        help="hybrid: each method's weight in the reciprocal rank fusion")
     p.add_argument("--rerank", metavar="MODEL", help=f"{rerank} by a language model's judgement (log P(yes) - "
                                                       "log P(no) that the chunk answers the question)")
+    p.add_argument("--exact", action="store_true",
+                   help="dense search reads every vector even where the knowledge base has an HNSW graph")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, mps (the language models')")
     p.add_argument("--dtype", default="auto", help="auto, bf16, fp32 (the language models')")
 
@@ -734,6 +779,8 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-tokens", type=int, default=256, help="tokens per chunk at most (the encoder's)")
     p.add_argument("--overlap", type=int, default=32, help="tokens a chunk repeats from the one before")
     p.add_argument("--batch-size", type=int, default=32, help="chunks embedded together")
+    p.add_argument("--ann", default="auto", choices=["auto", "on", "off"],
+                   help="an HNSW graph for approximate dense search (auto: from 50,000 chunks on)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_rag_index)
     p = rag.add_parser("search", help="the chunks of a knowledge base that best match a question")
@@ -748,27 +795,31 @@ def make_parser() -> argparse.ArgumentParser:
     p = rag.add_parser("ask", help="answer a question from a knowledge base, citing its sources")
     p.add_argument("kb", help="knowledge base folder (from rag index)")
     p.add_argument("question", help="the question")
-    p.add_argument("--model", help="the answering model: checkpoint, HF directory, .gguf or packaged name "
-                                   "(default smollm2-135m-instruct), or with --base-url the served model's name")
-    p.add_argument("--base-url", help="ask an OpenAI-compatible server instead (lmforge serve, llama.cpp, vLLM)")
-    p.add_argument("--api-key", help="with --base-url: its API key")
-    p.add_argument("-k", type=int, default=4, help="chunks given to the model")
+    _answer_options(p, "the answering model: checkpoint, HF directory, .gguf or packaged name (default "
+                       "smollm2-135m-instruct), or with --base-url the served model's name", max_new_tokens=256)
     p.add_argument("--method", default="hybrid", choices=["bm25", "dense", "hybrid"], help="retrieval method")
-    p.add_argument("--min-score", type=float, default=0.3,
-                   help="the best chunk's cosine similarity below which the answer is 'not found'")
-    p.add_argument("--max-new-tokens", type=int, default=256, help="longest answer")
     _retrieval_options(p, "reorder the best 20 chunks", weights=False)
     p.set_defaults(func=cmd_rag_ask)
     p = rag.add_parser("eval", help="recall@k, MRR and nDCG@10 of each retriever on questions with known sources")
     p.add_argument("kb", help="knowledge base folder (from rag index)")
-    p.add_argument("questions", nargs="?", help='JSONL: {"question": ..., "sources": [chunk id, source or file]} '
-                                               "per line (default: questions drawn from the knowledge base)")
+    p.add_argument("questions", nargs="?", help='JSONL: {"question": ..., "sources": [chunk id, source or file], '
+                                               '"answer": ...} per line, or langref (the built-in set over the '
+                                               "language reference; default: questions drawn from the knowledge base)")
     p.add_argument("--methods", nargs="+", default=["bm25", "dense", "hybrid"], choices=["bm25", "dense", "hybrid"])
     p.add_argument("--count", type=int, default=100, help="questions drawn when no file is given")
     p.add_argument("--seed", type=int, default=0, help="which chunks the drawn questions come from")
-    p.add_argument("--out", help="also write the figures here (JSON)")
+    p.add_argument("--out", help="also write the figures (and with a model, every reply) here (JSON)")
+    _answer_options(p, "also answer every question with this model (hybrid retrieval) and score the replies: "
+                       "exact match, F1, contains, cited, claims supported (the questions need 'answer')",
+                    max_new_tokens=128)
+    p.add_argument("--judge", metavar="MODEL", help="a language model judges whether the cited chunks support "
+                                                    "each claim (default: the claim's word coverage)")
     _retrieval_options(p, "also score hybrid+rerank: the best 20 chunks reordered")
     p.set_defaults(func=cmd_rag_eval)
+    p = rag.add_parser("langref", help="write the Python language reference as Markdown files, one per topic "
+                                       "(the documents of the built-in question set 'langref')")
+    p.add_argument("out", help="folder to write")
+    p.set_defaults(func=cmd_rag_langref)
     p = rag.add_parser("train-retriever", help="train a dense retriever (dual encoder, in-batch negatives) on "
                                                "question-passage pairs drawn from a knowledge base")
     p.add_argument("kb", help="knowledge base folder (from rag index)")

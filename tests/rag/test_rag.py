@@ -183,6 +183,49 @@ def test_bm25_words_for_chinese_and_english():
     assert bm25_tokens("学习") == ["学", "习", "学习"]
 
 
+def test_an_hnsw_graph_finds_the_nearest_chunks(tmp_path, embedder, capsys):
+    """On 2000 vectors in 40 clusters the default graph finds the exact top 10; a graph with few links
+    and a short walk misses many (the settings matter). A knowledge base built with the graph answers
+    dense and hybrid searches as exact search does; updating it without the graph removes the file."""
+    from lmforge.rag.ann import ANN_FILE, HNSWIndex
+
+    rng = np.random.default_rng(0)
+
+    def unit(x):
+        return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+    data = unit(rng.normal(size=(40, 64))[rng.integers(40, size=2000)] + 0.5 * rng.normal(size=(2000, 64)))
+    queries = unit(data[:50] + 0.1 * rng.normal(size=(50, 64)))
+    exact = np.argsort(-(queries @ data.T), axis=1)[:, :10]
+
+    def recall(graph, ef_search):
+        return np.mean([len(set(graph.search(q, 10, ef_search)[0]) & set(e)) / 10 for q, e in zip(queries, exact)])
+
+    graph = HNSWIndex.build(data)
+    assert recall(graph, 128) > 0.98 and len(graph) == 2000
+    assert recall(HNSWIndex.build(data, m=4, ef_construction=8), 10) < 0.8
+    rows, scores = graph.search(queries[0], 5)
+    np.testing.assert_allclose(scores, data[rows] @ queries[0], atol=1e-5)
+    assert list(scores) == sorted(scores, reverse=True)
+
+    corpus = write_corpus(tmp_path / "docs")
+    report = index_paths([corpus], tmp_path / "kb", encoder=embedder, max_tokens=64, ann="on", progress=False)
+    kb = KnowledgeBase(tmp_path / "kb")
+    assert report.ann and (tmp_path / "kb" / ANN_FILE).is_file() and len(kb.ann) == len(kb)
+    walked, read_all = Retriever(kb, embedder), Retriever(kb, embedder, exact=True)
+    assert walked.ann is not None and read_all.ann is None
+    for query in ("How do I make hot water for a cup of tea?", "capital of France", "install the software"):
+        for method in ("dense", "hybrid"):
+            assert [h.chunk.id for h in walked.search(query, k=4, method=method)] == \
+                   [h.chunk.id for h in read_all.search(query, k=4, method=method)]
+    index_paths([corpus], tmp_path / "kb", encoder=embedder, max_tokens=64, ann="off", progress=False)
+    assert not (tmp_path / "kb" / ANN_FILE).exists() and KnowledgeBase(tmp_path / "kb").ann is None
+    assert main(["rag", "index", str(corpus), "--out", str(tmp_path / "kb"), "--quiet", "--ann", "on"]) == 0
+    assert "HNSW graph built" in capsys.readouterr().out
+    assert main(["rag", "search", str(tmp_path / "kb"), "tea", "--method", "dense", "--exact"]) == 0
+    assert "kettle" in capsys.readouterr().out
+
+
 def test_cli_index_and_search(tmp_path, capsys):
     corpus = write_corpus(tmp_path / "docs")
     assert main(["rag", "index", str(corpus), "--out", str(tmp_path / "kb"), "--quiet", "--max-tokens", "64"]) == 0
@@ -234,6 +277,12 @@ def test_ask_cites_its_sources_and_does_not_guess(tmp_path, embedder, tiny_lm, c
                  str(tmp_path / "model"), "--max-new-tokens", "4", "--device", "cpu", "--dtype", "fp32"]) == 0
     out = capsys.readouterr().out
     assert "sources:" in out and "[1] geo" in out
+    # many questions at once: answered together on the engine, each as it would be alone
+    from lmforge.rag.ask import local_generator
+
+    generate = local_generator(tiny_lm)
+    chats = [build_messages(q, answer.sources) for q in ("Where is Paris?", "What boils water?", "Rust?")]
+    assert generate.batch(chats, 6) == [generate(m, 6) for m in chats]
 
 
 def test_rag_eval_scores_each_retriever(tmp_path, embedder, capsys):
@@ -270,6 +319,107 @@ def test_rag_eval_scores_each_retriever(tmp_path, embedder, capsys):
     only_bm25 = evaluate_retrieval(retriever, drawn, ("bm25", "hybrid"), weights=(1.0, 0.0))
     assert only_bm25["hybrid"]["mrr"] == pytest.approx(only_bm25["bm25"]["mrr"], abs=0.05)
 
+
+
+def test_claims_are_checked_against_the_chunks_they_cite():
+    from lmforge.rag.retrieve import Hit
+    from lmforge.rag.store import StoredChunk
+    from lmforge.rag.support import LexicalJudge, ModelJudge, check_claims, split_claims, strip_citations
+
+    def hit(text, rank):
+        chunk = StoredChunk(f"id{rank}", f"doc{rank}.md", "t", 0, len(text), text, 10, file=f"doc{rank}.md")
+        return Hit(chunk, 1.0, rank, "hybrid")
+
+    sources = [hit("The with statement calls __exit__ when the block ends, even after an exception.", 1),
+               hit("Paris is the capital of France. It lies on the Seine.", 2)]
+    answer = ("The with statement calls __exit__ when the block ends [1]. Paris lies on the Seine [2]. "
+              "Paris has ten million dragons [2]. See [1]. Lyon is older.")
+    assert strip_citations("Paris [1].") == "Paris."
+    assert split_claims(answer, 2) == [("The with statement calls __exit__ when the block ends.", (1,)),
+                                       ("Paris lies on the Seine.", (2,)), ("Paris has ten million dragons.", (2,)),
+                                       ("Lyon is older.", (1, 2))]  # "See [1]." is not a claim; Lyon: every citation
+    claims = check_claims(answer, sources)
+    assert [c.supported for c in claims] == [True, True, False, False]
+    assert claims[0].score == 1.0 and claims[2].score == pytest.approx(1 / 4)  # paris / ten million dragons
+    # a claim in the wrong source is not supported by the one it cites
+    assert not check_claims("Paris lies on the Seine [1].", sources)[0].supported
+    # an answer that cites nothing supports nothing; numbers past the sources are not citations
+    assert [c.supported for c in check_claims("Paris lies on the Seine [7].", sources)] == [False]
+    assert LexicalJudge(threshold=0.2).supported(0.25)
+    # grounded: every claim against all the sources shown, whatever it cites
+    assert [c.supported for c in check_claims("Paris lies on the Seine [1].", sources, cited_only=False)] == [True]
+
+    class Judge:  # yes for claims about Paris: the prompts carry the claim and the text it cites
+        def __init__(self):
+            self.pairs = []
+
+        def loglikelihood(self, pairs, desc=""):
+            from lmforge.eval.harness import Loglikelihood
+
+            self.pairs += pairs
+            return [Loglikelihood(-1.0 if ("Claim: Paris" in p) == (a == " yes") else -3.0, True, 1) for p, a in pairs]
+
+    judge = Judge()
+    judged = check_claims(answer, sources, ModelJudge(judge))
+    assert [c.supported for c in judged] == [False, True, True, False] and judged[1].score == 2.0
+    assert len(judge.pairs) == 8 and "Passage:\nParis is the capital" in judge.pairs[2][0]
+    assert "__exit__" in judge.pairs[6][0] and "Paris is" in judge.pairs[6][0]  # uncited claim: every cited chunk
+
+
+def test_rag_eval_scores_answers(tmp_path, embedder, tiny_lm, capsys):
+    from lmforge.checkpoint import model_state, write_checkpoint
+    from lmforge.rag.evaluate import BUILTIN, Question, evaluate_answers, read_questions
+
+    corpus = write_corpus(tmp_path / "docs")
+    index_paths([corpus], tmp_path / "kb", encoder=embedder, max_tokens=64, progress=False)
+    retriever = Retriever(KnowledgeBase(tmp_path / "kb"), embedder)
+    replies = {"What is the capital of France?": "Paris [1].",
+               "Does Rust have a garbage collector?": "Rust has a garbage collector made of gold.",
+               "Which football club won the 1998 cup final?": "never asked"}
+    questions = [Question("What is the capital of France?", ("faq.jsonl",), ("Paris",)),
+                 Question("Does Rust have a garbage collector?", ("faq.jsonl",), ("no",)),
+                 Question("Which football club won the 1998 cup final?", ("guide.md",), ("none",))]
+    summary, records = evaluate_answers(retriever, questions, lambda messages, n: replies[messages[1]["content"]],
+                                        k=2, min_score=0.5, progress=False)
+    assert [r["exact_match"] for r in records] == [1.0, 0.0, 0.0]
+    assert [r["contains"] for r in records] == [1.0, 0.0, 0.0]
+    assert [r["cited"] for r in records] == [1.0, 0.0, 0.0]
+    assert [r["not_found"] for r in records] == [0.0, 0.0, 1.0]
+    assert records[0]["claims"] == [] and records[1]["supported"] == 0.0  # "Paris." is no claim; uncited fails
+    assert records[1]["grounded"] == 0.0  # the sources say no such thing ("gold" is in no chunk)
+    assert summary["supported"]["n"] == 1 and summary["exact_match"]["mean"] == pytest.approx(1 / 3)
+    assert summary["source_found"]["mean"] == pytest.approx(2 / 3)
+    with pytest.raises(InputError, match="needs an 'answer'"):
+        evaluate_answers(retriever, [Question("q", ("faq.jsonl",))], lambda m, n: "", progress=False)
+    # the command line: answers from a local model (random weights: the plumbing, not the words)
+    (tmp_path / "qa.jsonl").write_text(json.dumps({"question": "What is the capital of France?",
+                                                   "sources": ["faq.jsonl"], "answer": ["Paris"]}) + "\n")
+    write_checkpoint(tmp_path / "model", tiny_lm.model.config, model_state(tiny_lm.model), tiny_lm.tokenizer)
+    assert main(["rag", "eval", str(tmp_path / "kb"), str(tmp_path / "qa.jsonl"), "--model", str(tmp_path / "model"),
+                 "--max-new-tokens", "4", "--device", "cpu", "--dtype", "fp32", "--out", str(tmp_path / "r.json")]) == 0
+    assert "| contains |" in capsys.readouterr().out
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["answers"]["cited"]["n"] == 1 and report["replies"][0]["answers"] == ["Paris"]
+    (tmp_path / "bad.jsonl").write_text(json.dumps({"question": "q", "sources": ["faq.jsonl"], "answer": 3}) + "\n")
+    with pytest.raises(InputError, match=r"bad.jsonl:1: 'answer'"):
+        read_questions(tmp_path / "bad.jsonl")
+    assert BUILTIN["langref"].is_file()
+
+
+def test_builtin_langref_questions_are_answered_by_their_sources(tmp_path):
+    """The packaged question set names only topics that exist, and each short answer is in its sources' text."""
+    from lmforge.eval.metrics import answer_tokens
+    from lmforge.rag.evaluate import read_questions
+
+    assert main(["rag", "langref", str(tmp_path / "ref")]) == 0
+    texts = {p.name: " ".join(answer_tokens(p.read_text(encoding="utf-8"))) for p in (tmp_path / "ref").glob("*.md")}
+    assert len(texts) > 70 and "with.md" in texts
+    questions = read_questions("langref")
+    assert len(questions) >= 100 and len({q.text for q in questions}) == len(questions)
+    for question in questions:
+        assert set(question.sources) <= set(texts), question
+        assert question.answers and any(" ".join(answer_tokens(a)) in " ".join(texts[s] for s in question.sources)
+                                        for a in question.answers), question
 
 def test_train_retriever_beats_the_untrained_encoder(tmp_path, embedder):
     """60 topics, each a document of 3 sentences: 7 words from a pool of 10 shared by every document, and

@@ -17,6 +17,15 @@ questions:
 - ``mrr``: the mean of 1 / the rank of the first relevant chunk (0 when none is in the top 100);
 - ``ndcg@10``: DCG = sum over the top 10 of rel_i / log2(i + 1) (rel 1 for a relevant chunk),
   divided by the DCG of the best possible ranking.
+
+With a model, :func:`evaluate_answers` also asks every question (each line then carries
+``"answer"``: one acceptable short answer or a list of them) and scores the replies: exact
+match, F1, whether the reply contains an answer, whether it cites its sources and whether
+the cited chunks support its claims (:mod:`lmforge.rag.support`).
+
+``langref`` names the built-in question set: 100 questions written by hand over the
+language reference (``pydoc_data.topics``), each with the topics that answer it and a
+short answer; ``lmforge rag langref DIR`` writes the topics as the files they name.
 """
 
 from __future__ import annotations
@@ -29,10 +38,12 @@ import numpy as np
 
 from lmforge.data.jsonl import iter_records
 from lmforge.errors import InputError
+from lmforge.eval.metrics import answer_tokens, exact_match, mean_stderr, token_f1
 from lmforge.rag.retrieve import METHODS, Retriever
 from lmforge.rag.store import KnowledgeBase, StoredChunk
 
 CUTOFFS = (1, 5, 10)
+ANSWER_METRICS = ("exact_match", "f1", "contains", "source_found", "cited", "supported", "grounded", "not_found")
 DEPTH = 100  # how far down the ranking the first relevant chunk is looked for
 
 
@@ -40,9 +51,17 @@ DEPTH = 100  # how far down the ranking the first relevant chunk is looked for
 class Question:
     text: str
     sources: tuple[str, ...]
+    answers: tuple[str, ...] = ()  # acceptable short answers, for answer evaluation
+
+
+BUILTIN = {"langref": Path(__file__).with_name("langref_questions.jsonl")}  # name -> packaged question file
 
 
 def read_questions(path: str | Path) -> list[Question]:
+    """Questions from a JSONL file, or a built-in set by name (``langref``: questions written by hand over
+    the language reference, see :func:`lmforge.rag.langref.write_topics`)."""
+    if str(path) in BUILTIN and not Path(path).exists():
+        path = BUILTIN[str(path)]
     questions = []
     for record, where in iter_records(path):
         if not isinstance(record, dict) or not isinstance(record.get("question"), str) or not record["question"].strip():
@@ -50,7 +69,11 @@ def read_questions(path: str | Path) -> list[Question]:
         sources = record.get("sources")
         if not isinstance(sources, list) or not sources or not all(isinstance(s, str) and s for s in sources):
             raise InputError(f"{where}: 'sources' must be a non-empty list of chunk ids, sources or file names")
-        questions.append(Question(record["question"], tuple(sources)))
+        answers = record.get("answer", [])
+        answers = [answers] if isinstance(answers, str) else answers
+        if not isinstance(answers, list) or not all(isinstance(a, str) and a.strip() for a in answers):
+            raise InputError(f"{where}: 'answer' must be a string or a list of non-empty strings")
+        questions.append(Question(record["question"], tuple(sources), tuple(answers)))
     if not questions:
         raise InputError(f"{path}: no questions")
     return questions
@@ -114,6 +137,79 @@ def evaluate_retrieval(retriever: Retriever, questions: list[Question], methods:
             totals["ndcg@10"] += dcg / ideal
         results[method] = {name: value / len(questions) for name, value in totals.items()}
     return results
+
+
+def contains_answer(reply: str, answers: tuple[str, ...]) -> float:
+    """1.0 when some acceptable answer's words occur in the reply, in order and whole (after SQuAD
+    normalization): a long reply rarely equals a short answer, but it can contain it."""
+    padded = f" {' '.join(answer_tokens(reply))} "
+    return float(any(f" {' '.join(answer_tokens(a))} " in padded for a in answers if answer_tokens(a)))
+
+
+def evaluate_answers(retriever: Retriever, questions: list[Question], generate, judge=None, k: int = 4,
+                     method: str = "hybrid", min_score: float = 0.3, max_new_tokens: int = 128,
+                     rerank: bool = False, batch: int = 16, progress: bool = True) -> tuple[dict, list[dict]]:
+    """Ask the questions through :func:`lmforge.rag.ask.ask_many`, ``batch`` at a time (``generate`` is
+    the model), and score the replies against each question's acceptable answers and sources. Per reply:
+
+    - ``exact_match``, ``f1``: SQuAD exact match and token F1 with the best acceptable answer;
+    - ``contains``: :func:`contains_answer`;
+    - ``source_found``: a relevant chunk is among the ``k`` the model was shown;
+    - ``cited``: the reply cites at least one of them;
+    - ``supported``: the fraction of the reply's claims that the chunks they cite support
+      (:func:`lmforge.rag.support.check_claims` with ``judge``); replies without claims are left out;
+    - ``grounded``: the same against all the chunks the model was shown, cited or not (a reply that
+      keeps to its sources but forgets to cite scores here and not above);
+    - ``not_found``: nothing relevant was retrieved, so the reply says so without asking the model
+      (it then scores 0 on the answer metrics).
+
+    Returns ({metric: {"mean", "stderr", "n"}}, one record per question with the reply, its sources
+    and claims).
+    """
+    from tqdm import tqdm
+
+    from lmforge.rag.ask import ask_many
+    from lmforge.rag.support import check_claims, strip_citations
+
+    missing = [q.text for q in questions if not q.answers]
+    if missing:
+        raise InputError(f"answer evaluation needs an 'answer' for every question; {len(missing)} have none, "
+                         f"e.g. {missing[0]!r}")
+    values: dict[str, list[float]] = {name: [] for name in ANSWER_METRICS}
+    records = []
+    with tqdm(total=len(questions), desc="answering", unit="question", disable=not progress) as bar:
+        for start in range(0, len(questions), batch):  # a batch of questions answered together
+            group = questions[start:start + batch]
+            answers = ask_many(retriever, [q.text for q in group], generate, k=k, method=method, min_score=min_score,
+                               max_new_tokens=max_new_tokens, rerank=rerank)
+            for question, answer in zip(group, answers):
+                reply = strip_citations(answer.text) if answer.found else ""
+                claims = check_claims(answer.text, answer.sources, judge) if answer.found else []
+                scored = {"exact_match": exact_match(reply, question.answers),
+                          "f1": token_f1(reply, question.answers), "contains": contains_answer(reply, question.answers),
+                          "source_found": float(any(_matches(h.chunk, s) for h in answer.sources
+                                                    for s in question.sources)),
+                          "cited": float(bool(answer.cited)), "not_found": float(not answer.found)}
+                if claims:
+                    scored["supported"] = sum(c.supported for c in claims) / len(claims)
+                    grounded = check_claims(answer.text, answer.sources, judge, cited_only=False)
+                    scored["grounded"] = sum(c.supported for c in grounded) / len(grounded)
+                for name, value in scored.items():
+                    values[name].append(value)
+                records.append({"question": question.text, "answers": list(question.answers), "reply": answer.text,
+                                "sources": [h.chunk.source for h in answer.sources], "cited": answer.cited,
+                                "claims": [{"text": c.text, "cites": list(c.cites), "supported": c.supported,
+                                            "score": round(c.score, 4)} for c in claims], **scored})
+            bar.update(len(group))
+    summary = {name: {"mean": float(np.mean(v)) if v else float("nan"), "stderr": mean_stderr(v) if len(v) > 1
+                      else float("nan"), "n": len(v)} for name, v in values.items()}
+    return summary, records
+
+
+def format_answer_table(summary: dict) -> str:
+    lines = ["| answer metric | mean | stderr | replies |", "|---|---:|---:|---:|"]
+    lines += [f"| {name} | {s['mean']:.3f} | {s['stderr']:.3f} | {s['n']} |" for name, s in summary.items()]
+    return "\n".join(lines)
 
 
 def format_table(results: dict, count: int) -> str:

@@ -10,7 +10,7 @@ updates it: a file whose bytes did not change keeps its chunks without being rea
 a changed file is chunked again and only chunks whose id is new are embedded (an
 unchanged paragraph keeps its id, and its vector, wherever it moved); a file no longer
 given is dropped with its chunks. The result is the knowledge base a rebuild from scratch
-would write (tests/rag/test_rag_index.py). Vectors from another encoder never mix: a
+would write (tests/rag/test_rag.py). Vectors from another encoder never mix: a
 knowledge base made with one encoder refuses an update with another.
 """
 
@@ -43,6 +43,7 @@ class IndexReport:
     added: int = 0  # chunks embedded in this run
     kept: int = 0  # chunks whose vectors came from the previous knowledge base
     removed: int = 0  # chunks of the previous knowledge base no longer there
+    ann: bool = False  # an HNSW graph was built for approximate dense search
     seconds: float = 0.0
 
 
@@ -56,8 +57,15 @@ def encoder_fingerprint(embedder: Embedder) -> str:
 
 
 def index_paths(paths: list[str | Path], out: str | Path, encoder: str | Embedder = DEFAULT_ENCODER,
-                max_tokens: int = 256, overlap: int = 32, batch_size: int = 32, progress: bool = True) -> IndexReport:
-    """Index ``paths`` (files and folders) into the knowledge base at ``out``, updating it if it exists."""
+                max_tokens: int = 256, overlap: int = 32, batch_size: int = 32, ann: str = "auto",
+                progress: bool = True) -> IndexReport:
+    """Index ``paths`` (files and folders) into the knowledge base at ``out``, updating it if it exists.
+    ``ann``: build an HNSW graph for approximate dense search (:mod:`lmforge.rag.ann`): ``on``, ``off``,
+    or ``auto`` (from 50,000 chunks on)."""
+    from lmforge.rag.ann import AUTO_CHUNKS
+
+    if ann not in ("auto", "on", "off"):
+        raise InputError(f"ann must be auto, on or off, got {ann!r}")
     start, report = time.perf_counter(), IndexReport()
     out = Path(out)
     files = files_under(paths)
@@ -98,7 +106,8 @@ def index_paths(paths: list[str | Path], out: str | Path, encoder: str | Embedde
     new_vectors = {c.id: fresh[i] for i, c in enumerate(missing)}
     vectors = np.stack([new_vectors[c.id] if c.id in new_vectors else old_vectors[c.id] for _, c in ordered])
     meta = {"encoder": name, "encoder_fingerprint": fingerprint, "dim": embedder.dim, **settings}
-    write_knowledge_base(out, meta, hashes, ordered, vectors)
+    report.ann = ann == "on" or (ann == "auto" and len(ordered) >= AUTO_CHUNKS)
+    write_knowledge_base(out, meta, hashes, ordered, vectors, ann=report.ann)
     kept_ids = {c.id for _, c in ordered}
     report.files, report.chunks = len(files), len(ordered)
     report.added, report.kept = len(missing), len(ordered) - len(missing)

@@ -20,6 +20,12 @@ JUDGE = ("Passage:\n{passage}\n\nQuestion: {question}\n\n"
          "Does the passage contain the answer to the question? Answer yes or no.")
 
 
+def yes_no_scores(model, prompts: list[str], desc: str) -> list[float]:
+    """log P(" yes") - log P(" no") as the reply to each prompt, in one batch on ``model``."""
+    scored = model.loglikelihood([(prompt, answer) for prompt in prompts for answer in (" yes", " no")], desc=desc)
+    return [scored[2 * i].logprob - scored[2 * i + 1].logprob for i in range(len(prompts))]
+
+
 class LMReranker:
     """``model``: an evaluation model (``lmforge.eval.harness.LocalModel`` or ``EndpointModel``)."""
 
@@ -28,12 +34,8 @@ class LMReranker:
 
     def scores(self, question: str, hits: list[Hit]) -> list[float]:
         """log P(yes) - log P(no) of each candidate."""
-        pairs = []
-        for hit in hits:
-            prompt = JUDGE.format(passage=hit.chunk.text[:self.max_chars], question=question)
-            pairs += [(prompt, " yes"), (prompt, " no")]
-        scored = self.model.loglikelihood(pairs, desc="reranking")
-        return [scored[2 * i].logprob - scored[2 * i + 1].logprob for i in range(len(hits))]
+        prompts = [JUDGE.format(passage=hit.chunk.text[:self.max_chars], question=question) for hit in hits]
+        return yes_no_scores(self.model, prompts, desc="reranking")
 
     def rerank(self, question: str, hits: list[Hit], k: int | None = None) -> list[Hit]:
         """``hits`` in the order of the model's judgement (the best ``k``), scores and ranks replaced."""

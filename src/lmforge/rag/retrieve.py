@@ -6,7 +6,9 @@
 
 - ``bm25``: keyword search (:mod:`lmforge.rag.bm25`): exact words, rare ones weigh most.
 - ``dense``: the question embedded by the knowledge base's encoder, chunks ranked by
-  cosine similarity, searched exactly (one matrix-vector product over all vectors).
+  cosine similarity: searched exactly (one matrix-vector product over all vectors), or,
+  when the knowledge base has an HNSW graph (large ones: :mod:`lmforge.rag.ann`),
+  approximately by walking it (``exact=True`` reads every vector anyway).
 - ``hybrid``: reciprocal rank fusion of the two: a chunk scores ``sum_m w_m / (k0 + rank_m)``
   over the methods that ranked it in their top ``candidates`` (Cormack et al., 2009; k0 = 60),
   so a chunk that both methods rank well beats one that only one ranks first, and the
@@ -39,13 +41,19 @@ class Retriever:
     """Search one knowledge base. ``embedder``: its encoder (loaded from the knowledge base's meta when
     not given, on the first dense search). ``reranker``: reorders the best ``rerank_candidates`` of a
     search when it asks for it (:class:`lmforge.rag.rerank.LMReranker`). ``vectors``: the chunks'
-    vectors by ``embedder`` when it is not the encoder that indexed ``kb`` (to compare encoders)."""
+    vectors by ``embedder`` when it is not the encoder that indexed ``kb`` (to compare encoders).
+    ``exact``: never use the knowledge base's HNSW graph; ``ef_search``: how many candidates its walk
+    keeps (more: closer to exact, slower)."""
 
     def __init__(self, kb: KnowledgeBase, embedder: Embedder | None = None, reranker=None,
-                 rerank_candidates: int = 20, vectors: np.ndarray | None = None):
+                 rerank_candidates: int = 20, vectors: np.ndarray | None = None, exact: bool = False,
+                 ef_search: int = 128):
         self.kb, self._embedder = kb, embedder
         self.reranker, self.rerank_candidates = reranker, rerank_candidates
         self.vectors = kb.vectors if vectors is None else vectors
+        self.ann = None if exact or vectors is not None else kb.ann
+        self.ef_search = ef_search
+        self._last_query: tuple[str, np.ndarray] | None = None  # ask embeds the question twice otherwise
 
     @property
     def embedder(self) -> Embedder:
@@ -77,10 +85,10 @@ class Retriever:
         if method == "bm25":
             return self._hits(self.bm25_scores(query), k, method)
         if method == "dense":
-            return self._hits(self.dense_scores(query), k, method)
+            rows, scores = self.dense_top(query, k)
+            return [Hit(self.kb.chunks[r], float(s), rank, method) for rank, (r, s) in enumerate(zip(rows, scores), 1)]
         fused = np.zeros(len(self.kb))
-        for weight, scores in zip(weights, (self.bm25_scores(query), self.dense_scores(query))):
-            top = _top(scores, candidates)
+        for weight, top in zip(weights, (_top(self.bm25_scores(query), candidates), self.dense_top(query, candidates)[0])):
             fused[top] += weight / (rrf_k + np.arange(1, len(top) + 1))
         return self._hits(fused, k, method)
 
@@ -91,9 +99,24 @@ class Retriever:
             return np.zeros(len(self.kb))
         return np.asarray(self.kb.bm25.get_scores(tokens), dtype=np.float64)
 
+    def query_vector(self, query: str) -> np.ndarray:
+        """The query's unit vector by the encoder (the last one is kept: asking embeds it twice)."""
+        if self._last_query is None or self._last_query[0] != query:
+            self._last_query = (query, self.embedder.encode(query))
+        return self._last_query[1]
+
     def dense_scores(self, query: str) -> np.ndarray:
-        """(N,) cosine similarity of every chunk's vector with the query's."""
-        return np.asarray(self.vectors @ self.embedder.encode(query), dtype=np.float64)
+        """(N,) cosine similarity of every chunk's vector with the query's (always exact)."""
+        return np.asarray(self.vectors @ self.query_vector(query), dtype=np.float64)
+
+    def dense_top(self, query: str, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Rows and cosine similarities of the ``k`` chunks nearest the query, best first: by the HNSW
+        graph when the knowledge base has one (approximate), else by every vector."""
+        if self.ann is not None:
+            return self.ann.search(self.query_vector(query), k, self.ef_search)
+        scores = self.dense_scores(query)
+        top = _top(scores, k)
+        return top, scores[top]
 
     def _hits(self, scores: np.ndarray, k: int, method: str) -> list[Hit]:
         top = [i for i in _top(scores, k) if method == "dense" or scores[i] > 0]

@@ -6,7 +6,9 @@ A knowledge base is a folder:
   ``files`` (each indexed file and the SHA-256 of its bytes), ``chunks`` (row, id, file,
   source, title, start, end, text, tokens), rows numbered 0..N-1 in (file, start) order;
 - ``vectors.npy``: (N, dim) float32 unit vectors, row i the vector of chunk row i;
-- ``bm25/``: the BM25 index of the chunk texts (bm25s), in the same row order.
+- ``bm25/``: the BM25 index of the chunk texts (bm25s), in the same row order;
+- ``vectors.hnsw``, for a large knowledge base: an HNSW graph over the vectors
+  (:mod:`lmforge.rag.ann`), which dense search then walks instead of reading every vector.
 
 It is written whole into a sibling folder and then renamed into place, so a run that
 fails leaves the previous knowledge base as it was.
@@ -63,6 +65,20 @@ class KnowledgeBase:
         if len(self.vectors) != len(self.chunks):
             raise InputError(f"{self.path}: {len(self.chunks)} chunks but {len(self.vectors)} vectors; index again")
         self._bm25 = None
+        self._ann = False  # not looked for yet
+
+    @property
+    def ann(self):
+        """The approximate vector index (:class:`lmforge.rag.ann.HNSWIndex`), or None when the knowledge
+        base has none; loaded on first use."""
+        if self._ann is False:
+            from lmforge.rag.ann import ANN_FILE, HNSWIndex
+
+            path = self.path / ANN_FILE
+            self._ann = HNSWIndex.load(path) if path.is_file() else None
+            if self._ann is not None and len(self._ann) != len(self.chunks):
+                raise InputError(f"{path}: {len(self._ann)} vectors for {len(self.chunks)} chunks; index again")
+        return self._ann
 
     def __len__(self) -> int:
         return len(self.chunks)
@@ -81,8 +97,9 @@ class KnowledgeBase:
 
 
 def write_knowledge_base(path: str | Path, meta: dict, files: dict[str, str], chunks: Iterable[tuple[str, Chunk]],
-                         vectors: np.ndarray) -> None:
-    """Write a knowledge base at ``path`` atomically: rows in the order of ``chunks`` ((file, chunk) pairs)."""
+                         vectors: np.ndarray, ann: bool = False) -> None:
+    """Write a knowledge base at ``path`` atomically: rows in the order of ``chunks`` ((file, chunk) pairs);
+    with ``ann``, an HNSW graph over the vectors too."""
     from lmforge.rag.bm25 import build_bm25
 
     path = Path(path)
@@ -110,6 +127,10 @@ def write_knowledge_base(path: str | Path, meta: dict, files: dict[str, str], ch
     db.close()
     np.save(tmp / VECTORS, np.ascontiguousarray(vectors, dtype=np.float32))
     build_bm25([c.text for _, c in chunks]).save(str(tmp / BM25_FOLDER))
+    if ann:
+        from lmforge.rag.ann import ANN_FILE, HNSWIndex
+
+        HNSWIndex.build(vectors).save(tmp / ANN_FILE)
     old = path.with_name(path.name + ".old")
     if old.exists():
         shutil.rmtree(old)

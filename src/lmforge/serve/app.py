@@ -159,6 +159,14 @@ def create_app(models: dict[str, ServedModel], api_key: str | None = None, max_q
                           "max_model_len": embedder.max_tokens, "kind": "embedding"})
         return {"object": "list", "data": cards}
 
+    @app.get("/v1/rag")
+    async def rag_info():
+        """What the server's knowledge base holds (404 without one): the web UI offers it when it exists."""
+        if knowledge_base is None:
+            raise APIError(404, "this server has no knowledge base (start it with --kb KB)", code="no_knowledge_base")
+        return {"object": "rag.knowledge_base", "chunks": len(knowledge_base), "files": len(knowledge_base.files),
+                "encoder": knowledge_base.meta.get("encoder")}
+
     @app.post("/v1/rag/ask")
     async def rag_ask(body: RagAskRequest, raw: Request):
         """An answer from the knowledge base citing numbered sources (lmforge.rag.ask), decoded on the engine."""

@@ -10,11 +10,15 @@
  *                     and, for answers, [data-testid="message-stats"] (token counts, tokens/s)
  *   #system-prompt, #temperature, #top-p, #top-k, #max-tokens, #seed, #api-key   settings
  *   #new-chat, #export-json, #export-md, #settings-toggle                         buttons
+ *   #rag              checkbox, shown when GET /v1/rag finds a knowledge base: questions then go to
+ *                     POST /v1/rag/ask; the answer's [n] become a.citation links and its sources an
+ *                     <ol data-testid="sources"> of <li data-testid="source" data-cited="true|false">
  *   #error            the error banner (role="alert"); its text is in #error-text
  *   body[data-state]  "idle" or "streaming"
  *   window.lmforge    {state, send, stop, newChat, renderMarkdown, conversationJSON, conversationMarkdown}
  *
- * An answer streams from POST /v1/chat/completions as server-sent events; Stop aborts the
+ * An answer streams from POST /v1/chat/completions as server-sent events (an answer from the
+ * knowledge base comes whole, with its sources); Stop aborts the
  * fetch (AbortController) and keeps what has arrived. Answers are rendered from a small
  * Markdown subset by renderMarkdown, which escapes all HTML first: model output never
  * becomes markup of its own.
@@ -27,9 +31,10 @@
   const SETTING_IDS = ["system-prompt", "temperature", "top-p", "top-k", "max-tokens", "seed"];
 
   const state = {
-    messages: [], // the conversation without the system prompt: {role, content, stats}
+    messages: [], // the conversation without the system prompt: {role, content, stats, sources}
     models: [], // the entries of GET /v1/models
     controller: null, // the AbortController of the answer streaming now, if any
+    views: 0, // message views made so far (their ids keep source anchors apart)
   };
 
   // ---------------------------------------------------------------- Markdown
@@ -311,6 +316,20 @@
     showModelInfo();
   }
 
+  /** Offers the knowledge base when the server has one (GET /v1/rag answers 404 when not). */
+  async function loadKnowledgeBase() {
+    try {
+      const response = await fetch("/v1/rag", { headers: authHeaders() });
+      if (!response.ok) return;
+      const info = await response.json();
+      $("rag-option").hidden = false;
+      $("rag-option").title = `Answer from the server's knowledge base: ${info.chunks} chunks of ${info.files} ` +
+        `files, embedded by ${info.encoder}. The answer cites its numbered sources.`;
+    } catch {
+      // no knowledge base to offer
+    }
+  }
+
   function showModelInfo() {
     const model = selectedModel();
     const limit = model && model.max_model_len;
@@ -328,22 +347,9 @@
       showError("No model to send to: the server listed none (see GET /v1/models).");
       return;
     }
-    hideError();
-    const question = { role: "user", content: text };
-    const answer = { role: "assistant", content: "", stats: null };
-    const body = requestBody(model, [...state.messages, question]);
-    state.messages.push(question, answer);
-    const questionView = addMessageView(question);
-    const view = addMessageView(answer);
-    $("prompt").value = "";
-    fitPrompt();
-
-    const controller = new AbortController();
-    state.controller = controller;
-    setBusy(true);
-    view.article.classList.add("streaming");
-    view.article.setAttribute("aria-busy", "true"); // screen readers read the answer once, when done
-    const started = performance.now();
+    if (!$("rag-option").hidden && $("rag").checked) return askKnowledgeBase(text, model);
+    const body = requestBody(model, [...state.messages, { role: "user", content: text }]);
+    const { question, answer, questionView, view, controller, started } = beginTurn(text, { stats: null });
     let firstToken = null, usage = null, finish = null, chunks = 0, failure = null;
     try {
       const response = await fetch("/v1/chat/completions", {
@@ -373,15 +379,9 @@
       if (err.name !== "AbortError") failure = err instanceof ApiError ? err.message : `${err.name}: ${err.message}`;
     } finally {
       const ended = performance.now();
-      state.controller = null;
-      view.article.classList.remove("streaming");
-      view.article.removeAttribute("aria-busy");
+      endTurn(view);
       if (failure !== null && !answer.content) {
-        // Nothing came back: take the turn back and return the text to the message box.
-        state.messages.splice(state.messages.indexOf(question), 2);
-        questionView.article.remove();
-        view.article.remove();
-        if (!$("prompt").value) $("prompt").value = text;
+        takeBack(question, questionView, view, text);
         showError(failure);
       } else {
         answer.stats = {
@@ -400,6 +400,69 @@
     }
   }
 
+  /** One question answered from the knowledge base (POST /v1/rag/ask): the whole answer at once, with
+   * the numbered sources it was given. The knowledge base answers each question on its own. */
+  async function askKnowledgeBase(text, model) {
+    const { question, answer, questionView, view, controller, started } = beginTurn(text, { sources: [] });
+    try {
+      const body = { question: text, model, max_tokens: numberSetting("max-tokens", (v) => parseInt(v, 10)) };
+      const response = await fetch("/v1/rag/ask", {
+        method: "POST",
+        headers: { "Content-Type": "application/json", ...authHeaders() },
+        body: JSON.stringify(body),
+        signal: controller.signal,
+      });
+      if (!response.ok) throw new ApiError(await errorMessage(response));
+      const reply = await response.json();
+      answer.content = reply.answer;
+      answer.sources = reply.sources || [];
+      answer.stats = { rag: true, found: reply.found, sources: answer.sources.length,
+                       cited: answer.sources.filter((s) => s.cited).length,
+                       seconds: (performance.now() - started) / 1000 };
+      renderAssistant(view, answer);
+    } catch (err) {
+      takeBack(question, questionView, view, text);
+      if (err.name !== "AbortError") showError(err instanceof ApiError ? err.message : `${err.name}: ${err.message}`);
+    } finally {
+      endTurn(view);
+      setBusy(false);
+      updateEmptyState();
+    }
+  }
+
+  /** A new turn: the question and an empty answer (with ``extra`` fields) in the conversation and on the
+   * page, the message box emptied, and the page busy until endTurn. */
+  function beginTurn(text, extra) {
+    hideError();
+    const question = { role: "user", content: text };
+    const answer = { role: "assistant", content: "", stats: null, ...extra };
+    state.messages.push(question, answer);
+    const questionView = addMessageView(question);
+    const view = addMessageView(answer);
+    $("prompt").value = "";
+    fitPrompt();
+    const controller = new AbortController();
+    state.controller = controller;
+    setBusy(true);
+    view.article.classList.add("streaming");
+    view.article.setAttribute("aria-busy", "true"); // screen readers read the answer once, when done
+    return { question, answer, questionView, view, controller, started: performance.now() };
+  }
+
+  function endTurn(view) {
+    state.controller = null;
+    view.article.classList.remove("streaming");
+    view.article.removeAttribute("aria-busy");
+  }
+
+  /** Nothing came back: take the turn back and return the text to the message box. */
+  function takeBack(question, questionView, view, text) {
+    state.messages.splice(state.messages.indexOf(question), 2);
+    questionView.article.remove();
+    view.article.remove();
+    if (!$("prompt").value) $("prompt").value = text;
+  }
+
   function stop() {
     if (state.controller) state.controller.abort();
   }
@@ -414,6 +477,10 @@
   }
 
   function statsText(stats) {
+    if (stats.rag) {
+      const found = stats.found ? `${stats.sources} sources, ${stats.cited} cited` : "nothing relevant found";
+      return `knowledge base: ${found} · ${stats.seconds.toFixed(2)} s`;
+    }
     const parts = [];
     if (stats.completion_tokens != null) {
       parts.push(`${stats.prompt_tokens} prompt + ${stats.completion_tokens} completion tokens`);
@@ -442,7 +509,7 @@
     content.className = message.role === "user" ? "message-content plain" : "message-content markdown";
     content.dataset.testid = "message-content";
     article.append(role, content);
-    const view = { article, content, stats: null, frame: 0 };
+    const view = { article, content, stats: null, sources: null, frame: 0, id: ++state.views };
     if (message.role === "assistant") {
       view.stats = document.createElement("div");
       view.stats.className = "message-stats";
@@ -474,6 +541,10 @@
     view.frame = 0;
     const follow = nearEnd();
     view.content.innerHTML = renderMarkdown(message.content);
+    if (message.sources && message.sources.length) {
+      linkCitations(view, message.sources.length);
+      renderSources(view, message.sources);
+    }
     view.stats.textContent = message.stats ? statsText(message.stats) : "";
     view.stats.hidden = !message.stats;
     scrollToEnd(follow);
@@ -540,7 +611,13 @@
   function conversationMarkdown() {
     const title = `# Conversation with ${$("model").value || "lmforge"}\n\n_${new Date().toISOString()}_\n`;
     const names = { system: "System", user: "User", assistant: "Assistant" };
-    const turns = requestMessages().map((m) => `## ${names[m.role] || m.role}\n\n${m.content}\n`);
+    const sourcesOf = (m) => (m.sources && m.sources.length
+      ? "\nSources:\n\n" + m.sources.map((s) => `${s.number}. ${s.title} (${s.source}:${s.start}-${s.end})` +
+        (s.cited ? " - cited" : "")).join("\n") + "\n"
+      : "");
+    const system = $("system-prompt").value.trim();
+    const turns = [...(system ? [{ role: "system", content: system }] : []), ...state.messages]
+      .map((m) => `## ${names[m.role] || m.role}\n\n${m.content}\n${sourcesOf(m)}`);
     return [title, ...turns].join("\n");
   }
 
@@ -598,6 +675,64 @@
     $("settings-toggle").setAttribute("aria-expanded", String(open));
   }
 
+  /** Each [n] of an answer, n a source number, becomes a link to that source (text nodes only, so
+   * code blocks and the markup around them stay as they are). */
+  function linkCitations(view, count) {
+    const walker = document.createTreeWalker(view.content, NodeFilter.SHOW_TEXT);
+    const nodes = [];
+    while (walker.nextNode()) if (!walker.currentNode.parentElement.closest("code")) nodes.push(walker.currentNode);
+    for (const node of nodes) {
+      const parts = node.textContent.split(/(\[\d+\])/);
+      if (parts.length === 1) continue;
+      const pieces = parts.map((part) => {
+        const number = /^\[(\d+)\]$/.exec(part) && parseInt(part.slice(1, -1), 10);
+        if (!number || number > count) return document.createTextNode(part);
+        const link = document.createElement("a");
+        link.className = "citation";
+        link.href = `#source-${view.id}-${number}`;
+        link.dataset.source = String(number);
+        link.textContent = part;
+        return link;
+      });
+      node.replaceWith(...pieces);
+    }
+  }
+
+  /** The numbered sources under an answer: title, where in which file, whether the answer cites it,
+   * and the chunk's text folded away. */
+  function renderSources(view, sources) {
+    if (view.sources) view.sources.remove();
+    const list = document.createElement("ol");
+    list.className = "sources";
+    list.dataset.testid = "sources";
+    for (const source of sources) {
+      const item = document.createElement("li");
+      item.id = `source-${view.id}-${source.number}`;
+      item.dataset.testid = "source";
+      item.dataset.cited = String(Boolean(source.cited));
+      const details = document.createElement("details");
+      const summary = document.createElement("summary");
+      const where = document.createElement("span");
+      where.className = "source-where";
+      where.textContent = `${source.source}:${source.start}-${source.end}`;
+      summary.append(`[${source.number}] ${source.title}`, where);
+      if (source.cited) {
+        const mark = document.createElement("span");
+        mark.className = "source-cited";
+        mark.textContent = "cited";
+        summary.append(mark);
+      }
+      const text = document.createElement("div");
+      text.className = "source-text";
+      text.textContent = source.text;
+      details.append(summary, text);
+      item.append(details);
+      list.append(item);
+    }
+    view.sources = list;
+    view.content.after(list);
+  }
+
   // ---------------------------------------------------------------- wiring
 
   function init() {
@@ -635,6 +770,16 @@
       loadModels();
     });
     $("messages").addEventListener("click", (event) => {
+      const citation = event.target.closest("a.citation");
+      if (citation) {
+        event.preventDefault();
+        const source = document.getElementById(citation.hash.slice(1));
+        if (source) {
+          source.querySelector("details").open = true;
+          source.scrollIntoView({ block: "nearest" });
+        }
+        return;
+      }
       const button = event.target.closest(".copy-code");
       if (!button) return;
       const code = button.closest(".code-block").querySelector("code").textContent;
@@ -646,6 +791,7 @@
     updateEmptyState();
     setBusy(false);
     loadModels();
+    loadKnowledgeBase();
   }
 
   window.lmforge = { state, send, stop, newChat, renderMarkdown, conversationJSON, conversationMarkdown };
