@@ -28,6 +28,13 @@ from lmforge.infer.engine import Engine
 from lmforge.infer.generate import generate_tokens
 from lmforge.infer.request import Completion, Request
 from lmforge.infer.sampling import SamplingConfig
+from lmforge.infer.speculative import (
+    DraftModel,
+    PromptLookup,
+    SpeculativeStats,
+    check_speculative,
+    speculative_tokens,
+)
 from lmforge.infer.stream import StopStrings, TextStream, cut_at_stop
 from lmforge.interop.packaged import resolve_model
 from lmforge.model import DecoderLM
@@ -45,6 +52,17 @@ class LanguageModel:
     tokenizer: Any  # lmforge.tokenizer.Tokenizer or anything with encode/decode/bos_id/eos_id
     runtime: Runtime
     decode_step: CompiledDecodeStep | None = None  # the compiled fast path, when loaded with compile=True
+    drafter: Any = None  # speculative decoding (generate, stream, chat): a DraftModel or PromptLookup
+    draft_tokens: int = 4  # tokens the drafter guesses per pass
+    speculative_stats: SpeculativeStats = dataclasses.field(default_factory=SpeculativeStats)  # summed over calls
+
+    def new_tokens(self, prompt_ids: list[int], config: SamplingConfig) -> Iterator[int]:
+        """The new tokens of one prompt as they are decoded: speculatively when the model has a drafter
+        (the same tokens greedy, the same distribution sampled), else one pass per token."""
+        if self.drafter is not None:
+            return speculative_tokens(self.model, prompt_ids, config, self.drafter, self.draft_tokens,
+                                      self.runtime, self.speculative_stats)
+        return generate_tokens(self.model, prompt_ids, config, self.runtime, decode_step=self.decode_step)
 
     def sampling_config(self, **sampling: Any) -> SamplingConfig:
         """A SamplingConfig from keyword arguments, with the tokenizer's end-of-text as a stop token."""
@@ -130,12 +148,14 @@ class LanguageModel:
         """The generated continuation of ``prompt`` (prompt not included), cut before any stop string."""
         config = self.sampling_config(**sampling)
         prompt_ids = self.encode_prompt(prompt)
+        if self.drafter is not None:
+            check_speculative(config)
         if config.num_beams > 1:
             tokens = beam_search(self.model, prompt_ids, config, self.runtime, self.decode_step).tokens
             return cut_at_stop(self.reply_text(tokens), config.stop)
         tokens: list[int] = []
         detector = _StopDetector(self.reply_text, config.stop)
-        for token in generate_tokens(self.model, prompt_ids, config, self.runtime, decode_step=self.decode_step):
+        for token in self.new_tokens(prompt_ids, config):
             tokens.append(token)
             if detector.push(token):
                 break
@@ -150,8 +170,7 @@ class LanguageModel:
         """
         config = self.sampling_config(**sampling)
         text_stream, stops = TextStream(self.reply_text), StopStrings(config.stop)
-        tokens = generate_tokens(self.model, self.encode_prompt(prompt), config, self.runtime,
-                                 decode_step=self.decode_step)
+        tokens = self.new_tokens(self.encode_prompt(prompt), config)
         try:
             for token in tokens:
                 piece, stopped = stops.push(text_stream.push(token))
@@ -180,7 +199,8 @@ class _StopDetector:
 
 
 def load(path: str | Path, device: str = "auto", dtype: str = "auto", attention: str = "sdpa",
-         compile: bool = False, weights: str = "fp32", autotune: bool = True) -> LanguageModel:
+         compile: bool = False, weights: str = "fp32", autotune: bool = True, draft: str | Path | None = None,
+         prompt_lookup: int = 0, draft_layers: int = 0, draft_tokens: int = 4) -> LanguageModel:
     """Load a checkpoint directory (or a file inside one) for inference.
 
     ``device``/``dtype`` as in :meth:`Runtime.resolve`. When the dtype is not fp32 the
@@ -195,6 +215,12 @@ def load(path: str | Path, device: str = "auto", dtype: str = "auto", attention:
     ``autotune=False`` compiles each batch size in about half the time and gains less
     (what `lmforge serve --compile` and `lmforge eval --compile` use: they compile every
     batch bucket of the engine before the first request).
+
+    Speculative decoding (:mod:`lmforge.infer.speculative`) for ``generate``, ``stream``
+    and ``chat``: ``draft`` a smaller model with the same tokenizer that guesses
+    ``draft_tokens`` tokens per pass; ``draft_layers`` > 0, the model's own first
+    ``draft_layers`` layers as the draft; or ``prompt_lookup`` > 0 to guess from matches of
+    the last ``prompt_lookup`` tokens (then fewer) earlier in the prompt and output.
     """
     path = resolve_model(path)
     if path.suffix != ".gguf" and (path.is_file() or (not (path / CONFIG).exists() and path.suffix)):
@@ -219,4 +245,34 @@ def load(path: str | Path, device: str = "auto", dtype: str = "auto", attention:
     model.eval()
     fuse_projections(model)  # q/k/v and gate/up as one product each when no gradient is taken
     decode_step = CompiledDecodeStep(model, max_autotune=autotune) if compile else None
-    return LanguageModel(model, load_tokenizer(path), runtime, decode_step)
+    lm = LanguageModel(model, load_tokenizer(path), runtime, decode_step, draft_tokens=draft_tokens)
+    if (draft is not None) + bool(prompt_lookup) + bool(draft_layers) > 1:
+        raise InputError("choose one drafter: a draft model, the model's first layers or prompt lookup")
+    if draft_tokens < 1:
+        raise InputError(f"draft_tokens must be at least 1, got {draft_tokens}")
+    if prompt_lookup:
+        lm.drafter = PromptLookup(ngram=prompt_lookup)
+    elif draft_layers:
+        try:
+            lm.drafter = DraftModel.first_layers(model, draft_layers, runtime)
+        except ValueError as err:
+            raise InputError(str(err)) from err
+    elif draft is not None:
+        helper = load(draft, device=device, dtype=dtype, attention=attention, weights=weights)
+        check_same_tokenizer(lm.tokenizer, helper.tokenizer, path, draft)
+        lm.drafter = DraftModel(helper.model, helper.runtime)
+    return lm
+
+
+PROBE = "Speculative decoding needs one tokenizer: 123 + 4.5 = ?\n 中文 ünïcode <|im_start|>"
+
+
+def check_same_tokenizer(ours, theirs, path, draft) -> None:
+    """A draft model must cut text into the same ids as the model it drafts for (InputError if not)."""
+    def signature(tokenizer):
+        return (getattr(tokenizer, "vocab_size", None), getattr(tokenizer, "eos_id", None),
+                tokenizer.encode(PROBE))
+
+    if signature(ours) != signature(theirs):
+        raise InputError(f"the draft model {draft} has another tokenizer than {path}: speculative decoding needs "
+                         "both to use the same token ids")

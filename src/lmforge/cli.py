@@ -354,7 +354,8 @@ def cmd_chat(args: argparse.Namespace) -> None:
     from lmforge.chat import ChatSession, run_chat
     from lmforge.infer.sampling import SamplingConfig
 
-    lm = load(args.model, device=args.device, dtype=args.dtype, compile=args.compile, weights=args.weights)
+    lm = load(args.model, device=args.device, dtype=args.dtype, compile=args.compile, weights=args.weights,
+              **_speculative_options(args))
     sampling = vars(build(SamplingConfig, args, base=CHAT_SAMPLING))
     run_chat(ChatSession(lm, system=args.system, sampling=sampling), input, sys.stdout)
 
@@ -499,8 +500,12 @@ def cmd_generate(args: argparse.Namespace) -> None:
 
     if (args.prompt is None) == (args.input is None):
         raise InputError("give a prompt, or --input prompts.jsonl (not both)")
-    lm = load(args.checkpoint, device=args.device, dtype=args.dtype, compile=args.compile, weights=args.weights)
+    lm = load(args.checkpoint, device=args.device, dtype=args.dtype, compile=args.compile, weights=args.weights,
+              **_speculative_options(args))
     if args.input is not None:
+        if lm.drafter is not None:
+            raise InputError("speculative decoding (--draft, --prompt-lookup) decodes one prompt; --input goes "
+                             "through the batched engine, which does not speculate yet")
         _generate_jsonl(lm, args)
         return
     sampling = build(SamplingConfig, args)
@@ -516,6 +521,28 @@ def cmd_generate(args: argparse.Namespace) -> None:
         print()
     except ValueError as err:  # a prompt too long for the model, and the like
         raise InputError(str(err)) from err
+    finally:
+        if lm.drafter is not None and lm.speculative_stats.passes:
+            stats = lm.speculative_stats
+            print(f"speculative: {stats.tokens} tokens in {stats.passes} passes ({stats.tokens_per_pass:.2f} a pass); "
+                  f"{stats.accepted} of {stats.drafted} guesses kept ({stats.acceptance:.0%})", file=sys.stderr)
+
+
+def _speculative_options(args: argparse.Namespace) -> dict:
+    return {"draft": args.draft, "prompt_lookup": args.prompt_lookup, "draft_layers": args.draft_layers,
+            "draft_tokens": args.draft_tokens}
+
+
+def _add_speculative_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--draft", metavar="MODEL", help="speculative decoding: a smaller model with the same tokenizer "
+                                                   "guesses tokens that this model checks in one pass (same output)")
+    p.add_argument("--prompt-lookup", type=int, nargs="?", const=3, default=0, metavar="N",
+                   help="speculative decoding that guesses from matches of the last N tokens (default 3) earlier "
+                        "in the prompt and output: fast where the output repeats the input")
+    p.add_argument("--draft-layers", type=int, default=0, metavar="N",
+                   help="speculative decoding with a self-draft: the model's own first N layers guess")
+    p.add_argument("--draft-tokens", type=int, default=4, help="tokens guessed per pass (--draft, --draft-layers, "
+                                                               "--prompt-lookup)")
 
 
 def _generate_jsonl(lm, args: argparse.Namespace) -> None:
@@ -884,6 +911,7 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--compile", action="store_true",
                    help="compile the one-token decode step: faster per token, after a compilation of tens of seconds")
     p.add_argument("--weights", default="fp32", choices=["fp32", "fp16", "bf16"], help=WEIGHTS_HELP)
+    _add_speculative_options(p)
     add_arguments(p, SamplingConfig)
     p.set_defaults(func=cmd_generate)
 
@@ -897,6 +925,7 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="auto", help="auto, bf16, fp32")
     p.add_argument("--compile", action="store_true", help="compile the decode step (faster after a warm-up)")
     p.add_argument("--weights", default="fp32", choices=["fp32", "fp16", "bf16"], help=WEIGHTS_HELP)
+    _add_speculative_options(p)
     add_arguments(p, SamplingConfig)
     p.set_defaults(func=cmd_chat)
 

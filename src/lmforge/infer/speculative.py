@@ -1,0 +1,247 @@
+"""Speculative decoding: a cheap drafter guesses the next tokens, the model checks them all in one pass.
+
+Decoding one token at a time reads every weight of the model for every token. A forward
+pass over a few tokens reads the weights once as well, so on a CPU (and on a GPU at batch
+1) checking k guessed tokens costs little more than making one. A drafter proposes k
+tokens; the model runs once over them and keeps the longest run it agrees with, plus one
+token of its own: one pass yields between 1 and k + 1 tokens.
+
+Exactness (the tokens are those the model alone would give):
+
+- greedy: at every guessed place the model's own argmax is known from the one pass; the
+  guesses are kept up to the first place they differ, and the model's token is taken
+  there (or after the last guess when all were right).
+- sampling (Leviathan et al., 2023; Chen et al., 2023): p is the model's distribution at a
+  place (after temperature, top-k and top-p), q the drafter's. A guessed token x is kept
+  with probability min(1, p(x) / q(x)); at the first one rejected, a token is drawn from
+  max(0, p - q), renormalized; when all are kept, one more is drawn from p. Every token
+  then follows p exactly, whatever q is. A drafter that guesses without a distribution
+  (prompt lookup) has q = 1 at its guess: x is kept with probability p(x), and a rejected
+  place draws from p without x.
+
+Drafters:
+
+- :class:`DraftModel`: a smaller model with the same tokenizer (one the speedrun trains,
+  say), with its own KV cache; it decodes k tokens with the same sampling settings.
+  ``DraftModel.first_layers(model, n)`` is a self-draft: the model's own first n layers.
+- :class:`PromptLookup` (Saxena, 2023): the last ``ngram`` tokens (then fewer) are looked
+  for earlier in the prompt and output, and the tokens that followed the latest match are
+  the guess. Free to compute; it pays off where the output repeats the input
+  (summaries, edits, extraction, code).
+
+:func:`speculative_tokens` decodes one sequence; :class:`SpeculativeStats` counts what was
+guessed and kept.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from lmforge.infer.generate import autocast_for, check_request, eval_mode
+from lmforge.infer.sampling import SamplingConfig, draw_from, make_generator, top_k_filter, top_p_filter
+from lmforge.model import DecoderLM, KVCache
+from lmforge.runtime import Runtime
+
+
+@dataclass
+class SpeculativeStats:
+    """What the drafter guessed and the model kept, over one or more sequences."""
+
+    passes: int = 0  # forward passes of the model after the prompt
+    drafted: int = 0  # tokens the drafter proposed
+    accepted: int = 0  # of those, tokens the model kept
+    tokens: int = 0  # tokens produced
+
+    @property
+    def acceptance(self) -> float:
+        return self.accepted / self.drafted if self.drafted else 0.0
+
+    @property
+    def tokens_per_pass(self) -> float:
+        return self.tokens / self.passes if self.passes else 0.0
+
+
+def distribution(logits: torch.Tensor, config: SamplingConfig) -> torch.Tensor:
+    """(N, V) fp32 logits -> the probabilities a token is drawn from (temperature, top-k, top-p)."""
+    logits = top_p_filter(top_k_filter(logits / config.temperature, config.top_k), config.top_p)
+    return torch.softmax(logits, dim=-1)
+
+
+def check_speculative(config: SamplingConfig) -> None:
+    """Settings speculative decoding cannot keep exact: penalties depend on every token before, beams on
+    many sequences."""
+    if config.num_beams > 1:
+        raise ValueError("speculative decoding and beam search do not go together (set num_beams=1)")
+    if config.repetition_penalty != 1.0 or config.presence_penalty or config.frequency_penalty:
+        raise ValueError("speculative decoding does not support repetition, presence or frequency penalties")
+
+
+def _forward(model: DecoderLM, ids: list[int], cache: KVCache, runtime: Runtime | None) -> torch.Tensor:
+    """Logits (T, V) fp32 of ``ids`` fed after what ``cache`` holds."""
+    device = next(model.parameters()).device
+    with torch.inference_mode(), autocast_for(model, runtime):
+        return model(torch.tensor([ids], dtype=torch.long, device=device), cache)[0].float()
+
+
+class PromptLookup:
+    """Guesses from n-gram matches in the tokens so far: the tokens after the latest earlier occurrence of
+    the last ``ngram`` tokens (then of fewer, down to ``min_ngram``)."""
+
+    def __init__(self, ngram: int = 3, min_ngram: int = 1):
+        if not 1 <= min_ngram <= ngram:
+            raise ValueError(f"prompt lookup needs 1 <= min_ngram <= ngram, got {min_ngram} and {ngram}")
+        self.ngram, self.min_ngram = ngram, min_ngram
+
+    def propose(self, tokens: list[int], count: int, config: SamplingConfig,
+                generator: torch.Generator | None) -> tuple[list[int], torch.Tensor | None]:
+        """Up to ``count`` guessed tokens and no distribution (they are certain guesses, q = 1)."""
+        for size in range(min(self.ngram, len(tokens) - 1), self.min_ngram - 1, -1):
+            tail = tokens[-size:]
+            for start in range(len(tokens) - size - 1, -1, -1):  # latest match first, never the tail itself
+                if tokens[start:start + size] == tail:
+                    follow = tokens[start + size:start + size + count]
+                    if follow:
+                        return follow, None
+        return [], None
+
+    def reset(self) -> None:
+        pass
+
+
+class DraftModel:
+    """A smaller model with the same tokenizer that decodes the guesses; its KV cache follows the
+    sequence (what was rejected is cropped away)."""
+
+    def __init__(self, model: DecoderLM, runtime: Runtime | None = None):
+        self.model, self.runtime = model, runtime
+        self.cache: KVCache | None = None
+        self.seen: list[int] = []  # the tokens in self.cache
+
+    @classmethod
+    def first_layers(cls, model: DecoderLM, layers: int, runtime: Runtime | None = None) -> DraftModel:
+        """A self-draft (early exit, as in LayerSkip): the model's own first ``layers`` blocks, then its
+        final norm and output layer. It shares the model's weights (nothing is copied or trained); its
+        guesses are only as good as what those layers already know."""
+        if not 1 <= layers < model.config.num_layers:
+            raise ValueError(f"a self-draft takes 1 to {model.config.num_layers - 1} of the model's "
+                             f"{model.config.num_layers} layers, got {layers}")
+        draft = copy.copy(model)  # a second module over the same submodules
+        draft._modules = dict(model._modules)
+        draft.blocks = nn.ModuleList(list(model.blocks[:layers]))
+        draft.config = dataclasses.replace(model.config, num_layers=layers)
+        return cls(draft, runtime)
+
+    def reset(self) -> None:
+        self.cache, self.seen = None, []
+
+    def propose(self, tokens: list[int], count: int, config: SamplingConfig,
+                generator: torch.Generator | None) -> tuple[list[int], torch.Tensor | None]:
+        """``count`` tokens decoded after ``tokens``, and their distributions (count, V) when sampling."""
+        if count <= 0:
+            return [], None
+        if self.cache is None:
+            self.cache = KVCache.for_model(self.model, 1, self.model.config.max_seq_len)
+        common = 0
+        for a, b in zip(self.seen, tokens):
+            if a != b:
+                break
+            common += 1
+        common = min(common, len(tokens) - 1)  # the last token is fed again: its logits are the next guess's
+        self.cache.crop(common)
+        with eval_mode(self.model):
+            logits = _forward(self.model, tokens[common:], self.cache, self.runtime)[-1:]
+            self.seen = list(tokens)
+            guesses, dists = [], []
+            for i in range(count):
+                if config.greedy:
+                    token = int(logits.argmax(-1))
+                else:
+                    dist = distribution(logits, config)
+                    token = int(draw_from(dist, generator))
+                    dists.append(dist[0])
+                guesses.append(token)
+                if i + 1 < count:
+                    logits = _forward(self.model, [token], self.cache, self.runtime)
+                    self.seen.append(token)
+        return guesses, torch.stack(dists) if dists else None
+
+
+def speculative_tokens(model: DecoderLM, prompt_ids: list[int], config: SamplingConfig, drafter,
+                       draft_tokens: int = 4, runtime: Runtime | None = None,
+                       stats: SpeculativeStats | None = None) -> Iterator[int]:
+    """The new tokens of one prompt, as :func:`lmforge.infer.generate.generate_tokens` yields them
+    (stopping before a stop token), decoded speculatively with ``drafter`` guessing up to
+    ``draft_tokens`` tokens per pass. ``stats`` (optional) is updated as tokens come."""
+    check_speculative(config)
+    check_request(model, [prompt_ids], config.max_new_tokens)
+    if draft_tokens < 1:
+        raise ValueError(f"draft_tokens must be at least 1, got {draft_tokens}")
+    return _speculate(model, prompt_ids, config, drafter, draft_tokens, runtime, stats or SpeculativeStats())
+
+
+def _speculate(model: DecoderLM, prompt_ids: list[int], config: SamplingConfig, drafter, draft_tokens: int,
+               runtime: Runtime | None, stats: SpeculativeStats) -> Iterator[int]:
+    generator = make_generator(config.seed, next(model.parameters()).device)
+    stop_ids = set(config.stop_token_ids)
+    # room for the prompt, the output, and guesses past the end that are fed and then cropped
+    cache = KVCache.for_model(model, 1, min(model.config.max_seq_len, len(prompt_ids) + config.max_new_tokens))
+    tokens = list(prompt_ids)
+    drafter.reset()
+    with eval_mode(model):
+        if len(prompt_ids) > 1:  # the prompt but its last token; that one is fed with the first guesses
+            _forward(model, prompt_ids[:-1], cache, runtime)
+        produced = 0
+        while produced < config.max_new_tokens:
+            room = config.max_new_tokens - produced - 1  # the model's own token comes on top of the guesses
+            guesses, q = drafter.propose(tokens, min(draft_tokens, room), config, generator) if room > 0 else ([], None)
+            kept_before = cache.length
+            logits = _forward(model, [tokens[-1], *guesses], cache, runtime)  # (1 + g, V): p at each place
+            stats.passes += 1
+            stats.drafted += len(guesses)
+            new = _verify(logits, guesses, q, config, generator)
+            stats.accepted += len(new) - 1
+            cache.crop(kept_before + len(new))  # the last token and the kept guesses; the next pass feeds new[-1]
+            for token in new:
+                if token in stop_ids:
+                    return
+                tokens.append(token)
+                produced += 1
+                stats.tokens += 1
+                yield token
+
+
+def _verify(logits: torch.Tensor, guesses: list[int], q: torch.Tensor | None, config: SamplingConfig,
+            generator: torch.Generator | None) -> list[int]:
+    """The kept guesses and the model's own next token. logits (1 + g, V): row i is the model's logits for
+    the place of guess i (row g: the place after the last guess); q (g, V) the drafter's distributions,
+    None for certain guesses."""
+    if config.greedy:
+        choice = logits.argmax(-1).tolist()
+        kept = 0
+        while kept < len(guesses) and guesses[kept] == choice[kept]:
+            kept += 1
+        return guesses[:kept] + [choice[kept]]
+    p = distribution(logits, config)  # (1 + g, V)
+    if q is not None and q.shape[-1] != p.shape[-1]:  # vocabularies padded to different widths
+        width = p.shape[-1]
+        q = q[:, :width] if q.shape[-1] > width else torch.nn.functional.pad(q, (0, width - q.shape[-1]))
+    for i, token in enumerate(guesses):
+        q_token = 1.0 if q is None else float(q[i, token])
+        u = float(torch.rand(1, generator=generator, dtype=torch.float64))
+        if u * q_token < float(p[i, token]):  # kept with probability min(1, p / q)
+            continue
+        residual = p[i].clone()
+        if q is None:
+            residual[token] = 0.0  # max(0, p - one_hot(token))
+        else:
+            residual = (residual - q[i]).clamp_min(0.0)
+        if float(residual.sum()) <= 0:  # p == q up to rounding: nothing left to correct, draw from p
+            residual = p[i]
+        return guesses[:i] + [int(draw_from(residual[None] / residual.sum(), generator))]
+    return guesses + [int(draw_from(p[-1:], generator))]

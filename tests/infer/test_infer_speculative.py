@@ -1,0 +1,128 @@
+"""Speculative and prompt-lookup decoding: the same tokens as the model alone (greedy), the model's own
+distribution (sampling), fewer passes when the guesses are good."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lmforge.infer.generate import generate_tokens
+from lmforge.infer.sampling import SamplingConfig
+from lmforge.infer.speculative import (
+    DraftModel,
+    PromptLookup,
+    SpeculativeStats,
+    distribution,
+    speculative_tokens,
+)
+from lmforge.model import DecoderLM, preset
+
+
+def small(vocab: int, seed: int, layers: int = 2) -> DecoderLM:
+    torch.manual_seed(seed)
+    return DecoderLM(preset("tiny", vocab_size=vocab, num_layers=layers, max_seq_len=256)).eval()
+
+
+@pytest.mark.parametrize("drafter", ["lookup", "other model", "itself", "first layer"])
+def test_greedy_output_equals_the_model_alone(tiny_lm, drafter):
+    model = tiny_lm.model
+    make = {"lookup": lambda: PromptLookup(ngram=3),
+            "other model": lambda: DraftModel(small(model.config.vocab_size, seed=7)),
+            "itself": lambda: DraftModel(model),
+            "first layer": lambda: DraftModel.first_layers(model, 1)}[drafter]
+    config = SamplingConfig(max_new_tokens=40, temperature=0.0)
+    for text in ("The quick brown fox", "Paris is the capital of France. Paris is", "[1, 2, 3] true"):
+        prompt = tiny_lm.encode_prompt(text)
+        alone = list(generate_tokens(model, prompt, config))
+        stats = SpeculativeStats()
+        assert list(speculative_tokens(model, prompt, config, make(), draft_tokens=4, stats=stats)) == alone
+        assert stats.tokens == len(alone) and stats.accepted <= stats.drafted
+        if drafter == "itself":  # every guess is right: 5 tokens a pass
+            assert stats.acceptance == 1.0 and stats.passes == -(-len(alone) // 5)
+    if drafter == "first layer":  # a view over the model's own weights, one block deep
+        draft = make().model
+        assert len(draft.blocks) == 1 and draft.blocks[0] is model.blocks[0] and len(model.blocks) > 1
+        assert draft.lm_head is model.lm_head and draft.config.num_layers == 1
+    stop = alone[10]  # a stop token ends the output before it, as without speculation
+    config = SamplingConfig(max_new_tokens=40, temperature=0.0, stop_token_ids=[stop])
+    assert list(speculative_tokens(model, prompt, config, make())) == list(generate_tokens(model, prompt, config))
+
+
+def test_prompt_lookup_guesses_what_followed_the_latest_match():
+    lookup = PromptLookup(ngram=2)
+    greedy = SamplingConfig(temperature=0.0)
+    assert lookup.propose([5, 6, 7, 8, 5, 6, 9, 5, 6], 3, greedy, None) == ([9, 5, 6], None)  # latest "5 6"
+    assert lookup.propose([1, 2, 3, 4, 9, 4], 2, greedy, None) == ([9, 4], None)  # no "9 4" before: "4" alone
+    assert lookup.propose([1, 2, 3], 2, greedy, None) == ([], None)
+    with pytest.raises(ValueError, match="min_ngram"):
+        PromptLookup(ngram=1, min_ngram=2)
+
+
+@pytest.mark.parametrize("drafter", ["other model", "lookup"])
+def test_sampled_tokens_follow_the_models_distribution(drafter):
+    """The first two tokens of 3000 speculative samples (temperature 1.3, top-k 6, a vocabulary of 8): their
+    joint frequencies against the model's exact p(t1) p(t2 | t1). A drafter from another random model is
+    often wrong, so rejections and corrections are exercised; prompt lookup's guesses are certain ones."""
+    target, vocab = small(8, seed=1), 8
+    prompt = [4, 0, 6, 4, 0]  # prompt lookup guesses 6 (p = 0.13 at the first place)
+    config = SamplingConfig(max_new_tokens=2, temperature=1.3, top_k=6)
+    with torch.no_grad():
+        first = distribution(target(torch.tensor([prompt]))[0, -1:].float(), config)[0]
+        exact = torch.zeros(vocab, vocab)
+        for t1 in range(vocab):
+            second = distribution(target(torch.tensor([prompt + [t1]]))[0, -1:].float(), config)[0]
+            exact[t1] = first[t1] * second
+    make = (lambda: DraftModel(small(8, seed=2))) if drafter == "other model" else (lambda: PromptLookup(ngram=2))
+    counts, stats, samples = torch.zeros(vocab, vocab), SpeculativeStats(), 3000
+    draft = make()
+    for seed in range(samples):
+        t1, t2 = speculative_tokens(target, prompt, SamplingConfig(**{**config.__dict__, "seed": seed}), draft,
+                                    draft_tokens=2, stats=stats)
+        counts[t1, t2] += 1
+    distance = 0.5 * (counts / samples - exact).abs().sum()
+    assert distance < 0.06, (distance, stats)
+    assert 0 < stats.acceptance < 1  # some guesses kept, some rejected
+
+
+def test_the_api_and_the_command_line_speculate(tmp_path, tiny_lm, capsys):
+    import dataclasses
+
+    from lmforge.api import load
+    from lmforge.checkpoint import model_state, write_checkpoint
+    from lmforge.cli import main
+    from lmforge.errors import InputError
+    from lmforge.tokenizer import train_tokenizer
+
+    looked = dataclasses.replace(tiny_lm, drafter=PromptLookup(), speculative_stats=SpeculativeStats())
+    for prompt in ("Paris is the capital of France. Paris", "true false null. true"):
+        assert looked.generate(prompt, max_new_tokens=30, temperature=0) == \
+               tiny_lm.generate(prompt, max_new_tokens=30, temperature=0)
+        assert "".join(looked.stream(prompt, max_new_tokens=30, temperature=0)) == \
+               tiny_lm.generate(prompt, max_new_tokens=30, temperature=0)
+    assert looked.speculative_stats.accepted > 0  # the random model repeats itself: lookup guesses right
+    with pytest.raises(ValueError, match="penalties"):
+        looked.generate("x", repetition_penalty=1.2)
+    with pytest.raises(ValueError, match="beam search"):
+        looked.generate("x", num_beams=2, temperature=0)
+
+    write_checkpoint(tmp_path / "m", tiny_lm.model.config, model_state(tiny_lm.model), tiny_lm.tokenizer)
+    drafted = load(tmp_path / "m", device="cpu", dtype="fp32", draft=tmp_path / "m", draft_tokens=3)
+    assert isinstance(drafted.drafter, DraftModel) and drafted.draft_tokens == 3
+    assert drafted.generate("The quick brown fox", max_new_tokens=20, temperature=0) == \
+           tiny_lm.generate("The quick brown fox", max_new_tokens=20, temperature=0)
+    assert drafted.speculative_stats.acceptance == 1.0  # the draft is the model itself
+    other = train_tokenizer(["a completely different text for another vocabulary " * 40], 300, progress=False)
+    write_checkpoint(tmp_path / "o", dataclasses.replace(tiny_lm.model.config, vocab_size=other.vocab_size),
+                     model_state(DecoderLM(dataclasses.replace(tiny_lm.model.config, vocab_size=other.vocab_size))),
+                     other)
+    with pytest.raises(InputError, match="another tokenizer"):
+        load(tmp_path / "m", device="cpu", dtype="fp32", draft=tmp_path / "o")
+
+    plain = ["generate", str(tmp_path / "m"), "Paris is the capital", "--max-new-tokens", "24", "--temperature", "0",
+             "--device", "cpu", "--dtype", "fp32"]
+    assert main(plain) == 0
+    alone = capsys.readouterr()
+    assert main([*plain, "--prompt-lookup", "--draft-tokens", "3"]) == 0
+    looked_up = capsys.readouterr()
+    assert looked_up.out == alone.out and "guesses kept" in looked_up.err and "guesses kept" not in alone.err
+    assert main([*plain, "--prompt-lookup", "--draft", str(tmp_path / "m")]) == 2  # one drafter at a time
