@@ -4,6 +4,7 @@
     model.safetensors      the weights (tied weights stored once)
     tokenizer.json         the tokenizer, when one is given
     trainer_state.json     step, tokens seen, run config ... (training only)
+    quantization.json      how integer layers were quantized (lmforge quantize; lmforge.quant.integer)
     optimizer.safetensors  optimizer moments and RNG state (training only)
 
 A checkpoint is written to a temporary sibling directory and renamed into place,
@@ -51,8 +52,10 @@ def save_checkpoint(path: str | Path, model: DecoderLM, tokenizer=None, trainer_
 
 
 def write_checkpoint(path: str | Path, config: ModelConfig, state: dict[str, torch.Tensor], tokenizer=None,
-                     trainer_state: dict | None = None, extra_tensors: dict[str, torch.Tensor] | None = None) -> Path:
-    """Write ``config`` and lmforge-named weights ``state`` (tied head left out) as a checkpoint, atomically."""
+                     trainer_state: dict | None = None, extra_tensors: dict[str, torch.Tensor] | None = None,
+                     files: dict[str, str] | None = None) -> Path:
+    """Write ``config`` and lmforge-named weights ``state`` (tied head left out) as a checkpoint, atomically;
+    ``files``: more text files to put in it (name -> content)."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
     if tmp.exists():
@@ -69,6 +72,8 @@ def write_checkpoint(path: str | Path, config: ModelConfig, state: dict[str, tor
         (tmp / STATE).write_text(json.dumps(trainer_state, indent=2) + "\n", encoding="utf-8")
     if extra_tensors:
         save_file({k: v.contiguous() for k, v in extra_tensors.items()}, tmp / OPTIMIZER)
+    for name, text in (files or {}).items():
+        (tmp / name).write_text(text, encoding="utf-8")
     old = path.with_name(path.name + ".old")
     if path.exists():
         os.replace(path, old)
@@ -105,17 +110,23 @@ def load_model(path: str | Path, device: torch.device | str = "cpu", attention: 
     The weights are memory-mapped: an fp32 file is used in place (pages are read when
     first touched), another dtype is converted one tensor at a time.
     """
-    config, state = read_checkpoint(path, torch.float32)
+    from lmforge.quant.integer import prepare_quantized, read_spec
+
+    quantized = read_spec(resolve_model(path)) if resolve_model(path).is_dir() else None
+    config, state = read_checkpoint(path, None if quantized else torch.float32)
     with torch.device("meta"):
         model = DecoderLM(config, attention=attention)
-    state = {name: tensor.to(device=device, dtype=torch.float32) for name, tensor in state.items()}
+    if quantized:  # integer layers (lmforge quantize): their codes and scales load as stored
+        prepare_quantized(model, *quantized)
+    state = {name: tensor.to(device=device, dtype=torch.float32 if tensor.is_floating_point() else tensor.dtype)
+             for name, tensor in state.items()}
     if config.tie_embeddings:
         state["lm_head.weight"] = state["embed.weight"]
     model.load_state_dict(state, strict=True, assign=True)
     if config.tie_embeddings:
         model.lm_head.weight = model.embed.weight
     model.init_buffers(device)  # the RoPE/sinusoidal tables were built on "meta"
-    return model.float().eval()
+    return model.float().eval()  # (an IntLinear keeps its integer codes and fp32 scales through .float())
 
 
 def load_tokenizer(path: str | Path):

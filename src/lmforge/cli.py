@@ -494,6 +494,24 @@ def cmd_rm_score(argv: list[str]) -> None:
     print(f"chosen scores higher in {sum(x['chosen_wins'] for x in lines)} of {len(lines)} pairs", file=sys.stderr)
 
 
+def cmd_quantize(args: argparse.Namespace) -> None:
+    from lmforge.quant.integer import QuantSpec
+    from lmforge.quant.ptq import PLOT, REPORT, quantize_checkpoint
+
+    spec = QuantSpec(bits=args.bits, scheme=args.scheme, granularity=args.granularity, group_size=args.group_size)
+    text = None
+    if args.eval_text:
+        try:
+            text = Path(args.eval_text).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as err:
+            raise InputError(f"{args.eval_text}: cannot read the held-out text: {err}") from err
+    report = quantize_checkpoint(args.model, args.out, spec, device=args.device, eval_chars=args.eval_chars,
+                                 eval_text=text)
+    print(report.table())
+    print(f"\nwrote {args.out} ({report.seconds:.0f} s): {REPORT}, {PLOT}; load it like any checkpoint "
+          f"(lmforge generate {args.out} ...)")
+
+
 def cmd_generate(args: argparse.Namespace) -> None:
     from lmforge.api import load
     from lmforge.infer.sampling import SamplingConfig
@@ -896,6 +914,21 @@ def make_parser() -> argparse.ArgumentParser:
     add_arguments(p, ModelConfig, skip=("vocab_size",))
     add_arguments(p, TrainConfig)
     p.set_defaults(func=cmd_pretrain)
+
+    p = sub.add_parser("quantize", help="post-training quantization: int8 or int4 weights, with an error report")
+    p.add_argument("model", help="checkpoint, HF directory, .gguf or packaged name")
+    p.add_argument("--out", required=True, help="the quantized checkpoint's folder")
+    p.add_argument("--bits", type=int, default=8, choices=[8, 4])
+    p.add_argument("--scheme", default="symmetric", choices=["symmetric", "asymmetric"],
+                   help="symmetric: absmax, q = round(w / scale); asymmetric: a zero point maps [min, max]")
+    p.add_argument("--granularity", default="channel", choices=["tensor", "channel", "group"],
+                   help="one scale per tensor, per output channel, or per group of --group-size inputs")
+    p.add_argument("--group-size", type=int, default=128, help="inputs per scale with --granularity group")
+    p.add_argument("--eval-chars", type=int, default=20000,
+                   help="characters of the language reference for bits per byte before and after (0: skip)")
+    p.add_argument("--eval-text", help="a text file to measure bits per byte on instead")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, mps")
+    p.set_defaults(func=cmd_quantize)
 
     p = sub.add_parser("generate", help="continue a prompt with a trained model")
     p.add_argument("checkpoint", help="checkpoint folder, Hugging Face model directory, .gguf file, "

@@ -1,0 +1,252 @@
+"""Integer weights: int8 and int4, symmetric (absmax) or with a zero point, per tensor, channel or group.
+
+The notes' recipe: map a tensor by its largest magnitude onto the integers and round.
+
+- **symmetric (absmax)**: ``scale = max|w| / qmax`` (qmax = 127 for int8, 7 for int4),
+  ``q = clamp(round(w / scale), -qmax, qmax)``; back: ``w' = q * scale``. Zero stays
+  exactly zero, half of the int4 codes' range (-8) is left unused.
+- **asymmetric (zero point)**: the range [min, max] onto [0, 2^bits - 1]:
+  ``scale = (max - min) / (2^bits - 1)``, ``zero = round(-min / scale)``,
+  ``q = clamp(round(w / scale) + zero, 0, 2^bits - 1)``; back: ``w' = (q - zero) * scale``.
+  A range that is not centred on zero wastes no codes.
+
+One scale (and zero) covers a **tensor**, an output **channel** (a row of the weight
+matrix), or a **group** of ``group_size`` consecutive inputs within a row: the smaller
+the span, the closer the scale fits the weights it covers, and the more scales there are
+to store (one fp32 scale per 128 int4 weights adds 0.25 bits per weight). The rounding
+error of one weight is at most scale / 2.
+
+:class:`IntLinear` replaces an ``nn.Linear``: integer codes (int4 packed two to a byte),
+fp32 scales and zeros, and a forward pass that dequantizes the weight and multiplies
+(the reference that faster integer kernels must equal). Weight-only: activations stay
+in the model's dtype.
+
+On disk (``lmforge quantize``): the usual checkpoint, where each quantized layer's
+``weight`` is replaced by ``qweight`` (int8, or uint8 for asymmetric int8 and for
+int4, whose two 4-bit codes share a byte: the even input in the low half), ``scale``
+(fp32, (out, groups)) and, asymmetric, ``zero`` (fp32, same shape); and
+``quantization.json`` says the method and which layers (:data:`QUANT_FILE`).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lmforge.errors import InputError
+
+QUANT_FILE = "quantization.json"
+SCHEMES = ("symmetric", "asymmetric")
+GRANULARITIES = ("tensor", "channel", "group")
+
+
+@dataclass(frozen=True)
+class QuantSpec:
+    """How to quantize: bits (8 or 4), scheme, granularity and, per group, the group's width."""
+
+    bits: int = 8
+    scheme: str = "symmetric"
+    granularity: str = "channel"
+    group_size: int = 128
+
+    def __post_init__(self) -> None:
+        if self.bits not in (4, 8):
+            raise InputError(f"bits must be 8 or 4, got {self.bits}")
+        if self.scheme not in SCHEMES:
+            raise InputError(f"unknown quantization scheme {self.scheme!r}; choose {' or '.join(SCHEMES)}")
+        if self.granularity not in GRANULARITIES:
+            raise InputError(f"unknown granularity {self.granularity!r}; choose one of {', '.join(GRANULARITIES)}")
+        if self.granularity == "group" and self.group_size < 2:
+            raise InputError(f"group_size must be at least 2, got {self.group_size}")
+
+    @property
+    def name(self) -> str:
+        span = f"group {self.group_size}" if self.granularity == "group" else self.granularity
+        return f"int{self.bits} {self.scheme}, per {span}"
+
+    def groups(self, in_features: int) -> int:
+        """Scales per row of a weight with ``in_features`` inputs."""
+        if self.granularity != "group":
+            return 1
+        if in_features % self.group_size:
+            fits = [size for size in (16, 32, 64, 128, 256) if in_features % size == 0]
+            raise InputError(f"group_size {self.group_size} does not divide a layer's {in_features} inputs; "
+                             f"choose one that does ({', '.join(map(str, fits)) or 'per channel instead'})")
+        return in_features // self.group_size
+
+
+def quantize_tensor(weight: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """(codes (N, K) int16, scale (N or 1, G) fp32, zero (same) fp32 or None) of a (N, K) weight."""
+    w = weight.detach().float()
+    rows, cols = w.shape
+    groups = spec.groups(cols)
+    spans = w.reshape(rows, groups, cols // groups) if spec.granularity != "tensor" else w.reshape(1, 1, -1)
+    levels = 2 ** spec.bits - 1
+    if spec.scheme == "symmetric":
+        qmax = 2 ** (spec.bits - 1) - 1
+        scale = spans.abs().amax(-1) / qmax
+        scale = torch.where(scale > 0, scale, torch.ones_like(scale))  # an all-zero span: any scale works
+        codes = torch.clamp(torch.round(spans / scale[..., None]), -qmax, qmax)
+        zero = None
+    else:
+        low, high = spans.amin(-1).clamp(max=0), spans.amax(-1).clamp(min=0)  # zero stays representable
+        scale = (high - low) / levels
+        scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+        zero = torch.round(-low / scale)
+        codes = torch.clamp(torch.round(spans / scale[..., None]) + zero[..., None], 0, levels)
+    return codes.reshape(rows, cols).to(torch.int16), scale, zero
+
+
+def dequantize(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None) -> torch.Tensor:
+    """The fp32 weight (N, K) that integer ``codes`` (N, K) stand for."""
+    rows, cols = codes.shape
+    groups = scale.shape[-1]
+    spans = codes.float().reshape(rows if scale.shape[0] == rows else 1, groups, -1)
+    if zero is not None:
+        spans = spans - zero[..., None]
+    return (spans * scale[..., None]).reshape(rows, cols)
+
+
+def pack_int4(codes: torch.Tensor, offset: int) -> torch.Tensor:
+    """(N, K) codes in [-offset, 15 - offset] -> (N, K / 2) uint8, the even column in the low 4 bits."""
+    shifted = (codes + offset).to(torch.uint8)
+    return shifted[:, 0::2] | (shifted[:, 1::2] << 4)
+
+
+def unpack_int4(packed: torch.Tensor, offset: int) -> torch.Tensor:
+    """The inverse of :func:`pack_int4`: (N, K / 2) uint8 -> (N, K) int16."""
+    low, high = (packed & 0x0F).to(torch.int16), (packed >> 4).to(torch.int16)
+    return torch.stack([low, high], dim=-1).reshape(packed.shape[0], -1) - offset
+
+
+class IntLinear(nn.Module):
+    """An ``nn.Linear`` with integer weights (see the module docstring); ``forward`` dequantizes and multiplies."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, spec: QuantSpec,
+                 device: torch.device | str | None = None):
+        super().__init__()
+        self.in_features, self.out_features, self.spec = in_features, out_features, spec
+        if spec.bits == 4 and in_features % 2:
+            raise InputError(f"int4 packs two weights a byte: a layer's {in_features} inputs must be even")
+        groups = spec.groups(in_features)
+        scale_rows = 1 if spec.granularity == "tensor" else out_features
+        code_dtype = torch.int8 if spec.bits == 8 and spec.scheme == "symmetric" else torch.uint8
+        width = in_features // 2 if spec.bits == 4 else in_features
+        self.register_buffer("qweight", torch.zeros(out_features, width, dtype=code_dtype, device=device))
+        self.register_buffer("scale", torch.ones(scale_rows, groups, device=device))
+        self.register_buffer("zero", torch.zeros(scale_rows, groups, device=device)
+                             if spec.scheme == "asymmetric" else None)
+        self.bias = nn.Parameter(torch.zeros(out_features, device=device)) if bias else None
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, spec: QuantSpec) -> IntLinear:
+        layer = cls(linear.in_features, linear.out_features, linear.bias is not None, spec, linear.weight.device)
+        codes, scale, zero = quantize_tensor(linear.weight, spec)
+        layer.set_codes(codes, scale, zero)
+        if linear.bias is not None:
+            layer.bias = nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
+        return layer
+
+    @property
+    def _offset(self) -> int:  # int4 codes are stored shifted into [0, 15]
+        return 8 if self.spec.scheme == "symmetric" else 0
+
+    def set_codes(self, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None) -> None:
+        if self.spec.bits == 4:
+            self.qweight = pack_int4(codes, self._offset)
+        else:
+            self.qweight = codes.to(self.qweight.dtype)
+        self.scale = scale.float().contiguous()
+        if zero is not None:
+            self.zero = zero.float().contiguous()
+
+    def codes(self) -> torch.Tensor:
+        """The integer codes (N, K), unpacked."""
+        return unpack_int4(self.qweight, self._offset) if self.spec.bits == 4 else self.qweight.to(torch.int16)
+
+    def dequantized(self) -> torch.Tensor:
+        """The fp32 weight (N, K) the codes stand for."""
+        return dequantize(self.codes(), self.scale, self.zero)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        return F.linear(x, self.dequantized().to(x.dtype), bias)
+
+    def _apply(self, fn, recurse=True):
+        """Moves between devices with the model, but a cast of the model (``model.to(torch.bfloat16)``)
+        leaves the codes, scales and zeros as they are: fp32 scales, whatever the activations' dtype."""
+        for name in ("qweight", "scale", "zero"):
+            tensor = self._buffers.get(name)
+            if tensor is not None:
+                device = fn(torch.empty(0, device=tensor.device)).device
+                self._buffers[name] = tensor.to(device)
+        if self.bias is not None:
+            self.bias = nn.Parameter(fn(self.bias.data), requires_grad=False)
+        return self
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, {self.spec.name}"
+
+
+def quantizable_layers(model: nn.Module) -> list[str]:
+    """Names of the layers :func:`quantize_model` quantizes: every ``nn.Linear`` of the Transformer blocks,
+    and the output layer unless it shares the token embeddings (which stay as they are)."""
+    names = [name for name, module in model.named_modules() if isinstance(module, nn.Linear)
+             and name.startswith("blocks.")]
+    config = getattr(model, "config", None)
+    if isinstance(getattr(model, "lm_head", None), nn.Linear) and not getattr(config, "tie_embeddings", True):
+        names.append("lm_head")
+    return names
+
+
+def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, module)
+
+
+def quantize_model(model: nn.Module, spec: QuantSpec) -> dict[str, dict[str, float]]:
+    """Replace the model's quantizable layers by :class:`IntLinear` in place (fused projections are undone
+    first); returns each layer's weight error: ``{"mse": mean squared, "max": largest absolute}``."""
+    for block in getattr(model, "blocks", []):  # stacked q/k/v and gate/up go back to separate layers
+        for owner, attribute in ((block.attn, "qkv"), (getattr(block, "ffn", None), "gate_up")):
+            if owner is not None and getattr(owner, attribute, None) is not None:
+                setattr(owner, attribute, None)
+    errors = {}
+    with torch.no_grad():
+        for name in quantizable_layers(model):
+            linear = model.get_submodule(name)
+            spec.groups(linear.in_features)  # a group size that does not divide: the error names it
+            layer = IntLinear.from_linear(linear, spec)
+            difference = layer.dequantized() - linear.weight.detach().float()
+            errors[name] = {"mse": float(difference.pow(2).mean()), "max": float(difference.abs().max())}
+            _set_module(model, name, layer)
+    return errors
+
+
+def spec_json(spec: QuantSpec, layers: list[str]) -> str:
+    """The content of :data:`QUANT_FILE`: the method's fields and the quantized layers' names."""
+    return json.dumps({**asdict(spec), "layers": layers}, indent=2) + "\n"
+
+
+def read_spec(folder: str | Path) -> tuple[QuantSpec, list[str]] | None:
+    """The quantization of a checkpoint folder, or None for a float one."""
+    path = Path(folder) / QUANT_FILE
+    if not path.is_file():
+        return None
+    data = json.loads(path.read_text(encoding="utf-8"))
+    layers = data.pop("layers")
+    return QuantSpec(**data), layers
+
+
+def prepare_quantized(model: nn.Module, spec: QuantSpec, layers: list[str]) -> None:
+    """Put empty :class:`IntLinear` layers where a quantized checkpoint has them, ready for its state dict."""
+    for name in layers:
+        linear = model.get_submodule(name)
+        device = linear.weight.device
+        _set_module(model, name, IntLinear(linear.in_features, linear.out_features, linear.bias is not None, spec,
+                                           device))
