@@ -53,6 +53,21 @@ def test_pretrain_then_generate_and_resume(workdir, capsys):
     assert losses(workdir / "more")[0] < losses(workdir / "run")[-1] + 0.2 < 5.5
 
 
+def test_pretrain_with_qat_writes_an_integer_checkpoint(workdir, capsys):
+    args = ["pretrain", "--shards", str(workdir / "shards"), "--tokenizer", str(workdir / "tok.json"),
+            "--preset", "tiny", "--seq-len", "32", "--batch-size", "4", "--max-steps", "3", "--eval-every", "3",
+            "--eval-tokens", "256", "--out-dir", str(workdir / "qat"), "--progress", "false", "--warmup-steps", "1",
+            "--qat", "int4"]
+    assert main(args) == 0
+    assert "quantized (int4 asymmetric, per group 32)" in capsys.readouterr().out
+    spec = json.loads((workdir / "qat" / "quantized" / "quantization.json").read_text())
+    assert (spec["bits"], spec["group_size"]) == (4, 32)
+    assert main(["generate", str(workdir / "qat" / "quantized"), "def ", "--max-new-tokens", "4"]) == 0
+    capsys.readouterr()
+    assert main([*args, "--objective", "mlm", "--preset", "bert-tiny"]) == 2
+    assert "--qat" in capsys.readouterr().err
+
+
 def test_tokenize_prints_tokens_and_count(workdir, capsys):
     assert main(["tokenize", "def function_1(value):", "--tokenizer", str(workdir / "tok.json")]) == 0
     out = capsys.readouterr().out

@@ -64,6 +64,19 @@ def test_sft_refuses_unknown_method_and_bad_data(base, capsys):
     assert "bad.jsonl:1: no known fields" in capsys.readouterr().err
 
 
+def test_sft_with_qat_writes_the_quantized_model(base, capsys):
+    out = base / "qat"
+    args = ["sft", "--model", str(base / "base"), "--data", str(base / "data.jsonl"), "--method", "full",
+            "--qat", "int8", "--out-dir", str(out), "--max-steps", "3", "--batch-size", "2", "--seq-len", "64",
+            "--val-fraction", "0", "--eval-every", "0", "--progress", "false"]
+    assert main(args) == 0
+    assert "quantized (int8):" in capsys.readouterr().out
+    assert json.loads((out / "quantized" / "quantization.json").read_text())["bits"] == 8
+    assert is_checkpoint(out / "model")  # the float master weights too
+    assert main([*args[:5], "--method", "lora", "--qat", "int8", *args[9:]]) == 2
+    assert "method full" in capsys.readouterr().err
+
+
 def test_builtin_tasks_report_held_out_accuracy_before_and_after(base, capsys):
     out = base / "tasks"
     assert main(["sft", "--model", str(base / "base"), "--data", "builtin-tasks", "--tasks", "40",

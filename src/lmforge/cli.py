@@ -325,6 +325,14 @@ def cmd_pretrain(args: argparse.Namespace) -> None:
                          + f"; this model has causal={model.config.causal}, head {model.config.head!r}")
     if args.nsp and model.config.head != "mlm+nsp":
         raise InputError(f"--nsp needs the mlm+nsp head; this model has {model.config.head!r}")
+    spec = None
+    if args.qat:
+        from lmforge.quant.qat import prepare_qat, qat_spec
+
+        if mlm:
+            raise InputError("--qat trains a decoder for an integer checkpoint; it does not go with --objective mlm")
+        spec = qat_spec(args.qat)
+        prepare_qat(model, spec)
     shards = Path(args.shards)
     if mlm:
         from lmforge.train.mlm import MaskedLMStage
@@ -344,6 +352,13 @@ def cmd_pretrain(args: argparse.Namespace) -> None:
     print(f"trained {result.steps} steps, {result.tokens:,} tokens in {result.seconds / 60:.1f} min "
           f"({result.tokens_per_second:,.0f} tokens/s, MFU {result.mfu:.1%}); {result.final}")
     print(f"checkpoint: {result.checkpoint}")
+    if spec is not None:  # QAT: the integer checkpoint holds exactly the weights the forward passes used
+        from lmforge.quant.ptq import quantize_checkpoint
+
+        quantized = Path(train_config.out_dir) / "quantized"
+        report = quantize_checkpoint(result.checkpoint, quantized, spec)
+        print(f"quantized ({spec.name}): {quantized}; bits per byte on the language reference "
+              f"{report.bpb_before:.4f} with the float weights, {report.bpb_after:.4f} with the integer ones")
 
 
 CHAT_SAMPLING = {"temperature": 0.7, "top_p": 0.9, "max_new_tokens": 256, "repetition_penalty": 1.05}
@@ -380,6 +395,8 @@ def cmd_sft(args: argparse.Namespace) -> None:
         print("held-out task accuracy, before -> after: "
               + ", ".join(f"{kind} {before[kind]:.0%} -> {after[kind]:.0%}" for kind in after))
     print(f"model: {summary['model']}")
+    if summary["quantized"]:
+        print(f"quantized ({config.qat}): {summary['quantized']['model']}")
 
 
 def cmd_rm(args: argparse.Namespace) -> None:
@@ -899,6 +916,9 @@ def make_parser() -> argparse.ArgumentParser:
                                         "(an encoder, --objective mlm)")
     p.add_argument("--shards", required=True, help="folder from `data shard`")
     p.add_argument("--tokenizer", help="tokenizer.json (default: the last speedrun's)")
+    p.add_argument("--qat", choices=["int8", "int4"], help="quantization-aware training: the forward pass uses "
+                   "the quantized weights (int8 per channel, or int4 with a zero point per group of 32), the float "
+                   "ones learn; then OUT_DIR/quantized is written")
     p.add_argument("--objective", choices=["clm", "mlm"], default="clm",
                    help="clm: next-token prediction (a decoder); mlm: masked-token prediction, BERT's 15%% of "
                         "positions, 80/10/10 masked/random/kept (an encoder)")
@@ -1057,8 +1077,8 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("out", help="folder (hf) or file (gguf) to write")
     p.add_argument("--format", default="hf", choices=["hf", "gguf"],
                    help="hf: transformers/vLLM directory (Llama or GPT-2 layout); gguf: llama.cpp/ollama file")
-    p.add_argument("--gguf-type", default="f16", choices=["f32", "f16", "bf16", "q8_0"],
-                   help="how GGUF stores the matrices (q8_0: 8-bit blocks with one scale per 32 weights)")
+    p.add_argument("--gguf-type", default="f16", choices=["f32", "f16", "bf16", "q8_0", "q4_0"],
+                   help="how GGUF stores the matrices (q8_0, q4_0: 8- or 4-bit blocks with one scale per 32 weights)")
     p.set_defaults(func=cmd_export)
     return parser
 

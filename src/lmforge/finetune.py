@@ -45,11 +45,17 @@ class FinetuneConfig(MethodConfig):
     val_fraction: float = field(0.05, "share of the conversations held out for the validation loss")
     system: str = field("", "system prompt put before every conversation that has none")
     skip_errors: bool = field(False, "skip malformed records (counted) instead of stopping")
+    qat: str = field("", "quantization-aware training, int8 or int4 (with --method full): the forward pass uses "
+                         "the quantized weights; OUT_DIR/quantized is written at the end")
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if not 0.0 <= self.val_fraction < 1.0:
             raise ValueError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
+        if self.qat and self.qat not in ("int8", "int4"):
+            raise ValueError(f"qat={self.qat!r}; choose int8 or int4")
+        if self.qat and self.method != "full":
+            raise ValueError("qat trains the weights that get quantized: use it with --method full")
 
 
 def read_conversations(config: FinetuneConfig, seed: int) -> tuple[list[list[dict]], dict, list]:
@@ -105,14 +111,24 @@ def finetune(config: FinetuneConfig, train_config: TrainConfig, resume: bool = F
     rows = pack(train)
     stage = SFTStage(rows, train_config.seed, pack(val) if val else None)
     trainable = prepare_weights(model, config, train_config.seed)
+    if config.qat:
+        from lmforge.quant.qat import prepare_qat, qat_spec
+
+        prepare_qat(model, qat_spec(config.qat))
     result = fit(model, stage, train_config, tokenizer=tokenizer, resume=resume)
     out = Path(train_config.out_dir)
     finish_weights(model, config, out, config.model)
     save_checkpoint(out / "model", model, tokenizer)
-    after = task_accuracy() if held_out else None
+    after = task_accuracy() if held_out else None  # with --qat: the quantized weights' accuracy
+    quantized = None
+    if config.qat:  # the integer checkpoint holds exactly the weights the forward passes used
+        from lmforge.quant.ptq import quantize_checkpoint
+
+        report = quantize_checkpoint(out / "model", out / "quantized", qat_spec(config.qat))
+        quantized = {"model": str(out / "quantized"), "bpb_float": report.bpb_before, "bpb_quantized": report.bpb_after}
     summary = {"task_accuracy_before": before, "task_accuracy_after": after,"config": to_dict(config), "read": read, "train_conversations": len(train),
                "val_conversations": len(val), "rows": len(rows), "truncated": rows.truncated,
                "trainable_parameters": trainable, "steps": result.steps, "seconds": result.seconds,
-               "final": result.final, "model": str(out / "model")}
+               "final": result.final, "model": str(out / "model"), "quantized": quantized}
     (out / "sft_summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n", encoding="utf-8")
     return summary

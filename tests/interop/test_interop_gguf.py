@@ -108,7 +108,7 @@ def small_tokenizer():
     return train_tokenizer(texts, 300)
 
 
-@pytest.mark.parametrize("out_type", ["f32", "f16", "bf16", "q8_0"])
+@pytest.mark.parametrize("out_type", ["f32", "f16", "bf16", "q8_0", "q4_0"])
 def test_gguf_export_reads_back_the_same_tensors(out_type, tmp_path, small_tokenizer):
     torch.manual_seed(0)
     model = DecoderLM(preset("tiny", vocab_size=small_tokenizer.vocab_size, tie_embeddings=False)).eval()
@@ -123,15 +123,18 @@ def test_gguf_export_reads_back_the_same_tensors(out_type, tmp_path, small_token
         elif out_type in ("f16", "bf16"):
             assert torch.equal(got, tensor.to(getattr(torch, {"f16": "float16", "bf16": "bfloat16"}[out_type])).float())
         else:  # q8_0: blocks of 32 share a scale absmax/127 stored in f16: half a step of rounding,
-            # plus up to 127 steps times the scale's own f16 rounding (2**-11 relative)
+            # plus up to 127 steps times the scale's own f16 rounding (2**-11 relative). q4_0: the scale is
+            # the block's largest-magnitude weight over -8, so codes run -8..7 on that weight's side and the
+            # other side's extreme is clamped at 7: up to a whole step of absmax/8
+            levels, rounding = (127, 0.5) if out_type == "q8_0" else (8, 1.0)
             blocks = tensor.reshape(-1, 32)
-            step = blocks.abs().amax(-1, keepdim=True) / 127
-            assert ((got.reshape(-1, 32) - blocks).abs() <= step * (0.5 + 127 * 2**-11)).all(), name
+            step = blocks.abs().amax(-1, keepdim=True) / levels
+            assert ((got.reshape(-1, 32) - blocks).abs() <= step * (rounding + levels * 2**-11) + 1e-7).all(), name
     reloaded = load_model(tmp_path / "m.gguf")
     ids = torch.randint(0, small_tokenizer.vocab_size, (1, 24))
     with torch.inference_mode():
         error = (reloaded(ids) - model(ids)).abs().max().item()
-    assert error < {"f32": 1e-5, "f16": 1e-2, "bf16": 5e-2, "q8_0": 5e-2}[out_type]
+    assert error < {"f32": 1e-5, "f16": 1e-2, "bf16": 5e-2, "q8_0": 5e-2, "q4_0": 0.5}[out_type]
 
 
 def test_gguf_keeps_the_tokenizer(tmp_path, small_tokenizer):

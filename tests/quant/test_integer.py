@@ -99,6 +99,13 @@ def test_a_quantized_model_saves_loads_and_generates(tmp_path, tiny_lm, capsys):
         assert (tmp_path / "int8" / name).is_file()
     assert json.loads((tmp_path / "int8" / "quantization.json").read_text())["bits"] == 8
 
+    # exported (GGUF, transformers) from its dequantized weights: the same logits
+    from lmforge.checkpoint import load_model
+    from lmforge.interop.convert import export_checkpoint
+
+    export_checkpoint(tmp_path / "int8", tmp_path / "int8.gguf", format="gguf", gguf_type="f32")
+    with torch.no_grad():
+        torch.testing.assert_close(load_model(tmp_path / "int8.gguf")(ids), logits, rtol=0, atol=1e-4)
     assert main(["quantize", str(tmp_path / "fp32"), "--out", str(tmp_path / "int4"), "--bits", "4",
                  "--scheme", "asymmetric", "--granularity", "group", "--group-size", "32", "--eval-chars", "1000"]) == 0
     out = capsys.readouterr().out

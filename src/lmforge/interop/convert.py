@@ -13,6 +13,7 @@ from lmforge.errors import InputError
 from lmforge.interop.gguf import save_gguf
 from lmforge.interop.hf import is_hf_dir, save_hf
 from lmforge.interop.packaged import resolve_model
+from lmforge.quant.integer import dequantized_state, read_spec
 
 FORMATS = ("hf", "gguf")
 
@@ -33,12 +34,15 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, format: str = "hf
 
     "hf" writes a transformers model directory: Llama layout (Qwen2 with q/k/v biases)
     for RoPE models, GPT-2 layout for learned positions, BERT for encoders. "gguf" writes one file for
-    llama.cpp/ollama (Llama layout), its matrices in ``gguf_type`` (f32, f16, bf16, q8_0).
+    llama.cpp/ollama (Llama layout), its matrices in ``gguf_type`` (f32, f16, bf16, q8_0, q4_0).
+    A checkpoint of ``lmforge quantize`` is exported from its dequantized weights.
     """
     if format not in FORMATS:
         raise InputError(f"unknown export format {format!r}; choose {', '.join(FORMATS)}")
     path = resolve_model(checkpoint)
     config, state = read_checkpoint(path)
+    if path.is_dir() and (quantized := read_spec(path)):
+        state = dequantized_state(state, *quantized)
     if config.head == "lm+value":
         raise InputError(f"{path} is a PPO training checkpoint (a policy with a value head): export the policy "
                          "that `lmforge ppo` writes to OUT_DIR/model")

@@ -227,15 +227,16 @@ def tokenizer_from_gguf(meta: dict, source: str):
 
 # ---- out --------------------------------------------------------------------------------------------------
 
-GGUF_OUT_TYPES = ("f32", "f16", "bf16", "q8_0")
+GGUF_OUT_TYPES = ("f32", "f16", "bf16", "q8_0", "q4_0")
 
 
 def save_gguf(path: str | Path, config: ModelConfig, state: dict[str, torch.Tensor], tokenizer=None,
               out_type: str = "f16", name: str = "lmforge model") -> Path:
     """Write a Llama-layout model as a GGUF file that llama.cpp and ollama load.
 
-    ``out_type`` stores the matrices as f32, f16, bf16 or q8_0 (blocks of 32 int8
-    weights with one f16 scale: absmax quantization); norm gains stay f32, as
+    ``out_type`` stores the matrices as f32, f16, bf16, q8_0 (blocks of 32 int8
+    weights with one f16 scale: absmax quantization) or q4_0 (blocks of 32 4-bit codes,
+    the scale the block's largest-magnitude weight over -8); norm gains stay f32, as
     llama.cpp expects. The tokenizer (byte-level BPE, its merges, special tokens,
     chat template) goes into the metadata.
     """
@@ -265,7 +266,8 @@ def save_gguf(path: str | Path, config: ModelConfig, state: dict[str, torch.Tens
     writer.add_layer_norm_rms_eps(config.norm_eps)
     writer.add_vocab_size(config.vocab_size)
     file_types = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
-                  "bf16": gguf.LlamaFileType.MOSTLY_BF16, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}
+                  "bf16": gguf.LlamaFileType.MOSTLY_BF16, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
+                  "q4_0": gguf.LlamaFileType.MOSTLY_Q4_0}
     writer.add_file_type(file_types[out_type])
     if tokenizer is not None:
         _write_tokenizer(writer, tokenizer, config.vocab_size)
@@ -304,9 +306,10 @@ def _add_tensor(writer, name: str, tensor: torch.Tensor, out_type: str) -> None:
     elif out_type == "f16":
         writer.add_tensor(name, data.astype(np.float16))
     else:
-        qtype = gguf.GGMLQuantizationType.BF16 if out_type == "bf16" else gguf.GGMLQuantizationType.Q8_0
-        if out_type == "q8_0" and data.shape[-1] % 32:
-            raise InputError(f"{name}: q8_0 needs rows that are a multiple of 32 wide, got {data.shape[-1]}")
+        qtype = {"bf16": gguf.GGMLQuantizationType.BF16, "q8_0": gguf.GGMLQuantizationType.Q8_0,
+                 "q4_0": gguf.GGMLQuantizationType.Q4_0}[out_type]
+        if out_type != "bf16" and data.shape[-1] % 32:
+            raise InputError(f"{name}: {out_type} needs rows that are a multiple of 32 wide, got {data.shape[-1]}")
         writer.add_tensor(name, gguf.quants.quantize(data, qtype), raw_dtype=qtype)
 
 

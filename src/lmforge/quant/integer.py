@@ -112,6 +112,11 @@ def dequantize(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | No
     return (spans * scale[..., None]).reshape(rows, cols)
 
 
+def int4_offset(spec: QuantSpec) -> int:
+    """What int4 codes are shifted by to fit [0, 15]: symmetric codes run from -7, asymmetric from 0."""
+    return 8 if spec.scheme == "symmetric" else 0
+
+
 def pack_int4(codes: torch.Tensor, offset: int) -> torch.Tensor:
     """(N, K) codes in [-offset, 15 - offset] -> (N, K / 2) uint8, the even column in the low 4 bits."""
     shifted = (codes + offset).to(torch.uint8)
@@ -152,13 +157,9 @@ class IntLinear(nn.Module):
             layer.bias = nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
         return layer
 
-    @property
-    def _offset(self) -> int:  # int4 codes are stored shifted into [0, 15]
-        return 8 if self.spec.scheme == "symmetric" else 0
-
     def set_codes(self, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None) -> None:
         if self.spec.bits == 4:
-            self.qweight = pack_int4(codes, self._offset)
+            self.qweight = pack_int4(codes, int4_offset(self.spec))
         else:
             self.qweight = codes.to(self.qweight.dtype)
         self.scale = scale.float().contiguous()
@@ -167,7 +168,7 @@ class IntLinear(nn.Module):
 
     def codes(self) -> torch.Tensor:
         """The integer codes (N, K), unpacked."""
-        return unpack_int4(self.qweight, self._offset) if self.spec.bits == 4 else self.qweight.to(torch.int16)
+        return unpack_int4(self.qweight, int4_offset(self.spec)) if self.spec.bits == 4 else self.qweight.to(torch.int16)
 
     def dequantized(self) -> torch.Tensor:
         """The fp32 weight (N, K) the codes stand for."""
@@ -241,6 +242,18 @@ def read_spec(folder: str | Path) -> tuple[QuantSpec, list[str]] | None:
     data = json.loads(path.read_text(encoding="utf-8"))
     layers = data.pop("layers")
     return QuantSpec(**data), layers
+
+
+def dequantized_state(state: dict[str, torch.Tensor], spec: QuantSpec, layers: list[str]) -> dict[str, torch.Tensor]:
+    """A quantized checkpoint's weights with each integer layer's ``weight`` (fp32) back in place of its
+    codes, scales and zeros: what exporters and other tools that know no integers read."""
+    state = dict(state)
+    for name in layers:
+        codes = state.pop(f"{name}.qweight")
+        scale, zero = state.pop(f"{name}.scale").float(), state.pop(f"{name}.zero", None)
+        codes = unpack_int4(codes, int4_offset(spec)) if spec.bits == 4 else codes.to(torch.int16)
+        state[f"{name}.weight"] = dequantize(codes, scale, None if zero is None else zero.float())
+    return state
 
 
 def prepare_quantized(model: nn.Module, spec: QuantSpec, layers: list[str]) -> None:
