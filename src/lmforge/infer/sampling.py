@@ -153,8 +153,14 @@ def draw(logits: torch.Tensor, config: SamplingConfig, generator: Generators = N
     """
     if config.greedy:
         return logits.argmax(dim=-1)
+    return draw_from(probabilities(logits, config), generator)
+
+
+def probabilities(logits: torch.Tensor, config: SamplingConfig) -> torch.Tensor:
+    """(B, V) fp32 logits -> the distribution :func:`draw` samples from: temperature, top-k, top-p, softmax.
+    (Speculative decoding compares the model's and the drafter's.)"""
     logits = top_p_filter(top_k_filter(logits / config.temperature, config.top_k), config.top_p)
-    return draw_from(torch.softmax(logits, dim=-1), generator)
+    return torch.softmax(logits, dim=-1)
 
 
 def draw_from(probs: torch.Tensor, generator: Generators = None) -> torch.Tensor:

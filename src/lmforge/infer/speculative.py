@@ -44,7 +44,8 @@ import torch
 from torch import nn
 
 from lmforge.infer.generate import autocast_for, check_request, eval_mode
-from lmforge.infer.sampling import SamplingConfig, draw_from, make_generator, top_k_filter, top_p_filter
+from lmforge.infer.sampling import SamplingConfig, draw_from, make_generator
+from lmforge.infer.sampling import probabilities as distribution
 from lmforge.model import DecoderLM, KVCache
 from lmforge.runtime import Runtime
 
@@ -65,12 +66,6 @@ class SpeculativeStats:
     @property
     def tokens_per_pass(self) -> float:
         return self.tokens / self.passes if self.passes else 0.0
-
-
-def distribution(logits: torch.Tensor, config: SamplingConfig) -> torch.Tensor:
-    """(N, V) fp32 logits -> the probabilities a token is drawn from (temperature, top-k, top-p)."""
-    logits = top_p_filter(top_k_filter(logits / config.temperature, config.top_k), config.top_p)
-    return torch.softmax(logits, dim=-1)
 
 
 def check_speculative(config: SamplingConfig) -> None:

@@ -20,7 +20,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -76,9 +76,9 @@ def weight_bytes(model: torch.nn.Module) -> int:
 
 def held_out_text(chars: int) -> str:
     """The first ``chars`` characters of the language reference's topics, in name order."""
-    from pydoc_data.topics import topics
+    from lmforge.data.builtin import iter_language_reference
 
-    return "\n\n".join(topics[name] for name in sorted(topics))[:chars]
+    return "\n\n".join(document.text for document in iter_language_reference())[:chars]
 
 
 def bits_per_byte(lm, text: str) -> float:
@@ -115,13 +115,7 @@ def quantize_checkpoint(source: str | Path, out: str | Path, spec: QuantSpec, de
     report.disk_after = (out / "model.safetensors").stat().st_size
     report.seconds = time.perf_counter() - start
     (out / REPORT).write_text(report.table() + f"\n\n![weight error by layer]({PLOT})\n", encoding="utf-8")
-    (out / "report.json").write_text(json.dumps({"spec": report.spec.__dict__, "layers": report.layers,
-                                                 "bpb_before": report.bpb_before, "bpb_after": report.bpb_after,
-                                                 "eval_bytes": report.eval_bytes,
-                                                 "memory_before": report.memory_before,
-                                                 "memory_after": report.memory_after,
-                                                 "disk_after": report.disk_after}, indent=2) + "\n",
-                                     encoding="utf-8")
+    (out / "report.json").write_text(json.dumps(asdict(report), indent=2) + "\n", encoding="utf-8")
     plot_errors(report, out / PLOT)
     return report
 

@@ -13,13 +13,14 @@ from pathlib import Path
 
 def write_topics(folder: str | Path) -> list[Path]:
     """Write every topic to ``folder/<topic>.md``; returns the files written."""
-    from pydoc_data.topics import topics
+    from lmforge.data.builtin import iter_language_reference
 
     out = Path(folder)
     out.mkdir(parents=True, exist_ok=True)
     written = []
-    for name, text in sorted(topics.items()):
+    for document in iter_language_reference():
+        name = document.source.rpartition(":")[2]
         path = out / f"{name}.md"
-        path.write_text(f"# {name}\n\n{text}", encoding="utf-8")
+        path.write_text(f"# {name}\n\n{document.text}", encoding="utf-8")
         written.append(path)
     return written
