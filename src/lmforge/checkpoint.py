@@ -41,7 +41,8 @@ def model_state(model: DecoderLM) -> dict[str, torch.Tensor]:
     """Weights as a flat dict, tied head dropped (safetensors refuses shared storage)."""
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
     if model.config.tie_embeddings:
-        state.pop("lm_head.weight", None)
+        for name in ("weight", "qweight", "scale", "zero"):  # an integer tied head shares the table's codes too
+            state.pop(f"lm_head.{name}", None)
     return state
 
 
@@ -110,7 +111,7 @@ def load_model(path: str | Path, device: torch.device | str = "cpu", attention: 
     The weights are memory-mapped: an fp32 file is used in place (pages are read when
     first touched), another dtype is converted one tensor at a time.
     """
-    from lmforge.quant.integer import prepare_quantized, read_spec
+    from lmforge.quant.integer import prepare_quantized, read_spec, tie_head
 
     quantized = read_spec(resolve_model(path)) if resolve_model(path).is_dir() else None
     config, state = read_checkpoint(path, None if quantized else torch.float32)
@@ -120,10 +121,15 @@ def load_model(path: str | Path, device: torch.device | str = "cpu", attention: 
         prepare_quantized(model, *quantized)
     state = {name: tensor.to(device=device, dtype=torch.float32 if tensor.is_floating_point() else tensor.dtype)
              for name, tensor in state.items()}
+    tied_integer = config.tie_embeddings and "embed.qweight" in state
     if config.tie_embeddings:
-        state["lm_head.weight"] = state["embed.weight"]
+        for name in ("qweight", "scale", "zero") if tied_integer else ("weight",):
+            if f"embed.{name}" in state:
+                state[f"lm_head.{name}"] = state[f"embed.{name}"]
     model.load_state_dict(state, strict=True, assign=True)
-    if config.tie_embeddings:
+    if tied_integer:
+        tie_head(model)
+    elif config.tie_embeddings:
         model.lm_head.weight = model.embed.weight
     model.init_buffers(device)  # the RoPE/sinusoidal tables were built on "meta"
     return model.float().eval()  # (an IntLinear keeps its integer codes and fp32 scales through .float())

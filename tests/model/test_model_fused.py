@@ -119,3 +119,23 @@ def test_a_fused_model_traces_into_one_graph():
     with torch.inference_mode():
         explained = torch._dynamo.explain(model)(torch.randint(0, 97, (1, 1)))
     assert explained.graph_break_count == 0, [b.reason.splitlines()[0] for b in explained.break_reasons]
+
+
+@pytest.mark.parametrize("spec", ["int8 tensor", "int4 group"])
+def test_integer_layers_of_one_method_fuse_into_one_product(spec, tmp_path):
+    from lmforge.quant.integer import QuantSpec, quantize_model
+
+    spec = QuantSpec(8, granularity="tensor") if spec == "int8 tensor" else QuantSpec(4, "asymmetric", "group", 16)
+    model = tiny(num_kv_heads=1, qkv_bias=True)
+    quantize_model(model, spec)
+    reference = copy.deepcopy(model)
+    ids = torch.randint(0, 97, (1, 3))  # few rows: the integer kernels where built, else the reference
+    assert fuse_projections(model) == 2 * model.config.num_layers
+    attn = model.blocks[0].attn
+    assert attn.q_proj.qweight.data_ptr() == attn.qkv.layer.qweight.data_ptr()  # the codes are stored once
+    q_calls = calls_of(model, "attn.q_proj")
+    with torch.inference_mode():
+        torch.testing.assert_close(model(ids), reference(ids), rtol=1e-5, atol=1e-5)
+        assert q_calls[0] == 0  # one product per group, a per-tensor scale repeated for each row
+    save_checkpoint(tmp_path / "q", model)  # the members' state is what it was
+    assert set(model.state_dict()) == set(reference.state_dict())

@@ -45,7 +45,8 @@ def test_codes_scales_and_the_rounding_bound(spec):
     layer.set_codes(codes, scale, zero)
     assert torch.equal(layer.codes(), codes) and torch.equal(layer.dequantized(), back)
     x = torch.randn(3, 64)
-    torch.testing.assert_close(layer(x), F.linear(x, back, layer.bias), rtol=0, atol=0)
+    torch.testing.assert_close(layer.reference(x), F.linear(x, back, layer.bias), rtol=0, atol=0)
+    torch.testing.assert_close(layer(x), F.linear(x, back, layer.bias))  # the kernels, where built
 
 
 def test_int4_packs_two_codes_a_byte():
@@ -116,3 +117,37 @@ def test_a_quantized_model_saves_loads_and_generates(tmp_path, tiny_lm, capsys):
     assert main(["quantize", str(tmp_path / "fp32"), "--out", str(tmp_path / "bad"), "--bits", "4",
                  "--granularity", "group", "--group-size", "48"]) == 2
     assert "does not divide" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("spec", [QuantSpec(8), QuantSpec(4, "symmetric", "group", 16)], ids=["int8", "int4"])
+def test_a_tied_embedding_is_quantized_once_and_serves_the_head(tmp_path, spec):
+    from lmforge.checkpoint import load_model, save_checkpoint
+    from lmforge.model import DecoderLM, preset
+    from lmforge.quant.integer import IntEmbedding, dequantized_state, read_spec, spec_json
+
+    torch.manual_seed(0)
+    model = DecoderLM(preset("tiny", vocab_size=96, tie_embeddings=True, init_std=0.3)).eval()
+    table = model.embed.weight.detach().clone()
+    ids = torch.tensor([[3, 1, 4, 1, 5, 9, 2, 6]])
+    errors = quantize_model(model, spec)
+    assert "embed" in errors and "lm_head" not in errors
+    embed, head = model.embed, model.lm_head
+    assert isinstance(embed, IntEmbedding) and isinstance(head, IntLinear)
+    assert head.qweight is embed.qweight and head.scale is embed.scale  # one table, two uses
+    back = embed.dequantized()
+    torch.testing.assert_close(embed(ids), back[ids], rtol=0, atol=0)  # a lookup dequantizes its rows
+    assert (back - table).abs().max() <= embed.scale.max() / 2 + 1e-6
+    with torch.no_grad():
+        logits = model(ids)
+    save_checkpoint(tmp_path / "q", model)
+    (tmp_path / "q" / "quantization.json").write_text(spec_json(spec, list(errors)))
+    from safetensors.torch import load_file
+    stored = load_file(tmp_path / "q" / "model.safetensors")
+    assert "embed.qweight" in stored and not any(name.startswith("lm_head") for name in stored)
+    loaded = load_model(tmp_path / "q")
+    assert loaded.lm_head.qweight is loaded.embed.qweight
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids), logits, rtol=0, atol=0)
+    weights = dequantized_state(stored, *read_spec(tmp_path / "q"))
+    torch.testing.assert_close(weights["embed.weight"], back)
+    assert loaded.to(torch.bfloat16).embed(ids).dtype == torch.bfloat16  # lookups follow the model's dtype

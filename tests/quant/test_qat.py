@@ -9,7 +9,7 @@ import torch
 from lmforge.errors import InputError
 from lmforge.model import DecoderLM, preset
 from lmforge.quant.integer import QuantSpec, dequantize, quantize_model, quantize_tensor
-from lmforge.quant.qat import QATLinear, fake_quantize, prepare_qat, qat_spec
+from lmforge.quant.qat import QATEmbedding, QATLinear, fake_quantize, prepare_qat, qat_spec
 
 
 def test_fake_quantization_rounds_forward_and_passes_the_gradient_straight_through():
@@ -24,13 +24,16 @@ def test_fake_quantization_rounds_forward_and_passes_the_gradient_straight_throu
     assert torch.equal(weight.grad, upstream)  # round() skipped in the backward pass
 
 
-def test_qat_layers_share_the_weights_and_convert_exactly():
+@pytest.mark.parametrize("tie", [False, True], ids=["own head", "tied head"])
+def test_qat_layers_share_the_weights_and_convert_exactly(tie):
     torch.manual_seed(0)
-    model = DecoderLM(preset("tiny", vocab_size=97, tie_embeddings=False)).eval()
+    model = DecoderLM(preset("tiny", vocab_size=97, tie_embeddings=tie)).eval()
     spec = qat_spec("int4")
     weights_before = {name: p for name, p in model.named_parameters()}
     assert prepare_qat(model, spec) == 7 * model.config.num_layers + 1
     assert isinstance(model.blocks[0].attn.q_proj, QATLinear)
+    if tie:  # the table is rounded where it is looked up and where it is the head
+        assert isinstance(model.embed, QATEmbedding) and model.lm_head.weight is model.embed.weight
     assert dict(model.named_parameters()).keys() == weights_before.keys()  # same names: the same checkpoints
     assert all(p is weights_before[name] for name, p in model.named_parameters())  # the same tensors
     ids = torch.randint(0, 97, (2, 12))

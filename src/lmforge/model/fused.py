@@ -24,6 +24,8 @@ Otherwise it runs the separate projections, which compute the same numbers up to
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -80,9 +82,50 @@ class FusedLinear:
         return F.linear(x, self.weight, self.bias)
 
 
+class FusedIntLinear(FusedLinear):
+    """Integer layers (:class:`~lmforge.quant.integer.IntLinear`, one method) computed as one: their codes
+    stacked in one tensor, of which the members' codes become views; their scales and zeros (a few
+    floats a row) copied side by side, a per-tensor scale repeated for each of its rows."""
+
+    def __init__(self, owner: nn.Module, names: list[str]):
+        from lmforge.quant.integer import IntLinear
+
+        members = [getattr(owner, name) for name in names]
+        self.owner, self.names, self.members = owner, names, members
+        self.sizes = [m.out_features for m in members]
+        spec = members[0].spec
+        layer = IntLinear(members[0].in_features, sum(self.sizes), members[0].bias is not None,
+                          replace(spec, granularity="channel") if spec.granularity == "tensor" else spec,
+                          members[0].qweight.device)
+        layer.qweight = torch.cat([m.qweight for m in members])
+        layer.scale = torch.cat([m.scale.expand(m.out_features, -1) for m in members]).contiguous()
+        if spec.scheme == "asymmetric":
+            layer.zero = torch.cat([m.zero.expand(m.out_features, -1) for m in members]).contiguous()
+        if layer.bias is not None:
+            layer.bias = nn.Parameter(torch.cat([m.bias.detach() for m in members]), requires_grad=False)
+        start = 0
+        for member, size in zip(members, self.sizes):
+            member.qweight = layer.qweight[start:start + size]  # the codes are stored once
+            start += size
+        self.layer = layer
+        self._pointers = self._storage()
+
+    def _storage(self) -> list[int]:
+        return [m.qweight.data_ptr() for m in self.members]
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layer(x)
+
+
 def _fusable(members: list[nn.Module]) -> bool:
-    """Plain linear layers (not LoRA, not quantized, not missing) with one dtype, device and input width,
-    all with or without a bias."""
+    """Plain linear layers (not LoRA, not NF4, not missing) with one dtype, device and input width, all
+    with or without a bias; or integer layers of one quantization method."""
+    from lmforge.quant.integer import IntLinear
+
+    if all(type(m) is IntLinear for m in members):
+        first = members[0]
+        return all(m.spec == first.spec and m.in_features == first.in_features and m.qweight.device ==
+                   first.qweight.device and (m.bias is None) == (first.bias is None) for m in members)
     if not all(type(m) is nn.Linear for m in members):
         return False
     first = members[0].weight
@@ -95,7 +138,7 @@ def fuse_projections(model: nn.Module) -> int:
     """Stack each block's q/k/v and gate/up weights (see the module's docstring); returns the groups made.
 
     For inference: ``lmforge.load`` calls it after casting the weights. Idempotent; layers
-    that are not plain ``nn.Linear`` (LoRA, quantized) are left alone.
+    that are neither plain ``nn.Linear`` nor integer ones of one method (LoRA, NF4) are left alone.
     """
     made = 0
     for block in model.blocks:
@@ -106,6 +149,7 @@ def fuse_projections(model: nn.Module) -> int:
                 continue  # fused already
             members = [getattr(owner, name, None) for name in names]  # (a GELU or ReLU FFN has no gate_proj)
             if _fusable(members):
-                setattr(owner, attribute, FusedLinear(owner, names))
+                fused = FusedLinear if type(members[0]) is nn.Linear else FusedIntLinear
+                setattr(owner, attribute, fused(owner, names))
                 made += 1
     return made

@@ -222,7 +222,7 @@ class DecoderLM(nn.Module):
     def num_parameters(self, embeddings: bool = True) -> int:
         """Parameter count; tied weights count once."""
         total = sum(p.numel() for p in self.parameters())
-        if not embeddings:
+        if not embeddings and isinstance(self.embed, nn.Embedding):  # (an integer table holds no parameters)
             total -= self.embed.weight.numel()
             if isinstance(self.positions, LearnedPositions):
                 total -= self.positions.weight.numel()

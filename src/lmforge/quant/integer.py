@@ -17,9 +17,10 @@ to store (one fp32 scale per 128 int4 weights adds 0.25 bits per weight). The ro
 error of one weight is at most scale / 2.
 
 :class:`IntLinear` replaces an ``nn.Linear``: integer codes (int4 packed two to a byte),
-fp32 scales and zeros, and a forward pass that dequantizes the weight and multiplies
-(the reference that faster integer kernels must equal). Weight-only: activations stay
-in the model's dtype.
+fp32 scales and zeros. Its forward pass runs the C++ kernels of :mod:`lmforge.quant.kernels`
+for a few rows (decoding), which read the codes as they are; for many rows (a prompt), or
+without the kernels, it dequantizes the weight and multiplies (:meth:`IntLinear.reference`,
+which the kernels are tested against). Weight-only: activations stay in the model's dtype.
 
 On disk (``lmforge quantize``): the usual checkpoint, where each quantized layer's
 ``weight`` is replaced by ``qweight`` (int8, or uint8 for asymmetric int8 and for
@@ -39,6 +40,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lmforge.errors import InputError
+from lmforge.quant import kernels
 
 QUANT_FILE = "quantization.json"
 SCHEMES = ("symmetric", "asymmetric")
@@ -176,6 +178,15 @@ class IntLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bias = None if self.bias is None else self.bias.to(x.dtype)
+        if x.device.type == "cpu" and x.numel() <= kernels.KERNEL_MAX_ROWS * x.shape[-1] and kernels.available():
+            offset = int4_offset(self.spec) if self.spec.bits == 4 else 0
+            y = kernels.int_linear(x, self.qweight, self.scale, self.zero, self.spec.bits, offset).to(x.dtype)
+            return y if bias is None else y + bias
+        return self.reference(x)
+
+    def reference(self, x: torch.Tensor) -> torch.Tensor:
+        """The product by dequantizing and multiplying: what the kernels must equal."""
+        bias = None if self.bias is None else self.bias.to(x.dtype)
         return F.linear(x, self.dequantized().to(x.dtype), bias)
 
     def _apply(self, fn, recurse=True):
@@ -194,14 +205,57 @@ class IntLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, {self.spec.name}"
 
 
+class IntEmbedding(IntLinear):
+    """A token embedding whose table is stored as integer codes, one row per token: the same storage as
+    an :class:`IntLinear` with ``vocab_size`` outputs, so a tied output head shares it (:func:`tie_head`).
+    A lookup dequantizes only the rows it needs."""
+
+    def __init__(self, num_embeddings: int, dim: int, spec: QuantSpec, device: torch.device | str | None = None):
+        super().__init__(dim, num_embeddings, False, spec, device)
+        self.out_dtype = torch.float32  # follows the model's casts (see _apply)
+
+    @classmethod
+    def from_embedding(cls, embedding: nn.Embedding, spec: QuantSpec) -> IntEmbedding:
+        layer = cls(embedding.num_embeddings, embedding.embedding_dim, spec, embedding.weight.device)
+        layer.set_codes(*quantize_tensor(embedding.weight, spec))
+        return layer
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        flat = ids.reshape(-1)
+        codes = self.qweight[flat]
+        codes = unpack_int4(codes, int4_offset(self.spec)) if self.spec.bits == 4 else codes.to(torch.int16)
+        per_row = self.scale.shape[0] > 1
+        scale = self.scale[flat] if per_row else self.scale
+        zero = None if self.zero is None else self.zero[flat] if per_row else self.zero
+        return dequantize(codes, scale, zero).to(self.out_dtype).reshape(*ids.shape, self.in_features)
+
+    def _apply(self, fn, recurse=True):
+        dtype = fn(torch.empty(0)).dtype
+        if dtype.is_floating_point:
+            self.out_dtype = dtype
+        return super()._apply(fn, recurse)
+
+    def extra_repr(self) -> str:
+        return f"{self.out_features}, {self.in_features}, {self.spec.name}"
+
+
+def tie_head(model: nn.Module) -> None:
+    """Make the output head an :class:`IntLinear` over the integer embedding table's own tensors."""
+    embed = model.embed
+    head = IntLinear(embed.in_features, embed.out_features, False, embed.spec, embed.qweight.device)
+    head.qweight, head.scale, head.zero = embed.qweight, embed.scale, embed.zero
+    model.lm_head = head
+
+
 def quantizable_layers(model: nn.Module) -> list[str]:
     """Names of the layers :func:`quantize_model` quantizes: every ``nn.Linear`` of the Transformer blocks,
-    and the output layer unless it shares the token embeddings (which stay as they are)."""
+    and the output layer; when the output layer shares the token embeddings, the table (``embed``),
+    which then serves both."""
     names = [name for name, module in model.named_modules() if isinstance(module, nn.Linear)
              and name.startswith("blocks.")]
     config = getattr(model, "config", None)
-    if isinstance(getattr(model, "lm_head", None), nn.Linear) and not getattr(config, "tie_embeddings", True):
-        names.append("lm_head")
+    if isinstance(getattr(model, "lm_head", None), nn.Linear):
+        names.append("embed" if getattr(config, "tie_embeddings", True) else "lm_head")
     return names
 
 
@@ -211,8 +265,9 @@ def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
 
 
 def quantize_model(model: nn.Module, spec: QuantSpec) -> dict[str, dict[str, float]]:
-    """Replace the model's quantizable layers by :class:`IntLinear` in place (fused projections are undone
-    first); returns each layer's weight error: ``{"mse": mean squared, "max": largest absolute}``."""
+    """Replace the model's quantizable layers by :class:`IntLinear` (a tied embedding by :class:`IntEmbedding`,
+    shared with the head) in place, fused projections undone first; returns each layer's weight error:
+    ``{"mse": mean squared, "max": largest absolute}``."""
     for block in getattr(model, "blocks", []):  # stacked q/k/v and gate/up go back to separate layers
         for owner, attribute in ((block.attn, "qkv"), (getattr(block, "ffn", None), "gate_up")):
             if owner is not None and getattr(owner, attribute, None) is not None:
@@ -220,12 +275,18 @@ def quantize_model(model: nn.Module, spec: QuantSpec) -> dict[str, dict[str, flo
     errors = {}
     with torch.no_grad():
         for name in quantizable_layers(model):
-            linear = model.get_submodule(name)
-            spec.groups(linear.in_features)  # a group size that does not divide: the error names it
-            layer = IntLinear.from_linear(linear, spec)
-            difference = layer.dequantized() - linear.weight.detach().float()
+            module = model.get_submodule(name)
+            if isinstance(module, nn.Embedding):
+                spec.groups(module.embedding_dim)
+                layer: IntLinear = IntEmbedding.from_embedding(module, spec)
+            else:
+                spec.groups(module.in_features)  # a group size that does not divide: the error names it
+                layer = IntLinear.from_linear(module, spec)
+            difference = layer.dequantized() - module.weight.detach().float()
             errors[name] = {"mse": float(difference.pow(2).mean()), "max": float(difference.abs().max())}
             _set_module(model, name, layer)
+            if name == "embed":
+                tie_head(model)
     return errors
 
 
@@ -259,7 +320,11 @@ def dequantized_state(state: dict[str, torch.Tensor], spec: QuantSpec, layers: l
 def prepare_quantized(model: nn.Module, spec: QuantSpec, layers: list[str]) -> None:
     """Put empty :class:`IntLinear` layers where a quantized checkpoint has them, ready for its state dict."""
     for name in layers:
-        linear = model.get_submodule(name)
-        device = linear.weight.device
-        _set_module(model, name, IntLinear(linear.in_features, linear.out_features, linear.bias is not None, spec,
-                                           device))
+        module = model.get_submodule(name)
+        device = module.weight.device
+        if name == "embed":
+            _set_module(model, name, IntEmbedding(module.num_embeddings, module.embedding_dim, spec, device))
+            tie_head(model)
+        else:
+            _set_module(model, name, IntLinear(module.in_features, module.out_features, module.bias is not None,
+                                               spec, device))

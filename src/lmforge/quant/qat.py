@@ -60,11 +60,34 @@ class QATLinear(nn.Linear):
         return F.linear(x, fake_quantize(self.weight, self.spec), self.bias)
 
 
+class QATEmbedding(nn.Embedding):
+    """An ``nn.Embedding`` whose lookups read its fake-quantized table; same parameter, same name."""
+
+    spec: QuantSpec
+
+    @classmethod
+    def from_embedding(cls, embedding: nn.Embedding, spec: QuantSpec) -> QATEmbedding:
+        layer = cls.__new__(cls)
+        layer.__dict__.update(embedding.__dict__)  # its settings, and the same Parameter object
+        layer.spec = spec
+        return layer
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return F.embedding(ids, fake_quantize(self.weight, self.spec))
+
+
 def prepare_qat(model: nn.Module, spec: QuantSpec) -> int:
-    """Make every layer :func:`quantize_model` would quantize a :class:`QATLinear`; returns how many."""
+    """Make every layer :func:`quantize_model` would quantize use its fake-quantized weight (:class:`QATLinear`;
+    a table tied to the head: :class:`QATEmbedding` and the head a :class:`QATLinear` over the same
+    parameter); returns how many layers."""
     names = quantizable_layers(model)
     for name in names:
-        linear = model.get_submodule(name)
-        spec.groups(linear.in_features)  # a group size that does not divide: said before training starts
-        _set_module(model, name, QATLinear.from_linear(linear, spec))
+        module = model.get_submodule(name)
+        if isinstance(module, nn.Embedding):
+            spec.groups(module.embedding_dim)
+            _set_module(model, name, QATEmbedding.from_embedding(module, spec))
+            model.lm_head = QATLinear.from_linear(model.lm_head, spec)  # (its weight is the table)
+            continue
+        spec.groups(module.in_features)  # a group size that does not divide: said before training starts
+        _set_module(model, name, QATLinear.from_linear(module, spec))
     return len(names)

@@ -1,0 +1,248 @@
+// Integer-weight matrix products for decoding on CPUs: y (M, N) = x (M, K) @ W.T, where W is
+// stored as int8 or packed int4 codes with fp32 scales (and zeros) per row or per group of inputs
+// (lmforge/quant/integer.py describes the format; lmforge/quant/kernels.py builds and calls this).
+//
+// Decoding one token multiplies one activation row by every weight: the step is bound by the
+// bytes it reads, so 1-byte or half-byte weights are read as they are and widened in registers:
+//
+//   for each output n, each group g of inputs:
+//       acc = sum over k in g of (code[n, k] - zero[n, g]) * x[k]      (integers made fp32, FMA)
+//       y[n] += scale[n, g] * acc
+//
+// The subtraction of the zero point happens in 32-bit integers, so every product equals the
+// reference's (code - zero) * x exactly; only the order of the fp32 sums differs from
+// dequantize-then-matmul. int4 codes share a byte, the even input in the low half: the kernel
+// splits x into its even and odd inputs once per call, so the low halves of 8 bytes multiply 8
+// even inputs and the high halves the 8 odd ones, with no shuffling of the weights.
+//
+// Up to kMaxTile activation rows are done in one pass over the weights (each widened weight
+// vector serves every row). One body, written once over a small vector interface, is compiled
+// three times: for AVX-512, for AVX2 + FMA and for the compiler's baseline, and the CPU picks
+// at run time, so a build works on any x86-64 machine it runs on (and on other CPUs, scalar).
+
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+
+#include <cstdint>
+#include <cstring>
+#include <string>
+#include <vector>
+
+#if defined(__x86_64__) || defined(_M_X64)
+#include <immintrin.h>
+#define LMF_X86 1
+#endif
+
+namespace {
+
+constexpr int kMaxTile = 4;
+
+// What one call needs: pointers, shapes, the code format. zero_fixed is the zero every group
+// shares (int4 symmetric: the packing offset 8; int8 symmetric: 0); zeros, when present, are
+// per group and added to it.
+struct Problem {
+  const float* x;        // (M, K), or for int4 (M, K) split: even inputs then odd inputs per row
+  const uint8_t* codes;  // (N, K) bytes for int8, (N, K / 2) for int4
+  const float* scale;    // (scale_rows, G)
+  const float* zero;     // (scale_rows, G) or nullptr
+  float* y;              // (M, N)
+  int64_t M, N, K, G;
+  int64_t scale_rows;    // N (per channel or group) or 1 (per tensor)
+  int bits;              // 8 or 4
+  bool is_signed;        // int8 codes are int8_t (symmetric) rather than uint8_t
+  int zero_fixed;
+};
+
+inline int group_zero(const Problem& p, int64_t row, int64_t g) {
+  return p.zero_fixed + (p.zero ? static_cast<int>(p.zero[row * p.G + g]) : 0);
+}
+
+}  // namespace
+
+// ---------------------------------------------------------------------------------------------
+// The body, once per instruction set. Each include defines namespace LMF_NS with the vector
+// primitives (V: fp32 lanes; widen8/widen4 make integer codes fp32 minus the zero) and then
+// `run(Problem)`.
+// ---------------------------------------------------------------------------------------------
+
+#ifdef LMF_X86
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,fma")
+namespace avx512 {
+using V = __m512;
+constexpr int W = 16;
+inline V vzero() { return _mm512_setzero_ps(); }
+inline V vload(const float* p) { return _mm512_loadu_ps(p); }
+inline V vadd(V a, V b) { return _mm512_add_ps(a, b); }
+inline V vfma(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }
+inline V vscale(V a, float s, V acc) { return _mm512_fmadd_ps(a, _mm512_set1_ps(s), acc); }
+inline float vsum(V a) { return _mm512_reduce_add_ps(a); }
+// W int8 codes at p, minus z, as fp32 (signed codes are symmetric: z is 0).
+inline V widen8(const uint8_t* p, bool is_signed, int z) {
+  __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  if (is_signed) return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(b));  // symmetric: no zero point
+  return _mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_cvtepu8_epi32(b), _mm512_set1_epi32(z)));
+}
+// W bytes at p hold 2W int4 codes: lo = the even inputs' codes, hi = the odd inputs', minus z.
+inline void widen4(const uint8_t* p, int z, V& lo, V& hi) {
+  __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  __m128i mask = _mm_set1_epi8(0x0F);
+  __m512i zv = _mm512_set1_epi32(z);
+  lo = _mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_cvtepu8_epi32(_mm_and_si128(b, mask)), zv));
+  hi = _mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_cvtepu8_epi32(_mm_and_si128(_mm_srli_epi16(b, 4), mask)), zv));
+}
+#include "int_linear_body.h"
+}  // namespace avx512
+#pragma GCC pop_options
+
+#pragma GCC push_options
+#pragma GCC target("avx2,fma")
+namespace avx2 {
+using V = __m256;
+constexpr int W = 8;
+inline V vzero() { return _mm256_setzero_ps(); }
+inline V vload(const float* p) { return _mm256_loadu_ps(p); }
+inline V vadd(V a, V b) { return _mm256_add_ps(a, b); }
+inline V vfma(V a, V b, V c) { return _mm256_fmadd_ps(a, b, c); }
+inline V vscale(V a, float s, V acc) { return _mm256_fmadd_ps(a, _mm256_set1_ps(s), acc); }
+inline float vsum(V a) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+inline V widen8(const uint8_t* p, bool is_signed, int z) {
+  __m128i b = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p));
+  if (is_signed) return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(b));  // symmetric: no zero point
+  return _mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_cvtepu8_epi32(b), _mm256_set1_epi32(z)));
+}
+inline void widen4(const uint8_t* p, int z, V& lo, V& hi) {
+  __m128i b = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p));
+  __m128i mask = _mm_set1_epi8(0x0F);
+  __m256i zv = _mm256_set1_epi32(z);
+  lo = _mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_cvtepu8_epi32(_mm_and_si128(b, mask)), zv));
+  hi = _mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_cvtepu8_epi32(_mm_and_si128(_mm_srli_epi16(b, 4), mask)), zv));
+}
+#include "int_linear_body.h"
+}  // namespace avx2
+#pragma GCC pop_options
+#endif  // LMF_X86
+
+// The baseline: one "lane", plain C++ (the compiler vectorizes what it can for its default target).
+namespace scalar {
+using V = float;
+constexpr int W = 1;
+inline V vzero() { return 0.0f; }
+inline V vload(const float* p) { return *p; }
+inline V vadd(V a, V b) { return a + b; }
+inline V vfma(V a, V b, V c) { return a * b + c; }
+inline V vscale(V a, float s, V acc) { return a * s + acc; }
+inline float vsum(V a) { return a; }
+inline V widen8(const uint8_t* p, bool is_signed, int z) {
+  int code = is_signed ? static_cast<int>(static_cast<int8_t>(*p)) : static_cast<int>(*p);
+  return static_cast<float>(code - z);
+}
+inline void widen4(const uint8_t* p, int z, V& lo, V& hi) {
+  lo = static_cast<float>((*p & 0x0F) - z);
+  hi = static_cast<float>((*p >> 4) - z);
+}
+#include "int_linear_body.h"
+}  // namespace scalar
+
+namespace {
+
+std::string best_isa() {
+#ifdef LMF_X86
+  __builtin_cpu_init();
+  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+      __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("fma"))
+    return "avx512";
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return "avx2";
+#endif
+  return "scalar";
+}
+
+// The instruction set calls run on: the best the CPU has, unless `set_isa` chose a lower one
+// (tests compare the paths this way).
+std::string& current_isa() {
+  static std::string isa = best_isa();
+  return isa;
+}
+
+void run_isa(const Problem& p) {
+  const std::string& isa = current_isa();
+#ifdef LMF_X86
+  if (isa == "avx512") return avx512::run(p);
+  if (isa == "avx2") return avx2::run(p);
+#endif
+  scalar::run(p);
+}
+
+at::Tensor int_linear(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scale,
+                      const std::optional<at::Tensor>& zero, int64_t bits, int64_t offset) {
+  TORCH_CHECK(x.device().is_cpu() && qweight.device().is_cpu(), "int_linear runs on CPUs");
+  TORCH_CHECK(x.scalar_type() == at::kFloat, "int_linear takes fp32 activations, got ", x.scalar_type());
+  TORCH_CHECK(bits == 8 || bits == 4, "bits must be 8 or 4, got ", bits);
+  TORCH_CHECK(qweight.dim() == 2 && scale.dim() == 2, "qweight and scale must be matrices");
+  TORCH_CHECK(scale.scalar_type() == at::kFloat, "scales must be fp32");
+  const int64_t N = qweight.size(0);
+  const int64_t K = bits == 8 ? qweight.size(1) : qweight.size(1) * 2;
+  TORCH_CHECK(x.size(-1) == K, "x has ", x.size(-1), " inputs, the weight ", K);
+  const int64_t G = scale.size(1);
+  TORCH_CHECK(K % G == 0 && (bits == 8 || (K / G) % 2 == 0), "groups must split the inputs evenly");
+  TORCH_CHECK(scale.size(0) == N || scale.size(0) == 1, "scale must have one row per output or one in all");
+  if (zero) {
+    TORCH_CHECK(zero->sizes() == scale.sizes() && zero->scalar_type() == at::kFloat, "zero must match scale");
+  }
+  const bool is_signed = qweight.scalar_type() == at::kChar;
+  TORCH_CHECK(is_signed || qweight.scalar_type() == at::kByte, "codes must be int8 or uint8");
+  TORCH_CHECK(bits == 8 || !is_signed, "int4 codes are packed into uint8");
+
+  std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
+  out_shape.back() = N;
+  at::Tensor x2 = x.reshape({-1, K}).contiguous();
+  const int64_t M = x2.size(0);
+  if (bits == 4) {  // even inputs, then odd inputs, per row
+    at::Tensor split = at::empty({M, K}, x2.options());
+    const float* from = x2.data_ptr<float>();
+    float* to = split.data_ptr<float>();
+    for (int64_t m = 0; m < M; ++m)
+      for (int64_t j = 0; j < K / 2; ++j) {
+        to[m * K + j] = from[m * K + 2 * j];
+        to[m * K + K / 2 + j] = from[m * K + 2 * j + 1];
+      }
+    x2 = split;
+  }
+  at::Tensor codes = qweight.contiguous(), s = scale.contiguous();
+  at::Tensor z = zero ? zero->contiguous() : at::Tensor();
+  at::Tensor y = at::empty({M, N}, x.options());
+
+  Problem p{x2.data_ptr<float>(), reinterpret_cast<const uint8_t*>(codes.data_ptr()), s.data_ptr<float>(),
+            zero ? z.data_ptr<float>() : nullptr, y.data_ptr<float>(), M, N, K, G, scale.size(0),
+            static_cast<int>(bits), is_signed, static_cast<int>(offset)};
+  run_isa(p);
+  return y.reshape(out_shape);
+}
+
+std::string isa() { return current_isa(); }
+
+void set_isa(const std::string& name) {
+  TORCH_CHECK(name == "avx512" || name == "avx2" || name == "scalar" || name == "best",
+              "unknown instruction set ", name);
+  current_isa() = name == "best" ? best_isa() : name;
+}
+
+std::string best() { return best_isa(); }
+
+}  // namespace
+
+TORCH_LIBRARY(lmforge, m) {
+  m.def("int_linear(Tensor x, Tensor qweight, Tensor scale, Tensor? zero, int bits, int offset) -> Tensor");
+  m.impl("int_linear", c10::DispatchKey::CPU, TORCH_FN(int_linear));
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
+  module.def("isa", &isa, "the instruction set int_linear runs on");
+  module.def("best_isa", &best, "the best instruction set this CPU has");
+  module.def("set_isa", &set_isa, "run on a given instruction set (avx512, avx2, scalar) or the best one");
+}

@@ -1,0 +1,149 @@
+// The kernel's body, included once per instruction set by int_linear.cpp inside a namespace that
+// defines V (a vector of W fp32 lanes), vzero, vload, vadd, vfma, vscale, vsum, widen8 and widen4.
+// Not a header to include anywhere else.
+
+// R weight rows (n0 ..) against T activation rows (m0 ..). Each pair gets A accumulators per
+// group (int8: alternate vectors; int4: the low and the high halves), so R * T * A chains of
+// FMAs run side by side whatever the group width; each x vector is loaded once for the R rows.
+// At the end of a group its scale multiplies the accumulated sum into the pair's total.
+template <int T, int R, int BITS, bool SIGNED>
+inline void tile(const Problem& p, int64_t n0, int64_t m0) {
+  constexpr int A = 2;
+  const int64_t gs = p.K / p.G;
+  const int64_t bytes = BITS == 8 ? p.K : p.K / 2;  // per weight row
+  const int64_t half = p.K / 2;                      // int4: where a row's odd inputs start in x
+  const float* x[T];
+  for (int t = 0; t < T; ++t) x[t] = p.x + (m0 + t) * p.K;
+  const uint8_t* row[R];
+  int64_t srow[R];
+  for (int r = 0; r < R; ++r) {
+    row[r] = p.codes + (n0 + r) * bytes;
+    srow[r] = p.scale_rows == 1 ? 0 : n0 + r;
+  }
+  V total[R][T];
+  float tail[R][T];
+  for (int r = 0; r < R; ++r)
+    for (int t = 0; t < T; ++t) {
+      total[r][t] = vzero();
+      tail[r][t] = 0.0f;
+    }
+  for (int64_t g = 0; g < p.G; ++g) {
+    int z[R];
+    for (int r = 0; r < R; ++r) z[r] = group_zero(p, srow[r], g);
+    V acc[R][T][A];
+    float rest[R][T];
+    for (int r = 0; r < R; ++r)
+      for (int t = 0; t < T; ++t) {
+        for (int a = 0; a < A; ++a) acc[r][t][a] = vzero();
+        rest[r][t] = 0.0f;
+      }
+    if (BITS == 8) {
+      int64_t k = g * gs;
+      const int64_t end = k + gs;
+      for (; k + 2 * W <= end; k += 2 * W) {
+        for (int a = 0; a < A; ++a) {
+          V xv[T];
+          for (int t = 0; t < T; ++t) xv[t] = vload(x[t] + k + a * W);
+          for (int r = 0; r < R; ++r) {
+            const V w = widen8(row[r] + k + a * W, SIGNED, z[r]);
+            for (int t = 0; t < T; ++t) acc[r][t][a] = vfma(w, xv[t], acc[r][t][a]);
+          }
+        }
+      }
+      for (; k + W <= end; k += W) {
+        V xv[T];
+        for (int t = 0; t < T; ++t) xv[t] = vload(x[t] + k);
+        for (int r = 0; r < R; ++r) {
+          const V w = widen8(row[r] + k, SIGNED, z[r]);
+          for (int t = 0; t < T; ++t) acc[r][t][0] = vfma(w, xv[t], acc[r][t][0]);
+        }
+      }
+      for (; k < end; ++k) {
+        for (int r = 0; r < R; ++r) {
+          const int code = SIGNED ? static_cast<int>(static_cast<int8_t>(row[r][k])) : static_cast<int>(row[r][k]);
+          const float w = static_cast<float>(code - z[r]);
+          for (int t = 0; t < T; ++t) rest[r][t] += w * x[t][k];
+        }
+      }
+    } else {
+      // Byte j of a row holds inputs 2j (low half) and 2j + 1 (high half); x was split into its
+      // even inputs (the first K / 2 of each row) and its odd inputs (the next K / 2).
+      int64_t j = g * (gs / 2);
+      const int64_t end = j + gs / 2;
+      for (; j + W <= end; j += W) {
+        V xe[T], xo[T];
+        for (int t = 0; t < T; ++t) {
+          xe[t] = vload(x[t] + j);
+          xo[t] = vload(x[t] + half + j);
+        }
+        for (int r = 0; r < R; ++r) {
+          V lo, hi;
+          widen4(row[r] + j, z[r], lo, hi);
+          for (int t = 0; t < T; ++t) {
+            acc[r][t][0] = vfma(lo, xe[t], acc[r][t][0]);
+            acc[r][t][1] = vfma(hi, xo[t], acc[r][t][1]);
+          }
+        }
+      }
+      for (; j < end; ++j) {
+        for (int r = 0; r < R; ++r) {
+          const float lo = static_cast<float>((row[r][j] & 0x0F) - z[r]);
+          const float hi = static_cast<float>((row[r][j] >> 4) - z[r]);
+          for (int t = 0; t < T; ++t) rest[r][t] += lo * x[t][j] + hi * x[t][half + j];
+        }
+      }
+    }
+    for (int r = 0; r < R; ++r) {
+      const float s = p.scale[srow[r] * p.G + g];
+      for (int t = 0; t < T; ++t) {
+        total[r][t] = vscale(vadd(acc[r][t][0], acc[r][t][1]), s, total[r][t]);
+        tail[r][t] += rest[r][t] * s;
+      }
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int t = 0; t < T; ++t) p.y[(m0 + t) * p.N + n0 + r] = vsum(total[r][t]) + tail[r][t];
+}
+
+// Every activation row against R weight rows from n0: tiles of 4 activation rows (one weight
+// row at a time), then what is left (1: four weight rows at a time; 2: two; 3: one).
+template <int R, int BITS, bool SIGNED>
+inline void rows(const Problem& p, int64_t n0) {
+  int64_t m = 0;
+  for (; m + 4 <= p.M; m += 4)
+    for (int r = 0; r < R; ++r) tile<4, 1, BITS, SIGNED>(p, n0 + r, m);
+  switch (p.M - m) {
+    case 3:
+      for (int r = 0; r < R; ++r) tile<3, 1, BITS, SIGNED>(p, n0 + r, m);
+      break;
+    case 2:
+      for (int r = 0; r < R; r += 2) {
+        if (r + 2 <= R) tile<2, 2, BITS, SIGNED>(p, n0 + r, m);
+        else tile<2, 1, BITS, SIGNED>(p, n0 + r, m);
+      }
+      break;
+    case 1:
+      tile<1, R, BITS, SIGNED>(p, n0, m);
+      break;
+    default:
+      break;
+  }
+}
+
+template <int BITS, bool SIGNED>
+inline void run_rows(const Problem& p) {
+  // Blocks of 4 weight rows are split among the threads; the last N % 4 rows go one by one.
+  constexpr int B = 4;
+  const int64_t blocks = p.N / B;
+  const int64_t grain = std::max<int64_t>(4, blocks / (8 * at::get_num_threads()));
+  at::parallel_for(0, blocks, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t b = begin; b < end; ++b) rows<B, BITS, SIGNED>(p, b * B);
+  });
+  for (int64_t n = blocks * B; n < p.N; ++n) rows<1, BITS, SIGNED>(p, n);
+}
+
+inline void run(const Problem& p) {
+  if (p.bits == 4) return run_rows<4, false>(p);
+  if (p.is_signed) return run_rows<8, true>(p);
+  run_rows<8, false>(p);
+}

@@ -1,0 +1,110 @@
+"""CPU kernels for integer weights: a small C++ extension, built on first use, with a pure-PyTorch fallback.
+
+Decoding at batch 1 reads every weight once per token and does two FLOPs with each: the
+step is bound by the bytes it reads. int8 weights are a quarter of fp32's bytes, int4 an
+eighth. PyTorch has no CPU kernel that multiplies fp32 activations by int8 or packed int4
+weights while reading them as they are (its ``_weight_int8pack_mm`` and what Inductor
+writes were measured slow on AVX2), so ``csrc/int_linear.cpp`` does it: each group of
+codes is loaded, widened to fp32 in registers, its zero point subtracted in integers,
+multiplied into fp32 accumulators, and the group's scale applied once to the sum. The
+same body is compiled for AVX-512, AVX2 + FMA and plain C++; the CPU picks at run time.
+
+The extension is built with ``torch.utils.cpp_extension`` the first time an integer layer
+runs (about a minute on 2 cores; cached afterwards under ``TORCH_EXTENSIONS_DIR``, by
+default ``~/.cache/torch_extensions``). Without a C++ compiler, or with
+``LMFORGE_INT_KERNELS=off``, integer layers use the reference: dequantize, then multiply.
+The op is ``torch.ops.lmforge.int_linear``, with a fake implementation so that
+``torch.compile`` (the compiled decode step) calls it as an opaque kernel.
+
+    from lmforge.quant import kernels
+    kernels.available(), kernels.isa()        # True, "avx2"
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+__all__ = ["KERNEL_MAX_ROWS", "available", "best_isa", "int_linear", "isa", "set_isa"]
+
+# Up to this many activation rows an integer layer uses the kernel; above it (a prompt, a
+# large batch) it dequantizes the weight and calls the usual matrix kernels, which are
+# faster once the weights are reused across many rows.
+KERNEL_MAX_ROWS = 16
+
+_SOURCE = Path(__file__).parent / "csrc" / "int_linear.cpp"
+_module = None  # the loaded extension, False after a failed build, None before trying
+
+
+def _load():
+    global _module
+    if _module is not None:
+        return _module
+    if os.environ.get("LMFORGE_INT_KERNELS", "").lower() in ("0", "off", "no", "false"):
+        _module = False
+        return _module
+    try:
+        from torch.utils import cpp_extension
+
+        try:  # the `ninja` package's binary, for environments that are not activated
+            import ninja
+
+            os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
+        except ImportError:
+            pass
+        # The name carries a digest of the sources (the body is an included file, which the
+        # extension builder does not hash): an edited kernel builds anew, never a stale one.
+        digest = hashlib.sha256(b"".join(path.read_bytes() for path in sorted(_SOURCE.parent.iterdir())))
+        name = f"lmforge_int_linear_{digest.hexdigest()[:12]}"
+        if not any(Path(cpp_extension._get_build_directory(name, verbose=False)).glob("*.so")):
+            print("[lmforge] building the integer-weight CPU kernels (once; about a minute)", file=sys.stderr)
+        _module = cpp_extension.load(name=name, sources=[str(_SOURCE)],
+                                     extra_include_paths=[str(_SOURCE.parent)], extra_cflags=["-O3", "-fopenmp"],
+                                     extra_ldflags=["-fopenmp"],
+                                     verbose=False)
+        _register_fake()
+    except Exception as error:  # no compiler, no ninja, a failed build: the reference still works
+        print(f"[lmforge] integer kernels unavailable ({type(error).__name__}: {str(error).splitlines()[0]}); "
+              "integer layers dequantize then multiply", file=sys.stderr)
+        _module = False
+    return _module
+
+
+def _register_fake() -> None:
+    @torch.library.register_fake("lmforge::int_linear")
+    def _(x, qweight, scale, zero, bits, offset):
+        return x.new_empty((*x.shape[:-1], qweight.shape[0]))
+
+
+@torch.compiler.assume_constant_result  # traced as its value: the build never happens inside a graph
+def available() -> bool:
+    """True when the extension is built (or builds now) and loads."""
+    return bool(_load())
+
+
+def isa() -> str:
+    """The instruction set the kernel runs on: ``avx512``, ``avx2``, ``scalar``, or ``reference`` without one."""
+    return _load().isa() if available() else "reference"
+
+
+def best_isa() -> str:
+    """The best instruction set this CPU offers the kernel."""
+    return _load().best_isa() if available() else "reference"
+
+
+def set_isa(name: str) -> None:
+    """Run the kernel on ``name`` (``avx512``, ``avx2``, ``scalar``) or ``best``; tests compare the paths so."""
+    if not available():
+        raise RuntimeError("the integer kernels are not available")
+    _load().set_isa(name)
+
+
+def int_linear(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None,
+               bits: int, offset: int) -> torch.Tensor:
+    """``x (..., K) @ W.T`` in fp32 for the integer weight W that ``qweight``, ``scale`` and ``zero`` store
+    (:mod:`lmforge.quant.integer`'s layout); ``offset`` is the zero every group shares (int4 symmetric: 8)."""
+    return torch.ops.lmforge.int_linear(x.float(), qweight, scale, zero, bits, offset)

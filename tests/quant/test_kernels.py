@@ -1,0 +1,110 @@
+"""The integer-weight CPU kernels (lmforge.quant.kernels) against the dequantize-then-multiply reference."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lmforge.infer import CompiledDecodeStep, SamplingConfig, generate
+from lmforge.model import DecoderLM, preset
+from lmforge.quant import kernels
+from lmforge.quant.integer import IntLinear, QuantSpec, int4_offset, quantize_model, quantize_tensor
+
+pytestmark = pytest.mark.skipif(not kernels.available(), reason="the integer kernels did not build here")
+
+SPECS = [QuantSpec(8, "symmetric", "channel"), QuantSpec(8, "symmetric", "tensor"),
+         QuantSpec(8, "asymmetric", "group", 16), QuantSpec(4, "symmetric", "group", 32),
+         QuantSpec(4, "asymmetric", "group", 16), QuantSpec(4, "symmetric", "channel"),
+         QuantSpec(4, "asymmetric", "tensor")]
+# (inputs, outputs): widths that fill whole AVX-512 and AVX2 vectors, and widths that leave tails
+SHAPES = [(128, 40), (96, 7), (80, 33)]
+
+
+def isas() -> list[str]:
+    """The instruction sets this CPU can run: the best one and every one below it."""
+    order = ["scalar", "avx2", "avx512"]
+    return order[:order.index(kernels.best_isa()) + 1]
+
+
+@pytest.fixture
+def restore_isa():
+    yield
+    kernels.set_isa("best")
+
+
+def run_kernel(layer: IntLinear, x: torch.Tensor) -> torch.Tensor:
+    offset = int4_offset(layer.spec) if layer.spec.bits == 4 else 0
+    return kernels.int_linear(x, layer.qweight, layer.scale, layer.zero, layer.spec.bits, offset)
+
+
+@pytest.mark.parametrize("isa", isas())
+@pytest.mark.parametrize("spec", SPECS, ids=lambda spec: spec.name.replace(" ", "-"))
+def test_kernel_equals_dequantize_then_multiply(isa, spec, restore_isa):
+    kernels.set_isa(isa)
+    assert kernels.isa() == isa
+    torch.manual_seed(0)
+    for inputs, outputs in SHAPES:
+        if spec.granularity == "group" and inputs % spec.group_size:
+            continue
+        weight = torch.randn(outputs, inputs) * torch.linspace(0.2, 2, outputs)[:, None] + 0.1
+        layer = IntLinear.from_linear(torch.nn.Linear(inputs, outputs, bias=False), spec)
+        layer.set_codes(*quantize_tensor(weight, spec))
+        reference_weight = layer.dequantized()
+        for rows in (1, 2, 3, 4, 5, 9):
+            x = torch.randn(rows, inputs)
+            y = run_kernel(layer, x)
+            expected = x.double() @ reference_weight.double().T
+            # every product is exact; only the order of the fp32 sums differs from the reference
+            bound = 1e-5 * (x.abs().double() @ reference_weight.abs().double().T) + 1e-6
+            assert y.shape == (rows, outputs) and y.dtype == torch.float32
+            assert ((y.double() - expected).abs() <= bound).all(), (inputs, outputs, rows)
+
+
+def test_isas_agree_and_bad_calls_are_refused(restore_isa):
+    torch.manual_seed(1)
+    layer = IntLinear.from_linear(torch.nn.Linear(64, 24), QuantSpec(4, "asymmetric", "group", 32))
+    x = torch.randn(2, 3, 64)  # any leading shape
+    results = []
+    for isa in isas():
+        kernels.set_isa(isa)
+        results.append(run_kernel(layer, x))
+    assert results[0].shape == (2, 3, 24)
+    for other in results[1:]:
+        torch.testing.assert_close(other, results[0])
+    with pytest.raises(RuntimeError, match="inputs"):
+        run_kernel(layer, torch.randn(1, 63))
+    with pytest.raises(RuntimeError, match="unknown instruction set"):
+        kernels.set_isa("sse9")
+
+
+def test_int_layer_uses_the_kernel_for_few_rows(monkeypatch):
+    torch.manual_seed(2)
+    linear = torch.nn.Linear(64, 32)
+    layer = IntLinear.from_linear(linear, QuantSpec(8))
+    calls = []
+    kernel = kernels.int_linear
+    monkeypatch.setattr(kernels, "int_linear", lambda *args: calls.append(args[0].shape) or kernel(*args))
+    x = torch.randn(1, 1, 64)
+    torch.testing.assert_close(layer(x), layer.reference(x))
+    assert calls == [(1, 1, 64)]
+    many = torch.randn(1, kernels.KERNEL_MAX_ROWS + 1, 64)  # a prompt: the reference's matrix kernels
+    torch.testing.assert_close(layer(many), layer.reference(many), rtol=0, atol=0)
+    assert len(calls) == 1
+    bf16 = layer(x.bfloat16())  # bf16 activations: fp32 inside, the input's dtype out
+    assert bf16.dtype == torch.bfloat16
+    torch.testing.assert_close(bf16.float(), layer.reference(x), rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("spec", [QuantSpec(8), QuantSpec(4, "asymmetric", "group", 32)], ids=["int8", "int4"])
+def test_quantized_model_decodes_alike_with_kernel_reference_and_compiled_step(spec, monkeypatch):
+    torch.manual_seed(0)
+    model = DecoderLM(preset("tiny", vocab_size=96, tie_embeddings=False, init_std=0.3)).eval()
+    quantize_model(model, spec)
+    prompt = [[3, 1, 4, 1, 5, 9]]
+    config = SamplingConfig(max_new_tokens=12, temperature=0)
+    fast = generate(model, prompt, config)
+    step = CompiledDecodeStep(model, max_autotune=False)  # the op goes into the graph as an opaque kernel
+    assert generate(model, prompt, config, decode_step=step) == fast
+    monkeypatch.setattr(kernels, "available", lambda: False)
+    assert generate(model, prompt, config) == fast
