@@ -515,7 +515,10 @@ def cmd_quantize(args: argparse.Namespace) -> None:
     from lmforge.quant.integer import QuantSpec
     from lmforge.quant.ptq import PLOT, REPORT, quantize_checkpoint
 
-    spec = QuantSpec(bits=args.bits, scheme=args.scheme, granularity=args.granularity, group_size=args.group_size)
+    activations = {"none": "static" if args.calibrate else "none", "int8": "dynamic",
+                   "int8-static": "static"}[args.activations]
+    spec = QuantSpec(bits=args.bits, scheme=args.scheme, granularity=args.granularity, group_size=args.group_size,
+                     activations=activations)
     text = None
     if args.eval_text:
         try:
@@ -523,7 +526,7 @@ def cmd_quantize(args: argparse.Namespace) -> None:
         except (OSError, UnicodeDecodeError) as err:
             raise InputError(f"{args.eval_text}: cannot read the held-out text: {err}") from err
     report = quantize_checkpoint(args.model, args.out, spec, device=args.device, eval_chars=args.eval_chars,
-                                 eval_text=text)
+                                 eval_text=text, calibrate=args.calibrate)
     print(report.table())
     print(f"\nwrote {args.out} ({report.seconds:.0f} s): {REPORT}, {PLOT}; load it like any checkpoint "
           f"(lmforge generate {args.out} ...)")
@@ -944,6 +947,11 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--granularity", default="channel", choices=["tensor", "channel", "group"],
                    help="one scale per tensor, per output channel, or per group of --group-size inputs")
     p.add_argument("--group-size", type=int, default=128, help="inputs per scale with --granularity group")
+    p.add_argument("--activations", default="none", choices=["none", "int8", "int8-static"],
+                   help="W8A8: round each layer's inputs to int8 too, each row by its own absmax (int8) or by "
+                        "scales calibrated once (int8-static, with --calibrate)")
+    p.add_argument("--calibrate", metavar="DATA", help="text or JSONL (\"text\" field) whose activations set the "
+                                                       "static int8 scales (implies --activations int8-static)")
     p.add_argument("--eval-chars", type=int, default=20000,
                    help="characters of the language reference for bits per byte before and after (0: skip)")
     p.add_argument("--eval-text", help="a text file to measure bits per byte on instead")

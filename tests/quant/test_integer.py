@@ -151,3 +151,36 @@ def test_a_tied_embedding_is_quantized_once_and_serves_the_head(tmp_path, spec):
     weights = dequantized_state(stored, *read_spec(tmp_path / "q"))
     torch.testing.assert_close(weights["embed.weight"], back)
     assert loaded.to(torch.bfloat16).embed(ids).dtype == torch.bfloat16  # lookups follow the model's dtype
+
+
+def test_w8a8_dynamic_and_calibrated_checkpoints(tmp_path, tiny_lm, capsys):
+    from lmforge.api import load
+    from lmforge.checkpoint import model_state, write_checkpoint
+    from lmforge.cli import main
+
+    write_checkpoint(tmp_path / "fp32", tiny_lm.model.config, model_state(tiny_lm.model), tiny_lm.tokenizer)
+    (tmp_path / "calib.jsonl").write_text("\n".join(json.dumps({"text": f"The quick brown fox jumps over the lazy dog {i}."})
+                                                    for i in range(40)), encoding="utf-8")
+    ids = torch.tensor([tiny_lm.encode_prompt("The quick brown fox jumps over the lazy dog.")])
+    with torch.no_grad():
+        reference = tiny_lm.model(ids)
+    for name, flags in (("dynamic", ["--activations", "int8"]), ("static", ["--calibrate", str(tmp_path / "calib.jsonl")])):
+        assert main(["quantize", str(tmp_path / "fp32"), "--out", str(tmp_path / name), "--eval-chars", "1000",
+                     *flags]) == 0
+        assert "int8 activations" in capsys.readouterr().out
+        lm = load(tmp_path / name, device="cpu", dtype="fp32")
+        layer = lm.model.blocks[0].attn.q_proj
+        assert layer.spec.activations == name
+        if name == "static":  # a calibrated scale per layer, saved and loaded
+            assert layer.act_scale is not None and 0 < float(layer.act_scale) < 1
+        else:
+            assert layer.act_scale is None
+        with torch.no_grad():
+            logits = lm.model(ids)
+        assert (logits - reference).abs().max() < 0.1 * reference.abs().max()
+    assert main(["quantize", str(tmp_path / "fp32"), "--out", str(tmp_path / "bad"), "--calibrate",
+                 str(tmp_path / "missing.txt")]) == 2
+    assert "no such calibration file" in capsys.readouterr().err
+    assert main(["quantize", str(tmp_path / "fp32"), "--out", str(tmp_path / "bad"), "--bits", "4",
+                 "--activations", "int8"]) == 2
+    assert "symmetric int8 weights" in capsys.readouterr().err

@@ -8,7 +8,14 @@ import torch
 from lmforge.infer import CompiledDecodeStep, SamplingConfig, generate
 from lmforge.model import DecoderLM, preset
 from lmforge.quant import kernels
-from lmforge.quant.integer import IntLinear, QuantSpec, int4_offset, quantize_model, quantize_tensor
+from lmforge.quant.integer import (
+    IntLinear,
+    QuantSpec,
+    int4_offset,
+    quantize_activations,
+    quantize_model,
+    quantize_tensor,
+)
 
 pytestmark = pytest.mark.skipif(not kernels.available(), reason="the integer kernels did not build here")
 
@@ -108,3 +115,27 @@ def test_quantized_model_decodes_alike_with_kernel_reference_and_compiled_step(s
     assert generate(model, prompt, config, decode_step=step) == fast
     monkeypatch.setattr(kernels, "available", lambda: False)
     assert generate(model, prompt, config) == fast
+
+
+@pytest.mark.parametrize("isa", isas())
+@pytest.mark.parametrize("activations", ["dynamic", "static"])
+@pytest.mark.parametrize("granularity", ["channel", "group", "tensor"])
+def test_w8a8_kernel_equals_its_reference(isa, activations, granularity, restore_isa):
+    kernels.set_isa(isa)
+    torch.manual_seed(3)
+    spec = QuantSpec(8, "symmetric", granularity, 32, activations=activations)
+    for inputs, outputs in [(128, 40), (96, 7), (160, 33)]:  # whole 64- and 32-byte steps, and tails
+        layer = IntLinear.from_linear(torch.nn.Linear(inputs, outputs), spec)
+        if activations == "static":
+            layer.act_scale.fill_(2.5 / 127)  # inputs beyond 2.5 are clipped, as calibrated scales do
+        for rows in (1, 3, 6):
+            x = torch.randn(rows, inputs)
+            got = layer(x)
+            expected = layer.reference(x)
+            rounded, scale = quantize_activations(x, layer.act_scale)
+            assert rounded.abs().max() <= 127 and torch.equal(rounded, rounded.round())
+            # integer sums are exact; the scales multiply in a different order
+            bound = 1e-5 * ((rounded.abs() * scale) @ layer.dequantized().abs().T) + 1e-6
+            assert ((got - expected).abs() <= bound).all(), (inputs, outputs, rows)
+    many = torch.randn(kernels.KERNEL_MAX_ROWS + 1, 160)  # the reference path, rounding the same way
+    torch.testing.assert_close(layer(many), layer.reference(many), rtol=0, atol=0)

@@ -103,6 +103,8 @@ class FusedIntLinear(FusedLinear):
             layer.zero = torch.cat([m.zero.expand(m.out_features, -1) for m in members]).contiguous()
         if layer.bias is not None:
             layer.bias = nn.Parameter(torch.cat([m.bias.detach() for m in members]), requires_grad=False)
+        if layer.act_scale is not None:  # (W8A8: the members read one input, calibrated alike)
+            layer.act_scale = torch.stack([m.act_scale for m in members]).amax(0)
         start = 0
         for member, size in zip(members, self.sizes):
             member.qweight = layer.qweight[start:start + size]  # the codes are stored once

@@ -45,6 +45,7 @@ from lmforge.quant import kernels
 QUANT_FILE = "quantization.json"
 SCHEMES = ("symmetric", "asymmetric")
 GRANULARITIES = ("tensor", "channel", "group")
+ACTIVATIONS = ("none", "dynamic", "static")
 
 
 @dataclass(frozen=True)
@@ -55,8 +56,14 @@ class QuantSpec:
     scheme: str = "symmetric"
     granularity: str = "channel"
     group_size: int = 128
+    activations: str = "none"  # W8A8: "dynamic" (each row by its absmax) or "static" (calibrated scales)
 
     def __post_init__(self) -> None:
+        if self.activations not in ACTIVATIONS:
+            raise InputError(f"unknown activation quantization {self.activations!r}; choose one of "
+                             f"{', '.join(ACTIVATIONS)}")
+        if self.activations != "none" and (self.bits != 8 or self.scheme != "symmetric"):
+            raise InputError("int8 activations (W8A8) go with symmetric int8 weights: --bits 8 --scheme symmetric")
         if self.bits not in (4, 8):
             raise InputError(f"bits must be 8 or 4, got {self.bits}")
         if self.scheme not in SCHEMES:
@@ -69,7 +76,8 @@ class QuantSpec:
     @property
     def name(self) -> str:
         span = f"group {self.group_size}" if self.granularity == "group" else self.granularity
-        return f"int{self.bits} {self.scheme}, per {span}"
+        acts = {"none": "", "dynamic": "; int8 activations, per row", "static": "; int8 activations, calibrated"}
+        return f"int{self.bits} {self.scheme}, per {span}{acts[self.activations]}"
 
     def groups(self, in_features: int) -> int:
         """Scales per row of a weight with ``in_features`` inputs."""
@@ -114,6 +122,17 @@ def dequantize(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | No
     return (spans * scale[..., None]).reshape(rows, cols)
 
 
+def quantize_activations(x: torch.Tensor, act_scale: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """W8A8's activations: ``(round(x / s) clamped to [-127, 127], s)``, where s is ``act_scale`` (calibrated)
+    or each row's own ``max|x| / 127``; the first as fp32 values, the second shaped to broadcast over rows."""
+    if act_scale is None:
+        scale = x.abs().amax(-1, keepdim=True) / 127
+        scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    else:
+        scale = act_scale.float().reshape(*[1] * x.dim())
+    return torch.clamp(torch.round(x / scale), -127, 127), scale
+
+
 def int4_offset(spec: QuantSpec) -> int:
     """What int4 codes are shifted by to fit [0, 15]: symmetric codes run from -7, asymmetric from 0."""
     return 8 if spec.scheme == "symmetric" else 0
@@ -148,6 +167,8 @@ class IntLinear(nn.Module):
         self.register_buffer("scale", torch.ones(scale_rows, groups, device=device))
         self.register_buffer("zero", torch.zeros(scale_rows, groups, device=device)
                              if spec.scheme == "asymmetric" else None)
+        # W8A8 with calibrated scales: the one scale that maps this layer's inputs onto int8
+        self.register_buffer("act_scale", torch.ones(1, device=device) if spec.activations == "static" else None)
         self.bias = nn.Parameter(torch.zeros(out_features, device=device)) if bias else None
 
     @classmethod
@@ -179,20 +200,29 @@ class IntLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bias = None if self.bias is None else self.bias.to(x.dtype)
         if x.device.type == "cpu" and x.numel() <= kernels.KERNEL_MAX_ROWS * x.shape[-1] and kernels.available():
-            offset = int4_offset(self.spec) if self.spec.bits == 4 else 0
-            y = kernels.int_linear(x, self.qweight, self.scale, self.zero, self.spec.bits, offset).to(x.dtype)
+            if self.spec.activations != "none":
+                y = kernels.int8_linear_a8(x, self.qweight, self.scale, self.act_scale)
+            else:
+                offset = int4_offset(self.spec) if self.spec.bits == 4 else 0
+                y = kernels.int_linear(x, self.qweight, self.scale, self.zero, self.spec.bits, offset)
+            y = y.to(x.dtype)
             return y if bias is None else y + bias
         return self.reference(x)
 
     def reference(self, x: torch.Tensor) -> torch.Tensor:
-        """The product by dequantizing and multiplying: what the kernels must equal."""
+        """The product by dequantizing and multiplying (W8A8: the activations rounded first, see
+        :func:`quantize_activations`): what the kernels must equal."""
         bias = None if self.bias is None else self.bias.to(x.dtype)
+        if self.spec.activations != "none":
+            rounded, scale = quantize_activations(x.float(), self.act_scale)
+            y = F.linear(rounded, self.dequantized()) * scale
+            return (y if bias is None else y + bias.float()).to(x.dtype)
         return F.linear(x, self.dequantized().to(x.dtype), bias)
 
     def _apply(self, fn, recurse=True):
         """Moves between devices with the model, but a cast of the model (``model.to(torch.bfloat16)``)
         leaves the codes, scales and zeros as they are: fp32 scales, whatever the activations' dtype."""
-        for name in ("qweight", "scale", "zero"):
+        for name in ("qweight", "scale", "zero", "act_scale"):
             tensor = self._buffers.get(name)
             if tensor is not None:
                 device = fn(torch.empty(0, device=tensor.device)).device
@@ -212,6 +242,7 @@ class IntEmbedding(IntLinear):
 
     def __init__(self, num_embeddings: int, dim: int, spec: QuantSpec, device: torch.device | str | None = None):
         super().__init__(dim, num_embeddings, False, spec, device)
+        self.act_scale = None  # lookups have no inputs to round (the tied head keeps its own)
         self.out_dtype = torch.float32  # follows the model's casts (see _apply)
 
     @classmethod
@@ -244,6 +275,8 @@ def tie_head(model: nn.Module) -> None:
     embed = model.embed
     head = IntLinear(embed.in_features, embed.out_features, False, embed.spec, embed.qweight.device)
     head.qweight, head.scale, head.zero = embed.qweight, embed.scale, embed.zero
+    if isinstance(model.lm_head, IntLinear) and model.lm_head.act_scale is not None:
+        head.act_scale = model.lm_head.act_scale  # (W8A8: the head's calibrated input scale stays)
     model.lm_head = head
 
 
@@ -264,14 +297,24 @@ def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(model.get_submodule(parent) if parent else model, child, module)
 
 
-def quantize_model(model: nn.Module, spec: QuantSpec) -> dict[str, dict[str, float]]:
-    """Replace the model's quantizable layers by :class:`IntLinear` (a tied embedding by :class:`IntEmbedding`,
-    shared with the head) in place, fused projections undone first; returns each layer's weight error:
-    ``{"mse": mean squared, "max": largest absolute}``."""
-    for block in getattr(model, "blocks", []):  # stacked q/k/v and gate/up go back to separate layers
+def unfuse(model: nn.Module) -> None:
+    """Send each block's stacked q/k/v and gate/up products (:mod:`lmforge.model.fused`) back to the separate
+    layers, which are what gets quantized and calibrated."""
+    for block in getattr(model, "blocks", []):
         for owner, attribute in ((block.attn, "qkv"), (getattr(block, "ffn", None), "gate_up")):
             if owner is not None and getattr(owner, attribute, None) is not None:
                 setattr(owner, attribute, None)
+
+
+def quantize_model(model: nn.Module, spec: QuantSpec,
+                   input_absmax: dict[str, float] | None = None) -> dict[str, dict[str, float]]:
+    """Replace the model's quantizable layers by :class:`IntLinear` (a tied embedding by :class:`IntEmbedding`,
+    shared with the head) in place, fused projections undone first; returns each layer's weight error:
+    ``{"mse": mean squared, "max": largest absolute}``. W8A8 with static scales takes each layer's
+    largest input magnitude on calibration data (:func:`calibrate`; the tied head's under ``lm_head``)."""
+    if spec.activations == "static" and input_absmax is None:
+        raise InputError("static int8 activations need calibration: give a calibration file (--calibrate DATA)")
+    unfuse(model)
     errors = {}
     with torch.no_grad():
         for name in quantizable_layers(model):
@@ -287,7 +330,31 @@ def quantize_model(model: nn.Module, spec: QuantSpec) -> dict[str, dict[str, flo
             _set_module(model, name, layer)
             if name == "embed":
                 tie_head(model)
+        if spec.activations == "static":
+            for name in [("lm_head" if name == "embed" else name) for name in errors]:
+                model.get_submodule(name).act_scale.fill_(max(input_absmax[name], 1e-8) / 127)
     return errors
+
+
+def calibrate(model: nn.Module, batches: list[torch.Tensor]) -> dict[str, float]:
+    """The largest input magnitude each quantizable layer sees (the output head's too, under ``lm_head``)
+    over ``batches`` of token ids: what static W8A8 scales are made from (``scale = absmax / 127``)."""
+    unfuse(model)  # every layer called on its own, so that each one's inputs are seen
+    names = [name for name in quantizable_layers(model) if name != "embed"]
+    if "embed" in quantizable_layers(model):
+        names.append("lm_head")
+    largest = dict.fromkeys(names, 0.0)
+    hooks = [model.get_submodule(name).register_forward_pre_hook(
+        lambda module, args, name=name: largest.__setitem__(name, max(largest[name], float(args[0].abs().max()))))
+        for name in names]
+    try:
+        with torch.inference_mode():
+            for ids in batches:
+                model(ids)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return largest
 
 
 def spec_json(spec: QuantSpec, layers: list[str]) -> str:

@@ -8,6 +8,8 @@ writes were measured slow on AVX2), so ``csrc/int_linear.cpp`` does it: each gro
 codes is loaded, widened to fp32 in registers, its zero point subtracted in integers,
 multiplied into fp32 accumulators, and the group's scale applied once to the sum. The
 same body is compiled for AVX-512, AVX2 + FMA and plain C++; the CPU picks at run time.
+For W8A8 layers a second kernel rounds the activations to int8 too and sums the products
+of bytes in 32-bit integers (AVX2's byte multiply-add: 32 products per instruction).
 
 The extension is built with ``torch.utils.cpp_extension`` the first time an integer layer
 runs (about a minute on 2 cores; cached afterwards under ``TORCH_EXTENSIONS_DIR``, by
@@ -29,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["KERNEL_MAX_ROWS", "available", "best_isa", "int_linear", "isa", "set_isa"]
+__all__ = ["KERNEL_MAX_ROWS", "available", "best_isa", "int8_linear_a8", "int_linear", "isa", "set_isa"]
 
 # Up to this many activation rows an integer layer uses the kernel; above it (a prompt, a
 # large batch) it dequantizes the weight and calls the usual matrix kernels, which are
@@ -79,6 +81,10 @@ def _register_fake() -> None:
     def _(x, qweight, scale, zero, bits, offset):
         return x.new_empty((*x.shape[:-1], qweight.shape[0]))
 
+    @torch.library.register_fake("lmforge::int8_linear_a8")
+    def _(x, qweight, scale, act_scale):
+        return x.new_empty((*x.shape[:-1], qweight.shape[0]))
+
 
 @torch.compiler.assume_constant_result  # traced as its value: the build never happens inside a graph
 def available() -> bool:
@@ -108,3 +114,11 @@ def int_linear(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, zero
     """``x (..., K) @ W.T`` in fp32 for the integer weight W that ``qweight``, ``scale`` and ``zero`` store
     (:mod:`lmforge.quant.integer`'s layout); ``offset`` is the zero every group shares (int4 symmetric: 8)."""
     return torch.ops.lmforge.int_linear(x.float(), qweight, scale, zero, bits, offset)
+
+
+def int8_linear_a8(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor,
+                   act_scale: torch.Tensor | None) -> torch.Tensor:
+    """W8A8: ``x (..., K)`` rounded to int8 (by ``act_scale``, or each row by its own absmax / 127), times the
+    symmetric int8 weight, summed in integers; fp32 out. :func:`lmforge.quant.integer.quantize_activations`
+    is the reference."""
+    return torch.ops.lmforge.int8_linear_a8(x.float(), qweight, scale, act_scale)

@@ -25,7 +25,9 @@ from pathlib import Path
 
 import torch
 
+from lmforge.errors import InputError
 from lmforge.quant.integer import QUANT_FILE, QuantSpec, quantizable_layers, quantize_model
+from lmforge.quant.integer import calibrate as calibrate_layers
 
 REPORT, PLOT = "report.md", "weight_error.png"
 
@@ -89,22 +91,49 @@ def bits_per_byte(lm, text: str) -> float:
     return -scored.logprob / math.log(2) / len(text.encode("utf-8"))
 
 
+def calibration_batches(tokenizer, path: str | Path, tokens: int = 4096, window: int = 512) -> list[torch.Tensor]:
+    """Token windows (1, <= window) of a calibration file's first ``tokens`` tokens: plain text, or JSONL
+    whose lines have a "text" field."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: no such calibration file (give a text or JSONL file with a \"text\" field)")
+    try:
+        raw = path.read_text(encoding="utf-8")
+        texts = [json.loads(line).get("text", "") for line in raw.splitlines() if line.strip()] \
+            if path.suffix == ".jsonl" else [raw]
+    except (UnicodeDecodeError, json.JSONDecodeError, AttributeError) as err:
+        raise InputError(f"{path}: cannot read calibration text: {err}") from err
+    ids = tokenizer.encode("\n\n".join(texts))[:tokens]
+    if not ids:
+        raise InputError(f"{path}: the calibration file holds no text")
+    return [torch.tensor([ids[start:start + window]]) for start in range(0, len(ids), window)]
+
+
 def quantize_checkpoint(source: str | Path, out: str | Path, spec: QuantSpec, device: str = "cpu",
-                        eval_chars: int = 20000, eval_text: str | None = None) -> QuantReport:
-    """Quantize ``source`` (anything ``lmforge.load`` loads) into the checkpoint ``out``; see the module doc."""
+                        eval_chars: int = 20000, eval_text: str | None = None,
+                        calibrate: str | Path | None = None, calibrate_tokens: int = 4096) -> QuantReport:
+    """Quantize ``source`` (anything ``lmforge.load`` loads) into the checkpoint ``out``; see the module doc.
+    W8A8 with static scales (``spec.activations == "static"``) reads ``calibrate``, a text or JSONL file."""
     from lmforge.api import load
     from lmforge.checkpoint import model_state, write_checkpoint
     from lmforge.quant.integer import spec_json
 
     start = time.perf_counter()
+    if spec.activations == "static" and calibrate is None:
+        raise InputError("static int8 activations need calibration text: --calibrate DATA")
     lm = load(source, device=device, dtype="fp32")
+    absmax = None
+    if spec.activations == "static":
+        window = min(512, lm.model.config.max_seq_len)
+        batches = [ids.to(device) for ids in calibration_batches(lm.tokenizer, calibrate, calibrate_tokens, window)]
+        absmax = calibrate_layers(lm.model, batches)
     report = QuantReport(spec, memory_before=weight_bytes(lm.model))
     text = eval_text if eval_text is not None else held_out_text(eval_chars) if eval_chars else ""
     if text:
         report.eval_bytes = len(text.encode("utf-8"))
         report.bpb_before = bits_per_byte(lm, text)
     layers = quantizable_layers(lm.model)
-    report.layers = quantize_model(lm.model, spec)
+    report.layers = quantize_model(lm.model, spec, absmax)
     lm.__dict__.pop("_engines", None)  # engines made for the float model
     report.memory_after = weight_bytes(lm.model)
     if text:
