@@ -7,7 +7,9 @@ give the same logits and the same greedy tokens in fp32, then times greedy decod
 of N new tokens after a short prompt, at batch 1 and batch 8. On a CPU without native
 bf16 it also times weights stored in 16 bits (``lmforge.quant.weight_only``) against a
 transformers model cast to fp16; with ``--llama-cpp-python`` it times llama.cpp on the
-same weights (f32 and f16 GGUF files) at batch 1, interleaved with the rest.
+same weights (f32 and f16 GGUF files) at batch 1, interleaved with the rest. ``--integer`` times
+lmforge's integer decode steps (int8, int4, W8A8: lmforge.quant) against its 16-bit one and,
+with ``--llama-cpp-python``, llama.cpp's f16, q8_0 and q4_0 files of the same weights.
 
     python benchmarks/decode.py            # 128 new tokens, 3 repeats
     python benchmarks/decode.py --quick    # 32 new tokens, 1 repeat, no torch.compile
@@ -37,6 +39,8 @@ from common import fast_dtypes, llama_twin, machine  # noqa: E402
 from lmforge.checkpoint import load_model
 from lmforge.infer import CompiledDecodeStep, SamplingConfig, generate
 from lmforge.model import PRESETS, DecoderLM, KVCache, preset
+from lmforge.quant import kernels
+from lmforge.quant.integer import QuantSpec, quantize_model
 from lmforge.quant.weight_only import quantize_weights
 from lmforge.runtime import Runtime
 
@@ -125,6 +129,34 @@ def variants(model: DecoderLM, new_tokens: int, use_compile: bool) -> dict[str, 
     return runners
 
 
+INTEGER_SPECS = {"int8": QuantSpec(8), "int4 (symmetric, group 32)": QuantSpec(4, "symmetric", "group", 32),
+                 "int8 W8A8 (activations per row)": QuantSpec(8, activations="dynamic"),
+                 "int4 W4A8 (symmetric, group 32, activations per row)": QuantSpec(4, "symmetric", "group", 32,
+                                                                                   activations="dynamic")}
+
+
+def integer_variants(model: DecoderLM, new_tokens: int) -> dict[str, Runner]:
+    """lmforge's compiled decode step with 16-bit weights (the path integer weights must beat) and with
+    each integer method of INTEGER_SPECS (lmforge.quant.integer, the C++ kernels of lmforge.quant.kernels)."""
+    from lmforge.model.fused import fuse_projections
+
+    print(f"integer kernels: {kernels.isa()} (best on this CPU: {kernels.best_isa()})")
+    runners: dict[str, Runner] = {}
+    small = quantize_weights(copy.deepcopy(model), "fp16")
+    variants = [("lmforge fp16 weights + compiled decode step", small)]
+    for name, spec in INTEGER_SPECS.items():
+        quantized = copy.deepcopy(model)
+        quantize_model(quantized, spec)
+        fuse_projections(quantized)
+        variants.append((f"lmforge {name} + compiled decode step", quantized))
+    for name, candidate in variants:
+        step = CompiledDecodeStep(candidate, max_autotune=False)
+        print(f"compiling {name}: {step.warm_up(1):.0f}s", flush=True)
+        check_compiled_step(model, candidate, step, prompt_len=16)
+        runners[name] = lmforge_runner(candidate, None, new_tokens, step)
+    return runners
+
+
 def check_compiled_step(model: DecoderLM, fast_model: DecoderLM, step: CompiledDecodeStep, prompt_len: int) -> None:
     """Teacher-force one fp32 greedy sequence through the eager and the compiled step of
     ``fast_model`` (a copy of ``model`` in the dtype timed); print each one's largest logit
@@ -146,7 +178,8 @@ def check_compiled_step(model: DecoderLM, fast_model: DecoderLM, step: CompiledD
             got = torch.stack(logits).float()  # (64, V)
             error = (got - reference).abs().max().item()
             same = (got.argmax(-1) == reference.argmax(-1)).float().mean().item()
-            print(f"  {name} {fast_model.embed.weight.dtype} decode step vs fp32 model: "
+            kind = fast_model.embed.weight.dtype if hasattr(fast_model.embed, "weight") else "integer"
+            print(f"  {name} {kind} decode step vs fp32 model: "
                   f"max |logit diff| {error:.2e}, same argmax {same:.0%}")
 
 
@@ -179,6 +212,8 @@ def main() -> None:
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile variants")
     parser.add_argument("--llama-cpp-python", help="a Python that has llama-cpp-python: also time llama.cpp "
                                                    "at batch 1 on the same weights, exported to GGUF")
+    parser.add_argument("--integer", action="store_true", help="batch 1 only: lmforge's int8, int4 and W8A8 "
+                        "decode steps against its 16-bit one and llama.cpp's f16, q8_0 and q4_0 files")
     args = parser.parse_args()
     if args.quick:
         args.new_tokens, args.repeats, args.no_compile = 32, 1, True
@@ -194,7 +229,11 @@ def main() -> None:
     check_same_model(model, hf, prompt, 16)
     print(f"machine: {machine()}; {args.model} ({model.num_parameters() / 1e6:.1f}M parameters), "
           f"prompt {args.prompt_len} tokens, {args.new_tokens} new tokens, median of {args.repeats}")
-    runners = variants(model, args.new_tokens, use_compile=not args.no_compile)
+    if args.integer:
+        args.batch_sizes = [1]
+        runners = integer_variants(model, args.new_tokens)
+    else:
+        runners = variants(model, args.new_tokens, use_compile=not args.no_compile)
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
         others = llama_cpp_runners(model, args, Path(tmp)) if args.llama_cpp_python else {}
@@ -222,7 +261,7 @@ def llama_cpp_runners(model: DecoderLM, args: argparse.Namespace, folder: Path) 
     # llama.cpp refuses a file without a vocabulary: any byte-level BPE will do (ids
     # above its size are written as unused placeholders), the prompt is token ids.
     tokenizer = train_tokenizer(list(topics.values()), 2048)
-    kinds = ("f32", "f16")
+    kinds = ("f16", "q8_0", "q4_0") if args.integer else ("f32", "f16")
     paths = []
     for kind in kinds:
         paths.append(folder / f"model-{kind}.gguf")
@@ -271,7 +310,15 @@ def print_table(results: dict[int, dict[str, float]]) -> None:
                 print(f"batch {b}, {label}: fastest lmforge ({ours_name}) {ours_ms:.2f} ms/token vs fastest "
                       f"transformers ({theirs_name}) {theirs_ms:.2f} ms/token: {theirs_ms / ours_ms:.2f}x")
         for ours_name, theirs_name in (("lmforge fp32 + compiled decode step", "llama.cpp, f32 GGUF"),
-                                       ("lmforge fp32 + fp16 weights + compiled decode step", "llama.cpp, f16 GGUF")):
+                                       ("lmforge fp32 + fp16 weights + compiled decode step", "llama.cpp, f16 GGUF"),
+                                       ("lmforge fp16 weights + compiled decode step", "llama.cpp, f16 GGUF"),
+                                       ("lmforge int8 + compiled decode step", "llama.cpp, q8_0 GGUF"),
+                                       ("lmforge int8 W8A8 (activations per row) + compiled decode step",
+                                        "llama.cpp, q8_0 GGUF"),
+                                       ("lmforge int4 (symmetric, group 32) + compiled decode step",
+                                        "llama.cpp, q4_0 GGUF"),
+                                       ("lmforge int4 W4A8 (symmetric, group 32, activations per row) + compiled "
+                                        "decode step", "llama.cpp, q4_0 GGUF")):
             if ours_name in results[b] and theirs_name in results[b]:
                 ratio = results[b][theirs_name] / results[b][ours_name]
                 print(f"batch {b}: {ours_name} vs {theirs_name}: {ratio:.2f}x")

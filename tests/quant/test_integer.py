@@ -181,6 +181,6 @@ def test_w8a8_dynamic_and_calibrated_checkpoints(tmp_path, tiny_lm, capsys):
     assert main(["quantize", str(tmp_path / "fp32"), "--out", str(tmp_path / "bad"), "--calibrate",
                  str(tmp_path / "missing.txt")]) == 2
     assert "no such calibration file" in capsys.readouterr().err
-    assert main(["quantize", str(tmp_path / "fp32"), "--out", str(tmp_path / "bad"), "--bits", "4",
+    assert main(["quantize", str(tmp_path / "fp32"), "--out", str(tmp_path / "bad"), "--scheme", "asymmetric",
                  "--activations", "int8"]) == 2
     assert "symmetric int8 weights" in capsys.readouterr().err

@@ -56,14 +56,14 @@ class QuantSpec:
     scheme: str = "symmetric"
     granularity: str = "channel"
     group_size: int = 128
-    activations: str = "none"  # W8A8: "dynamic" (each row by its absmax) or "static" (calibrated scales)
+    activations: str = "none"  # int8 too (W8A8, W4A8): "dynamic" (each row by its absmax) or "static" (calibrated)
 
     def __post_init__(self) -> None:
         if self.activations not in ACTIVATIONS:
             raise InputError(f"unknown activation quantization {self.activations!r}; choose one of "
                              f"{', '.join(ACTIVATIONS)}")
-        if self.activations != "none" and (self.bits != 8 or self.scheme != "symmetric"):
-            raise InputError("int8 activations (W8A8) go with symmetric int8 weights: --bits 8 --scheme symmetric")
+        if self.activations != "none" and self.bits == 8 and self.scheme != "symmetric":
+            raise InputError("int8 activations go with symmetric int8 weights (or int4 weights): --scheme symmetric")
         if self.bits not in (4, 8):
             raise InputError(f"bits must be 8 or 4, got {self.bits}")
         if self.scheme not in SCHEMES:
@@ -200,10 +200,11 @@ class IntLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bias = None if self.bias is None else self.bias.to(x.dtype)
         if x.device.type == "cpu" and x.numel() <= kernels.KERNEL_MAX_ROWS * x.shape[-1] and kernels.available():
+            offset = int4_offset(self.spec) if self.spec.bits == 4 else 0
             if self.spec.activations != "none":
-                y = kernels.int8_linear_a8(x, self.qweight, self.scale, self.act_scale)
+                y = kernels.int_linear_a8(x, self.qweight, self.scale, self.zero, self.act_scale, self.spec.bits,
+                                          offset)
             else:
-                offset = int4_offset(self.spec) if self.spec.bits == 4 else 0
                 y = kernels.int_linear(x, self.qweight, self.scale, self.zero, self.spec.bits, offset)
             y = y.to(x.dtype)
             return y if bias is None else y + bias

@@ -8,8 +8,9 @@ writes were measured slow on AVX2), so ``csrc/int_linear.cpp`` does it: each gro
 codes is loaded, widened to fp32 in registers, its zero point subtracted in integers,
 multiplied into fp32 accumulators, and the group's scale applied once to the sum. The
 same body is compiled for AVX-512, AVX2 + FMA and plain C++; the CPU picks at run time.
-For W8A8 layers a second kernel rounds the activations to int8 too and sums the products
-of bytes in 32-bit integers (AVX2's byte multiply-add: 32 products per instruction).
+For layers with int8 activations (W8A8, W4A8) a second kernel rounds the activations to
+int8 too and sums products of bytes in 32-bit integers (AVX2's byte multiply-add: 32
+products per instruction), as llama.cpp does for its q8_0 and q4_0 files.
 
 The extension is built with ``torch.utils.cpp_extension`` the first time an integer layer
 runs (about a minute on 2 cores; cached afterwards under ``TORCH_EXTENSIONS_DIR``, by
@@ -31,7 +32,7 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["KERNEL_MAX_ROWS", "available", "best_isa", "int8_linear_a8", "int_linear", "isa", "set_isa"]
+__all__ = ["KERNEL_MAX_ROWS", "available", "best_isa", "int_linear_a8", "int_linear", "isa", "set_isa"]
 
 # Up to this many activation rows an integer layer uses the kernel; above it (a prompt, a
 # large batch) it dequantizes the weight and calls the usual matrix kernels, which are
@@ -81,8 +82,8 @@ def _register_fake() -> None:
     def _(x, qweight, scale, zero, bits, offset):
         return x.new_empty((*x.shape[:-1], qweight.shape[0]))
 
-    @torch.library.register_fake("lmforge::int8_linear_a8")
-    def _(x, qweight, scale, act_scale):
+    @torch.library.register_fake("lmforge::int_linear_a8")
+    def _(x, qweight, scale, zero, act_scale, bits, offset):
         return x.new_empty((*x.shape[:-1], qweight.shape[0]))
 
 
@@ -116,9 +117,9 @@ def int_linear(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, zero
     return torch.ops.lmforge.int_linear(x.float(), qweight, scale, zero, bits, offset)
 
 
-def int8_linear_a8(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor,
-                   act_scale: torch.Tensor | None) -> torch.Tensor:
-    """W8A8: ``x (..., K)`` rounded to int8 (by ``act_scale``, or each row by its own absmax / 127), times the
-    symmetric int8 weight, summed in integers; fp32 out. :func:`lmforge.quant.integer.quantize_activations`
-    is the reference."""
-    return torch.ops.lmforge.int8_linear_a8(x.float(), qweight, scale, act_scale)
+def int_linear_a8(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None,
+                  act_scale: torch.Tensor | None, bits: int, offset: int) -> torch.Tensor:
+    """W8A8 and W4A8: ``x (..., K)`` rounded to int8 (by ``act_scale``, or each row by its own absmax / 127),
+    times the integer weight (symmetric int8, or int4 of either scheme), summed in integers; fp32 out.
+    :func:`lmforge.quant.integer.quantize_activations` is the reference."""
+    return torch.ops.lmforge.int_linear_a8(x.float(), qweight, scale, zero, act_scale, bits, offset)

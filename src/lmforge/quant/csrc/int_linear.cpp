@@ -181,75 +181,112 @@ void run_isa(const Problem& p) {
 }
 
 // ---------------------------------------------------------------------------------------------
-// W8A8: int8 weights (symmetric) times int8 activations. Each activation row is mapped by its
+// Integer activations (W8A8, and W4A8 for int4 weights): each activation row is mapped by its
 // scale (its own absmax / 127, or a calibrated one) onto [-127, 127] and rounded; then each
-// group's products are summed exactly in 32-bit integers and the weight's and the row's
-// scales applied once:   y[m, n] = sx[m] * sum over g of s[n, g] * sum over k in g of q[n, k] * xq[m, k]
-// AVX2 multiplies 32 pairs of bytes per instruction (maddubs takes unsigned times signed
-// bytes: |x| times w with x's sign moved onto w; |127 * 127 * 2| fits the 16-bit sums).
+// group's products are summed exactly in 32-bit integers and the scales applied once:
+//   y[m, n] = sx[m] * sum over g of s[n, g] * sum over k in g of (q[n, k] - z[n, g]) * xq[m, k]
+// AVX2 multiplies 32 pairs of bytes per instruction (maddubs: unsigned times signed bytes, so
+// |x| times w with x's sign moved onto w; 127 * 127 * 2 fits its 16-bit sums). Weights must be
+// signed bytes: symmetric int8 codes, or int4 codes minus their zero (within [-15, 15]).
 // ---------------------------------------------------------------------------------------------
 
 struct ProblemA8 {
-  const int8_t* xq;      // (M, K) rounded activations
+  const int8_t* xq;      // (M, K) rounded activations; int4: each row's even inputs, then its odd ones
   const float* sx;       // (M) their scales
-  const int8_t* codes;   // (N, K)
+  const uint8_t* codes;  // (N, K) int8, or (N, K / 2) packed int4
   const float* scale;    // (scale_rows, G)
+  const float* zero;     // (scale_rows, G) or nullptr (int4 only)
   float* y;              // (M, N)
   int64_t M, N, K, G, scale_rows;
+  int bits, zero_fixed;
 };
 
-inline int32_t dot_i8_scalar(const int8_t* a, const int8_t* b, int64_t n) {
-  int32_t sum = 0;
-  for (int64_t k = 0; k < n; ++k) sum += static_cast<int32_t>(a[k]) * static_cast<int32_t>(b[k]);
-  return sum;
+// One output: weight row n against activation row m, in plain C++.
+inline float row_a8_scalar(const ProblemA8& p, int64_t n, int64_t m) {
+  const int64_t gs = p.K / p.G, srow = p.scale_rows == 1 ? 0 : n;
+  const int8_t* xq = p.xq + m * p.K;
+  float total = 0.0f;
+  for (int64_t g = 0; g < p.G; ++g) {
+    int32_t sum = 0;
+    if (p.bits == 8) {
+      const int8_t* w = reinterpret_cast<const int8_t*>(p.codes) + n * p.K + g * gs;
+      for (int64_t k = 0; k < gs; ++k) sum += static_cast<int32_t>(w[k]) * xq[g * gs + k];
+    } else {
+      const int z = p.zero_fixed + (p.zero ? static_cast<int>(p.zero[srow * p.G + g]) : 0);
+      const uint8_t* w = p.codes + n * (p.K / 2) + g * gs / 2;
+      const int8_t* xe = xq + g * gs / 2;
+      for (int64_t j = 0; j < gs / 2; ++j)
+        sum += ((w[j] & 0x0F) - z) * xe[j] + ((w[j] >> 4) - z) * xe[p.K / 2 + j];
+    }
+    total += p.scale[srow * p.G + g] * static_cast<float>(sum);
+  }
+  return total;
 }
 
 #ifdef LMF_X86
 #pragma GCC push_options
 #pragma GCC target("avx2,fma")
-inline int32_t dot_i8_avx2(const int8_t* w, const int8_t* x, int64_t n) {
-  const __m256i ones = _mm256_set1_epi16(1);
-  __m256i acc0 = _mm256_setzero_si256(), acc1 = _mm256_setzero_si256();
-  int64_t k = 0;
-  for (; k + 64 <= n; k += 64) {
-    const __m256i w0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + k));
-    const __m256i x0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + k));
-    const __m256i w1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + k + 32));
-    const __m256i x1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + k + 32));
-    acc0 = _mm256_add_epi32(acc0, _mm256_madd_epi16(
-        _mm256_maddubs_epi16(_mm256_abs_epi8(x0), _mm256_sign_epi8(w0, x0)), ones));
-    acc1 = _mm256_add_epi32(acc1, _mm256_madd_epi16(
-        _mm256_maddubs_epi16(_mm256_abs_epi8(x1), _mm256_sign_epi8(w1, x1)), ones));
+// 32 signed byte weights times 32 signed byte activations, as 8 int32 partial sums.
+inline __m256i dot32(__m256i w, __m256i x) {
+  return _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_abs_epi8(x), _mm256_sign_epi8(w, x)), _mm256_set1_epi16(1));
+}
+
+inline float hsum(__m256 a) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+inline float row_a8_avx2(const ProblemA8& p, int64_t n, int64_t m) {
+  const int64_t gs = p.K / p.G, srow = p.scale_rows == 1 ? 0 : n;
+  const int8_t* xq = p.xq + m * p.K;
+  if ((p.bits == 8 && gs % 32) || (p.bits == 4 && gs % 32)) return row_a8_scalar(p, n, m);
+  __m256 total = _mm256_setzero_ps();
+  for (int64_t g = 0; g < p.G; ++g) {
+    __m256i acc = _mm256_setzero_si256();
+    if (p.bits == 8) {
+      const int8_t* w = reinterpret_cast<const int8_t*>(p.codes) + n * p.K + g * gs;
+      const int8_t* x = xq + g * gs;
+      __m256i acc1 = _mm256_setzero_si256();
+      int64_t k = 0;
+      for (; k + 64 <= gs; k += 64) {
+        acc = _mm256_add_epi32(acc, dot32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + k)),
+                                          _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + k))));
+        acc1 = _mm256_add_epi32(acc1, dot32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + k + 32)),
+                                            _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + k + 32))));
+      }
+      for (; k < gs; k += 32)
+        acc = _mm256_add_epi32(acc, dot32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + k)),
+                                          _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + k))));
+      acc = _mm256_add_epi32(acc, acc1);
+    } else {
+      // 16 bytes hold 32 codes: the low halves are 16 even inputs, the high halves 16 odd ones.
+      const int z = p.zero_fixed + (p.zero ? static_cast<int>(p.zero[srow * p.G + g]) : 0);
+      const __m256i zv = _mm256_set1_epi8(static_cast<char>(z));
+      const __m128i mask = _mm_set1_epi8(0x0F);
+      const uint8_t* w = p.codes + n * (p.K / 2) + g * gs / 2;
+      const int8_t* xe = xq + g * gs / 2;
+      for (int64_t j = 0; j < gs / 2; j += 16) {
+        const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w + j));
+        const __m256i codes = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(b, 4), mask), _mm_and_si128(b, mask));
+        const __m256i x = _mm256_set_m128i(_mm_loadu_si128(reinterpret_cast<const __m128i*>(xe + p.K / 2 + j)),
+                                           _mm_loadu_si128(reinterpret_cast<const __m128i*>(xe + j)));
+        acc = _mm256_add_epi32(acc, dot32(_mm256_sub_epi8(codes, zv), x));
+      }
+    }
+    total = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc), _mm256_set1_ps(p.scale[srow * p.G + g]), total);
   }
-  for (; k + 32 <= n; k += 32) {
-    const __m256i w0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + k));
-    const __m256i x0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + k));
-    acc0 = _mm256_add_epi32(acc0, _mm256_madd_epi16(
-        _mm256_maddubs_epi16(_mm256_abs_epi8(x0), _mm256_sign_epi8(w0, x0)), ones));
-  }
-  const __m256i acc = _mm256_add_epi32(acc0, acc1);
-  __m128i s = _mm_add_epi32(_mm256_castsi256_si128(acc), _mm256_extracti128_si256(acc, 1));
-  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4E));
-  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xB1));
-  return _mm_cvtsi128_si32(s) + dot_i8_scalar(w + k, x + k, n - k);
+  return hsum(total);
 }
 #pragma GCC pop_options
 #endif
 
-template <int32_t (*Dot)(const int8_t*, const int8_t*, int64_t)>
+template <float (*Row)(const ProblemA8&, int64_t, int64_t)>
 void run_a8(const ProblemA8& p) {
-  const int64_t gs = p.K / p.G;
   at::parallel_for(0, p.N, std::max<int64_t>(16, p.N / (8 * at::get_num_threads())), [&](int64_t begin, int64_t end) {
-    for (int64_t n = begin; n < end; ++n) {
-      const int8_t* row = p.codes + n * p.K;
-      const float* s = p.scale + (p.scale_rows == 1 ? 0 : n) * p.G;
-      for (int64_t m = 0; m < p.M; ++m) {
-        const int8_t* xq = p.xq + m * p.K;
-        float total = 0.0f;
-        for (int64_t g = 0; g < p.G; ++g) total += s[g] * static_cast<float>(Dot(row + g * gs, xq + g * gs, gs));
-        p.y[m * p.N + n] = total * p.sx[m];
-      }
-    }
+    for (int64_t n = begin; n < end; ++n)
+      for (int64_t m = 0; m < p.M; ++m) p.y[m * p.N + n] = Row(p, n, m) * p.sx[m];
   });
 }
 
@@ -299,16 +336,22 @@ at::Tensor int_linear(const at::Tensor& x, const at::Tensor& qweight, const at::
   return y.reshape(out_shape);
 }
 
-at::Tensor int8_linear_a8(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scale,
-                          const std::optional<at::Tensor>& act_scale) {
-  TORCH_CHECK(x.device().is_cpu() && qweight.device().is_cpu(), "int8_linear_a8 runs on CPUs");
-  TORCH_CHECK(x.scalar_type() == at::kFloat, "int8_linear_a8 takes fp32 activations, got ", x.scalar_type());
-  TORCH_CHECK(qweight.scalar_type() == at::kChar && qweight.dim() == 2, "W8A8 weights are int8 (symmetric) codes");
-  TORCH_CHECK(scale.dim() == 2 && scale.scalar_type() == at::kFloat, "scales must be an fp32 matrix");
-  const int64_t N = qweight.size(0), K = qweight.size(1), G = scale.size(1);
+at::Tensor int_linear_a8(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scale,
+                         const std::optional<at::Tensor>& zero, const std::optional<at::Tensor>& act_scale,
+                         int64_t bits, int64_t offset) {
+  TORCH_CHECK(x.device().is_cpu() && qweight.device().is_cpu(), "int_linear_a8 runs on CPUs");
+  TORCH_CHECK(x.scalar_type() == at::kFloat, "int_linear_a8 takes fp32 activations, got ", x.scalar_type());
+  TORCH_CHECK(bits == 8 || bits == 4, "bits must be 8 or 4, got ", bits);
+  TORCH_CHECK(bits == 4 || (qweight.scalar_type() == at::kChar && !zero),
+              "int8 activations go with symmetric int8 weights (int8 codes, no zero point)");
+  TORCH_CHECK(bits == 8 || qweight.scalar_type() == at::kByte, "int4 codes are packed into uint8");
+  TORCH_CHECK(qweight.dim() == 2 && scale.dim() == 2 && scale.scalar_type() == at::kFloat,
+              "qweight and fp32 scale must be matrices");
+  const int64_t N = qweight.size(0), K = bits == 8 ? qweight.size(1) : 2 * qweight.size(1), G = scale.size(1);
   TORCH_CHECK(x.size(-1) == K, "x has ", x.size(-1), " inputs, the weight ", K);
-  TORCH_CHECK(K % G == 0, "groups must split the inputs evenly");
+  TORCH_CHECK(K % G == 0 && (bits == 8 || (K / G) % 2 == 0), "groups must split the inputs evenly");
   TORCH_CHECK(scale.size(0) == N || scale.size(0) == 1, "scale must have one row per output or one in all");
+  if (zero) TORCH_CHECK(zero->sizes() == scale.sizes() && zero->scalar_type() == at::kFloat, "zero must match scale");
   std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
   out_shape.back() = N;
   at::Tensor x2 = x.reshape({-1, K}).contiguous();
@@ -326,21 +369,25 @@ at::Tensor int8_linear_a8(const at::Tensor& x, const at::Tensor& qweight, const 
     }
     sx[m] = s;
     for (int64_t k = 0; k < K; ++k) {
-      const float q = std::nearbyint(xs[m * K + k] / s);
-      xq[m * K + k] = static_cast<int8_t>(std::min(127.0f, std::max(-127.0f, q)));
+      const float q = std::min(127.0f, std::max(-127.0f, std::nearbyint(xs[m * K + k] / s)));
+      // int4: even inputs first, then odd ones, to meet the packed codes' halves
+      const int64_t at = bits == 8 ? k : (k % 2 ? K / 2 : 0) + k / 2;
+      xq[m * K + at] = static_cast<int8_t>(q);
     }
   }
   at::Tensor codes = qweight.contiguous(), s = scale.contiguous();
+  at::Tensor z = zero ? zero->contiguous() : at::Tensor();
   at::Tensor y = at::empty({M, N}, x.options());
-  ProblemA8 p{xq.data(), sx.data(), codes.data_ptr<int8_t>(), s.data_ptr<float>(), y.data_ptr<float>(),
-              M, N, K, G, scale.size(0)};
+  ProblemA8 p{xq.data(), sx.data(), reinterpret_cast<const uint8_t*>(codes.data_ptr()), s.data_ptr<float>(),
+              zero ? z.data_ptr<float>() : nullptr, y.data_ptr<float>(), M, N, K, G, scale.size(0),
+              static_cast<int>(bits), static_cast<int>(offset)};
 #ifdef LMF_X86
   if (current_isa() != "scalar") {
-    run_a8<dot_i8_avx2>(p);
+    run_a8<row_a8_avx2>(p);
     return y.reshape(out_shape);
   }
 #endif
-  run_a8<dot_i8_scalar>(p);
+  run_a8<row_a8_scalar>(p);
   return y.reshape(out_shape);
 }
 
@@ -359,8 +406,9 @@ std::string best() { return best_isa(); }
 TORCH_LIBRARY(lmforge, m) {
   m.def("int_linear(Tensor x, Tensor qweight, Tensor scale, Tensor? zero, int bits, int offset) -> Tensor");
   m.impl("int_linear", c10::DispatchKey::CPU, TORCH_FN(int_linear));
-  m.def("int8_linear_a8(Tensor x, Tensor qweight, Tensor scale, Tensor? act_scale) -> Tensor");
-  m.impl("int8_linear_a8", c10::DispatchKey::CPU, TORCH_FN(int8_linear_a8));
+  m.def("int_linear_a8(Tensor x, Tensor qweight, Tensor scale, Tensor? zero, Tensor? act_scale, int bits, "
+        "int offset) -> Tensor");
+  m.impl("int_linear_a8", c10::DispatchKey::CPU, TORCH_FN(int_linear_a8));
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
