@@ -193,6 +193,7 @@ void run_isa(const Problem& p) {
 struct ProblemA8 {
   const int8_t* xq;      // (M, K) rounded activations; int4: each row's even inputs, then its odd ones
   const float* sx;       // (M) their scales
+  const int32_t* xsum;   // (M, G) int4: the sum of each group's rounded activations
   const uint8_t* codes;  // (N, K) int8, or (N, K / 2) packed int4
   const float* scale;    // (scale_rows, G)
   const float* zero;     // (scale_rows, G) or nullptr (int4 only)
@@ -238,46 +239,59 @@ inline float hsum(__m256 a) {
   return _mm_cvtss_f32(s);
 }
 
+// The int32 sum of group g's byte products (every group whole 32-byte steps: checked by the caller).
+inline __m256i group_a8_avx2(const ProblemA8& p, int64_t n, int64_t srow, int64_t m, int64_t gs, int64_t g) {
+  const int8_t* xq = p.xq + m * p.K;
+  __m256i acc = _mm256_setzero_si256();
+  if (p.bits == 8) {
+    const int8_t* w = reinterpret_cast<const int8_t*>(p.codes) + n * p.K + g * gs;
+    const int8_t* x = xq + g * gs;
+    __m256i acc1 = _mm256_setzero_si256();
+    int64_t k = 0;
+    for (; k + 64 <= gs; k += 64) {
+      acc = _mm256_add_epi32(acc, dot32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + k)),
+                                        _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + k))));
+      acc1 = _mm256_add_epi32(acc1, dot32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + k + 32)),
+                                          _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + k + 32))));
+    }
+    for (; k < gs; k += 32)
+      acc = _mm256_add_epi32(acc, dot32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + k)),
+                                        _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + k))));
+    return _mm256_add_epi32(acc, acc1);
+  }
+  // 16 bytes hold 32 codes: the low halves are 16 even inputs, the high halves 16 odd ones. The
+  // codes are unsigned (0 to 15), so they go into maddubs as they are; the zero point comes off
+  // once per group: z times the sum of the group's activations.
+  const __m128i mask = _mm_set1_epi8(0x0F);
+  const uint8_t* w = p.codes + n * (p.K / 2) + g * gs / 2;
+  const int8_t* xe = xq + g * gs / 2;
+  const __m256i ones = _mm256_set1_epi16(1);
+  for (int64_t j = 0; j < gs / 2; j += 16) {
+    const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w + j));
+    const __m256i codes = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(b, 4), mask), _mm_and_si128(b, mask));
+    const __m256i x = _mm256_set_m128i(_mm_loadu_si128(reinterpret_cast<const __m128i*>(xe + p.K / 2 + j)),
+                                       _mm_loadu_si128(reinterpret_cast<const __m128i*>(xe + j)));
+    acc = _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(codes, x), ones));
+  }
+  const int z = p.zero_fixed + (p.zero ? static_cast<int>(p.zero[srow * p.G + g]) : 0);
+  return _mm256_sub_epi32(acc, _mm256_setr_epi32(z * p.xsum[m * p.G + g], 0, 0, 0, 0, 0, 0, 0));
+}
+
 inline float row_a8_avx2(const ProblemA8& p, int64_t n, int64_t m) {
   const int64_t gs = p.K / p.G, srow = p.scale_rows == 1 ? 0 : n;
-  const int8_t* xq = p.xq + m * p.K;
-  if ((p.bits == 8 && gs % 32) || (p.bits == 4 && gs % 32)) return row_a8_scalar(p, n, m);
-  __m256 total = _mm256_setzero_ps();
-  for (int64_t g = 0; g < p.G; ++g) {
-    __m256i acc = _mm256_setzero_si256();
-    if (p.bits == 8) {
-      const int8_t* w = reinterpret_cast<const int8_t*>(p.codes) + n * p.K + g * gs;
-      const int8_t* x = xq + g * gs;
-      __m256i acc1 = _mm256_setzero_si256();
-      int64_t k = 0;
-      for (; k + 64 <= gs; k += 64) {
-        acc = _mm256_add_epi32(acc, dot32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + k)),
-                                          _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + k))));
-        acc1 = _mm256_add_epi32(acc1, dot32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + k + 32)),
-                                            _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + k + 32))));
-      }
-      for (; k < gs; k += 32)
-        acc = _mm256_add_epi32(acc, dot32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + k)),
-                                          _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + k))));
-      acc = _mm256_add_epi32(acc, acc1);
-    } else {
-      // 16 bytes hold 32 codes: the low halves are 16 even inputs, the high halves 16 odd ones.
-      const int z = p.zero_fixed + (p.zero ? static_cast<int>(p.zero[srow * p.G + g]) : 0);
-      const __m256i zv = _mm256_set1_epi8(static_cast<char>(z));
-      const __m128i mask = _mm_set1_epi8(0x0F);
-      const uint8_t* w = p.codes + n * (p.K / 2) + g * gs / 2;
-      const int8_t* xe = xq + g * gs / 2;
-      for (int64_t j = 0; j < gs / 2; j += 16) {
-        const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w + j));
-        const __m256i codes = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(b, 4), mask), _mm_and_si128(b, mask));
-        const __m256i x = _mm256_set_m128i(_mm_loadu_si128(reinterpret_cast<const __m128i*>(xe + p.K / 2 + j)),
-                                           _mm_loadu_si128(reinterpret_cast<const __m128i*>(xe + j)));
-        acc = _mm256_add_epi32(acc, dot32(_mm256_sub_epi8(codes, zv), x));
-      }
-    }
-    total = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc), _mm256_set1_ps(p.scale[srow * p.G + g]), total);
+  if (gs % 32) return row_a8_scalar(p, n, m);
+  const float* s = p.scale + srow * p.G;
+  // two running totals, even and odd groups: small groups do not wait on one FMA chain
+  __m256 total0 = _mm256_setzero_ps(), total1 = _mm256_setzero_ps();
+  int64_t g = 0;
+  for (; g + 2 <= p.G; g += 2) {
+    const __m256i a0 = group_a8_avx2(p, n, srow, m, gs, g), a1 = group_a8_avx2(p, n, srow, m, gs, g + 1);
+    total0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(a0), _mm256_set1_ps(s[g]), total0);
+    total1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(a1), _mm256_set1_ps(s[g + 1]), total1);
   }
-  return hsum(total);
+  if (g < p.G)
+    total0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(group_a8_avx2(p, n, srow, m, gs, g)), _mm256_set1_ps(s[g]), total0);
+  return hsum(_mm256_add_ps(total0, total1));
 }
 #pragma GCC pop_options
 #endif
@@ -375,10 +389,17 @@ at::Tensor int_linear_a8(const at::Tensor& x, const at::Tensor& qweight, const a
       xq[m * K + at] = static_cast<int8_t>(q);
     }
   }
+  std::vector<int32_t> xsum(bits == 4 ? M * G : 0);
+  for (int64_t m = 0; bits == 4 && m < M; ++m)  // per group: its even inputs and its odd ones
+    for (int64_t g = 0; g < G; ++g) {
+      int32_t sum = 0;
+      for (int64_t j = g * (K / G) / 2; j < (g + 1) * (K / G) / 2; ++j) sum += xq[m * K + j] + xq[m * K + K / 2 + j];
+      xsum[m * G + g] = sum;
+    }
   at::Tensor codes = qweight.contiguous(), s = scale.contiguous();
   at::Tensor z = zero ? zero->contiguous() : at::Tensor();
   at::Tensor y = at::empty({M, N}, x.options());
-  ProblemA8 p{xq.data(), sx.data(), reinterpret_cast<const uint8_t*>(codes.data_ptr()), s.data_ptr<float>(),
+  ProblemA8 p{xq.data(), sx.data(), xsum.data(), reinterpret_cast<const uint8_t*>(codes.data_ptr()), s.data_ptr<float>(),
               zero ? z.data_ptr<float>() : nullptr, y.data_ptr<float>(), M, N, K, G, scale.size(0),
               static_cast<int>(bits), static_cast<int>(offset)};
 #ifdef LMF_X86
