@@ -356,7 +356,7 @@ def cmd_pretrain(args: argparse.Namespace) -> None:
         from lmforge.quant.ptq import quantize_checkpoint
 
         quantized = Path(train_config.out_dir) / "quantized"
-        report = quantize_checkpoint(result.checkpoint, quantized, spec)
+        report = quantize_checkpoint(result.checkpoint, quantized, spec, eval_items=0)  # (bits per byte only)
         print(f"quantized ({spec.name}): {quantized}; bits per byte on the language reference "
               f"{report.bpb_before:.4f} with the float weights, {report.bpb_after:.4f} with the integer ones")
 
@@ -526,7 +526,8 @@ def cmd_quantize(args: argparse.Namespace) -> None:
         except (OSError, UnicodeDecodeError) as err:
             raise InputError(f"{args.eval_text}: cannot read the held-out text: {err}") from err
     report = quantize_checkpoint(args.model, args.out, spec, device=args.device, eval_chars=args.eval_chars,
-                                 eval_text=text, calibrate=args.calibrate)
+                                 eval_text=text, calibrate=args.calibrate, eval_task=args.eval_task,
+                                 eval_items=args.eval_items)
     print(report.table())
     print(f"\nwrote {args.out} ({report.seconds:.0f} s): {REPORT}, {PLOT}; load it like any checkpoint "
           f"(lmforge generate {args.out} ...)")
@@ -955,6 +956,9 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-chars", type=int, default=20000,
                    help="characters of the language reference for bits per byte before and after (0: skip)")
     p.add_argument("--eval-text", help="a text file to measure bits per byte on instead")
+    p.add_argument("--eval-task", default="pyref_mc", help="a built-in multiple-choice task of lmforge eval "
+                                                           "whose held-out accuracy is reported before and after")
+    p.add_argument("--eval-items", type=int, default=100, help="items of --eval-task (0: skip)")
     p.add_argument("--device", default="cpu", help="cpu, cuda, mps")
     p.set_defaults(func=cmd_quantize)
 

@@ -124,7 +124,7 @@ def finetune(config: FinetuneConfig, train_config: TrainConfig, resume: bool = F
     if config.qat:  # the integer checkpoint holds exactly the weights the forward passes used
         from lmforge.quant.ptq import quantize_checkpoint
 
-        report = quantize_checkpoint(out / "model", out / "quantized", qat_spec(config.qat))
+        report = quantize_checkpoint(out / "model", out / "quantized", qat_spec(config.qat), eval_items=0)
         quantized = {"model": str(out / "quantized"), "bpb_float": report.bpb_before, "bpb_quantized": report.bpb_after}
     summary = {"task_accuracy_before": before, "task_accuracy_after": after,"config": to_dict(config), "read": read, "train_conversations": len(train),
                "val_conversations": len(val), "rows": len(rows), "truncated": rows.truncated,

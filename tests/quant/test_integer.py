@@ -76,7 +76,10 @@ def test_a_quantized_model_saves_loads_and_generates(tmp_path, tiny_lm, capsys):
     ids = torch.tensor([tiny_lm.encode_prompt("The quick brown fox jumps over the lazy dog.")])
     with torch.no_grad():
         reference = tiny_lm.model(ids)
-    report = quantize_checkpoint(tmp_path / "fp32", tmp_path / "int8", QuantSpec(8), eval_chars=2000)
+    report = quantize_checkpoint(tmp_path / "fp32", tmp_path / "int8", QuantSpec(8), eval_chars=2000, eval_items=12)
+    assert report.task == "pyref_mc" and report.task_items == 12  # held-out accuracy before and after
+    assert 0 <= report.accuracy_before <= 1 and 0 <= report.accuracy_after <= 1
+    assert "pyref_mc accuracy (12 held-out items" in report.table()
     assert len(report.layers) == 7 * tiny_lm.model.config.num_layers + 1  # q k v o gate up down, and the output layer
     assert report.memory_after < report.memory_before / 2 and abs(report.bpb_change) < 0.01
     int8 = load(tmp_path / "int8", device="cpu", dtype="fp32")
@@ -108,7 +111,8 @@ def test_a_quantized_model_saves_loads_and_generates(tmp_path, tiny_lm, capsys):
     with torch.no_grad():
         torch.testing.assert_close(load_model(tmp_path / "int8.gguf")(ids), logits, rtol=0, atol=1e-4)
     assert main(["quantize", str(tmp_path / "fp32"), "--out", str(tmp_path / "int4"), "--bits", "4",
-                 "--scheme", "asymmetric", "--granularity", "group", "--group-size", "32", "--eval-chars", "1000"]) == 0
+                 "--scheme", "asymmetric", "--granularity", "group", "--group-size", "32", "--eval-chars", "1000",
+                 "--eval-items", "0"]) == 0
     out = capsys.readouterr().out
     assert "int4 asymmetric, per group 32" in out and "bits per byte" in out
     int4 = load(tmp_path / "int4", device="cpu", dtype="fp32")
@@ -166,7 +170,7 @@ def test_w8a8_dynamic_and_calibrated_checkpoints(tmp_path, tiny_lm, capsys):
         reference = tiny_lm.model(ids)
     for name, flags in (("dynamic", ["--activations", "int8"]), ("static", ["--calibrate", str(tmp_path / "calib.jsonl")])):
         assert main(["quantize", str(tmp_path / "fp32"), "--out", str(tmp_path / name), "--eval-chars", "1000",
-                     *flags]) == 0
+                     "--eval-items", "0", *flags]) == 0
         assert "int8 activations" in capsys.readouterr().out
         lm = load(tmp_path / name, device="cpu", dtype="fp32")
         layer = lm.model.blocks[0].attn.q_proj

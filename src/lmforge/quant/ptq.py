@@ -42,6 +42,10 @@ class QuantReport:
     memory_before: int = 0  # bytes of the weights in memory, fp32
     memory_after: int = 0
     disk_after: int = 0  # bytes of model.safetensors as written
+    task: str = ""  # a held-out multiple-choice task (lmforge eval's built-in), scored zero-shot
+    task_items: int = 0
+    accuracy_before: float = float("nan")
+    accuracy_after: float = float("nan")
     seconds: float = 0.0
 
     @property
@@ -55,6 +59,11 @@ class QuantReport:
         if self.eval_bytes:
             lines.append(f"| bits per byte ({self.eval_bytes:,} bytes of held-out text) | {self.bpb_before:.4f} | "
                          f"{self.bpb_after:.4f} | {self.bpb_change:+.2%} |")
+        if self.task_items:
+            stderr = math.sqrt(max(self.accuracy_before * (1 - self.accuracy_before), 1e-12) / self.task_items)
+            lines.append(f"| {self.task} accuracy ({self.task_items} held-out items, ±{stderr:.3f} each) | "
+                         f"{self.accuracy_before:.3f} | {self.accuracy_after:.3f} | "
+                         f"{self.accuracy_after - self.accuracy_before:+.3f} |")
         lines.append(f"| weights in memory | {self.memory_before / 2**20:.1f} MiB | {self.memory_after / 2**20:.1f} MiB "
                      f"| {self.memory_after / self.memory_before:.2f}x |")
         lines.append(f"| model.safetensors on disk | | {self.disk_after / 2**20:.1f} MiB | |")
@@ -109,9 +118,31 @@ def calibration_batches(tokenizer, path: str | Path, tokens: int = 4096, window:
     return [torch.tensor([ids[start:start + window]]) for start in range(0, len(ids), window)]
 
 
+def task_accuracy(lm, task) -> float:
+    """Zero-shot accuracy (the likeliest choice) of ``lm`` on a multiple-choice :class:`~lmforge.eval.task.Task`."""
+    from lmforge.eval.harness import LocalModel
+    from lmforge.eval.run import Prompting, score_multiple_choice
+
+    records = score_multiple_choice(LocalModel(lm, progress=False), task, task.test, Prompting("zero"), 0)
+    return sum(record["acc"] for record in records) / len(records)
+
+
+def held_out_task(name: str, items: int):
+    """The built-in multiple-choice task ``name`` (lmforge eval's), its first ``items`` test items."""
+    from lmforge.eval.tasks_builtin import BUILTIN_TASKS, builtin_task
+
+    if name not in BUILTIN_TASKS:
+        raise InputError(f"unknown task {name!r}; built-in tasks: {', '.join(BUILTIN_TASKS)}")
+    task = builtin_task(name, limit=items, seed=0)
+    if task.kind != "multiple_choice":
+        raise InputError(f"the quantization report scores a multiple-choice task; {name} is {task.kind}")
+    return task
+
+
 def quantize_checkpoint(source: str | Path, out: str | Path, spec: QuantSpec, device: str = "cpu",
                         eval_chars: int = 20000, eval_text: str | None = None,
-                        calibrate: str | Path | None = None, calibrate_tokens: int = 4096) -> QuantReport:
+                        calibrate: str | Path | None = None, calibrate_tokens: int = 4096,
+                        eval_task: str = "pyref_mc", eval_items: int = 100) -> QuantReport:
     """Quantize ``source`` (anything ``lmforge.load`` loads) into the checkpoint ``out``; see the module doc.
     W8A8 with static scales (``spec.activations == "static"``) reads ``calibrate``, a text or JSONL file."""
     from lmforge.api import load
@@ -121,7 +152,11 @@ def quantize_checkpoint(source: str | Path, out: str | Path, spec: QuantSpec, de
     start = time.perf_counter()
     if spec.activations == "static" and calibrate is None:
         raise InputError("static int8 activations need calibration text: --calibrate DATA")
+    task = held_out_task(eval_task, eval_items) if eval_items else None
     lm = load(source, device=device, dtype="fp32")
+    for name in quantizable_layers(lm.model):  # a group size that does not divide: said before any evaluation
+        module = lm.model.get_submodule(name)
+        spec.groups(getattr(module, "in_features", None) or module.embedding_dim)
     absmax = None
     if spec.activations == "static":
         window = min(512, lm.model.config.max_seq_len)
@@ -132,12 +167,17 @@ def quantize_checkpoint(source: str | Path, out: str | Path, spec: QuantSpec, de
     if text:
         report.eval_bytes = len(text.encode("utf-8"))
         report.bpb_before = bits_per_byte(lm, text)
+    if task is not None:
+        report.task, report.task_items = task.name, len(task.test)
+        report.accuracy_before = task_accuracy(lm, task)
     layers = quantizable_layers(lm.model)
     report.layers = quantize_model(lm.model, spec, absmax)
     lm.__dict__.pop("_engines", None)  # engines made for the float model
     report.memory_after = weight_bytes(lm.model)
     if text:
         report.bpb_after = bits_per_byte(lm, text)
+    if task is not None:
+        report.accuracy_after = task_accuracy(lm, task)
     out = Path(out)
     write_checkpoint(out, lm.model.config, model_state(lm.model), lm.tokenizer,
                      files={QUANT_FILE: spec_json(spec, layers)})
