@@ -145,3 +145,15 @@ def test_int8_activation_kernel_equals_its_reference(isa, activations, method, r
             assert ((got - expected).abs() <= bound).all(), (inputs, outputs, rows)
     many = torch.randn(kernels.KERNEL_MAX_ROWS + 1, layer.in_features)  # the reference path, rounding alike
     torch.testing.assert_close(layer(many), layer.reference(many), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("spec", SPECS, ids=lambda spec: spec.name.replace(" ", "-"))
+def test_dequantize_kernel_gives_the_references_bits(spec):
+    from lmforge.quant.integer import dequantize
+
+    torch.manual_seed(4)
+    layer = IntLinear.from_linear(torch.nn.Linear(96, 24), spec)
+    offset = int4_offset(spec) if spec.bits == 4 else 0
+    fast = kernels.dequantize(layer.qweight, layer.scale, layer.zero, spec.bits, offset)
+    assert torch.equal(fast, dequantize(layer.codes(), layer.scale, layer.zero))
+    assert torch.equal(layer.dequantized(), fast)

@@ -194,7 +194,11 @@ class IntLinear(nn.Module):
         return unpack_int4(self.qweight, int4_offset(self.spec)) if self.spec.bits == 4 else self.qweight.to(torch.int16)
 
     def dequantized(self) -> torch.Tensor:
-        """The fp32 weight (N, K) the codes stand for."""
+        """The fp32 weight (N, K) the codes stand for (on CPUs in one pass of the C++ kernels, which give the
+        same bits as :func:`dequantize`)."""
+        if self.qweight.device.type == "cpu" and kernels.available():
+            offset = int4_offset(self.spec) if self.spec.bits == 4 else 0
+            return kernels.dequantize(self.qweight, self.scale, self.zero, self.spec.bits, offset)
         return dequantize(self.codes(), self.scale, self.zero)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -412,6 +412,50 @@ at::Tensor int_linear_a8(const at::Tensor& x, const at::Tensor& qweight, const a
   return y.reshape(out_shape);
 }
 
+// The fp32 weight (N, K) that the codes stand for, (code - zero) * scale, in one parallel pass:
+// what a long prompt multiplies by (PyTorch's unpack-subtract-multiply takes several passes).
+at::Tensor dequantize(const at::Tensor& qweight, const at::Tensor& scale, const std::optional<at::Tensor>& zero,
+                      int64_t bits, int64_t offset) {
+  TORCH_CHECK(qweight.device().is_cpu() && qweight.dim() == 2 && scale.dim() == 2 &&
+              scale.scalar_type() == at::kFloat, "dequantize takes CPU codes and an fp32 scale matrix");
+  TORCH_CHECK(bits == 8 || bits == 4, "bits must be 8 or 4, got ", bits);
+  const bool is_signed = qweight.scalar_type() == at::kChar;
+  const int64_t N = qweight.size(0), K = bits == 8 ? qweight.size(1) : 2 * qweight.size(1), G = scale.size(1);
+  TORCH_CHECK(K % G == 0, "groups must split the inputs evenly");
+  at::Tensor codes = qweight.contiguous(), s = scale.contiguous();
+  at::Tensor z = zero ? zero->contiguous() : at::Tensor();
+  const uint8_t* c = reinterpret_cast<const uint8_t*>(codes.data_ptr());
+  const float* sp = s.data_ptr<float>();
+  const float* zp = zero ? z.data_ptr<float>() : nullptr;
+  const int64_t rows = scale.size(0), gs = K / G;
+  at::Tensor w = at::empty({N, K}, scale.options());
+  float* out = w.data_ptr<float>();
+  at::parallel_for(0, N, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t n = begin; n < end; ++n) {
+      const int64_t srow = rows == 1 ? 0 : n;
+      for (int64_t g = 0; g < G; ++g) {  // one group at a time: its zero and scale are constants
+        const float zero_point = zp ? zp[srow * G + g] : 0.0f, step = sp[srow * G + g];
+        float* o = out + n * K + g * gs;
+        if (bits == 8 && is_signed) {
+          const int8_t* q = reinterpret_cast<const int8_t*>(c) + n * K + g * gs;
+          for (int64_t k = 0; k < gs; ++k) o[k] = (static_cast<float>(q[k]) - zero_point) * step;
+        } else if (bits == 8) {
+          const uint8_t* q = c + n * K + g * gs;
+          for (int64_t k = 0; k < gs; ++k) o[k] = (static_cast<float>(q[k]) - zero_point) * step;
+        } else {
+          const uint8_t* q = c + n * (K / 2) + g * gs / 2;
+          const int off = static_cast<int>(offset);
+          for (int64_t j = 0; j < gs / 2; ++j) {
+            o[2 * j] = (static_cast<float>((q[j] & 0x0F) - off) - zero_point) * step;
+            o[2 * j + 1] = (static_cast<float>((q[j] >> 4) - off) - zero_point) * step;
+          }
+        }
+      }
+    }
+  });
+  return w;
+}
+
 std::string isa() { return current_isa(); }
 
 void set_isa(const std::string& name) {
@@ -430,6 +474,8 @@ TORCH_LIBRARY(lmforge, m) {
   m.def("int_linear_a8(Tensor x, Tensor qweight, Tensor scale, Tensor? zero, Tensor? act_scale, int bits, "
         "int offset) -> Tensor");
   m.impl("int_linear_a8", c10::DispatchKey::CPU, TORCH_FN(int_linear_a8));
+  m.def("dequantize(Tensor qweight, Tensor scale, Tensor? zero, int bits, int offset) -> Tensor");
+  m.impl("dequantize", c10::DispatchKey::CPU, TORCH_FN(dequantize));
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
