@@ -11,7 +11,6 @@ from lmforge.quant import kernels
 from lmforge.quant.integer import (
     IntLinear,
     QuantSpec,
-    int4_offset,
     quantize_activations,
     quantize_model,
     quantize_tensor,
@@ -40,8 +39,7 @@ def restore_isa():
 
 
 def run_kernel(layer: IntLinear, x: torch.Tensor) -> torch.Tensor:
-    offset = int4_offset(layer.spec) if layer.spec.bits == 4 else 0
-    return kernels.int_linear(x, layer.qweight, layer.scale, layer.zero, layer.spec.bits, offset)
+    return kernels.int_linear(x, layer.qweight, layer.scale, layer.zero, layer.spec.bits, layer.offset)
 
 
 @pytest.mark.parametrize("isa", isas())
@@ -153,7 +151,6 @@ def test_dequantize_kernel_gives_the_references_bits(spec):
 
     torch.manual_seed(4)
     layer = IntLinear.from_linear(torch.nn.Linear(96, 24), spec)
-    offset = int4_offset(spec) if spec.bits == 4 else 0
-    fast = kernels.dequantize(layer.qweight, layer.scale, layer.zero, spec.bits, offset)
+    fast = kernels.dequantize(layer.qweight, layer.scale, layer.zero, spec.bits, layer.offset)
     assert torch.equal(fast, dequantize(layer.codes(), layer.scale, layer.zero))
     assert torch.equal(layer.dequantized(), fast)

@@ -150,6 +150,11 @@ def unpack_int4(packed: torch.Tensor, offset: int) -> torch.Tensor:
     return torch.stack([low, high], dim=-1).reshape(packed.shape[0], -1) - offset
 
 
+def unpacked(qweight: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+    """Stored codes (int8, uint8 or packed int4 rows) as int16 codes, one per weight."""
+    return unpack_int4(qweight, int4_offset(spec)) if spec.bits == 4 else qweight.to(torch.int16)
+
+
 class IntLinear(nn.Module):
     """An ``nn.Linear`` with integer weights (see the module docstring); ``forward`` dequantizes and multiplies."""
 
@@ -189,27 +194,30 @@ class IntLinear(nn.Module):
         if zero is not None:
             self.zero = zero.float().contiguous()
 
+    @property
+    def offset(self) -> int:
+        """The zero every group's stored codes share: int4 symmetric 8, otherwise 0 (see :func:`int4_offset`)."""
+        return int4_offset(self.spec) if self.spec.bits == 4 else 0
+
     def codes(self) -> torch.Tensor:
         """The integer codes (N, K), unpacked."""
-        return unpack_int4(self.qweight, int4_offset(self.spec)) if self.spec.bits == 4 else self.qweight.to(torch.int16)
+        return unpacked(self.qweight, self.spec)
 
     def dequantized(self) -> torch.Tensor:
         """The fp32 weight (N, K) the codes stand for (on CPUs in one pass of the C++ kernels, which give the
         same bits as :func:`dequantize`)."""
         if self.qweight.device.type == "cpu" and kernels.available():
-            offset = int4_offset(self.spec) if self.spec.bits == 4 else 0
-            return kernels.dequantize(self.qweight, self.scale, self.zero, self.spec.bits, offset)
+            return kernels.dequantize(self.qweight, self.scale, self.zero, self.spec.bits, self.offset)
         return dequantize(self.codes(), self.scale, self.zero)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bias = None if self.bias is None else self.bias.to(x.dtype)
         if x.device.type == "cpu" and x.numel() <= kernels.KERNEL_MAX_ROWS * x.shape[-1] and kernels.available():
-            offset = int4_offset(self.spec) if self.spec.bits == 4 else 0
             if self.spec.activations != "none":
                 y = kernels.int_linear_a8(x, self.qweight, self.scale, self.zero, self.act_scale, self.spec.bits,
-                                          offset)
+                                          self.offset)
             else:
-                y = kernels.int_linear(x, self.qweight, self.scale, self.zero, self.spec.bits, offset)
+                y = kernels.int_linear(x, self.qweight, self.scale, self.zero, self.spec.bits, self.offset)
             y = y.to(x.dtype)
             return y if bias is None else y + bias
         return self.reference(x)
@@ -258,8 +266,7 @@ class IntEmbedding(IntLinear):
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         flat = ids.reshape(-1)
-        codes = self.qweight[flat]
-        codes = unpack_int4(codes, int4_offset(self.spec)) if self.spec.bits == 4 else codes.to(torch.int16)
+        codes = unpacked(self.qweight[flat], self.spec)
         per_row = self.scale.shape[0] > 1
         scale = self.scale[flat] if per_row else self.scale
         zero = None if self.zero is None else self.zero[flat] if per_row else self.zero
@@ -297,6 +304,18 @@ def quantizable_layers(model: nn.Module) -> list[str]:
     return names
 
 
+def check_group_size(model: nn.Module, spec: QuantSpec) -> None:
+    """InputError, naming sizes that fit, when ``spec``'s group size does not divide a quantizable layer's inputs."""
+    for name in quantizable_layers(model):
+        module = model.get_submodule(name)
+        spec.groups(module.embedding_dim if isinstance(module, nn.Embedding) else module.in_features)
+
+
+def input_layer(name: str) -> str:
+    """The layer whose inputs a quantized layer's activations are: itself, or for a tied table the head."""
+    return "lm_head" if name == "embed" else name
+
+
 def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
     parent, _, child = name.rpartition(".")
     setattr(model.get_submodule(parent) if parent else model, child, module)
@@ -320,15 +339,14 @@ def quantize_model(model: nn.Module, spec: QuantSpec,
     if spec.activations == "static" and input_absmax is None:
         raise InputError("static int8 activations need calibration: give a calibration file (--calibrate DATA)")
     unfuse(model)
+    check_group_size(model, spec)
     errors = {}
     with torch.no_grad():
         for name in quantizable_layers(model):
             module = model.get_submodule(name)
             if isinstance(module, nn.Embedding):
-                spec.groups(module.embedding_dim)
                 layer: IntLinear = IntEmbedding.from_embedding(module, spec)
             else:
-                spec.groups(module.in_features)  # a group size that does not divide: the error names it
                 layer = IntLinear.from_linear(module, spec)
             difference = layer.dequantized() - module.weight.detach().float()
             errors[name] = {"mse": float(difference.pow(2).mean()), "max": float(difference.abs().max())}
@@ -336,7 +354,7 @@ def quantize_model(model: nn.Module, spec: QuantSpec,
             if name == "embed":
                 tie_head(model)
         if spec.activations == "static":
-            for name in [("lm_head" if name == "embed" else name) for name in errors]:
+            for name in map(input_layer, errors):
                 model.get_submodule(name).act_scale.fill_(max(input_absmax[name], 1e-8) / 127)
     return errors
 
@@ -345,9 +363,7 @@ def calibrate(model: nn.Module, batches: list[torch.Tensor]) -> dict[str, float]
     """The largest input magnitude each quantizable layer sees (the output head's too, under ``lm_head``)
     over ``batches`` of token ids: what static W8A8 scales are made from (``scale = absmax / 127``)."""
     unfuse(model)  # every layer called on its own, so that each one's inputs are seen
-    names = [name for name in quantizable_layers(model) if name != "embed"]
-    if "embed" in quantizable_layers(model):
-        names.append("lm_head")
+    names = [input_layer(name) for name in quantizable_layers(model)]
     largest = dict.fromkeys(names, 0.0)
     hooks = [model.get_submodule(name).register_forward_pre_hook(
         lambda module, args, name=name: largest.__setitem__(name, max(largest[name], float(args[0].abs().max()))))
@@ -382,9 +398,8 @@ def dequantized_state(state: dict[str, torch.Tensor], spec: QuantSpec, layers: l
     codes, scales and zeros: what exporters and other tools that know no integers read."""
     state = dict(state)
     for name in layers:
-        codes = state.pop(f"{name}.qweight")
+        codes = unpacked(state.pop(f"{name}.qweight"), spec)
         scale, zero = state.pop(f"{name}.scale").float(), state.pop(f"{name}.zero", None)
-        codes = unpack_int4(codes, int4_offset(spec)) if spec.bits == 4 else codes.to(torch.int16)
         state[f"{name}.weight"] = dequantize(codes, scale, None if zero is None else zero.float())
     return state
 

@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from lmforge.errors import InputError
-from lmforge.quant.integer import QUANT_FILE, QuantSpec, quantizable_layers, quantize_model
+from lmforge.quant.integer import QUANT_FILE, QuantSpec, check_group_size, quantizable_layers, quantize_model
 from lmforge.quant.integer import calibrate as calibrate_layers
 
 REPORT, PLOT = "report.md", "weight_error.png"
@@ -154,9 +154,7 @@ def quantize_checkpoint(source: str | Path, out: str | Path, spec: QuantSpec, de
         raise InputError("static int8 activations need calibration text: --calibrate DATA")
     task = held_out_task(eval_task, eval_items) if eval_items else None
     lm = load(source, device=device, dtype="fp32")
-    for name in quantizable_layers(lm.model):  # a group size that does not divide: said before any evaluation
-        module = lm.model.get_submodule(name)
-        spec.groups(getattr(module, "in_features", None) or module.embedding_dim)
+    check_group_size(lm.model, spec)  # a group size that does not divide: said before any evaluation
     absmax = None
     if spec.activations == "static":
         window = min(512, lm.model.config.max_seq_len)

@@ -25,7 +25,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from lmforge.errors import InputError
-from lmforge.quant.integer import QuantSpec, _set_module, dequantize, quantizable_layers, quantize_tensor
+from lmforge.quant.integer import (
+    QuantSpec,
+    _set_module,
+    check_group_size,
+    dequantize,
+    quantizable_layers,
+    quantize_tensor,
+)
 
 QAT_SPECS = {"int8": QuantSpec(8, "symmetric", "channel"), "int4": QuantSpec(4, "asymmetric", "group", 32)}
 
@@ -80,14 +87,13 @@ def prepare_qat(model: nn.Module, spec: QuantSpec) -> int:
     """Make every layer :func:`quantize_model` would quantize use its fake-quantized weight (:class:`QATLinear`;
     a table tied to the head: :class:`QATEmbedding` and the head a :class:`QATLinear` over the same
     parameter); returns how many layers."""
+    check_group_size(model, spec)  # a group size that does not divide: said before training starts
     names = quantizable_layers(model)
     for name in names:
         module = model.get_submodule(name)
         if isinstance(module, nn.Embedding):
-            spec.groups(module.embedding_dim)
             _set_module(model, name, QATEmbedding.from_embedding(module, spec))
             model.lm_head = QATLinear.from_linear(model.lm_head, spec)  # (its weight is the table)
             continue
-        spec.groups(module.in_features)  # a group size that does not divide: said before training starts
         _set_module(model, name, QATLinear.from_linear(module, spec))
     return len(names)

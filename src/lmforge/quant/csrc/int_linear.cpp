@@ -55,7 +55,8 @@ struct Problem {
   int zero_fixed;
 };
 
-inline int group_zero(const Problem& p, int64_t row, int64_t g) {
+template <class P>  // Problem or ProblemA8
+inline int group_zero(const P& p, int64_t row, int64_t g) {
   return p.zero_fixed + (p.zero ? static_cast<int>(p.zero[row * p.G + g]) : 0);
 }
 
@@ -213,7 +214,7 @@ inline float row_a8_scalar(const ProblemA8& p, int64_t n, int64_t m) {
       const int8_t* w = reinterpret_cast<const int8_t*>(p.codes) + n * p.K + g * gs;
       for (int64_t k = 0; k < gs; ++k) sum += static_cast<int32_t>(w[k]) * xq[g * gs + k];
     } else {
-      const int z = p.zero_fixed + (p.zero ? static_cast<int>(p.zero[srow * p.G + g]) : 0);
+      const int z = group_zero(p, srow, g);
       const uint8_t* w = p.codes + n * (p.K / 2) + g * gs / 2;
       const int8_t* xe = xq + g * gs / 2;
       for (int64_t j = 0; j < gs / 2; ++j)
@@ -230,13 +231,6 @@ inline float row_a8_scalar(const ProblemA8& p, int64_t n, int64_t m) {
 // 32 signed byte weights times 32 signed byte activations, as 8 int32 partial sums.
 inline __m256i dot32(__m256i w, __m256i x) {
   return _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_abs_epi8(x), _mm256_sign_epi8(w, x)), _mm256_set1_epi16(1));
-}
-
-inline float hsum(__m256 a) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
 }
 
 // The int32 sum of group g's byte products (every group whole 32-byte steps: checked by the caller).
@@ -273,7 +267,7 @@ inline __m256i group_a8_avx2(const ProblemA8& p, int64_t n, int64_t srow, int64_
                                        _mm_loadu_si128(reinterpret_cast<const __m128i*>(xe + j)));
     acc = _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(codes, x), ones));
   }
-  const int z = p.zero_fixed + (p.zero ? static_cast<int>(p.zero[srow * p.G + g]) : 0);
+  const int z = group_zero(p, srow, g);
   return _mm256_sub_epi32(acc, _mm256_setr_epi32(z * p.xsum[m * p.G + g], 0, 0, 0, 0, 0, 0, 0));
 }
 
@@ -291,7 +285,7 @@ inline float row_a8_avx2(const ProblemA8& p, int64_t n, int64_t m) {
   }
   if (g < p.G)
     total0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(group_a8_avx2(p, n, srow, m, gs, g)), _mm256_set1_ps(s[g]), total0);
-  return hsum(_mm256_add_ps(total0, total1));
+  return avx2::vsum(_mm256_add_ps(total0, total1));
 }
 #pragma GCC pop_options
 #endif
