@@ -134,8 +134,21 @@ class LanguageModel:
                 ids, settings = self.chat_prompt(messages), self.chat_sampling(settings)
             else:
                 ids = self.encode_prompt(prompt)
-            requests.append(Request(ids, self.sampling_config(**settings), decode=self.reply_text))
+            requests.append(self.request(ids, self.sampling_config(**settings)))
         return self.engine(max_batch_size).generate(requests)
+
+    def request(self, prompt_ids: list[int], config: SamplingConfig, **fields: Any) -> Request:
+        """An engine request for ``prompt_ids``, speculative with a drafter of its own when this model has
+        one and ``config`` allows it (no penalties, no beams; else it decodes plainly)."""
+        drafter = None
+        if self.drafter is not None and fields.get("constraint") is None:
+            try:
+                check_speculative(config)
+                drafter = self.drafter.fork()
+            except ValueError:
+                pass
+        return Request(prompt_ids, config, drafter=drafter, draft_tokens=self.draft_tokens,
+                       decode=fields.pop("decode", self.reply_text), **fields)
 
     def reply_text(self, ids: list[int]) -> str:
         """Generated text without special tokens (a sampled reply may hold one)."""

@@ -542,9 +542,6 @@ def cmd_generate(args: argparse.Namespace) -> None:
     lm = load(args.checkpoint, device=args.device, dtype=args.dtype, compile=args.compile, weights=args.weights,
               **_speculative_options(args))
     if args.input is not None:
-        if lm.drafter is not None:
-            raise InputError("speculative decoding (--draft, --prompt-lookup) decodes one prompt; --input goes "
-                             "through the batched engine, which does not speculate yet")
         _generate_jsonl(lm, args)
         return
     sampling = build(SamplingConfig, args)
@@ -631,12 +628,16 @@ def _generate_jsonl(lm, args: argparse.Namespace) -> None:
     seconds = time.perf_counter() - start
     print(f"generated {tokens:,} tokens for {len(results)} prompts in {seconds:.1f} s "
           f"({tokens / max(seconds, 1e-9):,.0f} tokens/s, batches of up to {args.batch_size})", file=sys.stderr)
+    stats = lm.engine(args.batch_size).stats
+    if stats.drafted:
+        print(f"speculative: {stats.accepted} of {stats.drafted} guesses kept ({stats.accepted / stats.drafted:.0%}), "
+              f"{stats.decode_steps} decode passes", file=sys.stderr)
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
     from lmforge.serve.server import ServeConfig, parse_model_specs, run_server
 
-    run_server(parse_model_specs(args.model_path, args.model), build(ServeConfig, args))
+    run_server(parse_model_specs(args.model_path, args.model), build(ServeConfig, args), _speculative_options(args))
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
@@ -650,7 +651,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
             print(f"{name:14} {task.kind:16} {task.language}  {len(task.test)} test / {len(task.train)} train items")
         return
     config = build(EvalConfig, args)
-    results = run_eval(config, args.model_path)
+    results = run_eval(config, args.model_path, speculative=_speculative_options(args))
     for task, strategies in results["tasks"].items():
         for label, entry in strategies.items():
             shown = ", ".join(f"{k} {v['value']:.4f}" + (f" ± {v['stderr']:.4f}" if v.get("stderr") == v.get("stderr")
@@ -1057,6 +1058,7 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", action="append", metavar="NAME=PATH",
                    help="serve another model under NAME (repeatable); clients pick it with 'model': NAME")
     add_arguments(p, ServeConfig)
+    _add_speculative_options(p)
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("eval", help="score a model on tasks (multiple choice, generation, perplexity) "
@@ -1071,6 +1073,7 @@ def make_parser() -> argparse.ArgumentParser:
                         "with --base-url: the server's model name (default: its first)")
     p.add_argument("--list-tasks", action="store_true", help="list the built-in tasks and exit")
     add_arguments(p, EvalConfig)
+    _add_speculative_options(p)
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("leaderboard", help="the scores of every evaluation run, as tables and a static page")

@@ -190,7 +190,8 @@ def test_cli_eval_and_leaderboard(tiny_lm, tmp_path, capsys):
 
 
 def test_cli_eval_compile_gives_the_eager_replies(tiny_lm, tmp_path, capsys):
-    """`lmforge eval --compile` compiles the engine's decode step before scoring and replies as the eager run."""
+    """`lmforge eval --compile` compiles the engine's decode step before scoring, and `--prompt-lookup`
+    decodes speculatively; both reply as the plain eager run."""
     from lmforge.checkpoint import save_checkpoint
 
     checkpoint = save_checkpoint(tmp_path / "ckpt", tiny_lm.model, tiny_lm.tokenizer)
@@ -198,15 +199,15 @@ def test_cli_eval_compile_gives_the_eager_replies(tiny_lm, tmp_path, capsys):
     task_file.write_text("\n".join(json.dumps({"question": q, "answer": "fox"})
                                    for q in ["The quick brown", "Paris is the", "[1, 2,"]) + "\n")
     replies = {}
-    for flags in ([], ["--compile"]):
-        out = tmp_path / ("compiled" if flags else "eager")
+    for flags in ([], ["--compile"], ["--prompt-lookup", "2"]):
+        out = tmp_path / "-".join(["run", *flags])
         assert main(["eval", str(checkpoint), "--tasks", str(task_file), "--out", str(out), "--leaderboard", "",
                      "--dtype", "fp32", "--bootstrap", "20", "--batch-size", "1", *flags]) == 0
         lines = (out / "samples" / "say.zero.jsonl").read_text().splitlines()
-        replies[bool(flags)] = [json.loads(line)["reply"] for line in lines]
-        assert json.loads((out / "results.json").read_text())["config"]["compile"] is bool(flags)
+        replies[" ".join(flags)] = [json.loads(line)["reply"] for line in lines]
+        assert json.loads((out / "results.json").read_text())["config"]["compile"] is ("--compile" in flags)
     assert "compiled in" in capsys.readouterr().out
-    assert replies[True] == replies[False] and any(replies[True])
+    assert replies["--compile"] == replies[""] == replies["--prompt-lookup 2"] and any(replies[""])
 
 
 def test_cli_bad_input_exits_2_with_a_clear_message(tmp_path, capsys):
@@ -216,7 +217,8 @@ def test_cli_bad_input_exits_2_with_a_clear_message(tmp_path, capsys):
              (["--tasks", "no_such_task"], "unknown task 'no_such_task'"),
              (["--tasks", "pyref_mc", "--prompting", "many"], "unknown prompting strategy 'many'"),
              (["--tasks", "pyref_mc", "--base-url", "http://127.0.0.1:9"], "cannot reach"),
-             (["--tasks", "pyref_mc", "--base-url", "http://127.0.0.1:9", "--compile"], "--compile is for a local")]
+             (["--tasks", "pyref_mc", "--base-url", "http://127.0.0.1:9", "--compile"], "--compile is for a local"),
+             (["--tasks", "pyref_mc", "--base-url", "http://127.0.0.1:9", "--prompt-lookup"], "for a local model")]
     for flags, message in cases:
         assert main(["eval", *flags, "--leaderboard", "", "--out", str(tmp_path / "x")]) == 2
         assert message in capsys.readouterr().err

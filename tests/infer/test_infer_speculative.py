@@ -126,3 +126,19 @@ def test_the_api_and_the_command_line_speculate(tmp_path, tiny_lm, capsys):
     looked_up = capsys.readouterr()
     assert looked_up.out == alone.out and "guesses kept" in looked_up.err and "guesses kept" not in alone.err
     assert main([*plain, "--prompt-lookup", "--draft", str(tmp_path / "m")]) == 2  # one drafter at a time
+
+    # the batched engine (generate_batch, generate --input) speculates per request, with the same output
+    prompts = ["Paris is the capital of France. Paris", "true false null. true", "The quick brown fox"]
+    assert [c.text for c in looked.generate_batch(prompts, max_new_tokens=30, temperature=0)] == \
+           [c.text for c in tiny_lm.generate_batch(prompts, max_new_tokens=30, temperature=0)]
+    assert looked.engine().stats.accepted > 0 and tiny_lm.engine().stats.drafted == 0
+    penalised = looked.generate_batch(prompts[:1], max_new_tokens=5, repetition_penalty=1.3)  # decodes plainly
+    assert penalised[0].completion_tokens == 5
+    (tmp_path / "in.jsonl").write_text("".join(f'{{"prompt": "{p}"}}\n' for p in prompts))
+    batch = ["generate", str(tmp_path / "m"), "--input", str(tmp_path / "in.jsonl"), "--max-new-tokens", "24",
+             "--temperature", "0", "--device", "cpu", "--dtype", "fp32"]
+    assert main(batch) == 0
+    alone = capsys.readouterr()
+    assert main([*batch, "--prompt-lookup"]) == 0
+    looked_up = capsys.readouterr()
+    assert looked_up.out == alone.out and "guesses kept" in looked_up.err and "guesses kept" not in alone.err

@@ -281,6 +281,32 @@ def test_api_key(tiny_lm, start_server):
         assert httpx.get(url + "/health").status_code == 200
 
 
+def test_a_speculative_server_answers_as_the_plain_one(client, tiny_lm, start_server):
+    """``lmforge serve --prompt-lookup``: every request gets a drafter of its own; greedy answers, streamed
+    or not, equal the plain server's; requests speculation cannot keep exact (penalties, JSON mode)
+    decode plainly; /metrics counts the guesses."""
+    import dataclasses
+
+    from lmforge.cli import _speculative_options, make_parser
+    from lmforge.infer.speculative import PromptLookup
+    from lmforge.serve.served_model import ServedModel
+
+    options = _speculative_options(make_parser().parse_args(["serve", "m", "--prompt-lookup", "--draft-tokens", "3"]))
+    assert options == {"draft": None, "prompt_lookup": 3, "draft_layers": 0, "draft_tokens": 3}
+    looked = dataclasses.replace(tiny_lm, drafter=PromptLookup(options["prompt_lookup"]), draft_tokens=3)
+    with start_server({MODEL: ServedModel(MODEL, looked, max_batch_size=4, context=2048)}) as url:
+        fast = openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0, timeout=60)
+        for content in ("Paris is the capital of France. Paris is", "Repeat: true false null, true false"):
+            want = chat(client, content, temperature=0, max_tokens=40).choices[0].message.content
+            assert chat(fast, content, temperature=0, max_tokens=40).choices[0].message.content == want
+            streamed = chat(fast, content, temperature=0, max_tokens=40, stream=True)
+            assert "".join(c.choices[0].delta.content or "" for c in streamed if c.choices) == want
+        assert chat(fast, presence_penalty=0.5, max_tokens=6).choices[0].finish_reason in ("stop", "length")
+        answer = chat(fast, "Give me JSON.", max_tokens=40, response_format={"type": "json_object"})
+        json.loads(answer.choices[0].message.content)
+        assert 0 < metric(url, "lmforge_draft_accepted_tokens") <= metric(url, "lmforge_draft_tokens")
+
+
 def test_full_queue_answers_429_with_retry_after(tiny_lm, start_server):
     from lmforge.serve.served_model import ServedModel
 

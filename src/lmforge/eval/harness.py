@@ -186,7 +186,7 @@ class LocalModel:
             settings = {"max_new_tokens": max_new_tokens, "temperature": 0.0, "stop": list(stop)}
             if self.chat:
                 settings = self.lm.chat_sampling(settings)
-            requests.append(Request(ids, self.lm.sampling_config(**settings), decode=self.lm.reply_text))
+            requests.append(self.lm.request(ids, self.lm.sampling_config(**settings)))  # speculative with a drafter
         return [cut_at_stop(c.text, list(stop)) for c in self._run(requests, desc)]
 
     # ---- running requests on the engine ----------------------------------------------------------

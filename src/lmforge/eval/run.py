@@ -480,15 +480,18 @@ def write_outputs(results: dict, out: str | Path) -> Path:
 
 
 def run_eval(config: EvalConfig, model_path: str | None = None, progress: bool = True,
-             name: str | None = None) -> dict:
+             name: str | None = None, speculative: dict | None = None) -> dict:
     """`lmforge eval`: load the model (or reach the server), evaluate, write the outputs and the leaderboard
-    (where the model is called ``name``: by default its path, or model@url for a server)."""
+    (where the model is called ``name``: by default its path, or model@url for a server). ``speculative``:
+    :func:`lmforge.load`'s drafter options, for generation tasks on a local model."""
     from lmforge.eval import leaderboard
     from lmforge.eval.harness import EndpointModel, LocalModel
 
     tasks = plan(config)[0]  # bad task files and flags fail before a model is loaded
     if config.base_url and config.compile:
         raise InputError("--compile is for a local model; the server at --base-url runs its own")
+    if config.base_url and speculative and any(speculative.get(k) for k in ("draft", "prompt_lookup", "draft_layers")):
+        raise InputError("speculative decoding is for a local model; the server at --base-url decodes its own way")
     if config.base_url:
         model = EndpointModel(config.base_url, model_path, config.api_key, concurrency=config.batch_size,
                               progress=progress)
@@ -500,7 +503,7 @@ def run_eval(config: EvalConfig, model_path: str | None = None, progress: bool =
         model_path = model_path or DEFAULT_CHAT_MODEL
         name = name or str(model_path)
         model = LocalModel(load(model_path, device=config.device, dtype=config.dtype, compile=config.compile,
-                                autotune=False), name=name,
+                                autotune=False, **(speculative or {})), name=name,
                            batch_size=config.batch_size, progress=progress, context=config.context)
         if config.compile:
             if progress:

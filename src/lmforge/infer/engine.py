@@ -27,6 +27,15 @@ One :meth:`Engine.step` does, in order:
 4. **Sampling per row**, with the row's own settings and its own random generator
    (seeded per request), so a row's tokens do not depend on what else shares the batch.
    Stop tokens, stop strings, the token limit and constraints end rows independently.
+
+**Speculative decoding.** A request with a drafter (``Request.drafter``: prompt lookup, a
+draft model) has its guesses made before the pass; a row that has some enters the pass as
+a segment of its own, its pending token and the k guesses at positions P..P+k of its slot,
+causal among themselves. One pass thus checks them all (:func:`lmforge.infer.speculative.verify`):
+the row keeps the guesses the model agrees with and the model's own next token, 1 to k + 1
+tokens a step, each checked for stops and limits like a sampled one. The keys of rejected
+guesses stay past the slot's length, where the next pass overwrites them. Rows without
+guesses decode as usual in the same pass.
 """
 
 from __future__ import annotations
@@ -42,6 +51,7 @@ from lmforge.infer.generate import autocast_for, eval_mode
 from lmforge.infer.request import Completion, Request, RequestOutput, TokenLogprob
 from lmforge.infer.sampling import apply_presence_frequency_penalty, apply_repetition_penalty, draw
 from lmforge.infer.slot_cache import Segment, SlotKVCache, attention_mask
+from lmforge.infer.speculative import check_speculative, verify
 from lmforge.infer.stream import StopStrings, TextStream
 from lmforge.model import DecoderLM
 from lmforge.runtime import Runtime
@@ -86,6 +96,8 @@ class EngineStats:
     prefix_queries: int = 0  # admissions that looked up the prefix cache
     prefix_hits: int = 0  # ... and found at least one token
     decode_steps: int = 0
+    drafted: int = 0  # tokens guessed by drafters (speculative decoding)
+    accepted: int = 0  # ... and kept by the model
     prefill_passes: int = 0  # forward passes that prefilled one or more prompts
     finished: dict[str, int] = field(default_factory=dict)  # by finish reason
 
@@ -200,6 +212,12 @@ class Engine:
             raise ValueError("the batched engine samples; beam search runs on its own (lmforge.infer.beam_search)")
         if config.stop and request.decode is None:
             raise ValueError("stop strings need the request's decode function to read the text")
+        if request.drafter is not None:
+            check_speculative(config)
+            if request.constraint is not None:
+                raise ValueError("speculative decoding does not combine with a constraint on the tokens")
+            if request.draft_tokens < 1:
+                raise ValueError(f"draft_tokens must be at least 1, got {request.draft_tokens}")
 
     def abort(self, request_id: str) -> bool:
         """Stop a request now and free its slot; its last output (reason "abort") comes with the next step."""
@@ -221,8 +239,9 @@ class Engine:
         with eval_mode(self.model), torch.inference_mode(), autocast_for(self.model, self.runtime):
             batch = self._admit()
             decoding = {s.slot.index: s for s in self.running.values() if s.pending is not None}
-            if batch:
-                outputs += self._packed(batch, decoding)
+            drafts = self._draft(decoding)
+            if batch or drafts:
+                outputs += self._packed(batch, decoding, drafts)
             elif decoding:
                 outputs += self._decode(decoding)
         return outputs
@@ -330,11 +349,13 @@ class Engine:
         self.stats.prompt_tokens += len(prompt)
         self.stats.cached_tokens += reused
 
-    def _packed(self, batch: list[tuple[_Sequence, _Slot, int]], decoding: dict[int, _Sequence]) -> list[RequestOutput]:
+    def _packed(self, batch: list[tuple[_Sequence, _Slot, int]], decoding: dict[int, _Sequence],
+                drafts: dict[int, tuple[list[int], torch.Tensor | None]]) -> list[RequestOutput]:
         """One forward pass over the new prompts of ``batch`` (each after its reused prefix) and, first,
-        one token for every running row in ``decoding`` (slot index -> sequence): all tokens packed
-        into one sequence with no padding between prompts (:meth:`SlotKVCache.bind_packed`). Then the
-        running rows' next tokens, and each prompt's log-probs and first token.
+        the running rows in ``decoding`` (slot index -> sequence): one token each, or for a row with
+        guesses in ``drafts`` its pending token and the guesses. All tokens are packed into one
+        sequence with no padding between rows (:meth:`SlotKVCache.bind_packed`). Then the running
+        rows' next tokens, and each prompt's log-probs and first token.
 
         A request with ``continuations`` adds them after its prompt, as branches of a tree: a
         branch's tokens sit at positions L, L+1, ... (L the prompt's length) like a plain
@@ -343,14 +364,27 @@ class Engine:
         """
         tokens, slot_of, write, positions = [], [], [], []  # per token of the pass
         decode_mask = None
-        if decoding:  # the decode step's rows first: slots 0..B-1, one token each, as in _decode
-            ids, pos, where = self._decode_rows(decoding)
+        plain = {index: sequence for index, sequence in decoding.items() if index not in drafts}
+        if plain:  # the decode step's rows first: slots 0..B-1, one token each, as in _decode
+            ids, pos, where = self._decode_rows(plain)
             decode_mask = attention_mask(torch.tensor(pos)[:, None], max(pos) + 1).to(self.device)
             tokens += ids
             slot_of += range(len(ids))
             write += where
             positions += pos
-        segments, picks = [], []  # per request: which of its tokens' outputs the logits are needed of
+        segments = []
+        for index, (guesses, _) in drafts.items():  # then each speculating row: pending token and guesses
+            start, at, row = len(tokens), len(decoding[index].slot.tokens), [decoding[index].pending, *guesses]
+            tokens += row
+            positions += range(at, at + len(row))
+            write += range(at, at + len(row))
+            slot_of += [index] * len(row)
+            seen = torch.arange(at + len(row))
+            mask = seen[None] <= torch.arange(at, at + len(row))[:, None]
+            segments.append(Segment(index, start, len(tokens), mask[None, None].to(self.device)))
+        first = len(ids) if plain else 0
+        checked = range(first, len(tokens))  # the speculating rows' tokens: logits of each are needed
+        picks = []  # per new prompt: which of its tokens' outputs the logits are needed of
         for sequence, slot, reused in batch:
             request, start = sequence.request, len(tokens)
             prompt, n = request.prompt_ids, len(request.prompt_ids) - reused
@@ -390,13 +424,17 @@ class Engine:
                                decode_mask, segments)
         hidden = self.model(torch.tensor([tokens], device=self.device), self.cache, return_hidden=True,
                             positions=torch.tensor([positions], device=self.device))[0]  # (N, dim)
-        self.stats.prefill_passes += 1
+        self.stats.prefill_passes += bool(batch)
         self.stats.decode_steps += bool(decoding)
-        rows = list(decoding)  # a decode row's token is the token at its slot index
-        needed = rows + [segment.start + i for segment, chosen in zip(segments, picks) for i in chosen]
+        rows = list(plain)  # a decode row's token is the token at its slot index
+        prompts = segments[len(drafts):len(drafts) + len(batch)]
+        needed = rows + list(checked) + [segment.start + i for segment, chosen in zip(prompts, picks) for i in chosen]
         logits = self._logits(hidden[needed])
-        outputs = self._advance(decoding, logits[:len(rows)])
+        outputs = self._advance(plain, logits[:len(rows)])
         offset = len(rows)
+        for index, (guesses, q) in drafts.items():
+            outputs.append(self._check(decoding[index], guesses, q, logits[offset:offset + len(guesses) + 1]))
+            offset += len(guesses) + 1
         for (sequence, slot, reused), chosen in zip(batch, picks):
             request, prompt = sequence.request, sequence.request.prompt_ids
             slot.computed = len(prompt)  # branches lie past the prompt: the prefix cache keeps the prompt only
@@ -490,49 +528,102 @@ class Engine:
             drawn.update(zip(indices, tokens.tolist()))
         return drawn
 
+    def _draft(self, decoding: dict[int, _Sequence]) -> dict[int, tuple[list[int], torch.Tensor | None]]:
+        """The guesses of the running rows whose requests speculate and whose drafter found some: slot
+        index -> (guesses, the distributions they were drawn from or None). At most as many as leave
+        room for the model's own token within ``max_new_tokens``."""
+        drafts = {}
+        for index, sequence in decoding.items():
+            request = sequence.request
+            room = min(request.draft_tokens, request.sampling.max_new_tokens - len(sequence.generated) - 1)
+            if request.drafter is None or room < 1:
+                continue
+            guesses, q = request.drafter.propose(request.prompt_ids + sequence.generated, room, request.sampling,
+                                                 sequence.generator)
+            usable = next((i for i, t in enumerate(guesses[:room]) if not 0 <= t < self.vocab_size), len(guesses[:room]))
+            if usable:
+                drafts[index] = (guesses[:usable], None if q is None else q[:usable])
+        return drafts
+
+    def _check(self, sequence: _Sequence, guesses: list[int], q: torch.Tensor | None,
+               logits: torch.Tensor) -> RequestOutput:
+        """Verify a row's guesses against the model's fp32 logits (1 + g, V) at their places: keep those
+        it agrees with and add its own next token; each token ends the request as a sampled one would."""
+        scores = logits
+        if self.vocab_limit is not None:
+            scores = logits.clone()
+            scores[:, self.vocab_limit:] = float("-inf")
+        new = verify(scores, guesses, q, sequence.request.sampling, sequence.generator)
+        self.stats.drafted += len(guesses)
+        self.stats.accepted += len(new) - 1
+        slot = sequence.slot
+        slot.tokens += [sequence.pending, *new[:-1]]  # the keys computed for the kept guesses are right
+        slot.computed, sequence.pending = len(slot.tokens), None
+        output = RequestOutput(sequence.id, [])
+        for token, row in zip(new, logits):
+            if self._emit(sequence, output, token, row):
+                break
+        return output
+
     def _sample(self, sequence: _Sequence, logits: torch.Tensor, token: int | None = None) -> RequestOutput:
         """Choose the next token from fp32 logits (V,) unless ``token`` was drawn already, record it, and
         report what it added."""
-        request, config = sequence.request, sequence.request.sampling
         if token is None:  # not drawn with other rows
-            scores = logits[None]  # (1, V)
-            if self.vocab_limit is not None:
-                scores = scores.clone()
-                scores[:, self.vocab_limit:] = float("-inf")
-            if config.repetition_penalty != 1.0:
-                seen = torch.tensor([request.prompt_ids + sequence.generated], device=self.device)
-                scores = apply_repetition_penalty(scores, seen, config.repetition_penalty)
-            if config.presence_penalty or config.frequency_penalty:
-                if sequence.counts is None:
-                    sequence.counts = torch.zeros(self.vocab_size, device=self.device)
-                scores = apply_presence_frequency_penalty(scores, sequence.counts[None], config.presence_penalty,
-                                                          config.frequency_penalty)
-            if request.constraint is not None:
-                remaining = config.max_new_tokens - len(sequence.generated)
-                allowed = request.constraint.allowed(remaining).to(self.device)
-                scores = scores.masked_fill(~allowed[None], float("-inf"))
-            token = int(draw(scores, config, sequence.generator)[0])
+            token = self._choose(sequence, logits)
+        output = RequestOutput(sequence.id, [])
+        self._emit(sequence, output, token, logits)
+        return output
+
+    def _choose(self, sequence: _Sequence, logits: torch.Tensor) -> int:
+        """Draw one row's next token from its fp32 logits (V,) with its penalties and constraint."""
+        request, config = sequence.request, sequence.request.sampling
+        scores = logits[None]  # (1, V)
+        if self.vocab_limit is not None:
+            scores = scores.clone()
+            scores[:, self.vocab_limit:] = float("-inf")
+        if config.repetition_penalty != 1.0:
+            seen = torch.tensor([request.prompt_ids + sequence.generated], device=self.device)
+            scores = apply_repetition_penalty(scores, seen, config.repetition_penalty)
+        if config.presence_penalty or config.frequency_penalty:
+            if sequence.counts is None:
+                sequence.counts = torch.zeros(self.vocab_size, device=self.device)
+            scores = apply_presence_frequency_penalty(scores, sequence.counts[None], config.presence_penalty,
+                                                      config.frequency_penalty)
+        if request.constraint is not None:
+            remaining = config.max_new_tokens - len(sequence.generated)
+            allowed = request.constraint.allowed(remaining).to(self.device)
+            scores = scores.masked_fill(~allowed[None], float("-inf"))
+        return int(draw(scores, config, sequence.generator)[0])
+
+    def _emit(self, sequence: _Sequence, output: RequestOutput, token: int, logits: torch.Tensor) -> bool:
+        """Record ``token`` (chosen from fp32 ``logits`` (V,)) in the request and in ``output``; True when
+        it ended the request (a stop token or string, the token limit), else it is the row's pending token."""
+        request, config = sequence.request, sequence.request.sampling
         sequence.generated.append(token)
         self.stats.generated_tokens += 1
         if sequence.counts is not None:
             sequence.counts[token] += 1
-        output = RequestOutput(sequence.id, [])
         if request.logprobs is not None:  # a stop token gets its entry too (scoring counts one generated token)
             output.logprobs.append(_logprob_entry(torch.log_softmax(logits, dim=-1), token, request.logprobs))
         if token in sequence.stop_ids:
             output.stop_token_id = token
-            return self._finish(sequence, output, "stop")
+            self._finish(sequence, output, "stop")
+            return True
         if request.constraint is not None:
             request.constraint.advance(token)
         output.token_ids.append(token)
         if sequence.text is not None:
-            output.text, stopped = sequence.stops.push(sequence.text.push(token))
+            text, stopped = sequence.stops.push(sequence.text.push(token))
+            output.text += text
             if stopped:
-                return self._finish(sequence, output, "stop", flush=False)
+                self._finish(sequence, output, "stop", flush=False)
+                return True
         if len(sequence.generated) >= config.max_new_tokens:
-            return self._finish(sequence, output, "length")
+            self._finish(sequence, output, "length")
+            return True
         sequence.pending = token
-        return self._count(sequence, output)
+        self._count(sequence, output)
+        return False
 
     def _finish(self, sequence: _Sequence, output: RequestOutput, reason: str, flush: bool = True) -> RequestOutput:
         """End a request: release its slot (its tokens stay for the prefix cache), flush held-back text."""
@@ -541,6 +632,8 @@ class Engine:
             output.text += text if stopped else text + sequence.stops.flush()
         if sequence.slot is not None:
             sequence.slot.sequence, sequence.slot.last_used = None, time.monotonic()
+        if sequence.request.drafter is not None:
+            sequence.request.drafter.reset()  # a draft model's cache
         self.running.pop(sequence.id, None)
         sequence.pending = None
         output.finished, output.finish_reason = True, reason

@@ -17,6 +17,7 @@ from typing import Protocol
 import torch
 
 from lmforge.infer.sampling import SamplingConfig
+from lmforge.infer.speculative import Drafter
 
 
 class TokenConstraint(Protocol):
@@ -51,7 +52,10 @@ class Request:
     scores its prompt and generates nothing. ``continuations``: token lists to score each as the
     continuation of the prompt (the choices of a question), all in the prompt's own prefill row
     (a tree: each sees the prompt and itself, not the others); the request then generates nothing
-    and its output carries ``continuation_logprobs``. ``decode`` turns ids into text
+    and its output carries ``continuation_logprobs``. ``drafter`` (a
+    :class:`lmforge.infer.speculative.Drafter`, one per request: ``drafter.fork()``) decodes the
+    request speculatively, up to ``draft_tokens`` guesses checked per pass: the same tokens
+    greedy, the same distribution sampled. ``decode`` turns ids into text
     for streaming and for stop strings; without it the outputs carry token ids only and
     stop strings cannot be checked.
     """
@@ -64,6 +68,8 @@ class Request:
     prompt_logprobs_start: int = 1
     continuations: list[list[int]] | None = None
     constraint: TokenConstraint | None = None
+    drafter: Drafter | None = None
+    draft_tokens: int = 4
     decode: Callable[[list[int]], str] | None = None
     arrival: float = field(default_factory=time.monotonic)
 

@@ -39,6 +39,7 @@ import copy
 import dataclasses
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 from torch import nn
@@ -66,6 +67,21 @@ class SpeculativeStats:
     @property
     def tokens_per_pass(self) -> float:
         return self.tokens / self.passes if self.passes else 0.0
+
+
+class Drafter(Protocol):
+    """What guesses tokens: :class:`PromptLookup`, :class:`DraftModel`, or your own."""
+
+    def propose(self, tokens: list[int], count: int, config: SamplingConfig,
+                generator: torch.Generator | None) -> tuple[list[int], torch.Tensor | None]:
+        """Up to ``count`` guesses to follow ``tokens`` (the prompt and the output so far), and the
+        distribution (count, V) each was drawn from, or None for certain guesses (q = 1)."""
+
+    def reset(self) -> None:
+        """Forget the sequence (free what it holds)."""
+
+    def fork(self) -> Drafter:
+        """A drafter for another sequence decoded alongside (the batched engine: one per request)."""
 
 
 def check_speculative(config: SamplingConfig) -> None:
@@ -108,6 +124,9 @@ class PromptLookup:
     def reset(self) -> None:
         pass
 
+    def fork(self) -> PromptLookup:
+        return self  # it keeps nothing between calls
+
 
 class DraftModel:
     """A smaller model with the same tokenizer that decodes the guesses; its KV cache follows the
@@ -135,13 +154,30 @@ class DraftModel:
     def reset(self) -> None:
         self.cache, self.seen = None, []
 
+    def fork(self) -> DraftModel:
+        """The same draft model with a KV cache of its own."""
+        return DraftModel(self.model, self.runtime)
+
+    def _make_room(self, needed: int) -> None:
+        """A cache of at least ``needed`` positions (up to the model's length), grown by doubling: a
+        short request with a long-context draft model does not hold its whole context."""
+        if self.cache is not None and self.cache.max_len >= needed:
+            return
+        size = min(self.model.config.max_seq_len, max(256, 2 * needed))
+        grown = KVCache.for_model(self.model, 1, size)
+        if self.cache is not None:
+            kept = self.cache.length
+            for old, new in zip(self.cache.keys + self.cache.values, grown.keys + grown.values):
+                new[:, :, :kept] = old[:, :, :kept]
+            grown.length = kept
+        self.cache = grown
+
     def propose(self, tokens: list[int], count: int, config: SamplingConfig,
                 generator: torch.Generator | None) -> tuple[list[int], torch.Tensor | None]:
         """``count`` tokens decoded after ``tokens``, and their distributions (count, V) when sampling."""
         if count <= 0:
             return [], None
-        if self.cache is None:
-            self.cache = KVCache.for_model(self.model, 1, self.model.config.max_seq_len)
+        self._make_room(len(tokens) + count)
         common = 0
         for a, b in zip(self.seen, tokens):
             if a != b:
@@ -199,7 +235,7 @@ def _speculate(model: DecoderLM, prompt_ids: list[int], config: SamplingConfig, 
             logits = _forward(model, [tokens[-1], *guesses], cache, runtime)  # (1 + g, V): p at each place
             stats.passes += 1
             stats.drafted += len(guesses)
-            new = _verify(logits, guesses, q, config, generator)
+            new = verify(logits, guesses, q, config, generator)
             stats.accepted += len(new) - 1
             cache.crop(kept_before + len(new))  # the last token and the kept guesses; the next pass feeds new[-1]
             for token in new:
@@ -211,7 +247,7 @@ def _speculate(model: DecoderLM, prompt_ids: list[int], config: SamplingConfig, 
                 yield token
 
 
-def _verify(logits: torch.Tensor, guesses: list[int], q: torch.Tensor | None, config: SamplingConfig,
+def verify(logits: torch.Tensor, guesses: list[int], q: torch.Tensor | None, config: SamplingConfig,
             generator: torch.Generator | None) -> list[int]:
     """The kept guesses and the model's own next token. logits (1 + g, V): row i is the model's logits for
     the place of guess i (row g: the place after the last guess); q (g, V) the drafter's distributions,

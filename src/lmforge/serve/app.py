@@ -318,7 +318,8 @@ def create_app(models: dict[str, ServedModel], api_key: str | None = None, max_q
 def _figures(model: ServedModel) -> dict[str, float]:
     usage_now, stats = model.engine.usage(), model.engine.stats
     hit_rate = stats.prefix_hits / stats.prefix_queries if stats.prefix_queries else 0.0
-    return {**usage_now, "prefix_hit_rate": hit_rate, "cached_tokens": stats.cached_tokens}
+    return {**usage_now, "prefix_hit_rate": hit_rate, "cached_tokens": stats.cached_tokens,
+            "drafted": stats.drafted, "accepted": stats.accepted}
 
 
 def _encode_vector(vector: list[float]) -> str:

@@ -107,8 +107,8 @@ def build_chat(model: ServedModel, body: ChatCompletionRequest) -> Plan:
     top = (body.top_logprobs or 0) if body.logprobs else None
     if body.top_logprobs and not body.logprobs:
         raise APIError(400, "top_logprobs needs logprobs=true", "top_logprobs")
-    requests = [Request(prompt, _with_seed(config, body.seed, i), logprobs=top, decode=model.decode,
-                        constraint=_constraint(model, schema, stop_ids or model.end_of_text()) if constrain else None)
+    requests = [model.request(prompt, _with_seed(config, body.seed, i), logprobs=top,
+                              constraint=_constraint(model, schema, stop_ids or model.end_of_text()) if constrain else None)
                 for i in range(body.n)]
     return Plan(requests, tools=bool(functions), forced_call=forced is not None, id=f"chatcmpl-{uuid.uuid4().hex}")
 
@@ -129,9 +129,9 @@ def build_completion(model: ServedModel, body: CompletionRequest) -> Plan:
         asked = 1 if body.max_tokens == 0 else body.max_tokens
         config = _sampling(body, _max_tokens(model, prompt, asked, 16), stop_ids)
         for i in range(body.n):
-            requests.append(Request(prompt, _with_seed(config, body.seed, i), logprobs=body.logprobs,
-                                    prompt_logprobs=body.logprobs if body.echo and body.logprobs is not None else None,
-                                    decode=model.decode))
+            requests.append(model.request(prompt, _with_seed(config, body.seed, i), logprobs=body.logprobs,
+                                          prompt_logprobs=body.logprobs if body.echo and body.logprobs is not None
+                                          else None))
             texts.append(text)
     return Plan(requests, prompt_texts=texts, id=f"cmpl-{uuid.uuid4().hex}")
 

@@ -19,7 +19,7 @@ LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 
 class ServerMetrics:
     def __init__(self, engine_figures: Callable[[], dict[str, dict[str, float]]]):
         """``engine_figures()`` -> {model name: {"waiting", "running", "kv_cache_usage", "prefix_queries",
-        "prefix_hits", "cached_tokens"}}."""
+        "prefix_hits", "cached_tokens", "drafted", "accepted"}}."""
         self.registry = CollectorRegistry()
         self.requests = Counter("lmforge_requests", "HTTP requests answered, by endpoint and status code",
                                 ["endpoint", "status"], registry=self.registry)
@@ -50,6 +50,8 @@ class _EngineCollector:
         "kv_cache_usage": ("lmforge_kv_cache_usage_ratio", "share of the KV cache's positions held by running requests"),
         "prefix_hit_rate": ("lmforge_prefix_cache_hit_rate", "share of admissions that reused a cached prefix"),
         "cached_tokens": ("lmforge_prefix_cache_tokens", "prompt tokens served from the prefix cache (total)"),
+        "drafted": ("lmforge_draft_tokens", "tokens guessed by speculative decoding (total)"),
+        "accepted": ("lmforge_draft_accepted_tokens", "guessed tokens the model kept (total)"),
     }
 
     def __init__(self, figures: Callable[[], dict[str, dict[str, float]]]):

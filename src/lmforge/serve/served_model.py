@@ -10,6 +10,7 @@ import torch
 from lmforge.api import LanguageModel
 from lmforge.errors import InputError
 from lmforge.infer.engine import Engine
+from lmforge.infer.request import Request
 from lmforge.serve.protocol import APIError
 from lmforge.serve.worker import EngineWorker
 from lmforge.tokenizer.chat import end_of_turn_ids, render_chat
@@ -47,6 +48,10 @@ class ServedModel:
             return render_chat(self.tokenizer, messages, add_generation_prompt=True).ids
         except InputError as err:
             raise APIError(400, str(err), "messages") from err
+
+    def request(self, prompt_ids: list[int], config, **fields) -> Request:
+        """An engine request; speculative when the model was loaded with a drafter and the settings allow."""
+        return self.lm.request(prompt_ids, config, **fields)
 
     def end_of_turn(self) -> list[int]:
         return end_of_turn_ids(self.tokenizer)

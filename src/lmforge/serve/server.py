@@ -64,7 +64,9 @@ def _short_name(path: str) -> str:
     return p.stem if p.suffix == ".gguf" else (p.name or path)
 
 
-def build_models(paths: dict[str, str], config: ServeConfig, log=print) -> dict:
+def build_models(paths: dict[str, str], config: ServeConfig, log=print, speculative: dict | None = None) -> dict:
+    """Load and wrap each model; ``speculative``: :func:`lmforge.load`'s drafter options (``draft``,
+    ``prompt_lookup``, ``draft_layers``, ``draft_tokens``) for every model."""
     import time
 
     from lmforge.api import load
@@ -75,7 +77,7 @@ def build_models(paths: dict[str, str], config: ServeConfig, log=print) -> dict:
         start = time.perf_counter()
         # Compiled without autotuning: each batch bucket compiles in half the time.
         lm = load(path, device=config.device, dtype=config.dtype, weights=config.weights, compile=config.compile,
-                  autotune=False)
+                  autotune=False, **(speculative or {}))
         context = config.context or min(lm.model.config.max_seq_len, 4096)
         served = ServedModel(name, lm, config.max_batch_size, context)
         log(f"[serve] {name}: {path} ({lm.model.num_parameters() / 1e6:.1f}M parameters, context {served.context}, "
@@ -89,7 +91,7 @@ def build_models(paths: dict[str, str], config: ServeConfig, log=print) -> dict:
     return models
 
 
-def run_server(paths: dict[str, str], config: ServeConfig) -> None:
+def run_server(paths: dict[str, str], config: ServeConfig, speculative: dict | None = None) -> None:
     """Serve until SIGTERM or Ctrl-C: HTTP in a thread, the engines on this (the loading) thread."""
     import signal
     import threading
@@ -101,7 +103,7 @@ def run_server(paths: dict[str, str], config: ServeConfig) -> None:
 
     if config.max_batch_size < 1:
         raise InputError(f"--max-batch-size must be at least 1, got {config.max_batch_size}")
-    models = build_models(paths, config)
+    models = build_models(paths, config, speculative=speculative)
     ratings = None
     if config.ratings:
         from lmforge.eval.human import RatingStore

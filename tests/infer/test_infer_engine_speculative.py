@@ -1,0 +1,128 @@
+"""Speculative decoding in the batched engine: rows with a drafter give the tokens (greedy) and the
+distribution (sampled) of plain decoding, in fewer passes when the guesses are good, beside rows
+that do not speculate."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lmforge.infer.engine import Engine
+from lmforge.infer.request import Request
+from lmforge.infer.sampling import SamplingConfig
+from lmforge.infer.speculative import DraftModel, PromptLookup, distribution
+
+PROMPTS = [[1, 2, 3, 4, 1, 2, 3, 4, 1, 2], [5, 6, 7, 5, 6, 7, 5], [9, 10, 11, 12, 13], [3, 3, 3, 3], [7]]
+
+
+def greedy(n: int = 24, **extra) -> SamplingConfig:
+    return SamplingConfig(max_new_tokens=n, temperature=0, **extra)
+
+
+def drafters(model, make_model):
+    other = make_model(seed=5, num_layers=1, vocab_size=model.config.vocab_size)
+    return {"lookup": lambda: PromptLookup(ngram=2), "other model": lambda: DraftModel(other),
+            "itself": lambda: DraftModel(model), "first layer": lambda: DraftModel.first_layers(model, 1)}
+
+
+@pytest.mark.parametrize("kind", ["lookup", "other model", "itself", "first layer"])
+def test_greedy_rows_that_speculate_decode_as_plain_rows(make_model, byte_tokenizer, kind):
+    """Every other row speculates; all rows match plain decoding token for token, with log-probs, stop
+    tokens and stop strings cut in the same places (a stop may fall inside a run of kept guesses)."""
+    model = make_model(vocab_size=258)
+    make = drafters(model, make_model)[kind]
+    plain = Engine(model, max_batch_size=5).generate(
+        [Request(p, greedy(), logprobs=2, decode=byte_tokenizer.decode) for p in PROMPTS])
+    stop_token = plain[0].token_ids[9]  # the first row stops at its tenth token
+    text = byte_tokenizer.decode(plain[1].token_ids)
+    stop_string = text[len(text) // 2:len(text) // 2 + 2]  # the second row stops half-way
+    configs = [greedy(stop_token_ids=[stop_token]), greedy(stop=[stop_string])] + [greedy()] * 3
+    engine = Engine(model, max_batch_size=5)
+    requests = [Request(p, c, logprobs=2, decode=byte_tokenizer.decode,
+                        drafter=make() if i % 2 == 0 or kind == "itself" else None, draft_tokens=3)
+                for i, (p, c) in enumerate(zip(PROMPTS, configs))]
+    fast = engine.generate(requests)
+    alone = Engine(model, max_batch_size=5).generate(
+        [Request(p, c, logprobs=2, decode=byte_tokenizer.decode) for p, c in zip(PROMPTS, configs)])
+    for got, want in zip(fast, alone):
+        assert (got.token_ids, got.text, got.finish_reason, got.stop_token_id) == \
+            (want.token_ids, want.text, want.finish_reason, want.stop_token_id)
+        assert [e.token_id for e in got.logprobs] == [e.token_id for e in want.logprobs]
+        assert [e.logprob for e in got.logprobs] == pytest.approx([e.logprob for e in want.logprobs], abs=1e-4)
+        assert [[t for t, _ in e.top] for e in got.logprobs] == [[t for t, _ in e.top] for e in want.logprobs]
+    assert fast[0].finish_reason == "stop" and fast[0].stop_token_id == stop_token
+    assert fast[1].finish_reason == "stop" and stop_string not in fast[1].text
+    assert 0 <= engine.stats.accepted <= engine.stats.drafted and engine.stats.drafted > 0
+    if kind == "itself":  # a drafter that is the model is always right: 4 tokens a pass for every row
+        assert engine.stats.accepted == engine.stats.drafted
+        assert engine.stats.decode_steps <= -(-23 // 4) + 1
+
+
+def test_a_slot_keeps_only_the_kept_tokens_for_the_prefix_cache(make_model):
+    """Rejected guesses leave keys past the slot's length; a later prompt that continues the finished
+    text reuses the slot's positions and still decodes as plain decoding."""
+    model = make_model()
+    other = make_model(seed=5, num_layers=1)  # a poor drafter: many guesses rejected
+    engine = Engine(model, max_batch_size=2)
+    first = engine.generate([Request(PROMPTS[2], greedy(16), drafter=DraftModel(other), draft_tokens=4)])[0]
+    assert engine.stats.accepted < engine.stats.drafted
+    follow = PROMPTS[2] + first.token_ids + [8]
+    again = engine.generate([Request(follow, greedy(12), drafter=DraftModel(other))])[0]
+    plain = Engine(model, max_batch_size=1).generate([Request(follow, greedy(12))])[0]
+    assert again.cached_tokens >= len(PROMPTS[2]) + 15 and again.token_ids == plain.token_ids
+
+
+@pytest.mark.parametrize("kind", ["other model", "lookup"])
+def test_sampled_rows_follow_the_models_distribution(make_model, kind):
+    """1200 requests decode three tokens each (temperature 1.3, top-k 6, a vocabulary of 8), 16 rows at a
+    time; the first comes from the prefill, the next two from one speculative pass (one guess, and the
+    model's token after it or in its place). The frequencies of (t2, t3) against the model's exact
+    sum over t1 of p(t1) p(t2 | t1) p(t3 | t1 t2): a chi-square test."""
+    model, vocab = make_model(seed=1, vocab_size=8), 8
+    prompt = [4, 0, 6, 4, 0]  # prompt lookup guesses from the earlier "4 0 6"
+
+    def p(ids: list[int]) -> torch.Tensor:
+        return distribution(model(torch.tensor([ids]))[0, -1:].float(), config)[0]
+    config = SamplingConfig(max_new_tokens=3, temperature=1.3, top_k=6)
+    exact = torch.zeros(vocab, vocab)
+    with torch.no_grad():
+        for t1, p1 in enumerate(p(prompt).tolist()):
+            for t2, p2 in enumerate(p(prompt + [t1]).tolist()):
+                if p1 * p2 > 0:
+                    exact[t2] += p1 * p2 * p(prompt + [t1, t2])
+    draft = make_model(seed=2, vocab_size=8, num_layers=1)
+    make = (lambda: DraftModel(draft)) if kind == "other model" else (lambda: PromptLookup(ngram=2))
+    samples, engine = 1200, Engine(model, max_batch_size=16)
+    done = engine.generate([Request(prompt, SamplingConfig(**{**config.__dict__, "seed": seed}), drafter=make(),
+                                    draft_tokens=1) for seed in range(samples)])
+    counts = torch.zeros(vocab, vocab)
+    for completion in done:
+        counts[completion.token_ids[1], completion.token_ids[2]] += 1
+    expected = exact * samples
+    keep = expected >= 5  # the cells with enough mass for the chi-square law
+    chi2 = float(((counts[keep] - expected[keep]) ** 2 / expected[keep]).sum())
+    assert chi2 < 2.0 * int(keep.sum()) + 20, chi2  # ~3.5 sigma above the mean of the chi-square law
+    assert counts[~keep].sum() <= expected[~keep].sum() * 3 + 10
+    assert 0 < engine.stats.accepted < engine.stats.drafted
+
+
+class EvenTokens:
+    """A constraint: even token ids only."""
+
+    def allowed(self, remaining: int | None = None) -> torch.Tensor:
+        return torch.arange(64) % 2 == 0
+
+    def advance(self, token_id: int) -> None:
+        pass
+
+
+def test_requests_speculation_cannot_keep_exact_are_refused(make_model):
+    model = make_model()
+    engine = Engine(model, max_batch_size=2)
+    with pytest.raises(ValueError, match="penalties"):
+        engine.add(Request([1, 2], greedy(repetition_penalty=1.2), drafter=PromptLookup()))
+    with pytest.raises(ValueError, match="constraint"):
+        engine.add(Request([1, 2], greedy(), drafter=PromptLookup(),
+                           constraint=EvenTokens()))
+    with pytest.raises(ValueError, match="draft_tokens"):
+        engine.add(Request([1, 2], greedy(), drafter=PromptLookup(), draft_tokens=0))
