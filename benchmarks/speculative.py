@@ -13,13 +13,15 @@ Variants, each over the same prompts, run interleaved prompt by prompt:
 - ``lookup``: prompt-lookup decoding (n-grams of 3, then fewer; ``--draft-tokens`` guesses);
 - ``self-draft N``: the model's own first N layers guess (``--draft-layers``).
 
-ms/token = wall time / new tokens over all prompts; "same output" counts the prompts whose
+ms/token = wall time / new tokens over all prompts (the prompt's prefill included); decode
+ms/token the same after each prompt's first token; "same output" counts the prompts whose
 output equals the plain one token for token: all of them in fp32; in bf16 the verifying
 pass over several tokens rounds differently from a one-token step, and a near-tie
 between two tokens can go the other way (docs/QUANTIZATION.md).
 
     python benchmarks/speculative.py
     python benchmarks/speculative.py --tasks repeat --prompts 4 --draft-tokens 4 8
+    python benchmarks/speculative.py --engine --compile --dtype fp32 --weights fp16 --draft-layers
 """
 
 from __future__ import annotations
@@ -33,6 +35,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 from common import machine  # noqa: E402
 
 from lmforge.api import load
+from lmforge.infer.engine import Engine
+from lmforge.infer.request import Request
 from lmforge.infer.speculative import DraftModel, PromptLookup, SpeculativeStats
 
 TASKS = {"summarize": "Summarize the following text in two or three sentences.\n\n{text}",
@@ -52,6 +56,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="smollm2-135m-instruct")
     parser.add_argument("--dtype", default="auto")
+    parser.add_argument("--weights", default="fp32", help="fp32, or fp16/bf16 weights with fp32 arithmetic")
+    parser.add_argument("--engine", action="store_true", help="decode through the batched engine (batch 1)")
+    parser.add_argument("--compile", action="store_true", help="with --engine: the compiled decode step, for "
+                        "plain steps (B, 1) and speculative ones (B, 1 + k) alike")
     parser.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS))
     parser.add_argument("--prompts", type=int, default=6, help="paragraphs per task")
     parser.add_argument("--new-tokens", type=int, default=96)
@@ -59,10 +67,13 @@ def main() -> None:
     parser.add_argument("--draft-layers", type=int, nargs="*", default=[8], help="self-draft depths to try")
     parser.add_argument("--min-ngram", type=int, nargs="+", default=[1], help="prompt lookup's shortest n-grams to try")
     args = parser.parse_args()
-    lm = load(args.model, device="cpu", dtype=args.dtype)
+    if args.compile and not args.engine:
+        parser.error("--compile goes with --engine (the direct speculative path runs eagerly)")
+    lm = load(args.model, device="cpu", dtype=args.dtype, weights=args.weights, compile=args.compile, autotune=False)
+    path = "engine, compiled step" if args.compile else "engine, eager" if args.engine else "direct, eager"
     print(f"machine: {machine()}; {args.model} ({lm.model.num_parameters() / 1e6:.0f}M parameters, "
-          f"{lm.model.config.num_layers} layers, {next(lm.model.parameters()).dtype}), greedy, "
-          f"at most {args.new_tokens} new tokens, batch 1")
+          f"{lm.model.config.num_layers} layers, {next(lm.model.parameters()).dtype}, weights {args.weights}), "
+          f"greedy, at most {args.new_tokens} new tokens, batch 1, {path}")
     drafters = {"plain": None}
     for k in args.draft_tokens:
         for low in args.min_ngram:
@@ -70,34 +81,81 @@ def main() -> None:
         for layers in args.draft_layers:
             drafters[f"self-draft {layers} layers, {k} guesses"] = (DraftModel.first_layers(lm.model, layers), k)
     texts = paragraphs(args.prompts)
+    engine = None
+    if args.engine:  # no prefix cache: every variant prefills its prompt, as the direct path does
+        engine = Engine(lm.model, lm.runtime, max_batch_size=1, decode_step=lm.decode_step, prefix_caching=False,
+                        vocab_limit=getattr(lm.tokenizer, "vocab_size", None))
+        seconds = engine.warm_up(draft_tokens=max(args.draft_tokens))
+        for k in set(args.draft_tokens) - {max(args.draft_tokens)}:
+            seconds += engine.warm_up(draft_tokens=k)
+        print(f"warm-up (compiling) {seconds:.0f} s")
     lm.generate("warm-up", max_new_tokens=4, temperature=0)
-    print("\n| task | variant | new tokens | ms/token | speed-up | guesses kept | tokens/pass | same output (prompts) |")
-    print("|---|---|---:|---:|---:|---:|---:|---|")
+    print("\n| task | variant | new tokens | ms/token | speed-up | decode ms/token | speed-up | guesses kept | "
+          "tokens/pass | same output (prompts) |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---|")
     for task in args.tasks:
-        seconds = dict.fromkeys(drafters, 0.0)
+        seconds, prefill = dict.fromkeys(drafters, 0.0), dict.fromkeys(drafters, 0.0)
         outputs = {name: [] for name in drafters}
         stats = {name: SpeculativeStats() for name in drafters}
         for text in texts:
             messages = [{"role": "user", "content": TASKS[task].format(text=text)}]
             for name, drafter in drafters.items():
-                lm.drafter, lm.draft_tokens = (drafter or (None, 4))
-                lm.speculative_stats = stats[name]
                 start = time.perf_counter()
-                reply = lm.chat(messages, temperature=0.0, max_new_tokens=args.new_tokens)
+                if engine is None:
+                    lm.drafter, lm.draft_tokens = (drafter or (None, 4))
+                    lm.speculative_stats = stats[name]
+                    reply, first = direct_reply(lm, messages, args.new_tokens)
+                else:
+                    reply, first = engine_reply(lm, engine, messages, args.new_tokens, drafter, stats[name])
                 seconds[name] += time.perf_counter() - start
-                outputs[name].append(lm.tokenizer.encode(reply))
+                prefill[name] += first
+                outputs[name].append(reply)
         lm.drafter = None
         tokens = sum(map(len, outputs["plain"]))
         base = seconds["plain"] / tokens
+        base_decode = (seconds["plain"] - prefill["plain"]) / (tokens - len(texts))
         for name in drafters:
             count = sum(map(len, outputs[name]))
             ms = seconds[name] / count * 1000
+            decode = (seconds[name] - prefill[name]) / (count - len(texts)) * 1000  # after each first token
             s = stats[name]
             kept = f"{s.acceptance:.0%}" if s.drafted else ""
             per_pass = f"{s.tokens_per_pass:.2f}" if s.passes else "1.00"
             same = f"{sum(a == b for a, b in zip(outputs[name], outputs['plain']))} of {len(texts)}"
-            print(f"| {task} | {name} | {count} | {ms:.1f} | {base * 1000 / ms:.2f}x | {kept} | {per_pass} | {same} |",
-                  flush=True)
+            print(f"| {task} | {name} | {count} | {ms:.1f} | {base * 1000 / ms:.2f}x | {decode:.1f} | "
+                  f"{base_decode * 1000 / decode:.2f}x | {kept} | {per_pass} | {same} |", flush=True)
+
+
+def engine_reply(lm, engine: Engine, messages: list[dict], new_tokens: int, drafter,
+                 stats: SpeculativeStats) -> tuple[list[int], float]:
+    """The reply's token ids from the engine at batch 1, and the seconds to its first token (the prefill);
+    ``stats`` gains its passes and guesses."""
+    config = lm.sampling_config(**lm.chat_sampling({"temperature": 0.0, "max_new_tokens": new_tokens}))
+    guesser, k = drafter or (None, 4)
+    before = (engine.stats.decode_steps, engine.stats.drafted, engine.stats.accepted)
+    start = time.perf_counter()
+    engine.add(Request(lm.chat_prompt(messages), config, drafter=guesser and guesser.fork(), draft_tokens=k))
+    tokens, first = [], None
+    while engine.has_work:
+        for output in engine.step():
+            tokens += output.token_ids
+        first = first or time.perf_counter() - start
+    stats.passes += engine.stats.decode_steps - before[0] + 1  # the prefill gives the first token
+    stats.drafted += engine.stats.drafted - before[1]
+    stats.accepted += engine.stats.accepted - before[2]
+    stats.tokens += len(tokens)
+    return tokens, first
+
+
+def direct_reply(lm, messages: list[dict], new_tokens: int) -> tuple[list[int], float]:
+    """The reply's token ids from ``lm.new_tokens`` (speculative with ``lm.drafter``), and the seconds to
+    its first token."""
+    config = lm.sampling_config(**lm.chat_sampling({"temperature": 0.0, "max_new_tokens": new_tokens}))
+    start, tokens, first = time.perf_counter(), [], None
+    for token in lm.new_tokens(lm.chat_prompt(messages), config):
+        tokens.append(token)
+        first = first or time.perf_counter() - start
+    return tokens, first or 0.0
 
 
 if __name__ == "__main__":

@@ -26,10 +26,10 @@ def test_compiled_step_decodes_like_the_eager_model(make_model):
     assert compiled.score == pytest.approx(eager_beam.score, abs=1e-4)
 
 
-def test_compiled_step_takes_one_token_and_needs_the_cache(make_model):
+def test_compiled_step_needs_the_cache(make_model):
     model = make_model()
     step = CompiledDecodeStep(model, max_autotune=False)  # compiles lazily: nothing runs here
-    with pytest.raises(ValueError, match="one token"):
+    with pytest.raises(ValueError, match="KV cache"):
         step(model.embed.weight.new_zeros(1, 2).long(), None)
     with pytest.raises(ValueError, match="KV cache"):
         generate(model, PROMPTS, SamplingConfig(max_new_tokens=2), use_cache=False, decode_step=step)

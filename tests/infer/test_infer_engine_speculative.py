@@ -126,3 +126,35 @@ def test_requests_speculation_cannot_keep_exact_are_refused(make_model):
                            constraint=EvenTokens()))
     with pytest.raises(ValueError, match="draft_tokens"):
         engine.add(Request([1, 2], greedy(), drafter=PromptLookup(), draft_tokens=0))
+
+
+@pytest.mark.slow
+def test_a_compiled_step_runs_the_speculative_steps_without_recompiling(make_model):
+    """Speculative steps have the fixed shape (B, 1 + k): warm_up(draft_tokens=k) compiles them beside the
+    one-token steps, and speculating rows then decode as the eager engine's plain rows."""
+    from torch._dynamo.utils import counters
+
+    from lmforge.infer import CompiledDecodeStep
+
+    model = make_model()
+    plain = Engine(model, max_batch_size=2).generate([Request(p, greedy(20)) for p in PROMPTS[:3]])
+    engine = Engine(model, max_batch_size=2, decode_step=CompiledDecodeStep(model, max_autotune=False),
+                    decode_buckets=[2])  # one batch size: two graphs (widths 1 and 4) to compile
+    engine.warm_up(draft_tokens=3)
+    compiled_before = counters["stats"]["unique_graphs"]
+    fast = engine.generate([Request(p, greedy(20), drafter=d, draft_tokens=3)
+                            for p, d in zip(PROMPTS[:3], [PromptLookup(2), DraftModel(model), None])])
+    assert counters["stats"]["unique_graphs"] == compiled_before
+    assert [c.token_ids for c in fast] == [c.token_ids for c in plain]
+    assert engine.stats.accepted > 0
+
+
+def test_a_draft_model_with_a_shorter_context_stops_guessing_at_its_end(make_model):
+    model = make_model()
+    short = make_model(seed=3, num_layers=1, max_seq_len=16)  # the prompt (10) and 24 new tokens do not fit
+    engine = Engine(model, max_batch_size=1)
+    fast = engine.generate([Request(PROMPTS[0], greedy(), drafter=DraftModel(short), draft_tokens=4)])[0]
+    assert fast.token_ids == Engine(model, max_batch_size=1).generate([Request(PROMPTS[0], greedy())])[0].token_ids
+    assert engine.stats.drafted > 0
+    assert len(DraftModel(short).propose(list(range(14)), 4, greedy(), None)[0]) == 2
+    assert DraftModel(short).propose(list(range(16)), 4, greedy(), None) == ([], None)

@@ -133,7 +133,9 @@ def test_a_tied_embedding_is_quantized_once_and_serves_the_head(tmp_path, spec):
     model = DecoderLM(preset("tiny", vocab_size=96, tie_embeddings=True, init_std=0.3)).eval()
     table = model.embed.weight.detach().clone()
     ids = torch.tensor([[3, 1, 4, 1, 5, 9, 2, 6]])
+    count = model.num_parameters()
     errors = quantize_model(model, spec)
+    assert model.num_parameters() == count  # integer codes count as the weights they stand for, the table once
     assert "embed" in errors and "lm_head" not in errors
     embed, head = model.embed, model.lm_head
     assert isinstance(embed, IntEmbedding) and isinstance(head, IntLinear)

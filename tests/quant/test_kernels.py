@@ -154,3 +154,31 @@ def test_dequantize_kernel_gives_the_references_bits(spec):
     fast = kernels.dequantize(layer.qweight, layer.scale, layer.zero, spec.bits, layer.offset)
     assert torch.equal(fast, dequantize(layer.codes(), layer.scale, layer.zero))
     assert torch.equal(layer.dequantized(), fast)
+
+
+@pytest.mark.parametrize("isa", isas())
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_half_weight_kernel_equals_widen_then_multiply(isa, dtype, restore_isa, monkeypatch):
+    """16-bit weights widened in registers: every product exact (a 16-bit float widens exactly), the sums
+    in another order than fp32 matmul's."""
+    from lmforge.quant.weight_only import WeightOnlyLinear
+
+    kernels.set_isa(isa)
+    torch.manual_seed(5)
+    for inputs, outputs in SHAPES:
+        weight = torch.randn(outputs, inputs).to(dtype)
+        for rows in (1, 2, 3, 4, 5, 9):
+            x = torch.randn(rows, inputs)
+            y = kernels.half_linear(x, weight)
+            expected = x.double() @ weight.double().T
+            bound = 1e-5 * (x.abs().double() @ weight.abs().double().T) + 1e-6
+            assert y.shape == (rows, outputs) and ((y.double() - expected).abs() <= bound).all(), (inputs, rows)
+    layer = WeightOnlyLinear(weight, torch.randn(outputs))  # the layer takes the kernel up to 64 rows
+    calls, kernel = [], kernels.half_linear
+    monkeypatch.setattr(kernels, "half_linear", lambda *args: calls.append(args[0].shape) or kernel(*args))
+    for rows in (1, 5, kernels.KERNEL_MAX_ROWS):
+        x = torch.randn(1, rows, inputs)
+        torch.testing.assert_close(layer(x), x @ weight.float().T + layer.bias, rtol=1e-5, atol=1e-5)
+    assert len(calls) == 3 and calls[-1] == (1, kernels.KERNEL_MAX_ROWS, inputs)
+    with pytest.raises(RuntimeError, match="fp16 or bf16"):
+        kernels.half_linear(torch.randn(1, inputs), weight.float())

@@ -44,16 +44,18 @@ def test_logits_equal_the_model_with_rounded_weights(dtype):
     reference = rounded(model, weight_only.WEIGHT_DTYPES[dtype])
     quantized = quantize_weights(copy.deepcopy(model), dtype)
     ids = torch.randint(0, 96, (2, 12))
-    with torch.inference_mode():
-        torch.testing.assert_close(quantized(ids), reference(ids), rtol=0, atol=1e-5)
-        assert (quantized(ids) - model(ids)).abs().max() > 0  # the rounding is real, not skipped
+    with torch.inference_mode():  # (the C++ kernel sums in another order than the fp32 matmul)
+        torch.testing.assert_close(quantized(ids), reference(ids), rtol=0, atol=1e-4)
+        assert (quantized(ids) - model(ids)).abs().max() > 1e-3  # the rounding is real, not skipped
 
 
 def test_weights_take_half_the_bytes_and_a_tied_head_stays_tied():
     model = tiny_model(tie=True)
     matrices = sum(m.weight.numel() for m in {id(m.weight): m for m in model.modules()
                                               if isinstance(m, (nn.Linear, nn.Embedding))}.values())
+    count = model.num_parameters()
     quantize_weights(model, "fp16")
+    assert model.num_parameters() == count  # 16-bit buffers count as the weights they are
     assert not any(isinstance(m, (nn.Linear, nn.Embedding)) for m in model.modules())
     assert isinstance(model.embed, WeightOnlyEmbedding) and isinstance(model.lm_head, WeightOnlyLinear)
     assert model.lm_head.weight is model.embed.weight  # one 16-bit table, as the fp32 model had one

@@ -7,8 +7,8 @@ with ``freezing`` (weights become constants it may prepack) and ``max_autotune``
 ones: 2.5-3x fewer ms per token than eager bf16 for llama-42m at batch 1 on a 2-core
 AVX-512 BF16 CPU (benchmarks/decode.py).
 
-Only the steps of one new token are compiled; the prefill runs eagerly, since its
-length changes with every prompt. The cache is then always allocated at the model's
+Only the steps of one new token (and the batched engine's speculative steps of 1 + k)
+are compiled; the prefill runs eagerly, since its length changes with every prompt. The cache is then always allocated at the model's
 ``max_seq_len``, so its shape, and the compiled graph, stay the same across calls.
 
 Frozen means frozen: the compiled step keeps the weights it saw when it compiled.
@@ -46,7 +46,8 @@ def _guards_worth_checking(entries) -> list[bool]:
 
 
 class CompiledDecodeStep:
-    """``step(input_ids (B, 1), cache) -> logits (B, 1, V)``, the model's forward compiled.
+    """``step(input_ids (B, T), cache) -> logits (B, T, V)``, the model's forward compiled: T = 1 for a
+    decode step, 1 + k for the batched engine's speculative steps (k guesses a row).
 
     ``max_autotune=False`` compiles in half the time and gains less (1.6x rather than
     2.5-3x for llama-42m). Each new batch size compiles once more: about 40 s for
@@ -63,12 +64,13 @@ class CompiledDecodeStep:
         self.compiled = torch.compile(model, options=options)
 
     def __call__(self, input_ids: torch.Tensor, cache: KVCache, **ragged: torch.Tensor) -> torch.Tensor:
-        """``ragged``: the batched engine's ``positions`` (B, 1) and ``mask`` (B, 1, 1, Tk), passed on."""
+        """``ragged``: the batched engine's ``positions`` (B, T) and ``mask`` (B, 1, T, Tk), passed on."""
         import torch._inductor.config as inductor_config
 
-        if input_ids.shape[1] != 1:
-            raise ValueError(f"the compiled step decodes one token at a time, got {input_ids.shape[1]}")
-        torch._dynamo.mark_static(input_ids, 0)  # a new batch size compiles anew, never a dynamic batch
+        if cache is None:
+            raise ValueError("the compiled step decodes after a prefill: it needs the KV cache")
+        torch._dynamo.mark_static(input_ids, 0)  # a new batch size or width compiles anew, never a dynamic one
+        torch._dynamo.mark_static(input_ids, 1)
         # Compilation happens lazily inside the call, and freezing is only read from the
         # global config there (passed in torch.compile's options it is ignored). The
         # autotuner's tables of kernel timings are not printed. Dynamo keeps its compiled

@@ -29,13 +29,15 @@ One :meth:`Engine.step` does, in order:
    Stop tokens, stop strings, the token limit and constraints end rows independently.
 
 **Speculative decoding.** A request with a drafter (``Request.drafter``: prompt lookup, a
-draft model) has its guesses made before the pass; a row that has some enters the pass as
-a segment of its own, its pending token and the k guesses at positions P..P+k of its slot,
-causal among themselves. One pass thus checks them all (:func:`lmforge.infer.speculative.verify`):
-the row keeps the guesses the model agrees with and the model's own next token, 1 to k + 1
-tokens a step, each checked for stops and limits like a sampled one. The keys of rejected
-guesses stay past the slot's length, where the next pass overwrites them. Rows without
-guesses decode as usual in the same pass.
+draft model) has its guesses made before a decode step. When some row has guesses, the
+step is (B, 1 + k) instead of (B, 1): each row's pending token and its guesses at
+positions P..P+k of its slot, causal among themselves, the empty places padding. One pass
+thus checks every guess (:func:`lmforge.infer.speculative.verify`): a row keeps the
+guesses the model agrees with and the model's own next token, 1 to k + 1 tokens a step,
+each checked for stops and limits like a sampled one. The keys of rejected guesses stay
+past the slot's length, where the next pass overwrites them. The step keeps fixed shapes,
+so a compiled step runs it (one more graph per bucket). Steps that admit new prompts
+decode one token a row.
 """
 
 from __future__ import annotations
@@ -239,11 +241,10 @@ class Engine:
         with eval_mode(self.model), torch.inference_mode(), autocast_for(self.model, self.runtime):
             batch = self._admit()
             decoding = {s.slot.index: s for s in self.running.values() if s.pending is not None}
-            drafts = self._draft(decoding)
-            if batch or drafts:
-                outputs += self._packed(batch, decoding, drafts)
+            if batch:
+                outputs += self._packed(batch, decoding)
             elif decoding:
-                outputs += self._decode(decoding)
+                outputs += self._decode(decoding, self._draft(decoding))
         return outputs
 
     def generate(self, requests: Iterable[Request]) -> list[Completion]:
@@ -260,18 +261,20 @@ class Engine:
                     outputs[output.request_id].append(output)
         return [Completion.join(outputs[r.request_id]) for r in requests]
 
-    def warm_up(self) -> float:
+    def warm_up(self, draft_tokens: int = 0) -> float:
         """Run the decode step once per batch bucket at two cache lengths (padding rows only), so that a
-        compiled step compiles now rather than in the first requests; returns the seconds it took."""
+        compiled step compiles now rather than in the first requests; with ``draft_tokens`` k > 0 also
+        the speculative steps (B, 1 + k). Returns the seconds it took."""
         start = time.perf_counter()
         step = self.decode_step or self.model
         with eval_mode(self.model), torch.inference_mode(), autocast_for(self.model, self.runtime):
             for batch in self.decode_buckets:
-                ids = torch.zeros(batch, 1, dtype=torch.long, device=self.device)
-                positions = torch.zeros_like(ids)  # its own tensor: an input aliasing another is guarded on
-                for kv_len in (2, 3):  # a decode reads at least 2 positions; the second length makes it symbolic
-                    self.cache.bind(torch.full_like(ids, self.cache.scratch), kv_len)
-                    step(ids, self.cache, positions=positions, mask=attention_mask(positions, kv_len))
+                for width in (1, 1 + draft_tokens) if draft_tokens else (1,):
+                    ids = torch.zeros(batch, width, dtype=torch.long, device=self.device)
+                    positions = torch.zeros_like(ids)  # its own tensor: an input aliasing another is guarded on
+                    for kv_len in (2, 3):  # a decode reads at least 2 positions; the second makes it symbolic
+                        self.cache.bind(torch.full_like(ids, self.cache.scratch), kv_len)
+                        step(ids, self.cache, positions=positions, mask=attention_mask(positions, kv_len))
         return time.perf_counter() - start
 
     def usage(self) -> dict[str, float]:
@@ -349,13 +352,11 @@ class Engine:
         self.stats.prompt_tokens += len(prompt)
         self.stats.cached_tokens += reused
 
-    def _packed(self, batch: list[tuple[_Sequence, _Slot, int]], decoding: dict[int, _Sequence],
-                drafts: dict[int, tuple[list[int], torch.Tensor | None]]) -> list[RequestOutput]:
+    def _packed(self, batch: list[tuple[_Sequence, _Slot, int]], decoding: dict[int, _Sequence]) -> list[RequestOutput]:
         """One forward pass over the new prompts of ``batch`` (each after its reused prefix) and, first,
-        the running rows in ``decoding`` (slot index -> sequence): one token each, or for a row with
-        guesses in ``drafts`` its pending token and the guesses. All tokens are packed into one
-        sequence with no padding between rows (:meth:`SlotKVCache.bind_packed`). Then the running
-        rows' next tokens, and each prompt's log-probs and first token.
+        one token for every running row in ``decoding`` (slot index -> sequence): all tokens packed
+        into one sequence with no padding between prompts (:meth:`SlotKVCache.bind_packed`). Then the
+        running rows' next tokens, and each prompt's log-probs and first token.
 
         A request with ``continuations`` adds them after its prompt, as branches of a tree: a
         branch's tokens sit at positions L, L+1, ... (L the prompt's length) like a plain
@@ -364,27 +365,14 @@ class Engine:
         """
         tokens, slot_of, write, positions = [], [], [], []  # per token of the pass
         decode_mask = None
-        plain = {index: sequence for index, sequence in decoding.items() if index not in drafts}
-        if plain:  # the decode step's rows first: slots 0..B-1, one token each, as in _decode
-            ids, pos, where = self._decode_rows(plain)
+        if decoding:  # the decode step's rows first: slots 0..B-1, one token each, as in _decode
+            ids, pos, where = (sum(part, []) for part in self._decode_rows(decoding))
             decode_mask = attention_mask(torch.tensor(pos)[:, None], max(pos) + 1).to(self.device)
             tokens += ids
             slot_of += range(len(ids))
             write += where
             positions += pos
-        segments = []
-        for index, (guesses, _) in drafts.items():  # then each speculating row: pending token and guesses
-            start, at, row = len(tokens), len(decoding[index].slot.tokens), [decoding[index].pending, *guesses]
-            tokens += row
-            positions += range(at, at + len(row))
-            write += range(at, at + len(row))
-            slot_of += [index] * len(row)
-            seen = torch.arange(at + len(row))
-            mask = seen[None] <= torch.arange(at, at + len(row))[:, None]
-            segments.append(Segment(index, start, len(tokens), mask[None, None].to(self.device)))
-        first = len(ids) if plain else 0
-        checked = range(first, len(tokens))  # the speculating rows' tokens: logits of each are needed
-        picks = []  # per new prompt: which of its tokens' outputs the logits are needed of
+        segments, picks = [], []  # per request: which of its tokens' outputs the logits are needed of
         for sequence, slot, reused in batch:
             request, start = sequence.request, len(tokens)
             prompt, n = request.prompt_ids, len(request.prompt_ids) - reused
@@ -424,17 +412,13 @@ class Engine:
                                decode_mask, segments)
         hidden = self.model(torch.tensor([tokens], device=self.device), self.cache, return_hidden=True,
                             positions=torch.tensor([positions], device=self.device))[0]  # (N, dim)
-        self.stats.prefill_passes += bool(batch)
+        self.stats.prefill_passes += 1
         self.stats.decode_steps += bool(decoding)
-        rows = list(plain)  # a decode row's token is the token at its slot index
-        prompts = segments[len(drafts):len(drafts) + len(batch)]
-        needed = rows + list(checked) + [segment.start + i for segment, chosen in zip(prompts, picks) for i in chosen]
+        rows = list(decoding)  # a decode row's token is the token at its slot index
+        needed = rows + [segment.start + i for segment, chosen in zip(segments, picks) for i in chosen]
         logits = self._logits(hidden[needed])
-        outputs = self._advance(plain, logits[:len(rows)])
+        outputs = self._advance(decoding, logits[:len(rows)])
         offset = len(rows)
-        for index, (guesses, q) in drafts.items():
-            outputs.append(self._check(decoding[index], guesses, q, logits[offset:offset + len(guesses) + 1]))
-            offset += len(guesses) + 1
         for (sequence, slot, reused), chosen in zip(batch, picks):
             request, prompt = sequence.request, sequence.request.prompt_ids
             slot.computed = len(prompt)  # branches lie past the prompt: the prefix cache keeps the prompt only
@@ -468,28 +452,40 @@ class Engine:
 
     # ---- decoding -------------------------------------------------------------------------------
 
-    def _decode_rows(self, decoding: dict[int, _Sequence]) -> tuple[list[int], list[int], list[int]]:
-        """(token, position, cache index) of slots 0..B-1 for one decode step, B the bucket that spans
-        the running rows; slots without a running row are padding (token 0 at position 0, written to
-        the scratch column)."""
+    def _decode_rows(self, decoding: dict[int, _Sequence], drafts: dict[int, tuple[list[int], torch.Tensor | None]] | None = None,
+                     width: int = 1) -> tuple[list[list[int]], list[list[int]], list[list[int]]]:
+        """(tokens, positions, cache indices) (B, width) of slots 0..B-1 for one decode step, B the bucket
+        that spans the running rows: each row's pending token, then its guesses in ``drafts``. Slots
+        without a running row, and the places a row leaves empty, are padding (token 0 at position 0,
+        written to the scratch column)."""
         batch = next(b for b in self.decode_buckets if b > max(decoding))
-        ids, positions, write = [0] * batch, [0] * batch, [self.cache.scratch] * batch
+        ids, positions = [[0] * width for _ in range(batch)], [[0] * width for _ in range(batch)]
+        write = [[self.cache.scratch] * width for _ in range(batch)]
         for index, sequence in decoding.items():
-            ids[index] = sequence.pending
-            positions[index] = write[index] = len(sequence.slot.tokens)
+            row, at = [sequence.pending, *(drafts or {}).get(index, ((),))[0]], len(sequence.slot.tokens)
+            ids[index][:len(row)] = row
+            positions[index][:len(row)] = write[index][:len(row)] = range(at, at + len(row))
         return ids, positions, write
 
-    def _decode(self, decoding: dict[int, _Sequence]) -> list[RequestOutput]:
-        """One token for every running row, in one forward pass over slots 0..B-1 (fixed shapes: the
-        pass a compiled step runs)."""
-        ids, positions, write = self._decode_rows(decoding)
-        ids_t = torch.tensor(ids, device=self.device)[:, None]  # (B, 1)
-        positions_t = torch.tensor(positions, device=self.device)[:, None]  # (B, 1)
-        self.cache.bind(torch.tensor(write, device=self.device)[:, None], max(positions) + 1)
+    def _decode(self, decoding: dict[int, _Sequence],
+                drafts: dict[int, tuple[list[int], torch.Tensor | None]]) -> list[RequestOutput]:
+        """One forward pass over slots 0..B-1 (fixed shapes: the pass a compiled step runs): one token
+        for every running row, or, when some rows have guesses in ``drafts``, each row's pending token
+        and up to k guesses (B, 1 + k), k the most any of them may guess: every such step has one shape."""
+        width = 1 + max((decoding[index].request.draft_tokens for index in drafts), default=0)
+        ids, positions, write = self._decode_rows(decoding, drafts, width)
+        ids_t = torch.tensor(ids, device=self.device)  # (B, width)
+        positions_t = torch.tensor(positions, device=self.device)
+        kv_len = max(map(max, positions)) + 1
+        self.cache.bind(torch.tensor(write, device=self.device), kv_len)
         step = self.decode_step or self.model
-        logits = step(ids_t, self.cache, positions=positions_t, mask=attention_mask(positions_t, max(positions) + 1))
+        logits = step(ids_t, self.cache, positions=positions_t, mask=attention_mask(positions_t, kv_len))
         self.stats.decode_steps += 1
-        return self._advance(decoding, logits[list(decoding), -1].float())
+        plain = {index: sequence for index, sequence in decoding.items() if index not in drafts}
+        outputs = self._advance(plain, logits[list(plain), 0].float())
+        for index, (guesses, q) in drafts.items():
+            outputs.append(self._check(decoding[index], guesses, q, logits[index, :len(guesses) + 1].float()))
+        return outputs
 
     def _advance(self, decoding: dict[int, _Sequence], logits: torch.Tensor) -> list[RequestOutput]:
         """Feed each running row's pending token to its slot and sample the next from fp32 ``logits``

@@ -175,6 +175,7 @@ class DraftModel:
     def propose(self, tokens: list[int], count: int, config: SamplingConfig,
                 generator: torch.Generator | None) -> tuple[list[int], torch.Tensor | None]:
         """``count`` tokens decoded after ``tokens``, and their distributions (count, V) when sampling."""
+        count = min(count, self.model.config.max_seq_len - len(tokens))  # no guesses past the draft's context
         if count <= 0:
             return [], None
         self._make_room(len(tokens) + count)

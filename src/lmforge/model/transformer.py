@@ -220,8 +220,17 @@ class DecoderLM(nn.Module):
                 module.init_buffers(device)
 
     def num_parameters(self, embeddings: bool = True) -> int:
-        """Parameter count; tied weights count once."""
+        """Parameter count; tied weights count once, and weights stored as buffers (16-bit or integer
+        codes, lmforge.quant) count as the parameters they stand for."""
         total = sum(p.numel() for p in self.parameters())
+        stored = {}  # storage -> weights it holds (a tied table is one storage)
+        for module in self.modules():
+            codes, weight = module._buffers.get("qweight"), module._buffers.get("weight")
+            if codes is not None:
+                stored[codes.data_ptr()] = module.out_features * module.in_features
+            elif weight is not None:
+                stored[weight.data_ptr()] = weight.numel()
+        total += sum(stored.values())
         if not embeddings and isinstance(self.embed, nn.Embedding):  # (an integer table holds no parameters)
             total -= self.embed.weight.numel()
             if isinstance(self.positions, LearnedPositions):

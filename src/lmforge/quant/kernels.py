@@ -32,8 +32,8 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["KERNEL_MAX_ROWS", "available", "best_isa", "dequantize", "int_linear_a8", "int_linear", "isa",
-           "set_isa"]
+__all__ = ["KERNEL_MAX_ROWS", "available", "best_isa", "dequantize", "half_linear", "int_linear_a8", "int_linear",
+           "isa", "set_isa"]
 
 # Up to this many activation rows an integer layer uses the kernels; above it (a long prompt)
 # it dequantizes the weight and calls the usual matrix kernels, which win once the weights
@@ -86,6 +86,10 @@ def _register_fake() -> None:
     def _(x, qweight, scale, zero, bits, offset):
         return x.new_empty((*x.shape[:-1], qweight.shape[0]))
 
+    @torch.library.register_fake("lmforge::half_linear")
+    def _(x, weight):
+        return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
     @torch.library.register_fake("lmforge::dequantize")
     def _(qweight, scale, zero, bits, offset):
         return scale.new_empty((qweight.shape[0], qweight.shape[1] * (2 if bits == 4 else 1)))
@@ -131,6 +135,12 @@ def int_linear_a8(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, z
     times the integer weight (symmetric int8, or int4 of either scheme), summed in integers; fp32 out.
     :func:`lmforge.quant.integer.quantize_activations` is the reference."""
     return torch.ops.lmforge.int_linear_a8(x.float(), qweight, scale, zero, act_scale, bits, offset)
+
+
+def half_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``x (..., K) @ weight.T`` in fp32 for an fp16 or bf16 weight (N, K), each weight widened to fp32 as it
+    is read (:mod:`lmforge.quant.weight_only`); ``x @ weight.float().T`` is the reference."""
+    return torch.ops.lmforge.half_linear(x.float(), weight)
 
 
 def dequantize(qweight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, bits: int,

@@ -1,6 +1,7 @@
 // Integer-weight matrix products for decoding on CPUs: y (M, N) = x (M, K) @ W.T, where W is
 // stored as int8 or packed int4 codes with fp32 scales (and zeros) per row or per group of inputs
-// (lmforge/quant/integer.py describes the format; lmforge/quant/kernels.py builds and calls this).
+// (lmforge/quant/integer.py describes the format; lmforge/quant/kernels.py builds and calls this),
+// or as 16-bit floats (lmforge/quant/weight_only.py: fp16 or bf16, widened the same way).
 //
 // Decoding one token multiplies one activation row by every weight: the step is bound by the
 // bytes it reads, so 1-byte or half-byte weights are read as they are and widened in registers:
@@ -39,21 +40,40 @@ namespace {
 
 constexpr int kMaxTile = 4;
 
+// How the weights are stored: int8 codes (signed: symmetric; unsigned: with a zero point), int4
+// codes two to a byte, or 16-bit floats (fp16, bf16: no scale or zero, the weight itself).
+enum class Codes { s8, u8, u4, f16, bf16 };
+
 // What one call needs: pointers, shapes, the code format. zero_fixed is the zero every group
 // shares (int4 symmetric: the packing offset 8; int8 symmetric: 0); zeros, when present, are
-// per group and added to it.
+// per group and added to it. 16-bit weights have one group and a scale of 1.
 struct Problem {
   const float* x;        // (M, K), or for int4 (M, K) split: even inputs then odd inputs per row
-  const uint8_t* codes;  // (N, K) bytes for int8, (N, K / 2) for int4
+  const uint8_t* codes;  // (N, K) bytes for int8, (N, K / 2) for int4, (N, 2K) for 16-bit weights
   const float* scale;    // (scale_rows, G)
   const float* zero;     // (scale_rows, G) or nullptr
   float* y;              // (M, N)
   int64_t M, N, K, G;
   int64_t scale_rows;    // N (per channel or group) or 1 (per tensor)
-  int bits;              // 8 or 4
-  bool is_signed;        // int8 codes are int8_t (symmetric) rather than uint8_t
+  Codes codes_kind;
   int zero_fixed;
 };
+
+inline float bf16_to_float(uint16_t bits) {
+  const uint32_t wide = static_cast<uint32_t>(bits) << 16;
+  float f;
+  std::memcpy(&f, &wide, sizeof f);
+  return f;
+}
+
+// One weight as fp32 minus the zero z (the loops' scalar tails).
+template <Codes C>
+inline float weight_at(const uint8_t* row, int64_t k, int z) {
+  if constexpr (C == Codes::f16) return c10::detail::fp16_ieee_to_fp32_value(reinterpret_cast<const uint16_t*>(row)[k]);
+  else if constexpr (C == Codes::bf16) return bf16_to_float(reinterpret_cast<const uint16_t*>(row)[k]);
+  else if constexpr (C == Codes::s8) return static_cast<float>(static_cast<int>(static_cast<int8_t>(row[k])) - z);
+  else return static_cast<float>(static_cast<int>(row[k]) - z);
+}
 
 template <class P>  // Problem or ProblemA8
 inline int group_zero(const P& p, int64_t row, int64_t g) {
@@ -94,12 +114,17 @@ inline void widen4(const uint8_t* p, int z, V& lo, V& hi) {
   lo = _mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_cvtepu8_epi32(_mm_and_si128(b, mask)), zv));
   hi = _mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_cvtepu8_epi32(_mm_and_si128(_mm_srli_epi16(b, 4), mask)), zv));
 }
+// W 16-bit floats at p as fp32 (bf16: its bits are the top half of an fp32's).
+inline V widen_f16(const uint16_t* p) { return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))); }
+inline V widen_bf16(const uint16_t* p) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))), 16));
+}
 #include "int_linear_body.h"
 }  // namespace avx512
 #pragma GCC pop_options
 
 #pragma GCC push_options
-#pragma GCC target("avx2,fma")
+#pragma GCC target("avx2,fma,f16c")
 namespace avx2 {
 using V = __m256;
 constexpr int W = 8;
@@ -126,6 +151,10 @@ inline void widen4(const uint8_t* p, int z, V& lo, V& hi) {
   lo = _mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_cvtepu8_epi32(_mm_and_si128(b, mask)), zv));
   hi = _mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_cvtepu8_epi32(_mm_and_si128(_mm_srli_epi16(b, 4), mask)), zv));
 }
+inline V widen_f16(const uint16_t* p) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
+inline V widen_bf16(const uint16_t* p) {
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))), 16));
+}
 #include "int_linear_body.h"
 }  // namespace avx2
 #pragma GCC pop_options
@@ -149,6 +178,8 @@ inline void widen4(const uint8_t* p, int z, V& lo, V& hi) {
   lo = static_cast<float>((*p & 0x0F) - z);
   hi = static_cast<float>((*p >> 4) - z);
 }
+inline V widen_f16(const uint16_t* p) { return c10::detail::fp16_ieee_to_fp32_value(*p); }
+inline V widen_bf16(const uint16_t* p) { return bf16_to_float(*p); }
 #include "int_linear_body.h"
 }  // namespace scalar
 
@@ -160,7 +191,8 @@ std::string best_isa() {
   if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
       __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("fma"))
     return "avx512";
-  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return "avx2";
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c"))
+    return "avx2";
 #endif
   return "scalar";
 }
@@ -339,7 +371,27 @@ at::Tensor int_linear(const at::Tensor& x, const at::Tensor& qweight, const at::
 
   Problem p{x2.data_ptr<float>(), reinterpret_cast<const uint8_t*>(codes.data_ptr()), s.data_ptr<float>(),
             zero ? z.data_ptr<float>() : nullptr, y.data_ptr<float>(), M, N, K, G, scale.size(0),
-            static_cast<int>(bits), is_signed, static_cast<int>(offset)};
+            bits == 4 ? Codes::u4 : is_signed ? Codes::s8 : Codes::u8, static_cast<int>(offset)};
+  run_isa(p);
+  return y.reshape(out_shape);
+}
+
+// fp32 activations times 16-bit weights (fp16 or bf16, (N, K)), each weight widened to fp32 in
+// registers as it is loaded: a decode step reads half of fp32's bytes and computes in fp32.
+at::Tensor half_linear(const at::Tensor& x, const at::Tensor& weight) {
+  TORCH_CHECK(x.device().is_cpu() && weight.device().is_cpu(), "half_linear runs on CPUs");
+  TORCH_CHECK(x.scalar_type() == at::kFloat, "half_linear takes fp32 activations, got ", x.scalar_type());
+  TORCH_CHECK(weight.dim() == 2 && (weight.scalar_type() == at::kHalf || weight.scalar_type() == at::kBFloat16),
+              "half_linear takes an fp16 or bf16 weight matrix");
+  const int64_t N = weight.size(0), K = weight.size(1);
+  TORCH_CHECK(x.size(-1) == K, "x has ", x.size(-1), " inputs, the weight ", K);
+  std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
+  out_shape.back() = N;
+  at::Tensor x2 = x.reshape({-1, K}).contiguous(), w = weight.contiguous();
+  at::Tensor y = at::empty({x2.size(0), N}, x.options());
+  static const float one = 1.0f;
+  Problem p{x2.data_ptr<float>(), reinterpret_cast<const uint8_t*>(w.data_ptr()), &one, nullptr, y.data_ptr<float>(),
+            x2.size(0), N, K, 1, 1, weight.scalar_type() == at::kHalf ? Codes::f16 : Codes::bf16, 0};
   run_isa(p);
   return y.reshape(out_shape);
 }
@@ -468,6 +520,8 @@ TORCH_LIBRARY(lmforge, m) {
   m.def("int_linear_a8(Tensor x, Tensor qweight, Tensor scale, Tensor? zero, Tensor? act_scale, int bits, "
         "int offset) -> Tensor");
   m.impl("int_linear_a8", c10::DispatchKey::CPU, TORCH_FN(int_linear_a8));
+  m.def("half_linear(Tensor x, Tensor weight) -> Tensor");
+  m.impl("half_linear", c10::DispatchKey::CPU, TORCH_FN(half_linear));
   m.def("dequantize(Tensor qweight, Tensor scale, Tensor? zero, int bits, int offset) -> Tensor");
   m.impl("dequantize", c10::DispatchKey::CPU, TORCH_FN(dequantize));
 }
