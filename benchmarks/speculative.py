@@ -9,9 +9,13 @@ prompts built from paragraphs of the language reference that every Python has:
 
 Variants, each over the same prompts, run interleaved prompt by prompt:
 
-- ``plain``: one forward pass per token (eager, as the speculative ones);
+- ``plain``: one forward pass per token (the Python API's one-sequence loop, or with
+  ``--engine`` the batched engine's one-token steps);
 - ``lookup``: prompt-lookup decoding (n-grams of 3, then fewer; ``--draft-tokens`` guesses);
 - ``self-draft N``: the model's own first N layers guess (``--draft-layers``).
+
+The speculative variants run in the batched engine at batch 1 (the Python API's path for
+them too): steps of 1 + k tokens that check the guesses, compiled with ``--compile``.
 
 ms/token = wall time / new tokens over all prompts (the prompt's prefill included); decode
 ms/token the same after each prompt's first token; "same output" counts the prompts whose
@@ -57,9 +61,10 @@ def main() -> None:
     parser.add_argument("--model", default="smollm2-135m-instruct")
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--weights", default="fp32", help="fp32, or fp16/bf16 weights with fp32 arithmetic")
-    parser.add_argument("--engine", action="store_true", help="decode through the batched engine (batch 1)")
-    parser.add_argument("--compile", action="store_true", help="with --engine: the compiled decode step, for "
-                        "plain steps (B, 1) and speculative ones (B, 1 + k) alike")
+    parser.add_argument("--engine", action="store_true", help="plain decoding through the batched engine too "
+                        "(batch 1; default: the Python API's, one KV cache, the speculative variants in the engine)")
+    parser.add_argument("--compile", action="store_true", help="the compiled decode step, for plain steps (B, 1) "
+                        "and speculative ones (B, 1 + k) alike")
     parser.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS))
     parser.add_argument("--prompts", type=int, default=6, help="paragraphs per task")
     parser.add_argument("--new-tokens", type=int, default=96)
@@ -67,10 +72,8 @@ def main() -> None:
     parser.add_argument("--draft-layers", type=int, nargs="*", default=[8], help="self-draft depths to try")
     parser.add_argument("--min-ngram", type=int, nargs="+", default=[1], help="prompt lookup's shortest n-grams to try")
     args = parser.parse_args()
-    if args.compile and not args.engine:
-        parser.error("--compile goes with --engine (the direct speculative path runs eagerly)")
     lm = load(args.model, device="cpu", dtype=args.dtype, weights=args.weights, compile=args.compile, autotune=False)
-    path = "engine, compiled step" if args.compile else "engine, eager" if args.engine else "direct, eager"
+    path = ("engine" if args.engine else "Python API") + (", compiled step" if args.compile else ", eager")
     print(f"machine: {machine()}; {args.model} ({lm.model.num_parameters() / 1e6:.0f}M parameters, "
           f"{lm.model.config.num_layers} layers, {next(lm.model.parameters()).dtype}, weights {args.weights}), "
           f"greedy, at most {args.new_tokens} new tokens, batch 1, {path}")
@@ -81,13 +84,12 @@ def main() -> None:
         for layers in args.draft_layers:
             drafters[f"self-draft {layers} layers, {k} guesses"] = (DraftModel.first_layers(lm.model, layers), k)
     texts = paragraphs(args.prompts)
-    engine = None
-    if args.engine:  # no prefix cache: every variant prefills its prompt, as the direct path does
-        engine = Engine(lm.model, lm.runtime, max_batch_size=1, decode_step=lm.decode_step, prefix_caching=False,
-                        vocab_limit=getattr(lm.tokenizer, "vocab_size", None))
-        seconds = engine.warm_up(draft_tokens=max(args.draft_tokens))
-        for k in set(args.draft_tokens) - {max(args.draft_tokens)}:
-            seconds += engine.warm_up(draft_tokens=k)
+    # no prefix cache: every variant prefills its prompt, as plain decoding through the Python API does
+    engine = Engine(lm.model, lm.runtime, max_batch_size=1, decode_step=lm.decode_step, prefix_caching=False,
+                    vocab_limit=getattr(lm.tokenizer, "vocab_size", None))
+    seconds = sum(engine.warm_up(draft_tokens=k) for k in sorted(set(args.draft_tokens)))
+    if args.compile:
+        seconds += lm.decode_step.warm_up()
         print(f"warm-up (compiling) {seconds:.0f} s")
     lm.generate("warm-up", max_new_tokens=4, temperature=0)
     print("\n| task | variant | new tokens | ms/token | speed-up | decode ms/token | speed-up | guesses kept | "
@@ -101,16 +103,13 @@ def main() -> None:
             messages = [{"role": "user", "content": TASKS[task].format(text=text)}]
             for name, drafter in drafters.items():
                 start = time.perf_counter()
-                if engine is None:
-                    lm.drafter, lm.draft_tokens = (drafter or (None, 4))
-                    lm.speculative_stats = stats[name]
+                if drafter is None and not args.engine:
                     reply, first = direct_reply(lm, messages, args.new_tokens)
                 else:
                     reply, first = engine_reply(lm, engine, messages, args.new_tokens, drafter, stats[name])
                 seconds[name] += time.perf_counter() - start
                 prefill[name] += first
                 outputs[name].append(reply)
-        lm.drafter = None
         tokens = sum(map(len, outputs["plain"]))
         base = seconds["plain"] / tokens
         base_decode = (seconds["plain"] - prefill["plain"]) / (tokens - len(texts))
@@ -148,8 +147,8 @@ def engine_reply(lm, engine: Engine, messages: list[dict], new_tokens: int, draf
 
 
 def direct_reply(lm, messages: list[dict], new_tokens: int) -> tuple[list[int], float]:
-    """The reply's token ids from ``lm.new_tokens`` (speculative with ``lm.drafter``), and the seconds to
-    its first token."""
+    """The reply's token ids from ``lm.new_tokens`` (plain decoding: one KV cache, one token a pass), and the
+    seconds to its first token."""
     config = lm.sampling_config(**lm.chat_sampling({"temperature": 0.0, "max_new_tokens": new_tokens}))
     start, tokens, first = time.perf_counter(), [], None
     for token in lm.new_tokens(lm.chat_prompt(messages), config):

@@ -28,13 +28,7 @@ from lmforge.infer.engine import Engine
 from lmforge.infer.generate import generate_tokens
 from lmforge.infer.request import Completion, Request
 from lmforge.infer.sampling import SamplingConfig
-from lmforge.infer.speculative import (
-    DraftModel,
-    PromptLookup,
-    SpeculativeStats,
-    check_speculative,
-    speculative_tokens,
-)
+from lmforge.infer.speculative import DraftModel, PromptLookup, SpeculativeStats, check_speculative
 from lmforge.infer.stream import StopStrings, TextStream, cut_at_stop
 from lmforge.interop.packaged import resolve_model
 from lmforge.model import DecoderLM
@@ -60,9 +54,36 @@ class LanguageModel:
         """The new tokens of one prompt as they are decoded: speculatively when the model has a drafter
         (the same tokens greedy, the same distribution sampled), else one pass per token."""
         if self.drafter is not None:
-            return speculative_tokens(self.model, prompt_ids, config, self.drafter, self.draft_tokens,
-                                      self.runtime, self.speculative_stats)
+            check_speculative(config)
+            return self._engine_tokens(prompt_ids, config)
         return generate_tokens(self.model, prompt_ids, config, self.runtime, decode_step=self.decode_step)
+
+    def _engine_tokens(self, prompt_ids: list[int], config: SamplingConfig) -> Iterator[int]:
+        """One request through the batched engine at batch 1: speculative decoding's production path, whose
+        checking steps the compiled step runs (:func:`speculative_tokens` is the same on its own, eager)."""
+        engine = self.engine(1)
+        request = self.request(prompt_ids, config)
+        engine.validate(request)  # raises before the generator starts, like generate_tokens
+        return self._drive(engine, request)
+
+    def _drive(self, engine: Engine, request: Request) -> Iterator[int]:
+        stats, before = self.speculative_stats, (engine.stats.decode_steps, engine.stats.drafted, engine.stats.accepted)
+        engine.add(request)
+        finished = False
+        try:
+            while not finished:
+                for output in engine.step():
+                    if output.request_id == request.request_id:
+                        finished = output.finished
+                        stats.tokens += len(output.token_ids)
+                        yield from output.token_ids
+        finally:
+            if not finished:  # the caller stopped early (a stop string, a closed stream): free the slot
+                engine.abort(request.request_id)
+                engine.step()
+            stats.passes += engine.stats.decode_steps - before[0] + 1  # the prefill gives the first token
+            stats.drafted += engine.stats.drafted - before[1]
+            stats.accepted += engine.stats.accepted - before[2]
 
     def sampling_config(self, **sampling: Any) -> SamplingConfig:
         """A SamplingConfig from keyword arguments, with the tokenizer's end-of-text as a stop token."""
