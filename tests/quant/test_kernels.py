@@ -55,7 +55,7 @@ def test_kernel_equals_dequantize_then_multiply(isa, spec, restore_isa):
         layer = IntLinear.from_linear(torch.nn.Linear(inputs, outputs, bias=False), spec)
         layer.set_codes(*quantize_tensor(weight, spec))
         reference_weight = layer.dequantized()
-        for rows in (1, 2, 3, 4, 5, 9):
+        for rows in (1, 2, 3, 4, 5, 6, 8, 9):
             x = torch.randn(rows, inputs)
             y = run_kernel(layer, x)
             expected = x.double() @ reference_weight.double().T
@@ -167,7 +167,7 @@ def test_half_weight_kernel_equals_widen_then_multiply(isa, dtype, restore_isa, 
     torch.manual_seed(5)
     for inputs, outputs in SHAPES:
         weight = torch.randn(outputs, inputs).to(dtype)
-        for rows in (1, 2, 3, 4, 5, 9):
+        for rows in (1, 2, 3, 4, 5, 6, 8, 9):
             x = torch.randn(rows, inputs)
             y = kernels.half_linear(x, weight)
             expected = x.double() @ weight.double().T

@@ -58,6 +58,9 @@ from lmforge.infer.stream import StopStrings, TextStream
 from lmforge.model import DecoderLM
 from lmforge.runtime import Runtime
 
+# slot index -> (a speculating row's guesses, the distributions they were drawn from or None)
+Drafts = dict[int, tuple[list[int], torch.Tensor | None]]
+
 
 @dataclass
 class _Slot:
@@ -366,7 +369,7 @@ class Engine:
         tokens, slot_of, write, positions = [], [], [], []  # per token of the pass
         decode_mask = None
         if decoding:  # the decode step's rows first: slots 0..B-1, one token each, as in _decode
-            ids, pos, where = (sum(part, []) for part in self._decode_rows(decoding))
+            ids, pos, where = ([row[0] for row in part] for part in self._decode_rows(decoding))
             decode_mask = attention_mask(torch.tensor(pos)[:, None], max(pos) + 1).to(self.device)
             tokens += ids
             slot_of += range(len(ids))
@@ -452,7 +455,7 @@ class Engine:
 
     # ---- decoding -------------------------------------------------------------------------------
 
-    def _decode_rows(self, decoding: dict[int, _Sequence], drafts: dict[int, tuple[list[int], torch.Tensor | None]] | None = None,
+    def _decode_rows(self, decoding: dict[int, _Sequence], drafts: Drafts | None = None,
                      width: int = 1) -> tuple[list[list[int]], list[list[int]], list[list[int]]]:
         """(tokens, positions, cache indices) (B, width) of slots 0..B-1 for one decode step, B the bucket
         that spans the running rows: each row's pending token, then its guesses in ``drafts``. Slots
@@ -462,13 +465,13 @@ class Engine:
         ids, positions = [[0] * width for _ in range(batch)], [[0] * width for _ in range(batch)]
         write = [[self.cache.scratch] * width for _ in range(batch)]
         for index, sequence in decoding.items():
-            row, at = [sequence.pending, *(drafts or {}).get(index, ((),))[0]], len(sequence.slot.tokens)
+            guesses = drafts[index][0] if drafts and index in drafts else []
+            row, at = [sequence.pending, *guesses], len(sequence.slot.tokens)
             ids[index][:len(row)] = row
             positions[index][:len(row)] = write[index][:len(row)] = range(at, at + len(row))
         return ids, positions, write
 
-    def _decode(self, decoding: dict[int, _Sequence],
-                drafts: dict[int, tuple[list[int], torch.Tensor | None]]) -> list[RequestOutput]:
+    def _decode(self, decoding: dict[int, _Sequence], drafts: Drafts) -> list[RequestOutput]:
         """One forward pass over slots 0..B-1 (fixed shapes: the pass a compiled step runs): one token
         for every running row, or, when some rows have guesses in ``drafts``, each row's pending token
         and up to k guesses (B, 1 + k), k the most any of them may guess: every such step has one shape."""
@@ -524,7 +527,7 @@ class Engine:
             drawn.update(zip(indices, tokens.tolist()))
         return drawn
 
-    def _draft(self, decoding: dict[int, _Sequence]) -> dict[int, tuple[list[int], torch.Tensor | None]]:
+    def _draft(self, decoding: dict[int, _Sequence]) -> Drafts:
         """The guesses of the running rows whose requests speculate and whose drafter found some: slot
         index -> (guesses, the distributions they were drawn from or None). At most as many as leave
         room for the model's own token within ``max_new_tokens``."""

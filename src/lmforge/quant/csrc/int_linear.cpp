@@ -16,7 +16,7 @@
 // splits x into its even and odd inputs once per call, so the low halves of 8 bytes multiply 8
 // even inputs and the high halves the 8 odd ones, with no shuffling of the weights.
 //
-// Up to kMaxTile activation rows are done in one pass over the weights (each widened weight
+// Up to 8 activation rows (int4: 4) are done in one pass over the weights (each widened weight
 // vector serves every row). One body, written once over a small vector interface, is compiled
 // three times: for AVX-512, for AVX2 + FMA and for the compiler's baseline, and the CPU picks
 // at run time, so a build works on any x86-64 machine it runs on (and on other CPUs, scalar).
@@ -37,8 +37,6 @@
 #endif
 
 namespace {
-
-constexpr int kMaxTile = 4;
 
 // How the weights are stored: int8 codes (signed: symmetric; unsigned: with a zero point), int4
 // codes two to a byte, or 16-bit floats (fp16, bf16: no scale or zero, the weight itself).

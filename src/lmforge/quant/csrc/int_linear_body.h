@@ -49,7 +49,7 @@ inline void tile(const Problem& p, int64_t n0, int64_t m0) {
     if constexpr (C != Codes::u4) {
       int64_t k = g * gs;
       const int64_t end = k + gs;
-      for (; k + 2 * W <= end; k += 2 * W) {
+      for (; T <= 4 && k + 2 * W <= end; k += 2 * W) {  // (more rows are chains enough with one vector)
         for (int a = 0; a < A; ++a) {
           V xv[T];
           for (int t = 0; t < T; ++t) xv[t] = vload(x[t] + k + a * W);
@@ -59,12 +59,12 @@ inline void tile(const Problem& p, int64_t n0, int64_t m0) {
           }
         }
       }
-      for (; k + W <= end; k += W) {
-        V xv[T];
-        for (int t = 0; t < T; ++t) xv[t] = vload(x[t] + k);
-        for (int r = 0; r < R; ++r) {
-          const V w = widen<C>(row[r], k, z[r]);
-          for (int t = 0; t < T; ++t) acc[r][t][0] = vfma(w, xv[t], acc[r][t][0]);
+      for (; k + W <= end; k += W) {  // the R weight vectors held, each x vector loaded once for them
+        V w[R];
+        for (int r = 0; r < R; ++r) w[r] = widen<C>(row[r], k, z[r]);
+        for (int t = 0; t < T; ++t) {
+          const V xv = vload(x[t] + k);
+          for (int r = 0; r < R; ++r) acc[r][t][0] = vfma(w[r], xv, acc[r][t][0]);
         }
       }
       for (; k < end; ++k) {
@@ -113,10 +113,20 @@ inline void tile(const Problem& p, int64_t n0, int64_t m0) {
     for (int t = 0; t < T; ++t) p.y[(m0 + t) * p.N + n0 + r] = vsum(total[r][t]) + tail[r][t];
 }
 
-// Every activation row against R weight rows from n0: tiles of 4 activation rows (one weight
-// row at a time), then what is left (1: four weight rows at a time; 2: two; 3: one).
+// Every activation row against R weight rows from n0: 5 to 8 rows (not int4) in one tile, else
+// tiles of 4 activation rows (one weight row at a time), then what is left (1: four weight rows
+// at a time; 2: two; 3: one).
 template <int R, Codes C>
 inline void rows(const Problem& p, int64_t n0) {
+  if constexpr (C != Codes::u4) {  // 5 to 8 rows (a speculative step's checks) in one pass over the weights
+    switch (p.M) {
+      case 5: for (int r = 0; r < R; ++r) tile<5, 1, C>(p, n0 + r, 0); return;
+      case 6: for (int r = 0; r < R; ++r) tile<6, 1, C>(p, n0 + r, 0); return;
+      case 7: for (int r = 0; r < R; ++r) tile<7, 1, C>(p, n0 + r, 0); return;
+      case 8: for (int r = 0; r < R; ++r) tile<8, 1, C>(p, n0 + r, 0); return;
+      default: break;
+    }
+  }
   int64_t m = 0;
   for (; m + 4 <= p.M; m += 4)
     for (int r = 0; r < R; ++r) tile<4, 1, C>(p, n0 + r, m);
