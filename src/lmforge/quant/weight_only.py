@@ -16,8 +16,8 @@ reduction into one vectorized loop that streams each weight row once. That path 
 taken inside ``torch.compile`` (:class:`~lmforge.infer.CompiledDecodeStep`) for one
 row, batch-1 decoding. For 2 to 64 rows (a batch, a speculative step checking guesses, a
 short prompt), and for every row count up to 64 in eager mode, the C++ kernel of
-:mod:`lmforge.quant.kernels` does the same in one pass over the weights for up to four
-rows at a time (``half_linear``: F16C or AVX-512 widening, fp32 FMAs). Above 64 rows (a
+:mod:`lmforge.quant.kernels` does the same, one pass over the weights serving up to
+eight rows (``half_linear``: F16C or AVX-512 widening, fp32 FMAs). Above 64 rows (a
 long prompt) the weight is widened to fp32 and multiplied by the usual kernels, which win
 once each weight serves many rows.
 
