@@ -127,23 +127,18 @@ def main() -> None:
 
 def engine_reply(lm, engine: Engine, messages: list[dict], new_tokens: int, drafter,
                  stats: SpeculativeStats) -> tuple[list[int], float]:
-    """The reply's token ids from the engine at batch 1, and the seconds to its first token (the prefill);
-    ``stats`` gains its passes and guesses."""
+    """The reply's token ids from the engine at batch 1 (``lm.run_request``, the Python API's path for a
+    drafter), and the seconds to its first token (the prefill); ``stats`` gains its passes and guesses."""
     config = lm.sampling_config(**lm.chat_sampling({"temperature": 0.0, "max_new_tokens": new_tokens}))
     guesser, k = drafter or (None, 4)
-    before = (engine.stats.decode_steps, engine.stats.drafted, engine.stats.accepted)
-    start = time.perf_counter()
-    engine.add(Request(lm.chat_prompt(messages), config, drafter=guesser and guesser.fork(), draft_tokens=k))
-    tokens, first = [], None
-    while engine.has_work:
-        for output in engine.step():
-            tokens += output.token_ids
+    lm.speculative_stats = stats
+    start, tokens, first = time.perf_counter(), [], None
+    request = Request(lm.chat_prompt(messages), config, drafter=guesser and guesser.fork(), draft_tokens=k,
+                      decode=lm.reply_text)
+    for token in lm.run_request(engine, request):
+        tokens.append(token)
         first = first or time.perf_counter() - start
-    stats.passes += engine.stats.decode_steps - before[0] + 1  # the prefill gives the first token
-    stats.drafted += engine.stats.drafted - before[1]
-    stats.accepted += engine.stats.accepted - before[2]
-    stats.tokens += len(tokens)
-    return tokens, first
+    return tokens, first or 0.0
 
 
 def direct_reply(lm, messages: list[dict], new_tokens: int) -> tuple[list[int], float]:

@@ -64,9 +64,16 @@ class LanguageModel:
         engine = self.engine(1)
         request = self.request(prompt_ids, config)
         engine.validate(request)  # raises before the generator starts, like generate_tokens
-        return self._drive(engine, request)
+        return self.run_request(engine, request)
 
-    def _drive(self, engine: Engine, request: Request) -> Iterator[int]:
+    @property
+    def draft_width(self) -> int:
+        """The guesses a speculative step checks (what ``Engine.warm_up`` compiles for): 0 without a drafter."""
+        return self.draft_tokens if self.drafter is not None else 0
+
+    def run_request(self, engine: Engine, request: Request) -> Iterator[int]:
+        """The new tokens of ``request`` as ``engine`` (empty of other work) decodes them; its passes and
+        guesses are added to :attr:`speculative_stats`. Stopping early aborts the request."""
         stats, before = self.speculative_stats, (engine.stats.decode_steps, engine.stats.drafted, engine.stats.accepted)
         engine.add(request)
         finished = False

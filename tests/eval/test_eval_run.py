@@ -210,6 +210,21 @@ def test_cli_eval_compile_gives_the_eager_replies(tiny_lm, tmp_path, capsys):
     assert replies["--compile"] == replies[""] == replies["--prompt-lookup 2"] and any(replies[""])
 
 
+def test_generation_tasks_speculate_with_a_drafter_and_answer_as_plain(tiny_lm):
+    """The harness's generation requests take the model's drafter: the guesses are checked (the engine
+    counts them) and the answers are plain decoding's."""
+    import dataclasses
+
+    from lmforge.infer.speculative import PromptLookup
+
+    prompts = ["Paris is the capital of France. Paris is", "true false null. true false", "[1, 2, 3] [1, 2,"]
+    plain = LocalModel(tiny_lm, progress=False, batch_size=2, context=256).generate(prompts, ["\n\n"], 24)
+    looked = LocalModel(dataclasses.replace(tiny_lm, drafter=PromptLookup()), progress=False, batch_size=2,
+                        context=256)
+    assert looked.generate(prompts, ["\n\n"], 24) == plain
+    assert looked.engine.stats.accepted > 0
+
+
 def test_cli_bad_input_exits_2_with_a_clear_message(tmp_path, capsys):
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"question": "q", "choices": ["a", "b"], "answer": 5}) + "\n")

@@ -508,7 +508,7 @@ def run_eval(config: EvalConfig, model_path: str | None = None, progress: bool =
         if config.compile:
             if progress:
                 print(f"compiling the decode step for batch sizes {model.engine.decode_buckets} ...", flush=True)
-            seconds = model.engine.warm_up(model.lm.draft_tokens if model.lm.drafter is not None else 0)
+            seconds = model.engine.warm_up(model.lm.draft_width)
             if progress:
                 print(f"compiled in {seconds:.0f} s", flush=True)
     results = evaluate(model, config, name, tasks)

@@ -519,9 +519,7 @@ class Engine:
         for indices in groups.values():
             if len(indices) < 2:
                 continue
-            scores = logits[indices]  # (n, V), a copy
-            if self.vocab_limit is not None:
-                scores[:, self.vocab_limit:] = float("-inf")
+            scores = self._in_vocabulary(logits[indices])
             config = rows[indices[0]].request.sampling
             tokens = draw(scores, config, [rows[i].generator for i in indices])
             drawn.update(zip(indices, tokens.tolist()))
@@ -548,11 +546,7 @@ class Engine:
                logits: torch.Tensor) -> RequestOutput:
         """Verify a row's guesses against the model's fp32 logits (1 + g, V) at their places: keep those
         it agrees with and add its own next token; each token ends the request as a sampled one would."""
-        scores = logits
-        if self.vocab_limit is not None:
-            scores = logits.clone()
-            scores[:, self.vocab_limit:] = float("-inf")
-        new = verify(scores, guesses, q, sequence.request.sampling, sequence.generator)
+        new = verify(self._in_vocabulary(logits), guesses, q, sequence.request.sampling, sequence.generator)
         self.stats.drafted += len(guesses)
         self.stats.accepted += len(new) - 1
         slot = sequence.slot
@@ -573,13 +567,18 @@ class Engine:
         self._emit(sequence, output, token, logits)
         return output
 
+    def _in_vocabulary(self, logits: torch.Tensor) -> torch.Tensor:
+        """``logits`` (..., V), or a copy with the ids past the tokenizer's at -inf (never chosen)."""
+        if self.vocab_limit is None:
+            return logits
+        scores = logits.clone()
+        scores[..., self.vocab_limit:] = float("-inf")
+        return scores
+
     def _choose(self, sequence: _Sequence, logits: torch.Tensor) -> int:
         """Draw one row's next token from its fp32 logits (V,) with its penalties and constraint."""
         request, config = sequence.request, sequence.request.sampling
-        scores = logits[None]  # (1, V)
-        if self.vocab_limit is not None:
-            scores = scores.clone()
-            scores[:, self.vocab_limit:] = float("-inf")
+        scores = self._in_vocabulary(logits[None])  # (1, V)
         if config.repetition_penalty != 1.0:
             seen = torch.tensor([request.prompt_ids + sequence.generated], device=self.device)
             scores = apply_repetition_penalty(scores, seen, config.repetition_penalty)

@@ -212,7 +212,7 @@ class IntLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bias = None if self.bias is None else self.bias.to(x.dtype)
-        if x.device.type == "cpu" and x.numel() <= kernels.KERNEL_MAX_ROWS * x.shape[-1] and kernels.available():
+        if kernels.serves(x):
             if self.spec.activations != "none":
                 y = kernels.int_linear_a8(x, self.qweight, self.scale, self.zero, self.act_scale, self.spec.bits,
                                           self.offset)

@@ -1,4 +1,5 @@
-"""CPU kernels for integer weights: a small C++ extension, built on first use, with a pure-PyTorch fallback.
+"""CPU kernels for integer and 16-bit weights: a small C++ extension, built on first use, with a pure-PyTorch
+fallback.
 
 Decoding at batch 1 reads every weight once per token and does two FLOPs with each: the
 step is bound by the bytes it reads. int8 weights are a quarter of fp32's bytes, int4 an
@@ -10,12 +11,15 @@ multiplied into fp32 accumulators, and the group's scale applied once to the sum
 same body is compiled for AVX-512, AVX2 + FMA and plain C++; the CPU picks at run time.
 For layers with int8 activations (W8A8, W4A8) a second kernel rounds the activations to
 int8 too and sums products of bytes in 32-bit integers (AVX2's byte multiply-add: 32
-products per instruction), as llama.cpp does for its q8_0 and q4_0 files.
+products per instruction), as llama.cpp does for its q8_0 and q4_0 files. A third runs the
+first kernel's body over fp16 or bf16 weights (``half_linear``, for ``--weights fp16``):
+each weight widened to fp32 as it is read, no scale or zero.
 
 The extension is built with ``torch.utils.cpp_extension`` the first time an integer layer
 runs (about a minute on 2 cores; cached afterwards under ``TORCH_EXTENSIONS_DIR``, by
 default ``~/.cache/torch_extensions``). Without a C++ compiler, or with
-``LMFORGE_INT_KERNELS=off``, integer layers use the reference: dequantize, then multiply.
+``LMFORGE_INT_KERNELS=off``, integer layers use the reference (dequantize, then multiply)
+and 16-bit layers widen their weight for PyTorch's matrix kernels.
 The op is ``torch.ops.lmforge.int_linear``, with a fake implementation so that
 ``torch.compile`` (the compiled decode step) calls it as an opaque kernel.
 
@@ -33,7 +37,7 @@ from pathlib import Path
 import torch
 
 __all__ = ["KERNEL_MAX_ROWS", "available", "best_isa", "dequantize", "half_linear", "int_linear_a8", "int_linear",
-           "isa", "set_isa"]
+           "isa", "serves", "set_isa"]
 
 # Up to this many activation rows an integer layer uses the kernels; above it (a long prompt)
 # it dequantizes the weight and calls the usual matrix kernels, which win once the weights
@@ -103,6 +107,12 @@ def _register_fake() -> None:
 def available() -> bool:
     """True when the extension is built (or builds now) and loads."""
     return bool(_load())
+
+
+def serves(x: torch.Tensor) -> bool:
+    """Whether a layer takes the kernels for input ``x`` (..., K): on a CPU, at most :data:`KERNEL_MAX_ROWS`
+    rows, the extension built."""
+    return x.device.type == "cpu" and x.numel() <= KERNEL_MAX_ROWS * x.shape[-1] and available()
 
 
 def isa() -> str:

@@ -91,8 +91,7 @@ class WeightOnlyLinear(nn.Module):
         rows = x.numel() // x.shape[-1]
         if torch.compiler.is_compiling() and rows <= MATVEC_MAX_ROWS:  # Inductor's fused loop
             y = matvec(x.reshape(rows, x.shape[-1]), self.weight).reshape(*x.shape[:-1], self.out_features)
-        elif x.dtype == torch.float32 and x.device.type == "cpu" and rows <= kernels.KERNEL_MAX_ROWS \
-                and kernels.available():  # the C++ kernel: weights widened in registers
+        elif x.dtype == torch.float32 and kernels.serves(x):  # the C++ kernel: weights widened in registers
             y = kernels.half_linear(x, self.weight)
         else:
             return F.linear(x, self.weight.to(x.dtype), self.bias)

@@ -85,7 +85,7 @@ def build_models(paths: dict[str, str], config: ServeConfig, log=print, speculat
             f"in {time.perf_counter() - start:.1f} s")
         if config.compile:
             log(f"[serve] {name}: compiling the decode step for batch sizes {served.engine.decode_buckets} ...")
-            seconds = served.engine.warm_up(lm.draft_tokens if lm.drafter is not None else 0)
+            seconds = served.engine.warm_up(lm.draft_width)
             log(f"[serve] {name}: compiled in {seconds:.0f} s")
         models[name] = served
     return models
