@@ -13,6 +13,11 @@ whose prompt is the exact string lmforge built, so both sides score the same req
     python benchmarks/eval.py --limit-mc 8 --limit-gen 4        # a quick check
     python benchmarks/eval.py --tasks pyref_mc pyref_qa --dtype bf16 --repeats 3 --out runs/bench-eval.json
     python benchmarks/eval.py --tasks verifiable pyref_qa --shots 5 --dtype bf16  # few-shot: a shared prefix
+    python benchmarks/eval.py --tasks verifiable pyref_qa --weights fp16        # lmforge: 16-bit weights, fp32 math
+
+With ``--weights fp16`` (or bf16) lmforge stores its weights rounded to 16 bits and multiplies
+in fp32 (`lmforge eval --weights`), while lm-eval keeps ``--dtype``'s weights: not quite the
+same model any more, so the agreement columns show how many replies and choices differ.
 
 Generation tasks are asked in the model's chat format on both sides by default (``--chat
 generate``: lmforge ``--chat on``, lm-eval ``apply_chat_template``): asked plainly, as
@@ -81,8 +86,9 @@ class LmforgeSide:
 
         self.args = args
         start = time.perf_counter()
-        self.model = LocalModel(load(args.model, device=args.device, dtype=args.dtype, compile=args.compile,
-                                     autotune=False), name=args.model, batch_size=args.batch_size, progress=False)
+        lm = load(args.model, device=args.device, dtype=args.dtype, compile=args.compile, weights=args.weights,
+                  autotune=False)
+        self.model = LocalModel(lm, name=args.model, batch_size=args.batch_size, progress=False)
         self.load_seconds = time.perf_counter() - start
         self.compile_seconds = self.model.engine.warm_up() if args.compile else 0.0  # what `lmforge eval --compile` does
         if args.compile:
@@ -97,7 +103,8 @@ class LmforgeSide:
         args = self.args
         prompting = f"few:{args.shots}" if args.shots else "zero"
         config = EvalConfig(tasks=spec, prompting=prompting, limit=limit, seed=args.seed, chat="on" if chat else "off",
-                            batch_size=args.batch_size, leaderboard="", out="", device=args.device, dtype=args.dtype)
+                            batch_size=args.batch_size, leaderboard="", out="", device=args.device, dtype=args.dtype,
+                            weights=args.weights)
         results = evaluate(self.model, config, args.model)
         entry = results["tasks"][name][prompting]
         print(f"  lmforge {name}: {entry['n']} items in {entry['seconds']:.1f}s", flush=True)
@@ -310,6 +317,9 @@ def main() -> None:
     parser.add_argument("--limit-gen", type=int, default=40, help="items per generation task")
     parser.add_argument("--dtype", choices=sorted(LM_EVAL_DTYPES), default="fp32",
                         help="compute dtype on both sides")
+    parser.add_argument("--weights", choices=["fp32", "fp16", "bf16"], default="fp32",
+                        help="lmforge only: store its weights in 16 bits, arithmetic in fp32 (`lmforge eval "
+                             "--weights`; needs --dtype fp32); lm-eval keeps --dtype's weights")
     parser.add_argument("--device", default="cpu", help="cpu or cuda, both sides")
     parser.add_argument("--batch-size", type=int, default=16, help="lmforge: requests decoded together (engine slots)")
     parser.add_argument("--lm-eval-batch-size", type=int, default=16,
@@ -340,6 +350,7 @@ def main() -> None:
         tasks[task.name], specs[task.name] = task, (spec, limit)
     print(f"machine: {machine()}")
     print(f"model {args.model}, dtype {args.dtype} on both sides (lm-eval dtype={LM_EVAL_DTYPES[args.dtype]}), "
+          f"lmforge weights stored in {args.weights}, "
           f"batch size lmforge {args.batch_size} / lm-eval {args.lm_eval_batch_size}, {args.shots}-shot; tasks "
           + ", ".join(f"{name} ({task.kind}, {len(task.test)} items)" for name, task in tasks.items()), flush=True)
 
@@ -373,6 +384,7 @@ def main() -> None:
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps({"machine": machine(), "model": args.model, "dtype": args.dtype,
+                                              "weights": args.weights,
                                               "batch_size": args.batch_size, "repeats": args.repeats, "chat": args.chat,
                                               "lm_eval_batch_size": args.lm_eval_batch_size, "shots": args.shots,
                                               "compile": args.compile,

@@ -210,6 +210,37 @@ def test_cli_eval_compile_gives_the_eager_replies(tiny_lm, tmp_path, capsys):
     assert replies["--compile"] == replies[""] == replies["--prompt-lookup 2"] and any(replies[""])
 
 
+def test_cli_eval_weights_scores_the_16_bit_model(tiny_lm, tmp_path):
+    """`lmforge eval --weights fp16` scores the model with its weights rounded to fp16 (what
+    `lmforge.load(..., weights="fp16")` gives, not the fp32 model) and keeps that in the config hash."""
+    from lmforge.api import load
+    from lmforge.checkpoint import save_checkpoint
+
+    checkpoint = save_checkpoint(tmp_path / "ckpt", tiny_lm.model, tiny_lm.tokenizer)
+    task_file = tmp_path / "pick.jsonl"
+    task_file.write_text("\n".join(json.dumps({"question": q, "choices": [" fox", " dog", " [1, 2"], "answer": 0})
+                                   for q in ["The quick brown", "Paris is the", "[1, 2,"]) + "\n")
+    saved = {}
+    for weights in ("fp32", "fp16"):
+        out = tmp_path / weights
+        assert main(["eval", str(checkpoint), "--tasks", str(task_file), "--out", str(out), "--leaderboard", "",
+                     "--dtype", "fp32", "--bootstrap", "20", "--weights", weights]) == 0
+        lines = (out / "samples" / "pick.zero.jsonl").read_text().splitlines()
+        saved[weights] = (json.loads((out / "results.json").read_text()),
+                          torch.tensor([json.loads(line)["loglikelihoods"] for line in lines]))
+    expected = {}
+    for weights in ("fp32", "fp16"):
+        model = LocalModel(load(checkpoint, dtype="fp32", weights=weights, autotune=False), progress=False)
+        config = EvalConfig(tasks=str(task_file), prompting="zero", leaderboard="", out="", bootstrap=20)
+        records = evaluate(model, config, "tiny")["samples"]["pick.zero"]
+        expected[weights] = torch.tensor([r["loglikelihoods"] for r in records])
+    assert not torch.allclose(expected["fp16"], expected["fp32"], atol=1e-6, rtol=0)  # the rounding shows
+    for weights in ("fp32", "fp16"):
+        assert torch.allclose(saved[weights][1], expected[weights], atol=2e-5, rtol=0)
+    assert saved["fp16"][0]["config"]["weights"] == "fp16"
+    assert saved["fp16"][0]["config_hash"] != saved["fp32"][0]["config_hash"]
+
+
 def test_generation_tasks_speculate_with_a_drafter_and_answer_as_plain(tiny_lm):
     """The harness's generation requests take the model's drafter: the guesses are checked (the engine
     counts them) and the answers are plain decoding's."""
@@ -233,7 +264,9 @@ def test_cli_bad_input_exits_2_with_a_clear_message(tmp_path, capsys):
              (["--tasks", "pyref_mc", "--prompting", "many"], "unknown prompting strategy 'many'"),
              (["--tasks", "pyref_mc", "--base-url", "http://127.0.0.1:9"], "cannot reach"),
              (["--tasks", "pyref_mc", "--base-url", "http://127.0.0.1:9", "--compile"], "--compile is for a local"),
-             (["--tasks", "pyref_mc", "--base-url", "http://127.0.0.1:9", "--prompt-lookup"], "for a local model")]
+             (["--tasks", "pyref_mc", "--base-url", "http://127.0.0.1:9", "--prompt-lookup"], "for a local model"),
+             (["--tasks", "pyref_mc", "--base-url", "http://127.0.0.1:9", "--weights", "fp16"], "for a local model"),
+             (["--tasks", "pyref_mc", "--weights", "int3"], "--weights 'int3': choose fp32, fp16 or bf16")]
     for flags, message in cases:
         assert main(["eval", *flags, "--leaderboard", "", "--out", str(tmp_path / "x")]) == 2
         assert message in capsys.readouterr().err

@@ -60,7 +60,7 @@ def _max_tokens(model: ServedModel, prompt: list[int], asked: int | None, defaul
     return wanted
 
 
-def _constraint(model: ServedModel, schema: dict | None, stop_ids: list[int]):
+def json_constraint(model: ServedModel, schema: dict | None, stop_ids: list[int]):
     from lmforge.errors import InputError
     from lmforge.infer.constrain import JsonConstraint
 
@@ -87,13 +87,19 @@ def _response_schema(response_format: dict | None) -> tuple[bool, dict | None]:
                    "response_format")
 
 
+def chat_prompt(model: ServedModel, messages: list[dict], functions: list[dict]) -> list[int]:
+    """The prompt ids of OpenAI ``messages`` with the tool definitions ``functions``, in the model's chat
+    format (the tools in its template's own words when it has a ``tools`` variable, else the system prompt)."""
+    messages = prepare_messages(messages, functions, model.template_takes_tools)
+    if not (functions and model.template_takes_tools):
+        return model.chat_ids(messages)
+    tools = [{"type": "function", "function": f} for f in functions]
+    return model.encode_plain(model.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tools=tools))
+
+
 def build_chat(model: ServedModel, body: ChatCompletionRequest) -> Plan:
     functions, forced = check_tools(body.tools, body.tool_choice)
-    messages = prepare_messages(body.messages, functions, model.template_takes_tools)
-    prompt = model.chat_ids(messages) if not (functions and model.template_takes_tools) \
-        else model.encode_plain(model.tokenizer.apply_chat_template(messages, add_generation_prompt=True,
-                                                                   tools=[{"type": "function", "function": f}
-                                                                          for f in functions]))
+    prompt = chat_prompt(model, body.messages, functions)
     if forced is not None:
         prompt = prompt + model.encode_plain(OPEN + "\n")
     stop_ids = [] if body.ignore_eos else model.end_of_turn()
@@ -108,7 +114,7 @@ def build_chat(model: ServedModel, body: ChatCompletionRequest) -> Plan:
     if body.top_logprobs and not body.logprobs:
         raise APIError(400, "top_logprobs needs logprobs=true", "top_logprobs")
     requests = [model.request(prompt, _with_seed(config, body.seed, i), logprobs=top,
-                              constraint=_constraint(model, schema, stop_ids or model.end_of_text()) if constrain else None)
+                              constraint=json_constraint(model, schema, stop_ids or model.end_of_text()) if constrain else None)
                 for i in range(body.n)]
     return Plan(requests, tools=bool(functions), forced_call=forced is not None, id=f"chatcmpl-{uuid.uuid4().hex}")
 
