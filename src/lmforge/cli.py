@@ -662,6 +662,16 @@ def cmd_eval(args: argparse.Namespace) -> None:
           + (f"; added to {config.leaderboard}" if config.leaderboard else ""))
 
 
+def cmd_agent(args: argparse.Namespace) -> None:
+    from lmforge.agent.loop import AgentConfig
+    from lmforge.agent.run import AgentSetup, run_agent
+
+    if args.resume and args.question:
+        raise InputError("give a question or --resume TRACE, not both")
+    run_agent(build(AgentSetup, args), build(AgentConfig, args), args.model, args.question, trace=args.trace,
+              resume=args.resume, quiet=args.quiet)
+
+
 def cmd_human(argv: list[str]) -> None:
     """``lmforge eval human-items PROMPTS --model A=PATH [--model B=PATH] --out ITEMS``,
     ``lmforge eval human-report DB`` and ``lmforge eval human-export DB --out FILE``."""
@@ -1075,6 +1085,25 @@ def make_parser() -> argparse.ArgumentParser:
     add_arguments(p, EvalConfig)
     _add_speculative_options(p)
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("agent", help="a model that calls tools (calculator, sandboxed Python, files, search) "
+                                     "step by step until it answers",
+                       description="Answer a question with tools: the model thinks, calls a tool, reads the result, "
+                                   "... then answers, within step, time and token budgets. Without a question, "
+                                   "asks for questions until an empty line. Every run can write a JSONL trace "
+                                   "(--trace) and be resumed from it (--resume). See docs/AGENTS.md.")
+    p.add_argument("question", nargs="?", default=None, help="the question (omit for an interactive session)")
+    p.add_argument("--model", default=None, help="checkpoint, HF directory, .gguf or packaged name (default: "
+                                                 "smollm2-135m-instruct); with --base-url: the server's model name")
+    p.add_argument("--trace", default=None, help="write the run's steps here as JSON lines")
+    p.add_argument("--resume", default=None, metavar="TRACE", help="continue the stopped run this trace records")
+    p.add_argument("--quiet", action="store_true", help="print only the answer and the summary line")
+    from lmforge.agent.loop import AgentConfig
+    from lmforge.agent.run import AgentSetup
+
+    add_arguments(p, AgentSetup)
+    add_arguments(p, AgentConfig)
+    p.set_defaults(func=cmd_agent)
 
     p = sub.add_parser("leaderboard", help="the scores of every evaluation run, as tables and a static page")
     p.add_argument("--db", default="runs/leaderboard.sqlite", help="the database `lmforge eval` writes")
