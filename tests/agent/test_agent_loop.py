@@ -218,3 +218,27 @@ def test_cli_bad_input_exits_2(capsys, tmp_path):
     for flags, message in cases:
         assert main(["agent", *flags, "--dtype", "fp32"]) == 2, flags
         assert message in capsys.readouterr().err, flags
+
+
+def test_plan_then_execute_writes_a_plan_and_revises_it_after_a_failed_step(tools, tmp_path):
+    backend = Scripted(Reply(content="1. Add the numbers with add.\n2. Give the answer."),
+                       calls(call("add", a="2", b=2)),
+                       Reply(content="1. Call add with integers.\n2. Give the answer."),
+                       calls(call("add", a=2, b=2)), calls(call(FINAL_ANSWER, answer="4")))
+    result = Agent(backend, tools, AgentConfig(plan=True)).run("What is 2 + 2?", trace=tmp_path / "t.jsonl")
+    assert result.answer == "4"
+    assert backend.seen[0]["tools"] == [] and "numbered plan" in backend.seen[0]["messages"][-1]["content"]
+    assert "Your plan:\n1. Add the numbers with add." in backend.seen[1]["messages"][0]["content"]
+    assert "A step failed: error: argument 'a'" in backend.seen[2]["messages"][-1]["content"]
+    revised = backend.seen[3]["messages"][0]["content"]
+    assert "1. Call add with integers." in revised and "Add the numbers with add" not in revised
+    assert [e["kind"] for e in result.events if e["event"] == "note"] == ["plan", "plan"]
+    assert replay(read_events(tmp_path / "t.jsonl"))[0][0]["content"] == revised
+
+
+def test_plan_revisions_are_bounded(tools):
+    backend = Scripted(Reply(content="1. Try."), calls(call("broken")), Reply(content="1. Try again."),
+                       calls(call("broken")), calls(call(FINAL_ANSWER, answer="no")))
+    result = Agent(backend, tools, AgentConfig(plan=True, revisions=1, repairs=5)).run("Q")
+    assert [e["kind"] for e in result.events if e["event"] == "note"] == ["plan", "plan"]
+    assert result.answer == "no" and len(backend.seen) == 5

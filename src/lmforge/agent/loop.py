@@ -12,6 +12,10 @@ room for the reply. When it does not, the oldest turns (everything between the q
 and the last ``keep_turns`` turns) are replaced by a summary the model writes of them;
 if that is still too long, the oldest tool results are cut.
 
+Plan, then execute (``plan=True``): before the first turn the model writes a numbered plan
+(no tools), which goes into the system prompt; after a failed tool call it rewrites the plan
+(at most ``revisions`` times) before going on.
+
 Long-term memory (:class:`~lmforge.agent.memory.Memory`, optional): the facts relevant to
 the question are put in the system prompt, the model gets ``remember`` and ``recall``
 tools, and an answered question is stored with its answer.
@@ -42,6 +46,11 @@ SYSTEM = ("You are a helpful assistant. Solve the task step by step. Call a tool
 MALFORMED = ("Your tool call did not parse. Write it as <tool_call>\n{\"name\": <tool name>, \"arguments\": "
              "{...}}\n</tool_call> with valid JSON, or answer without a tool.")
 FINAL_ANSWER = "final_answer"
+PLAN_MARK = "\n\nYour plan:\n"
+PLAN = ("Write a short numbered plan (at most five steps) for answering the question above with the tools "
+        "{tools}. Write only the plan.")
+REVISE = ("A step failed: {error}\nWrite a revised numbered plan (at most five steps) that gets around it. "
+          "Write only the plan.")
 SUMMARIZE = "Summarize the conversation above in a few lines: what was asked, what was tried, what was found."
 
 
@@ -59,6 +68,9 @@ class AgentConfig:
     repairs: int = field(2, "failed tool calls in a row sent back to the model before the run stops")
     temperature: float = field(0.0, "0 decodes greedily; above 0 samples (turn i with seed + i)")
     seed: int = field(0, "seed for sampled turns")
+    plan: bool = field(False, "plan, then execute: the model first writes a numbered plan, follows it with the "
+                              "tools, and revises it when a step fails")
+    revisions: int = field(2, "with plan: times the plan may be rewritten after a failed step")
     keep_turns: int = field(4, "turns kept word for word when older ones are summarized to fit the context")
     system: str = field(SYSTEM, "the system prompt (the tool list is added to it)")
 
@@ -68,6 +80,8 @@ class AgentConfig:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.tool_choice not in ("required", "auto"):
             raise ValueError(f"tool_choice must be required or auto, got {self.tool_choice!r}")
+        if self.revisions < 0:
+            raise ValueError(f"revisions must be >= 0, got {self.revisions}")
         if self.max_seconds <= 0 or self.repairs < 0 or self.temperature < 0 or self.keep_turns < 1:
             raise ValueError("max_seconds must be > 0, repairs >= 0, temperature >= 0, keep_turns >= 1")
 
@@ -161,6 +175,11 @@ class Agent:
                 if event["ok"] and event["error"] is None:
                     done[event["name"] + json.dumps(event["arguments"], sort_keys=True)] = event["content"]
         answer, stopped, failures = "", "steps", 0
+        revisions = sum(1 for e in writer.events if e["event"] == "note" and e.get("kind") == "plan") - 1
+        if config.plan and revisions < 0:  # plan, then execute
+            counts["completion"] += self._plan(messages, step, writer, PLAN.format(tools=", ".join(
+                n for n in self.tools.names if n != FINAL_ANSWER)))
+            revisions = 0
         choice = config.tool_choice  # the next turn's: after a repeated call, the final answer is asked for
         while step < config.max_steps:
             if time.monotonic() - start >= config.max_seconds:
@@ -216,6 +235,9 @@ class Agent:
                 if result.ok and result.name == FINAL_ANSWER:
                     answer, stopped = result.content.strip(), "answer"
                     break
+                if not result.ok and config.plan and revisions < config.revisions:
+                    revisions += 1
+                    counts["completion"] += self._plan(messages, step, writer, REVISE.format(error=result.content))
             if stopped == "answer":
                 break
             if failures > config.repairs:
@@ -233,6 +255,15 @@ class Agent:
                            failed_calls=counts["failed"], malformed=counts["malformed"],
                            prompt_tokens=counts["prompt"], completion_tokens=counts["completion"],
                            seconds=seconds, messages=messages, events=writer.events)
+
+    def _plan(self, messages: list[dict], step: int, writer: TraceWriter, ask: str) -> int:
+        """Have the model write (or rewrite) its plan, kept in the system prompt; the tokens it took."""
+        request = [*messages, {"role": "user", "content": ask}]
+        reply = self.backend.complete(request, [], max_tokens=min(160, self.config.max_new_tokens))
+        plan = (reply.content or "").strip() or "(no plan)"
+        system = messages[0]["content"].split(PLAN_MARK)[0] + PLAN_MARK + plan + "\nCarry it out step by step."
+        self._note(messages, writer, step, "system", system, "plan", replaces=(0, 1))
+        return reply.completion_tokens
 
     def _note(self, messages: list[dict], writer: TraceWriter, step: int, role: str, content: str, kind: str,
               replaces: tuple[int, int] | None = None) -> None:
