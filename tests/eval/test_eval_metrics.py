@@ -412,3 +412,20 @@ def test_bootstrap_stderr():
 def test_empty_and_mismatched_inputs_raise(call):
     with pytest.raises(ValueError):
         call()
+
+
+def test_wilson_interval_matches_scipy():
+    from scipy.stats import binomtest
+
+    from lmforge.eval import metrics as M
+
+    rng = random.Random(7)
+    for n in [1, 2, 5, 20, 137]:
+        for k in {0, n, rng.randint(0, n), rng.randint(0, n)}:
+            expected = binomtest(k, n).proportion_ci(confidence_level=0.95, method="wilson")
+            low, high = M.wilson_interval(k, n)
+            assert (low, high) == pytest.approx((expected.low, expected.high), abs=1e-6)
+    assert M.wilson_interval(0, 20) == pytest.approx((0.0, 0.16113), abs=1e-4)
+    assert all(math.isnan(v) for v in M.wilson_interval(0, 0))
+    with pytest.raises(ValueError):
+        M.wilson_interval(3, 2)

@@ -658,3 +658,20 @@ def bootstrap_stderr(
     rng = np.random.default_rng(seed)
     replicates = [float(metric(array[rng.integers(0, array.size, size=array.size)])) for _ in range(iterations)]
     return float(np.std(replicates, ddof=1))
+
+
+def wilson_interval(successes: int, n: int, z: float = 1.959964) -> tuple[float, float]:
+    """Wilson score interval for a success rate (95% for the default z): the p where
+    ``|p_hat - p| = z * sqrt(p (1 - p) / n)``, i.e. centre ``(p_hat + z²/2n) / (1 + z²/n)`` and
+    half-width ``z / (1 + z²/n) * sqrt(p_hat (1 - p_hat) / n + z² / 4n²)``. Unlike the normal
+    interval it stays inside [0, 1] and is not empty at 0 or n successes: 0 of 20 gives
+    (0, 0.161). (nan, nan) when n is 0."""
+    if n < 0 or not 0 <= successes <= max(n, 0):
+        raise ValueError(f"need 0 <= successes <= n, got {successes} of {n}")
+    if n == 0:
+        return math.nan, math.nan
+    p = successes / n
+    scale = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / scale
+    half = z / scale * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+    return max(0.0, centre - half), min(1.0, centre + half)

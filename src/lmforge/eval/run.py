@@ -247,6 +247,8 @@ def aggregate(kind: str, records: list[dict], iterations: int = 1000, seed: int 
         out["word_perplexity"] = {"value": math.exp(-logprob / words)}
         out["byte_perplexity"] = {"value": 2 ** out["bits_per_byte"]["value"]}
         return out
+    if kind == "agent":
+        return _aggregate_agent(records, iterations, seed)
     names = [k for k in ("acc", "acc_norm", "exact_match_strict", "exact_match_flexible", "f1", "rouge1", "rougeL")
              if k in records[0]]
     for name in names:
@@ -288,7 +290,22 @@ def aggregate(kind: str, records: list[dict], iterations: int = 1000, seed: int 
     return out
 
 
-MAIN_METRIC = {"multiple_choice": "acc", "generate": "exact_match_flexible", "perplexity": "bits_per_byte"}
+def _aggregate_agent(records: list[dict], iterations: int, seed: int) -> dict:
+    """Success rate (bootstrap standard error; 95% Wilson interval), parse rate, turns, tool calls and tokens."""
+    success = [r["success"] for r in records]
+    solved = sum(success)
+    low, high = M.wilson_interval(int(solved), len(records))
+    parsed = [r["parse_rate"] for r in records if r["parse_rate"] is not None]
+    out = {"success": _stat(success, iterations, seed), "success_ci95": {"value": {"low": low, "high": high}},
+           "parse_rate": {"value": float(np.mean(parsed)) if parsed else float("nan")}}
+    for name in ("steps", "tool_calls", "tokens"):
+        out[name] = {"value": float(np.mean([r[name] for r in records]))}
+    out["tokens_per_success"] = {"value": sum(r["tokens"] for r in records) / solved if solved else float("nan")}
+    return out
+
+
+MAIN_METRIC = {"multiple_choice": "acc", "generate": "exact_match_flexible", "perplexity": "bits_per_byte",
+               "agent": "success"}
 
 
 # ---- the whole run ---------------------------------------------------------------------------------------
@@ -353,6 +370,8 @@ def evaluate(model: EvalModel, config: EvalConfig, model_name: str, tasks: list[
         model.chat = uses_chat(config, task)
         task_results = results["tasks"].setdefault(task.name, {})
         chosen = {p.label: p for p in (s.for_task(task) for s in strategies)}  # "task" may equal another
+        if task.kind == "agent":  # the agent with its tools, beside the model asked once without them
+            chosen = {"agent": Prompting("agent"), "no_tools": Prompting("no_tools")}
         for prompting in chosen.values() if task.kind != "perplexity" else [Prompting("zero")]:
             if prompting.kind == "verbalizer" and task.kind != "multiple_choice":
                 continue  # label words classify among choices; a generation task has none
@@ -367,7 +386,7 @@ def evaluate(model: EvalModel, config: EvalConfig, model_name: str, tasks: list[
                      "language": task.language, "source": task.source,
                      "metrics": aggregate(task.kind, records, config.bootstrap, config.seed, task.metrics)}
             main = MAIN_METRIC[task.kind]
-            for name in perturbations if task.kind != "perplexity" else []:
+            for name in perturbations if task.kind not in ("perplexity", "agent") else []:
                 attacked = _score(model, *_perturbed(task, name, config.seed), prompting, config.seed)
                 clean_hits = [r[main] for r in records]
                 attacked_hits = [r[main] for r in attacked]
@@ -387,6 +406,10 @@ def _score(model: EvalModel, task: Task, items: list[Item], prompting: Prompting
         return score_multiple_choice(model, task, items, prompting, seed)
     if task.kind == "generate":
         return score_generation(model, task, items, prompting, seed)
+    if task.kind == "agent":
+        from lmforge.agent.tasks import score_agent
+
+        return score_agent(model, task, items, with_tools=prompting.kind == "agent", seed=seed)
     return score_perplexity(model, task, items)
 
 

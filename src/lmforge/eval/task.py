@@ -12,6 +12,8 @@ three request types scores it, the ones lm-evaluation-harness uses:
   reply (strict: the whole reply, normalized; flexible: a pattern search) and compared
   with the gold answer (exact match, token F1, ROUGE...).
 * ``perplexity``: the rolling log-likelihood of a whole text (perplexity, bits per byte).
+* ``agent``: the agent loop with the task's ``tools``, beside the model asked once without
+  them (:mod:`lmforge.agent.tasks`): success rate, parse rate, turns and tokens.
 
 A prompt is ``description`` + the few-shot examples (each ``template`` filled and followed
 by ``target_delimiter`` + its answer, separated by ``fewshot_delimiter``) + the item's
@@ -25,8 +27,8 @@ import random
 from dataclasses import dataclass, field
 from typing import Literal
 
-Kind = Literal["multiple_choice", "generate", "perplexity"]
-KINDS: tuple[str, ...] = ("multiple_choice", "generate", "perplexity")
+Kind = Literal["multiple_choice", "generate", "perplexity", "agent"]
+KINDS: tuple[str, ...] = ("multiple_choice", "generate", "perplexity", "agent")
 LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 
 
@@ -88,6 +90,7 @@ class Task:
     language: str = "en"
     chat: bool = False  # a chat task: asked in the model's chat format unless told otherwise
     source: str = "builtin"  # where the items came from: builtin, a file path, an HF dataset name
+    tools: tuple[str, ...] = ()  # agent tasks: the built-in tools the agent gets (lmforge.agent.tasks)
 
     def __post_init__(self):
         if self.kind not in KINDS:

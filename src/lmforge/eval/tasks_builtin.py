@@ -39,6 +39,7 @@ order of the choices and which test items ``limit`` keeps.
 from __future__ import annotations
 
 import builtins
+import functools
 import hashlib
 import importlib
 import inspect
@@ -478,6 +479,12 @@ def fairness_yn(limit: int | None = None, seed: int = 0) -> Task:
 
 # ---- registry ---------------------------------------------------------------------------------
 
+def _agent_task(name: str, limit: int | None = None, seed: int = 0) -> Task:
+    from lmforge.agent.tasks import AGENT_TASKS  # the agent layer builds on eval, not the other way
+
+    return AGENT_TASKS[name](limit=limit, seed=seed)
+
+
 BUILTIN_TASKS: dict[str, Callable[..., Task]] = {
     "verifiable": verifiable,
     "pyref_mc": pyref_mc,
@@ -488,6 +495,7 @@ BUILTIN_TASKS: dict[str, Callable[..., Task]] = {
     "zh_qa": zh_qa,
     "fairness_mc": fairness_mc,
     "fairness_yn": fairness_yn,
+    **{name: functools.partial(_agent_task, name) for name in ("agent_arith", "agent_memory", "agent_code")},
 }
 
 

@@ -7,7 +7,9 @@ are aborted), the engine threads stop, and the process exits with code 0.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -154,3 +156,35 @@ def run_server(paths: dict[str, str], config: ServeConfig, speculative: dict | N
     watcher.start()  # the HTTP server ended (shutdown, or it could not bind): stop driving the engines
     drive(workers)
     http.join()
+
+
+@contextlib.contextmanager
+def background_server(models: dict, host: str = "127.0.0.1", port: int = 0, **options) -> Iterator[str]:
+    """Serve ``models`` ({name: ServedModel}) from a thread of this process while the ``with`` block
+    runs; yields the base URL. ``port`` 0 takes a free one. ``options`` go to
+    :func:`lmforge.serve.app.create_app`. For tests, notebooks and benchmarks that drive the API."""
+    import socket
+    import threading
+    import time
+
+    import uvicorn
+
+    from lmforge.serve.app import create_app
+
+    if port == 0:
+        with socket.socket() as probe:
+            probe.bind((host, 0))
+            port = probe.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(create_app(models, **options), host=host, port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        if time.monotonic() > deadline or not thread.is_alive():
+            raise RuntimeError(f"the server on {host}:{port} did not start")
+        time.sleep(0.02)
+    try:
+        yield f"http://{host}:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(30)

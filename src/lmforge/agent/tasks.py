@@ -1,0 +1,191 @@
+"""The built-in agent tasks, and how `lmforge eval` scores a model on them with and without tools.
+
+Offline and deterministic from a seed:
+
+- ``agent_arith``: multi-step arithmetic word problems with 3-4 digit numbers (a small
+  model gets them wrong in its head); tool: the calculator. Solved when the last number in
+  the answer is the right one.
+- ``agent_memory``: two sessions. The first tells the agent a fact to remember ("My locker
+  number is 4821. Please remember it."); the second, a new run with the same long-term
+  memory, asks for it. Solved when the answer contains the fact's value.
+- ``agent_code``: small Python functions to write; tool: the sandboxed interpreter. Solved
+  when the function in the answer passes unit tests run in the sandbox.
+
+Each task is scored twice: ``agent`` (the agent loop with the task's tools) and
+``no_tools`` (the same model asked the same question once, in its chat format). Per item:
+success, turns, tool calls, failed calls, calls that did not parse, tokens and seconds;
+per task: the success rate with a bootstrap standard error and a 95% Wilson interval, the
+parse rate (of the turns that tried to call a tool, the share that parsed), the mean turns
+and tokens, and the tokens per solved task.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+import tempfile
+import time
+from pathlib import Path
+
+from lmforge.eval.task import Item, Task
+
+NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
+
+
+# ---- the tasks -------------------------------------------------------------------------------------
+
+ARITH = [  # (question, answer from a, b, c)
+    ("A crate holds {a} boxes and every box holds {b} pens. How many pens are in {c} crates?",
+     lambda a, b, c: a * b * c),
+    ("What is ({a} * {b}) - {c}?", lambda a, b, c: a * b - c),
+    ("Add {a} and {b}, then multiply the sum by {c}. What do you get?", lambda a, b, c: (a + b) * c),
+    ("A train runs {a} km an hour for {b} hours, then {c} km more. How far does it go in all?",
+     lambda a, b, c: a * b + c),
+    ("A farm has {a} rows of {b} apple trees and sells {c} trees. How many trees are left?",
+     lambda a, b, c: a * b - c),
+]
+
+
+def agent_arith(limit: int | None = None, seed: int = 0) -> Task:
+    rng = random.Random(f"agent_arith:{seed}")
+    items = []
+    for index in range(40):
+        template, solve = ARITH[index % len(ARITH)]
+        a, b, c = rng.randint(101, 999), rng.randint(11, 99), rng.randint(11, 999)
+        items.append(Item(f"arith-{index}", template.format(a=a, b=b, c=c), answer=str(solve(a, b, c))))
+    return Task("agent_arith", "agent", items[:limit] if limit is not None else items, chat=True,
+                source="builtin (seeded)", tools=("calculator",))
+
+
+MEMORY = [  # (what to remember, the later question, the value)
+    ("My locker number is {n}. Please remember it.", "What is my locker number?"),
+    ("The door code for the lab is {n}. Remember it for me.", "What is the door code for the lab?"),
+    ("My bike lock combination is {n}; keep it in mind.", "What is my bike lock combination?"),
+    ("Our team's meeting room is number {n}. Please remember that.", "Which room number is our team's meeting room?"),
+]
+
+
+def agent_memory(limit: int | None = None, seed: int = 0) -> Task:
+    rng = random.Random(f"agent_memory:{seed}")
+    items = []
+    for index in range(20):
+        tell, ask = MEMORY[index % len(MEMORY)]
+        value = str(rng.randint(1000, 9999))
+        items.append(Item(f"memory-{index}", ask, answer=value, meta={"setup": tell.format(n=value)}))
+    return Task("agent_memory", "agent", items[:limit] if limit is not None else items, chat=True,
+                source="builtin (seeded)", tools=("memory",))
+
+
+CODE = [  # (name, what it does, tests as (call, expected))
+    ("add", "add(a, b) that returns the sum of two numbers", [("add(2, 3)", 5), ("add(-1, 1)", 0)]),
+    ("is_even", "is_even(n) that returns True when the integer n is even, else False",
+     [("is_even(4)", True), ("is_even(7)", False), ("is_even(0)", True)]),
+    ("reverse", "reverse(s) that returns the string s backwards", [("reverse('abc')", "cba"), ("reverse('')", "")]),
+    ("largest", "largest(xs) that returns the largest number in the list xs",
+     [("largest([3, 9, 2])", 9), ("largest([-5, -2])", -2)]),
+    ("count_vowels", "count_vowels(s) that returns how many of the letters a, e, i, o, u are in s",
+     [("count_vowels('banana')", 3), ("count_vowels('sky')", 0)]),
+    ("factorial", "factorial(n) that returns n! for n >= 0", [("factorial(0)", 1), ("factorial(5)", 120)]),
+    ("square_all", "square_all(xs) that returns a list with the square of every number in xs",
+     [("square_all([1, 2, 3])", [1, 4, 9]), ("square_all([])", [])]),
+    ("is_palindrome", "is_palindrome(s) that returns True when s reads the same backwards",
+     [("is_palindrome('level')", True), ("is_palindrome('abc')", False)]),
+]
+
+
+def agent_code(limit: int | None = None, seed: int = 0) -> Task:
+    items = []
+    for name, what, cases in CODE:
+        tests = "\n".join(f"        self.assertEqual({call}, {expected!r})" for call, expected in cases)
+        test_file = (f"import unittest\nfrom solution import {name}\n\n\nclass T(unittest.TestCase):\n"
+                     f"    def test(self):\n{tests}\n\n\nunittest.main()\n")
+        items.append(Item(f"code-{name}", f"Write a Python function {what}. Reply with the code of the function.",
+                          answer=name, meta={"tests": test_file}))
+    random.Random(f"agent_code:{seed}").shuffle(items)
+    return Task("agent_code", "agent", items[:limit] if limit is not None else items, chat=True,
+                source="builtin", tools=("python",))
+
+
+AGENT_TASKS = {"agent_arith": agent_arith, "agent_memory": agent_memory, "agent_code": agent_code}
+
+
+# ---- checking an answer ----------------------------------------------------------------------------
+
+def solved(task: Task, item: Item, answer: str) -> bool:
+    """Whether ``answer`` solves ``item``: the right number (arith), the remembered value (memory),
+    code that passes the item's tests in the sandbox (code)."""
+    if "tests" in item.meta:
+        return passes_tests(answer, item.meta["tests"])
+    if "setup" in item.meta:
+        return item.gold_text in answer
+    numbers = NUMBER.findall(answer)
+    return bool(numbers) and numbers[-1].replace(",", "") == item.gold_text
+
+
+def passes_tests(answer: str, tests: str) -> bool:
+    """The code in ``answer`` (a fenced block, else the whole answer) passes ``tests`` in the sandbox."""
+    from lmforge.agent.sandbox import run_python
+
+    fenced = re.findall(r"```(?:python|py)?\s*\n(.*?)```", answer, re.DOTALL)
+    code = fenced[0] if fenced else answer
+    result = run_python("import runpy\nrunpy.run_path('test_solution.py', run_name='__main__')", timeout=10,
+                        files={"solution.py": code, "test_solution.py": tests})
+    return result.ok
+
+
+# ---- scoring ---------------------------------------------------------------------------------------
+
+def chat_backend(model):
+    """The agent backend for an evaluation model: the loaded model, or the server it talks to."""
+    from lmforge.agent.backend import LocalChat, RemoteChat
+
+    if hasattr(model, "lm"):
+        return LocalChat(model.lm, name=getattr(model, "name", "local"))
+    return RemoteChat(model.base_url, model.name, getattr(model, "api_key", None))
+
+
+def score_agent(model, task: Task, items: list[Item], with_tools: bool, seed: int = 0,
+                max_steps: int = 6) -> list[dict]:
+    """One record per item: the agent with the task's tools (``with_tools``), or the model asked once."""
+    from tqdm import tqdm
+
+    from lmforge.agent.builtin import builtin_tools
+    from lmforge.agent.loop import Agent, AgentConfig
+    from lmforge.agent.memory import Memory
+    from lmforge.agent.tools import Toolbox
+
+    backend = chat_backend(model)
+    config = AgentConfig(max_steps=max_steps, max_new_tokens=192, seed=seed)
+    records = []
+    label = "agent" if with_tools else "no tools"
+    for item in tqdm(items, desc=f"{task.name} {label}", unit="task", leave=False,
+                     disable=not getattr(model, "progress", False)):
+        start = time.perf_counter()
+        if not with_tools:
+            reply = backend.complete([{"role": "user", "content": item.question}], [], max_tokens=192)
+            answer, fields = (reply.content or "").strip(), {
+                "steps": 1, "tool_calls": 0, "failed_calls": 0, "malformed": 0, "parse_rate": None,
+                "prompt_tokens": reply.prompt_tokens, "completion_tokens": reply.completion_tokens, "stopped": "answer"}
+        else:
+            with tempfile.TemporaryDirectory() as folder:
+                memory = Memory(Path(folder) / "memory.sqlite") if "memory" in task.tools else None
+                tools = Toolbox(builtin_tools([t for t in task.tools if t != "memory"]))
+                agent = Agent(backend, tools, config, memory=memory)
+                setup_tokens = [0, 0]
+                if "setup" in item.meta:  # an earlier session, with the same memory
+                    earlier = agent.run(item.meta["setup"])
+                    setup_tokens = [earlier.prompt_tokens, earlier.completion_tokens]
+                result = agent.run(item.question)
+                if memory is not None:
+                    memory.close()
+            tried = result.tool_call_turns + result.malformed
+            answer, fields = result.answer, {
+                "steps": result.steps, "tool_calls": result.tool_calls, "failed_calls": result.failed_calls,
+                "malformed": result.malformed, "parse_rate": result.parse_rate if tried else None,
+                "prompt_tokens": result.prompt_tokens + setup_tokens[0],
+                "completion_tokens": result.completion_tokens + setup_tokens[1], "stopped": result.stopped}
+        records.append({"id": item.id, "question": item.question, "gold": item.gold_text, "answer": answer,
+                        "success": float(solved(task, item, answer)), **fields,
+                        "tokens": fields["prompt_tokens"] + fields["completion_tokens"],
+                        "seconds": round(time.perf_counter() - start, 3)})
+    return records

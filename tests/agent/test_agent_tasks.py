@@ -1,0 +1,108 @@
+"""The built-in agent tasks under `lmforge eval`: items, checking answers, scoring with and without tools."""
+
+from __future__ import annotations
+
+import json
+import re
+import types
+
+import pytest
+from agent_script import Scripted, call, calls
+
+import lmforge.agent.tasks as agent_tasks
+from lmforge.agent.backend import Reply
+from lmforge.agent.builtin import calculator
+from lmforge.agent.loop import FINAL_ANSWER
+from lmforge.agent.tasks import agent_arith, agent_code, agent_memory, solved
+from lmforge.cli import main
+from lmforge.eval.run import EvalConfig, evaluate
+from lmforge.eval.tasks_builtin import builtin_task
+
+
+def test_arith_items_are_seeded_and_their_answers_right():
+    task = agent_arith(seed=3)
+    assert [i.question for i in task.test] == [i.question for i in agent_arith(seed=3).test]
+    assert [i.question for i in task.test] != [i.question for i in agent_arith(seed=4).test]
+    assert task.kind == "agent" and task.tools == ("calculator",) and len(task.test) == 40
+    for item in task.test:
+        a, b, c = (int(n) for n in re.findall(r"\d+", item.question))
+        expression = {"A crate": f"{a}*{b}*{c}", "What is": f"{a}*{b}-{c}", "Add": f"({a}+{b})*{c}",
+                      "A train": f"{a}*{b}+{c}", "A farm": f"{a}*{b}-{c}"}[next(
+                          k for k in ("A crate", "What is", "Add", "A train", "A farm") if item.question.startswith(k))]
+        assert calculator(expression) == item.gold_text
+    assert builtin_task("agent_memory", limit=3).test == agent_memory(limit=3).test
+
+
+def test_answers_are_checked_by_number_by_value_and_by_running_tests():
+    arith, memory, code = agent_arith().test[0], agent_memory().test[0], next(
+        i for i in agent_code().test if i.answer == "add")
+    gold = arith.gold_text
+    assert solved(agent_arith(), arith, f"The answer is {int(gold):,}.")
+    assert not solved(agent_arith(), arith, f"{gold} is close; the answer is {int(gold) + 1}")
+    assert solved(agent_memory(), memory, f"It is {memory.gold_text}.") and not solved(agent_memory(), memory, "?")
+    assert solved(agent_code(), code, "```python\ndef add(a, b):\n    return a + b\n```")
+    assert not solved(agent_code(), code, "def add(a, b):\n    return a - b")
+    assert not solved(agent_code(), code, "import os\nos.system('echo hi')\ndef add(a, b): return a + b")
+
+
+@pytest.fixture
+def scripted(monkeypatch):
+    """`lmforge eval`'s agent scorer on a scripted model (one script for all runs)."""
+    holder = {}
+
+    def backend(model):
+        return holder["backend"]
+
+    monkeypatch.setattr(agent_tasks, "chat_backend", backend)
+    return holder
+
+
+def test_eval_scores_the_agent_beside_the_model_without_tools(scripted):
+    task = agent_arith(limit=2)
+    first, second = task.test
+    scripted["backend"] = Scripted(
+        calls(call("calculator", expression="2*3")), calls(call(FINAL_ANSWER, answer=first.gold_text)),  # solved
+        Reply(content="<tool_call>{", text="<tool_call>{", malformed=True), calls(call(FINAL_ANSWER, answer="7")),
+        Reply(content="about 12"), Reply(content=f"It is {second.gold_text}"))  # no tools: one of two
+    results = evaluate(types.SimpleNamespace(), EvalConfig(tasks="agent_arith", bootstrap=20), "scripted", [task])
+    agent, plain = results["tasks"]["agent_arith"]["agent"], results["tasks"]["agent_arith"]["no_tools"]
+    assert agent["metrics"]["success"]["value"] == 0.5 and plain["metrics"]["success"]["value"] == 0.5
+    assert agent["metrics"]["parse_rate"]["value"] == pytest.approx((1.0 + 0.5) / 2)
+    assert agent["metrics"]["steps"]["value"] == 2 and plain["metrics"]["steps"]["value"] == 1
+    low, high = agent["metrics"]["success_ci95"]["value"].values()
+    assert 0 < low < 0.5 < high < 1
+    records = results["samples"]["agent_arith.agent"]
+    assert [r["success"] for r in records] == [1.0, 0.0] and records[0]["tool_calls"] == 2
+    assert agent["metrics"]["tokens_per_success"]["value"] == sum(r["tokens"] for r in records)
+
+
+def test_the_memory_task_remembers_in_a_first_session_and_answers_in_a_second(scripted):
+    task = agent_memory(limit=1)
+    item = task.test[0]
+
+    def answer_from_the_system_prompt(messages):
+        numbers = re.findall(r"\d{4}", messages[0]["content"])
+        return calls(call(FINAL_ANSWER, answer=numbers[0] if numbers else "I do not know"))
+
+    scripted["backend"] = Scripted(calls(call("remember", fact=item.meta["setup"])),
+                                   calls(call(FINAL_ANSWER, answer="Noted.")), answer_from_the_system_prompt,
+                                   Reply(content="I do not know."))
+    results = evaluate(types.SimpleNamespace(), EvalConfig(tasks="agent_memory", bootstrap=20), "scripted", [task])
+    assert results["tasks"]["agent_memory"]["agent"]["metrics"]["success"]["value"] == 1.0
+    assert results["tasks"]["agent_memory"]["no_tools"]["metrics"]["success"]["value"] == 0.0
+
+
+def test_cli_eval_runs_an_agent_task_on_a_local_model(tiny_lm, tmp_path):
+    from lmforge.checkpoint import save_checkpoint
+
+    checkpoint = save_checkpoint(tmp_path / "ckpt", tiny_lm.model, tiny_lm.tokenizer)
+    out = tmp_path / "ev"
+    assert main(["eval", str(checkpoint), "--tasks", "agent_arith", "--limit", "2", "--out", str(out),
+                 "--leaderboard", "", "--dtype", "fp32", "--bootstrap", "20"]) == 0
+    results = json.loads((out / "results.json").read_text())
+    agent = results["tasks"]["agent_arith"]["agent"]["metrics"]
+    assert set(agent) >= {"success", "success_ci95", "parse_rate", "steps", "tool_calls", "tokens"}
+    assert agent["parse_rate"]["value"] == 1.0  # forced calls under the schema: every one parses
+    lines = (out / "samples" / "agent_arith.agent.jsonl").read_text().splitlines()
+    assert len(lines) == 2 and all(json.loads(line)["steps"] >= 1 for line in lines)
+    assert "agent_arith" in (out / "report.md").read_text()
