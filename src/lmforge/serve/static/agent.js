@@ -27,7 +27,7 @@
 "use strict";
 
 (() => {
-  const $ = (id) => document.getElementById(id);
+  const { $, showError, clearError } = window.lmforgePage;
 
   const STOPPED = {
     answer: "the model gave its answer",
@@ -113,16 +113,6 @@
       }
     }
     return value === undefined ? "" : JSON.stringify(value, null, 2);
-  }
-
-  function showError(message) {
-    $("error-text").textContent = message;
-    $("error").hidden = false;
-  }
-
-  function clearError() {
-    $("error").hidden = true;
-    $("error-text").textContent = "";
   }
 
   // ---------------------------------------------------------------- the header

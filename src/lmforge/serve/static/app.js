@@ -26,7 +26,7 @@
 "use strict";
 
 (() => {
-  const $ = (id) => document.getElementById(id);
+  const { $, showError, clearError: hideError } = window.lmforgePage;
   const STORAGE = { settings: "lmforge.settings", apiKey: "lmforge.apiKey", model: "lmforge.model" };
   const SETTING_IDS = ["system-prompt", "temperature", "top-p", "top-k", "max-tokens", "seed"];
 
@@ -572,16 +572,6 @@
     $("send").disabled = busy;
     $("stop").hidden = !busy;
     if (!busy) $("prompt").focus();
-  }
-
-  function showError(message) {
-    $("error-text").textContent = message;
-    $("error").hidden = false;
-  }
-
-  function hideError() {
-    $("error").hidden = true;
-    $("error-text").textContent = "";
   }
 
   function fitPrompt() {

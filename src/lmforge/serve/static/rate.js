@@ -21,7 +21,7 @@
 "use strict";
 
 (() => {
-  const $ = (id) => document.getElementById(id);
+  const { $, showError, clearError } = window.lmforgePage;
   const STORAGE = { rater: "lmforge.rater", apiKey: "lmforge.apiKey" };
   const POSITION_LABELS = { left: "Answer 1", right: "Answer 2" };
   const CRITERION_HINTS = {
@@ -93,16 +93,6 @@
     $("done").hidden = name !== "done";
     $("rating-form").hidden = !["rating", "submitting"].includes(name);
     updateSubmit();
-  }
-
-  function showError(message) {
-    $("error-text").textContent = message;
-    $("error").hidden = false;
-  }
-
-  function clearError() {
-    $("error").hidden = true;
-    $("error-text").textContent = "";
   }
 
   function showProgress(answer) {
