@@ -242,3 +242,12 @@ def test_plan_revisions_are_bounded(tools):
     result = Agent(backend, tools, AgentConfig(plan=True, revisions=1, repairs=5)).run("Q")
     assert [e["kind"] for e in result.events if e["event"] == "note"] == ["plan", "plan"]
     assert result.answer == "no" and len(backend.seen) == 5
+
+
+def test_a_conversation_that_cannot_fit_ends_the_run_instead_of_failing(tools):
+    class Tiny(Scripted):
+        context = 120
+
+    backend = Tiny(*[calls(call("add", a=i, b=1)) for i in range(8)])
+    result = Agent(backend, tools, AgentConfig(max_new_tokens=64)).run("Q" * 100)
+    assert result.stopped == "context" and result.steps == 0

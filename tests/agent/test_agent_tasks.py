@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import types
@@ -50,7 +51,7 @@ def scripted(monkeypatch):
     """`lmforge eval`'s agent scorer on a scripted model (one script for all runs)."""
     holder = {}
 
-    def backend(model):
+    def backend(model, constrain=True):
         return holder["backend"]
 
     monkeypatch.setattr(agent_tasks, "chat_backend", backend)
@@ -103,6 +104,29 @@ def test_cli_eval_runs_an_agent_task_on_a_local_model(tiny_lm, tmp_path):
     agent = results["tasks"]["agent_arith"]["agent"]["metrics"]
     assert set(agent) >= {"success", "success_ci95", "parse_rate", "steps", "tool_calls", "tokens"}
     assert agent["parse_rate"]["value"] == 1.0  # forced calls under the schema: every one parses
+    free = tmp_path / "free"
+    assert main(["eval", str(checkpoint), "--tasks", "agent_arith", "--limit", "1", "--out", str(free),
+                 "--leaderboard", "", "--dtype", "fp32", "--bootstrap", "20", "--agent-constrain", "false"]) == 0
+    unconstrained = json.loads((free / "results.json").read_text())["tasks"]["agent_arith"]["agent"]["metrics"]
+    assert unconstrained["parse_rate"]["value"] < 1.0  # the random model's free-running calls do not parse
     lines = (out / "samples" / "agent_arith.agent.jsonl").read_text().splitlines()
     assert len(lines) == 2 and all(json.loads(line)["steps"] >= 1 for line in lines)
     assert "agent_arith" in (out / "report.md").read_text()
+
+
+def test_the_langref_task_searches_the_language_reference(scripted):
+    from lmforge.agent.tasks import agent_langref
+
+    task = agent_langref()
+    assert len(task.test) == 100 and task.tools == ("search",)
+    item = next(i for i in task.test if "__debug__" in i.question)
+    assert solved(task, item, "It is false.") and not solved(task, item, "It is True.")
+
+    def answer_from_the_result(messages):
+        return calls(call(FINAL_ANSWER, answer="False" if "__debug__" in messages[-1]["content"] else "?"))
+
+    scripted["backend"] = Scripted(calls(call("search", query="__debug__ -O switch")), answer_from_the_result)
+    results = evaluate(types.SimpleNamespace(), EvalConfig(bootstrap=20), "scripted",
+                       [dataclasses.replace(task, test=[item])])
+    record = results["samples"]["agent_langref.agent"][0]
+    assert record["success"] == 1.0 and record["tool_calls"] == 2

@@ -5,7 +5,8 @@ its earlier turns and the tools' results) and writes one turn. A turn with tool 
 runs them (:class:`~lmforge.agent.tools.Toolbox`: arguments validated, errors, timeouts
 and oversized output turned into text the model reads) and the loop goes on; a turn
 without one is the answer. The loop always ends: at the answer, or when a budget runs
-out (model turns, seconds, generated tokens), or after ``repairs`` failed calls in a row.
+out (model turns, seconds, generated tokens), or after ``repairs`` failed calls in a row, or
+when the conversation no longer fits the context even summarized.
 
 Short-term memory: before each turn the conversation must fit the model's context with
 room for the reply. When it does not, the oldest turns (everything between the question
@@ -91,7 +92,7 @@ class AgentResult:
     """How a run ended."""
 
     answer: str
-    stopped: str  # "answer", "steps", "time", "tokens" or "repairs"
+    stopped: str  # "answer", "steps", "time", "tokens", "repairs" or "context" (no room left, even summarized)
     steps: int  # model turns taken
     tool_calls: int
     failed_calls: int  # tool calls that did not succeed (unknown tool, bad arguments, errors, timeouts)
@@ -189,7 +190,9 @@ class Agent:
             if left < 1:
                 stopped = "tokens"
                 break
-            self._fit(messages, schemas, step, writer)
+            if not self._fit(messages, schemas, step, writer):
+                stopped = "context"
+                break
             began = time.monotonic()
             reply = self.backend.complete(messages, schemas, max_tokens=min(config.max_new_tokens, left),
                                           temperature=config.temperature,
@@ -277,15 +280,15 @@ class Agent:
 
     # ---- short-term memory ------------------------------------------------------------------
 
-    def _fit(self, messages: list[dict], schemas: list[dict], step: int, writer: TraceWriter) -> None:
+    def _fit(self, messages: list[dict], schemas: list[dict], step: int, writer: TraceWriter) -> bool:
         """Make the conversation leave room for a reply in the model's context: summarize the older
-        turns, then cut the oldest tool results."""
+        turns, then cut the oldest tool results; False when even that is not enough."""
         context = self.backend.context
         if context is None:
-            return
+            return True
         budget = context - self.config.max_new_tokens
         if self.backend.count_tokens(messages, schemas) <= budget:
-            return
+            return True
         turns = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
         if len(turns) > self.config.keep_turns and turns[0] > 1:
             start, end = 2, turns[-self.config.keep_turns]
@@ -295,12 +298,10 @@ class Agent:
                        replaces=(start, end))
         for message in messages[2:]:  # still too long: cut tool results, oldest first
             if self.backend.count_tokens(messages, schemas) <= budget:
-                return
+                return True
             if message["role"] == "tool" and len(message["content"]) > 200:
                 message["content"] = message["content"][:200] + " [cut to fit the context]"
-        if self.backend.count_tokens(messages, schemas) > budget:
-            raise InputError(f"the conversation no longer fits the model's context of {context} tokens "
-                             f"(with {self.config.max_new_tokens} for the reply), even summarized")
+        return self.backend.count_tokens(messages, schemas) <= budget
 
     def _summarize(self, messages: list[dict]) -> str:
         flat = "\n".join(f"{m['role']}: {m.get('content') or json.dumps(m.get('tool_calls'))}" for m in messages[1:])

@@ -10,6 +10,10 @@ Offline and deterministic from a seed:
   memory, asks for it. Solved when the answer contains the fact's value.
 - ``agent_code``: small Python functions to write; tool: the sandboxed interpreter. Solved
   when the function in the answer passes unit tests run in the sandbox.
+- ``agent_langref``: the 100 questions about Python's language reference of ``lmforge rag
+  eval KB langref``; tool: ``search`` over a knowledge base of the reference's topics (BM25,
+  built once per run from ``pydoc_data.topics``, no encoder needed). Solved when the answer
+  contains one of the accepted answers (case ignored).
 
 Each task is scored twice: ``agent`` (the agent loop with the task's tools) and
 ``no_tools`` (the same model asked the same question once, in its chat format). Per item:
@@ -106,7 +110,44 @@ def agent_code(limit: int | None = None, seed: int = 0) -> Task:
                 source="builtin", tools=("python",))
 
 
-AGENT_TASKS = {"agent_arith": agent_arith, "agent_memory": agent_memory, "agent_code": agent_code}
+def agent_langref(limit: int | None = None, seed: int = 0) -> Task:
+    import json
+    from importlib import resources
+
+    lines = resources.files("lmforge.rag").joinpath("langref_questions.jsonl").read_text(encoding="utf-8")
+    items = []
+    for index, line in enumerate(lines.splitlines()):
+        row = json.loads(line)
+        items.append(Item(f"langref-{index}", row["question"], answer=row["answer"][0],
+                          aliases=tuple(row["answer"][1:]), meta={"match": "contains"}))
+    random.Random(f"agent_langref:{seed}").shuffle(items)
+    return Task("agent_langref", "agent", items[:limit] if limit is not None else items, chat=True,
+                source="builtin (lmforge/rag/langref_questions.jsonl)", tools=("search",))
+
+
+def langref_knowledge_base(folder: str | Path) -> Path:
+    """A BM25-only knowledge base of the language reference's topics at ``folder`` (its vectors are
+    zeros: no encoder is loaded); the path."""
+    import numpy as np
+
+    from lmforge.rag.chunk import chunk_document
+    from lmforge.rag.documents import read_documents
+    from lmforge.rag.langref import write_topics
+    from lmforge.rag.store import write_knowledge_base
+
+    folder = Path(folder)
+    chunks = []
+    for path in write_topics(folder / "topics"):
+        for document in read_documents(path):
+            chunks += [(str(path), c) for c in chunk_document(document, lambda text: len(text.split()), 200, 20)]
+    out = folder / "kb"
+    write_knowledge_base(out, {"encoder": "none"}, {file: "0" for file, _ in chunks}, chunks,
+                         np.zeros((len(chunks), 1), dtype=np.float32))
+    return out
+
+
+AGENT_TASKS = {"agent_arith": agent_arith, "agent_memory": agent_memory, "agent_code": agent_code,
+               "agent_langref": agent_langref}
 
 
 # ---- checking an answer ----------------------------------------------------------------------------
@@ -118,6 +159,8 @@ def solved(task: Task, item: Item, answer: str) -> bool:
         return passes_tests(answer, item.meta["tests"])
     if "setup" in item.meta:
         return item.gold_text in answer
+    if item.meta.get("match") == "contains":
+        return any(reference.lower() in answer.lower() for reference in (item.gold_text, *item.aliases))
     numbers = NUMBER.findall(answer)
     return bool(numbers) and numbers[-1].replace(",", "") == item.gold_text
 
@@ -135,17 +178,18 @@ def passes_tests(answer: str, tests: str) -> bool:
 
 # ---- scoring ---------------------------------------------------------------------------------------
 
-def chat_backend(model):
-    """The agent backend for an evaluation model: the loaded model, or the server it talks to."""
+def chat_backend(model, constrain: bool = True):
+    """The agent backend for an evaluation model: the loaded model (tool calls decoded under the
+    tools' schemas with ``constrain``), or the server it talks to."""
     from lmforge.agent.backend import LocalChat, RemoteChat
 
     if hasattr(model, "lm"):
-        return LocalChat(model.lm, name=getattr(model, "name", "local"))
+        return LocalChat(model.lm, name=getattr(model, "name", "local"), constrain=constrain)
     return RemoteChat(model.base_url, model.name, getattr(model, "api_key", None))
 
 
 def score_agent(model, task: Task, items: list[Item], with_tools: bool, seed: int = 0,
-                max_steps: int = 6) -> list[dict]:
+                max_steps: int = 6, constrain: bool = True) -> list[dict]:
     """One record per item: the agent with the task's tools (``with_tools``), or the model asked once."""
     from tqdm import tqdm
 
@@ -154,10 +198,17 @@ def score_agent(model, task: Task, items: list[Item], with_tools: bool, seed: in
     from lmforge.agent.memory import Memory
     from lmforge.agent.tools import Toolbox
 
-    backend = chat_backend(model)
+    backend = chat_backend(model, constrain)
     config = AgentConfig(max_steps=max_steps, max_new_tokens=192, seed=seed)
     records = []
     label = "agent" if with_tools else "no tools"
+    search = None
+    if with_tools and "search" in task.tools:  # the language reference, searched by BM25
+        from lmforge.agent.builtin import search_tool
+        from lmforge.rag import KnowledgeBase, Retriever
+
+        kb_folder = tempfile.TemporaryDirectory()
+        search = search_tool(Retriever(KnowledgeBase(langref_knowledge_base(kb_folder.name))), method="bm25")
     for item in tqdm(items, desc=f"{task.name} {label}", unit="task", leave=False,
                      disable=not getattr(model, "progress", False)):
         start = time.perf_counter()
@@ -169,7 +220,8 @@ def score_agent(model, task: Task, items: list[Item], with_tools: bool, seed: in
         else:
             with tempfile.TemporaryDirectory() as folder:
                 memory = Memory(Path(folder) / "memory.sqlite") if "memory" in task.tools else None
-                tools = Toolbox(builtin_tools([t for t in task.tools if t != "memory"]))
+                tools = Toolbox(builtin_tools([t for t in task.tools if t not in ("memory", "search")])
+                                + ([search] if search is not None else []))
                 agent = Agent(backend, tools, config, memory=memory)
                 setup_tokens = [0, 0]
                 if "setup" in item.meta:  # an earlier session, with the same memory
@@ -188,4 +240,6 @@ def score_agent(model, task: Task, items: list[Item], with_tools: bool, seed: in
                         "success": float(solved(task, item, answer)), **fields,
                         "tokens": fields["prompt_tokens"] + fields["completion_tokens"],
                         "seconds": round(time.perf_counter() - start, 3)})
+    if search is not None:
+        kb_folder.cleanup()
     return records

@@ -12,7 +12,7 @@ leaves a readable trace and can be resumed from it (:func:`read_trace`). The eve
 - ``note``: ``step``, ``role``, ``content``: a message the agent itself added (an error the
   model should repair, a summary of older turns, a plan), with ``kind``;
 - ``resume``: ``step``: the run went on from here (:meth:`lmforge.agent.Agent.resume`);
-- ``end``: ``answer``, ``stopped`` (answer, steps, time, tokens, repairs), ``steps``, the token
+- ``end``: ``answer``, ``stopped`` (answer, steps, time, tokens, repairs, context), ``steps``, the token
   totals and ``seconds``.
 """
 

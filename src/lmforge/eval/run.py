@@ -69,6 +69,8 @@ class EvalConfig:
     compile: bool = field(False, "compile the engine's decode step before scoring (one graph at the full batch, "
                                  "a minute or more; pays off on long generation runs)")
     bootstrap: int = field(1000, "bootstrap resamples for standard errors")
+    agent_constrain: bool = field(True, "agent tasks on a local model: decode tool calls under the tools' JSON "
+                                        "schemas (false: as the model writes them, for the parse rate without)")
 
 
 @dataclass(frozen=True)
@@ -379,7 +381,7 @@ def evaluate(model: EvalModel, config: EvalConfig, model_name: str, tasks: list[
                 raise InputError(f"task {task.name!r} has {len(task.train)} train items; {prompting.label} "
                                  f"needs {prompting.shots}")
             start = time.perf_counter()
-            records = _score(model, task, task.test, prompting, config.seed)
+            records = _score(model, task, task.test, prompting, config.seed, config.agent_constrain)
             seconds = time.perf_counter() - start
             entry = {"kind": task.kind, "n": len(records), "seconds": round(seconds, 3),
                      "items_per_second": len(records) / max(seconds, 1e-9), "chat_template": model.chat,
@@ -401,7 +403,8 @@ def evaluate(model: EvalModel, config: EvalConfig, model_name: str, tasks: list[
     return results
 
 
-def _score(model: EvalModel, task: Task, items: list[Item], prompting: Prompting, seed: int) -> list[dict]:
+def _score(model: EvalModel, task: Task, items: list[Item], prompting: Prompting, seed: int,
+           constrain: bool = True) -> list[dict]:
     if task.kind == "multiple_choice":
         return score_multiple_choice(model, task, items, prompting, seed)
     if task.kind == "generate":
@@ -409,7 +412,7 @@ def _score(model: EvalModel, task: Task, items: list[Item], prompting: Prompting
     if task.kind == "agent":
         from lmforge.agent.tasks import score_agent
 
-        return score_agent(model, task, items, with_tools=prompting.kind == "agent", seed=seed)
+        return score_agent(model, task, items, with_tools=prompting.kind == "agent", seed=seed, constrain=constrain)
     return score_perplexity(model, task, items)
 
 

@@ -495,7 +495,8 @@ BUILTIN_TASKS: dict[str, Callable[..., Task]] = {
     "zh_qa": zh_qa,
     "fairness_mc": fairness_mc,
     "fairness_yn": fairness_yn,
-    **{name: functools.partial(_agent_task, name) for name in ("agent_arith", "agent_memory", "agent_code")},
+    **{name: functools.partial(_agent_task, name) for name in ("agent_arith", "agent_memory", "agent_code",
+                                                                       "agent_langref")},
 }
 
 
