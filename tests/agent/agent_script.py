@@ -34,3 +34,8 @@ class Scripted:
 
 def calls(*tool_calls) -> Reply:
     return Reply(content=None, tool_calls=list(tool_calls), text="<tool_call>...</tool_call>")
+
+
+def answer(text: str) -> list:
+    """The turn that ends a run by default: the final_answer call with the answer."""
+    return [calls(call("final_answer", answer=text))]

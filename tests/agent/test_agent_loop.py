@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from agent_script import Scripted, call, calls
+from agent_script import Scripted, answer, call, calls
 
 from lmforge.agent.backend import LocalChat, Reply
 from lmforge.agent.builtin import calculator
@@ -38,7 +38,7 @@ def tools():
 
 
 def test_tool_result_goes_back_to_the_model_and_final_answer_ends_the_run(tools, tmp_path):
-    backend = Scripted(calls(call("add", a=2, b=40)), calls(call(FINAL_ANSWER, answer="42")))
+    backend = Scripted(calls(call("add", a=2, b=40)), *answer("42"))
     result = Agent(backend, tools).run("What is 2 + 40?", trace=tmp_path / "t.jsonl")
     assert (result.answer, result.stopped, result.steps, result.tool_calls) == ("42", "answer", 2, 2)
     second = backend.seen[1]["messages"]
@@ -48,6 +48,22 @@ def test_tool_result_goes_back_to_the_model_and_final_answer_ends_the_run(tools,
     events = read_events(tmp_path / "t.jsonl")
     assert [e["event"] for e in events] == ["start", "model", "tool", "model", "tool", "end"]
     assert events[2]["arguments"] == {"a": 2, "b": 40} and events[-1]["stopped"] == "answer"
+
+
+def test_answer_in_words_asks_for_the_answer_in_a_turn_without_tools(tools, tmp_path):
+    backend = Scripted(calls(call("add", a=2, b=40)), calls(call(FINAL_ANSWER)), Reply(content=" 42 "))
+    result = Agent(backend, tools, AgentConfig(answer="words")).run("What is 2 + 40?", trace=tmp_path / "t.jsonl")
+    assert (result.answer, result.stopped, result.steps) == ("42", "answer", 2)
+    assert backend.seen[2]["tools"] == [] and backend.seen[2]["messages"][-1]["role"] == "user"
+    events = read_events(tmp_path / "t.jsonl")
+    assert [e["event"] for e in events] == ["start", "model", "tool", "model", "tool", "note", "model", "end"]
+
+
+def test_a_run_out_of_turns_still_gets_an_answer_in_words(tools):
+    backend = Scripted(calls(call("add", a=1, b=1)), calls(call("add", a=2, b=2)), Reply(content="It is 4."))
+    result = Agent(backend, tools, AgentConfig(max_steps=2)).run("Q")
+    assert (result.stopped, result.answer, result.steps) == ("steps", "It is 4.", 2)
+    assert backend.seen[-1]["tools"] == []
 
 
 def test_auto_mode_answers_in_plain_text_without_a_final_answer_tool(tools):
@@ -69,14 +85,14 @@ def test_bad_calls_are_shown_to_the_model_and_the_run_stops_after_the_repairs(to
 
 def test_a_good_call_resets_the_repair_count(tools):
     script = [calls(call("nope")), calls(call("nope")), calls(call("add", a=1, b=2)), calls(call("nope")),
-              calls(call(FINAL_ANSWER, answer="3"))]
+              *answer("3")]
     result = Agent(Scripted(*script), tools, AgentConfig(repairs=2)).run("Q")
     assert (result.stopped, result.answer, result.failed_calls) == ("answer", "3", 3)
 
 
 def test_a_malformed_call_is_sent_back_and_counted():
     backend = Scripted(Reply(content="<tool_call>{oops", text="<tool_call>{oops", malformed=True),
-                       calls(call(FINAL_ANSWER, answer="ok")))
+                       *answer("ok"))
     result = Agent(backend, Toolbox([])).run("Q")
     assert result.answer == "ok" and result.malformed == 1 and result.parse_rate == 0.5
     assert "did not parse" in backend.seen[1]["messages"][-1]["content"]
@@ -92,7 +108,7 @@ def test_a_repeated_call_is_not_run_again_and_the_next_turn_asks_for_the_answer(
         return f"{word}: a small fox"
 
     backend = Scripted(calls(call("lookup", word="fennec")), calls(call("lookup", word="fennec")),
-                       calls(call(FINAL_ANSWER, answer="a small fox")))
+                       *answer("a small fox"))
     result = Agent(backend, Toolbox([lookup])).run("What is a fennec?")
     assert ran == ["fennec"] and result.answer == "a small fox"
     assert [s["tool_choice"] for s in backend.seen] == ["required", "required", FINAL_ANSWER]
@@ -115,16 +131,15 @@ def test_the_token_budget_caps_each_turn(tools):
 
 
 def test_a_stopped_run_resumes_from_its_trace_as_if_never_stopped(tools, tmp_path):
-    script = [calls(call("add", a=1, b=2)), calls(call("add", a=3, b=3)), calls(call(FINAL_ANSWER, answer="6"))]
+    script = [calls(call("add", a=1, b=2)), calls(call("add", a=3, b=3)), *answer("6")]
     whole = Agent(Scripted(*script), tools).run("Q", trace=tmp_path / "whole.jsonl")
     part = Agent(Scripted(*script[:1]), tools, AgentConfig(max_steps=1)).run("Q", trace=tmp_path / "part.jsonl")
     assert part.stopped == "steps"
     lines = (tmp_path / "part.jsonl").read_text().splitlines()
-    (tmp_path / "part.jsonl").write_text("\n".join(lines[:-1]) + "\n")  # as if killed before the end
     config = json.loads(lines[0])["config"]
     config["max_steps"] = 8
     (tmp_path / "part.jsonl").write_text(json.dumps({**json.loads(lines[0]), "config": config}) + "\n"
-                                         + "\n".join(lines[1:-1]) + "\n")
+                                         + "\n".join(lines[1:3]) + "\n")  # as if killed after the first turn
     backend = Scripted(*script[1:])
     resumed = Agent(backend, tools).resume(tmp_path / "part.jsonl")
     assert (resumed.answer, resumed.steps, resumed.tool_calls) == (whole.answer, whole.steps, whole.tool_calls)
@@ -134,7 +149,7 @@ def test_a_stopped_run_resumes_from_its_trace_as_if_never_stopped(tools, tmp_pat
 
 
 def test_replay_drops_a_turn_whose_calls_were_not_all_answered(tools, tmp_path):
-    Agent(Scripted(calls(call("add", a=1, b=2), call("add", a=2, b=2)), calls(call(FINAL_ANSWER, answer="x"))),
+    Agent(Scripted(calls(call("add", a=1, b=2), call("add", a=2, b=2)), *answer("x")),
           tools).run("Q", trace=tmp_path / "t.jsonl")
     events = read_events(tmp_path / "t.jsonl")
     cut = [e for e in events if e["event"] != "end"][:3]  # start, model (two calls), one tool result
@@ -143,10 +158,10 @@ def test_replay_drops_a_turn_whose_calls_were_not_all_answered(tools, tmp_path):
 
 
 def test_sampled_turns_use_seed_plus_step_and_greedy_turns_no_seed(tools):
-    backend = Scripted(calls(call("add", a=1, b=1)), calls(call(FINAL_ANSWER, answer="2")))
+    backend = Scripted(calls(call("add", a=1, b=1)), *answer("2"))
     Agent(backend, tools, AgentConfig(temperature=0.7, seed=11)).run("Q")
     assert [s["seed"] for s in backend.seen] == [11, 12]
-    greedy = Scripted(calls(call(FINAL_ANSWER, answer="2")))
+    greedy = Scripted(*answer("2"))
     Agent(greedy, tools).run("Q")
     assert greedy.seen[0]["seed"] is None
 
@@ -224,7 +239,7 @@ def test_plan_then_execute_writes_a_plan_and_revises_it_after_a_failed_step(tool
     backend = Scripted(Reply(content="1. Add the numbers with add.\n2. Give the answer."),
                        calls(call("add", a="2", b=2)),
                        Reply(content="1. Call add with integers.\n2. Give the answer."),
-                       calls(call("add", a=2, b=2)), calls(call(FINAL_ANSWER, answer="4")))
+                       calls(call("add", a=2, b=2)), *answer("4"))
     result = Agent(backend, tools, AgentConfig(plan=True)).run("What is 2 + 2?", trace=tmp_path / "t.jsonl")
     assert result.answer == "4"
     assert backend.seen[0]["tools"] == [] and "numbered plan" in backend.seen[0]["messages"][-1]["content"]
@@ -238,7 +253,7 @@ def test_plan_then_execute_writes_a_plan_and_revises_it_after_a_failed_step(tool
 
 def test_plan_revisions_are_bounded(tools):
     backend = Scripted(Reply(content="1. Try."), calls(call("broken")), Reply(content="1. Try again."),
-                       calls(call("broken")), calls(call(FINAL_ANSWER, answer="no")))
+                       calls(call("broken")), *answer("no"))
     result = Agent(backend, tools, AgentConfig(plan=True, revisions=1, repairs=5)).run("Q")
     assert [e["kind"] for e in result.events if e["event"] == "note"] == ["plan", "plan"]
     assert result.answer == "no" and len(backend.seen) == 5

@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib.util
 
 import pytest
-from agent_script import Scripted, call, calls
+from agent_script import Scripted, answer, call, calls
 
 from lmforge.agent.loop import FINAL_ANSWER, Agent
 from lmforge.agent.memory import Memory
@@ -46,12 +46,12 @@ def test_embedding_recall_matches_meaning_not_words(tmp_path):
 def test_an_agent_remembers_in_one_session_and_recalls_in_the_next(tmp_path):
     path = tmp_path / "memory.sqlite"
     first = Scripted(calls(call("remember", fact="The user's dog is called Rex.")),
-                     calls(call(FINAL_ANSWER, answer="Noted.")))
+                     *answer("Noted."))
     result = Agent(first, Toolbox([]), memory=Memory(path)).run("Please remember that my dog is called Rex.")
     assert result.answer == "Noted." and {"remember", "recall"} <= set(first.seen[0]["tools"])
     assert result.messages[3]["content"] == "stored"
 
-    second = Scripted(calls(call(FINAL_ANSWER, answer="Rex")))
+    second = Scripted(*answer("Rex"))
     Agent(second, Toolbox([]), memory=Memory(path)).run("What is my dog called?")
     system = second.seen[0]["messages"][0]["content"]
     assert "Remembered from earlier sessions" in system and "The user's dog is called Rex." in system

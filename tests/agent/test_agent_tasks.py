@@ -8,7 +8,7 @@ import re
 import types
 
 import pytest
-from agent_script import Scripted, call, calls
+from agent_script import Scripted, answer, call, calls
 
 import lmforge.agent.tasks as agent_tasks
 from lmforge.agent.backend import Reply
@@ -62,8 +62,8 @@ def test_eval_scores_the_agent_beside_the_model_without_tools(scripted):
     task = agent_arith(limit=2)
     first, second = task.test
     scripted["backend"] = Scripted(
-        calls(call("calculator", expression="2*3")), calls(call(FINAL_ANSWER, answer=first.gold_text)),  # solved
-        Reply(content="<tool_call>{", text="<tool_call>{", malformed=True), calls(call(FINAL_ANSWER, answer="7")),
+        calls(call("calculator", expression="2*3")), *answer(first.gold_text),  # solved
+        Reply(content="<tool_call>{", text="<tool_call>{", malformed=True), *answer("7"),
         Reply(content="about 12"), Reply(content=f"It is {second.gold_text}"))  # no tools: one of two
     results = evaluate(types.SimpleNamespace(), EvalConfig(tasks="agent_arith", bootstrap=20), "scripted", [task])
     agent, plain = results["tasks"]["agent_arith"]["agent"], results["tasks"]["agent_arith"]["no_tools"]
@@ -83,10 +83,10 @@ def test_the_memory_task_remembers_in_a_first_session_and_answers_in_a_second(sc
 
     def answer_from_the_system_prompt(messages):
         numbers = re.findall(r"\d{4}", messages[0]["content"])
-        return calls(call(FINAL_ANSWER, answer=numbers[0] if numbers else "I do not know"))
+        return Reply(content=numbers[0] if numbers else "I do not know")
 
     scripted["backend"] = Scripted(calls(call("remember", fact=item.meta["setup"])),
-                                   calls(call(FINAL_ANSWER, answer="Noted.")), answer_from_the_system_prompt,
+                                   *answer("Noted."), calls(call(FINAL_ANSWER)), answer_from_the_system_prompt,
                                    Reply(content="I do not know."))
     results = evaluate(types.SimpleNamespace(), EvalConfig(tasks="agent_memory", bootstrap=20), "scripted", [task])
     assert results["tasks"]["agent_memory"]["agent"]["metrics"]["success"]["value"] == 1.0
@@ -123,9 +123,11 @@ def test_the_langref_task_searches_the_language_reference(scripted):
     assert solved(task, item, "It is false.") and not solved(task, item, "It is True.")
 
     def answer_from_the_result(messages):
-        return calls(call(FINAL_ANSWER, answer="False" if "__debug__" in messages[-1]["content"] else "?"))
+        found = any("__debug__" in m["content"] for m in messages if m["role"] == "tool")
+        return Reply(content="False" if found else "?")
 
-    scripted["backend"] = Scripted(calls(call("search", query="__debug__ -O switch")), answer_from_the_result)
+    scripted["backend"] = Scripted(calls(call("search", query="__debug__ -O switch")), calls(call(FINAL_ANSWER)),
+                                   answer_from_the_result)
     results = evaluate(types.SimpleNamespace(), EvalConfig(bootstrap=20), "scripted",
                        [dataclasses.replace(task, test=[item])])
     record = results["samples"]["agent_langref.agent"][0]

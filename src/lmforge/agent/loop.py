@@ -52,6 +52,7 @@ PLAN = ("Write a short numbered plan (at most five steps) for answering the ques
         "{tools}. Write only the plan.")
 REVISE = ("A step failed: {error}\nWrite a revised numbered plan (at most five steps) that gets around it. "
           "Write only the plan.")
+ANSWER_NOW = "Now give your final answer to the question."
 SUMMARIZE = "Summarize the conversation above in a few lines: what was asked, what was tried, what was found."
 
 
@@ -62,6 +63,9 @@ class AgentConfig:
     tool_choice: str = field("required", "required: every turn is a tool call and the answer comes through the "
                                          "final_answer tool (what small models manage); auto: the model decides, "
                                          "and a turn without a call is the answer")
+    answer: str = field("tool", "with tool_choice required: tool (the answer is final_answer's argument, a JSON "
+                                "string) or words (final_answer() takes no argument; the model then writes its "
+                                "answer in a turn without tools)")
     max_steps: int = field(8, "model turns at most (a turn may call several tools)")
     max_seconds: float = field(300.0, "wall-clock budget for the run, in seconds")
     max_tokens: int = field(4096, "tokens the model may generate over the whole run")
@@ -79,6 +83,8 @@ class AgentConfig:
         for name in ("max_steps", "max_tokens", "max_new_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.answer not in ("words", "tool"):
+            raise ValueError(f"answer must be words or tool, got {self.answer!r}")
         if self.tool_choice not in ("required", "auto"):
             raise ValueError(f"tool_choice must be required or auto, got {self.tool_choice!r}")
         if self.revisions < 0:
@@ -121,7 +127,7 @@ class Agent:
                  on_event: Callable[[dict], None] | None = None, memory: Memory | None = None):
         self.backend, self.config, self.memory = backend, config or AgentConfig(), memory
         extra = [*(memory.tools() if memory is not None else []),
-                 *([final_answer_tool()] if self.config.tool_choice == "required" else [])]
+                 *([final_answer_tool(self.config.answer)] if self.config.tool_choice == "required" else [])]
         self.tools = Toolbox([*tools, *(t for t in extra if t.name not in tools)], max_output=tools.max_output)
         self.on_event = on_event  # sees every trace event as it happens (`lmforge agent` prints them)
 
@@ -236,7 +242,9 @@ class Agent:
                              content=result.content, ok=result.ok, error=result.error,
                              seconds=round(result.seconds, 3))
                 if result.ok and result.name == FINAL_ANSWER:
-                    answer, stopped = result.content.strip(), "answer"
+                    stopped = "answer"
+                    answer = result.content.strip() if config.answer == "tool" else \
+                        self._answer_in_words(messages, step, writer, counts)
                     break
                 if not result.ok and config.plan and revisions < config.revisions:
                     revisions += 1
@@ -248,7 +256,9 @@ class Agent:
                 break
         else:
             stopped = "steps"
-        if stopped != "answer":
+        if stopped in ("steps", "repairs") and config.max_tokens > counts["completion"]:
+            answer = self._answer_in_words(messages, step, writer, counts)  # out of turns: one last, plain one
+        elif stopped != "answer":
             answer = _last_words(messages)
         seconds = time.monotonic() - start
         writer.write("end", answer=answer, stopped=stopped, steps=step, tool_calls=counts["tool_calls"],
@@ -258,6 +268,26 @@ class Agent:
                            failed_calls=counts["failed"], malformed=counts["malformed"],
                            prompt_tokens=counts["prompt"], completion_tokens=counts["completion"],
                            seconds=seconds, messages=messages, events=writer.events)
+
+    def _answer_in_words(self, messages: list[dict], step: int, writer: TraceWriter, counts: dict) -> str:
+        """The answer as the model writes it in a turn without tools (its usual format: prose, a code
+        block), after the conversation so far; recorded as a model turn and a note."""
+        self._note(messages, writer, step, "user", ANSWER_NOW, "answer")
+        if not self._fit(messages, [], step, writer):
+            return _last_words(messages)
+        began = time.monotonic()
+        config = self.config
+        reply = self.backend.complete(messages, [], max_tokens=min(config.max_new_tokens,
+                                                                   config.max_tokens - counts["completion"]),
+                                      temperature=config.temperature,
+                                      seed=config.seed + step if config.temperature > 0 else None)
+        counts["prompt"] += reply.prompt_tokens
+        counts["completion"] += reply.completion_tokens
+        messages.append(reply.message())
+        writer.write("model", step=step, reply=reply.message(), text=reply.text, prompt_tokens=reply.prompt_tokens,
+                     completion_tokens=reply.completion_tokens, malformed=False,
+                     seconds=round(time.monotonic() - began, 3))
+        return (reply.content or "").strip()
 
     def _plan(self, messages: list[dict], step: int, writer: TraceWriter, ask: str) -> int:
         """Have the model write (or rewrite) its plan, kept in the system prompt; the tokens it took."""
@@ -311,8 +341,9 @@ class Agent:
         return (reply.content or "").strip() or "(no summary)"
 
 
-def final_answer_tool() -> Tool:
-    """The tool that ends a run with ``tool_choice="required"``: its argument is the answer."""
+def final_answer_tool(answer: str = "words") -> Tool:
+    """The tool that ends a run with ``tool_choice="required"``: with ``answer="tool"`` its argument is the
+    answer; with ``"words"`` it takes none, and the model writes the answer in a turn of its own."""
     def final_answer(answer: str) -> str:
         """Give the final answer to the user's question. Call it once the answer is known.
 
@@ -321,7 +352,11 @@ def final_answer_tool() -> Tool:
         """
         return answer
 
-    return tool(final_answer)
+    def ready_to_answer() -> str:
+        """Call this once you know the answer: you will then write the final answer to the user's question."""
+        return "ok"
+
+    return tool(final_answer) if answer == "tool" else tool(ready_to_answer, name=FINAL_ANSWER)
 
 
 def _call_key(call: dict) -> str:

@@ -124,7 +124,7 @@ class Memory:
             """Store a fact in long-term memory for later sessions.
 
             Args:
-                fact: one short sentence to keep, such as "The user's dog is called Rex."
+                fact: one short sentence to keep.
             """
             try:
                 return "stored" if self.remember(fact) else "already known"

@@ -10,7 +10,8 @@ leaves a readable trace and can be resumed from it (:func:`read_trace`). The eve
 - ``tool``: ``step``, ``id`` (the call id), ``name``, ``arguments``, ``content`` (what the model
   was shown), ``ok``, ``error``, ``seconds``;
 - ``note``: ``step``, ``role``, ``content``: a message the agent itself added (an error the
-  model should repair, a summary of older turns, a plan), with ``kind``;
+  model should repair, a summary of older turns, a plan, the request for the answer in words),
+  with ``kind`` (malformed, summary, plan, answer);
 - ``resume``: ``step``: the run went on from here (:meth:`lmforge.agent.Agent.resume`);
 - ``end``: ``answer``, ``stopped`` (answer, steps, time, tokens, repairs, context), ``steps``, the token
   totals and ``seconds``.
