@@ -266,3 +266,18 @@ def test_a_conversation_that_cannot_fit_ends_the_run_instead_of_failing(tools):
     backend = Tiny(*[calls(call("add", a=i, b=1)) for i in range(8)])
     result = Agent(backend, tools, AgentConfig(max_new_tokens=64)).run("Q" * 100)
     assert result.stopped == "context" and result.steps == 0
+
+
+def test_interactive_agent_answers_each_question_until_an_empty_line(tiny_lm, tmp_path, monkeypatch, capsys):
+    from lmforge.checkpoint import save_checkpoint
+
+    checkpoint = save_checkpoint(tmp_path / "ckpt", tiny_lm.model, tiny_lm.tokenizer)
+    questions = iter(["What is 2 + 2?", "And 3 + 3?", ""])
+    monkeypatch.setattr("builtins.input", lambda prompt="": next(questions))
+    assert main(["agent", "--model", str(checkpoint), "--tools", "calculator", "--dtype", "fp32", "--max-steps", "2",
+                 "--max-new-tokens", "24", "--trace", str(tmp_path / "run.jsonl")]) == 0
+    out = capsys.readouterr().out
+    assert out.count("agent> ") == 2 and "with tools calculator, final_answer" in out
+    for number, question in ((1, "What is 2 + 2?"), (2, "And 3 + 3?")):
+        events = read_events(tmp_path / f"run.jsonl.{number}")
+        assert events[0]["question"] == question and events[-1]["event"] == "end"

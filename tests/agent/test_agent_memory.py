@@ -7,7 +7,7 @@ import importlib.util
 import pytest
 from agent_script import Scripted, answer, call, calls
 
-from lmforge.agent.loop import FINAL_ANSWER, Agent
+from lmforge.agent.loop import Agent
 from lmforge.agent.memory import Memory
 from lmforge.agent.tools import Toolbox
 from lmforge.errors import InputError

@@ -129,7 +129,7 @@ def run_agent(setup: AgentSetup, config: AgentConfig, model: str | None, questio
     elif question is not None:
         results = [agent.run(question, trace=trace)]
     else:
-        print(f"agent on {backend.name} with tools {', '.join(toolbox.names) or '(none)'}; an empty line ends",
+        print(f"agent on {backend.name} with tools {', '.join(agent.tools.names) or '(none)'}; an empty line ends",
               file=out)
         results = []
         while True:
