@@ -117,9 +117,10 @@ def summary_line(result: AgentResult) -> str:
 
 def run_agent(setup: AgentSetup, config: AgentConfig, model: str | None, question: str | None,
               trace: str | None = None, resume: str | None = None, quiet: bool = False,
-              ask: Callable[[str], str] = input, out: IO[str] | None = None) -> list[AgentResult]:
-    """`lmforge agent`: one question, a resumed trace, or (no question) questions read until an empty line."""
-    out = out or sys.stdout
+              ask: Callable[[str], str] | None = None, out: IO[str] | None = None) -> list[AgentResult]:
+    """`lmforge agent`: one question, a resumed trace, or (no question) questions read until an empty line
+    (``ask``: how a question is read, ``input`` by default; looked up when called, as ``sys.stdout`` is)."""
+    out, ask = out or sys.stdout, ask or input
     toolbox = build_toolbox(setup)  # bad tool names fail before a model loads
     memory = build_memory(setup)
     backend = build_backend(setup, model)
