@@ -13,7 +13,8 @@ Offline and deterministic from a seed:
 - ``agent_langref``: the 100 questions about Python's language reference of ``lmforge rag
   eval KB langref``; tool: ``search`` over a knowledge base of the reference's topics (BM25,
   built once per run from ``pydoc_data.topics``, no encoder needed). Solved when the answer
-  contains one of the accepted answers (case ignored).
+  contains one of the accepted answers, as ``lmforge rag eval`` decides it (whole words, SQuAD
+  normalization).
 
 Each task is scored twice: ``agent`` (the agent loop with the task's tools) and
 ``no_tools`` (the same model asked the same question once, in its chat format). Per item:
@@ -111,15 +112,10 @@ def agent_code(limit: int | None = None, seed: int = 0) -> Task:
 
 
 def agent_langref(limit: int | None = None, seed: int = 0) -> Task:
-    import json
-    from importlib import resources
+    from lmforge.rag.evaluate import read_questions
 
-    lines = resources.files("lmforge.rag").joinpath("langref_questions.jsonl").read_text(encoding="utf-8")
-    items = []
-    for index, line in enumerate(lines.splitlines()):
-        row = json.loads(line)
-        items.append(Item(f"langref-{index}", row["question"], answer=row["answer"][0],
-                          aliases=tuple(row["answer"][1:]), meta={"match": "contains"}))
+    items = [Item(f"langref-{index}", q.text, answer=q.answers[0], aliases=q.answers[1:], meta={"match": "contains"})
+             for index, q in enumerate(read_questions("langref"))]
     random.Random(f"agent_langref:{seed}").shuffle(items)
     return Task("agent_langref", "agent", items[:limit] if limit is not None else items, chat=True,
                 source="builtin (lmforge/rag/langref_questions.jsonl)", tools=("search",))
@@ -159,8 +155,10 @@ def solved(task: Task, item: Item, answer: str) -> bool:
         return passes_tests(answer, item.meta["tests"])
     if "setup" in item.meta:
         return item.gold_text in answer
-    if item.meta.get("match") == "contains":
-        return any(reference.lower() in answer.lower() for reference in (item.gold_text, *item.aliases))
+    if item.meta.get("match") == "contains":  # as `lmforge rag eval` scores answers
+        from lmforge.rag.evaluate import contains_answer
+
+        return bool(contains_answer(answer, (item.gold_text, *item.aliases)))
     numbers = NUMBER.findall(answer)
     return bool(numbers) and numbers[-1].replace(",", "") == item.gold_text
 

@@ -60,19 +60,14 @@ class TraceWriter:
 
 def read_events(path: str | Path) -> list[dict]:
     """The events of a trace file; InputError naming the line that does not parse."""
-    path = Path(path)
-    if not path.is_file():
+    from lmforge.data.jsonl import iter_records
+
+    if not Path(path).is_file():
         raise InputError(f"{path}: no such trace file")
     events = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            event = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise InputError(f"{path}, line {number}: not JSON ({err.msg})") from None
+    for event, where in iter_records(path):
         if not isinstance(event, dict) or "event" not in event:
-            raise InputError(f"{path}, line {number}: an event needs an 'event' field")
+            raise InputError(f"{where}: an event needs an 'event' field")
         events.append(event)
     if not events or events[0]["event"] != "start":
         raise InputError(f"{path}: a trace begins with a 'start' event")
