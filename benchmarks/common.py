@@ -6,6 +6,7 @@ import statistics
 import time
 
 import torch
+import torch.nn.functional as F
 
 from lmforge.interop import hf_llama_config, hf_llama_state
 from lmforge.model import DecoderLM
@@ -39,3 +40,17 @@ def best_of(fn, repeats: int) -> tuple[float, float]:
         fn()
         times.append(time.perf_counter() - t0)
     return statistics.median(times), min(times)
+
+
+def training_step(model, optimizer, runtime: Runtime, logits_of, targets: torch.Tensor):
+    """One full optimizer step as a closure, the same for every side: ``logits_of()`` under the runtime's
+    autocast, cross entropy against ``targets`` (-100 skipped), backward, clipping at 1, the optimizer."""
+    def step():
+        with runtime.autocast():
+            logits = logits_of()
+        loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return step

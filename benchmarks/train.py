@@ -16,10 +16,9 @@ import sys
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import best_of, fast_dtypes, llama_twin, machine  # noqa: E402
+from common import best_of, fast_dtypes, llama_twin, machine, training_step  # noqa: E402
 
 from lmforge.model import DecoderLM, preset, train_flops_per_token  # noqa: E402
 from lmforge.runtime import Runtime, measure_matmul_peak  # noqa: E402
@@ -27,15 +26,9 @@ from lmforge.train.optim import build_optimizer  # noqa: E402
 
 
 def make_step(model, optimizer, ids, hf: bool, runtime: Runtime):
-    def step():
-        with runtime.autocast():
-            logits = model(input_ids=ids[:, :-1]).logits if hf else model(ids[:, :-1])
-        loss = F.cross_entropy(logits.float().flatten(0, 1), ids[:, 1:].flatten())
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-    return step
+    inputs = ids[:, :-1]
+    return training_step(model, optimizer, runtime,
+                         (lambda: model(input_ids=inputs).logits) if hf else (lambda: model(inputs)), ids[:, 1:])
 
 
 def main() -> None:

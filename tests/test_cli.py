@@ -203,6 +203,35 @@ def test_generate_a_jsonl_file_through_the_batched_engine(workdir, capsys):
     assert "bad.jsonl:2: invalid JSON" in capsys.readouterr().err
 
 
+def test_pretrain_an_encoder_decoder_by_span_corruption_then_fill_in_a_span(workdir, capsys):
+    run = workdir / "span"
+    args = ["pretrain", "--objective", "span", "--shards", str(workdir / "shards"), "--tokenizer",
+            str(workdir / "tok.json"), "--preset", "t5-tiny", "--seq-len", "32", "--batch-size", "4",
+            "--max-steps", "4", "--save-every", "2", "--eval-every", "2", "--eval-tokens", "256", "--out-dir", str(run),
+            "--progress", "false", "--warmup-steps", "1"]
+    assert main(args) == 0
+    config = json.loads((run / "checkpoint" / "config.json").read_text())
+    assert (config["decoder_layers"], config["position"], config["vocab_size"]) == (2, "relative", 400 + 100)
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert any("span_accuracy" in r for r in rows if r.get("kind") == "train")
+    assert [r["step"] for r in rows if "val_span_accuracy" in r] == [2, 4]
+    assert main(args + ["--resume"]) == 0  # finished: resumes at its last step
+    capsys.readouterr()
+    # the decoder writes sentinels (ids above the tokenizer's) as <extra_id_i>; the prompt is not echoed
+    assert main(["generate", str(run / "checkpoint"), "def function_1(<extra_id_0>):", "--max-new-tokens", "6",
+                 "--temperature", "0", "--no-stream"]) == 0
+    out = capsys.readouterr().out
+    assert not out.startswith("def function_1") and "<extra_id_" in out
+    assert main(["generate", str(run / "checkpoint"), "x", "--num-beams", "2", "--temperature", "0",
+                 "--max-new-tokens", "4"]) == 0
+    assert main(["generate", str(run / "checkpoint"), "x", "--compile"]) == 2
+    assert "encoder-decoder" in capsys.readouterr().err
+    # a decoder-only preset for span corruption, or an encoder-decoder for next-token prediction: exit 2
+    assert main([a if a != "t5-tiny" else "tiny" for a in args]) == 2
+    assert main([a for a in args if a not in ("--objective", "span")] + ["--out-dir", str(workdir / "x")]) == 2
+    assert capsys.readouterr().err.count("encoder-decoder") == 1
+
+
 def test_pretrain_an_encoder_with_masked_tokens_then_embed(workdir, capsys):
     run = workdir / "mlm"
     args = ["pretrain", "--objective", "mlm", "--nsp", "--shards", str(workdir / "shards"), "--tokenizer",

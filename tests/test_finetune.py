@@ -9,7 +9,7 @@ import torch
 
 from lmforge.checkpoint import is_checkpoint, load_model, save_checkpoint
 from lmforge.cli import main
-from lmforge.model import DecoderLM, preset
+from lmforge.model import DecoderLM, build_model, preset
 from lmforge.tokenizer import train_tokenizer
 
 FACTS = [("What is the capital of France?", "Paris"), ("What is the capital of Italy?", "Rome"),
@@ -89,6 +89,31 @@ def test_builtin_tasks_report_held_out_accuracy_before_and_after(base, capsys):
         assert 0.0 <= accuracy["all"] <= 1.0 and {"add", "docs", "identity"} <= set(accuracy)
     assert summary["task_accuracy_after"]["examples"][0]["expected"]
     assert summary["train_conversations"] + summary["val_conversations"] == 40
+
+
+def test_an_encoder_decoder_fine_tunes_with_lora_and_answers_held_out_tasks(base, capsys):
+    """The same command on an encoder-decoder: adapters on both stacks (cross-attention too), the held-out
+    built-in tasks answered before and after (the encoder reads the question, the decoder answers)."""
+    import lmforge
+
+    tokenizer = lmforge.load(base / "base").tokenizer
+    torch.manual_seed(0)
+    save_checkpoint(base / "t5", build_model(preset("t5-tiny", vocab_size=tokenizer.vocab_size)), tokenizer)
+    out = base / "t5-lora"
+    assert main(["sft", "--model", str(base / "t5"), "--data", "builtin-tasks", "--tasks", "40", "--eval-tasks",
+                 "6", "--method", "lora", "--lora-rank", "4", "--out-dir", str(out), "--max-steps", "3",
+                 "--batch-size", "2", "--seq-len", "64", "--eval-every", "0", "--progress", "false"]) == 0
+    assert "held-out task accuracy, before -> after" in capsys.readouterr().out
+    summary = json.loads((out / "sft_summary.json").read_text())
+    cross = [p for n, p in load_model(base / "t5").named_parameters() if ".cross_attn." in n and n.endswith("weight")]
+    assert summary["trainable_parameters"] > 4 * sum(p.shape[0] + p.shape[1] for p in cross)  # adapters: A and B
+    assert len(summary["task_accuracy_after"]["correct"]) == 6
+    tuned, original = load_model(out / "model"), load_model(base / "t5")
+    assert not torch.equal(tuned.decoder.blocks[0].cross_attn.q_proj.weight,
+                           original.decoder.blocks[0].cross_attn.q_proj.weight)  # the merged adapter
+    reply = lmforge.load(out / "model").chat([{"role": "user", "content": "What is 2 plus 3?"}],
+                                             max_new_tokens=4, temperature=0)
+    assert isinstance(reply, str)
 
 
 def test_a_resumed_lora_run_continues_the_same_losses(base, interrupt):

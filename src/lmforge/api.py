@@ -8,6 +8,10 @@
 Keyword arguments are :class:`SamplingConfig` fields. The tokenizer's end-of-text
 token always stops generation; stop strings are matched on the decoded text and
 are not part of what is returned.
+
+An encoder-decoder (T5's form) reads the prompt with its encoder and writes the reply
+with its decoder: ``generate``, ``stream`` and ``chat`` work the same way, through
+:mod:`lmforge.infer.seq2seq`.
 """
 
 from __future__ import annotations
@@ -28,10 +32,19 @@ from lmforge.infer.engine import Engine
 from lmforge.infer.generate import generate_tokens
 from lmforge.infer.request import Completion, Request
 from lmforge.infer.sampling import SamplingConfig
+from lmforge.infer.seq2seq import (
+    ConditionedDecoder,
+    beam_search_seq2seq,
+    decode_text,
+    encode_sources,
+    encode_text,
+    generate_seq2seq,
+    sentinels_above,
+)
 from lmforge.infer.speculative import DraftModel, PromptLookup, SpeculativeStats, check_speculative
 from lmforge.infer.stream import StopStrings, TextStream, cut_at_stop
 from lmforge.interop.packaged import resolve_model
-from lmforge.model import DecoderLM
+from lmforge.model import DecoderLM, EncoderDecoderLM
 from lmforge.model.fused import fuse_projections
 from lmforge.quant.weight_only import quantize_weights
 from lmforge.runtime import Runtime
@@ -42,7 +55,7 @@ from lmforge.tokenizer.chat import end_of_turn_ids, render_chat
 class LanguageModel:
     """A model with its tokenizer and runtime, ready to generate text."""
 
-    model: DecoderLM
+    model: DecoderLM | EncoderDecoderLM
     tokenizer: Any  # lmforge.tokenizer.Tokenizer or anything with encode/decode/bos_id/eos_id
     runtime: Runtime
     decode_step: CompiledDecodeStep | None = None  # the compiled fast path, when loaded with compile=True
@@ -56,7 +69,14 @@ class LanguageModel:
         if self.drafter is not None:
             check_speculative(config)
             return self._engine_tokens(prompt_ids, config)
+        if self.encoder_decoder:  # the prompt is the encoder's source; the decoder starts from its start token
+            decoder = ConditionedDecoder(self.model, *encode_sources(self.model, [prompt_ids], self.runtime))
+            return generate_tokens(decoder, [self.model.config.decoder_start_id], config, self.runtime)
         return generate_tokens(self.model, prompt_ids, config, self.runtime, decode_step=self.decode_step)
+
+    @property
+    def encoder_decoder(self) -> bool:
+        return self.model.config.is_encoder_decoder
 
     def _engine_tokens(self, prompt_ids: list[int], config: SamplingConfig) -> Iterator[int]:
         """One request through the batched engine at batch 1: speculative decoding's production path, whose
@@ -106,9 +126,13 @@ class LanguageModel:
         return config
 
     def encode_prompt(self, prompt: str | list[int]) -> list[int]:
-        """Prompt token ids, starting with BOS when the tokenizer has one; a list of ids is taken as is."""
+        """Prompt token ids, starting with BOS when the tokenizer has one (an encoder-decoder's source: ending
+        with EOS instead, as T5 and span corruption frame it); a list of ids is taken as is."""
         if isinstance(prompt, list):
             return prompt
+        if self.encoder_decoder:
+            ids, eos = encode_text(self.tokenizer, self.model, prompt), getattr(self.tokenizer, "eos_id", None)
+            return ids + [eos] if eos is not None and ids[-1:] != [eos] else ids
         add_bos = getattr(self.tokenizer, "bos_id", None) is not None
         return self.tokenizer.encode(prompt, add_bos=add_bos)
 
@@ -134,6 +158,9 @@ class LanguageModel:
         """The batched engine over this model (made once per batch size, context and buckets, then kept).
         ``context``: positions per slot (default: the model's ``max_seq_len``); ``decode_buckets``: the
         decode step's batch sizes (see :class:`Engine`)."""
+        if self.encoder_decoder:
+            raise InputError("the batched engine decodes decoder-only models; an encoder-decoder generates with "
+                             "generate, stream, chat or generate_batch (lmforge.infer.seq2seq)")
         engines = self.__dict__.setdefault("_engines", {})
         key = (max_batch_size, context, decode_buckets)
         if key not in engines:
@@ -151,7 +178,7 @@ class LanguageModel:
         of its own, which override ``sampling``. Each completion has ``.text`` (cut before any
         stop string), ``.token_ids``, ``.finish_reason`` and token counts.
         """
-        requests = []
+        items = []
         for index, item in enumerate(prompts):
             own = dict(item) if isinstance(item, dict) else {"prompt": item}
             messages, prompt = own.pop("messages", None), own.pop("prompt", None)
@@ -162,8 +189,30 @@ class LanguageModel:
                 ids, settings = self.chat_prompt(messages), self.chat_sampling(settings)
             else:
                 ids = self.encode_prompt(prompt)
-            requests.append(self.request(ids, self.sampling_config(**settings)))
-        return self.engine(max_batch_size).generate(requests)
+            items.append((ids, self.sampling_config(**settings)))
+        if self.encoder_decoder:
+            return self._seq2seq_batch(items, max_batch_size)
+        return self.engine(max_batch_size).generate([self.request(ids, config) for ids, config in items])
+
+    def _seq2seq_batch(self, items: list[tuple[list[int], SamplingConfig]], max_batch_size: int) -> list[Completion]:
+        """generate_batch for an encoder-decoder: sources with the same settings encoded and decoded together
+        (:func:`lmforge.infer.seq2seq.generate_seq2seq`), ``max_batch_size`` at a time."""
+        groups: dict[str, list[int]] = {}
+        for index, (_, config) in enumerate(items):
+            groups.setdefault(repr(config), []).append(index)
+        out: list[Completion | None] = [None] * len(items)
+        for rows in groups.values():
+            config = items[rows[0]][1]
+            for start in range(0, len(rows), max_batch_size):
+                part = rows[start:start + max_batch_size]
+                outputs = generate_seq2seq(self.model, [items[i][0] for i in part], config, self.runtime)
+                for index, tokens in zip(part, outputs):
+                    text = self.reply_text(tokens)
+                    cut = cut_at_stop(text, config.stop)
+                    reason = "stop" if len(tokens) < config.max_new_tokens or cut != text else "length"
+                    out[index] = Completion(str(index), tokens, cut, reason, [], None, len(items[index][0]), 0,
+                                            len(tokens))
+        return out
 
     def request(self, prompt_ids: list[int], config: SamplingConfig, **fields: Any) -> Request:
         """An engine request for ``prompt_ids``, speculative with a drafter of its own when this model has
@@ -179,7 +228,13 @@ class LanguageModel:
                        decode=fields.pop("decode", self.reply_text), **fields)
 
     def reply_text(self, ids: list[int]) -> str:
-        """Generated text without special tokens (a sampled reply may hold one)."""
+        """Generated text without special tokens (a sampled reply may hold one); an encoder-decoder's
+        sentinels as ``<extra_id_i>``."""
+        if self.encoder_decoder and sentinels_above(self.tokenizer, self.model):
+            return decode_text(self.tokenizer, self.model, ids, self._decode)
+        return self._decode(ids)
+
+    def _decode(self, ids: list[int]) -> str:
         try:
             return self.tokenizer.decode(ids, skip_special=True)
         except TypeError:  # a minimal tokenizer without the option
@@ -191,6 +246,9 @@ class LanguageModel:
         prompt_ids = self.encode_prompt(prompt)
         if self.drafter is not None:
             check_speculative(config)
+        if config.num_beams > 1 and self.encoder_decoder:
+            tokens = beam_search_seq2seq(self.model, prompt_ids, config, self.runtime).tokens
+            return cut_at_stop(self.reply_text(tokens), config.stop)
         if config.num_beams > 1:
             tokens = beam_search(self.model, prompt_ids, config, self.runtime, self.decode_step).tokens
             return cut_at_stop(self.reply_text(tokens), config.stop)
@@ -273,6 +331,10 @@ def load(path: str | Path, device: str = "auto", dtype: str = "auto", attention:
     if not model.config.causal:
         raise InputError(f"{path} is an encoder (every token sees the whole text): it does not generate; "
                          "load it with lmforge.embed.load for embeddings")
+    if model.config.is_encoder_decoder and (compile or draft is not None or prompt_lookup or draft_layers
+                                            or weights != "fp32"):
+        raise InputError(f"{path} is an encoder-decoder: it generates eagerly with fp32 or --dtype weights; "
+                         "compile, 16-bit weight storage and speculative decoding are for decoder-only models")
     if model.config.head != "lm":
         raise InputError(f"{path} has the {model.config.head!r} head (a reward model), not next-token logits: "
                          "load it with lmforge.checkpoint.load_model and score with lmforge.model.heads")

@@ -31,7 +31,7 @@ from lmforge.errors import InputError
 from lmforge.interop.gguf import load_gguf, metadata, open_gguf, tokenizer_from_gguf
 from lmforge.interop.hf import is_hf_dir, load_hf, mmap_safetensors
 from lmforge.interop.packaged import resolve_model
-from lmforge.model import DecoderLM, ModelConfig
+from lmforge.model import DecoderLM, ModelConfig, Transformer, build_model
 
 CONFIG, WEIGHTS, TOKENIZER, STATE, OPTIMIZER = (
     "config.json", "model.safetensors", "tokenizer.json", "trainer_state.json", "optimizer.safetensors")
@@ -105,7 +105,7 @@ def read_checkpoint(path: str | Path, dtype: torch.dtype | None = None) -> tuple
     return ModelConfig.load(path / CONFIG), mmap_safetensors(path / WEIGHTS, dtype)
 
 
-def load_model(path: str | Path, device: torch.device | str = "cpu", attention: str = "sdpa") -> DecoderLM:
+def load_model(path: str | Path, device: torch.device | str = "cpu", attention: str = "sdpa") -> Transformer:
     """Build the model of an lmforge checkpoint or a HF model directory, with fp32 weights.
 
     The weights are memory-mapped: an fp32 file is used in place (pages are read when
@@ -116,7 +116,7 @@ def load_model(path: str | Path, device: torch.device | str = "cpu", attention: 
     quantized = read_spec(resolve_model(path)) if resolve_model(path).is_dir() else None
     config, state = read_checkpoint(path, None if quantized else torch.float32)
     with torch.device("meta"):
-        model = DecoderLM(config, attention=attention)
+        model = build_model(config, attention=attention)
     if quantized:  # integer layers (lmforge quantize): their codes and scales load as stored
         prepare_quantized(model, *quantized)
     state = {name: tensor.to(device=device, dtype=torch.float32 if tensor.is_floating_point() else tensor.dtype)

@@ -246,11 +246,17 @@ def _model_config(args: argparse.Namespace, extra: dict | None = None):
 
 def cmd_model_info(args: argparse.Namespace) -> None:
     from lmforge.checkpoint import is_checkpoint
-    from lmforge.model import PRESETS, DecoderLM, ModelConfig, forward_flops_per_token, train_flops_per_token
+    from lmforge.model import (
+        PRESETS,
+        ModelConfig,
+        build_model,
+        forward_flops_per_token,
+        train_flops_per_token,
+    )
 
     if args.list:
         for name in PRESETS:
-            _print_model_info(name, ModelConfig.from_dict(PRESETS[name]), DecoderLM, forward_flops_per_token,
+            _print_model_info(name, ModelConfig.from_dict(PRESETS[name]), build_model, forward_flops_per_token,
                               train_flops_per_token, short=True)
         return
     if args.checkpoint:
@@ -259,18 +265,20 @@ def cmd_model_info(args: argparse.Namespace) -> None:
         config, name = ModelConfig.load(Path(args.checkpoint) / "config.json"), args.checkpoint
     else:
         config, name = _model_config(args), args.preset
-    _print_model_info(name, config, DecoderLM, forward_flops_per_token, train_flops_per_token)
+    _print_model_info(name, config, build_model, forward_flops_per_token, train_flops_per_token)
 
 
-def _print_model_info(name, config, DecoderLM, forward_flops, train_flops, short: bool = False) -> None:
+def _print_model_info(name, config, build_model, forward_flops, train_flops, short: bool = False) -> None:
     import torch
 
     with torch.device("meta"):
-        model = DecoderLM(config)
+        model = build_model(config)
     params, body = model.num_parameters(), model.num_parameters(embeddings=False)
     fwd = forward_flops(config)
     if short:
-        print(f"{name:>10}: {params / 1e6:8.2f}M params, dim {config.dim}, {config.num_layers} layers, "
+        layers = (f"{config.num_layers}+{config.decoder_layers}" if config.is_encoder_decoder
+                  else str(config.num_layers))
+        print(f"{name:>10}: {params / 1e6:8.2f}M params, dim {config.dim}, {layers} layers, "
               f"{config.num_heads}/{config.num_kv_heads} heads ({config.attention_kind}), "
               f"{fwd / 1e6:.0f} MFLOP/token forward")
         return
@@ -287,24 +295,30 @@ def cmd_pretrain(args: argparse.Namespace) -> None:
     import torch
 
     from lmforge.data.shards import load_shard
-    from lmforge.model import DecoderLM, ModelConfig
+    from lmforge.model import ModelConfig, build_model
     from lmforge.tokenizer import Tokenizer
     from lmforge.train import PretrainStage, TrainConfig, fit
     from lmforge.train.loop import checkpoint_dir
+    from lmforge.train.span import NUM_SENTINELS, SpanCorruptionStage, sentinel_ids
 
     train_config = build(TrainConfig, args, base=load_json(args.train_config) if args.train_config else None)
     tokenizer = Tokenizer.from_file(_tokenizer_path(args.tokenizer))
-    mlm = args.objective == "mlm"
+    objective = args.objective
+    mlm, span = objective == "mlm", objective == "span"
     if args.nsp and not mlm:
         raise InputError("--nsp (next-sentence prediction) goes with --objective mlm")
-    if mlm and train_config.sample_every:
-        raise InputError("--sample-every shows generated text: an encoder trained with --objective mlm does not generate")
+    if objective != "clm" and train_config.sample_every:
+        raise InputError(f"--sample-every shows generated text; a model trained with --objective {objective} "
+                         "does not continue text (train with clm, or leave --sample-every at 0)")
+    if objective != "clm" and args.qat:
+        raise InputError(f"--qat trains a decoder for an integer checkpoint; it does not go with --objective "
+                         f"{objective}")
     if args.preset is None:
-        args.preset = "bert-small" if mlm else "cpu-small"
+        args.preset = {"clm": "cpu-small", "mlm": "bert-small", "span": "t5-small"}[objective]
     ckpt = checkpoint_dir(train_config)
     torch.manual_seed(train_config.seed)
     if args.resume:
-        model = DecoderLM(ModelConfig.load(ckpt / "config.json"))  # weights come from the checkpoint in fit()
+        model = build_model(ModelConfig.load(ckpt / "config.json"))  # weights come from the checkpoint in fit()
     elif args.init_from:  # continued pretraining of any model lmforge reads
         from lmforge.checkpoint import load_model
 
@@ -313,24 +327,29 @@ def cmd_pretrain(args: argparse.Namespace) -> None:
             raise InputError(f"--seq-len {train_config.seq_len} exceeds {args.init_from}'s max_seq_len "
                              f"{model.config.max_seq_len}")
     else:
-        extra = {"vocab_size": tokenizer.vocab_size, "max_seq_len": train_config.seq_len}
+        # span corruption's sentinels are ids above the tokenizer's (T5's <extra_id_i>)
+        vocab = tokenizer.vocab_size + (NUM_SENTINELS if span else 0)
+        extra = {"vocab_size": vocab, "max_seq_len": train_config.seq_len}
         if args.nsp:
             extra["head"] = "mlm+nsp"
-        model = DecoderLM(_model_config(args, extra))
-    if model.config.vocab_size < tokenizer.vocab_size:
-        raise InputError(f"vocab_size={model.config.vocab_size} is smaller than the tokenizer's {tokenizer.vocab_size}")
-    if mlm != (not model.config.causal) or (mlm and not model.config.head.startswith("mlm")):
-        raise InputError(f"--objective {args.objective} needs " + ("an encoder with a masked-LM head (causal=false, "
-                         "head mlm or mlm+nsp: --preset bert-small)" if mlm else "a causal decoder with head lm")
-                         + f"; this model has causal={model.config.causal}, head {model.config.head!r}")
-    if args.nsp and model.config.head != "mlm+nsp":
-        raise InputError(f"--nsp needs the mlm+nsp head; this model has {model.config.head!r}")
+        model = build_model(_model_config(args, extra))
+    config = model.config
+    if config.vocab_size < tokenizer.vocab_size:
+        raise InputError(f"vocab_size={config.vocab_size} is smaller than the tokenizer's {tokenizer.vocab_size}")
+    form = ("an encoder-decoder (decoder_layers > 0: --preset t5-small)" if span else
+            "an encoder with a masked-LM head (causal=false, head mlm or mlm+nsp: --preset bert-small)" if mlm else
+            "a causal decoder with head lm")
+    fits = (config.is_encoder_decoder if span else not config.is_encoder_decoder and (
+        (not config.causal and config.head.startswith("mlm")) if mlm else config.causal))
+    if not fits:
+        raise InputError(f"--objective {objective} needs {form}; this model has decoder_layers="
+                         f"{config.decoder_layers}, causal={config.causal}, head {config.head!r}")
+    if args.nsp and config.head != "mlm+nsp":
+        raise InputError(f"--nsp needs the mlm+nsp head; this model has {config.head!r}")
     spec = None
     if args.qat:
         from lmforge.quant.qat import prepare_qat, qat_spec
 
-        if mlm:
-            raise InputError("--qat trains a decoder for an integer checkpoint; it does not go with --objective mlm")
         spec = qat_spec(args.qat)
         prepare_qat(model, spec)
     shards = Path(args.shards)
@@ -339,6 +358,17 @@ def cmd_pretrain(args: argparse.Namespace) -> None:
 
         stage = MaskedLMStage(load_shard(shards, "train"), train_config.seq_len, train_config.seed,
                               tokenizer.vocab_size, val_tokens=load_shard(shards, "val"), nsp=args.nsp)
+    elif span:
+        sentinels = sentinel_ids(config.vocab_size)
+        if min(sentinels) < tokenizer.vocab_size:
+            raise InputError(f"span corruption needs {NUM_SENTINELS} sentinel ids above the tokenizer's "
+                             f"{tokenizer.vocab_size}; this model's vocab_size is {config.vocab_size}")
+        try:
+            stage = SpanCorruptionStage(load_shard(shards, "train"), train_config.seq_len, train_config.seed,
+                                        sentinels, val_tokens=load_shard(shards, "val"),
+                                        noise_density=args.noise_density, mean_span_length=args.mean_span_length)
+        except ValueError as err:
+            raise InputError(str(err)) from err
     else:
         stage = PretrainStage(load_shard(shards, "train"), train_config.seq_len, train_config.seed,
                               val_tokens=load_shard(shards, "val"), token_bytes=tokenizer.token_byte_lengths())
@@ -547,11 +577,12 @@ def cmd_generate(args: argparse.Namespace) -> None:
     sampling = build(SamplingConfig, args)
     fields = {k: v for k, v in vars(sampling).items()}
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+    echo = "" if lm.encoder_decoder else prompt  # a decoder continues the prompt; an encoder-decoder answers it
     try:
         if args.no_stream or sampling.num_beams > 1:
-            print(prompt + lm.generate(prompt, **fields))
+            print(echo + lm.generate(prompt, **fields))
             return
-        print(prompt, end="", flush=True)
+        print(echo, end="", flush=True)
         for piece in lm.stream(prompt, **fields):
             print(piece, end="", flush=True)
         print()
@@ -927,20 +958,25 @@ def make_parser() -> argparse.ArgumentParser:
     add_arguments(p, ModelConfig)
     p.set_defaults(func=cmd_model_info)
 
-    p = sub.add_parser("pretrain", help="pretraining on token shards: next-token (a decoder) or masked-token "
-                                        "(an encoder, --objective mlm)")
+    p = sub.add_parser("pretrain", help="pretraining on token shards: next-token (a decoder), masked-token "
+                                        "(an encoder, --objective mlm) or span corruption (an encoder-decoder, "
+                                        "--objective span)")
     p.add_argument("--shards", required=True, help="folder from `data shard`")
     p.add_argument("--tokenizer", help="tokenizer.json (default: the last speedrun's)")
     p.add_argument("--qat", choices=["int8", "int4"], help="quantization-aware training: the forward pass uses "
                    "the quantized weights (int8 per channel, or int4 with a zero point per group of 32), the float "
                    "ones learn; then OUT_DIR/quantized is written")
-    p.add_argument("--objective", choices=["clm", "mlm"], default="clm",
+    p.add_argument("--objective", choices=["clm", "mlm", "span"], default="clm",
                    help="clm: next-token prediction (a decoder); mlm: masked-token prediction, BERT's 15%% of "
-                        "positions, 80/10/10 masked/random/kept (an encoder)")
+                        "positions, 80/10/10 masked/random/kept (an encoder); span: T5's span corruption, hidden "
+                        "runs replaced by sentinels that the decoder writes out (an encoder-decoder)")
+    p.add_argument("--noise-density", type=float, default=0.15, help="--objective span: share of tokens hidden")
+    p.add_argument("--mean-span-length", type=float, default=3.0,
+                   help="--objective span: mean length of a hidden run")
     p.add_argument("--nsp", action="store_true", help="with --objective mlm: also next-sentence prediction "
                                                       "(sentence pairs, the mlm+nsp head)")
     p.add_argument("--preset", default=None, help="named model shape (default: cpu-small; bert-small with "
-                                                  "--objective mlm)")
+                                                  "--objective mlm; t5-small with --objective span)")
     p.add_argument("--model-config", help="JSON file of ModelConfig fields")
     p.add_argument("--train-config", help="JSON file of TrainConfig fields")
     p.add_argument("--resume", action="store_true", help="continue from <out-dir>/checkpoint")

@@ -1,7 +1,7 @@
 """``lmforge sft``: from a base or chat model to an assistant, by full fine-tuning, LoRA or QLoRA.
 
     model (checkpoint, HF directory, .gguf, packaged name) + conversations
-      -> chat format with the loss on answers only -> packed rows
+      -> chat format with the loss on answers only -> packed rows (an encoder-decoder: prompt -> answer pairs)
       -> full: every weight trains | lora: adapters beside frozen weights
          | qlora: adapters beside a frozen base stored in 4-bit NF4
       -> the one training loop (train/loop.py)
@@ -29,7 +29,14 @@ from lmforge.runtime import Runtime
 from lmforge.settings import field, to_dict
 from lmforge.tokenizer.chat import padding_id, render_chat
 from lmforge.train import TrainConfig, fit
-from lmforge.train.sft import PackedRows, SFTStage, pack_examples
+from lmforge.train.sft import (
+    PackedRows,
+    Seq2SeqRows,
+    Seq2SeqSFTStage,
+    SFTStage,
+    pack_examples,
+    split_examples,
+)
 
 BUILTIN_TASKS = "builtin-tasks"
 
@@ -105,11 +112,16 @@ def finetune(config: FinetuneConfig, train_config: TrainConfig, resume: bool = F
         raise InputError("every conversation went to validation: lower --val-fraction")
     pad_id = padding_id(tokenizer)
 
-    def pack(items: list) -> PackedRows:
-        return pack_examples([render_chat(tokenizer, c) for c in items], train_config.seq_len, pad_id)
+    seq2seq = model.config.is_encoder_decoder  # the encoder reads the prompt, the decoder writes the answer
+
+    def pack(items: list) -> PackedRows | Seq2SeqRows:
+        examples = [render_chat(tokenizer, c) for c in items]
+        if seq2seq:
+            return split_examples(examples, train_config.seq_len, pad_id)
+        return pack_examples(examples, train_config.seq_len, pad_id)
 
     rows = pack(train)
-    stage = SFTStage(rows, train_config.seed, pack(val) if val else None)
+    stage = (Seq2SeqSFTStage if seq2seq else SFTStage)(rows, train_config.seed, pack(val) if val else None)
     trainable = prepare_weights(model, config, train_config.seed)
     if config.qat:
         from lmforge.quant.qat import prepare_qat, qat_spec

@@ -126,6 +126,33 @@ def test_hugging_face_peft_loads_the_adapter_with_the_same_logits(tmp_path):
     torch.testing.assert_close(reloaded(ids), model(ids))
 
 
+def test_an_encoder_decoder_adapter_loads_into_peft_over_transformers_t5(tmp_path):
+    """Adapters on both stacks (cross-attention included) in PEFT's layout for T5: its projection names, and
+    the query updates scaled as T5's query weights are (lmforge.interop.t5)."""
+    transformers = pytest.importorskip("transformers")
+    peft = pytest.importorskip("peft")
+    from lmforge.model import build_model
+
+    torch.manual_seed(0)
+    model = build_model(preset("t5-tiny", vocab_size=120)).eval()
+    source, target = torch.randint(0, 120, (2, 15)), torch.randint(0, 120, (2, 9))
+    save_hf(tmp_path / "base", model.config, dict(model.state_dict()))
+    apply_lora(model, LoraConfig(rank=4, alpha=16, targets=["q_proj", "v_proj", "gate_proj", "down_proj"]))
+    randomise_adapters(model)
+    save_adapter(model, tmp_path / "adapter", base_model=str(tmp_path / "base"))
+    hf = transformers.T5ForConditionalGeneration.from_pretrained(tmp_path / "base").eval()
+    hf = peft.PeftModel.from_pretrained(hf, tmp_path / "adapter").eval()
+    with torch.inference_mode():
+        expected = model(source, target)
+        torch.testing.assert_close(hf(input_ids=source, decoder_input_ids=target).logits, expected,
+                                   rtol=1e-4, atol=1e-4)
+    torch.manual_seed(0)
+    reloaded = build_model(preset("t5-tiny", vocab_size=120)).eval()
+    load_adapter(reloaded, tmp_path / "adapter")
+    with torch.inference_mode():
+        torch.testing.assert_close(reloaded(source, target), expected)
+
+
 def test_bad_settings_and_missing_adapters_are_clear(tmp_path):
     with pytest.raises(ValueError, match="rank must be at least 1"):
         LoraConfig(rank=0)

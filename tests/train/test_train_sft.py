@@ -12,11 +12,12 @@ from lmforge.data.chat_records import iter_chat_records, record_to_messages
 from lmforge.data.sources import ReadErrors
 from lmforge.errors import InputError
 from lmforge.infer import SamplingConfig, generate
-from lmforge.model import DecoderLM, preset
+from lmforge.infer.seq2seq import generate_seq2seq
+from lmforge.model import DecoderLM, build_model, preset
 from lmforge.tokenizer import SPECIAL_IDS, train_tokenizer
 from lmforge.tokenizer.chat import ChatTokens, render_chat
 from lmforge.train import TrainConfig, fit
-from lmforge.train.sft import IGNORE, SFTStage, pack_examples
+from lmforge.train.sft import IGNORE, Seq2SeqSFTStage, SFTStage, pack_examples, split_examples
 
 FACTS = [(f"What is {a} plus {b}?", str(a + b)) for a, b in [(2, 3), (4, 4), (7, 1), (5, 9), (8, 6), (3, 3)]]
 
@@ -125,3 +126,35 @@ def test_a_hugging_face_dataset_streams_conversations(monkeypatch):
     monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=load_dataset))
     conversations = list(iter_chat_records("hf:org/chat:train"))
     assert [c[-1]["content"] for c in conversations] == ["Hello.", "2"]
+
+
+def test_an_encoder_decoder_reads_the_prompt_and_learns_the_answer(tokenizer, tmp_path):
+    """The split: source up to the assistant's first token, target from there; padding changes no loss; and
+    through the loop the decoder learns to write each answer from the encoded question."""
+    split = split_examples([ChatTokens([1, 10, 11, 12, 13, 14], [False] * 4 + [True] * 2),
+                            ChatTokens([1, 20, 21, 22, 23, 24, 25, 26], [False, False, True, True, False, True,
+                                                                        True, True])], seq_len=5, pad_id=2)
+    assert split.sources.tolist() == [[1, 10, 11, 12], [1, 20, 2, 2]]
+    assert split.source_mask.tolist() == [[1, 1, 1, 1], [1, 1, 0, 0]]
+    assert split.decoder_ids.tolist() == [[13, 14, 2, 2, 2], [21, 22, 23, 24, 25]]  # cut to seq_len
+    assert split.targets.tolist() == [[13, 14, IGNORE, IGNORE, IGNORE], [21, 22, IGNORE, 24, 25]]
+    assert split.truncated == 1
+    torch.manual_seed(0)
+    model = build_model(preset("t5-tiny", vocab_size=tokenizer.vocab_size, max_seq_len=64))
+    rows = split_examples([render_chat(tokenizer, c) for c in conversations()], 64, SPECIAL_IDS["<|pad|>"])
+    batch = {name: torch.from_numpy(getattr(rows, name)) for name in Seq2SeqSFTStage.fields}
+    together = Seq2SeqSFTStage.loss(model, batch) * (rows.targets != IGNORE).sum()
+    alone = sum(Seq2SeqSFTStage.loss(model, {name: value[i:i + 1] for name, value in batch.items()})
+                * (rows.targets[i] != IGNORE).sum() for i in range(len(rows)))
+    torch.testing.assert_close(together, alone, rtol=1e-4, atol=1e-4)  # padded rows: the same summed loss
+    stage = Seq2SeqSFTStage(rows, seed=0, val=rows)
+    before = stage.evaluate(model, _runtime(), 10_000, 4)["val_loss"]
+    config = TrainConfig(out_dir=str(tmp_path / "sft"), batch_size=3, seq_len=64, max_steps=100, lr=3e-3,
+                         warmup_steps=5, eval_every=100, eval_tokens=10_000, save_every=1000, log_every=20,
+                         device="cpu", dtype="fp32", progress=False)
+    result = fit(model, stage, config, tokenizer=tokenizer)
+    assert result.final["val_loss"] < 0.2 * before
+    question = render_chat(tokenizer, conversations()[3][:1], add_generation_prompt=True).ids
+    answer = generate_seq2seq(model, [question], SamplingConfig(max_new_tokens=4, temperature=0,
+                                                                stop_token_ids=[SPECIAL_IDS["<|end_of_turn|>"]]))[0]
+    assert tokenizer.decode(answer) == FACTS[3][1]

@@ -36,7 +36,10 @@ def forward_last(model: DecoderLM, input_ids: torch.Tensor, cache: KVCache | Non
 
 
 def cache_for(model: DecoderLM, batch_size: int, length: int, step: DecodeStep | None) -> KVCache:
-    """A cache for ``length`` positions; for a compiled step always ``max_seq_len``, so its shape never changes."""
+    """A cache for ``length`` positions; for a compiled step always ``max_seq_len``, so its shape never changes.
+    A model that keeps more than keys and values (an encoder-decoder's decoder) makes its own (``new_cache``)."""
+    if hasattr(model, "new_cache"):
+        return model.new_cache(batch_size, length)
     return KVCache.for_model(model, batch_size, model.config.max_seq_len if step is not None else length)
 
 

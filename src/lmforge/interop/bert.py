@@ -29,8 +29,7 @@ def check_bert_compatible(config: ModelConfig) -> None:
     wanted = {**{k: v for k, v in BERT_LAYOUT.items() if k not in ("head", "norm_eps", "type_vocab_size",
                                                                    "activation")},
               "num_kv_heads": config.num_heads, "head_dim": config.dim // config.num_heads, "tie_embeddings": True}
-    wrong = [f"{name}={getattr(config, name)!r} (BERT needs {value!r})" for name, value in wanted.items()
-             if getattr(config, name) != value]
+    wrong = config.mismatches(wanted, "BERT")
     if config.activation not in ("gelu_erf", "gelu"):
         wrong.append(f"activation={config.activation!r} (BERT needs gelu_erf or gelu)")
     if config.head not in ARCHITECTURES:

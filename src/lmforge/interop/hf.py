@@ -1,4 +1,4 @@
-"""Hugging Face model directories in and out: Llama, Mistral, Qwen2, GPT-2 and BERT families.
+"""Hugging Face model directories in and out: Llama, Mistral, Qwen2, GPT-2, BERT and T5 families.
 
 A HF directory holds ``config.json`` (with ``model_type``), weights in
 ``model.safetensors`` or shards listed by ``model.safetensors.index.json``, and the
@@ -26,9 +26,10 @@ from lmforge.errors import InputError
 from lmforge.interop.bert import bert_to_lmforge, config_from_hf_bert, hf_bert_config, lmforge_to_bert
 from lmforge.interop.gpt2 import config_from_hf_gpt2, gpt2_to_lmforge, hf_gpt2_config, lmforge_to_gpt2
 from lmforge.interop.llama import LLAMA_FAMILY, config_from_hf_llama, hf_llama_config, llama_names
+from lmforge.interop.t5 import config_from_hf_t5, hf_t5_config, lmforge_to_t5, t5_to_lmforge
 from lmforge.model import ModelConfig
 
-FAMILIES = (*LLAMA_FAMILY, "gpt2", "bert")
+FAMILIES = (*LLAMA_FAMILY, "gpt2", "bert", "t5")
 SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
                       "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
                       "U8": torch.uint8, "BOOL": torch.bool}
@@ -56,7 +57,7 @@ def read_hf_config(path: str | Path) -> dict:
 
 
 def config_from_hf(hf: dict, source: str = "config.json") -> ModelConfig:
-    """The lmforge ModelConfig of a transformers ``config.json`` (Llama, Mistral, Qwen2, GPT-2, BERT)."""
+    """The lmforge ModelConfig of a transformers ``config.json`` (Llama, Mistral, Qwen2, GPT-2, BERT, T5)."""
     kind = hf.get("model_type")
     if kind in LLAMA_FAMILY:
         return config_from_hf_llama(hf, source)
@@ -64,6 +65,8 @@ def config_from_hf(hf: dict, source: str = "config.json") -> ModelConfig:
         return config_from_hf_gpt2(hf, source)
     if kind == "bert":
         return config_from_hf_bert(hf, source)
+    if kind == "t5":
+        return config_from_hf_t5(hf, source)
     raise InputError(f"{source}: model_type {kind!r} is not supported; lmforge reads {', '.join(FAMILIES)}")
 
 
@@ -139,9 +142,13 @@ def read_hf_weights(path: str | Path, dtype: torch.dtype | None = None) -> dict[
     return tensors
 
 
-def weights_from_hf(tensors: Mapping[str, torch.Tensor], config: ModelConfig, model_type: str,
+def weights_from_hf(tensors: Mapping[str, torch.Tensor], config: ModelConfig, hf: dict,
                     source: str = "weights") -> dict[str, torch.Tensor]:
-    """HF weights -> lmforge parameter names, in their stored dtype (views where the layout allows)."""
+    """HF weights -> lmforge parameter names, in their stored dtype (views where the layout allows);
+    ``hf`` is the model's ``config.json``."""
+    model_type = hf["model_type"]
+    if model_type == "t5":
+        return t5_to_lmforge(tensors, config, hf, source)
     if model_type == "gpt2":
         return gpt2_to_lmforge(tensors, config)
     if model_type == "bert":
@@ -164,13 +171,15 @@ def load_hf(path: str | Path, dtype: torch.dtype | None = None) -> tuple[ModelCo
     ``dtype``, or in their stored dtype when it is None."""
     hf = read_hf_config(path)
     config = config_from_hf(hf, str(Path(path) / "config.json"))
-    weights = weights_from_hf(read_hf_weights(path, dtype), config, hf["model_type"], str(path))
+    weights = weights_from_hf(read_hf_weights(path, dtype), config, hf, str(path))
     return config, weights, hf["model_type"]
 
 
 def hf_config_for(config: ModelConfig, model_type: str | None = None) -> dict:
-    """The HF ``config.json`` for an lmforge config: BERT for encoders, GPT-2 for classic decoders, Llama
-    (or Qwen2) for modern ones."""
+    """The HF ``config.json`` for an lmforge config: T5 for encoder-decoders, BERT for encoders, GPT-2 for
+    classic decoders, Llama (or Qwen2) for modern ones."""
+    if config.is_encoder_decoder:
+        return hf_t5_config(config)
     if not config.causal:
         return hf_bert_config(config)
     if config.position == "learned":
@@ -188,6 +197,8 @@ def save_hf(out: str | Path, config: ModelConfig, state: Mapping[str, torch.Tens
         tensors = lmforge_to_gpt2(state, config)
     elif hf["model_type"] == "bert":
         tensors = lmforge_to_bert(state, config)
+    elif hf["model_type"] == "t5":
+        tensors = lmforge_to_t5(state, config)
     else:
         tensors = {theirs: state[ours] for ours, theirs in llama_names(config).items()}
     dtypes = {t.dtype for t in tensors.values()}

@@ -24,8 +24,7 @@ TIED_BY_DEFAULT = {"llama": False, "mistral": False, "qwen2": False}  # transfor
 def check_llama_compatible(config: ModelConfig) -> None:
     """Raise InputError naming each field that the Llama layout cannot express."""
     wanted = {"position": "rope", "norm": "rmsnorm", "activation": "swiglu"}
-    wrong = [f"{name}={getattr(config, name)!r} (Llama needs {value!r})" for name, value in wanted.items()
-             if getattr(config, name) != value]
+    wrong = config.mismatches(wanted, "Llama")
     if wrong:
         raise InputError("this model does not fit the Llama layout: " + ", ".join(wrong))
 

@@ -1,6 +1,10 @@
 """Multi-head self-attention with separate key/value heads (MHA, GQA, MQA): causal in a decoder,
 bidirectional in an encoder (``ModelConfig.causal``).
 
+:class:`CrossAttention` is the encoder-decoder's other attention: the decoder's queries over the
+encoder's output. A mask may be boolean (True where attention is allowed) or a float bias added
+to the scores (T5's relative positions, ``-inf`` where not allowed).
+
 Two backends compute the same thing: "sdpa" calls PyTorch's fused
 ``scaled_dot_product_attention``; "eager" spells out softmax(q k^T / sqrt(d) + mask) v
 and is the reference the tests compare against.
@@ -49,14 +53,17 @@ def eager_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout: 
     """Reference attention. q (B, H, Tq, D); k, v (B, Hkv, Tk, D) -> (B, H, Tq, D).
 
     ``mask`` (B, 1, Tq, Tk), True where allowed, replaces the causal mask (packed sequences,
-    padding). Without a mask, ``causal=False`` lets every query see every key (an encoder).
+    padding); a float mask (B or 1, 1 or H, Tq, Tk) is added to the scores instead. Without a
+    mask, ``causal=False`` lets every query see every key (an encoder).
     """
     groups = q.shape[1] // k.shape[1]
     k = k.repeat_interleave(groups, dim=1)  # (B, H, Tk, D): each kv head serves `groups` query heads
     v = v.repeat_interleave(groups, dim=1)
     scores = (q @ k.transpose(-2, -1)).float() / math.sqrt(q.shape[-1])  # (B, H, Tq, Tk)
     allowed = mask if mask is not None or not causal else causal_mask(q.shape[2], k.shape[2], q.device)
-    if allowed is not None:
+    if allowed is not None and allowed.is_floating_point():
+        scores = scores + allowed.float()
+    elif allowed is not None:
         scores = scores.masked_fill(~allowed, float("-inf"))
     weights = torch.softmax(scores, dim=-1).to(v.dtype)
     weights = F.dropout(weights, p=dropout, training=training)
@@ -89,6 +96,8 @@ def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout: f
     num_queries, num_keys = q.shape[2], k.shape[2]
     gqa = q.shape[1] != k.shape[1]
     p = dropout if training else 0.0
+    if mask is not None and mask.is_floating_point():  # an additive bias: the fused kernel wants q's dtype
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask.to(q.dtype), dropout_p=p, enable_gqa=gqa)
     if mask is not None and num_queries == 1 and not training:
         return one_query_attention(q, k, v, mask)
     if mask is not None or not causal:
@@ -146,4 +155,40 @@ class Attention(nn.Module):
             if cache is not None:
                 k, v = cache.update(self.layer, k, v)  # (B, Hkv, start+T, D)
             out = BACKENDS[self.backend](q, k, v, self.dropout, self.training, mask, self.causal)  # (B, H, T, D)
+        return self.o_proj(out.transpose(1, 2).reshape(batch, seq_len, self.num_heads * self.head_dim))
+
+
+class CrossAttention(nn.Module):
+    """The decoder's queries over the encoder's output (``memory``), in an encoder-decoder.
+
+    Keys and values come from the memory, the same for every decoding step: a generating
+    model computes them once (:meth:`keys_values`) and passes them in each step. No positions
+    are applied here; each side has placed its own tokens already.
+    """
+
+    def __init__(self, config: ModelConfig, layer: int, backend: str = "sdpa"):
+        super().__init__()
+        self.layer = layer
+        self.num_heads, self.num_kv_heads, self.head_dim = config.num_heads, config.num_kv_heads, config.head_dim
+        self.dropout = config.dropout
+        self.q_proj = nn.Linear(config.dim, config.num_heads * config.head_dim, bias=config.bias)
+        self.k_proj = nn.Linear(config.dim, config.num_kv_heads * config.head_dim, bias=config.bias)
+        self.v_proj = nn.Linear(config.dim, config.num_kv_heads * config.head_dim, bias=config.bias)
+        self.o_proj = nn.Linear(config.num_heads * config.head_dim, config.dim, bias=config.bias)
+        self.backend = backend
+
+    def keys_values(self, memory: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """memory (B, S, dim) -> keys, values (B, Hkv, S, D)."""
+        batch, length, _ = memory.shape
+        k = self.k_proj(memory).view(batch, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(memory).view(batch, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        return k, v
+
+    def forward(self, x: torch.Tensor, keys_values: tuple[torch.Tensor, torch.Tensor],
+                mask: torch.Tensor | None = None) -> torch.Tensor:
+        """x (B, T, dim); ``keys_values`` of the memory; ``mask`` (B, 1, 1, S), False at the memory's padding."""
+        batch, seq_len, _ = x.shape
+        q = self.q_proj(x).view(batch, seq_len, self.num_heads, self.head_dim).transpose(1, 2)
+        k, v = keys_values
+        out = BACKENDS[self.backend](q, k, v, self.dropout, self.training, mask, False)  # (B, H, T, D)
         return self.o_proj(out.transpose(1, 2).reshape(batch, seq_len, self.num_heads * self.head_dim))

@@ -3,7 +3,9 @@
 Defaults are the modern decoder's choices (RoPE, RMSNorm, SwiGLU, grouped-query
 attention) so that a model maps onto the Llama layout. ``causal=False`` with
 ``norm_position="post"``, learned positions, segment embeddings and an ``mlm`` head is
-the encoder-only form (BERT). Presets name whole shapes.
+the encoder-only form (BERT). ``decoder_layers > 0`` is the encoder-decoder form (T5):
+``num_layers`` encoder blocks and ``decoder_layers`` decoder blocks that also attend to the
+encoder's output (:mod:`lmforge.model.seq2seq`). Presets name whole shapes.
 """
 
 from __future__ import annotations
@@ -16,9 +18,10 @@ from pathlib import Path
 from lmforge.errors import InputError
 from lmforge.settings import field
 
-POSITIONS = ("rope", "learned", "sinusoidal")
+POSITIONS = ("rope", "learned", "sinusoidal", "relative")
 NORMS = ("rmsnorm", "layernorm")
-ACTIVATIONS = ("swiglu", "gelu", "gelu_erf", "relu")
+ACTIVATIONS = ("swiglu", "geglu", "gelu", "gelu_erf", "relu")
+GATED = ("swiglu", "geglu")  # activations with a gate projection beside the up projection
 HEADS = ("lm", "score", "lm+value", "mlm", "mlm+nsp", "hidden")
 NORM_POSITIONS = ("pre", "post")
 
@@ -35,8 +38,8 @@ class ModelConfig:
     num_kv_heads: int = field(2, "key/value heads: =num_heads is MHA, 1 is MQA, between is GQA")
     head_dim: int = field(0, "width of one head; 0 means dim // num_heads")
     ffn_dim: int = field(0, "hidden width of the feed-forward network; 0 derives it from dim")
-    activation: str = field("swiglu", "feed-forward network: swiglu, gelu (tanh approximation, GPT-2), "
-                                      "gelu_erf (exact, BERT) or relu")
+    activation: str = field("swiglu", "feed-forward network: swiglu, geglu (GELU-gated, T5 v1.1), gelu (tanh "
+                                      "approximation, GPT-2), gelu_erf (exact, BERT) or relu")
     norm: str = field("rmsnorm", "normalization: rmsnorm or layernorm")
     norm_position: str = field("pre", "pre: x + f(norm(x)) and a final norm (GPT-2, Llama); post: norm(x + f(x)), "
                                       "the embeddings normalized and no final norm (the original Transformer, BERT)")
@@ -45,7 +48,10 @@ class ModelConfig:
     type_vocab_size: int = field(0, "segment (token type) embeddings added to the tokens' (BERT: 2, for sentence "
                                     "A and B); 0: none")
     norm_eps: float = field(1e-5, "epsilon inside the normalization")
-    position: str = field("rope", "positional encoding: rope, learned or sinusoidal")
+    position: str = field("rope", "positional encoding: rope, learned, sinusoidal, or relative (T5's bucketed "
+                                  "relative position bias added to the attention scores)")
+    relative_buckets: int = field(32, "relative positions: number of distance buckets (half each way in an encoder)")
+    relative_max_distance: int = field(128, "relative positions: distances from here on share the last bucket")
     rope_theta: float = field(10000.0, "RoPE base frequency")
     rope_scaling: dict | None = field(None, 'RoPE frequency scaling as JSON: {"type": "linear", "factor": 4} or '
                                             '{"type": "llama3", "factor", "low_freq_factor", "high_freq_factor", '
@@ -55,6 +61,10 @@ class ModelConfig:
     qkv_bias: bool = field(False, "add biases to the query/key/value projections only (Qwen2)")
     dropout: float = field(0.0, "dropout on embeddings, attention weights and residual branches")
     init_std: float = field(0.02, "standard deviation of the initial weights")
+    decoder_layers: int = field(0, "encoder-decoder (T5): decoder blocks that attend to the output of the "
+                                   "num_layers encoder blocks; 0: one stack (a decoder, or an encoder)")
+    decoder_start_id: int = field(0, "encoder-decoder: the token the decoder starts from (T5: padding, id 0; "
+                                     "lmforge tokenizers: begin-of-text, also id 0)")
     head: str = field("lm", "output head: lm (next-token logits), score (one scalar per position: a reward model), "
                             "lm+value (logits, and a value head beside them: a PPO policy in training), mlm "
                             "(masked-token logits: BERT's transform then the tied output layer), mlm+nsp (and a "
@@ -67,7 +77,7 @@ class ModelConfig:
                 raise ValueError(f"dim={self.dim} is not divisible by num_heads={self.num_heads}")
             self.head_dim = self.dim // self.num_heads
         if self.ffn_dim == 0:
-            if self.activation == "swiglu":
+            if self.activation in GATED:
                 # Two input projections instead of one: 2/3 of 4*dim keeps the parameter
                 # count of a 4*dim MLP; round up to a multiple of 64 for fast matmuls.
                 self.ffn_dim = 64 * ((int(8 * self.dim / 3) + 63) // 64)
@@ -88,14 +98,35 @@ class ModelConfig:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
         if self.type_vocab_size < 0:
             raise ValueError(f"type_vocab_size must be at least 0, got {self.type_vocab_size}")
+        if self.relative_buckets < 2 or self.relative_max_distance < self.relative_buckets // 2:
+            raise ValueError(f"relative positions need relative_buckets >= 2 and relative_max_distance >= "
+                             f"relative_buckets / 2, got {self.relative_buckets} and {self.relative_max_distance}")
+        if self.decoder_layers < 0:
+            raise ValueError(f"decoder_layers must be at least 0, got {self.decoder_layers}")
+        if self.position == "relative" and not self.decoder_layers:
+            raise ValueError("position=relative is built for the encoder-decoder form (decoder_layers > 0); "
+                             "a one-stack model takes rope, learned or sinusoidal")
+        if self.decoder_layers and (self.head != "lm" or not self.causal or self.type_vocab_size):
+            raise ValueError("an encoder-decoder (decoder_layers > 0) has the lm head, causal=true (its decoder) "
+                             "and no segment embeddings")
         if self.head.startswith("mlm") and self.causal:
             raise ValueError(f"head={self.head!r} predicts masked tokens from both sides: it needs causal=false")
+
+    @property
+    def is_encoder_decoder(self) -> bool:
+        return self.decoder_layers > 0
 
     @property
     def attention_kind(self) -> str:
         if self.num_kv_heads == self.num_heads:
             return "MHA"
         return "MQA" if self.num_kv_heads == 1 else "GQA"
+
+    def mismatches(self, wanted: dict, layout: str) -> list[str]:
+        """``field=value (LAYOUT needs X)`` for each field of ``wanted`` this config holds otherwise (what an
+        export to another library's layout names in its refusal)."""
+        return [f"{name}={getattr(self, name)!r} ({layout} needs {value!r})" for name, value in wanted.items()
+                if getattr(self, name) != value]
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -140,6 +171,10 @@ def check_rope_scaling(scaling: dict) -> None:
 BERT_LAYOUT = dict(causal=False, norm_position="post", norm="layernorm", norm_eps=1e-12, activation="gelu_erf",
                    bias=True, position="learned", type_vocab_size=2, head="mlm")
 
+# The encoder-decoder form as T5 v1.1 lays it out (transformers' T5ForConditionalGeneration reads it).
+T5_LAYOUT = dict(position="relative", norm="rmsnorm", norm_eps=1e-6, activation="geglu", bias=False,
+                 tie_embeddings=False)
+
 # Named shapes. vocab_size and max_seq_len may be overridden when a preset is used.
 PRESETS: dict[str, dict] = {
     # For tests: runs a forward pass in milliseconds.
@@ -152,6 +187,11 @@ PRESETS: dict[str, dict] = {
     # Encoder-only (BERT layout): bidirectional attention, post-norm, learned positions, segment embeddings.
     "bert-tiny": dict(dim=64, num_layers=2, num_heads=4, num_kv_heads=4, max_seq_len=128, **BERT_LAYOUT),
     "bert-small": dict(dim=256, num_layers=4, num_heads=4, num_kv_heads=4, max_seq_len=512, **BERT_LAYOUT),
+    # Encoder-decoder (T5 v1.1 layout): relative position bias, RMSNorm, GELU-gated FFN, no biases.
+    "t5-tiny": dict(dim=64, num_layers=2, decoder_layers=2, num_heads=4, num_kv_heads=4, max_seq_len=128,
+                    **T5_LAYOUT),
+    "t5-small": dict(dim=256, num_layers=3, decoder_layers=3, num_heads=4, num_kv_heads=4, max_seq_len=512,
+                     **T5_LAYOUT),
     # GPU sizes.
     "gpu-125m": dict(dim=768, num_layers=12, num_heads=12, num_kv_heads=4, max_seq_len=1024, vocab_size=32768),
     "gpu-350m": dict(dim=1024, num_layers=24, num_heads=16, num_kv_heads=4, max_seq_len=2048, vocab_size=32768),

@@ -143,7 +143,8 @@ def fuse_projections(model: nn.Module) -> int:
     that are neither plain ``nn.Linear`` nor integer ones of one method (LoRA, NF4) are left alone.
     """
     made = 0
-    for block in model.blocks:
+    blocks = [m for m in model.modules() if hasattr(m, "attn") and hasattr(m, "ffn")]  # every stack's blocks
+    for block in blocks:
         for owner, names, attribute in ((block.attn, ["q_proj", "k_proj", "v_proj"], "qkv"),
                                         (block.ffn, ["gate_proj", "up_proj"], "gate_up")):
             current = getattr(owner, attribute)

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lmforge.model.attention import Attention, packed_mask
+from lmforge.model.attention import Attention, CrossAttention, packed_mask
 from lmforge.model.config import ModelConfig
 from lmforge.model.kv_cache import KVCache
 from lmforge.model.mlp import FeedForward
@@ -63,7 +63,69 @@ class Block(nn.Module):
         return x + self.dropout(self.ffn(self.ffn_norm(x)))
 
 
-class DecoderLM(nn.Module):
+class Transformer(nn.Module):
+    """What every lmforge model shares, whatever its form (:class:`DecoderLM`, the encoder-decoder
+    :class:`~lmforge.model.seq2seq.EncoderDecoderLM`): initialisation, the attention backend switch,
+    derived tables and the parameter count. Subclasses set ``config``, ``embed`` and ``depth``."""
+
+    config: ModelConfig
+    depth: int  # blocks in the deepest stack (initialisation scales the residual projections by it)
+
+    def reset_parameters(self) -> None:
+        """All weight initialisation happens here.
+
+        Normal(0, init_std) for matrices; the projections that write into the residual
+        stream (o_proj, down_proj) are scaled by 1/sqrt(2 * depth) (depth: blocks in the
+        deepest stack) so the stream's variance does not grow with depth (GPT-2).
+        """
+        std = self.config.init_std
+        for name, module in self.named_modules():
+            if isinstance(module, nn.Linear):
+                scale = 1 / math.sqrt(2 * self.depth) if name.endswith(("o_proj", "down_proj")) else 1.0
+                nn.init.normal_(module.weight, mean=0.0, std=std * scale)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.Embedding):
+                nn.init.normal_(module.weight, mean=0.0, std=std)
+            elif isinstance(module, LearnedPositions):
+                nn.init.normal_(module.weight, mean=0.0, std=std)
+            elif hasattr(module, "weight") and isinstance(getattr(module, "weight", None), nn.Parameter) \
+                    and module.weight.dim() == 1:  # norms
+                nn.init.ones_(module.weight)
+                if getattr(module, "bias", None) is not None:
+                    nn.init.zeros_(module.bias)
+
+    def set_attention(self, backend: str) -> None:
+        """Switch the attention backend of every attention layer ("sdpa" or "eager")."""
+        for module in self.modules():
+            if isinstance(module, (Attention, CrossAttention)):
+                module.backend = backend
+
+    def init_buffers(self, device: torch.device | str | None = None) -> None:
+        """Recompute derived tables (RoPE, sinusoidal) on ``device``: after building on "meta"."""
+        for module in self.modules():
+            if isinstance(module, (RotaryEmbedding, SinusoidalPositions)):
+                module.init_buffers(device)
+
+    def num_parameters(self, embeddings: bool = True) -> int:
+        """Parameter count; tied weights count once, and weights stored as buffers (16-bit or integer
+        codes, lmforge.quant) count as the parameters they stand for."""
+        total = sum(p.numel() for p in self.parameters())
+        stored = {}  # storage -> weights it holds (a tied table is one storage)
+        for module in self.modules():
+            codes, weight = module._buffers.get("qweight"), module._buffers.get("weight")
+            if codes is not None:
+                stored[codes.data_ptr()] = module.out_features * module.in_features
+            elif weight is not None:
+                stored[weight.data_ptr()] = weight.numel()
+        total += sum(stored.values())
+        if not embeddings and isinstance(self.embed, nn.Embedding):  # (an integer table holds no parameters)
+            total -= self.embed.weight.numel()
+            total -= sum(m.weight.numel() for m in self.modules() if isinstance(m, LearnedPositions))
+        return total
+
+
+class DecoderLM(Transformer):
     """A Transformer on token ids: a causal language model (``forward(ids, cache) -> logits``), or with
     ``causal=False`` an encoder (``forward(ids, token_types=, mask=)`` -> masked-token logits or hidden
     states, by its head).
@@ -74,7 +136,7 @@ class DecoderLM(nn.Module):
 
     def __init__(self, config: ModelConfig, attention: str = "sdpa"):
         super().__init__()
-        self.config = config
+        self.config, self.depth = config, config.num_layers
         self.embed = nn.Embedding(config.vocab_size, config.dim)
         self.positions: nn.Module | None = None
         rope = None
@@ -106,35 +168,6 @@ class DecoderLM(nn.Module):
         self.pooler = nn.Linear(config.dim, config.dim) if head in ("mlm+nsp", "hidden") and not config.causal else None
         self.nsp = nn.Linear(config.dim, 2) if head == "mlm+nsp" else None
         self.reset_parameters()
-
-    def reset_parameters(self) -> None:
-        """All weight initialisation happens here.
-
-        Normal(0, init_std) for matrices; the projections that write into the residual
-        stream (o_proj, down_proj) are scaled by 1/sqrt(2 * num_layers) so the stream's
-        variance does not grow with depth (GPT-2).
-        """
-        std = self.config.init_std
-        for name, module in self.named_modules():
-            if isinstance(module, nn.Linear):
-                scale = 1 / math.sqrt(2 * self.config.num_layers) if name.endswith(("o_proj", "down_proj")) else 1.0
-                nn.init.normal_(module.weight, mean=0.0, std=std * scale)
-                if module.bias is not None:
-                    nn.init.zeros_(module.bias)
-            elif isinstance(module, nn.Embedding):
-                nn.init.normal_(module.weight, mean=0.0, std=std)
-            elif isinstance(module, LearnedPositions):
-                nn.init.normal_(module.weight, mean=0.0, std=std)
-            elif hasattr(module, "weight") and isinstance(getattr(module, "weight", None), nn.Parameter) \
-                    and module.weight.dim() == 1:  # norms
-                nn.init.ones_(module.weight)
-                if getattr(module, "bias", None) is not None:
-                    nn.init.zeros_(module.bias)
-
-    def set_attention(self, backend: str) -> None:
-        """Switch the attention backend of every layer ("sdpa" or "eager")."""
-        for block in self.blocks:
-            block.attn.backend = backend
 
     def forward(self, input_ids: torch.Tensor, cache: KVCache | None = None,
                 return_hidden: bool = False, segments: torch.Tensor | None = None,
@@ -212,27 +245,3 @@ class DecoderLM(nn.Module):
         if self.pooler is None:
             raise ValueError(f"this model has no pooler (head {self.config.head!r})")
         return torch.tanh(self.pooler(hidden[:, 0]))
-
-    def init_buffers(self, device: torch.device | str | None = None) -> None:
-        """Recompute derived tables (RoPE, sinusoidal) on ``device``: after building on "meta"."""
-        for module in self.modules():
-            if isinstance(module, (RotaryEmbedding, SinusoidalPositions)):
-                module.init_buffers(device)
-
-    def num_parameters(self, embeddings: bool = True) -> int:
-        """Parameter count; tied weights count once, and weights stored as buffers (16-bit or integer
-        codes, lmforge.quant) count as the parameters they stand for."""
-        total = sum(p.numel() for p in self.parameters())
-        stored = {}  # storage -> weights it holds (a tied table is one storage)
-        for module in self.modules():
-            codes, weight = module._buffers.get("qweight"), module._buffers.get("weight")
-            if codes is not None:
-                stored[codes.data_ptr()] = module.out_features * module.in_features
-            elif weight is not None:
-                stored[weight.data_ptr()] = weight.numel()
-        total += sum(stored.values())
-        if not embeddings and isinstance(self.embed, nn.Embedding):  # (an integer table holds no parameters)
-            total -= self.embed.weight.numel()
-            if isinstance(self.positions, LearnedPositions):
-                total -= self.positions.weight.numel()
-        return total

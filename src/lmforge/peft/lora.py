@@ -211,11 +211,29 @@ def merged_copy(model: nn.Module, dtype: torch.dtype, into: nn.Module | None = N
 
 
 def _peft_module_name(name: str, config) -> str:
-    """lmforge module name -> the HF Llama module name PEFT keys use."""
+    """lmforge module name -> the HF module name PEFT keys use (Llama's; T5's for an encoder-decoder)."""
+    if config.is_encoder_decoder:
+        from lmforge.interop.t5 import t5_names
+
+        return t5_names(config)[name + ".weight"].removesuffix(".weight")
     from lmforge.interop.llama import llama_names
 
-    names = llama_names(config)
-    return names[name + ".weight"].removesuffix(".weight")
+    return llama_names(config)[name + ".weight"].removesuffix(".weight")
+
+
+def _peft_scale(name: str, config) -> float:
+    """What an adapter's B is multiplied by in PEFT's layout: T5's query weights are lmforge's divided by
+    sqrt(head_dim) (lmforge.interop.t5), and so is the update B A of a query adapter; 1 elsewhere."""
+    return config.head_dim ** -0.5 if config.is_encoder_decoder and name.endswith("attn.q_proj") else 1.0
+
+
+def _t5_targets(config) -> dict[str, str]:
+    """T5's projection names -> lmforge's (``q`` -> ``q_proj``, ``wi_0`` -> ``gate_proj``, ...)."""
+    from lmforge.interop.t5 import t5_names
+
+    def last(name: str) -> str:
+        return name.removesuffix(".weight").rsplit(".", 1)[-1]
+    return {last(theirs): last(ours) for ours, theirs in t5_names(config).items() if "_proj" in ours}
 
 
 def save_adapter(model: nn.Module, out: str | Path, base_model: str = "") -> Path:
@@ -228,14 +246,20 @@ def save_adapter(model: nn.Module, out: str | Path, base_model: str = "") -> Pat
     for name, layer in lora_layers(model).items():
         key = "base_model.model." + _peft_module_name(name, model.config)
         tensors[key + ".lora_A.weight"] = layer.lora_A.detach().contiguous()
-        tensors[key + ".lora_B.weight"] = layer.lora_B.detach().contiguous()
+        tensors[key + ".lora_B.weight"] = (layer.lora_B.detach() * _peft_scale(name, model.config)).contiguous()
     reward_model = model.config.head == "score"
+    seq2seq = model.config.is_encoder_decoder
+    targets = sorted(config.targets)
+    if seq2seq:  # PEFT names T5's own projections
+        ours = {name.rsplit(".", 1)[-1] for name in lora_layers(model)}
+        targets = sorted(theirs for theirs, name in _t5_targets(model.config).items() if name in ours)
     if reward_model:  # the score head is new and trained in full: PEFT keeps it as a module to save
         tensors["base_model.model.score.weight"] = model.score.weight.detach().contiguous()
     save_file(tensors, out / ADAPTER_WEIGHTS, metadata={"format": "pt"})
-    peft_config = {"peft_type": "LORA", "task_type": "SEQ_CLS" if reward_model else "CAUSAL_LM", "r": config.rank,
+    task = "SEQ_CLS" if reward_model else "SEQ_2_SEQ_LM" if seq2seq else "CAUSAL_LM"
+    peft_config = {"peft_type": "LORA", "task_type": task, "r": config.rank,
                    "lora_alpha": config.alpha, "lora_dropout": config.dropout,
-                   "target_modules": sorted(config.targets), "bias": "none", "fan_in_fan_out": False,
+                   "target_modules": targets, "bias": "none", "fan_in_fan_out": False,
                    "base_model_name_or_path": base_model, "inference_mode": True,
                    "modules_to_save": ["score"] if reward_model else None, "use_rslora": False, "use_dora": False,
                    "init_lora_weights": True}
@@ -252,9 +276,12 @@ def load_adapter(model: nn.Module, folder: str | Path) -> nn.Module:
     if peft_config.get("peft_type") != "LORA" or peft_config.get("use_dora") or peft_config.get("use_rslora"):
         raise InputError(f"{folder}: only plain LoRA adapters are read")
     targets = peft_config["target_modules"]
+    targets = list(targets) if isinstance(targets, list) else [targets]
+    if model.config.is_encoder_decoder:
+        names = _t5_targets(model.config)
+        targets = [names.get(target, target) for target in targets]
     config = LoraConfig(rank=peft_config["r"], alpha=peft_config["lora_alpha"],
-                        dropout=peft_config.get("lora_dropout", 0.0),
-                        targets=list(targets) if isinstance(targets, list) else [targets])
+                        dropout=peft_config.get("lora_dropout", 0.0), targets=targets)
     apply_lora(model, config)
     tensors = load_file(folder / ADAPTER_WEIGHTS)
     for name, layer in lora_layers(model).items():
@@ -262,5 +289,6 @@ def load_adapter(model: nn.Module, folder: str | Path) -> nn.Module:
         for part in ("lora_A", "lora_B"):
             if f"{key}.{part}.weight" not in tensors:
                 raise InputError(f"{folder}: adapter has no {key}.{part}.weight")
-            getattr(layer, part).data.copy_(tensors[f"{key}.{part}.weight"])
+            scale = _peft_scale(name, model.config) if part == "lora_B" else 1.0
+            getattr(layer, part).data.copy_(tensors[f"{key}.{part}.weight"] / scale)
     return model

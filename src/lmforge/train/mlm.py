@@ -24,6 +24,7 @@ import torch.nn.functional as F
 
 from lmforge.runtime import Runtime
 from lmforge.tokenizer.special import BEGIN_OF_TEXT, END_OF_TEXT, MASK, NUM_SPECIAL, SPECIAL_IDS
+from lmforge.train.metrics import RecordsFigures
 
 IGNORE = -100  # target of a position that is not scored
 CLS, SEP, MASK_ID = SPECIAL_IDS[BEGIN_OF_TEXT], SPECIAL_IDS[END_OF_TEXT], SPECIAL_IDS[MASK]
@@ -45,7 +46,7 @@ def mask_tokens(ids: np.ndarray, rng: np.random.Generator, vocab_size: int, rate
     return inputs, targets
 
 
-class MaskedLMStage:
+class MaskedLMStage(RecordsFigures):
     """Masked-language-model pretraining (and optionally next-sentence prediction) over a token array.
 
     ``tokens``: 1-D array of token ids (a shard); ``vocab_size``: where random replacements are
@@ -62,7 +63,6 @@ class MaskedLMStage:
             raise ValueError(f"the masking rate must be in (0, 1), got {rate}")
         self.tokens, self.val_tokens, self.seq_len, self.seed = tokens, val_tokens, seq_len, seed
         self.vocab_size, self.nsp, self.rate = vocab_size, nsp, rate
-        self._metrics: dict[str, list[float]] = {}
 
     # ---- sequences ------------------------------------------------------------------------
 
@@ -110,23 +110,15 @@ class MaskedLMStage:
         chosen = batch["targets"] != IGNORE
         logits = model.logits(hidden[chosen]).float()  # only the chosen positions go through the output layer
         loss = F.cross_entropy(logits, batch["targets"][chosen])
-        self._record("mlm_loss", loss.item())
-        self._record("mlm_accuracy", (logits.argmax(-1) == batch["targets"][chosen]).float().mean().item())
+        self.record({"mlm_loss": loss.item(),
+                     "mlm_accuracy": (logits.argmax(-1) == batch["targets"][chosen]).float().mean().item()})
         if self.nsp:
             nsp_logits = model.next_sentence_logits(hidden).float()
             nsp_loss = F.cross_entropy(nsp_logits, batch["random_next"])
-            self._record("nsp_loss", nsp_loss.item())
-            self._record("nsp_accuracy", (nsp_logits.argmax(-1) == batch["random_next"]).float().mean().item())
+            self.record({"nsp_loss": nsp_loss.item(),
+                         "nsp_accuracy": (nsp_logits.argmax(-1) == batch["random_next"]).float().mean().item()})
             loss = loss + nsp_loss
         return loss
-
-    def _record(self, name: str, value: float) -> None:
-        self._metrics.setdefault(name, []).append(value)
-
-    def pop_metrics(self) -> dict[str, float]:
-        out = {name: float(np.mean(values)) for name, values in self._metrics.items() if values}
-        self._metrics = {}
-        return out
 
     # ---- validation -----------------------------------------------------------------------
 

@@ -7,6 +7,11 @@ context, never targets. Examples are short, so they are packed several to a row 
 ``segments`` and attends only inside an example, with positions restarting at 0,
 so a packed example trains exactly as it would alone (the notes' padding-free
 collation). The loop (loop.py) is the one pretraining uses.
+
+An encoder-decoder is fine-tuned on the same conversations split in two
+(:func:`split_examples`): the encoder reads everything up to the assistant's first
+token (the template's opening of its turn included), the decoder writes the rest, with
+the same answer-only mask; rows are padded, not packed.
 """
 
 from __future__ import annotations
@@ -82,6 +87,45 @@ def epoch_rows(seed: int, count: int, step: int, first: int, size: int, global_s
     return np.array([np.random.default_rng([seed, e]).permutation(count)[o] for e, o in zip(epoch, offset)])
 
 
+@dataclass
+class Seq2SeqRows:
+    """Examples split for an encoder-decoder, numpy arrays padded to the longest: ``sources`` (N, S) and
+    ``source_mask`` (1 at tokens), ``decoder_ids`` (N, T) what the decoder writes and ``targets`` the same
+    ids where the loss counts them (assistant tokens), else IGNORE."""
+
+    sources: np.ndarray
+    source_mask: np.ndarray
+    decoder_ids: np.ndarray
+    targets: np.ndarray
+    truncated: int = 0  # sources or targets longer than seq_len, cut (a source keeps its end)
+
+    def __len__(self) -> int:
+        return len(self.sources)
+
+
+def split_examples(examples: list[ChatTokens], seq_len: int, pad_id: int) -> Seq2SeqRows:
+    """Each example cut before its first assistant token: the source before, the target from there on."""
+    pairs, truncated = [], 0
+    for example in examples:
+        if not any(example.mask):
+            continue
+        first = example.mask.index(True)
+        source, target, learn = example.ids[:first], example.ids[first:], example.mask[first:]
+        truncated += len(source) > seq_len or len(target) > seq_len
+        source, target, learn = source[-seq_len:], target[:seq_len], learn[:seq_len]
+        pairs.append((source or [pad_id], target, [t if m else IGNORE for t, m in zip(target, learn)]))
+    if not pairs:
+        return Seq2SeqRows(*(np.zeros((0, 1), np.int64) for _ in range(4)))
+    source_len, target_len = max(len(p[0]) for p in pairs), max(len(p[1]) for p in pairs)
+    rows = Seq2SeqRows(np.full((len(pairs), source_len), pad_id, np.int64), np.zeros((len(pairs), source_len), np.int64),
+                       np.full((len(pairs), target_len), pad_id, np.int64),
+                       np.full((len(pairs), target_len), IGNORE, np.int64), truncated)
+    for row, (source, target, labels) in enumerate(pairs):
+        rows.sources[row, :len(source)], rows.source_mask[row, :len(source)] = source, 1
+        rows.decoder_ids[row, :len(target)], rows.targets[row, :len(target)] = target, labels
+    return rows
+
+
 class SFTStage:
     """Batches of packed rows and the answer-only loss, for :func:`lmforge.train.fit`.
 
@@ -89,7 +133,9 @@ class SFTStage:
     drawn from the seed, so resume and data parallelism see the same sequences.
     """
 
-    def __init__(self, train: PackedRows, seed: int, val: PackedRows | None = None):
+    fields = ("inputs", "targets", "segments")  # the row arrays a batch holds
+
+    def __init__(self, train: PackedRows | Seq2SeqRows, seed: int, val: PackedRows | Seq2SeqRows | None = None):
         if len(train) == 0:
             raise ValueError("no training examples after packing")
         self.train, self.val, self.seed = train, val, seed
@@ -99,13 +145,16 @@ class SFTStage:
 
     def batch(self, step: int, first: int, size: int, global_size: int, device: torch.device) -> dict:
         rows = self.rows_of(step, first, size, global_size)
-        return {name: torch.from_numpy(getattr(self.train, name)[rows]).to(device)
-                for name in ("inputs", "targets", "segments")}
+        return {name: torch.from_numpy(getattr(self.train, name)[rows]).to(device) for name in self.fields}
 
     @staticmethod
-    def loss(model: torch.nn.Module, batch: dict) -> torch.Tensor:
+    def logits(model: torch.nn.Module, batch: dict) -> torch.Tensor:
+        return model(batch["inputs"], segments=batch["segments"])  # (B, T, V)
+
+    @classmethod
+    def loss(cls, model: torch.nn.Module, batch: dict) -> torch.Tensor:
         """Mean cross-entropy over the assistant tokens of the batch (0 when it has none)."""
-        logits = model(batch["inputs"], segments=batch["segments"])  # (B, T, V)
+        logits = cls.logits(model, batch)  # (B, T, V)
         targets = batch["targets"].flatten()
         total = F.cross_entropy(logits.float().flatten(0, 1), targets, ignore_index=IGNORE, reduction="sum")
         return total / (targets != IGNORE).sum().clamp(min=1)
@@ -117,16 +166,28 @@ class SFTStage:
             return {}
         was_training = model.training
         model.eval()
-        count = max(1, min(len(self.val), max_tokens // self.val.inputs.shape[1]))
+        count = max(1, min(len(self.val), max_tokens // getattr(self.val, self.fields[0]).shape[1]))
         total, tokens = 0.0, 0
         for first in range(0, count, batch_size):
             part = slice(first, min(count, first + batch_size))
             batch = {name: torch.from_numpy(getattr(self.val, name)[part]).to(runtime.device)
-                     for name in ("inputs", "targets", "segments")}
+                     for name in self.fields}
             with runtime.autocast():
-                logits = model(batch["inputs"], segments=batch["segments"])
+                logits = self.logits(model, batch)
             total += F.cross_entropy(logits.float().flatten(0, 1), batch["targets"].flatten(),
                                      ignore_index=IGNORE, reduction="sum").item()
             tokens += int((batch["targets"] != IGNORE).sum())
         model.train(was_training)
         return {"val_loss": total / max(tokens, 1)}
+
+
+class Seq2SeqSFTStage(SFTStage):
+    """:class:`SFTStage` for an encoder-decoder: the encoder reads the source, the decoder is fed the target
+    shifted right (teacher forcing), and the loss counts the assistant's tokens."""
+
+    fields = ("sources", "source_mask", "decoder_ids", "targets")
+
+    @staticmethod
+    def logits(model: torch.nn.Module, batch: dict) -> torch.Tensor:
+        decoder_inputs = model.shift_right(batch["decoder_ids"], pad_id=0)  # (decoder_ids hold no IGNORE)
+        return model(batch["sources"], decoder_inputs, batch["source_mask"])  # (B, T, V)

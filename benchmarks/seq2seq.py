@@ -1,0 +1,132 @@
+"""Encoder-decoder speed: lmforge vs transformers' T5ForConditionalGeneration, same shape, weights and batches.
+
+    python benchmarks/seq2seq.py [--preset t5-small] [--batch-size 16] [--seq-len 256] [--steps 6]
+                                 [--source-len 128] [--new-tokens 64] [--gen-batch 1 8]
+
+Training: span-corruption batches (lmforge's stage: 15% hidden in runs of 3), a full
+optimizer step each (forward, backward, clipping, the same fused AdamW), in each
+precision this machine runs natively. Tokens/s counts the text tokens of each window
+(batch x seq-len), the same for both sides. Generation: greedy, ``--new-tokens`` target
+tokens for sources of ``--source-len`` tokens, KV-cached on both sides (transformers'
+``generate``), at each ``--gen-batch``; the targets are checked equal. Prints each side's
+figure and the ratio.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from common import best_of, fast_dtypes, machine, training_step  # noqa: E402
+
+from lmforge.infer.sampling import SamplingConfig  # noqa: E402
+from lmforge.infer.seq2seq import generate_seq2seq  # noqa: E402
+from lmforge.interop.hf import save_hf  # noqa: E402
+from lmforge.model import build_model, preset  # noqa: E402
+from lmforge.runtime import Runtime  # noqa: E402
+from lmforge.train.optim import build_optimizer  # noqa: E402
+from lmforge.train.span import PAD_ID, SpanCorruptionStage, sentinel_ids  # noqa: E402
+
+
+def t5_twin(model, folder: Path):
+    """transformers' T5 holding ``model``'s weights (through lmforge's export), fp32."""
+    from transformers import T5ForConditionalGeneration
+
+    state = {k: v for k, v in model.state_dict().items() if not (model.config.tie_embeddings and k == "lm_head.weight")}
+    save_hf(folder, model.config, state)
+    twin = T5ForConditionalGeneration.from_pretrained(folder, attn_implementation="sdpa")
+    twin.generation_config.eos_token_id = None  # decode exactly the tokens asked for, as lmforge does
+    return twin
+
+
+def train_step(model, optimizer, batch: dict, hf: bool, runtime: Runtime):
+    inputs, targets = batch["input_ids"], batch["targets"]
+
+    def logits_of():
+        if hf:  # transformers shifts the labels right itself
+            return model(input_ids=inputs, labels=targets).logits
+        return model(inputs, model.shift_right(targets, PAD_ID))
+    return training_step(model, optimizer, runtime, logits_of, targets)
+
+
+def time_generation(ours, twin, sources: torch.Tensor, new_tokens: int, repeats: int) -> tuple[float, float, int]:
+    """(lmforge seconds, transformers seconds, rows with the same greedy target) for one batch of sources."""
+    greedy = SamplingConfig(max_new_tokens=new_tokens, temperature=0)
+    rows = sources.tolist()
+
+    def hf_generate():
+        with torch.inference_mode():
+            return twin.generate(input_ids=sources, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                                 do_sample=False)[:, 1:].tolist()  # (their start token first)
+    same = sum(a == b for a, b in zip(generate_seq2seq(ours, rows, greedy), hf_generate()))
+    ours_s, _ = best_of(lambda: generate_seq2seq(ours, rows, greedy), repeats)
+    theirs_s, _ = best_of(hf_generate, repeats)
+    return ours_s, theirs_s, same
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", default="t5-small")
+    parser.add_argument("--vocab-size", type=int, default=8192 + 100, help="a tokenizer's 8192 ids + 100 sentinels")
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--seq-len", type=int, default=256, help="text tokens per training window")
+    parser.add_argument("--steps", type=int, default=6, help="timed training steps per configuration")
+    parser.add_argument("--source-len", type=int, default=128)
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--gen-batch", type=int, nargs="+", default=[1, 8])
+    parser.add_argument("--repeats", type=int, default=3, help="timed generations per batch size")
+    parser.add_argument("--skip-train", action="store_true")
+    args = parser.parse_args()
+
+    torch.manual_seed(0)
+    config = preset(args.preset, vocab_size=args.vocab_size, max_seq_len=max(args.seq_len, args.source_len))
+    ours = build_model(config)
+    folder = Path(tempfile.mkdtemp(prefix="lmforge-t5-"))
+    print(f"machine: {machine()}")
+    print(f"model: {args.preset}, {ours.num_parameters() / 1e6:.1f}M parameters ({config.num_layers}+"
+          f"{config.decoder_layers} layers, dim {config.dim}, {config.activation}, {config.position} positions)")
+
+    if not args.skip_train:
+        tokens = torch.randint(16, 8192, (200_000,)).numpy()
+        stage = SpanCorruptionStage(tokens, args.seq_len, 0, sentinel_ids(config.vocab_size))
+        batch = stage.batch(0, 0, args.batch_size, args.batch_size, torch.device("cpu"))
+        print(f"training: batch {args.batch_size} x {args.seq_len} text tokens -> inputs "
+              f"{tuple(batch['input_ids'].shape)}, targets {tuple(batch['targets'].shape)}")
+        for dtype_name in fast_dtypes():
+            runtime = Runtime.resolve("cpu", dtype_name)
+            speeds = {}
+            for side in ("lmforge", "transformers"):
+                torch.manual_seed(0)
+                model = build_model(config)
+                if side == "transformers":
+                    model = t5_twin(model, folder / "train")
+                model.train()
+                optimizer = build_optimizer(model, 1e-4, 0.1, (0.9, 0.95))
+                step = train_step(model, optimizer, batch, side == "transformers", runtime)
+                for _ in range(2):
+                    step()
+                median, best = best_of(step, args.steps)
+                speeds[side] = args.batch_size * args.seq_len / median
+                print(f"  {side:>12} {dtype_name}: {speeds[side]:8,.0f} tokens/s "
+                      f"(best {args.batch_size * args.seq_len / best:,.0f})")
+            print(f"  training ratio lmforge / transformers ({dtype_name}): "
+                  f"{speeds['lmforge'] / speeds['transformers']:.2f}x")
+
+    ours.eval()
+    twin = t5_twin(ours, folder / "generate").eval()
+    for batch_size in args.gen_batch:
+        sources = torch.randint(16, 8192, (batch_size, args.source_len))
+        ours_s, theirs_s, same = time_generation(ours, twin, sources, args.new_tokens, args.repeats)
+        made = batch_size * args.new_tokens
+        print(f"generation, batch {batch_size}, source {args.source_len}, {args.new_tokens} new tokens (fp32): "
+              f"lmforge {made / ours_s:,.0f} tokens/s, transformers {made / theirs_s:,.0f} tokens/s, ratio "
+              f"{theirs_s / ours_s:.2f}x; same targets {same}/{batch_size}")
+
+
+if __name__ == "__main__":
+    main()
