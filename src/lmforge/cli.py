@@ -38,6 +38,20 @@ def cmd_speedrun(args: argparse.Namespace) -> None:
     speedrun(build(SpeedrunConfig, args))
 
 
+def cmd_study_scaling(args: argparse.Namespace) -> None:
+    from lmforge.study.scaling import ScalingConfig, scaling_study
+
+    report = scaling_study(build(ScalingConfig, args))
+    print(f"results: {report}")
+
+
+def cmd_study_emergence(args: argparse.Namespace) -> None:
+    from lmforge.study.emergence import EmergenceConfig, emergence_study
+
+    report = emergence_study(build(EmergenceConfig, args))
+    print(f"results: {report}")
+
+
 def cmd_data_prepare(args: argparse.Namespace) -> None:
     from lmforge.data import DataConfig, prepare_data
 
@@ -835,6 +849,8 @@ def make_parser() -> argparse.ArgumentParser:
     from lmforge.reward_model import RewardConfig
     from lmforge.serve.server import ServeConfig
     from lmforge.speedrun import SpeedrunConfig
+    from lmforge.study.emergence import EmergenceConfig
+    from lmforge.study.scaling import ScalingConfig
     from lmforge.train import TrainConfig
 
     parser = argparse.ArgumentParser(prog="lmforge", description="Make, understand and run a language model.")
@@ -843,6 +859,17 @@ def make_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("speedrun", help="built-in corpus -> tokenizer -> pretraining -> report, in one go")
     add_arguments(p, SpeedrunConfig)
     p.set_defaults(func=cmd_speedrun)
+
+    study = sub.add_parser("study", help="test the notes' claims on real runs").add_subparsers(dest="action",
+                                                                                               required=True)
+    p = study.add_parser("scaling", help="a ladder of model sizes and compute budgets; power-law, IsoFLOP and "
+                                         "L(N, D) fits; a held-out run predicted before it trains")
+    add_arguments(p, ScalingConfig)
+    p.set_defaults(func=cmd_study_scaling)
+    p = study.add_parser("emergence", help="the ladder trained on composite tasks: whole-task exact match "
+                                           "against sub-task accuracy, p^k and log-likelihood")
+    add_arguments(p, EmergenceConfig)
+    p.set_defaults(func=cmd_study_emergence)
 
     data = sub.add_parser("data", help="prepare text and token shards").add_subparsers(dest="action", required=True)
     p = data.add_parser("prepare", help="clean, filter, deduplicate and split text inputs")

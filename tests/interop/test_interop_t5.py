@@ -87,6 +87,11 @@ def test_what_t5_cannot_hold_is_refused(tmp_path):
     model = build_model(preset("t5-tiny", vocab_size=50, position="rope", num_kv_heads=2))
     with pytest.raises(InputError, match="position='rope'.*num_kv_heads=2"):
         save_hf(tmp_path / "out", model.config, model.state_dict())
+    from lmforge.checkpoint import save_checkpoint
+
+    save_checkpoint(tmp_path / "ckpt", build_model(preset("t5-tiny", vocab_size=50)))
+    with pytest.raises(InputError, match="not to GGUF"):
+        export_checkpoint(tmp_path / "ckpt", tmp_path / "model.gguf", format="gguf")
     (tmp_path / "bad").mkdir()
     (tmp_path / "bad" / "config.json").write_text(json.dumps(
         {"model_type": "t5", "vocab_size": 10, "d_model": 8, "d_ff": 16, "num_layers": 1, "num_heads": 2,

@@ -94,7 +94,12 @@ SENTINEL = re.compile(r"<extra_id_(\d+)>")
 
 
 def sentinels_above(tokenizer, model: EncoderDecoderLM) -> int:
-    """How many sentinel ids the model has above the tokenizer's vocabulary (0 when none)."""
+    """How many sentinel ids the model has above an lmforge tokenizer's vocabulary (0 when none). An imported
+    model's tokenizer (T5's) holds its own ``<extra_id_i>`` tokens, and ids past it are only padding."""
+    from lmforge.tokenizer.pretrained import PretrainedTokenizer
+
+    if isinstance(tokenizer, PretrainedTokenizer):
+        return 0
     size = getattr(tokenizer, "vocab_size", None)
     return max(model.config.vocab_size - size, 0) if isinstance(size, int) else 0
 

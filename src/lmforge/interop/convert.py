@@ -33,7 +33,7 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, format: str = "hf
     """An lmforge checkpoint (or any model lmforge reads) -> ``format``.
 
     "hf" writes a transformers model directory: Llama layout (Qwen2 with q/k/v biases)
-    for RoPE models, GPT-2 layout for learned positions, BERT for encoders. "gguf" writes one file for
+    for RoPE models, GPT-2 layout for learned positions, BERT for encoders, T5 for encoder-decoders. "gguf" writes one file for
     llama.cpp/ollama (Llama layout), its matrices in ``gguf_type`` (f32, f16, bf16, q8_0, q4_0).
     A checkpoint of ``lmforge quantize`` is exported from its dequantized weights.
     """
@@ -46,6 +46,8 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, format: str = "hf
     if config.head == "lm+value":
         raise InputError(f"{path} is a PPO training checkpoint (a policy with a value head): export the policy "
                          "that `lmforge ppo` writes to OUT_DIR/model")
+    if config.is_encoder_decoder and format != "hf":
+        raise InputError(f"{path} is an encoder-decoder: it exports to transformers' T5 (--format hf), not to GGUF")
     if config.head != "lm" and format != "hf":
         kind = "a reward model" if config.head == "score" else "an encoder"
         raise InputError(f"{path} has the {config.head!r} head ({kind}): it exports to transformers "

@@ -57,20 +57,28 @@ def relative_buckets(relative: torch.Tensor, bidirectional: bool, num_buckets: i
 
 
 class RelativePositionBias(nn.Module):
-    """T5's relative position bias: a learned scalar per (bucket, head) added to the attention scores."""
+    """T5's relative position bias: a learned scalar per (bucket, head) added to the attention scores.
+
+    The bucket of every (query, key) pair up to ``max_seq_len`` is computed once (a table derived
+    from the config, not stored in checkpoints); a forward pass looks its rows up.
+    """
 
     def __init__(self, config: ModelConfig, bidirectional: bool):
         super().__init__()
-        self.bidirectional = bidirectional
+        self.bidirectional, self.max_seq_len = bidirectional, config.max_seq_len
         self.num_buckets, self.max_distance = config.relative_buckets, config.relative_max_distance
         self.embed = nn.Embedding(config.relative_buckets, config.num_heads)
+        self.init_buffers()
+
+    def init_buffers(self, device: torch.device | str | None = None) -> None:
+        positions = torch.arange(self.max_seq_len, device=device)
+        relative = positions[None, :] - positions[:, None]  # key - query, (L, L)
+        buckets = relative_buckets(relative, self.bidirectional, self.num_buckets, self.max_distance)
+        self.register_buffer("buckets", buckets, persistent=False)
 
     def forward(self, num_queries: int, num_keys: int, start: int = 0) -> torch.Tensor:
         """(1, H, Tq, Tk) bias of queries at positions start .. start+Tq-1 over keys 0 .. Tk-1."""
-        device = self.embed.weight.device
-        queries = torch.arange(start, start + num_queries, device=device)[:, None]
-        keys = torch.arange(num_keys, device=device)[None, :]
-        buckets = relative_buckets(keys - queries, self.bidirectional, self.num_buckets, self.max_distance)
+        buckets = self.buckets[start:start + num_queries, :num_keys]
         return self.embed(buckets).permute(2, 0, 1)[None]  # (Tq, Tk, H) -> (1, H, Tq, Tk)
 
 
@@ -149,7 +157,7 @@ class Stack(nn.Module):
             rotary = self.rope.tables(start, seq_len, None, dtype)
         if self.relative is not None:  # one bias for every layer, the mask folded in as -inf
             bias = self.relative(seq_len, start + seq_len, start)  # (1, H, T, Tk)
-            if self.decoder:
+            if self.decoder and seq_len > 1:  # (one new token has no later key to hide)
                 bias = bias.masked_fill(~causal_mask(seq_len, start + seq_len, x.device), float("-inf"))
             if mask is not None:
                 bias = bias.masked_fill(~mask, float("-inf"))  # (B, H, T, Tk)

@@ -102,9 +102,9 @@ class Transformer(nn.Module):
                 module.backend = backend
 
     def init_buffers(self, device: torch.device | str | None = None) -> None:
-        """Recompute derived tables (RoPE, sinusoidal) on ``device``: after building on "meta"."""
+        """Recompute derived tables (RoPE, sinusoidal, relative buckets) on ``device``: after building on "meta"."""
         for module in self.modules():
-            if isinstance(module, (RotaryEmbedding, SinusoidalPositions)):
+            if module is not self and hasattr(module, "init_buffers"):
                 module.init_buffers(device)
 
     def num_parameters(self, embeddings: bool = True) -> int:
