@@ -10,12 +10,13 @@ import torch
 from torch import nn
 
 from lmforge.cli import main
+from lmforge.errors import InputError
 from lmforge.model import preset
 from lmforge.runtime import Runtime
 from lmforge.study.emergence import encode_item, item_text, make_items, score
 from lmforge.tokenizer import train_tokenizer
 
-KINDS = ["reverse", "max", "count"]
+KINDS = ["sort", "max", "count"]
 
 
 @pytest.fixture(scope="module")
@@ -30,6 +31,11 @@ def test_items_hold_k_tasks_of_the_kinds_and_spans_hold_exactly_the_answers(toke
     train = make_items(200, 4, KINDS, random.Random(2), frozenset(prompts))
     assert all(len(item) == 4 and {t.kind for t in item} <= set(KINDS) for item in train + held)
     assert not prompts & {task.prompt for item in train for task in item}
+    kinds = [t.kind for item in train for t in item]
+    assert all(abs(kinds.count(kind) / len(kinds) - 1 / 3) < 0.05 for kind in KINDS)  # held-out questions skew none
+    reverse_all = make_items(200, 5, ["reverse"], random.Random(4))  # about a hundred words: all held out
+    with pytest.raises(InputError, match="reverse task has too few distinct questions"):
+        make_items(5, 2, ["reverse", "max"], random.Random(5), frozenset(t.prompt for i in reverse_all for t in i))
     for item in held:
         ids, spans = encode_item(tokenizer, item)
         assert tokenizer.decode(ids[1:]) == item_text(item)

@@ -44,6 +44,7 @@ from lmforge.train import PretrainStage
 
 BOS, EOS = SPECIAL_IDS[BEGIN_OF_TEXT], SPECIAL_IDS[END_OF_TEXT]
 SKILLS = ("reverse", "spell", "max", "sort", "count", "add", "subtract", "multiply")  # kinds with a checkable skill
+MAX_DRAWS = 1000  # draws of one kind before it counts as used up by the held-out questions
 
 
 @dataclass
@@ -53,8 +54,8 @@ class EmergenceConfig(LadderConfig):
     out: str = field("runs/study-emergence", "folder of the study (data, runs, results); rerun to resume")
     seq_len: int = field(256, "tokens per training sequence (and the longest item that can be scored)")
     k: int = field(5, "sub-tasks per composite item (the whole task is right when all k are)")
-    kinds: list[str] = field(["reverse", "max", "sort", "count"], f"task kinds the sub-tasks are drawn from "
-                             f"({', '.join(SKILLS)})")
+    kinds: list[str] = field(["max", "sort", "count"], f"task kinds the sub-tasks are drawn from ({', '.join(SKILLS)}; "
+                             "reverse and spell have about a hundred questions each: held-out items use most of them)")
     train_items: int = field(40000, "composite items to pretrain on")
     eval_items: int = field(300, "held-out composite items to score")
 
@@ -72,14 +73,20 @@ SAME_STUDY = (*SAME_LADDER, "k", "kinds", "train_items", "eval_items")
 
 def make_items(count: int, k: int, kinds: list[str], rng: random.Random, avoid: frozenset[str] = frozenset()
                ) -> list[list[Task]]:
-    """``count`` items of ``k`` tasks each, the kinds drawn at random; no question from ``avoid``."""
+    """``count`` items of ``k`` tasks each, the kinds drawn at random; no question from ``avoid`` (a kind
+    draws again until it finds one; InputError when a kind has no question left outside ``avoid``)."""
     items = []
     for _ in range(count):
         item = []
-        while len(item) < k:
-            task = TASK_MAKERS[rng.choice(kinds)](rng)
-            if task.prompt not in avoid:
-                item.append(task)
+        for kind in (rng.choice(kinds) for _ in range(k)):
+            for _ in range(MAX_DRAWS):
+                task = TASK_MAKERS[kind](rng)
+                if task.prompt not in avoid:
+                    item.append(task)
+                    break
+            else:
+                raise InputError(f"the {kind} task has too few distinct questions left after holding out the "
+                                 "evaluation items: fewer --eval-items, or leave the kind out")
         items.append(item)
     return items
 
