@@ -226,6 +226,8 @@ def test_pretrain_an_encoder_decoder_by_span_corruption_then_fill_in_a_span(work
                  "--max-new-tokens", "4"]) == 0
     assert main(["generate", str(run / "checkpoint"), "x", "--compile"]) == 2
     assert "encoder-decoder" in capsys.readouterr().err
+    assert main(["quantize", str(run / "checkpoint"), "--out", str(workdir / "span-int8")]) == 2
+    assert "decoder-only" in capsys.readouterr().err
     # a decoder-only preset for span corruption, or an encoder-decoder for next-token prediction: exit 2
     assert main([a if a != "t5-tiny" else "tiny" for a in args]) == 2
     assert main([a for a in args if a not in ("--objective", "span")] + ["--out-dir", str(workdir / "x")]) == 2

@@ -154,6 +154,8 @@ def quantize_checkpoint(source: str | Path, out: str | Path, spec: QuantSpec, de
         raise InputError("static int8 activations need calibration text: --calibrate DATA")
     task = held_out_task(eval_task, eval_items) if eval_items else None
     lm = load(source, device=device, dtype="fp32")
+    if lm.encoder_decoder:  # bits per byte and the task scores read a decoder's next-token logits
+        raise InputError(f"{source} is an encoder-decoder: lmforge quantize takes decoder-only models")
     check_group_size(lm.model, spec)  # a group size that does not divide: said before any evaluation
     absmax = None
     if spec.activations == "static":

@@ -12,7 +12,7 @@ ways:
 
 An item is k question/answer lines, each sub-task drawn from ``--kinds``::
 
-    Q: Reverse the word cat. A: tac
+    Q: Sort these numbers: 58, 16, 96, 48 A: 16, 48, 58, 96
     Q: What is the largest of these numbers: 3, 99, 12? A: 99
     ...
 
