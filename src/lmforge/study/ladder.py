@@ -168,6 +168,15 @@ def check_time(config: LadderConfig, runs: list[PlannedRun], stage: PretrainStag
                          "drop the largest budget or size, or raise --minutes")
 
 
+def frontier(rows: list[dict]) -> list[dict]:
+    """The compute frontier: each budget's run with the lowest validation loss, by budget."""
+    best: dict[float, dict] = {}
+    for r in rows:
+        if r["flops"] not in best or r["loss"] < best[r["flops"]]["loss"]:
+            best[r["flops"]] = r
+    return [best[flops] for flops in sorted(best)]
+
+
 def check_same_study(config: LadderConfig, out: Path, names: tuple[str, ...]) -> None:
     """Write the study's settings ``names``, or refuse a folder made with other ones (InputError naming them)."""
     settings = {name: to_dict(config)[name] for name in names}

@@ -6,6 +6,7 @@ import math
 from pathlib import Path
 
 from lmforge.study.fit import LossSurface
+from lmforge.study.ladder import frontier
 
 
 def _plt():
@@ -154,19 +155,15 @@ def write_emergence_report(out: Path, results: dict) -> Path:
     rows, config = results["runs"], results["config"]
     k = config["k"]
     fig, axes = plt.subplots(1, 3, figsize=(14, 4.2), dpi=110)
-    best = {}  # the compute frontier: each budget's run with the lowest validation loss
-    for r in rows:
-        if r["flops"] not in best or r["loss"] < best[r["flops"]]["loss"]:
-            best[r["flops"]] = r
-    frontier = [best[f] for f in sorted(best)]
+    best = frontier(rows)  # each budget's run with the lowest validation loss
     for key, style, label in (("whole_exact", "o-", "whole task: exact match"),
                               ("sub_accuracy", "s-", "sub-task accuracy p"), ("p_to_the_k", "x--", f"p^{k}")):
-        line = axes[0].plot([r["flops"] for r in frontier], [r[key] for r in frontier], style, label=label)[0]
+        line = axes[0].plot([r["flops"] for r in best], [r[key] for r in best], style, label=label)[0]
         axes[0].plot([r["flops"] for r in rows], [r[key] for r in rows], style[0], color=line.get_color(), alpha=0.25)
     axes[0].set(xscale="log", xlabel="training compute (FLOPs)", ylabel="accuracy",
                 title="two ways of scoring (lines: each budget's best run)")
     axes[0].legend(fontsize=7)
-    axes[1].plot([r["flops"] for r in frontier], [r["answer_logprob"] for r in frontier], "o-")
+    axes[1].plot([r["flops"] for r in best], [r["answer_logprob"] for r in best], "o-")
     axes[1].plot([r["flops"] for r in rows], [r["answer_logprob"] for r in rows], "o", alpha=0.25)
     axes[1].set(xscale="log", xlabel="training compute (FLOPs)", ylabel="mean log-likelihood per answer token",
                 title="a continuous metric")

@@ -36,6 +36,7 @@ from lmforge.study.ladder import (
     LadderConfig,
     check_same_study,
     check_time,
+    frontier,
     parse_holdout,
     parse_size,
     plan,
@@ -86,13 +87,10 @@ def prepare(config: ScalingConfig, out: Path):
 def fits(rows: list[dict], bootstrap: int, seed: int, at_flops: float) -> dict:
     """The three readings of the ladder (held-out run excluded)."""
     ladder = [r for r in rows if not r["holdout"]]
-    best = {}
-    for r in ladder:
-        if r["flops"] not in best or r["loss"] < best[r["flops"]]["loss"]:
-            best[r["flops"]] = r
+    best = frontier(ladder)
     out: dict = {}
     if len(best) >= 2:
-        law = fit_compute_power_law([b["flops"] for b in best.values()], [b["loss"] for b in best.values()])
+        law = fit_compute_power_law([b["flops"] for b in best], [b["loss"] for b in best])
         out["compute_power_law"] = {"coefficient": law.coefficient, "exponent": law.exponent, "points": law.points}
     iso = fit_isoflop(ladder)
     out["isoflop"] = {"budgets": iso.budgets, "n_exponent": iso.n_exponent, "d_exponent": iso.d_exponent}
