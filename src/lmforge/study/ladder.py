@@ -159,8 +159,8 @@ def check_time(config: LadderConfig, runs: list[PlannedRun], stage: PretrainStag
     """Print the plan, and refuse (InputError) a ladder whose unfinished runs need more than ``minutes``,
     estimated from a few timed steps of each size."""
     todo = [r for r in runs if not (out / "runs" / r.name / "result.json").is_file()]
-    step_seconds = {size: seconds_per_step(config, size, stage, vocab_size) for size in {r.size for r in todo}}
-    estimate = sum(r.steps * step_seconds[r.size] for r in todo) / 60
+    per_step = {size: step_seconds(config, size, stage, vocab_size, out) for size in {r.size for r in todo}}
+    estimate = sum(r.steps * per_step[r.size] for r in todo) / 60
     print(f"[study] {len(runs)} runs ({len(runs) - len(todo)} finished); the rest needs about {estimate:.1f} min",
           flush=True)
     if estimate > config.minutes:
@@ -192,25 +192,23 @@ def check_same_study(config: LadderConfig, out: Path, names: tuple[str, ...]) ->
     path.write_text(json.dumps(settings, indent=2) + "\n", encoding="utf-8")
 
 
-def seconds_per_step(config: LadderConfig, size: str, stage: PretrainStage, vocab_size: int) -> float:
-    """Time a few training steps of ``size`` (after one to warm up)."""
-    from lmforge.train.optim import build_optimizer
+def train_config(config: LadderConfig, run: PlannedRun | None, folder: Path) -> TrainConfig:
+    """The pretraining settings of one run (warmup over a tenth of it, then cosine decay to its end)."""
+    steps = run.steps if run is not None else 1
+    return TrainConfig(out_dir=str(folder), batch_size=config.batch_size, seq_len=config.seq_len, max_steps=steps,
+                       lr=config.lr, warmup_steps=max(1, steps // 10), eval_every=0, save_every=max(50, steps // 4),
+                       log_every=max(1, steps // 20), device=config.device, dtype=config.dtype, seed=config.seed,
+                       progress=config.progress)
 
-    runtime = Runtime.resolve(config.device, config.dtype)
+
+def step_seconds(config: LadderConfig, size: str, stage: PretrainStage, vocab_size: int, out: Path) -> float:
+    """Seconds a training step of ``size`` takes (the loop's own timing, :func:`lmforge.train.loop.seconds_per_step`)."""
+    from lmforge.train.loop import seconds_per_step
+
     torch.manual_seed(config.seed)
-    model = DecoderLM(size_config(size, vocab_size, config.seq_len)).to(runtime.device).train()
-    optimizer = build_optimizer(model, config.lr, 0.1, (0.9, 0.95))
-    times = []
-    for step in range(4):
-        t0 = time.perf_counter()
-        batch = stage.batch(step, 0, config.batch_size, config.batch_size, runtime.device)
-        with runtime.autocast():
-            loss = stage.loss(model, batch)
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        times.append(time.perf_counter() - t0)
-    return min(times[1:])
+    model = DecoderLM(size_config(size, vocab_size, config.seq_len))
+    return seconds_per_step(model, stage, train_config(config, None, out), Runtime.resolve(config.device, config.dtype),
+                            config.batch_size)
 
 
 def run_one(config: LadderConfig, run: PlannedRun, stage: PretrainStage, tokenizer, out: Path,
@@ -224,10 +222,7 @@ def run_one(config: LadderConfig, run: PlannedRun, stage: PretrainStage, tokeniz
     model_config = size_config(run.size, tokenizer.vocab_size, config.seq_len)
     torch.manual_seed(config.seed)
     model = DecoderLM(model_config)
-    train = TrainConfig(out_dir=str(folder), batch_size=config.batch_size, seq_len=config.seq_len,
-                        max_steps=run.steps, lr=config.lr, warmup_steps=max(1, run.steps // 10), eval_every=0,
-                        save_every=max(50, run.steps // 4), log_every=max(1, run.steps // 20), device=config.device,
-                        dtype=config.dtype, seed=config.seed, progress=config.progress)
+    train = train_config(config, run, folder)
     t0 = time.perf_counter()
     resume = (folder / "checkpoint" / "trainer_state.json").is_file()
     result = fit(model, stage, train, tokenizer=tokenizer, resume=resume)

@@ -209,14 +209,11 @@ def _restore(ckpt: Path, model: DecoderLM, optimizer: torch.optim.Optimizer, run
     return state["step"], state["max_steps"], state.get("elapsed", 0.0)
 
 
-def _steps_for_budget(model: DecoderLM, stage: Stage, config: TrainConfig, runtime: Runtime, world: World) -> int:
-    """Time a few steps on a copy of the model and choose max_steps to fit ``config.minutes``.
-
-    Validation passes are counted in (a forward pass costs about a third of a step).
-    """
-    probe = copy.deepcopy(model)
+def seconds_per_step(model: nn.Module, stage: Stage, config: TrainConfig, runtime: Runtime, global_size: int) -> float:
+    """Seconds one optimizer step of ``config`` takes: a few steps timed on a copy of ``model`` (after one to
+    warm up: allocations, kernel selection); the model itself is not touched."""
+    probe = copy.deepcopy(model).to(runtime.device).train()
     optimizer = build_optimizer(probe, config.lr, config.weight_decay, (config.beta1, config.beta2))
-    global_size = config.batch_size * config.grad_accum * world.size
 
     def one_step(step: int) -> None:
         for micro in range(config.grad_accum):
@@ -227,16 +224,24 @@ def _steps_for_budget(model: DecoderLM, stage: Stage, config: TrainConfig, runti
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    one_step(0)  # warmup: allocations, kernel selection
+    one_step(0)
     t0 = time.perf_counter()
     for step in range(1, 4):
         one_step(step)
-    per_step = (time.perf_counter() - t0) / 3
+    if isinstance(stage, ReportingStage):
+        stage.pop_metrics()  # the probe's figures are not the run's
+    return (time.perf_counter() - t0) / 3
+
+
+def _steps_for_budget(model: DecoderLM, stage: Stage, config: TrainConfig, runtime: Runtime, world: World) -> int:
+    """Time a few steps (:func:`seconds_per_step`) and choose max_steps to fit ``config.minutes``.
+
+    Validation passes are counted in (a forward pass costs about a third of a step).
+    """
+    per_step = seconds_per_step(model, stage, config, runtime, config.batch_size * config.grad_accum * world.size)
     eval_cost = 0.0
     if config.eval_every:
         eval_steps = config.eval_tokens / (config.batch_size * config.seq_len * config.grad_accum)
         eval_cost = eval_steps * per_step / 3 / config.eval_every
     steps = int(config.minutes * 60 / (per_step + eval_cost))
-    if isinstance(stage, ReportingStage):
-        stage.pop_metrics()  # the probe's figures are not the run's
     return max(steps, 1)
