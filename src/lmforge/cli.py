@@ -45,6 +45,13 @@ def cmd_study_scaling(args: argparse.Namespace) -> None:
     print(f"results: {report}")
 
 
+def cmd_study_architectures(args: argparse.Namespace) -> None:
+    from lmforge.study.architectures import ArchitecturesConfig, architectures_study
+
+    report = architectures_study(build(ArchitecturesConfig, args))
+    print(f"results: {report}")
+
+
 def cmd_study_emergence(args: argparse.Namespace) -> None:
     from lmforge.study.emergence import EmergenceConfig, emergence_study
 
@@ -849,6 +856,7 @@ def make_parser() -> argparse.ArgumentParser:
     from lmforge.reward_model import RewardConfig
     from lmforge.serve.server import ServeConfig
     from lmforge.speedrun import SpeedrunConfig
+    from lmforge.study.architectures import ArchitecturesConfig
     from lmforge.study.emergence import EmergenceConfig
     from lmforge.study.scaling import ScalingConfig
     from lmforge.train import TrainConfig
@@ -870,6 +878,10 @@ def make_parser() -> argparse.ArgumentParser:
                                            "against sub-task accuracy, p^k and log-likelihood")
     add_arguments(p, EmergenceConfig)
     p.set_defaults(func=cmd_study_emergence)
+    p = study.add_parser("architectures", help="decoder, encoder and encoder-decoder at matched size and compute: "
+                                               "zero-shot, few-shot and after multitask tuning")
+    add_arguments(p, ArchitecturesConfig)
+    p.set_defaults(func=cmd_study_architectures)
 
     data = sub.add_parser("data", help="prepare text and token shards").add_subparsers(dest="action", required=True)
     p = data.add_parser("prepare", help="clean, filter, deduplicate and split text inputs")

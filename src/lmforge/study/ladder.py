@@ -177,14 +177,17 @@ def frontier(rows: list[dict]) -> list[dict]:
     return [best[flops] for flops in sorted(best)]
 
 
-def check_same_study(config: LadderConfig, out: Path, names: tuple[str, ...]) -> None:
-    """Write the study's settings ``names``, or refuse a folder made with other ones (InputError naming them)."""
+def check_same_study(config, out: Path, names: tuple[str, ...], data_names: tuple[str, ...] | None = None) -> None:
+    """Write the study's settings ``names``, or refuse a folder made with other ones (InputError naming them).
+    Settings outside ``data_names`` (default: all of them) shape the runs but not the data, and may change
+    until a run has started (``out/runs`` exists): a study refused before training can be rerun with them."""
     settings = {name: to_dict(config)[name] for name in names}
     path = out / "study.json"
     if path.is_file():
         before = json.loads(path.read_text(encoding="utf-8"))
         changed = [f"{name} {before.get(name)!r} -> {value!r}" for name, value in settings.items()
-                   if before.get(name) != value]
+                   if before.get(name) != value
+                   and (data_names is None or name in data_names or (out / "runs").exists())]
         if changed:
             raise InputError(f"{out} holds a study made with other settings ({'; '.join(changed)}): resume it with "
                              "those, or give another --out")

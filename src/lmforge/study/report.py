@@ -192,3 +192,65 @@ def write_emergence_report(out: Path, results: dict) -> Path:
     path = out / "results.md"
     path.write_text("\n".join(lines), encoding="utf-8")
     return path
+
+
+def write_architectures_report(out: Path, results: dict) -> Path:
+    """results.md and architectures.png: each form's exact match (with standard errors) and answer
+    log-likelihood in the four settings."""
+    from lmforge.study.architectures import SETTINGS
+
+    plt = _plt()
+    rows, config = results["forms"], results["config"]
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4.2), dpi=110)
+    width = 0.8 / len(rows)
+    for i, r in enumerate(rows):
+        at = [s + (i - (len(rows) - 1) / 2) * width for s in range(len(SETTINGS))]
+        scores = [r["scores"][s] for s in SETTINGS]
+        axes[0].bar(at, [s["exact"] for s in scores], width, yerr=[s["exact_se"] for s in scores], capsize=3,
+                    label=f"{r['form']} ({r['objective']})")
+        axes[1].bar(at, [s["answer_logprob"] for s in scores], width, label=r["form"])
+    for ax, label in ((axes[0], "exact match (± standard error)"),
+                      (axes[1], "mean log-likelihood per answer token")):
+        ax.set_xticks(range(len(SETTINGS)), SETTINGS)
+        ax.set(ylabel=label)
+        ax.legend(fontsize=7)
+    axes[0].set_title(f"held-out questions ({config['eval_items']}), same size and compute")
+    axes[1].set_title("a continuous reading of the same answers")
+    fig.tight_layout()
+    fig.savefig(out / "architectures.png")
+    plt.close(fig)
+
+    def cell(score: dict) -> str:
+        return f"{score['exact']:.3f} ± {score['exact_se']:.3f}"
+
+    lines = ["# The Transformer's three forms", "", f"Runtime: {results['runtime']}. Size {config['size']}, "
+             f"{config['flops']:.2g} pretraining FLOPs each (counted by torch), {results['data_tokens']:,} tokens "
+             f"of text (the built-in corpus with {config['task_items']:,} question/answer lines of "
+             f"{', '.join(config['kinds'])}); multitask tuning {config['tune_steps']} steps; {config['eval_items']} "
+             f"held-out questions, {config['shots']} solved ones before each in the few-shot settings.", "",
+             "Exact match: every answer token (and, for the generating forms, the end after it) is the model's "
+             "likeliest token, the gold tokens before it given, as greedy decoding would write it. The encoder "
+             "is told the answer's length (one mask per token).", "",
+             "| form | objective | layers (enc + dec) | N (no embeddings) | steps | text tokens | "
+             + " | ".join(SETTINGS) + " |", "|---|---|---|---:|---:|---:|" + "---:|" * len(SETTINGS)]
+    for r in rows:
+        layers = f"{r['layers'][0]} + {r['layers'][1]}" if r["layers"][1] else str(r["layers"][0])
+        lines.append(f"| {r['form']} | {r['objective']} | {layers} | {r['parameters']:,} | {r['steps']:,} | "
+                     f"{r['text_tokens']:,} | " + " | ".join(cell(r["scores"][s]) for s in SETTINGS) + " |")
+    lines += ["", "Mean log-likelihood per answer token (nats) and the share of answer tokens right:", "",
+              "| form | " + " | ".join(SETTINGS) + " |", "|---|" + "---:|" * len(SETTINGS)]
+    for r in rows:
+        lines.append(f"| {r['form']} | " + " | ".join(
+            f"{r['scores'][s]['answer_logprob']:.3f} / {r['scores'][s]['token_accuracy']:.3f}" for s in SETTINGS)
+            + " |")
+    kinds = list(rows[0]["scores"]["zero-shot"]["by_kind"])
+    lines += ["", "Exact match per task kind (zero-shot / few-shot / tuned zero-shot / tuned few-shot):", "",
+              "| form | " + " | ".join(kinds) + " |", "|---|" + "---:|" * len(kinds)]
+    for r in rows:
+        lines.append(f"| {r['form']} | " + " | ".join(
+            " / ".join(f"{r['scores'][s]['by_kind'][kind]:.2f}" for s in SETTINGS) for kind in kinds) + " |")
+    lines += ["", "A few-shot question:", "", "```", results["example"]["few-shot"].rstrip(), "```", "",
+              "![architectures.png](architectures.png)", ""]
+    path = out / "results.md"
+    path.write_text("\n".join(lines), encoding="utf-8")
+    return path
