@@ -46,6 +46,7 @@ def test_each_form_scores_exactly_the_answer_and_sees_the_question(tokenizer, ta
     shots = pick_shots(train, held, 2, seed=0)
     assert all(len(s) == 2 and {t.kind for t in s} == {task.kind} for s, task in zip(shots, held))
     assert shots == pick_shots(train, held, 2, seed=0) and shots != pick_shots(train, held, 2, seed=1)
+    assert all(task not in solved for task, solved in zip(train, pick_shots(train, train, 3, seed=0)))
     for task, solved in zip(held, shots):
         question = make_question(tokenizer, task, solved)
         text = "".join(f"Q: {t.prompt} A: {t.answer}\n" for t in solved) + f"Q: {task.prompt} A:"
@@ -70,6 +71,36 @@ def test_each_form_scores_exactly_the_answer_and_sees_the_question(tokenizer, ta
         assert seq2seq["decoder_inputs"] == [0, sentinel, *question.answer]  # start token, sentinel (given), answer
         assert seq2seq["targets"] == [IGNORE, *question.answer, question.newline[0]]
         assert seq2seq["sources"][-2:] == [sentinel, EOS]  # the hidden run last, as span corruption hides it
+
+
+class Echo(torch.nn.Module):
+    """Writes the gold continuation (each position's likeliest token is the next input), then ``last``."""
+
+    def __init__(self, vocab: int, last: int):
+        super().__init__()
+        self.vocab, self.last = vocab, last
+
+    def forward(self, *args, **kwargs):
+        inputs = args[1] if len(args) > 1 else args[0]  # the decoder's inputs, or the decoder-only model's
+        logits = torch.zeros(*inputs.shape, self.vocab)
+        logits[0, torch.arange(inputs.shape[1] - 1), inputs[0, 1:]] = 5.0
+        logits[0, -1, self.last] = 5.0
+        return logits
+
+
+def test_an_answer_is_right_when_the_model_then_ends_it(tokenizer, tasks):
+    """Greedy decoding stops at a line break or the end of the text, and an encoder-decoder's span also
+    at the next sentinel: any of them after a right answer counts, anything else does not."""
+    for name in ("decoder", "encoder-decoder"):
+        form = FORM_CLASSES[name](tokenizer.vocab_size)
+        question = make_question(tokenizer, tasks[1][0], [])
+        vocab = form.model_config("d32l2", 64).vocab_size
+        sentinels = getattr(form, "sentinels", [0, 0, 0])
+        enders = [question.newline[0], EOS] + ([sentinels[1]] if name == "encoder-decoder" else [])
+        for last in [*enders, sentinels[2], question.answer[0]]:
+            verdict = judge(form, Echo(vocab, last), [question], RUNTIME, batch_size=1)
+            assert bool(verdict["right"][0]) == (last in enders), (name, last)
+            assert verdict["tokens_right"][0] == verdict["tokens"][0] == len(question.answer)
 
 
 def greedy(form_name: str, form, model, question) -> list[int]:
@@ -105,7 +136,7 @@ def test_tuning_teaches_each_form_and_the_scorer_agrees_with_greedy_decoding(nam
     after = judge(form, model.eval(), questions, RUNTIME)
     assert after["right"].mean() >= 0.9 > before["right"].mean()  # it learned to answer the tuning questions
     assert after["logprob"].sum() > before["logprob"].sum()
-    assert (after["tokens"] == [len(q.answer) + (name != "encoder") for q in questions]).all()
+    assert (after["tokens"] == [len(q.answer) for q in questions]).all()
     if name == "encoder":
         return
     mixed = questions[:8] + [make_question(tokenizer, task, []) for task in held[:8]]  # seen, and held out
@@ -170,3 +201,5 @@ def test_a_small_architectures_study_runs_and_resumes(tmp_path, capsys):
     assert "vocab_size 320 -> 300" in capsys.readouterr().err
     assert main(study_args(tmp_path, *other, "--forms", "gpt")) == 2
     assert "choose from decoder" in capsys.readouterr().err
+    assert main(study_args(tmp_path, *other, "--size", "d32l1")) == 2
+    assert "two layers at least" in capsys.readouterr().err

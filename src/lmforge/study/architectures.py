@@ -32,16 +32,19 @@ objective taught it::
 
 (span corruption always hides a window's last run, so the encoder-decoder is asked to write
 the text after ``A:`` as the hidden run at the end of its input). An answer counts as right
-when each of its tokens, and for the generating forms the line break after it, is the
-model's likeliest token with the gold tokens before it given: exactly what greedy decoding
-would write. The encoder is told how many tokens the answer has (one mask each) and fills
-them all in one pass, BERT's way: a help the two others do not get. Four settings per form:
+when each of its tokens is the model's likeliest with the gold tokens before it given, and
+for the generating forms the likeliest token after it ends it (a line break or the end of
+the text; for the encoder-decoder also the next sentinel, which ends a span): exactly what
+greedy decoding would write before it stops. The encoder is told how many tokens the answer
+has (one mask each) and fills them all in one pass, BERT's way: a help the two others do not
+get. Four settings per form:
 
 - **zero-shot**: the question alone; **few-shot**: ``shots`` solved questions of the same
   kind (from the training split) before it;
 - **tuned** (zero- and few-shot again): after multitask fine-tuning, ``tune_steps`` steps on
-  training questions of every kind in the same format, the loss on the answer only (for the
-  encoder: on its masked answer tokens, the masked-LM head as a span-prediction head).
+  training questions of every kind in the same format, half of them with solved questions
+  before them (as FLAN mixes zero- and few-shot templates), the loss on the answer only (for
+  the encoder: on its masked answer tokens, the masked-LM head as a span-prediction head).
 
 Each score is the share of right answers with its binomial standard error, beside the mean
 per-token log-likelihood of the gold answer (a continuous reading of the same answers).
@@ -90,21 +93,21 @@ class ArchitecturesConfig:
 
     out: str = field("runs/study-architectures", "folder of the study (data, runs, results); rerun to resume")
     forms: list[str] = field(list(FORMS), f"forms to train and compare ({', '.join(FORMS)})")
-    size: str = field("d128l4", "dDIM lLAYERS of the decoder and the encoder (heads of 32 dimensions); the "
+    size: str = field("d64l4", "dDIM lLAYERS of the decoder and the encoder (heads of 32 dimensions); the "
                       "encoder-decoder splits the layers between its two stacks")
     flops: float = field(1.5e13, "pretraining compute of each form, in FLOPs counted by torch's FLOP counter")
     inputs: list[str] = field(["builtin"], "pretraining text (files, folders, globs, builtin, hf:NAME)")
-    max_bytes: int = field(3_000_000, "cap on the prepared corpus in bytes (0: all of it)")
-    kinds: list[str] = field(["max", "sort", "count", "add"], "task kinds of the questions (built-in verifiable "
+    max_bytes: int = field(1_500_000, "cap on the prepared corpus in bytes (0: all of it)")
+    kinds: list[str] = field(["max", "sort", "count"], "task kinds of the questions (built-in verifiable "
                              "tasks: " + ", ".join(TASK_MAKERS) + ")")
-    task_items: int = field(24000, "training questions with answers: mixed into the pretraining text, and the "
+    task_items: int = field(100_000, "training questions with answers: mixed into the pretraining text, and the "
                             "tuning set")
     eval_items: int = field(400, "held-out questions each setting is scored on (round robin over the kinds)")
     shots: int = field(2, "solved questions before each question in the few-shot settings")
-    tune_steps: int = field(300, "steps of multitask fine-tuning (the same for every form)")
-    tune_lr: float = field(1e-3, "peak learning rate of the fine-tuning")
+    tune_steps: int = field(1000, "steps of multitask fine-tuning (the same for every form)")
+    tune_lr: float = field(5e-4, "peak learning rate of the fine-tuning")
     vocab_size: int = field(2048, "BPE vocabulary of the study's tokenizer")
-    seq_len: int = field(128, "tokens per training window (and the longest question that can be asked)")
+    seq_len: int = field(160, "tokens per training window (and the longest question that can be asked)")
     batch_size: int = field(16, "sequences per step")
     lr: float = field(3e-3, "peak pretraining learning rate (warmup over a tenth of the run, then cosine decay)")
     minutes: float = field(40.0, "the study must fit this many minutes (estimated from timed steps before "
@@ -115,7 +118,8 @@ class ArchitecturesConfig:
     progress: bool = field(True, "show progress bars")
 
     def __post_init__(self) -> None:
-        parse_size(self.size)
+        if parse_size(self.size)[1] < 2 and "encoder-decoder" in self.forms:
+            raise ValueError(f"size {self.size}: an encoder-decoder needs two layers at least (one per stack)")
         unknown = [form for form in self.forms if form not in FORMS]
         if unknown or not self.forms:
             raise ValueError(f"forms {unknown or self.forms}: choose from {', '.join(FORMS)}")
@@ -163,20 +167,25 @@ def make_question(tokenizer, task: Task, shots: list[Task]) -> Question:
 
 
 def pick_shots(train: list[Task], tasks: list[Task], shots: int, seed: int) -> list[list[Task]]:
-    """``shots`` training questions of each task's kind, drawn from ``seed`` (the same every run)."""
+    """``shots`` training questions of each task's kind (never the task itself), drawn from ``seed``."""
     by_kind: dict[str, list[Task]] = {}
     for task in train:
         by_kind.setdefault(task.kind, []).append(task)
     rng = random.Random(f"{seed}:shots")
-    return [rng.sample(by_kind[task.kind], shots) if shots else [] for task in tasks]
+    return [[t for t in rng.sample(by_kind[task.kind], shots + 1) if t != task][:shots] if shots else []
+            for task in tasks]
 
 
 # ---- the three forms -------------------------------------------------------------------------------------
 
 class Form:
-    """How one form is built, pretrained, and asked a question: :meth:`collate` turns questions into a
-    batch whose ``targets`` (B, T) hold the ids to score at the positions :meth:`logits` (B, T, V) predicts,
-    ``IGNORE`` elsewhere."""
+    """How one form is built, pretrained, and asked a question.
+
+    :meth:`rows` lays a question out for the model; :meth:`collate` pads rows into a batch: ``targets``
+    (B, T) holds the gold ids at the positions :meth:`logits` (B, T, V) predicts (the answer, then for the
+    generating forms the line break after it), ``IGNORE`` elsewhere; ``end`` (B, 1) is the position of
+    that last token (-1: none) and ``ends`` (B, E) the tokens that may stand there, since an answer is
+    finished by any of them (-1 pads)."""
 
     name = ""
     objective = ""
@@ -207,7 +216,7 @@ class Form:
         rows = [self.rows(q) for q in questions]
         batch = {}
         for name in rows[0]:
-            fill = IGNORE if name == "targets" else 0 if name.endswith("mask") else PAD_ID
+            fill = {"targets": IGNORE, "ends": -1}.get(name, 0 if name.endswith("mask") else PAD_ID)
             width = max(len(r[name]) for r in rows)
             batch[name] = torch.tensor([r[name] + [fill] * (width - len(r[name])) for r in rows], device=device)
         return batch
@@ -222,7 +231,8 @@ class DecoderForm(Form):
     def rows(self, question):
         ids = [BOS, *question.prefix, *question.answer, question.newline[0]]
         scored = len(question.answer) + 1  # the answer, and the line break after it
-        return {"inputs": ids[:-1], "targets": [IGNORE] * (len(ids) - 1 - scored) + ids[-scored:]}
+        return {"inputs": ids[:-1], "targets": [IGNORE] * (len(ids) - 1 - scored) + ids[-scored:],
+                "end": [len(ids) - 2], "ends": [question.newline[0], EOS]}
 
     def logits(self, model, batch):
         return model(batch["inputs"])  # causal: padding after a row changes none of its positions
@@ -244,7 +254,7 @@ class EncoderForm(Form):
         start = 1 + len(question.prefix)
         targets = [IGNORE] * len(ids)
         targets[start:start + len(question.answer)] = question.answer
-        return {"inputs": ids, "targets": targets, "attention_mask": [1] * len(ids)}
+        return {"inputs": ids, "targets": targets, "attention_mask": [1] * len(ids), "end": [-1], "ends": [-1]}
 
     def logits(self, model, batch):
         return model(batch["inputs"], mask=padding_mask(batch["attention_mask"]))
@@ -262,8 +272,6 @@ class EncoderDecoderForm(Form):
         config.vocab_size = self.tokenizer_size + NUM_SENTINELS  # the sentinels above the tokenizer's ids
         config.decoder_layers = config.num_layers - config.num_layers // 2
         config.num_layers //= 2
-        if not config.num_layers:
-            raise InputError(f"size {size}: an encoder-decoder needs two layers at least (one per stack)")
         return config
 
     def pretrain_stage(self, train, val, seq_len, seed):
@@ -274,7 +282,8 @@ class EncoderDecoderForm(Form):
         source = [BOS, *question.prefix, first, EOS]  # the hidden run last, as in every pretraining window
         decoder = [first, *question.answer, question.newline[0]]  # after the start token; the sentinel is given
         return {"sources": source, "source_mask": [1] * len(source), "decoder_inputs": [0, *decoder[:-1]],
-                "targets": [IGNORE, *decoder[1:]]}
+                "targets": [IGNORE, *decoder[1:]], "end": [len(decoder) - 1],
+                "ends": [question.newline[0], EOS, self.sentinels[1]]}  # a span also ends at the next sentinel
 
     def logits(self, model, batch):
         return model(batch["sources"], batch["decoder_inputs"], batch["source_mask"])
@@ -307,19 +316,21 @@ class AnswerStage:
 @torch.no_grad()
 def judge(form: Form, model: torch.nn.Module, questions: list[Question], runtime: Runtime, batch_size: int = 32
           ) -> dict[str, np.ndarray]:
-    """Per question: ``right`` (every scored token the likeliest), ``logprob`` (the gold scored tokens'
-    log-likelihood, summed), ``tokens`` (how many are scored) and ``tokens_right``."""
+    """Per question: ``right`` (each answer token the likeliest, then one of the ``ends``), ``logprob``
+    (the gold answer tokens' log-likelihood, summed), ``tokens`` (answer tokens) and ``tokens_right``."""
     model.eval()
     out: dict[str, list] = {"right": [], "logprob": [], "tokens": [], "tokens_right": []}
     for first in range(0, len(questions), batch_size):
         batch = form.collate(questions[first:first + batch_size], runtime.device)
         with runtime.autocast():
             logits = form.logits(model, batch).float()
-        targets = batch["targets"]
-        scored = targets != IGNORE
-        hit = logits.argmax(-1) == targets
+        targets, end = batch["targets"], batch["end"]
+        guess = logits.argmax(-1)
+        scored = (targets != IGNORE) & (torch.arange(targets.shape[1], device=end.device) != end)  # the answer
+        hit = guess == targets
+        finished = (guess.gather(1, end.clamp(min=0)) == batch["ends"]).any(dim=1) | (end[:, 0] < 0)
         logp = torch.log_softmax(logits, dim=-1).gather(-1, targets.clamp(min=0)[..., None])[..., 0]
-        out["right"] += (hit | ~scored).all(dim=1).tolist()
+        out["right"] += ((hit | ~scored).all(dim=1) & finished).tolist()
         out["logprob"] += (logp * scored).sum(dim=1).tolist()
         out["tokens"] += scored.sum(dim=1).tolist()
         out["tokens_right"] += (hit & scored).sum(dim=1).tolist()
@@ -514,9 +525,11 @@ def architectures_study(config: ArchitecturesConfig) -> Path:
     zero = [make_question(tokenizer, task, []) for task in eval_tasks]
     few = [make_question(tokenizer, task, shots)
            for task, shots in zip(eval_tasks, pick_shots(train_tasks, eval_tasks, config.shots, config.seed))]
-    tuning = [make_question(tokenizer, task, []) for task in train_tasks]
+    tuning = [make_question(tokenizer, task, shots if i % 2 else [])  # half zero-shot, half few-shot
+              for i, (task, shots) in enumerate(zip(train_tasks, pick_shots(train_tasks, train_tasks, config.shots,
+                                                                            config.seed + 1)))]
+    check_lengths(config, [FORM_CLASSES[name](tokenizer.vocab_size) for name in config.forms], few + tuning)
     plans = plan_forms(config, tokenizer, streams, tuning)
-    check_lengths(config, [p.form for p in plans], few + tuning)
     check_time(config, plans, out)
     rows = [run_form(p, config, tokenizer, out, zero, few) for p in plans]
     results = {"config": to_dict(config), "runtime": Runtime.resolve(config.device, config.dtype).describe(),
