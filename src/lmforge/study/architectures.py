@@ -1,6 +1,6 @@
 """``lmforge study architectures``: the Transformer's three forms side by side, on the same data.
 
-    lmforge study architectures                      # the default: about 25 minutes on 2 CPU cores
+    lmforge study architectures                      # the default: about 18 minutes on 2 CPU cores
     lmforge study architectures --size d64l2 --flops 2e12 --minutes 5 --out runs/small-architectures
 
 The notes say that decoder-only models (GPT) give the best zero-shot results, that

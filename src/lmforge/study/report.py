@@ -228,9 +228,10 @@ def write_architectures_report(out: Path, results: dict) -> Path:
              f"of text (the built-in corpus with {config['task_items']:,} question/answer lines of "
              f"{', '.join(config['kinds'])}); multitask tuning {config['tune_steps']} steps; {config['eval_items']} "
              f"held-out questions, {config['shots']} solved ones before each in the few-shot settings.", "",
-             "Exact match: every answer token (and, for the generating forms, the end after it) is the model's "
-             "likeliest token, the gold tokens before it given, as greedy decoding would write it. The encoder "
-             "is told the answer's length (one mask per token).", "",
+             "Exact match: each answer token is the model's likeliest, the gold tokens before it given, and for "
+             "the generating forms the likeliest token after it ends the answer (a line break, the end of the text, "
+             "or for the encoder-decoder the next sentinel): what greedy decoding writes. The encoder is told the "
+             "answer's length (one mask per token).", "",
              "| form | objective | layers (enc + dec) | N (no embeddings) | steps | text tokens | "
              + " | ".join(SETTINGS) + " |", "|---|---|---|---:|---:|---:|" + "---:|" * len(SETTINGS)]
     for r in rows:
