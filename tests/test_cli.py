@@ -4,6 +4,7 @@ import json
 
 import pytest
 
+import lmforge
 from lmforge.cli import main
 
 CORPUS = "\n\n".join(
@@ -224,6 +225,10 @@ def test_pretrain_an_encoder_decoder_by_span_corruption_then_fill_in_a_span(work
     assert not out.startswith("def function_1") and "<extra_id_" in out
     assert main(["generate", str(run / "checkpoint"), "x", "--num-beams", "2", "--temperature", "0",
                  "--max-new-tokens", "4"]) == 0
+    lm = lmforge.load(run / "checkpoint", device="cpu", dtype="fp32")  # many prompts: the batched engine
+    prompts = ["def function_1(<extra_id_0>):", "x", "return <extra_id_0> + 1"]
+    assert [c.text for c in lm.generate_batch(prompts, max_new_tokens=6, temperature=0)] == \
+           [lm.generate(p, max_new_tokens=6, temperature=0) for p in prompts]
     assert main(["generate", str(run / "checkpoint"), "x", "--compile"]) == 2
     assert "encoder-decoder" in capsys.readouterr().err
     assert main(["quantize", str(run / "checkpoint"), "--out", str(workdir / "span-int8")]) == 2

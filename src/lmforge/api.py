@@ -11,7 +11,7 @@ are not part of what is returned.
 
 An encoder-decoder (T5's form) reads the prompt with its encoder and writes the reply
 with its decoder: ``generate``, ``stream`` and ``chat`` work the same way, through
-:mod:`lmforge.infer.seq2seq`.
+:mod:`lmforge.infer.seq2seq`, and ``generate_batch`` through the batched engine.
 """
 
 from __future__ import annotations
@@ -38,7 +38,6 @@ from lmforge.infer.seq2seq import (
     decode_text,
     encode_sources,
     encode_text,
-    generate_seq2seq,
     sentinels_above,
 )
 from lmforge.infer.speculative import DraftModel, PromptLookup, SpeculativeStats, check_speculative
@@ -158,15 +157,14 @@ class LanguageModel:
         """The batched engine over this model (made once per batch size, context and buckets, then kept).
         ``context``: positions per slot (default: the model's ``max_seq_len``); ``decode_buckets``: the
         decode step's batch sizes (see :class:`Engine`)."""
-        if self.encoder_decoder:
-            raise InputError("the batched engine decodes decoder-only models; an encoder-decoder generates with "
-                             "generate, stream, chat or generate_batch (lmforge.infer.seq2seq)")
         engines = self.__dict__.setdefault("_engines", {})
         key = (max_batch_size, context, decode_buckets)
         if key not in engines:
+            limit = getattr(self.tokenizer, "vocab_size", None)
+            if self.encoder_decoder and limit is not None:  # sentinels above the tokenizer's ids may be written
+                limit += sentinels_above(self.tokenizer, self.model)
             engines[key] = Engine(self.model, self.runtime, max_batch_size=max_batch_size, context=context,
-                                  decode_step=self.decode_step, vocab_limit=getattr(self.tokenizer, "vocab_size", None),
-                                  decode_buckets=decode_buckets)
+                                  decode_step=self.decode_step, vocab_limit=limit, decode_buckets=decode_buckets)
         return engines[key]
 
     def generate_batch(self, prompts: Sequence[str | list[int] | dict[str, Any]], max_batch_size: int = 8,
@@ -190,29 +188,7 @@ class LanguageModel:
             else:
                 ids = self.encode_prompt(prompt)
             items.append((ids, self.sampling_config(**settings)))
-        if self.encoder_decoder:
-            return self._seq2seq_batch(items, max_batch_size)
         return self.engine(max_batch_size).generate([self.request(ids, config) for ids, config in items])
-
-    def _seq2seq_batch(self, items: list[tuple[list[int], SamplingConfig]], max_batch_size: int) -> list[Completion]:
-        """generate_batch for an encoder-decoder: sources with the same settings encoded and decoded together
-        (:func:`lmforge.infer.seq2seq.generate_seq2seq`), ``max_batch_size`` at a time."""
-        groups: dict[str, list[int]] = {}
-        for index, (_, config) in enumerate(items):
-            groups.setdefault(repr(config), []).append(index)
-        out: list[Completion | None] = [None] * len(items)
-        for rows in groups.values():
-            config = items[rows[0]][1]
-            for start in range(0, len(rows), max_batch_size):
-                part = rows[start:start + max_batch_size]
-                outputs = generate_seq2seq(self.model, [items[i][0] for i in part], config, self.runtime)
-                for index, tokens in zip(part, outputs):
-                    text = self.reply_text(tokens)
-                    cut = cut_at_stop(text, config.stop)
-                    reason = "stop" if len(tokens) < config.max_new_tokens or cut != text else "length"
-                    out[index] = Completion(str(index), tokens, cut, reason, [], None, len(items[index][0]), 0,
-                                            len(tokens))
-        return out
 
     def request(self, prompt_ids: list[int], config: SamplingConfig, **fields: Any) -> Request:
         """An engine request for ``prompt_ids``, speculative with a drafter of its own when this model has

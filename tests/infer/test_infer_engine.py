@@ -325,3 +325,57 @@ def test_ids_past_the_tokenizer_are_never_sampled(make_model):
     model = make_model()  # 64 logits; pretend the tokenizer knows only 10 tokens
     out = Engine(model, vocab_limit=10).generate([Request(p, sampled(i, 40)) for i, p in enumerate(PROMPTS[:3])])
     assert all(0 <= t < 10 for c in out for t in c.token_ids)
+
+
+@pytest.fixture(scope="module", params=["relative", "rope"])
+def seq2seq(request):
+    """A small encoder-decoder, with T5's relative position bias or with rotary positions."""
+    from lmforge.model import ModelConfig, build_model
+
+    torch.manual_seed(0)
+    config = ModelConfig(vocab_size=300, max_seq_len=64, dim=64, num_layers=2, decoder_layers=2, num_heads=2,
+                         num_kv_heads=2, position=request.param)
+    return build_model(config).eval()
+
+
+SOURCES = [[5, 9, 13], list(range(20, 37)), [7] * 9, list(range(100, 130)), [41, 42], [250, 3, 3, 9, 12]]
+
+
+def test_an_encoder_decoder_decodes_in_the_engine_as_alone(seq2seq):
+    """More sources than slots: requests join mid-flight (packed passes beside decode steps), each row
+    reads its own source's memory, and the targets equal encoding and decoding each source alone."""
+    from lmforge.infer.seq2seq import generate_seq2seq
+
+    reference = generate_seq2seq(seq2seq, SOURCES, greedy(12), use_cache=False)
+    for slots in (1, 4):
+        batch = Engine(seq2seq, max_batch_size=slots).generate([Request(s, greedy(12)) for s in SOURCES])
+        assert [c.token_ids for c in batch] == reference
+    # sampled with a seed: a row's tokens do not depend on what else shares the batch
+    alone = [Engine(seq2seq, max_batch_size=1).generate([Request(s, sampled(i, 10))])[0] for i, s in enumerate(SOURCES)]
+    mixed = Engine(seq2seq, max_batch_size=3).generate([Request(s, sampled(i, 10)) for i, s in enumerate(SOURCES)])
+    assert [c.token_ids for c in mixed] == [c.token_ids for c in alone]
+
+
+def test_an_encoder_decoder_scores_targets_as_continuations(seq2seq):
+    """Continuations of a source are scored targets: their log-probs equal one teacher-forced pass."""
+    targets = [[10, 11], [12], [13, 14, 15]]
+    out = Engine(seq2seq, max_batch_size=2).generate([Request(SOURCES[1], SamplingConfig(max_new_tokens=0),
+                                                              continuations=targets)])[0]
+    for target, entries in zip(targets, out.continuation_logprobs):
+        with torch.no_grad():
+            logits = seq2seq(torch.tensor([SOURCES[1]]), torch.tensor([[0, *target[:-1]]]))[0]
+        reference = torch.log_softmax(logits.float(), dim=-1)
+        assert [e.token_id for e in entries] == target
+        assert [e.logprob for e in entries] == pytest.approx([float(reference[i, t]) for i, t in enumerate(target)],
+                                                             abs=1e-5)
+
+
+def test_an_encoder_decoder_refuses_what_its_source_cannot_give(seq2seq):
+    engine = Engine(seq2seq, max_batch_size=2)
+    for request, reason in ((Request([], greedy()), "source is empty"), (Request([1] * 65, greedy()), "reads at most"),
+                            (Request([1, 2], greedy(), prompt_logprobs=1), "no log-probs"),
+                            (Request([1, 400], greedy()), "source token ids")):
+        with pytest.raises(ValueError, match=reason):
+            engine.add(request)
+    with pytest.raises(ValueError, match="eagerly"):
+        Engine(seq2seq, decode_step=object())

@@ -42,6 +42,7 @@ decode one token a row.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections import deque
 from collections.abc import Iterable, Sequence
@@ -85,6 +86,7 @@ class _Sequence:
     text: TextStream | None = None
     stops: StopStrings | None = None
     counts: torch.Tensor | None = None  # (V,) how often each token was generated (presence/frequency)
+    source: list[int] | None = None  # an encoder-decoder's source (the request's prompt)
 
     @property
     def id(self) -> str:
@@ -154,6 +156,14 @@ class Engine:
             raise ValueError(f"max_batch_size must be at least 1, got {max_batch_size}")
         if not model.config.causal:
             raise ValueError("this model is an encoder (every token sees the whole text): it does not generate")
+        self.sources = None  # an encoder-decoder: a request's prompt is its source, the decoder starts afresh
+        if model.config.is_encoder_decoder:
+            from lmforge.infer.seq2seq import SlotDecoder
+
+            if decode_step is not None:
+                raise ValueError("an encoder-decoder's decode steps run eagerly (no compiled step)")
+            self.sources, self.start_ids = SlotDecoder(model, max_batch_size), [model.config.decoder_start_id]
+            model, prefix_caching = self.sources, False  # every target starts with the same token
         self.model, self.runtime, self.decode_step = model, runtime, decode_step
         self.context = min(context or model.config.max_seq_len, model.config.max_seq_len)
         self.cache = SlotKVCache.for_model(model, max_batch_size, self.context)
@@ -185,15 +195,30 @@ class Engine:
         self.validate(request)
         if request.request_id in self.running or any(s.id == request.request_id for s in self.waiting):
             raise ValueError(f"request id {request.request_id!r} is already in the engine")
+        source = None
+        if self.sources is not None:  # the encoder reads the prompt; the decoder starts from its start token
+            source, request = request.prompt_ids, dataclasses.replace(request, prompt_ids=list(self.start_ids))
         config = request.sampling
         seed = config.seed if config.seed is not None else int(torch.randint(0, 2**62, ()).item())
         sequence = _Sequence(request, set(config.stop_token_ids), torch.Generator(device=self.device).manual_seed(seed))
         if request.decode is not None:
             sequence.text, sequence.stops = TextStream(request.decode), StopStrings(config.stop)
+        sequence.source = source
         self.waiting.append(sequence)
 
     def validate(self, request: Request) -> None:
         """Raise ValueError for a request this engine cannot run (reads only the engine's settings)."""
+        if self.sources is not None:  # an encoder-decoder: the prompt is the source; the target is checked below
+            source = request.prompt_ids
+            if not source:
+                raise ValueError("the source is empty: give at least one token")
+            if len(source) > self.context:
+                raise ValueError(f"the source has {len(source)} tokens; the encoder reads at most {self.context}")
+            if min(source) < 0 or max(source) >= self.vocab_size:
+                raise ValueError(f"source token ids must be in [0, {self.vocab_size}), got {min(source)}..{max(source)}")
+            if request.prompt_logprobs is not None:
+                raise ValueError("an encoder-decoder's prompt is its source: the decoder gives it no log-probs")
+            request = dataclasses.replace(request, prompt_ids=list(self.start_ids))
         prompt, config = request.prompt_ids, request.sampling
         if not prompt:
             raise ValueError("the prompt is empty: give at least one token (e.g. the BOS token)")
@@ -350,6 +375,8 @@ class Engine:
         if source is not None and source is not slot:  # the prefix lives in another slot: copy it
             self.cache.copy_prefix(source.index, slot.index, reused)
         slot.sequence, slot.tokens, slot.computed, sequence.slot = sequence, list(prompt), reused, slot
+        if self.sources is not None:
+            self.sources.encode(slot.index, sequence.source)
         sequence.cached_tokens = reused
         self.running[sequence.id] = sequence
         self.stats.prompt_tokens += len(prompt)

@@ -16,6 +16,7 @@ sentinel i, and :func:`decode_text` writes sentinels back so, as T5's tokenizer 
 from __future__ import annotations
 
 import re
+from types import SimpleNamespace
 
 import torch
 from torch import nn
@@ -23,7 +24,7 @@ from torch import nn
 from lmforge.infer.beam import BeamResult, beam_search
 from lmforge.infer.generate import autocast_for, eval_mode, generate
 from lmforge.infer.sampling import SamplingConfig
-from lmforge.model.seq2seq import EncoderDecoderLM, Seq2SeqCache
+from lmforge.model.seq2seq import EncoderDecoderLM, Seq2SeqCache, relative_buckets
 from lmforge.runtime import Runtime
 
 
@@ -45,6 +46,100 @@ class ConditionedDecoder(nn.Module):
     def forward(self, input_ids: torch.Tensor, cache: Seq2SeqCache | None = None) -> torch.Tensor:
         """Target ids (B, T) -> logits (B, T, V); without a cache the whole target is recomputed (the reference)."""
         return self.model.decode(input_ids, self.memory, self.attention_mask, cache)
+
+
+class SlotDecoder(nn.Module):
+    """An encoder-decoder as the batched engine's model (:class:`lmforge.infer.engine.Engine`).
+
+    The engine runs it as it runs a decoder-only model: its "prompt" is the decoder's start token,
+    its KV cache the engine's slot cache (the decoder's self-attention), its passes the packed and
+    decode passes. Each slot also holds the memory of its request's source: :meth:`encode` runs the
+    encoder once when the request takes the slot and keeps every decoder layer's cross-attention
+    keys and values (num_slots, Hkv, S, D) with the source's mask. A decode step's row i reads slot
+    i's memory; in a packed pass each token reads its own slot's (``cache.slot_index``).
+    Relative positions (T5) become float masks: the engine's boolean masks with each (query, key)
+    pair's bias added, as the decoder stack builds them for one sequence.
+    """
+
+    def __init__(self, model: EncoderDecoderLM, num_slots: int):
+        super().__init__()
+        c = model.config
+        self.model, self.stack = model, model.decoder
+        # what the engine and its slot cache read of a model's shape: the decoder's layers
+        self.config = SimpleNamespace(num_layers=c.decoder_layers, max_seq_len=c.max_seq_len, causal=True,
+                                      vocab_size=c.vocab_size, num_kv_heads=c.num_kv_heads, head_dim=c.head_dim,
+                                      is_encoder_decoder=True)
+        param = next(model.parameters())
+        shape = (num_slots, c.num_kv_heads, c.max_seq_len, c.head_dim)
+        self.memory = [(torch.zeros(shape, dtype=param.dtype, device=param.device),
+                        torch.zeros(shape, dtype=param.dtype, device=param.device)) for _ in range(c.decoder_layers)]
+        self.memory_mask = torch.zeros(num_slots, c.max_seq_len, dtype=torch.bool, device=param.device)
+        self.memory_mask[:, 0] = True  # a slot with no source yet (a padding row) reads one zero column, not NaN
+        self.memory_len = [1] * num_slots  # how many memory columns a slot's queries read (its source's length)
+        # the position of the token whose keys sit at each cache index (scored branches sit past the prompt)
+        self.key_positions = torch.zeros(num_slots, c.max_seq_len + 1, dtype=torch.long, device=param.device)
+
+    def encode(self, slot: int, source: list[int]) -> None:
+        """Encode ``source`` into ``slot``'s memory (every decoder layer's cross-attention keys and values)."""
+        ids = torch.tensor([source], device=self.memory_mask.device)
+        memory = self.model.encode(ids)
+        for (keys, values), (k, v) in zip(self.memory, self.model.memory_keys_values(memory)):
+            keys[slot, :, :len(source)], values[slot, :, :len(source)] = k[0], v[0]
+        self.memory_mask[slot] = False
+        self.memory_mask[slot, :len(source)] = True
+        self.memory_len[slot] = len(source)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.model.lm_head(hidden)
+
+    def _bias(self, mask: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor | slice) -> torch.Tensor:
+        """A boolean mask (B, 1, T, Tk) as the float mask of relative positions: each query at ``positions``
+        (B, T) over the keys at cache indices 0..Tk-1 of ``slots`` gets its bias (B, H, T, Tk), -inf where
+        the mask hides the key."""
+        relative = self.stack.relative
+        keys = self.key_positions[slots, :mask.shape[-1]]  # (B, Tk)
+        buckets = relative_buckets(keys[:, None, :] - positions[..., None], False, relative.num_buckets,
+                                   relative.max_distance)  # (B, T, Tk)
+        bias = relative.embed(buckets).permute(0, 3, 1, 2)  # (B, H, T, Tk)
+        return bias.masked_fill(~mask, float("-inf"))
+
+    def forward(self, input_ids: torch.Tensor, cache, return_hidden: bool = False,
+                positions: torch.Tensor | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """The engine's pass: input_ids and positions (B, T) with a slot cache bound to them; ``mask`` the
+        decode step's (B, 1, T, Tk) (a packed pass keeps its masks in the cache)."""
+        stack, (batch, seq_len) = self.stack, input_ids.shape
+        x = self.model.embed(input_ids)
+        if stack.positions is not None:
+            x = x + stack.positions(seq_len, 0, positions)
+        if stack.embed_norm is not None:
+            x = stack.embed_norm(x)
+        rotary = None
+        if stack.rope is not None:
+            device = x.device.type
+            dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+            rotary = stack.rope.tables(0, seq_len, positions, dtype)
+        if cache.attends:  # packed: each token reads its slot's memory
+            rows = cache.slot_index
+            if stack.relative is not None:
+                self.key_positions[rows, cache.write_index] = positions[0]
+                if cache.decode_mask is not None:
+                    cache.decode_mask = self._bias(cache.decode_mask, positions[0, :cache.decode_rows, None],
+                                                   slice(0, cache.decode_rows))
+                for segment in cache.segments:
+                    segment.mask = self._bias(segment.mask, positions[:, segment.start:segment.stop],
+                                              slice(segment.slot, segment.slot + 1))
+        else:  # a decode step: row i is slot i
+            rows = torch.arange(batch, device=input_ids.device)
+            if stack.relative is not None:
+                self.key_positions[cache.slot_index, cache.write_index] = positions
+                mask = self._bias(mask, positions, slice(0, batch))
+        width = max(self.memory_len[i] for i in rows.tolist())
+        pick = rows if cache.attends else slice(0, batch)  # a decode step's rows are slots 0..B-1: no copy
+        memory_mask = self.memory_mask[pick, :width][:, None, None, :]
+        for block, (keys, values) in zip(stack.blocks, self.memory):
+            x = block(x, cache, rotary, mask, (keys[pick, :, :width], values[pick, :, :width]), memory_mask)
+        x = stack.norm(x)
+        return x if return_hidden else self.logits(x)
 
 
 def encode_sources(model: EncoderDecoderLM, sources: list[list[int]], runtime: Runtime | None = None,

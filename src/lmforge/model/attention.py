@@ -186,9 +186,17 @@ class CrossAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, keys_values: tuple[torch.Tensor, torch.Tensor],
                 mask: torch.Tensor | None = None) -> torch.Tensor:
-        """x (B, T, dim); ``keys_values`` of the memory; ``mask`` (B, 1, 1, S), False at the memory's padding."""
+        """x (B, T, dim); ``keys_values`` of the memory; ``mask`` (B, 1, 1, S), False at the memory's padding.
+
+        A packed pass of the batched engine (one row of N tokens from several requests) gives each token
+        its own memory: keys and values (N, Hkv, S, D) and mask (N, 1, 1, S) for x (1, N, dim)."""
         batch, seq_len, _ = x.shape
         q = self.q_proj(x).view(batch, seq_len, self.num_heads, self.head_dim).transpose(1, 2)
         k, v = keys_values
+        per_token = k.shape[0] != batch
+        if per_token:  # (1, H, N, D) -> (N, H, 1, D): each token a row of its own
+            q = q.transpose(0, 2)
         out = BACKENDS[self.backend](q, k, v, self.dropout, self.training, mask, False)  # (B, H, T, D)
+        if per_token:
+            out = out.transpose(0, 2)
         return self.o_proj(out.transpose(1, 2).reshape(batch, seq_len, self.num_heads * self.head_dim))
