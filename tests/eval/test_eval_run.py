@@ -339,3 +339,29 @@ def test_cli_human_items_writes_two_models_answers_to_rate(tiny_lm, tmp_path):
     store.close()
     assert main(["eval", "human-items", str(prompts), "--model", f"a={checkpoint}", "--model", f"b={checkpoint}",
                  "--model", f"c={checkpoint}", "--out", str(items)]) == 2
+
+
+def test_an_encoder_decoder_is_scored_and_answers_through_the_engine(tiny_lm):
+    """The harness runs an encoder-decoder as any model: a pair's context is the source, the continuation
+    the target, its log-likelihood that of one teacher-forced pass; generation equals lm.generate."""
+    import dataclasses
+
+    from lmforge.model import ModelConfig, build_model
+
+    torch.manual_seed(0)
+    config = ModelConfig(vocab_size=tiny_lm.tokenizer.vocab_size, max_seq_len=128, dim=64, num_layers=2,
+                         decoder_layers=2, num_heads=2, num_kv_heads=2, position="relative")
+    lm = dataclasses.replace(tiny_lm, model=build_model(config).eval())
+    model = LocalModel(lm, batch_size=2, progress=False)
+    pairs = [("The quick brown fox jumps over the", " lazy dog"), ("The quick brown fox jumps over the", " cat"),
+             ("Paris is", " the capital")]
+    for (context, continuation), score in zip(pairs, model.loglikelihood(pairs)):
+        source, target = model.pair_ids(context, continuation)
+        with torch.no_grad():
+            logits = lm.model(torch.tensor([source]), torch.tensor([[0, *target[:-1]]]))[0]
+        reference = torch.log_softmax(logits.float(), dim=-1)
+        assert score.tokens == len(target)
+        assert score.logprob == pytest.approx(sum(float(reference[i, t]) for i, t in enumerate(target)), abs=1e-4)
+    prompts = ["The quick brown", "Paris is"]
+    assert model.generate(prompts, stop=["."], max_new_tokens=8) == \
+           [lm.generate(p, max_new_tokens=8, temperature=0, stop=["."]) for p in prompts]
