@@ -8,8 +8,9 @@ optimizer step each (forward, backward, clipping, the same fused AdamW), in each
 precision this machine runs natively. Tokens/s counts the text tokens of each window
 (batch x seq-len), the same for both sides. Generation: greedy, ``--new-tokens`` target
 tokens for sources of ``--source-len`` tokens, KV-cached on both sides (transformers'
-``generate``), at each ``--gen-batch``; the targets are checked equal. Prints each side's
-figure and the ratio.
+``generate``), at each ``--gen-batch``, with lmforge's sampling loop and its batched engine
+(continuous batching, slot cache); the targets are checked equal. Prints each side's figure and
+the ratios.
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from common import best_of, fast_dtypes, machine, training_step  # noqa: E402
 
+from lmforge.infer.engine import Engine  # noqa: E402
+from lmforge.infer.request import Request  # noqa: E402
 from lmforge.infer.sampling import SamplingConfig  # noqa: E402
 from lmforge.infer.seq2seq import generate_seq2seq  # noqa: E402
 from lmforge.interop.hf import save_hf  # noqa: E402
@@ -57,19 +60,26 @@ def train_step(model, optimizer, batch: dict, hf: bool, runtime: Runtime):
     return training_step(model, optimizer, runtime, logits_of, targets)
 
 
-def time_generation(ours, twin, sources: torch.Tensor, new_tokens: int, repeats: int) -> tuple[float, float, int]:
-    """(lmforge seconds, transformers seconds, rows with the same greedy target) for one batch of sources."""
+def time_generation(ours, twin, sources: torch.Tensor, new_tokens: int, repeats: int
+                    ) -> tuple[float, float, float, int]:
+    """(lmforge seconds, lmforge's batched engine seconds, transformers seconds, rows with the same greedy
+    target on all three) for one batch of sources."""
     greedy = SamplingConfig(max_new_tokens=new_tokens, temperature=0)
     rows = sources.tolist()
+    engine = Engine(ours, max_batch_size=len(rows))
+
+    def engine_generate():
+        return [c.token_ids for c in engine.generate([Request(row, greedy) for row in rows])]
 
     def hf_generate():
         with torch.inference_mode():
             return twin.generate(input_ids=sources, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
                                  do_sample=False)[:, 1:].tolist()  # (their start token first)
-    same = sum(a == b for a, b in zip(generate_seq2seq(ours, rows, greedy), hf_generate()))
+    same = sum(a == b == c for a, b, c in zip(generate_seq2seq(ours, rows, greedy), engine_generate(), hf_generate()))
     ours_s, _ = best_of(lambda: generate_seq2seq(ours, rows, greedy), repeats)
+    engine_s, _ = best_of(engine_generate, repeats)
     theirs_s, _ = best_of(hf_generate, repeats)
-    return ours_s, theirs_s, same
+    return ours_s, engine_s, theirs_s, same
 
 
 def main() -> None:
@@ -130,11 +140,12 @@ def main() -> None:
     twin = t5_twin(ours, folder / "generate").eval()
     for batch_size in args.gen_batch:
         sources = torch.randint(16, 8192, (batch_size, args.source_len))
-        ours_s, theirs_s, same = time_generation(ours, twin, sources, args.new_tokens, args.repeats)
+        ours_s, engine_s, theirs_s, same = time_generation(ours, twin, sources, args.new_tokens, args.repeats)
         made = batch_size * args.new_tokens
         print(f"generation, batch {batch_size}, source {args.source_len}, {args.new_tokens} new tokens (fp32): "
-              f"lmforge {made / ours_s:,.0f} tokens/s, transformers {made / theirs_s:,.0f} tokens/s, ratio "
-              f"{theirs_s / ours_s:.2f}x; same targets {same}/{batch_size}")
+              f"lmforge {made / ours_s:,.0f} tokens/s, lmforge's batched engine {made / engine_s:,.0f}, "
+              f"transformers {made / theirs_s:,.0f} tokens/s, ratios {theirs_s / ours_s:.2f}x and "
+              f"{theirs_s / engine_s:.2f}x; same targets {same}/{batch_size}")
 
 
 if __name__ == "__main__":

@@ -350,6 +350,7 @@ def test_an_encoder_decoder_decodes_in_the_engine_as_alone(seq2seq):
     for slots in (1, 4):
         batch = Engine(seq2seq, max_batch_size=slots).generate([Request(s, greedy(12)) for s in SOURCES])
         assert [c.token_ids for c in batch] == reference
+        assert not [n for n, m in seq2seq.named_modules() if m.training]  # the engine leaves the model in its mode
     # sampled with a seed: a row's tokens do not depend on what else shares the batch
     alone = [Engine(seq2seq, max_batch_size=1).generate([Request(s, sampled(i, 10))])[0] for i, s in enumerate(SOURCES)]
     mixed = Engine(seq2seq, max_batch_size=3).generate([Request(s, sampled(i, 10)) for i, s in enumerate(SOURCES)])

@@ -327,6 +327,8 @@ class Engine:
             self._claim(sequence, slot, reused, source)
             batch.append((sequence, slot, reused))
             budget -= _new_tokens(sequence.request, reused)
+        if self.sources is not None and batch:  # an encoder-decoder: the new sources, encoded together
+            self.sources.encode([s.index for _, s, _ in batch], [sequence.source for sequence, _, _ in batch])
         return batch
 
     def _place(self, request: Request) -> tuple[_Slot, int, _Slot | None]:
@@ -375,8 +377,6 @@ class Engine:
         if source is not None and source is not slot:  # the prefix lives in another slot: copy it
             self.cache.copy_prefix(source.index, slot.index, reused)
         slot.sequence, slot.tokens, slot.computed, sequence.slot = sequence, list(prompt), reused, slot
-        if self.sources is not None:
-            self.sources.encode(slot.index, sequence.source)
         sequence.cached_tokens = reused
         self.running[sequence.id] = sequence
         self.stats.prompt_tokens += len(prompt)

@@ -38,6 +38,7 @@ class ConditionedDecoder(nn.Module):
     def __init__(self, model: EncoderDecoderLM, memory: torch.Tensor, attention_mask: torch.Tensor | None):
         super().__init__()
         self.model, self.config = model, model.config
+        self.training = model.training  # the model's mode: decoding switches it (and back) only when training
         self.memory, self.attention_mask = memory, attention_mask
 
     def new_cache(self, batch_size: int, max_len: int | None = None) -> Seq2SeqCache:
@@ -65,6 +66,7 @@ class SlotDecoder(nn.Module):
         super().__init__()
         c = model.config
         self.model, self.stack = model, model.decoder
+        self.training = model.training  # the model's mode (the engine switches it per step only when training)
         # what the engine and its slot cache read of a model's shape: the decoder's layers
         self.config = SimpleNamespace(num_layers=c.decoder_layers, max_seq_len=c.max_seq_len, causal=True,
                                       vocab_size=c.vocab_size, num_kv_heads=c.num_kv_heads, head_dim=c.head_dim,
@@ -79,15 +81,17 @@ class SlotDecoder(nn.Module):
         # the position of the token whose keys sit at each cache index (scored branches sit past the prompt)
         self.key_positions = torch.zeros(num_slots, c.max_seq_len + 1, dtype=torch.long, device=param.device)
 
-    def encode(self, slot: int, source: list[int]) -> None:
-        """Encode ``source`` into ``slot``'s memory (every decoder layer's cross-attention keys and values)."""
-        ids = torch.tensor([source], device=self.memory_mask.device)
-        memory = self.model.encode(ids)
+    def encode(self, slots: list[int], sources: list[list[int]]) -> None:
+        """Encode ``sources`` together (right-padded) into the memory of ``slots``: every decoder layer's
+        cross-attention keys and values, and which columns are real."""
+        memory, mask = encode_sources(self.model, sources)
         for (keys, values), (k, v) in zip(self.memory, self.model.memory_keys_values(memory)):
-            keys[slot, :, :len(source)], values[slot, :, :len(source)] = k[0], v[0]
-        self.memory_mask[slot] = False
-        self.memory_mask[slot, :len(source)] = True
-        self.memory_len[slot] = len(source)
+            for row, (slot, source) in enumerate(zip(slots, sources)):
+                keys[slot, :, :len(source)], values[slot, :, :len(source)] = k[row, :, :len(source)], v[row, :, :len(source)]
+        for slot, source in zip(slots, sources):
+            self.memory_mask[slot] = False
+            self.memory_mask[slot, :len(source)] = True
+            self.memory_len[slot] = len(source)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.model.lm_head(hidden)
