@@ -414,3 +414,28 @@ def test_several_models_by_name(tiny_lm, start_server):
                    for name in ("first", "second")}
         assert answers["first"] != answers["second"]  # each name reaches its own weights
         assert models["second"].engine.stats.decode_steps > 0 and models["first"].engine.stats.decode_steps > 0
+
+
+def test_an_encoder_decoder_serves_completions_and_chat(start_server, tiny_lm):
+    """An encoder-decoder behind the server: the prompt (or the chat) is its source, the answer what
+    generate and chat write; echo with log-probs (a source has none) gets a 400."""
+    import dataclasses
+
+    from lmforge.model import ModelConfig, build_model
+    from lmforge.serve.served_model import ServedModel
+
+    torch.manual_seed(0)
+    config = ModelConfig(vocab_size=tiny_lm.tokenizer.vocab_size, max_seq_len=128, dim=64, num_layers=2,
+                         decoder_layers=2, num_heads=2, num_kv_heads=2, position="relative")
+    lm = dataclasses.replace(tiny_lm, model=build_model(config).eval())
+    with start_server({"t5": ServedModel("t5", lm, max_batch_size=2, context=128)}) as url:
+        client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=60)
+        prompts = ["Paris is", "The quick brown fox"]
+        out = client.completions.create(model="t5", prompt=prompts, max_tokens=8, temperature=0)
+        assert [c.text for c in sorted(out.choices, key=lambda c: c.index)] == \
+               [lm.generate(p, max_new_tokens=8, temperature=0) for p in prompts]
+        messages = [{"role": "user", "content": "Tell me about Paris."}]
+        answer = client.chat.completions.create(model="t5", messages=messages, max_tokens=8, temperature=0)
+        assert answer.choices[0].message.content == lm.chat(messages, max_new_tokens=8, temperature=0)
+        with pytest.raises(openai.BadRequestError):
+            client.completions.create(model="t5", prompt="Paris", max_tokens=1, echo=True, logprobs=1)
