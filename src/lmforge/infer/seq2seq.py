@@ -77,7 +77,6 @@ class SlotDecoder(nn.Module):
                         torch.zeros(shape, dtype=param.dtype, device=param.device)) for _ in range(c.decoder_layers)]
         self.memory_mask = torch.zeros(num_slots, c.max_seq_len, dtype=torch.bool, device=param.device)
         self.memory_mask[:, 0] = True  # a slot with no source yet (a padding row) reads one zero column, not NaN
-        self.memory_len = [1] * num_slots  # how many memory columns a slot's queries read (its source's length)
         # the position of the token whose keys sit at each cache index (scored branches sit past the prompt)
         self.key_positions = torch.zeros(num_slots, c.max_seq_len + 1, dtype=torch.long, device=param.device)
 
@@ -91,7 +90,6 @@ class SlotDecoder(nn.Module):
         for slot, source in zip(slots, sources):
             self.memory_mask[slot] = False
             self.memory_mask[slot, :len(source)] = True
-            self.memory_len[slot] = len(source)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.model.lm_head(hidden)
@@ -111,34 +109,24 @@ class SlotDecoder(nn.Module):
                 positions: torch.Tensor | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
         """The engine's pass: input_ids and positions (B, T) with a slot cache bound to them; ``mask`` the
         decode step's (B, 1, T, Tk) (a packed pass keeps its masks in the cache)."""
-        stack, (batch, seq_len) = self.stack, input_ids.shape
-        x = self.model.embed(input_ids)
-        if stack.positions is not None:
-            x = x + stack.positions(seq_len, 0, positions)
-        if stack.embed_norm is not None:
-            x = stack.embed_norm(x)
-        rotary = None
-        if stack.rope is not None:
-            device = x.device.type
-            dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
-            rotary = stack.rope.tables(0, seq_len, positions, dtype)
+        stack, batch = self.stack, input_ids.shape[0]
+        x, rotary = stack.place(self.model.embed(input_ids), positions=positions)
+        if stack.relative is not None:  # each new key's position, which the relative biases read
+            self.key_positions[cache.slot_index, cache.write_index] = positions.reshape(cache.write_index.shape)
         if cache.attends:  # packed: each token reads its slot's memory
-            rows = cache.slot_index
+            pick = cache.slot_index
             if stack.relative is not None:
-                self.key_positions[rows, cache.write_index] = positions[0]
                 if cache.decode_mask is not None:
                     cache.decode_mask = self._bias(cache.decode_mask, positions[0, :cache.decode_rows, None],
                                                    slice(0, cache.decode_rows))
                 for segment in cache.segments:
                     segment.mask = self._bias(segment.mask, positions[:, segment.start:segment.stop],
                                               slice(segment.slot, segment.slot + 1))
-        else:  # a decode step: row i is slot i
-            rows = torch.arange(batch, device=input_ids.device)
+        else:  # a decode step: row i is slot i (a slice: no copy of the memory)
+            pick = slice(0, batch)
             if stack.relative is not None:
-                self.key_positions[cache.slot_index, cache.write_index] = positions
-                mask = self._bias(mask, positions, slice(0, batch))
-        width = max(self.memory_len[i] for i in rows.tolist())
-        pick = rows if cache.attends else slice(0, batch)  # a decode step's rows are slots 0..B-1: no copy
+                mask = self._bias(mask, positions, pick)
+        width = int(self.memory_mask[pick].sum(dim=1).max())  # the longest source among the rows
         memory_mask = self.memory_mask[pick, :width][:, None, None, :]
         for block, (keys, values) in zip(stack.blocks, self.memory):
             x = block(x, cache, rotary, mask, (keys[pick, :, :width], values[pick, :, :width]), memory_mask)

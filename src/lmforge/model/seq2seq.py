@@ -133,6 +133,22 @@ class Stack(nn.Module):
         self.norm = nn.Identity() if post else make_norm(config.norm, config.dim, config.norm_eps)
         self.dropout = nn.Dropout(config.dropout)
 
+    def place(self, x: torch.Tensor, start: int = 0, positions: torch.Tensor | None = None) -> tuple:
+        """Embedded tokens x (B, T, dim) at positions start.. (or each its own, ``positions`` (B, T)): x with
+        absolute positions added (and normalized, post-norm), and the rotary tables of those positions (or None)."""
+        seq_len = x.shape[1]
+        if self.positions is not None:
+            x = x + self.positions(seq_len, start, positions)
+        if self.embed_norm is not None:
+            x = self.embed_norm(x)
+        x = self.dropout(x)
+        rotary = None
+        if self.rope is not None:
+            device = x.device.type
+            dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+            rotary = self.rope.tables(start, seq_len, positions, dtype)
+        return x, rotary
+
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None, cache: KVCache | None = None,
                 memory: list | None = None, memory_mask: torch.Tensor | None = None) -> torch.Tensor:
         """x (B, T, dim) embedded tokens -> final states (B, T, dim).
@@ -145,16 +161,7 @@ class Stack(nn.Module):
         start = cache.length if cache is not None else 0
         if start + seq_len > self.config.max_seq_len:
             raise ValueError(f"sequence of {start + seq_len} tokens exceeds max_seq_len={self.config.max_seq_len}")
-        if self.positions is not None:
-            x = x + self.positions(seq_len, start)
-        if self.embed_norm is not None:
-            x = self.embed_norm(x)
-        x = self.dropout(x)
-        rotary = None
-        if self.rope is not None:
-            device = x.device.type
-            dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
-            rotary = self.rope.tables(start, seq_len, None, dtype)
+        x, rotary = self.place(x, start)
         if self.relative is not None:  # one bias for every layer, the mask folded in as -inf
             bias = self.relative(seq_len, start + seq_len, start)  # (1, H, T, Tk)
             if self.decoder and seq_len > 1:  # (one new token has no later key to hide)

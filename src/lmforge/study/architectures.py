@@ -72,9 +72,9 @@ from lmforge.model import ModelConfig, build_model
 from lmforge.model.transformer import padding_mask
 from lmforge.runtime import Runtime
 from lmforge.settings import field, to_dict
-from lmforge.study.ladder import HEAD_DIM, check_same_study, parse_size
+from lmforge.study.ladder import HEAD_DIM, check_same_study, parse_size, train_config
 from lmforge.tokenizer.special import BEGIN_OF_TEXT, END_OF_TEXT, MASK, PAD, SPECIAL_IDS
-from lmforge.train import PretrainStage, TrainConfig, fit
+from lmforge.train import PretrainStage, fit
 from lmforge.train.loop import Stage
 from lmforge.train.mlm import MaskedLMStage
 from lmforge.train.sft import epoch_rows
@@ -401,13 +401,6 @@ def prepare(config: ArchitecturesConfig, out: Path):
     return tokenizer, streams, train_tasks, eval_tasks
 
 
-def run_config(config: ArchitecturesConfig, folder: Path, steps: int, lr: float) -> TrainConfig:
-    return TrainConfig(out_dir=str(folder), batch_size=config.batch_size, seq_len=config.seq_len, max_steps=steps,
-                       lr=lr, warmup_steps=max(1, steps // 10), eval_every=0, save_every=max(50, steps // 4),
-                       log_every=max(1, steps // 20), device=config.device, dtype=config.dtype, seed=config.seed,
-                       progress=config.progress)
-
-
 @dataclass
 class Plan:
     """One form's pretraining and tuning, and what they cost."""
@@ -448,7 +441,7 @@ def check_time(config: ArchitecturesConfig, plans: list[Plan], out: Path) -> Non
         folder = out / "runs" / p.form.name
         torch.manual_seed(config.seed)
         model = build_model(p.model_config)
-        probe = run_config(config, folder, 1, config.lr)
+        probe = train_config(config, 1, folder)
         if not (folder / "pretrain" / "result.json").is_file():
             p.seconds += p.steps * seconds_per_step(model, p.pretrain, probe, runtime, config.batch_size)
         if not (folder / "tuned" / "result.json").is_file():
@@ -486,13 +479,13 @@ def run_form(p: Plan, config: ArchitecturesConfig, tokenizer, out: Path, zero: l
             print(f"[study] {p.form.name}: pretraining ({p.form.objective}), {p.steps} steps", flush=True)
             torch.manual_seed(config.seed)
             model = build_model(p.model_config)
-            fit(model, p.pretrain, run_config(config, folder / phase, p.steps, config.lr), tokenizer=tokenizer,
+            fit(model, p.pretrain, train_config(config, p.steps, folder / phase), tokenizer=tokenizer,
                 resume=resume)
             final = p.pretrain.evaluate(model, runtime, 32 * config.seq_len * config.batch_size, config.batch_size)
         else:
             print(f"[study] {p.form.name}: multitask tuning, {config.tune_steps} steps", flush=True)
             model = load_model(folder / "pretrain" / "checkpoint")
-            fit(model, p.tune, run_config(config, folder / phase, config.tune_steps, config.tune_lr),
+            fit(model, p.tune, train_config(config, config.tune_steps, folder / phase, config.tune_lr),
                 tokenizer=tokenizer, resume=resume)
             final = {}
         phases[phase] = {**measure(p, model, config, zero, few, runtime), "seconds": time.perf_counter() - t0,

@@ -195,13 +195,13 @@ def check_same_study(config, out: Path, names: tuple[str, ...], data_names: tupl
     path.write_text(json.dumps(settings, indent=2) + "\n", encoding="utf-8")
 
 
-def train_config(config: LadderConfig, run: PlannedRun | None, folder: Path) -> TrainConfig:
-    """The pretraining settings of one run (warmup over a tenth of it, then cosine decay to its end)."""
-    steps = run.steps if run is not None else 1
+def train_config(config, steps: int, folder: Path, lr: float | None = None) -> TrainConfig:
+    """The training settings of a study's run of ``steps`` steps (warmup over a tenth of it, then cosine decay to
+    its end) from the study's batch, sequence, device and seed settings; ``lr`` defaults to ``config.lr``."""
     return TrainConfig(out_dir=str(folder), batch_size=config.batch_size, seq_len=config.seq_len, max_steps=steps,
-                       lr=config.lr, warmup_steps=max(1, steps // 10), eval_every=0, save_every=max(50, steps // 4),
-                       log_every=max(1, steps // 20), device=config.device, dtype=config.dtype, seed=config.seed,
-                       progress=config.progress)
+                       lr=config.lr if lr is None else lr, warmup_steps=max(1, steps // 10), eval_every=0,
+                       save_every=max(50, steps // 4), log_every=max(1, steps // 20), device=config.device,
+                       dtype=config.dtype, seed=config.seed, progress=config.progress)
 
 
 def step_seconds(config: LadderConfig, size: str, stage: PretrainStage, vocab_size: int, out: Path) -> float:
@@ -210,7 +210,7 @@ def step_seconds(config: LadderConfig, size: str, stage: PretrainStage, vocab_si
 
     torch.manual_seed(config.seed)
     model = DecoderLM(size_config(size, vocab_size, config.seq_len))
-    return seconds_per_step(model, stage, train_config(config, None, out), Runtime.resolve(config.device, config.dtype),
+    return seconds_per_step(model, stage, train_config(config, 1, out), Runtime.resolve(config.device, config.dtype),
                             config.batch_size)
 
 
@@ -225,7 +225,7 @@ def run_one(config: LadderConfig, run: PlannedRun, stage: PretrainStage, tokeniz
     model_config = size_config(run.size, tokenizer.vocab_size, config.seq_len)
     torch.manual_seed(config.seed)
     model = DecoderLM(model_config)
-    train = train_config(config, run, folder)
+    train = train_config(config, run.steps, folder)
     t0 = time.perf_counter()
     resume = (folder / "checkpoint" / "trainer_state.json").is_file()
     result = fit(model, stage, train, tokenizer=tokenizer, resume=resume)
