@@ -132,6 +132,10 @@ def test_speedrun_writes_a_report(tmp_path):
     board = {(r["model"], r["task"]) for r in latest(tmp_path / "leaderboard.sqlite")}
     assert {("t/base", "pyref_mc"), ("t/chat", "verifiable"), ("t/chat", "pyref_ppl")} <= board
     assert summary["leaderboard"]["chat"]["verifiable"]["zero"]["exact_match_flexible"] >= 0
+    # the speedrun's models open in the inspector (its page is written with the base model's inspection)
+    for model in ("train/checkpoint", "align/model"):
+        assert main(["inspect", str(run / model), "def f(x):\n    return x", "--kv-steps", "2", "--quiet",
+                     "--html", str(tmp_path / "inspect.html")]) == 0
 
 
 def test_export_import_and_generate_from_hugging_face_and_gguf(workdir, capsys):

@@ -616,6 +616,107 @@ def cmd_generate(args: argparse.Namespace) -> None:
                   f"{stats.accepted} of {stats.drafted} guesses kept ({stats.acceptance:.0%})", file=sys.stderr)
 
 
+def cmd_inspect(args: argparse.Namespace) -> None:
+    from lmforge.api import load
+    from lmforge.inspector import inspect_text
+    from lmforge.inspector.export import VIEWS, Focus, payload, write_html
+    from lmforge.inspector.terminal import render
+
+    text = sys.stdin.read() if args.text == "-" else args.text
+    views = tuple(v.strip() for v in args.views.split(",") if v.strip()) if args.views else VIEWS
+    if args.html or args.json:
+        views = tuple(dict.fromkeys((*views, "attention", "query_keys")))  # the page's heat map needs them
+    lm = load(args.model, device=args.device, dtype=args.dtype)
+    focus = Focus(layer=args.layer, head=args.head, position=args.position, temperature=args.temperature,
+                  top_k=args.top_k, top_p=args.top_p, repetition_penalty=args.repetition_penalty, seed=args.seed,
+                  beams=args.beams, beam_tokens=args.beam_tokens, kv_steps=args.kv_steps)
+    data = payload(inspect_text(lm, text, Path(str(args.model)).name, add_bos=not args.no_bos), focus, views)
+    if not args.quiet:
+        print(render(data))
+    if args.json:
+        from lmforge.data.prepare import write_json_atomic
+
+        write_json_atomic(Path(args.json), data)
+        print(f"wrote {args.json}", file=sys.stderr)
+    if args.html:
+        print(f"wrote {write_html(data, args.html)} (opens in any browser, no server needed)", file=sys.stderr)
+
+
+def cmd_inspect_stage(argv: list[str]) -> None:
+    """``lmforge inspect lora|quant|reward|ratio|rag ...``: the other stages' views (lmforge.inspector)."""
+    from lmforge import inspector
+    from lmforge.inspector import plots, terminal
+
+    stage = argv[0]
+    parser = argparse.ArgumentParser(prog=f"lmforge inspect {stage}")
+    if stage == "lora":
+        parser.description = "A LoRA adapter beside the frozen weights it adapts: norms and singular values."
+        parser.add_argument("base", help="the model the adapter was trained on (checkpoint, HF directory, .gguf, "
+                                         "packaged name)")
+        parser.add_argument("adapter", help="the adapter folder (OUT/adapter of `lmforge sft --method lora`)")
+    elif stage == "quant":
+        parser.description = "A model beside its quantized copy: per-layer error, one layer's weights and grid."
+        parser.add_argument("original", help="the float model")
+        parser.add_argument("quantized", help="the folder `lmforge quantize` wrote")
+        parser.add_argument("--layer", help="the layer shown closely (default: the largest mean squared error)")
+        parser.add_argument("--bins", type=int, default=64)
+    elif stage in ("reward", "ratio"):
+        parser.description = ("A reward model's score of a reply, token by token." if stage == "reward" else
+                              "An aligned policy against its reference on one reply: log-probability ratios.")
+        parser.add_argument("model", help="the reward model (`lmforge rm`)" if stage == "reward" else
+                            "the policy (`lmforge dpo`, `grpo`, `ppo`)")
+        if stage == "ratio":
+            parser.add_argument("reference", help="the reference model (the one alignment started from)")
+            parser.add_argument("--beta", type=float, default=0.1, help="DPO's beta, for the implicit reward")
+        parser.add_argument("--prompt", required=True, help="the user's message")
+        parser.add_argument("--reply", required=True, help="the assistant's reply to score")
+    elif stage == "rag":
+        parser.description = "What retrieval hands the model: chunks, their scores under each method, their place."
+        parser.add_argument("kb", help="a knowledge base folder (`lmforge rag index`)")
+        parser.add_argument("question")
+        parser.add_argument("-k", type=int, default=4, help="chunks in the prompt")
+        parser.add_argument("--method", default="hybrid", choices=["bm25", "dense", "hybrid"])
+        parser.add_argument("--model", help="also answer with this model (and place the chunks in its tokens)")
+        parser.add_argument("--max-new-tokens", type=int, default=256)
+    if stage in ("lora", "quant"):
+        parser.add_argument("--plot", metavar="PNG", help="draw the view to this file")
+    parser.add_argument("--json", metavar="FILE", help="write the view's data as JSON")
+    args = parser.parse_args(argv[1:])
+    if stage == "lora":
+        view = inspector.lora_view(inspector.load_lora(args.base, args.adapter))
+        text, draw = terminal.lora_table(view), plots.plot_lora
+    elif stage == "quant":
+        view = inspector.quant_view(args.original, args.quantized, args.layer, args.bins)
+        text, draw = terminal.quant_table(view), plots.plot_quant
+    elif stage in ("reward", "ratio"):
+        from lmforge.checkpoint import load_tokenizer
+        from lmforge.interop.packaged import resolve_model
+
+        tokenizer = load_tokenizer(resolve_model(args.model))
+        if stage == "reward":
+            view = inspector.reward_view(args.model, tokenizer, args.prompt, args.reply)
+            text = terminal.reward_table(view)
+        else:
+            view = inspector.policy_ratio_view(args.model, args.reference, tokenizer, args.prompt, args.reply,
+                                               args.beta)
+            text = terminal.ratio_table(view)
+    else:
+        from lmforge.api import load
+
+        lm = load(args.model) if args.model else None
+        view = inspector.rag_view(args.kb, args.question, args.k, lm, args.method,
+                                  max_new_tokens=args.max_new_tokens)
+        text = terminal.rag_table(view)
+    print(text)
+    if args.json:
+        from lmforge.data.prepare import write_json_atomic
+
+        write_json_atomic(Path(args.json), view.to_dict())
+        print(f"wrote {args.json}", file=sys.stderr)
+    if getattr(args, "plot", None):
+        print(f"wrote {draw(view, args.plot)}", file=sys.stderr)
+
+
 def _speculative_options(args: argparse.Namespace) -> dict:
     return {"draft": args.draft, "prompt_lookup": args.prompt_lookup, "draft_layers": args.draft_layers,
             "draft_tokens": args.draft_tokens}
@@ -1066,6 +1167,37 @@ def make_parser() -> argparse.ArgumentParser:
     add_arguments(p, SamplingConfig)
     p.set_defaults(func=cmd_generate)
 
+    p = sub.add_parser("inspect", help="look inside a model on a text: tokens, attention, the next-token "
+                                       "distribution under sampler settings, the logit lens, the KV cache",
+                       description="Runs the model once over the text and shows each view; --html writes the Inspect "
+                                   "page with this inspection inside (opens with no server). The other stages: "
+                                   "`lmforge inspect lora|quant|reward|ratio|rag --help`.")
+    p.add_argument("model", help="checkpoint folder, Hugging Face model directory, .gguf file, or "
+                                 "smollm2-135m-instruct")
+    p.add_argument("text", help="the text ('-' reads standard input)")
+    p.add_argument("--views", help="comma-separated views to compute and show (default: all): "
+                                   "tokens, attention, query_keys, next, lens, residual, kv")
+    p.add_argument("--layer", type=int, default=0, help="the layer whose attention is drawn")
+    p.add_argument("--head", type=int, default=0, help="the head whose attention is drawn")
+    p.add_argument("--position", type=int, default=None,
+                   help="the token looked at closely: its attention row and the distribution of the token after "
+                        "it (default: the last; negative counts from the end)")
+    p.add_argument("--temperature", type=float, default=1.0, help="sampler view: 0 is greedy")
+    p.add_argument("--top-k", type=int, default=0, help="sampler view: keep the k likeliest (0: off)")
+    p.add_argument("--top-p", type=float, default=1.0, help="sampler view: keep the nucleus of mass p (1: off)")
+    p.add_argument("--repetition-penalty", type=float, default=1.0, help="sampler view: 1 is off")
+    p.add_argument("--seed", type=int, default=0, help="sampler view: the seed of the one draw shown")
+    p.add_argument("--beams", type=int, default=4, help="beam search's width in the sampler view")
+    p.add_argument("--beam-tokens", type=int, default=8, help="tokens greedy and beam search write in the view")
+    p.add_argument("--kv-steps", type=int, default=16, help="tokens decoded to show the KV cache growing")
+    p.add_argument("--no-bos", action="store_true", help="read the text without the tokenizer's BOS token")
+    p.add_argument("--html", metavar="FILE", help="write the Inspect page with this inspection (one file)")
+    p.add_argument("--json", metavar="FILE", help="write the inspection's data as JSON")
+    p.add_argument("--quiet", action="store_true", help="print nothing but where files went")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, mps")
+    p.add_argument("--dtype", default="auto", help="auto, bf16, fp32")
+    p.set_defaults(func=cmd_inspect)
+
     p = sub.add_parser("chat", help="talk with a chat model in the terminal (streaming, multi-turn)",
                        description="Sampling defaults for chat: "
                                    + ", ".join(f"{k}={v}" for k, v in CHAT_SAMPLING.items()) + ". " + CHAT_HELP)
@@ -1207,7 +1339,9 @@ def make_parser() -> argparse.ArgumentParser:
 ACTIONS = {("eval", "human-items"): lambda argv: cmd_human(argv[1:]),
            ("eval", "human-report"): lambda argv: cmd_human(argv[1:]),
            ("eval", "human-export"): lambda argv: cmd_human(argv[1:]),
-           ("rm", "score"): lambda argv: cmd_rm_score(argv[2:])}
+           ("rm", "score"): lambda argv: cmd_rm_score(argv[2:]),
+           **{("inspect", stage): lambda argv: cmd_inspect_stage(argv[1:])
+              for stage in ("lora", "quant", "reward", "ratio", "rag")}}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -66,3 +66,33 @@ def browser():
         browser = playwright.chromium.launch(executable_path=executable)
         yield browser
         browser.close()
+
+
+def watch(page, allowed) -> list[str]:
+    """The problems of ``page`` as they happen: script errors, and requests whose URL ``allowed(url)`` refuses
+    (a string: a URL prefix, beside data: URLs). A test asserts the list is empty at its end."""
+    if isinstance(allowed, str):
+        origin = allowed
+        allowed = lambda url: url.startswith((origin, "data:"))  # noqa: E731
+    problems: list[str] = []
+    page.on("pageerror", lambda error: problems.append(f"script error: {error}"))
+    page.on("request", lambda request: None if allowed(request.url)
+            else problems.append(f"request outside the server: {request.url}"))
+    return problems
+
+
+@pytest.fixture(scope="session")
+def watch_page():
+    """``watch_page(page, allowed)``: :func:`watch`, for a test that opens its own page."""
+    return watch
+
+
+@pytest.fixture
+def page(browser, live_server):
+    """A page on the live server; the test fails on a script error or a request off the server."""
+    context = browser.new_context(viewport={"width": 1280, "height": 900})
+    page = context.new_page()
+    problems = watch(page, live_server)
+    yield page
+    context.close()
+    assert not problems, problems

@@ -65,19 +65,6 @@ def trace(tmp_path) -> Path:
     return write_trace(tmp_path / "run.jsonl")
 
 
-@pytest.fixture
-def page(browser, live_server):
-    """A page of the trace viewer; the test fails on a script error or a request off the server."""
-    context = browser.new_context(viewport={"width": 1200, "height": 900})
-    page = context.new_page()
-    problems: list[str] = []
-    page.on("pageerror", lambda error: problems.append(f"script error: {error}"))
-    page.on("request", lambda request: None if request.url.startswith((live_server, "data:"))
-            else problems.append(f"request outside the server: {request.url}"))
-    yield page
-    context.close()
-    assert not problems, problems
-
 
 def visible_steps(page) -> int:
     return page.locator(".step:visible").count()

@@ -105,17 +105,14 @@ def test_rating_routes_need_the_store_and_the_key(tiny_lm, start_server, store):
 
 # ---- the page in a browser --------------------------------------------------------------------------
 
-def test_rating_page_submits_ratings_the_report_counts(browser, rating_server, store):
+def test_rating_page_submits_ratings_the_report_counts(browser, rating_server, store, watch_page):
     from playwright.sync_api import expect
 
     store.add_item("Capital of France?", "Paris", "Lyon", model_a="model-x", model_b="model-y")
     store.add_item("Say hi", "hi <b>there</b>", model_a="model-x")
     context = browser.new_context(viewport={"width": 1200, "height": 900})
     page = context.new_page()
-    problems: list[str] = []
-    page.on("pageerror", lambda error: problems.append(f"script error: {error}"))
-    page.on("request", lambda request: None if request.url.startswith((rating_server, "data:"))
-            else problems.append(f"request outside the server: {request.url}"))
+    problems = watch_page(page, rating_server)
 
     page.goto(rating_server + "/static/rate.html")
     expect(page.locator("body")).to_have_attribute("data-state", "no-rater")

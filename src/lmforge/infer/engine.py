@@ -331,6 +331,14 @@ class Engine:
             self.sources.encode([s.index for _, s, _ in batch], [sequence.source for sequence, _, _ in batch])
         return batch
 
+    def cached_prefix(self, prompt_ids: list[int]) -> int:
+        """How many leading tokens of ``prompt_ids`` the prefix cache holds now: what a request starting with
+        them would reuse (it still computes its last prompt token). For the inspector's KV cache view."""
+        if not self.prefix_caching or not prompt_ids:
+            return 0
+        limit = len(prompt_ids) - 1
+        return max((min(common_prefix(s.tokens, prompt_ids), limit, s.computed) for s in self.slots), default=0)
+
     def _place(self, request: Request) -> tuple[_Slot, int, _Slot | None]:
         """Choose a free slot, how many leading prompt tokens it can reuse, and the slot they are in.
 

@@ -56,18 +56,29 @@ def eager_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout: 
     padding); a float mask (B or 1, 1 or H, Tq, Tk) is added to the scores instead. Without a
     mask, ``causal=False`` lets every query see every key (an encoder).
     """
-    groups = q.shape[1] // k.shape[1]
-    k = k.repeat_interleave(groups, dim=1)  # (B, H, Tk, D): each kv head serves `groups` query heads
-    v = v.repeat_interleave(groups, dim=1)
+    weights = attention_weights(q, k, mask, causal).to(v.dtype)
+    weights = F.dropout(weights, p=dropout, training=training)
+    return weights @ v.repeat_interleave(q.shape[1] // v.shape[1], dim=1)  # each kv head serves its group
+
+
+def attention_scores(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | None = None,
+                     causal: bool = True) -> torch.Tensor:
+    """The scaled dot products q k^T / sqrt(d) in fp32, masked: (B, H, Tq, Tk), ``-inf`` where a query may
+    not look (the mask as in :func:`eager_attention`). q (B, H, Tq, D); k (B, Hkv, Tk, D)."""
+    k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)  # (B, H, Tk, D): each kv head serves `groups` heads
     scores = (q @ k.transpose(-2, -1)).float() / math.sqrt(q.shape[-1])  # (B, H, Tq, Tk)
     allowed = mask if mask is not None or not causal else causal_mask(q.shape[2], k.shape[2], q.device)
     if allowed is not None and allowed.is_floating_point():
-        scores = scores + allowed.float()
-    elif allowed is not None:
-        scores = scores.masked_fill(~allowed, float("-inf"))
-    weights = torch.softmax(scores, dim=-1).to(v.dtype)
-    weights = F.dropout(weights, p=dropout, training=training)
-    return weights @ v
+        return scores + allowed.float()
+    if allowed is not None:
+        return scores.masked_fill(~allowed, float("-inf"))
+    return scores
+
+
+def attention_weights(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | None = None,
+                      causal: bool = True) -> torch.Tensor:
+    """softmax over the keys of :func:`attention_scores`: (B, H, Tq, Tk) fp32, each row summing to one."""
+    return torch.softmax(attention_scores(q, k, mask, causal), dim=-1)
 
 
 def one_query_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -130,10 +141,9 @@ class Attention(nn.Module):
         self.causal = config.causal
         self.qkv = None  # the three projections as one product, for inference (lmforge.model.fused)
 
-    def forward(self, x: torch.Tensor, cache: KVCache | None = None, rotary: tuple | None = None,
-                mask: torch.Tensor | None = None) -> torch.Tensor:
-        """x (B, T, dim); ``rotary``: the (cos, signed_sin) of the tokens' positions (RotaryEmbedding.tables);
-        ``mask`` (B, 1, T, Tk) for packed rows and the batched engine."""
+    def project(self, x: torch.Tensor, rotary: tuple | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The queries (B, H, T, D), keys and values (B, Hkv, T, D) of x (B, T, dim), q and k rotated to
+        their positions (``rotary``, as in :meth:`forward`)."""
         batch, seq_len, _ = x.shape
         heads, kv_heads, dim = self.num_heads, self.num_kv_heads, self.head_dim
         if self.qkv is not None and self.qkv.usable():  # one product; q and k rotated together
@@ -148,7 +158,14 @@ class Attention(nn.Module):
             v = self.v_proj(x).view(batch, seq_len, kv_heads, dim)
             if rotary is not None:
                 q, k = rotate(q, *rotary), rotate(k, *rotary)
-        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, T, heads, D) -> (B, heads, T, D)
+        return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, T, heads, D) -> (B, heads, T, D)
+
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None, rotary: tuple | None = None,
+                mask: torch.Tensor | None = None) -> torch.Tensor:
+        """x (B, T, dim); ``rotary``: the (cos, signed_sin) of the tokens' positions (RotaryEmbedding.tables);
+        ``mask`` (B, 1, T, Tk) for packed rows and the batched engine."""
+        batch, seq_len, _ = x.shape
+        q, k, v = self.project(x, rotary)
         if cache is not None and cache.attends:  # a packed pass of the batched engine: the cache knows each row's keys
             out = cache.attend(self.layer, q, k, v, BACKENDS[self.backend])
         else:

@@ -13,8 +13,10 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import math
 import struct
 import time
+from collections import OrderedDict
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -25,8 +27,11 @@ from fastapi.responses import FileResponse, JSONResponse, Response, StreamingRes
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from lmforge.errors import InputError
 from lmforge.eval.human import RatingStore
 from lmforge.infer.request import RequestOutput
+from lmforge.inspector import inspect_text
+from lmforge.inspector.export import VIEWS, Focus, payload
 from lmforge.serve.completions import (
     Plan,
     build_chat,
@@ -43,6 +48,7 @@ from lmforge.serve.protocol import (
     CompletionRequest,
     DetokenizeRequest,
     EmbeddingRequest,
+    InspectRequest,
     RagAskRequest,
     TokenizeRequest,
 )
@@ -51,6 +57,9 @@ from lmforge.serve.served_model import ServedModel
 from lmforge.serve.tools import OPEN, ToolCallStream, parse_tool_calls
 
 STATIC = Path(__file__).parent / "static"
+INSPECT_TOKENS = 512  # the longest text POST /v1/inspect reads
+INSPECT_WEIGHTS = 2**24  # ... and at most this many attention weights (SmolLM2's 270 heads: 249 tokens, 32 MB)
+INSPECTIONS_KEPT = 4  # texts whose inspection the server keeps (SmolLM2, 64 tokens: about 35 MB each)
 TOKENIZER_ROUTES = ("/tokenize", "/detokenize", "/tokenizer_info")
 
 
@@ -67,6 +76,7 @@ def create_app(models: dict[str, ServedModel], api_key: str | None = None, max_q
     if not models:
         raise ValueError("serve at least one model")
     metrics = ServerMetrics(lambda: {name: _figures(m) for name, m in models.items()})
+    inspections: OrderedDict = OrderedDict()  # (model, text) -> Inspection, the last few (POST /v1/inspect)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -300,6 +310,34 @@ def create_app(models: dict[str, ServedModel], api_key: str | None = None, max_q
         if any(t < 0 or t >= model.lm.model.config.vocab_size for t in body.tokens):
             raise APIError(400, "token ids must be within the vocabulary", "tokens")
         return {"prompt": model.tokenizer.decode(body.tokens)}
+
+    @app.post("/v1/inspect")
+    async def inspect(body: InspectRequest):
+        """The inspector's views of one text (lmforge.inspector.export.payload), with this engine's prefix cache."""
+        model = pick(body.model)
+        focus = Focus(**body.model_dump(exclude={"model", "text", "views"}))
+        views = tuple(body.views) if body.views is not None else VIEWS
+
+        def run() -> dict:
+            key = (model.name, body.text)
+            config = model.lm.model.config  # the attention sent is L x H x T x T weights: cap T by the model
+            limit = min(INSPECT_TOKENS, math.isqrt(INSPECT_WEIGHTS // (config.num_layers * config.num_heads)))
+            inspection = inspections.pop(key, None) or inspect_text(model.lm, body.text, model.name,
+                                                                    max_tokens=limit)
+            inspections[key] = inspection  # the newest last; a slider moved on the page reads it again
+            while len(inspections) > INSPECTIONS_KEPT:
+                inspections.popitem(last=False)
+            data = payload(inspection, focus, views)
+            stats = model.engine.stats
+            data["server"] = {"prefix_queries": stats.prefix_queries, "prefix_hits": stats.prefix_hits,
+                              "prompt_tokens": stats.prompt_tokens, "cached_tokens": stats.cached_tokens,
+                              "text_cached_tokens": model.engine.cached_prefix(inspection.ids),
+                              **model.engine.usage()}
+            return data
+        try:
+            return await asyncio.wrap_future(model.worker.call(run))
+        except InputError as err:
+            raise APIError(400, str(err)) from err
 
     @app.get("/", include_in_schema=False)
     async def index():

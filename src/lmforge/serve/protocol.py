@@ -107,6 +107,26 @@ class TokenizeRequest(BaseModel):
     add_special_tokens: bool = True
 
 
+class InspectRequest(BaseModel):
+    """``POST /v1/inspect``: one text through the inspector (lmforge.inspector), the views at one focus."""
+
+    model_config = ConfigDict(extra="forbid")
+    model: str | None = None
+    text: str = Field(min_length=1)
+    layer: int = 0
+    head: int = 0
+    position: int | None = None  # None: the last token; negative counts from the end
+    temperature: float = Field(1.0, ge=0)
+    top_k: int = Field(0, ge=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+    repetition_penalty: float = Field(1.0, gt=0)
+    seed: int = 0
+    beams: int = Field(4, ge=1, le=16)
+    beam_tokens: int = Field(8, ge=1, le=64)
+    kv_steps: int = Field(16, ge=0, le=256)
+    views: list[str] | None = None  # None: every view
+
+
 class DetokenizeRequest(BaseModel):
     model: str | None = None
     tokens: list[int]

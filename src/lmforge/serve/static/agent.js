@@ -27,7 +27,7 @@
 "use strict";
 
 (() => {
-  const { $, showError, clearError } = window.lmforgePage;
+  const { $, showError, clearError, element } = window.lmforgePage;
 
   const STOPPED = {
     answer: "the model gave its answer",
@@ -81,13 +81,6 @@
   }
 
   // ---------------------------------------------------------------- small helpers
-
-  function element(tag, className, text) {
-    const node = document.createElement(tag);
-    if (className) node.className = className;
-    if (text !== undefined && text !== null) node.textContent = String(text);
-    return node;
-  }
 
   function badge(text, kind) {
     return element("span", `badge${kind ? ` ${kind}` : ""}`, text);

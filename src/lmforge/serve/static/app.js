@@ -26,7 +26,7 @@
 "use strict";
 
 (() => {
-  const { $, showError, clearError: hideError } = window.lmforgePage;
+  const { $, showError, clearError: hideError, readStorage, writeStorage } = window.lmforgePage;
   const STORAGE = { settings: "lmforge.settings", apiKey: "lmforge.apiKey", model: "lmforge.model" };
   const SETTING_IDS = ["system-prompt", "temperature", "top-p", "top-k", "max-tokens", "seed"];
 
@@ -623,23 +623,6 @@
   }
 
   // ---------------------------------------------------------------- settings
-
-  function readStorage(key) {
-    try {
-      return localStorage.getItem(key);
-    } catch {
-      return null; // storage disabled: settings last for this page only
-    }
-  }
-
-  function writeStorage(key, value) {
-    try {
-      if (value) localStorage.setItem(key, value);
-      else localStorage.removeItem(key);
-    } catch {
-      /* storage disabled */
-    }
-  }
 
   function restoreSettings() {
     let saved = {};

@@ -21,8 +21,8 @@
 "use strict";
 
 (() => {
-  const { $, showError, clearError } = window.lmforgePage;
-  const STORAGE = { rater: "lmforge.rater", apiKey: "lmforge.apiKey" };
+  const { $, showError, clearError, readStorage, writeStorage } = window.lmforgePage;
+  const STORAGE = { rater: "lmforge.rater" };
   const POSITION_LABELS = { left: "Answer 1", right: "Answer 2" };
   const CRITERION_HINTS = {
     accuracy: "Is it correct and free of factual errors?",
@@ -41,48 +41,12 @@
 
   // ---------------------------------------------------------------- storage and requests
 
-  function readStorage(key) {
-    try {
-      return localStorage.getItem(key);
-    } catch {
-      return null;
-    }
-  }
-
-  function writeStorage(key, value) {
-    try {
-      localStorage.setItem(key, value);
-    } catch {
-      /* storage disabled: the id lasts for this page only */
-    }
-  }
-
-  function headers() {
-    const key = (readStorage(STORAGE.apiKey) || "").trim();
-    const result = { "Content-Type": "application/json" };
-    if (key) result.Authorization = `Bearer ${key}`;
-    return result;
-  }
-
-  /** The JSON answer of a request, or an Error carrying the server's error.message. */
-  async function api(path, options = {}) {
-    const response = await fetch(path, { ...options, headers: headers() });
-    const text = await response.text();
-    let body = null;
-    try {
-      body = JSON.parse(text);
-    } catch {
-      /* not JSON: keep the text */
-    }
-    if (!response.ok) {
-      let message = (body && body.error && body.error.message) || text.trim().slice(0, 500) || response.statusText;
-      if (response.status === 404 && path.startsWith("/v1/ratings/next")) {
-        message += ": this server has no rating store (start it with `lmforge serve --ratings FILE`)";
-      }
-      if (response.status === 401) message += ". Set the API key in the chat page's settings.";
-      throw new Error(`${message} (HTTP ${response.status})`);
-    }
-    return body;
+  /** The JSON answer of a request (lmforgePage.api), saying what a 404 of the rating routes means. */
+  function api(path, options = {}) {
+    return window.lmforgePage.api(path, options, (status, message) =>
+      status === 404 && path.startsWith("/v1/ratings/next")
+        ? `${message}: this server has no rating store (start it with \`lmforge serve --ratings FILE\`)`
+        : message);
   }
 
   // ---------------------------------------------------------------- page state

@@ -1,0 +1,421 @@
+"""Look inside one forward pass: tokens, attention, the residual stream and the next-token distribution.
+
+    from lmforge.inspector import inspect_text
+    seen = inspect_text(lm, "The animal didn't cross the street because it was too tired")
+    seen.tokens                       # ids, text and byte spans
+    seen.attention[layer, head]       # (T, T) weights, each row sums to one over the keys
+    seen.query_keys(layer, head, 9)   # q of token 9, every key, the scaled dot products, the softmax
+    seen.next_token(9, temperature=0.8, top_p=0.9)   # what the sampler keeps, and what it would pick
+    seen.lens_top[layer, position]    # the logit lens: the top guesses read from each layer
+
+The model runs once, unchanged; hooks on its layers record what went through them. Attention weights are
+computed from each layer's own queries and keys with the reference formula (``attention_weights``, the eager
+path's), whatever backend the model runs, and the model's outputs come from its usual forward.
+Everything is returned as NumPy arrays and dataclasses, for a notebook to plot.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from lmforge.errors import InputError
+from lmforge.infer.beam import beam_search
+from lmforge.infer.constrain import token_bytes
+from lmforge.infer.generate import autocast_for
+from lmforge.infer.sampling import (
+    SamplingConfig,
+    apply_repetition_penalty,
+    make_generator,
+    sample_next,
+    top_k_filter,
+    top_p_filter,
+)
+from lmforge.model.attention import Attention, attention_scores
+from lmforge.model.kv_cache import KVCache
+
+LENS_TOP = 5  # guesses kept per layer and position by the logit lens
+CANDIDATES = 20  # candidates listed by the next-token view
+
+
+@dataclass
+class Token:
+    """One token of the text: its id, its text, and the bytes of the UTF-8 text it covers ([start, end))."""
+
+    index: int
+    id: int
+    text: str
+    start: int
+    end: int
+    special: bool = False  # a control token (BOS, <|im_start|>, ...) that covers no bytes of the text
+
+
+@dataclass
+class TokenCount:
+    """The notes' token counter: how the text's size reads in tokens."""
+
+    tokens: int
+    characters: int
+    bytes: int
+    words: int
+
+    @property
+    def bytes_per_token(self) -> float:
+        return self.bytes / max(1, self.tokens)
+
+
+@dataclass
+class QueryKeys:
+    """How one row of attention weights is made: one token's query against every key of one head.
+
+    ``scores`` are q . k / sqrt(d) (``-inf`` where the mask forbids), ``weights`` their softmax, and
+    ``output`` = weights @ values, the head's contribution before the output projection."""
+
+    layer: int
+    head: int
+    position: int
+    kv_head: int  # the key/value head this query head shares (GQA/MQA: several query heads per kv head)
+    query: np.ndarray  # (D,)
+    keys: np.ndarray  # (T, D)
+    values: np.ndarray  # (T, D)
+    scores: np.ndarray  # (T,)
+    weights: np.ndarray  # (T,)
+    output: np.ndarray  # (D,)
+
+
+@dataclass
+class Candidate:
+    id: int
+    text: str
+    logit: float  # the model's, before any setting
+    probability: float  # softmax of the logits at temperature 1
+    final: float  # probability after penalty, temperature, top-k and top-p: what sampling draws from
+    kept: bool
+
+
+@dataclass
+class NextToken:
+    """The next-token distribution after ``position`` and what each decoding setting does to it."""
+
+    position: int
+    temperature: float
+    top_k: int
+    top_p: float
+    repetition_penalty: float
+    candidates: list[Candidate]  # the likeliest after the settings, then by the model's own probability
+    kept_ids: np.ndarray  # every token the sampler may draw (greedy: the one it takes)
+    kept_mass: float  # the model's own probability of the kept set
+    entropy: float  # nats, of the model's distribution at temperature 1
+    final_entropy: float  # nats, of what sampling draws from
+    greedy: int  # argmax after the repetition penalty
+    sampled: int | None  # one draw with ``seed`` (None when greedy)
+    seed: int
+    beam: list[int]  # the best of ``beams`` beams, ``beam_tokens`` tokens long at most
+    greedy_run: list[int]  # greedy's tokens over the same length, to compare with the beam
+    probabilities: np.ndarray = field(repr=False)  # (V,) at temperature 1
+    final_probabilities: np.ndarray = field(repr=False)  # (V,) what sampling draws from
+
+
+@dataclass
+class CacheStep:
+    tokens: int  # positions held after this step
+    bytes: int  # bytes those positions take, all layers
+
+
+@dataclass
+class CacheView:
+    """The KV cache of a decode that starts from the text: what one token costs and how the cache grows."""
+
+    layers: int
+    kv_heads: int
+    heads: int
+    head_dim: int
+    dtype: str
+    bytes_per_token_layer: int  # keys and values of one token in one layer
+    allocated_bytes: int  # what a static cache of ``max_seq_len`` positions preallocates
+    max_positions: int
+    steps: list[CacheStep]  # after the prefill, then after each generated token
+    per_layer_bytes: list[int]  # at the last step
+
+    @property
+    def bytes_per_token(self) -> int:
+        return self.bytes_per_token_layer * self.layers
+
+    @property
+    def multi_head_bytes_per_token(self) -> int:
+        """What a token would cost with one key/value head per query head (MHA): GQA/MQA's saving."""
+        return self.bytes_per_token * self.heads // self.kv_heads
+
+
+@dataclass
+class Inspection:
+    """One forward pass over a text, recorded. Arrays are float32; L layers, H query heads, T tokens."""
+
+    model: str
+    text: str
+    tokens: list[Token]
+    count: TokenCount
+    config: dict[str, Any]
+    attention: np.ndarray  # (L, H, T, T) weights; row i: how token i spreads its attention over the keys
+    scores: np.ndarray  # (L, H, T, T) scaled dot products before the softmax (-inf where masked)
+    queries: np.ndarray  # (L, H, T, D)
+    keys: np.ndarray  # (L, Hkv, T, D)
+    values: np.ndarray  # (L, Hkv, T, D)
+    logits: np.ndarray  # (T, V): the model's output; row i predicts token i + 1
+    lens_top: np.ndarray  # (L + 1, T, LENS_TOP) ids of the likeliest next tokens read from each layer
+    lens_probs: np.ndarray  # (L + 1, T, LENS_TOP) their probabilities; row 0 is the embeddings
+    residual_norm: np.ndarray  # (L + 1, T) norm of the residual stream entering each layer, and the output
+    attention_norm: np.ndarray  # (L, T) norm of what each layer's attention adds to the stream
+    ffn_norm: np.ndarray  # (L, T) ... and its feed-forward
+    _lm: Any = field(default=None, repr=False)
+    _vocab: list[bytes | None] | None = field(default=None, repr=False)
+    _memo: dict = field(default_factory=dict, repr=False)  # decodes already run for this text
+
+    @property
+    def ids(self) -> list[int]:
+        return [t.id for t in self.tokens]
+
+    @property
+    def num_layers(self) -> int:
+        return self.attention.shape[0]
+
+    @property
+    def num_heads(self) -> int:
+        return self.attention.shape[1]
+
+    def check(self, layer: int | None = None, head: int | None = None, position: int | None = None) -> None:
+        """InputError for a layer, head or position that does not exist (the message says which do)."""
+        if layer is not None and not 0 <= layer < self.num_layers:
+            raise InputError(f"layer {layer} does not exist: the model has layers 0..{self.num_layers - 1}")
+        if head is not None and not 0 <= head < self.num_heads:
+            raise InputError(f"head {head} does not exist: each layer has heads 0..{self.num_heads - 1}")
+        if position is not None and not 0 <= position < len(self.tokens):
+            raise InputError(f"position {position} is past the text: it has {len(self.tokens)} tokens, "
+                             f"positions 0..{len(self.tokens) - 1}")
+
+    def position(self, position: int | None) -> int:
+        """A position as given (negative counts from the end; None is the last token), checked."""
+        if position is None:
+            position = len(self.tokens) - 1
+        elif -len(self.tokens) <= position < 0:
+            position += len(self.tokens)
+        self.check(position=position)
+        return position
+
+    def token_text(self, token_id: int) -> str:
+        return piece_text(self._vocab, self._lm.tokenizer, token_id)
+
+    def query_keys(self, layer: int, head: int, position: int | None = None) -> QueryKeys:
+        """One row of the attention weights worked out: token ``position``'s query against every key."""
+        position = self.position(position)
+        self.check(layer, head)
+        kv_head = head // (self.num_heads // self.keys.shape[1])
+        weights = self.attention[layer, head, position]
+        values = self.values[layer, kv_head]
+        return QueryKeys(layer, head, position, kv_head, self.queries[layer, head, position], self.keys[layer, kv_head],
+                         values, self.scores[layer, head, position], weights, weights @ values)
+
+    def next_token(self, position: int | None = None, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+                   repetition_penalty: float = 1.0, seed: int = 0, beams: int = 4, beam_tokens: int = 8,
+                   candidates: int = CANDIDATES) -> NextToken:
+        """The distribution of the token after ``position`` and what the sampler does with it, through the
+        sampler's own functions (:mod:`lmforge.infer.sampling`), in its order: repetition penalty over the
+        tokens so far, temperature, top-k, top-p. Greedy, a seeded draw and beam search each say what they
+        would write next."""
+        position = self.position(position)
+        try:
+            config = SamplingConfig(temperature=temperature, top_k=top_k, top_p=top_p,
+                                    repetition_penalty=repetition_penalty, seed=seed)
+        except ValueError as err:
+            raise InputError(str(err)) from err
+        if beams < 1 or beam_tokens < 1:
+            raise InputError(f"beams and beam_tokens must be at least 1, got {beams} and {beam_tokens}")
+        logits = torch.from_numpy(self.logits[position]).float()[None]  # (1, V)
+        seen = torch.tensor([self.ids[:position + 1]])
+        penalized = apply_repetition_penalty(logits, seen, repetition_penalty)
+        if config.greedy:
+            final = torch.zeros_like(penalized).scatter(1, penalized.argmax(-1, keepdim=True), 1.0)
+        else:
+            filtered = top_p_filter(top_k_filter(penalized / temperature, top_k), top_p)
+            final = torch.softmax(filtered, dim=-1)
+        probs = torch.softmax(logits, dim=-1)[0].numpy()
+        final_np = final[0].numpy()
+        kept = np.flatnonzero(final_np > 0)
+        greedy = int(penalized.argmax())
+        sampled = None if config.greedy else int(sample_next(logits, config, make_generator(seed), seen)[0])
+        order = sorted(range(len(probs)), key=lambda i: (-final_np[i], -probs[i]))[:candidates] \
+            if len(probs) <= 4096 else _ranked(final_np, probs, candidates)
+        listed = [Candidate(int(i), self.token_text(int(i)), float(self.logits[position, i]), float(probs[i]),
+                            float(final_np[i]), bool(final_np[i] > 0)) for i in order]
+        beam, greedy_run = self._decode_views(position, beams, beam_tokens, repetition_penalty)
+        return NextToken(position, temperature, top_k, top_p, repetition_penalty, listed, kept,
+                         float(probs[kept].sum()), _entropy(probs), _entropy(final_np), greedy, sampled, seed,
+                         beam, greedy_run, probs, final_np)
+
+    def _decode_views(self, position: int, beams: int, length: int, penalty: float) -> tuple[list[int], list[int]]:
+        """Beam search's and greedy's tokens after ``position`` (kept: a sampler setting changed on the page
+        does not decode again)."""
+        key = ("decode", position, beams, length, penalty)
+        if key not in self._memo:
+            lm, prefix = self._lm, self.ids[:position + 1]
+            length = min(length, lm.model.config.max_seq_len - len(prefix))
+            if length < 1:
+                return [], []
+            config = SamplingConfig(max_new_tokens=length, temperature=0, num_beams=beams, repetition_penalty=penalty)
+            beam = beam_search(lm.model, prefix, config, lm.runtime).tokens
+            self._memo[key] = beam, list(lm.new_tokens(prefix, dataclasses.replace(config, num_beams=1)))
+        return self._memo[key]
+
+    def kv_cache(self, steps: int = 16) -> CacheView:
+        """Run a KV-cached greedy decode from the text for ``steps`` tokens and measure the cache after the
+        prefill and each step: the bytes its tensors hold (:class:`lmforge.model.kv_cache.KVCache`, the object
+        the model writes), per layer and in all."""
+        if steps < 0:
+            raise InputError(f"steps must be >= 0, got {steps}")
+        if ("kv", steps) in self._memo:
+            return self._memo["kv", steps]
+        model, config = self._lm.model, self._lm.model.config
+        steps = min(steps, config.max_seq_len - len(self.tokens))
+        cache = KVCache.for_model(model, 1, max_len=len(self.tokens) + steps)
+        ids = torch.tensor([self.ids], device=cache.keys[0].device)
+        record: list[CacheStep] = []
+
+        def used() -> list[int]:
+            return [k[:, :, :cache.length].nbytes + v[:, :, :cache.length].nbytes
+                    for k, v in zip(cache.keys, cache.values, strict=True)]
+
+        with torch.inference_mode(), autocast_for(model, self._lm.runtime):
+            for _ in range(steps + 1):
+                logits = model(ids, cache)
+                record.append(CacheStep(cache.length, sum(used())))
+                ids = logits[:, -1:].argmax(-1)
+        per_token_layer = 2 * config.num_kv_heads * config.head_dim * cache.keys[0].element_size()
+        view = CacheView(config.num_layers, config.num_kv_heads, config.num_heads, config.head_dim,
+                         str(cache.keys[0].dtype).removeprefix("torch."), per_token_layer,
+                         per_token_layer * config.num_layers * config.max_seq_len, config.max_seq_len, record, used())
+        self._memo["kv", steps] = view
+        return view
+
+
+def _ranked(final: np.ndarray, probs: np.ndarray, count: int) -> list[int]:
+    """The ``count`` ids first by final probability, then by the model's (a partial sort of a big vocabulary)."""
+    pool = np.union1d(np.argpartition(-final, count)[:count], np.argpartition(-probs, count)[:count])
+    return sorted(pool.tolist(), key=lambda i: (-final[i], -probs[i]))[:count]
+
+
+def _entropy(p: np.ndarray) -> float:
+    nonzero = p[p > 0].astype(np.float64)
+    return float(-(nonzero * np.log(nonzero)).sum())
+
+
+def piece_text(vocab: list[bytes | None] | None, tokenizer: Any, token_id: int) -> str:
+    """A token as text: its bytes decoded (a part of a character as ``\\xNN``), or a special token's name."""
+    raw = vocab[token_id] if vocab is not None and token_id < len(vocab) else None
+    if raw is None:
+        return tokenizer.decode([token_id])
+    return raw.decode("utf-8", errors="backslashreplace")
+
+
+def check_inspectable(lm: Any) -> None:
+    """InputError unless ``lm`` is a decoder-only language model whose layers the inspector can read."""
+    model = getattr(lm, "model", None)
+    if model is None or not hasattr(model, "blocks"):
+        raise InputError("the inspector reads a model loaded in this process (lmforge.load); an endpoint "
+                         "behind a URL does not return its attention weights or hidden states")
+    config = model.config
+    if config.is_encoder_decoder:
+        raise InputError("the inspector reads decoder-only models; an encoder-decoder's two stacks are not "
+                         "shown yet (inspect a decoder-only model)")
+    if not config.causal or config.head != "lm":
+        raise InputError(f"the inspector reads language models with next-token logits; this model is "
+                         f"{'an encoder' if not config.causal else 'one with the ' + repr(config.head) + ' head'}")
+
+
+def tokenize(lm: Any, text: str, vocab: list[bytes | None], add_bos: bool = True) -> list[Token]:
+    """The text's tokens as the model reads them (with BOS when its tokenizer adds one), with byte spans."""
+    ids = lm.encode_prompt(text) if add_bos else lm.tokenizer.encode(text)
+    tokens, offset = [], 0
+    for index, token_id in enumerate(ids):
+        raw = vocab[token_id] if token_id < len(vocab) else None
+        size = 0 if raw is None else len(raw)
+        tokens.append(Token(index, token_id, piece_text(vocab, lm.tokenizer, token_id), offset, offset + size,
+                            raw is None))
+        offset += size
+    return tokens
+
+
+def inspect_text(lm: Any, text: str, name: str = "model", add_bos: bool = True,
+                 max_tokens: int | None = None) -> Inspection:
+    """Run ``lm`` (a :class:`lmforge.api.LanguageModel`) once over ``text`` and record what each layer saw.
+    ``add_bos``: start with the tokenizer's BOS as prompts do; ``max_tokens``: refuse longer texts."""
+    check_inspectable(lm)
+    if not text:
+        raise InputError("give some text to inspect")
+    model = lm.model
+    vocab = token_bytes(lm.tokenizer, model.config.vocab_size)
+    tokens = tokenize(lm, text, vocab, add_bos)
+    limit = min(model.config.max_seq_len, max_tokens or model.config.max_seq_len)
+    if len(tokens) > limit:
+        reader = "the model reads" if limit == model.config.max_seq_len else "the inspector here reads"
+        raise InputError(f"the text is {len(tokens)} tokens; {reader} at most {limit}")
+    record: dict[str, list] = {"q": [], "k": [], "v": [], "scores": [], "attn": [], "ffn": [], "stream": []}
+
+    def on_attention(module: Attention, args: tuple) -> None:
+        x, _, rotary, mask = (*args, None, None, None)[:4]
+        q, k, v = module.project(x, rotary)
+        record["q"].append(q[0])
+        record["k"].append(k[0])
+        record["v"].append(v[0])
+        record["scores"].append(attention_scores(q, k, mask, module.causal)[0])
+
+    hooks = [model.blocks[0].register_forward_pre_hook(lambda _, args: record["stream"].append(args[0][0]))]
+    for block in model.blocks:
+        hooks += [block.attn.register_forward_pre_hook(on_attention),
+                  block.attn.register_forward_hook(lambda _, __, out: record["attn"].append(out[0])),
+                  block.ffn.register_forward_hook(lambda _, __, out: record["ffn"].append(out[0])),
+                  block.register_forward_hook(lambda _, __, out: record["stream"].append(out[0]))]
+    device = next(model.parameters()).device
+    try:
+        with torch.inference_mode(), autocast_for(model, lm.runtime):
+            logits = model(torch.tensor([[t.id for t in tokens]], device=device))[0]
+            lens_top, lens_probs = [], []
+            for hidden in record["stream"]:  # the logit lens: each layer's stream through the final norm and head
+                probs = torch.softmax(model.logits(model.norm(hidden)).float(), dim=-1)
+                top = probs.topk(min(LENS_TOP, probs.shape[-1]), dim=-1)
+                lens_top.append(top.indices)
+                lens_probs.append(top.values)
+    finally:
+        for hook in hooks:
+            hook.remove()
+
+    def stack(name: str) -> np.ndarray:
+        return torch.stack(record[name]).float().cpu().numpy()
+
+    scores = stack("scores")
+    config = model.config
+    return Inspection(
+        model=name, text=text, tokens=tokens,
+        count=TokenCount(len(tokens), len(text), len(text.encode()), len(text.split())),
+        config={"layers": config.num_layers, "heads": config.num_heads, "kv_heads": config.num_kv_heads,
+                "head_dim": config.head_dim, "dim": config.dim, "vocab_size": config.vocab_size,
+                "max_seq_len": config.max_seq_len, "norm_position": config.norm_position},
+        attention=np.nan_to_num(_softmax(scores), nan=0.0), scores=scores, queries=stack("q"), keys=stack("k"),
+        values=stack("v"), logits=logits.float().cpu().numpy(),
+        lens_top=torch.stack(lens_top).cpu().numpy(), lens_probs=torch.stack(lens_probs).float().cpu().numpy(),
+        residual_norm=torch.stack(record["stream"]).float().norm(dim=-1).cpu().numpy(),
+        attention_norm=_norms(record["attn"]),
+        ffn_norm=_norms(record["ffn"]), _lm=lm, _vocab=vocab)
+
+
+def _norms(outputs: list[torch.Tensor]) -> np.ndarray:
+    return torch.stack(outputs).float().norm(dim=-1).cpu().numpy()
+
+
+def _softmax(scores: np.ndarray) -> np.ndarray:
+    """Row softmax of (..., Tk) scores holding -inf, in float32 (as ``attention_weights`` computes it)."""
+    return torch.softmax(torch.from_numpy(scores), dim=-1).numpy()
+

@@ -1,0 +1,1172 @@
+/* The Inspect page (static/inspect.html): one forward pass of a model over a text, seen from inside.
+ * Plain JavaScript, no build step, no library.
+ *
+ * Two modes:
+ *   served  the page of `lmforge serve`: the form sends POST /v1/inspect (the payload of
+ *           src/lmforge/inspector/export.py, plus "server": the engine's prefix-cache counters). Changing
+ *           the layer, head or token asks again for ["query_keys"] (and ["next"] for a token); moving a
+ *           sampler setting asks for ["next"] only, 250 ms after the last move.
+ *   static  the file of `lmforge inspect --html` (export.to_html): the payload is in
+ *           the JSON script element #inspection; the page shows it and makes no request at
+ *           all. The attention weights of every layer and head are in it, so layer, head and token can still
+ *           be changed; other settings need the server or the CLI.
+ * In the export this script is inlined in <head> without defer: it waits for the DOM.
+ *
+ * Attention weights arrive once as base64 little-endian uint16 (weight x 65535, (L, H, T, T) row-major),
+ * decoded into one Uint16Array; the heat map and the heads' thumbnails are drawn from it as images.
+ *
+ * Stable hooks (tests/serve/test_serve_inspect_ui.py relies on these):
+ *   #model #text #inspect      the form (served mode); #static-note says what a saved file cannot do
+ *   #layer #head               selects (only layers and heads that exist); #position the focus token
+ *   [data-testid=token]        the token chips (data-index); a click sets the focus
+ *   #heatmap                   the canvas; data-layer/-head/-position say what it shows, data-x0/-y0/-cell
+ *                              where its grid lies (CSS pixels)
+ *   #qk-view                   data-layer/-head/-position, data-source "server" (scores from the server)
+ *                              or "attention" (weights only, from the heat map's data); [data-testid=qk-key] rows
+ *   #next-view                 data-position, data-stale while new settings are being fetched;
+ *                              [data-testid=candidate][data-kept], [data-testid=kept] the kept count
+ *   #temperature #top-k #top-p #repetition-penalty #seed #beams   the sampler's settings
+ *   body[data-state]           "empty", "loading", "shown"; body[data-mode] "served" or "static";
+ *                              body[data-busy] "true" while a request runs
+ *   window.lmforge             {state, inspect, setFocus, load}
+ */
+"use strict";
+
+(() => {
+  const { $, showError, clearError, element, readStorage, writeStorage, api } = window.lmforgePage;
+
+  const STORAGE = { model: "lmforge.model" };
+  const SETTINGS = [
+    // [input id, request field, how its value reads]
+    ["temperature", "temperature", (v) => (v === 0 ? "0 (greedy)" : String(v))],
+    ["top-k", "top_k", (v) => (v === 0 ? "off" : String(v))],
+    ["top-p", "top_p", (v) => (v >= 1 ? "1 (off)" : String(v))],
+    ["repetition-penalty", "repetition_penalty", (v) => (v === 1 ? "1 (off)" : String(v))],
+    ["seed", "seed", String],
+    ["beams", "beams", String],
+  ];
+  const INTEGER = new Set(["top_k", "seed", "beams"]);
+  const DEBOUNCE_MS = 250;
+  const SVG = "http://www.w3.org/2000/svg";
+
+  const state = {
+    mode: "served",
+    data: null, // the payload shown
+    attention: null, // Uint16Array of (L, H, T, T) weights x 65535, or null
+    L: 0,
+    H: 0,
+    T: 0,
+    focus: { layer: 0, head: 0, position: 0 },
+    busy: 0,
+    generation: 0, // bumped by each new inspection: older answers are dropped
+    seq: { query_keys: 0, next: 0 }, // the latest request of each partial view
+    pending: new Set(),
+    timer: null,
+    thumbsLayer: -1, // the layer whose thumbnails are drawn
+    geometry: null, // where the heat map's grid lies
+    lensCells: [], // per position: the lens table's cells of that column
+    colors: null,
+  };
+
+  // ---------------------------------------------------------------- small helpers
+
+  function svgElement(tag, attributes) {
+    const node = document.createElementNS(SVG, tag);
+    for (const [name, value] of Object.entries(attributes || {})) node.setAttribute(name, String(value));
+    return node;
+  }
+
+  /** A token's text with its whitespace made visible. */
+  function visible(text) {
+    const value = String(text ?? "");
+    if (!value) return "∅";
+    return value.replace(/ /g, "·").replace(/\r\n|\n/g, "↵").replace(/\r/g, "␍").replace(/\t/g, "⇥")
+      .replace(/[\u0000-\u0008\u000b-\u001f\u007f-\u009f]/g, (c) => `\\x${c.charCodeAt(0).toString(16).padStart(2, "0")}`);
+  }
+
+  /** Fill ``node`` with ``text``, its `backquoted` parts as <code> (commands and flags). */
+  function withCode(node, text) {
+    node.replaceChildren();
+    String(text).split("`").forEach((part, i) => {
+      if (part) node.append(i % 2 ? element("code", "", part) : document.createTextNode(part));
+    });
+    return node;
+  }
+
+  function shorten(text, length) {
+    return text.length > length ? `${text.slice(0, length - 1)}…` : text;
+  }
+
+  function tokenLabel(index) {
+    const token = state.data.tokens[index];
+    return token ? `#${index} «${visible(token.text)}»` : `#${index}`;
+  }
+
+  function vocabText(id) {
+    const text = state.data && state.data.vocab ? state.data.vocab[String(id)] : undefined;
+    return text === undefined ? `id ${id}` : text;
+  }
+
+  function percent(p) {
+    if (p === null || p === undefined || !Number.isFinite(p)) return "—";
+    if (p === 0) return "0%";
+    if (p < 0.0001) return "<0.01%";
+    return `${(p * 100).toFixed(p >= 0.1 ? 1 : 2)}%`;
+  }
+
+  function fixed(value, digits) {
+    return value === null || value === undefined || !Number.isFinite(value) ? "—" : value.toFixed(digits);
+  }
+
+  function bytes(count) {
+    if (!Number.isFinite(count)) return "?";
+    const units = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let value = count;
+    let unit = 0;
+    while (value >= 1024 && unit < units.length - 1) {
+      value /= 1024;
+      unit += 1;
+    }
+    return unit === 0 ? `${count} B` : `${value.toFixed(value < 10 ? 2 : 1)} ${units[unit]}`;
+  }
+
+  function plural(count, word) {
+    return `${count} ${word}${count === 1 ? "" : "s"}`;
+  }
+
+  function mean(values) {
+    const finite = (values || []).filter((v) => Number.isFinite(v));
+    return finite.length ? finite.reduce((a, b) => a + b, 0) / finite.length : 0;
+  }
+
+  /** A small horizontal bar: ``value`` of ``max`` in a ``width``-pixel track. */
+  function bar(value, max, className, width = 110) {
+    const svg = svgElement("svg", { width, height: 10, class: `inspect-bar ${className || ""}`, "aria-hidden": "true" });
+    svg.append(svgElement("rect", { x: 0, y: 0, width, height: 10, class: "inspect-bar-track" }));
+    const share = max > 0 && Number.isFinite(value) ? Math.max(0, Math.min(1, value / max)) : 0;
+    const w = share > 0 ? Math.max(1, share * width) : 0;
+    svg.append(svgElement("rect", { x: 0, y: 0, width: w, height: 10, class: "inspect-bar-fill" }));
+    return svg;
+  }
+
+  /** A chip of a token's text (whitespace visible), for lists of tokens. */
+  function chip(text, className) {
+    const node = element("span", `inspect-chip${className ? ` ${className}` : ""}`, visible(text));
+    node.title = JSON.stringify(String(text ?? ""));
+    return node;
+  }
+
+  // ---------------------------------------------------------------- colours
+
+  function parseColor(value) {
+    const text = String(value || "").trim();
+    let match = /^#([0-9a-f]{3})$/i.exec(text);
+    if (match) return match[1].split("").map((c) => parseInt(c + c, 16));
+    match = /^#([0-9a-f]{6})$/i.exec(text);
+    if (match) return [0, 2, 4].map((i) => parseInt(match[1].slice(i, i + 2), 16));
+    match = /^rgba?\(\s*([\d.]+)[\s,]+([\d.]+)[\s,]+([\d.]+)/i.exec(text);
+    if (match) return [1, 2, 3].map((i) => Math.round(Number(match[i])));
+    return null;
+  }
+
+  function cssColor(name, fallback) {
+    const value = getComputedStyle(document.documentElement).getPropertyValue(name);
+    return parseColor(value) || parseColor(fallback);
+  }
+
+  /** The theme's colours and a lookup table: weight (uint16 >> 4) to RGBA, light to dark on sqrt(weight). */
+  function themeColors() {
+    const low = cssColor("--inspect-heat-low", "#ffffff");
+    const high = cssColor("--inspect-heat", "#2f6fde");
+    const colors = {
+      low,
+      high,
+      mask: cssColor("--inspect-mask", "#d9dbe0"),
+      text: cssColor("--text", "#1d1f23"),
+      muted: cssColor("--muted", "#6b7079"),
+      focus: cssColor("--inspect-focus", "#e8590c"),
+      lut: new Uint8ClampedArray(4096 * 4),
+    };
+    for (let i = 0; i < 4096; i++) {
+      const t = Math.sqrt(i / 4095);
+      for (let c = 0; c < 3; c++) colors.lut[i * 4 + c] = Math.round(low[c] + (high[c] - low[c]) * t);
+      colors.lut[i * 4 + 3] = 255;
+    }
+    return colors;
+  }
+
+  const rgb = (color, alpha = 1) => `rgba(${color[0]}, ${color[1]}, ${color[2]}, ${alpha})`;
+
+  // ---------------------------------------------------------------- attention weights
+
+  /** The (L, H, T, T) uint16 weights of the payload's base64 block, checked against its shape. */
+  function decodeAttention(attention) {
+    if (!attention || typeof attention.data !== "string" || !Array.isArray(attention.shape)) return null;
+    const shape = attention.shape.map(Number);
+    const count = shape.reduce((a, b) => a * b, 1);
+    const binary = atob(attention.data);
+    if (binary.length !== count * 2) {
+      throw new Error(`the attention block holds ${binary.length} bytes, not the ${count * 2} its shape says`);
+    }
+    const raw = new Uint8Array(binary.length);
+    for (let i = 0; i < binary.length; i++) raw[i] = binary.charCodeAt(i);
+    const littleEndian = new Uint8Array(new Uint16Array([1]).buffer)[0] === 1;
+    if (littleEndian) return new Uint16Array(raw.buffer);
+    const view = new DataView(raw.buffer);
+    const out = new Uint16Array(count);
+    for (let i = 0; i < count; i++) out[i] = view.getUint16(i * 2, true);
+    return out;
+  }
+
+  function weight(layer, head, row, column) {
+    const T = state.T;
+    return state.attention[((layer * state.H + head) * T + row) * T + column] / 65535;
+  }
+
+  /** One head's T x T weights as an image (masked cells, above the diagonal, in the mask colour). */
+  function headImage(layer, head) {
+    const T = state.T;
+    const image = new ImageData(T, T);
+    const pixels = image.data;
+    const { lut, mask } = state.colors;
+    const base = (layer * state.H + head) * T * T;
+    for (let row = 0; row < T; row++) {
+      for (let column = 0; column < T; column++) {
+        const at = row * T + column;
+        const out = at * 4;
+        if (column > row) {
+          pixels[out] = mask[0];
+          pixels[out + 1] = mask[1];
+          pixels[out + 2] = mask[2];
+          pixels[out + 3] = 255;
+        } else {
+          const k = (state.attention[base + at] >> 4) * 4;
+          pixels[out] = lut[k];
+          pixels[out + 1] = lut[k + 1];
+          pixels[out + 2] = lut[k + 2];
+          pixels[out + 3] = 255;
+        }
+      }
+    }
+    return image;
+  }
+
+  // ---------------------------------------------------------------- requests (served mode)
+
+  function setBusy(change) {
+    state.busy = Math.max(0, state.busy + change);
+    const busy = state.busy > 0;
+    document.body.dataset.busy = String(busy);
+    $("busy").hidden = !busy;
+  }
+
+  async function loadModels() {
+    const select = $("model");
+    let models = [];
+    try {
+      models = ((await api("/v1/models")) || {}).data || [];
+    } catch (error) {
+      showError(`Could not list the models: ${error.message}`);
+    }
+    select.replaceChildren(...models.map((m) => new Option(m.id, m.id)));
+    if (!models.length) select.append(new Option("no model", ""));
+    const previous = readStorage(STORAGE.model);
+    if (models.some((m) => m.id === previous)) select.value = previous;
+  }
+
+  function settings() {
+    const out = {};
+    for (const [id, field] of SETTINGS) {
+      const value = Number($(id).value);
+      out[field] = INTEGER.has(field) ? Math.round(value) : value;
+    }
+    if (!Number.isFinite(out.seed)) out.seed = 0;
+    if (!Number.isFinite(out.beams) || out.beams < 1) out.beams = 1;
+    return out;
+  }
+
+  function requestBody(model, text, views, position) {
+    const body = { text, layer: state.focus.layer, head: state.focus.head, position, ...settings() };
+    if (model) body.model = model;
+    if (views) body.views = views;
+    return body;
+  }
+
+  async function post(body) {
+    setBusy(+1);
+    try {
+      const data = await api("/v1/inspect", { method: "POST", body: JSON.stringify(body) });
+      clearError();
+      return data;
+    } catch (error) {
+      showError(error.message);
+      return null;
+    } finally {
+      setBusy(-1);
+    }
+  }
+
+  /** A new inspection of the form's text. */
+  async function inspect() {
+    if (state.mode !== "served") return;
+    const text = $("text").value;
+    if (!text) {
+      showError("Type a text to inspect.");
+      return;
+    }
+    const model = $("model").value;
+    const same = state.data && state.data.model === model;
+    if (!same) state.focus = { layer: 0, head: 0, position: 0 };
+    state.generation += 1;
+    const generation = state.generation;
+    state.pending.clear();
+    clearTimeout(state.timer);
+    if (!state.data) document.body.dataset.state = "loading";
+    $("inspect").disabled = true;
+    try {
+      const data = await post(requestBody(model, text, null, null));
+      if (data && generation === state.generation) load(data);
+    } catch (error) {
+      showError(`Cannot show the inspection: ${error.message}`);
+    } finally {
+      $("inspect").disabled = false;
+      if (!state.data) document.body.dataset.state = "empty";
+    }
+  }
+
+  /** Ask again for some views at the current focus and settings, ``delay`` ms after the last ask. */
+  function refresh(views, delay = 0) {
+    if (state.mode !== "served" || !state.data) return;
+    for (const view of views) state.pending.add(view);
+    if (state.pending.has("next")) $("next-view").dataset.stale = "true";
+    clearTimeout(state.timer);
+    state.timer = setTimeout(flush, delay);
+  }
+
+  async function flush() {
+    state.timer = null;
+    const views = [...state.pending];
+    state.pending.clear();
+    if (!views.length || !state.data) return;
+    const tickets = {};
+    for (const view of views) tickets[view] = ++state.seq[view];
+    const generation = state.generation;
+    const { model, text } = state.data;
+    const data = await post(requestBody(model, text, views, state.focus.position));
+    if (generation !== state.generation) return;
+    const fresh = views.filter((view) => tickets[view] === state.seq[view]);
+    if (!data) {
+      if (fresh.includes("next")) delete $("next-view").dataset.stale;
+      return;
+    }
+    for (const view of fresh) state.data[view] = data[view];
+    state.data.vocab = { ...(state.data.vocab || {}), ...(data.vocab || {}) };
+    if (data.server) state.data.server = data.server;
+    if (fresh.includes("query_keys")) renderQk();
+    if (fresh.includes("next")) {
+      if (!state.pending.has("next")) delete $("next-view").dataset.stale;
+      renderNext();
+    }
+    renderServer();
+  }
+
+  // ---------------------------------------------------------------- loading a payload
+
+  function fillSelect(select, count, selected) {
+    select.replaceChildren(...Array.from({ length: count }, (_, i) => new Option(String(i), String(i))));
+    select.value = String(selected);
+  }
+
+  /** Show a payload (served: an answer of POST /v1/inspect; static: the one in the page). */
+  function load(data) {
+    if (!data || !Array.isArray(data.tokens) || !data.tokens.length || !data.config) {
+      throw new Error("the inspection has no tokens");
+    }
+    const config = data.config;
+    const attention = decodeAttention(data.attention);
+    if (attention) {
+      const [L, H, T, T2] = data.attention.shape;
+      if (L !== Number(config.layers) || H !== Number(config.heads) || T !== data.tokens.length || T2 !== T) {
+        throw new Error(`the attention block's shape ${data.attention.shape.join("x")} does not match the model and text`);
+      }
+    }
+    state.L = Number(config.layers);
+    state.H = Number(config.heads);
+    state.T = data.tokens.length;
+    state.attention = attention;
+    if (data.attention) delete data.attention.data; // decoded: the base64 text is not kept twice
+    data.vocab = data.vocab || {};
+    state.data = data;
+    const focus = data.focus || {};
+    state.focus = {
+      layer: Math.min(Math.max(Number(focus.layer) || 0, 0), state.L - 1),
+      head: Math.min(Math.max(Number(focus.head) || 0, 0), state.H - 1),
+      position: Math.min(Math.max(Number.isInteger(focus.position) ? focus.position : state.T - 1, 0), state.T - 1),
+    };
+    state.thumbsLayer = -1;
+    fillSelect($("layer"), state.L, state.focus.layer);
+    fillSelect($("head"), state.H, state.focus.head);
+    setSettings(data.next || focus);
+    $("source").textContent = `${data.model}${state.mode === "static" ? " · saved inspection" : ""}`;
+    $("config").textContent = `${plural(state.L, "layer")} · ${state.H} heads (${config.kv_heads} key/value) · ` +
+      `head size ${config.head_dim} · width ${config.dim} · vocabulary ${config.vocab_size}`;
+    $("intro").hidden = true;
+    $("views").hidden = false;
+    document.body.dataset.state = "shown";
+    delete $("next-view").dataset.stale;
+    renderAll();
+  }
+
+  function setSettings(values) {
+    for (const [id, field] of SETTINGS) {
+      if (values[field] === undefined || values[field] === null) continue;
+      $(id).value = String(values[field]);
+    }
+    showSettings(values);
+  }
+
+  /** The value beside each slider (static mode: the saved values, which a slider may not reach). */
+  function showSettings(values) {
+    for (const [id, field, read] of SETTINGS) {
+      const output = $(`${id}-value`);
+      if (!output) continue;
+      const value = values && values[field] !== undefined && values[field] !== null ? Number(values[field]) : Number($(id).value);
+      output.textContent = read(value);
+    }
+  }
+
+  // ---------------------------------------------------------------- focus
+
+  function setFocus(change) {
+    if (!state.data) return;
+    const before = { ...state.focus };
+    const next = { ...state.focus, ...change };
+    if (!Number.isInteger(next.layer) || next.layer < 0 || next.layer >= state.L) next.layer = before.layer;
+    if (!Number.isInteger(next.head) || next.head < 0 || next.head >= state.H) next.head = before.head;
+    if (!Number.isInteger(next.position) || next.position < 0 || next.position >= state.T) next.position = before.position;
+    if (next.layer === before.layer && next.head === before.head && next.position === before.position) {
+      $("layer").value = String(before.layer); // a value the select does not hold reads back as none
+      $("head").value = String(before.head);
+      return;
+    }
+    state.focus = next;
+    renderFocus();
+    const moved = next.position !== before.position;
+    refresh(moved ? ["query_keys", "next"] : ["query_keys"], moved ? 120 : 60);
+  }
+
+  // ---------------------------------------------------------------- rendering
+
+  function renderAll() {
+    state.colors = themeColors();
+    renderTokens();
+    renderLens();
+    renderKv();
+    renderNext();
+    renderFocus(); // and the residual stream, whose second half is at the focus token
+  }
+
+  function renderFocus() {
+    const { layer, head, position } = state.focus;
+    $("layer").value = String(layer);
+    $("head").value = String(head);
+    $("position").textContent = tokenLabel(position);
+    $("position-prev").disabled = position <= 0;
+    $("position-next").disabled = position >= state.T - 1;
+    for (const node of $("token-chips").children) {
+      const focused = Number(node.dataset.index) === position;
+      node.classList.toggle("inspect-focus", focused);
+      node.setAttribute("aria-pressed", String(focused));
+    }
+    drawThumbnails();
+    drawHeatmap();
+    renderQk();
+    focusLens();
+    renderResidual();
+    renderNextNote();
+  }
+
+  // ---- tokens
+
+  function renderTokens() {
+    const { tokens, count } = state.data;
+    const chips = $("token-chips");
+    chips.replaceChildren();
+    for (const token of tokens) {
+      const node = element("button", `inspect-token ${token.index % 2 ? "inspect-token-b" : "inspect-token-a"}`);
+      node.type = "button";
+      node.setAttribute("data-testid", "token");
+      node.dataset.index = String(token.index);
+      if (token.special) node.classList.add("inspect-token-special");
+      const size = token.end - token.start;
+      node.title = token.special
+        ? `#${token.index}: the special token ${token.text} (id ${token.id}); it covers no bytes of the text`
+        : `#${token.index}: id ${token.id}, bytes ${token.start}–${token.end} of the text (${plural(size, "byte")})\n` +
+          JSON.stringify(token.text);
+      node.append(element("span", "inspect-token-text", token.special ? token.text : visible(token.text)),
+        element("span", "inspect-token-id", token.id));
+      node.addEventListener("click", () => setFocus({ position: token.index }));
+      chips.append(node);
+    }
+    if (count) {
+      const perToken = Number(count.bytes_per_token);
+      $("token-count").textContent = [plural(count.tokens, "token"), plural(count.characters, "character"),
+        plural(count.bytes, "byte"), plural(count.words, "word"),
+        `${Number.isFinite(perToken) ? perToken.toFixed(2) : "?"} bytes per token`].join(" · ");
+    }
+  }
+
+  // ---- attention
+
+  function drawThumbnails() {
+    const holder = $("heads");
+    const missing = !state.attention;
+    holder.hidden = missing;
+    if (missing) return;
+    const { layer, head } = state.focus;
+    if (state.thumbsLayer !== layer || holder.childElementCount !== state.H) {
+      holder.replaceChildren();
+      const T = state.T;
+      for (let h = 0; h < state.H; h++) {
+        const button = element("button", "inspect-thumb");
+        button.type = "button";
+        button.setAttribute("data-testid", "head-thumb");
+        button.dataset.head = String(h);
+        button.title = `Layer ${layer}, head ${h}`;
+        const canvas = element("canvas", "inspect-thumb-canvas");
+        canvas.width = T;
+        canvas.height = T;
+        canvas.getContext("2d").putImageData(headImage(layer, h), 0, 0);
+        button.append(canvas, element("span", "inspect-thumb-label", `head ${h}`));
+        button.addEventListener("click", () => setFocus({ head: h }));
+        holder.append(button);
+      }
+      state.thumbsLayer = layer;
+    }
+    for (const button of holder.children) button.setAttribute("aria-pressed", String(Number(button.dataset.head) === head));
+  }
+
+  function drawHeatmap() {
+    const canvas = $("heatmap");
+    const missing = !state.attention;
+    $("attention-missing").hidden = !missing;
+    $("heatmap-wrap").hidden = missing;
+    if (missing) return;
+    const { layer, head, position } = state.focus;
+    const T = state.T;
+    const context = canvas.getContext("2d");
+    const labels = state.data.tokens.map((t) => shorten(t.special ? t.text : visible(t.text), 10));
+    const available = Math.max(260, Math.min(($("heatmap-wrap").clientWidth || 700) - 4, 980));
+
+    let font = 11;
+    const margin = () => {
+      context.font = `${font}px system-ui, sans-serif`;
+      return Math.min(96, Math.ceil(Math.max(...labels.map((l) => context.measureText(l).width))) + 10);
+    };
+    let edge = margin();
+    let cell = Math.max(2, Math.min(28, Math.floor((available - edge - 8) / T)));
+    if (cell < 12) {
+      font = Math.max(7, Math.min(11, cell - 1));
+      edge = margin();
+      cell = Math.max(2, Math.min(28, Math.floor((available - edge - 8) / T)));
+    }
+    const every = cell >= 7 ? 1 : Math.ceil(8 / cell);
+    const x0 = edge;
+    const y0 = edge;
+    const size = T * cell;
+    const width = x0 + size + 8;
+    const height = y0 + size + 8;
+    const ratio = window.devicePixelRatio || 1;
+    canvas.width = Math.round(width * ratio);
+    canvas.height = Math.round(height * ratio);
+    canvas.style.width = `${width}px`;
+    canvas.style.height = `${height}px`;
+    context.setTransform(ratio, 0, 0, ratio, 0, 0);
+    context.clearRect(0, 0, width, height);
+
+    const image = document.createElement("canvas");
+    image.width = T;
+    image.height = T;
+    image.getContext("2d").putImageData(headImage(layer, head), 0, 0);
+    context.imageSmoothingEnabled = false;
+    context.drawImage(image, x0, y0, size, size);
+
+    context.font = `${font}px system-ui, sans-serif`;
+    context.textBaseline = "middle";
+    for (let i = 0; i < T; i++) {
+      if (i % every !== 0 && i !== position) continue;
+      const focused = i === position;
+      context.fillStyle = rgb(focused ? state.colors.focus : state.colors.text);
+      context.font = `${focused ? "bold " : ""}${font}px system-ui, sans-serif`;
+      context.textAlign = "right";
+      context.fillText(labels[i], x0 - 4, y0 + i * cell + cell / 2, edge - 6);
+      context.save();
+      context.translate(x0 + i * cell + cell / 2, y0 - 4);
+      context.rotate(-Math.PI / 2);
+      context.textAlign = "left";
+      context.fillStyle = rgb(state.colors.text);
+      context.font = `${font}px system-ui, sans-serif`;
+      context.fillText(labels[i], 0, 0, edge - 6);
+      context.restore();
+    }
+    // the focus row
+    context.strokeStyle = rgb(state.colors.focus);
+    context.lineWidth = 2;
+    context.strokeRect(x0 - 1, y0 + position * cell - 1, size + 2, cell + 2);
+
+    state.geometry = { x0, y0, cell, T };
+    Object.assign(canvas.dataset, {
+      layer: String(layer), head: String(head), position: String(position),
+      x0: String(x0), y0: String(y0), cell: String(cell), ratio: String(ratio),
+    });
+    canvas.title = "";
+  }
+
+  function cellAt(event) {
+    const geometry = state.geometry;
+    if (!geometry || !state.attention) return null;
+    const box = $("heatmap").getBoundingClientRect();
+    const x = event.clientX - box.left;
+    const y = event.clientY - box.top;
+    const row = Math.floor((y - geometry.y0) / geometry.cell);
+    const column = Math.floor((x - geometry.x0) / geometry.cell);
+    if (row < 0 || row >= geometry.T) return null;
+    return { row, column: column >= 0 && column < geometry.T && x >= geometry.x0 ? column : null, x, y };
+  }
+
+  function hoverHeatmap(event) {
+    const tip = $("heatmap-tip");
+    const at = cellAt(event);
+    if (!at || at.column === null) {
+      tip.hidden = true;
+      return;
+    }
+    const { layer, head } = state.focus;
+    tip.textContent = at.column > at.row
+      ? `${tokenLabel(at.row)} → ${tokenLabel(at.column)}: masked (a token cannot see later tokens)`
+      : `${tokenLabel(at.row)} → ${tokenLabel(at.column)}: ${weight(layer, head, at.row, at.column).toFixed(4)}`;
+    const canvas = $("heatmap");
+    tip.style.left = `${canvas.offsetLeft + at.x + 14}px`;
+    tip.style.top = `${canvas.offsetTop + at.y + 14}px`;
+    tip.hidden = false;
+  }
+
+  // ---- query . key
+
+  function renderQk() {
+    const section = $("qk-view");
+    const rows = $("qk-rows");
+    const vectors = $("qk-vectors");
+    const { layer, head, position } = state.focus;
+    const qk = state.data.query_keys;
+    const exact = Boolean(qk && qk.layer === layer && qk.head === head && qk.position === position);
+    Object.assign(section.dataset, { layer: String(layer), head: String(head), position: String(position) });
+    section.dataset.source = exact ? "server" : state.attention ? "attention" : "none";
+    rows.replaceChildren();
+    vectors.replaceChildren();
+    const config = state.data.config;
+    const d = exact ? qk.query.length : Number(config.head_dim);
+    const scale = exact ? qk.scale : 1 / Math.sqrt(d);
+    const group = state.H / Number(config.kv_heads || state.H);
+    const kvHead = exact ? qk.kv_head : Math.floor(head / group);
+    $("qk-formula").textContent = `weights = softmax(q·k / √d): d = ${d}, so each dot product is multiplied by ` +
+      `1/√${d} = ${fixed(scale, 4)}. Layer ${layer}, head ${head}` +
+      (group > 1 ? ` (it shares key/value head ${kvHead} with ${group - 1} other query head${group > 2 ? "s" : ""})` : "") +
+      `; the query of ${tokenLabel(position)}.`;
+
+    const keys = [];
+    if (exact) {
+      qk.scores.forEach((score, j) => {
+        if (score !== null) keys.push({ index: j, score, weight: qk.weights[j] });
+      });
+    } else if (state.attention) {
+      for (let j = 0; j <= position; j++) keys.push({ index: j, score: null, weight: weight(layer, head, position, j) });
+    }
+    const masked = state.T - keys.length;
+    let note = `${plural(keys.length, "key")} it may see`;
+    if (masked > 0) note += `; ${plural(masked, "token")} after it ${masked === 1 ? "is" : "are"} masked`;
+    if (!exact) {
+      note += state.mode === "served"
+        ? ". Fetching the scores…"
+        : `. Only the weights are saved for this head and token (from the heat map); the scores were saved for layer ` +
+          `${qk ? qk.layer : "?"}, head ${qk ? qk.head : "?"}, token #${qk ? qk.position : "?"}. Other scores need ` +
+          "`lmforge serve` or `lmforge inspect --layer --head --position`.";
+    }
+    withCode($("qk-note"), `${note}${note.endsWith(".") || note.endsWith("…") ? "" : "."}`);
+    if (!keys.length) return;
+
+    const header = element("div", "inspect-qk-row inspect-qk-header");
+    header.setAttribute("role", "row");
+    for (const text of ["key", "score = q·k / √d", "", "weight (bar: of the largest)", ""]) {
+      header.append(element("span", "", text));
+    }
+    rows.append(header);
+    const maxScore = Math.max(1e-9, ...keys.map((k) => (k.score === null ? 0 : Math.abs(k.score))));
+    const maxWeight = Math.max(1e-9, ...keys.map((k) => k.weight));
+    for (const key of keys) {
+      const row = element("div", "inspect-qk-row");
+      row.setAttribute("role", "row");
+      row.setAttribute("data-testid", "qk-key");
+      row.dataset.index = String(key.index);
+      const token = state.data.tokens[key.index];
+      const name = element("button", "inspect-qk-token");
+      name.type = "button";
+      name.title = `Look at ${tokenLabel(key.index)}`;
+      name.append(element("span", "inspect-qk-index", `#${key.index}`), chip(token ? token.text : "", token && token.special ? "inspect-chip-special" : ""));
+      name.addEventListener("click", () => setFocus({ position: key.index }));
+      const scoreBar = element("span", "inspect-diverging");
+      if (key.score !== null) {
+        const fill = element("span", `inspect-diverging-fill ${key.score < 0 ? "inspect-negative" : ""}`);
+        const share = Math.min(1, Math.abs(key.score) / maxScore) * 50;
+        fill.style.width = `${share}%`;
+        fill.style.left = key.score < 0 ? `${50 - share}%` : "50%";
+        scoreBar.append(fill);
+      }
+      row.append(name, scoreBar, element("span", "inspect-number", key.score === null ? "—" : key.score.toFixed(3)),
+        bar(key.weight, maxWeight, "inspect-weight", 140), element("span", "inspect-number", key.weight.toFixed(4)));
+      rows.append(row);
+    }
+    if (exact) {
+      vectors.append(vectorStrip("query q", qk.query), vectorStrip("output = Σ weight × value", qk.output));
+    }
+  }
+
+  /** A vector as a strip of cells coloured by sign and size, with its norm. */
+  function vectorStrip(name, values) {
+    const holder = element("div", "inspect-vector");
+    const norm = Math.sqrt(values.reduce((sum, v) => sum + (v || 0) * (v || 0), 0));
+    holder.append(element("span", "inspect-vector-name", `${name} (${values.length} numbers, norm ${norm.toFixed(3)})`));
+    const max = Math.max(1e-9, ...values.map((v) => Math.abs(v || 0)));
+    const width = Math.max(2, Math.min(8, Math.floor(480 / Math.max(1, values.length))));
+    const svg = svgElement("svg", { width: values.length * width, height: 14, class: "inspect-vector-strip" });
+    values.forEach((v, i) => {
+      const rect = svgElement("rect", { x: i * width, y: 0, width, height: 14, class: v < 0 ? "inspect-negative" : "inspect-positive" });
+      rect.setAttribute("fill-opacity", String(Math.abs(v || 0) / max));
+      const title = svgElement("title");
+      title.textContent = `${i}: ${fixed(v, 4)}`;
+      rect.append(title);
+      svg.append(rect);
+    });
+    holder.append(svg);
+    return holder;
+  }
+
+  // ---- next token
+
+  function renderNextNote() {
+    const next = state.data.next;
+    const note = $("next-note");
+    const section = $("next-view");
+    if (!next) {
+      note.textContent = "This inspection has no next-token view (its views left it out).";
+      section.dataset.position = "";
+      return;
+    }
+    section.dataset.position = String(next.position);
+    if (next.position === state.focus.position) {
+      note.textContent = `After ${tokenLabel(next.position)}, the model's next token:`;
+    } else if (state.mode === "served") {
+      note.textContent = `Fetching the next token after ${tokenLabel(state.focus.position)}… (below: after ${tokenLabel(next.position)})`;
+    } else {
+      withCode(note, `Below: the next token after ${tokenLabel(next.position)}, the token saved in this file. After ` +
+        "another token needs `lmforge serve` or `lmforge inspect --position N`.");
+    }
+  }
+
+  function renderNext() {
+    const next = state.data.next;
+    renderNextNote();
+    const summary = $("next-summary");
+    const list = $("candidates");
+    const choices = $("choices");
+    summary.replaceChildren();
+    list.replaceChildren();
+    choices.replaceChildren();
+    $("controls").hidden = !next;
+    if (!next) return;
+    if (state.mode === "static") showSettings(next);
+
+    const kept = element("strong", "inspect-kept", next.kept);
+    kept.id = "kept";
+    kept.setAttribute("data-testid", "kept");
+    summary.append(kept, ` of ${state.data.config.vocab_size} tokens kept, holding ${percent(next.kept_mass)} of the ` +
+      `model's probability · entropy ${fixed(next.entropy, 2)} nats before the settings → ${fixed(next.final_entropy, 2)} after`);
+
+    const header = element("div", "inspect-candidate inspect-candidate-header");
+    header.setAttribute("role", "row");
+    for (const text of ["token", "id", "logit", "model", "", "after the settings", ""]) header.append(element("span", "", text));
+    list.append(header);
+    for (const candidate of next.candidates || []) {
+      const row = element("div", `inspect-candidate${candidate.kept ? " inspect-kept-row" : ""}`);
+      row.setAttribute("role", "row");
+      row.setAttribute("data-testid", "candidate");
+      row.dataset.kept = String(Boolean(candidate.kept));
+      row.dataset.id = String(candidate.id);
+      row.append(chip(candidate.text), element("span", "inspect-number inspect-muted", candidate.id),
+        element("span", "inspect-number", fixed(candidate.logit, 3)),
+        bar(candidate.probability, 1, "inspect-model-bar"), element("span", "inspect-number", percent(candidate.probability)),
+        bar(candidate.final, 1, "inspect-final-bar"), element("span", "inspect-number", percent(candidate.final)));
+      row.title = candidate.kept ? "kept: sampling may draw it" : "dropped by the settings: sampling never draws it";
+      list.append(row);
+    }
+
+    const sequence = (tokens) => {
+      const holder = element("span", "inspect-sequence");
+      if (!tokens || !tokens.length) holder.append(element("span", "inspect-muted", "(none: the context is full)"));
+      for (const token of tokens || []) holder.append(chip(token.text));
+      return holder;
+    };
+    const add = (term, ...details) => {
+      const dd = element("dd");
+      dd.append(...details);
+      choices.append(element("dt", "", term), dd);
+    };
+    add("Greedy takes", chip(next.greedy.text), element("span", "inspect-muted", " the likeliest (after the penalty)"));
+    add(`A draw with seed ${next.seed}`, next.sampled ? chip(next.sampled.text)
+      : element("span", "inspect-muted", "none: temperature 0 is greedy, there is no draw"));
+    const same = JSON.stringify((next.beam || []).map((t) => t.id)) === JSON.stringify((next.greedy_run || []).map((t) => t.id));
+    add(`Beam search, ${plural(next.beams, "beam")}`, sequence(next.beam));
+    add("Greedy, as many tokens", sequence(next.greedy_run),
+      element("span", "inspect-muted", same ? " the same as the beam's" : " differs from the beam's"));
+  }
+
+  // ---- logit lens
+
+  function renderLens() {
+    const lens = state.data.lens;
+    const table = $("lens-table");
+    table.replaceChildren();
+    state.lensCells = [];
+    $("lens-missing").hidden = Boolean(lens);
+    $("lens-wrap").hidden = !lens;
+    if (!lens) return;
+    const { tokens } = state.data;
+    const rows = lens.ids.length;
+    const head = element("thead");
+    const headRow = element("tr");
+    headRow.append(element("th", "inspect-lens-corner", "layer ╲ token"));
+    for (const token of tokens) {
+      const th = element("th", "inspect-lens-token", shorten(token.special ? token.text : visible(token.text), 8));
+      th.title = `${tokenLabel(token.index)}: click to look at it`;
+      th.dataset.index = String(token.index);
+      th.addEventListener("click", () => setFocus({ position: token.index }));
+      headRow.append(th);
+      state.lensCells[token.index] = [th];
+    }
+    head.append(headRow);
+    const body = element("tbody");
+    const high = state.colors.high;
+    for (let r = 0; r < rows; r++) {
+      const tr = element("tr");
+      const name = r === 0 ? "embed" : r === rows - 1 ? `${r - 1} · output` : String(r - 1);
+      const th = element("th", "inspect-lens-layer", name);
+      th.title = r === 0 ? "the token embeddings, before any layer" : r === rows - 1
+        ? `after layer ${r - 1}, the last: the model's own prediction` : `after layer ${r - 1}`;
+      tr.append(th);
+      for (let p = 0; p < tokens.length; p++) {
+        const ids = lens.ids[r][p];
+        const probs = lens.probs[r][p];
+        const top = probs[0] ?? 0;
+        const td = element("td", `inspect-lens-cell${top > 0.5 ? " inspect-strong" : ""}`,
+          shorten(visible(vocabText(ids[0])), 8));
+        td.style.background = rgb(high, Math.max(0, Math.min(1, top)));
+        td.title = `${r === 0 ? "embeddings" : `after layer ${r - 1}`}, ${tokenLabel(p)} → next:\n` +
+          ids.map((id, k) => `${JSON.stringify(vocabText(id))} ${percent(probs[k])}`).join("\n");
+        td.addEventListener("click", () => setFocus({ position: p }));
+        tr.append(td);
+        state.lensCells[p].push(td);
+      }
+      body.append(tr);
+    }
+    table.append(head, body);
+    if (rows === state.L + 1) table.dataset.rows = String(rows);
+  }
+
+  function focusLens() {
+    for (const [index, cells] of state.lensCells.entries()) {
+      const focused = index === state.focus.position;
+      for (const cell of cells || []) cell.classList.toggle("inspect-focus-column", focused);
+    }
+  }
+
+  // ---- residual stream
+
+  function renderResidual() {
+    const residual = state.data.residual;
+    const table = $("residual-table");
+    table.replaceChildren();
+    $("residual-missing").hidden = Boolean(residual);
+    table.hidden = !residual;
+    if (!residual) return;
+    const p = state.focus.position;
+    const L = residual.attention.length;
+    const meanStream = residual.stream.map(mean);
+    const meanAttention = residual.attention.map(mean);
+    const meanFfn = residual.ffn.map(mean);
+    const at = (rows, i) => (rows[i] ? rows[i][p] : null);
+    const maxStream = Math.max(...meanStream, ...residual.stream.map((row) => row[p] || 0));
+    const maxAdd = Math.max(...meanAttention, ...meanFfn, ...residual.attention.map((row) => row[p] || 0),
+      ...residual.ffn.map((row) => row[p] || 0));
+
+    const head = element("thead");
+    const groups = element("tr");
+    const mean3 = element("th", "inspect-group", "mean over the tokens");
+    const focus3 = element("th", "inspect-group", `at ${tokenLabel(p)}`);
+    mean3.colSpan = 3;
+    focus3.colSpan = 3;
+    groups.append(element("th"), mean3, focus3);
+    const names = element("tr");
+    for (const text of ["", "stream entering", "attention adds", "feed-forward adds", "stream entering", "attention adds",
+      "feed-forward adds"]) names.append(element("th", "", text));
+    head.append(groups, names);
+    const body = element("tbody");
+    const cell = (value, max, className) => {
+      const td = element("td", "inspect-residual-cell");
+      if (value === null || value === undefined) return td;
+      td.append(bar(value, max, className, 90), element("span", "inspect-number", fixed(value, 2)));
+      return td;
+    };
+    for (let i = 0; i <= L; i++) {
+      const tr = element("tr");
+      tr.append(element("th", "", i < L ? `layer ${i}` : "output"));
+      tr.append(cell(meanStream[i], maxStream, "inspect-stream-bar"),
+        cell(i < L ? meanAttention[i] : null, maxAdd, "inspect-attention-bar"),
+        cell(i < L ? meanFfn[i] : null, maxAdd, "inspect-ffn-bar"),
+        cell(at(residual.stream, i), maxStream, "inspect-stream-bar"),
+        cell(i < L ? at(residual.attention, i) : null, maxAdd, "inspect-attention-bar"),
+        cell(i < L ? at(residual.ffn, i) : null, maxAdd, "inspect-ffn-bar"));
+      if (i === L) tr.title = "the stream after the last layer, before the final norm";
+      body.append(tr);
+    }
+    table.append(head, body);
+  }
+
+  // ---- KV cache
+
+  function renderKv() {
+    const kv = state.data.kv;
+    const facts = $("kv-facts");
+    facts.replaceChildren();
+    $("kv-chart").replaceChildren();
+    $("kv-layers").replaceChildren();
+    $("kv-missing").hidden = Boolean(kv);
+    for (const node of $("kv-view").querySelectorAll(".inspect-kv-charts, .inspect-kv-facts")) node.hidden = !kv;
+    renderServer();
+    if (!kv) return;
+    const fact = (term, text, title) => {
+      const dd = element("dd", "", text);
+      if (title) dd.title = title;
+      facts.append(element("dt", "", term), dd);
+    };
+    const element_size = kv.bytes_per_token_layer / (2 * kv.kv_heads * kv.head_dim);
+    fact("One token, one layer", `${bytes(kv.bytes_per_token_layer)} = 2 (key and value) × ${kv.kv_heads} key/value ` +
+      `heads × ${kv.head_dim} numbers × ${element_size} bytes (${kv.dtype})`);
+    fact("One token, all layers", `${bytes(kv.bytes_per_token)} (× ${kv.layers} layers)`, `${kv.bytes_per_token} bytes`);
+    if (kv.kv_heads < kv.heads) {
+      fact("With one key/value head per query head (MHA)", `${bytes(kv.multi_head_bytes_per_token)} per token: sharing ` +
+        `${kv.kv_heads} key/value heads among ${kv.heads} query heads (${kv.kv_heads === 1 ? "MQA" : "GQA"}) stores ` +
+        `${(kv.heads / kv.kv_heads).toFixed(kv.heads % kv.kv_heads ? 1 : 0)}× less`);
+    }
+    fact("Allocated cache", `${bytes(kv.allocated_bytes)} for ${kv.max_positions} positions (a static cache, allocated ` +
+      "for the longest sequence before decoding starts)", `${kv.allocated_bytes} bytes`);
+    const steps = kv.steps || [];
+    if (steps.length) {
+      const last = steps[steps.length - 1];
+      fact("After the decode", `${bytes(last.bytes)} for ${plural(last.tokens, "token")} (the text, then ` +
+        `${plural(steps.length - 1, "generated token")})`, `${last.bytes} bytes`);
+      $("kv-chart").append(kvChart(steps));
+    }
+    if ((kv.per_layer_bytes || []).length) $("kv-layers").append(layerBars(kv.per_layer_bytes));
+  }
+
+  function kvChart(steps) {
+    const width = 320;
+    const height = 150;
+    const left = 58;
+    const bottom = 22;
+    const svg = svgElement("svg", { width, height, class: "inspect-chart", role: "img",
+      "aria-label": "bytes of the KV cache against tokens" });
+    const xs = steps.map((s) => s.tokens);
+    const ys = steps.map((s) => s.bytes);
+    const x0 = Math.min(...xs);
+    const x1 = Math.max(...xs, x0 + 1);
+    const y1 = Math.max(...ys, 1);
+    const x = (v) => left + ((v - x0) / (x1 - x0)) * (width - left - 10);
+    const y = (v) => height - bottom - (v / y1) * (height - bottom - 10);
+    svg.append(svgElement("line", { x1: left, y1: height - bottom, x2: width - 6, y2: height - bottom, class: "inspect-axis" }),
+      svgElement("line", { x1: left, y1: 6, x2: left, y2: height - bottom, class: "inspect-axis" }));
+    const label = (text, attributes) => {
+      const node = svgElement("text", { class: "inspect-chart-label", ...attributes });
+      node.textContent = text;
+      svg.append(node);
+    };
+    label(bytes(y1), { x: left - 4, y: y(y1) + 4, "text-anchor": "end" });
+    label("0", { x: left - 4, y: height - bottom + 4, "text-anchor": "end" });
+    label(String(x0), { x: x(x0), y: height - 6, "text-anchor": "middle" });
+    label(`${x1} tokens`, { x: x(x1), y: height - 6, "text-anchor": "end" });
+    svg.append(svgElement("polyline", { points: steps.map((s) => `${x(s.tokens)},${y(s.bytes)}`).join(" "),
+      class: "inspect-chart-line" }));
+    for (const step of steps) {
+      const dot = svgElement("circle", { cx: x(step.tokens), cy: y(step.bytes), r: 2.5, class: "inspect-chart-dot" });
+      const title = svgElement("title");
+      title.textContent = `${plural(step.tokens, "token")}: ${bytes(step.bytes)} (${step.bytes} bytes)`;
+      dot.append(title);
+      svg.append(dot);
+    }
+    return svg;
+  }
+
+  function layerBars(values) {
+    const width = 320;
+    const height = 150;
+    const bottom = 22;
+    const max = Math.max(...values, 1);
+    const step = Math.min(32, (width - 12) / values.length);
+    const svg = svgElement("svg", { width, height, class: "inspect-chart", role: "img", "aria-label": "bytes per layer" });
+    svg.append(svgElement("line", { x1: 6, y1: height - bottom, x2: width - 6, y2: height - bottom, class: "inspect-axis" }));
+    values.forEach((value, i) => {
+      const h = (value / max) * (height - bottom - 10);
+      const rect = svgElement("rect", { x: 6 + i * step + step * 0.15, y: height - bottom - h, width: Math.max(1, step * 0.7),
+        height: h, class: "inspect-layer-bar" });
+      const title = svgElement("title");
+      title.textContent = `layer ${i}: ${bytes(value)} (${value} bytes)`;
+      rect.append(title);
+      svg.append(rect);
+    });
+    const label = svgElement("text", { x: 6, y: height - 6, class: "inspect-chart-label" });
+    label.textContent = `layers 0–${values.length - 1}, ${bytes(values[0])} each${values.every((v) => v === values[0]) ? "" : " (first)"}`;
+    svg.append(label);
+    return svg;
+  }
+
+  function renderServer() {
+    const holder = $("kv-server");
+    const server = state.data && state.data.server;
+    holder.hidden = !(state.mode === "served" && server);
+    if (holder.hidden) return;
+    holder.replaceChildren(element("h3", "", "This server's cache"));
+    const list = element("dl", "trace-facts");
+    const fact = (term, text) => list.append(element("dt", "", term), element("dd", "", text));
+    const rate = server.prefix_queries ? server.prefix_hits / server.prefix_queries : 0;
+    fact("Prefix cache hits", `${server.prefix_hits} of ${server.prefix_queries} requests (${percent(rate)}): a request ` +
+      "whose prompt starts like an earlier one reuses its keys and values");
+    fact("Cached prompt tokens", `${server.cached_tokens} of ${server.prompt_tokens} ` +
+      `(${percent(server.prompt_tokens ? server.cached_tokens / server.prompt_tokens : 0)}) were not computed again`);
+    if (server.text_cached_tokens !== undefined) {
+      const tokens = state.data.tokens.length;
+      fact("This text", `${server.text_cached_tokens} of its ${tokens} tokens are in the cache now: a request ` +
+        "starting with it would reuse their keys and values (it always computes its last token)");
+    }
+    fact("Requests", `${server.running} running, ${server.waiting} waiting`);
+    fact("KV positions in use", percent(server.kv_cache_usage));
+    holder.append(list, element("p", "hint", "The engine's counters, for the chat and completion requests it served; " +
+      "the inspector runs its own forward pass, outside that cache."));
+  }
+
+  // ---------------------------------------------------------------- wiring
+
+  function wire() {
+    $("error-close").addEventListener("click", clearError);
+    $("layer").addEventListener("change", () => setFocus({ layer: parseInt($("layer").value, 10) }));
+    $("head").addEventListener("change", () => setFocus({ head: parseInt($("head").value, 10) }));
+    $("position-prev").addEventListener("click", () => setFocus({ position: state.focus.position - 1 }));
+    $("position-next").addEventListener("click", () => setFocus({ position: state.focus.position + 1 }));
+
+    const canvas = $("heatmap");
+    canvas.addEventListener("mousemove", hoverHeatmap);
+    canvas.addEventListener("mouseleave", () => {
+      $("heatmap-tip").hidden = true;
+    });
+    canvas.addEventListener("click", (event) => {
+      const at = cellAt(event);
+      if (at) setFocus({ position: at.row });
+    });
+    canvas.addEventListener("keydown", (event) => {
+      const moves = { ArrowUp: -1, ArrowDown: 1 };
+      if (!(event.key in moves)) return;
+      event.preventDefault();
+      setFocus({ position: state.focus.position + moves[event.key] });
+    });
+
+    for (const [id] of SETTINGS) {
+      $(id).addEventListener("input", () => {
+        showSettings(null);
+        refresh(["next"], DEBOUNCE_MS);
+      });
+    }
+
+    let resizing = null;
+    window.addEventListener("resize", () => {
+      clearTimeout(resizing);
+      resizing = setTimeout(() => {
+        if (state.data) drawHeatmap();
+      }, 150);
+    });
+    if (window.matchMedia) {
+      const scheme = window.matchMedia("(prefers-color-scheme: dark)");
+      const redraw = () => {
+        if (!state.data) return;
+        state.colors = themeColors();
+        state.thumbsLayer = -1;
+        renderLens();
+        renderFocus();
+      };
+      if (scheme.addEventListener) scheme.addEventListener("change", redraw);
+    }
+  }
+
+  function startStatic(holder) {
+    state.mode = "static";
+    document.body.dataset.mode = "static";
+    const form = $("inspect-form");
+    form.hidden = true;
+    for (const control of form.elements) control.disabled = true;
+    for (const [id] of SETTINGS) $(id).disabled = true;
+    $("controls").title = "A saved inspection: other settings need `lmforge serve` or the flags of `lmforge inspect`";
+    $("intro").hidden = true;
+    let data;
+    try {
+      data = JSON.parse(holder.textContent);
+    } catch (error) {
+      showError(`The saved inspection is not JSON (${error.message}).`);
+      return;
+    }
+    const note = $("static-note");
+    withCode(note, `A saved inspection of ${data && data.model ? data.model : "a model"}: this file makes no requests. ` +
+      "The layer, head and token can be changed here; another text or other sampler settings need `lmforge serve` " +
+      "(its web UI has this Inspect page) or `lmforge inspect` again with other flags (`--temperature`, `--top-k`, " +
+      "`--top-p`, `--repetition-penalty`, `--seed`, `--beams`, `--position`).");
+    note.hidden = false;
+    try {
+      load(data);
+    } catch (error) {
+      showError(`Cannot show the saved inspection: ${error.message}`);
+    }
+  }
+
+  function startServed() {
+    $("inspect-form").addEventListener("submit", (event) => {
+      event.preventDefault();
+      inspect();
+    });
+    $("text").addEventListener("keydown", (event) => {
+      if (event.key === "Enter" && (event.ctrlKey || event.metaKey)) {
+        event.preventDefault();
+        inspect();
+      }
+    });
+    showSettings(null);
+    loadModels();
+  }
+
+  function start() {
+    wire();
+    const holder = $("inspection");
+    if (holder) startStatic(holder);
+    else startServed();
+    window.lmforge = { state, inspect, setFocus, load };
+  }
+
+  if (document.readyState === "loading") document.addEventListener("DOMContentLoaded", start, { once: true });
+  else start();
+})();
