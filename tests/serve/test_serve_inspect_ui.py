@@ -40,6 +40,9 @@ HEATMAP_COLOURS = """() => {
   return { cells: T * (T + 1) / 2, colours: colours.size, transparent };
 }"""
 
+# ... and of the cells above the diagonal (an encoder's: a decoder paints them in the one mask colour)
+UPPER_COLOURS = HEATMAP_COLOURS.replace("let column = 0; column <= row;", "let column = row + 1; column < T;")
+
 
 def check_heatmap(page, tokens: int) -> None:
     seen = page.evaluate(HEATMAP_COLOURS)
@@ -197,6 +200,40 @@ def test_inspect_export_opens_without_a_server(browser, tiny_lm, tmp_path, watch
         check_heatmap(page, tokens)
         expect(page.locator("#lens-table tbody tr")).to_have_count(data["config"]["layers"] + 1)
         expect(page.locator("#error")).to_be_hidden()
+    finally:
+        context.close()
+    assert not problems, problems
+
+
+def test_an_encoders_export_shows_attention_both_ways(browser, tiny_lm, tmp_path, watch_page):
+    """A masked-LM encoder saved by `lmforge inspect --html`: no cell is masked, every token's row reads the
+    whole text, the distribution is of the token at the position, and the KV cache view says why it is not there."""
+    from playwright.sync_api import expect
+
+    from lmforge.embed import Embedder
+    from lmforge.model import DecoderLM, preset
+    from lmforge.runtime import Runtime
+
+    config = preset("tiny", vocab_size=tiny_lm.tokenizer.vocab_size, causal=False, head="mlm")
+    encoder = Embedder(DecoderLM(config).eval(), tiny_lm.tokenizer, Runtime.resolve("cpu", "fp32"))
+    data = payload(inspect_text(encoder, TEXT, "bert"), Focus(position=2))
+    path = write_html(data, tmp_path / "bert.html")
+    tokens = len(data["tokens"])
+    context = browser.new_context(viewport={"width": 1280, "height": 900})
+    page = context.new_page()
+    problems = watch_page(page, lambda url: url == path.as_uri() or url.startswith("data:"))
+    try:
+        page.goto(path.as_uri())
+        expect(page.locator("body")).to_have_attribute("data-state", "shown")
+        painted = page.evaluate(UPPER_COLOURS)
+        assert painted["colours"] >= 5, painted  # weights above the diagonal, not the mask's one colour
+        qk = page.locator('[data-testid="qk"]')
+        expect(qk.locator('[data-testid="qk-key"]')).to_have_count(tokens)  # token 2 sees every token
+        expect(page.locator("#next-title")).to_contain_text("masked")
+        expect(page.locator("#next-note")).to_contain_text("what the masked-LM puts there")
+        expect(page.locator("#kv-missing")).to_contain_text("keeps no KV cache")
+        page.locator('[data-testid="token"]').nth(1).click()
+        expect(qk.locator('[data-testid="qk-key"]')).to_have_count(tokens)
     finally:
         context.close()
     assert not problems, problems

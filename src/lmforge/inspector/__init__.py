@@ -22,6 +22,7 @@ from lmforge.inspector.core import (
     TokenCount,
     check_inspectable,
     inspect_text,
+    load_inspectable,
 )
 from lmforge.inspector.lora import LoraView, load_lora, lora_view
 from lmforge.inspector.quant import QuantView, quant_view
@@ -29,4 +30,4 @@ from lmforge.inspector.rag import RagView, rag_view
 
 __all__ = ["CacheStep", "CacheView", "Candidate", "Inspection", "LoraView", "NextToken", "QuantView", "QueryKeys",
            "RagView", "RatioView", "RewardView", "Token", "TokenCount", "check_inspectable", "inspect_text",
-           "load_lora", "lora_view", "policy_ratio_view", "quant_view", "rag_view", "reward_view"]
+           "load_inspectable", "load_lora", "lora_view", "policy_ratio_view", "quant_view", "rag_view", "reward_view"]

@@ -99,7 +99,8 @@ class Candidate:
 
 @dataclass
 class NextToken:
-    """The next-token distribution after ``position`` and what each decoding setting does to it."""
+    """The next-token distribution after ``position`` (a masked-LM: the distribution of the token at it) and
+    what each decoding setting does to it."""
 
     position: int
     temperature: float
@@ -165,9 +166,10 @@ class Inspection:
     queries: np.ndarray  # (L, H, T, D)
     keys: np.ndarray  # (L, Hkv, T, D)
     values: np.ndarray  # (L, Hkv, T, D)
-    logits: np.ndarray  # (T, V): the model's output; row i predicts token i + 1
-    lens_top: np.ndarray  # (L + 1, T, LENS_TOP) ids of the likeliest next tokens read from each layer
-    lens_probs: np.ndarray  # (L + 1, T, LENS_TOP) their probabilities; row 0 is the embeddings
+    predicts: str | None  # what a row of logits says: "next" (token i + 1), "masked" (token i), None: no logits
+    logits: np.ndarray | None  # (T, V): the model's output
+    lens_top: np.ndarray | None  # (L + 1, T, LENS_TOP) ids of the likeliest tokens read from each layer
+    lens_probs: np.ndarray | None  # (L + 1, T, LENS_TOP) their probabilities; row 0 is the embeddings
     residual_norm: np.ndarray  # (L + 1, T) norm of the residual stream entering each layer, and the output
     attention_norm: np.ndarray  # (L, T) norm of what each layer's attention adds to the stream
     ffn_norm: np.ndarray  # (L, T) ... and its feed-forward
@@ -222,11 +224,13 @@ class Inspection:
     def next_token(self, position: int | None = None, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
                    repetition_penalty: float = 1.0, seed: int = 0, beams: int = 4, beam_tokens: int = 8,
                    candidates: int = CANDIDATES) -> NextToken:
-        """The distribution of the token after ``position`` and what the sampler does with it, through the
-        sampler's own functions (:mod:`lmforge.infer.sampling`), in its order: repetition penalty over the
-        tokens so far, temperature, top-k, top-p. Greedy, a seeded draw and beam search each say what they
-        would write next."""
+        """The distribution of the token after ``position`` (a masked-LM encoder: of the token at it) and what
+        the sampler does with it, through the sampler's own functions (:mod:`lmforge.infer.sampling`), in
+        its order: repetition penalty over the tokens so far, temperature, top-k, top-p. Greedy, a seeded
+        draw and (a decoder) beam search each say what they would write next."""
         position = self.position(position)
+        if self.predicts is None:
+            raise InputError(f"this model has the {self.config['head']!r} head: it gives no token probabilities")
         try:
             config = SamplingConfig(temperature=temperature, top_k=top_k, top_p=top_p,
                                     repetition_penalty=repetition_penalty, seed=seed)
@@ -251,7 +255,9 @@ class Inspection:
             if len(probs) <= 4096 else _ranked(final_np, probs, candidates)
         listed = [Candidate(int(i), self.token_text(int(i)), float(self.logits[position, i]), float(probs[i]),
                             float(final_np[i]), bool(final_np[i] > 0)) for i in order]
-        beam, greedy_run = self._decode_views(position, beams, beam_tokens, repetition_penalty)
+        beam, greedy_run = [], []  # a masked-LM fills in a position; it does not write on
+        if self.predicts == "next":
+            beam, greedy_run = self._decode_views(position, beams, beam_tokens, repetition_penalty)
         return NextToken(position, temperature, top_k, top_p, repetition_penalty, listed, kept,
                          float(probs[kept].sum()), _entropy(probs), _entropy(final_np), greedy, sampled, seed,
                          beam, greedy_run, probs, final_np)
@@ -276,6 +282,8 @@ class Inspection:
         the model writes), per layer and in all."""
         if steps < 0:
             raise InputError(f"steps must be >= 0, got {steps}")
+        if not self.config["causal"]:
+            raise InputError("an encoder reads the whole text at once: it keeps no KV cache")
         if ("kv", steps) in self._memo:
             return self._memo["kv", steps]
         model, config = self._lm.model, self._lm.model.config
@@ -320,24 +328,51 @@ def piece_text(vocab: list[bytes | None] | None, tokenizer: Any, token_id: int) 
     return raw.decode("utf-8", errors="backslashreplace")
 
 
+def load_inspectable(path: Any, device: str = "auto", dtype: str = "auto") -> Any:
+    """A model to inspect: one that generates (:func:`lmforge.load`), else an encoder with its framing
+    (:func:`lmforge.embed.load`: BERT, all-MiniLM, an encoder pretrained with masked tokens)."""
+    from lmforge.api import load
+    from lmforge.embed import load as load_encoder
+
+    try:
+        return load(path, device=device, dtype=dtype)
+    except InputError as refused:
+        try:
+            return load_encoder(path, device=device, dtype="fp32" if dtype == "auto" else dtype)
+        except InputError:
+            raise refused from None
+
+
 def check_inspectable(lm: Any) -> None:
-    """InputError unless ``lm`` is a decoder-only language model whose layers the inspector can read."""
+    """InputError unless ``lm`` holds a model whose layers the inspector can read: a decoder or an encoder
+    loaded in this process (an encoder-decoder's two stacks are not shown yet)."""
     model = getattr(lm, "model", None)
+    if getattr(getattr(model, "config", None), "is_encoder_decoder", False):
+        raise InputError("the inspector reads decoders and encoders; an encoder-decoder's two stacks and its "
+                         "cross-attention are not shown yet")
     if model is None or not hasattr(model, "blocks"):
         raise InputError("the inspector reads a model loaded in this process (lmforge.load); an endpoint "
                          "behind a URL does not return its attention weights or hidden states")
-    config = model.config
-    if config.is_encoder_decoder:
-        raise InputError("the inspector reads decoder-only models; an encoder-decoder's two stacks are not "
-                         "shown yet (inspect a decoder-only model)")
-    if not config.causal or config.head != "lm":
-        raise InputError(f"the inspector reads language models with next-token logits; this model is "
-                         f"{'an encoder' if not config.causal else 'one with the ' + repr(config.head) + ' head'}")
 
 
-def tokenize(lm: Any, text: str, vocab: list[bytes | None], add_bos: bool = True) -> list[Token]:
-    """The text's tokens as the model reads them (with BOS when its tokenizer adds one), with byte spans."""
-    ids = lm.encode_prompt(text) if add_bos else lm.tokenizer.encode(text)
+def predicts(model: Any) -> str | None:
+    """What the model's token logits say at a position: "next" (a decoder: the token after it), "masked" (a
+    masked-LM encoder: the token there), or None (no token logits: an embedder, a reward model)."""
+    if model.config.head in ("lm", "lm+value"):
+        return "next" if model.config.causal else "masked"
+    return "masked" if model.config.head.startswith("mlm") else None
+
+
+def tokenize(lm: Any, text: str, vocab: list[bytes | None] | None, add_bos: bool = True) -> list[Token]:
+    """The text's tokens as the model reads them, with the byte span of the text each covers: a decoder's
+    prompt (with BOS when its tokenizer adds one), an encoder's framing ([CLS] ... [SEP]). Without a byte
+    vocabulary (WordPiece), the spans come from the tokenizer's own character offsets."""
+    if callable(getattr(lm, "tokenize", None)):  # an embedder (lmforge.embed.Embedder): its framing
+        ids = lm.tokenize([text])[0]
+    else:
+        ids = lm.encode_prompt(text) if add_bos else lm.tokenizer.encode(text)
+    if vocab is None:
+        return _offset_tokens(lm.tokenizer, text, ids)
     tokens, offset = [], 0
     for index, token_id in enumerate(ids):
         raw = vocab[token_id] if token_id < len(vocab) else None
@@ -345,6 +380,28 @@ def tokenize(lm: Any, text: str, vocab: list[bytes | None], add_bos: bool = True
         tokens.append(Token(index, token_id, piece_text(vocab, lm.tokenizer, token_id), offset, offset + size,
                             raw is None))
         offset += size
+    return tokens
+
+
+def _offset_tokens(tokenizer: Any, text: str, ids: list[int]) -> list[Token]:
+    """Tokens with spans from a Hugging Face tokenizer's character offsets: the text's own ids found inside
+    ``ids``; the others (its framing) are special tokens."""
+    encoding = tokenizer.hf.encode(text, add_special_tokens=False)
+    own, count = list(encoding.ids), len(encoding.ids)
+    start = next((i for i in range(len(ids) - count + 1) if ids[i:i + count] == own), None)
+    if start is None:
+        raise InputError("the inspector could not place this tokenizer's tokens in the text")
+    to_byte = [0]
+    for char in text:
+        to_byte.append(to_byte[-1] + len(char.encode("utf-8")))
+    tokens = []
+    for index, token_id in enumerate(ids):
+        if start <= index < start + count:
+            low, high = encoding.offsets[index - start]
+            tokens.append(Token(index, token_id, text[low:high], to_byte[low], to_byte[high]))
+        else:
+            at = to_byte[-1] if index >= start + count else 0
+            tokens.append(Token(index, token_id, tokenizer.decode([token_id]), at, at, True))
     return tokens
 
 
@@ -356,7 +413,10 @@ def inspect_text(lm: Any, text: str, name: str = "model", add_bos: bool = True,
     if not text:
         raise InputError("give some text to inspect")
     model = lm.model
-    vocab = token_bytes(lm.tokenizer, model.config.vocab_size)
+    try:
+        vocab = token_bytes(lm.tokenizer, model.config.vocab_size)
+    except InputError:  # not byte-level (BERT's WordPiece): pieces by decoding, spans by offsets
+        vocab = None
     tokens = tokenize(lm, text, vocab, add_bos)
     limit = min(model.config.max_seq_len, max_tokens or model.config.max_seq_len)
     if len(tokens) > limit:
@@ -378,13 +438,14 @@ def inspect_text(lm: Any, text: str, name: str = "model", add_bos: bool = True,
                   block.attn.register_forward_hook(lambda _, __, out: record["attn"].append(out[0])),
                   block.ffn.register_forward_hook(lambda _, __, out: record["ffn"].append(out[0])),
                   block.register_forward_hook(lambda _, __, out: record["stream"].append(out[0]))]
-    device = next(model.parameters()).device
+    device, reads = next(model.parameters()).device, predicts(model)
     try:
         with torch.inference_mode(), autocast_for(model, lm.runtime):
-            logits = model(torch.tensor([[t.id for t in tokens]], device=device))[0]
+            hidden = model(torch.tensor([[t.id for t in tokens]], device=device), return_hidden=True)[0]
+            logits = model.logits(hidden) if reads else None
             lens_top, lens_probs = [], []
-            for hidden in record["stream"]:  # the logit lens: each layer's stream through the final norm and head
-                probs = torch.softmax(model.logits(model.norm(hidden)).float(), dim=-1)
+            for stream in record["stream"] if reads else []:  # the logit lens: each layer's stream, read out
+                probs = torch.softmax(model.logits(model.norm(stream)).float(), dim=-1)
                 top = probs.topk(min(LENS_TOP, probs.shape[-1]), dim=-1)
                 lens_top.append(top.indices)
                 lens_probs.append(top.values)
@@ -402,10 +463,12 @@ def inspect_text(lm: Any, text: str, name: str = "model", add_bos: bool = True,
         count=TokenCount(len(tokens), len(text), len(text.encode()), len(text.split())),
         config={"layers": config.num_layers, "heads": config.num_heads, "kv_heads": config.num_kv_heads,
                 "head_dim": config.head_dim, "dim": config.dim, "vocab_size": config.vocab_size,
-                "max_seq_len": config.max_seq_len, "norm_position": config.norm_position},
+                "max_seq_len": config.max_seq_len, "norm_position": config.norm_position,
+                "causal": config.causal, "head": config.head},
         attention=np.nan_to_num(_softmax(scores), nan=0.0), scores=scores, queries=stack("q"), keys=stack("k"),
-        values=stack("v"), logits=logits.float().cpu().numpy(),
-        lens_top=torch.stack(lens_top).cpu().numpy(), lens_probs=torch.stack(lens_probs).float().cpu().numpy(),
+        values=stack("v"), predicts=reads, logits=None if logits is None else logits.float().cpu().numpy(),
+        lens_top=torch.stack(lens_top).cpu().numpy() if reads else None,
+        lens_probs=torch.stack(lens_probs).float().cpu().numpy() if reads else None,
         residual_norm=torch.stack(record["stream"]).float().norm(dim=-1).cpu().numpy(),
         attention_norm=_norms(record["attn"]),
         ffn_norm=_norms(record["ffn"]), _lm=lm, _vocab=vocab)

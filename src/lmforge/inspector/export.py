@@ -48,16 +48,35 @@ class Focus:
 VIEWS = ("tokens", "attention", "query_keys", "next", "lens", "residual", "kv")
 
 
-def payload(inspection: Inspection, focus: Focus, views: tuple[str, ...] = VIEWS) -> dict[str, Any]:
-    """The inspection as JSON-ready data: every view in ``views``, the detailed ones at ``focus``."""
-    unknown = set(views) - set(VIEWS)
+def available(inspection: Inspection) -> tuple[str, ...]:
+    """The views this model gives: no token distribution or lens without token logits, no KV cache in an
+    encoder."""
+    missing = set()
+    if inspection.predicts is None:
+        missing |= {"next", "lens"}
+    if not inspection.config["causal"]:
+        missing.add("kv")
+    return tuple(v for v in VIEWS if v not in missing)
+
+
+def payload(inspection: Inspection, focus: Focus, views: tuple[str, ...] | None = None) -> dict[str, Any]:
+    """The inspection as JSON-ready data: every view in ``views`` (None: every view the model gives), the
+    detailed ones at ``focus``."""
+    unknown = set(views or ()) - set(VIEWS)
     if unknown:
         raise InputError(f"unknown view(s) {', '.join(sorted(unknown))}; the views are {', '.join(VIEWS)}")
+    if views is None:
+        views = available(inspection)
+    elif missing := [v for v in views if v not in available(inspection)]:
+        raise InputError(f"this model does not give the {', '.join(missing)} view(s) ("
+                         f"{'an encoder keeps no KV cache' if 'kv' in missing else 'it has no token logits'}); "
+                         f"it gives {', '.join(available(inspection))}")
     position = inspection.position(focus.position)
     inspection.check(focus.layer, focus.head)
     count = inspection.count
     out: dict[str, Any] = {
         "model": inspection.model, "text": inspection.text, "config": inspection.config,
+        "predicts": inspection.predicts,
         "tokens": [dataclasses.asdict(t) for t in inspection.tokens],
         "count": {**dataclasses.asdict(count), "bytes_per_token": round(count.bytes_per_token, 3)},
         "focus": {**dataclasses.asdict(focus), "position": position},

@@ -61,9 +61,14 @@ def attention_view(data: dict[str, Any], window: int = 32) -> str:
     grid = weights[layer, head, start:position + 1, start:position + 1]
     lines = [f"layer {layer}, head {head}: row = the token attending, column = the token attended to "
              f"(shade: weight, {SHADES[1]} small .. {SHADES[-1]} near 1)"]
-    if start:
-        lines.append(f"(tokens {start}..{position} of {len(labels)}; --position moves the window)")
-    for row, query in enumerate(range(start, position + 1)):
+    if not data["config"].get("causal", True):  # an encoder: every token sees the whole text
+        end = min(len(labels), start + window)
+        grid = weights[layer, head, start:end, start:end]
+    else:
+        end = position + 1
+    if start or end < len(labels):
+        lines.append(f"(tokens {start}..{end - 1} of {len(labels)}; --position moves the window)")
+    for row, query in enumerate(range(start, end)):
         cells = "".join(SHADES[min(len(SHADES) - 1, int(np.ceil(w * (len(SHADES) - 1))))] for w in grid[row])
         lines.append(f"{query:>4} {labels[query]:>10} {cells}")
     qk = data.get("query_keys")
@@ -81,7 +86,9 @@ def next_view(data: dict[str, Any]) -> str:
     nt = data["next"]
     settings = (f"temperature {nt['temperature']}, top-k {nt['top_k'] or 'off'}, top-p {nt['top_p']}, "
                 f"repetition penalty {nt['repetition_penalty']}")
-    lines = [f"after token {nt['position']} ({settings}): {nt['kept']} token(s) kept, holding "
+    where = f"after token {nt['position']}" if data.get("predicts") != "masked" else \
+        f"at token {nt['position']} (what the masked-LM puts there)"
+    lines = [f"{where} ({settings}): {nt['kept']} token(s) kept, holding "
              f"{nt['kept_mass']:.1%} of the model's probability; entropy {nt['entropy']:.2f} -> "
              f"{nt['final_entropy']:.2f} nats",
              f"  {'token':>14} {'id':>6} {'logit':>8} {'model p':>8} {'sampled p':>9}"]
@@ -93,11 +100,11 @@ def next_view(data: dict[str, Any]) -> str:
     def run(tokens: list[dict]) -> str:
         return "".join(t["text"] for t in tokens).replace("\n", "↵")
 
-    lines += [f"greedy picks {shown(nt['greedy']['text'], 20)!r}"
-              + ("" if nt["sampled"] is None else f"; a draw with seed {nt['seed']} picks "
-                                                   f"{shown(nt['sampled']['text'], 20)!r}"),
-              f"greedy goes on: {run(nt['greedy_run'])!r}",
-              f"beam search ({nt['beams']} beams): {run(nt['beam'])!r}"]
+    lines.append(f"greedy picks {shown(nt['greedy']['text'], 20)!r}"
+                 + ("" if nt["sampled"] is None else f"; a draw with seed {nt['seed']} picks "
+                                                      f"{shown(nt['sampled']['text'], 20)!r}"))
+    if nt["greedy_run"]:
+        lines += [f"greedy goes on: {run(nt['greedy_run'])!r}", f"beam search ({nt['beams']} beams): {run(nt['beam'])!r}"]
     return "\n".join(lines)
 
 
@@ -107,7 +114,8 @@ def lens_view(data: dict[str, Any], columns: int = 6) -> str:
     positions = list(range(max(0, position + 1 - columns), position + 1))
     header = f"{'layer':>6} " + " ".join(f"{shown(data['tokens'][p]['text'], 14):>21}" for p in positions)
     lines = ["the logit lens: the residual stream after each layer (embed: before the first) through the final "
-             "norm and the output layer; columns: the token read, cells: the guess for the token after it", header]
+             "norm and the output layer; columns: the token read, cells: the guess for "
+             + ("the token there" if data.get("predicts") == "masked" else "the token after it"), header]
     layers = len(lens["ids"])
     for layer in range(layers):
         name = "embed" if layer == 0 else f"{layer - 1}{'=out' if layer == layers - 1 else ''}"

@@ -31,7 +31,7 @@ from lmforge.errors import InputError
 from lmforge.eval.human import RatingStore
 from lmforge.infer.request import RequestOutput
 from lmforge.inspector import inspect_text
-from lmforge.inspector.export import VIEWS, Focus, payload
+from lmforge.inspector.export import Focus, payload
 from lmforge.serve.completions import (
     Plan,
     build_chat,
@@ -316,7 +316,7 @@ def create_app(models: dict[str, ServedModel], api_key: str | None = None, max_q
         """The inspector's views of one text (lmforge.inspector.export.payload), with this engine's prefix cache."""
         model = pick(body.model)
         focus = Focus(**body.model_dump(exclude={"model", "text", "views"}))
-        views = tuple(body.views) if body.views is not None else VIEWS
+        views = tuple(body.views) if body.views is not None else None
 
         def run() -> dict:
             key = (model.name, body.text)

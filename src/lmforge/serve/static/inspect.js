@@ -53,6 +53,8 @@
     mode: "served",
     data: null, // the payload shown
     attention: null, // Uint16Array of (L, H, T, T) weights x 65535, or null
+    causal: true, // a decoder (later tokens masked); false: an encoder
+    noNext: "", // why the next-token view is missing, when it is
     L: 0,
     H: 0,
     T: 0,
@@ -234,7 +236,7 @@
       for (let column = 0; column < T; column++) {
         const at = row * T + column;
         const out = at * 4;
-        if (column > row) {
+        if (state.causal && column > row) {
           pixels[out] = mask[0];
           pixels[out + 1] = mask[1];
           pixels[out + 2] = mask[2];
@@ -393,6 +395,7 @@
     state.L = Number(config.layers);
     state.H = Number(config.heads);
     state.T = data.tokens.length;
+    state.causal = config.causal !== false; // a decoder; an encoder sees the whole text
     state.attention = attention;
     if (data.attention) delete data.attention.data; // decoded: the base64 text is not kept twice
     data.vocab = data.vocab || {};
@@ -457,7 +460,26 @@
 
   // ---------------------------------------------------------------- rendering
 
+  /** The words that differ between a decoder and an encoder, and why a view may be missing. */
+  function describeModel() {
+    const data = state.data;
+    $("attention-explain").textContent = state.causal
+      ? "Each row is a token looking back at the text: how it spreads its attention over the tokens it may see " +
+        "(the row sums to 1). Darker is more attention; grey cells are masked, since a token cannot see the " +
+        "tokens after it. Click a row to look at that token."
+      : "Each row is a token looking at the whole text (an encoder sees both sides, nothing is masked): how it " +
+        "spreads its attention (the row sums to 1). Darker is more attention. Click a row to look at that token.";
+    $("next-title").textContent = data.predicts === "masked" ? "The token at a position (masked LM)" : "Next token";
+    const noLogits = "This model gives no token probabilities (an embedder or a reward model has no output layer " +
+      "over the vocabulary).";
+    $("lens-missing").textContent = data.predicts ? "This inspection has no logit lens (its views left it out)." : noLogits;
+    $("kv-missing").textContent = state.causal ? "This inspection has no KV cache view (its views left it out)."
+      : "An encoder reads the whole text in one pass: it keeps no KV cache.";
+    state.noNext = data.predicts ? "This inspection has no next-token view (its views left it out)." : noLogits;
+  }
+
   function renderAll() {
+    describeModel();
     state.colors = themeColors();
     renderTokens();
     renderLens();
@@ -642,7 +664,7 @@
       return;
     }
     const { layer, head } = state.focus;
-    tip.textContent = at.column > at.row
+    tip.textContent = state.causal && at.column > at.row
       ? `${tokenLabel(at.row)} → ${tokenLabel(at.column)}: masked (a token cannot see later tokens)`
       : `${tokenLabel(at.row)} → ${tokenLabel(at.column)}: ${weight(layer, head, at.row, at.column).toFixed(4)}`;
     const canvas = $("heatmap");
@@ -680,7 +702,8 @@
         if (score !== null) keys.push({ index: j, score, weight: qk.weights[j] });
       });
     } else if (state.attention) {
-      for (let j = 0; j <= position; j++) keys.push({ index: j, score: null, weight: weight(layer, head, position, j) });
+      const seen = state.causal ? position + 1 : state.T; // an encoder's token sees the whole text
+      for (let j = 0; j < seen; j++) keys.push({ index: j, score: null, weight: weight(layer, head, position, j) });
     }
     const masked = state.T - keys.length;
     let note = `${plural(keys.length, "key")} it may see`;
@@ -758,13 +781,15 @@
     const note = $("next-note");
     const section = $("next-view");
     if (!next) {
-      note.textContent = "This inspection has no next-token view (its views left it out).";
+      note.textContent = state.noNext;
       section.dataset.position = "";
       return;
     }
     section.dataset.position = String(next.position);
     if (next.position === state.focus.position) {
-      note.textContent = `After ${tokenLabel(next.position)}, the model's next token:`;
+      note.textContent = state.data.predicts === "masked"
+        ? `At ${tokenLabel(next.position)}, what the masked-LM puts there (mask that token in the text to ask it):`
+        : `After ${tokenLabel(next.position)}, the model's next token:`;
     } else if (state.mode === "served") {
       note.textContent = `Fetching the next token after ${tokenLabel(state.focus.position)}… (below: after ${tokenLabel(next.position)})`;
     } else {
