@@ -626,10 +626,12 @@ def cmd_inspect(args: argparse.Namespace) -> None:
     if views is not None and (args.html or args.json):
         views = tuple(dict.fromkeys((*views, "attention", "query_keys")))  # the page's heat map needs them
     lm = load_inspectable(args.model, device=args.device, dtype=args.dtype)
-    focus = Focus(layer=args.layer, head=args.head, position=args.position, temperature=args.temperature,
+    focus = Focus(layer=args.layer, head=args.head, stack=args.stack, position=args.position,
+                  temperature=args.temperature,
                   top_k=args.top_k, top_p=args.top_p, repetition_penalty=args.repetition_penalty, seed=args.seed,
                   beams=args.beams, beam_tokens=args.beam_tokens, kv_steps=args.kv_steps)
-    data = payload(inspect_text(lm, text, Path(str(args.model)).name, add_bos=not args.no_bos), focus, views)
+    seen = inspect_text(lm, text, Path(str(args.model)).name, add_bos=not args.no_bos, target=args.target)
+    data = payload(seen, focus, views)
     if not args.quiet:
         print(render(data))
     if args.json:
@@ -1178,6 +1180,11 @@ def make_parser() -> argparse.ArgumentParser:
                                    "tokens, attention, query_keys, next, lens, residual, kv")
     p.add_argument("--layer", type=int, default=0, help="the layer whose attention is drawn")
     p.add_argument("--head", type=int, default=0, help="the head whose attention is drawn")
+    p.add_argument("--stack", default="self", choices=["self", "cross", "encoder"],
+                   help="an encoder-decoder's attention drawn: the decoder's own, its cross-attention over the "
+                        "source, or the encoder's")
+    p.add_argument("--target", help="an encoder-decoder: the text its decoder reads after its start token "
+                                    "(default: its own greedy reply to the text)")
     p.add_argument("--position", type=int, default=None,
                    help="the token looked at closely: its attention row and the distribution of the token after "
                         "it (default: the last; negative counts from the end)")

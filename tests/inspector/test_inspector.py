@@ -148,6 +148,10 @@ def test_bad_input_is_refused_with_what_exists(tiny_lm, seen):
         seen.next_token(99)
     with pytest.raises(InputError, match="layer 2 does not exist: the model has layers 0..1"):
         seen.query_keys(2, 0)
+    with pytest.raises(InputError, match="layer 2 does not exist: layers 0..1"):
+        payload(seen, Focus(layer=2))
+    with pytest.raises(InputError, match="stack 'cross' is an encoder-decoder's"):
+        payload(seen, Focus(stack="cross"))
     with pytest.raises(InputError, match="head 4 does not exist"):
         payload(seen, Focus(head=4))
     with pytest.raises(InputError, match="top_p must be in"):
@@ -156,9 +160,6 @@ def test_bad_input_is_refused_with_what_exists(tiny_lm, seen):
         inspect_text(tiny_lm, "")
     with pytest.raises(InputError, match="at most 5"):
         inspect_text(tiny_lm, TEXT, max_tokens=5)
-    t5 = LanguageModel(build_model(preset("t5-tiny", vocab_size=400)), tiny_lm.tokenizer, tiny_lm.runtime)
-    with pytest.raises(InputError, match="an encoder-decoder's two stacks"):
-        inspect_text(t5, TEXT)
     with pytest.raises(InputError, match="behind a URL"):
         inspect_text(object(), TEXT)
 
@@ -272,3 +273,63 @@ def test_a_wordpiece_embedder_is_read_with_its_offsets():
     assert set(payload(seen, Focus())) >= {"attention", "residual"} and "next" not in payload(seen, Focus())
     with pytest.raises(InputError, match="no token probabilities"):
         seen.next_token()
+
+
+@pytest.fixture(scope="module")
+def t5(tiny_lm) -> LanguageModel:
+    torch.manual_seed(3)
+    model = build_model(preset("t5-tiny", vocab_size=tiny_lm.tokenizer.vocab_size)).eval()
+    return LanguageModel(model, tiny_lm.tokenizer, Runtime.resolve("cpu", "fp32"))
+
+
+def test_an_encoder_decoder_shows_its_three_attentions(t5, tmp_path, capsys):
+    """T5's form: the decoder's causal self-attention, its cross-attention over the source, the encoder's
+    attention both ways; each layer's recorded weights times its values, through the output projection, give
+    back the layer's real output; the decoder's greedy run from its start token is the model's own reply."""
+    model = t5.model
+    seen = inspect_text(t5, "The quick brown fox", "t5", target="jumps over the lazy dog")
+    S, T = len(seen.source_ids), len(seen.ids)
+    assert seen.ids[0] == model.config.decoder_start_id and seen.source_ids[-1] == t5.tokenizer.eos_id
+    assert seen.cross_attention.shape[2:] == (T, S) and seen.encoder_attention.shape[2:] == (S, S)
+    for weights in (seen.attention, seen.cross_attention, seen.encoder_attention):
+        np.testing.assert_allclose(weights.sum(-1), 1.0, atol=1e-5)
+    assert np.all(np.triu(seen.attention[0, 0], 1) == 0) and np.all(seen.encoder_attention[0, 0] > 0)
+
+    outputs, memory = [], []
+
+    def record(_, args, out) -> None:  # the layer's output, and the values of its memory
+        outputs.append(out[0])
+        memory.append(args[1][1][0])
+
+    hooks = [b.cross_attn.register_forward_hook(record) for b in model.decoder.blocks]
+    with torch.no_grad():
+        logits = model(torch.tensor([seen.source_ids]), torch.tensor([seen.ids]))[0]
+    for hook in hooks:
+        hook.remove()
+    np.testing.assert_allclose(seen.logits, logits.numpy(), atol=1e-5)
+    group = seen.num_heads // model.config.num_kv_heads
+    for layer, block in enumerate(model.decoder.blocks):  # cross-attention: weights x values -> o_proj
+        values = memory[layer].numpy()  # (Hkv, S, D)
+        heads = [seen.cross_attention[layer, h] @ values[h // group] for h in range(seen.num_heads)]
+        rebuilt = block.cross_attn.o_proj(torch.from_numpy(np.concatenate(heads, axis=-1)))
+        torch.testing.assert_close(rebuilt, outputs[layer], atol=1e-5, rtol=1e-4)
+
+    reply = list(t5.new_tokens(seen.source_ids, SamplingConfig(max_new_tokens=4, temperature=0)))
+    assert seen.next_token(0, temperature=0, beam_tokens=4).greedy_run == reply
+    own = inspect_text(t5, "The quick brown fox")  # no target: the decoder reads its own greedy reply
+    assert own.ids[1:] == list(t5.new_tokens(own.source_ids, t5.sampling_config(max_new_tokens=16,
+                                                                                 temperature=0)))
+    data = payload(seen, Focus(stack="cross"))
+    assert "kv" not in data and len(data["source_tokens"]) == S
+    np.testing.assert_allclose(attention_array(data, "cross_attention"), seen.cross_attention, atol=1 / 65535)
+    json.dumps(data, allow_nan=False)
+    with pytest.raises(InputError, match="not drawn for an encoder-decoder"):
+        seen.kv_cache()
+
+    save_checkpoint(tmp_path / "t5", model, t5.tokenizer)
+    assert main(["inspect", str(tmp_path / "t5"), "The quick brown fox", "--target", "jumps", "--stack", "encoder",
+                 "--layer", "1", "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert "source (the encoder reads)" in out and "(the encoder's self-attention)" in out
+    assert main(["inspect", str(tmp_path / "t5"), "The quick brown fox", "--stack", "cross", "--layer", "5"]) == 2
+    assert "layer 5 does not exist in the cross attention" in capsys.readouterr().err

@@ -1,7 +1,8 @@
 """The Inspect page (static/inspect.html) in headless Chromium, on the tiny random-weight model of
 tests/conftest.py: served by `lmforge serve` (POST /v1/inspect: the heat map, the next-token distribution
 under sampler settings, the focus token, errors) and as the one-file export of ``write_html``, which opens
-from file:// and makes no request at all.
+from file:// and makes no request at all: a decoder's, an encoder's and an encoder-decoder's (its three
+attentions).
 
 The browser is found as in test_serve_ui.py: the system's `chromium`, else Playwright's own; without
 either the browser tests are skipped and say so.
@@ -234,6 +235,143 @@ def test_an_encoders_export_shows_attention_both_ways(browser, tiny_lm, tmp_path
         expect(page.locator("#kv-missing")).to_contain_text("keeps no KV cache")
         page.locator('[data-testid="token"]').nth(1).click()
         expect(qk.locator('[data-testid="qk-key"]')).to_have_count(tokens)
+    finally:
+        context.close()
+    assert not problems, problems
+
+
+# The heat map's grid of any shape (data-rows x data-columns): each cell's colour at its centre, counted as
+# transparent, the mask's colour (above or on/below the diagonal) or a weight's colour.
+GRID_COLOURS = """() => {
+  const canvas = document.querySelector('[data-testid="heatmap"]');
+  const [x0, y0, cell, ratio, rows, columns] = ["x0", "y0", "cell", "ratio", "rows", "columns"]
+    .map((name) => Number(canvas.dataset[name]));
+  const mask = window.lmforge.state.colors.mask.join(",");
+  const context = canvas.getContext("2d");
+  const colours = new Set();
+  let transparent = 0, maskedAbove = 0, maskedBelow = 0;
+  for (let row = 0; row < rows; row++) {
+    for (let column = 0; column < columns; column++) {
+      const x = Math.floor((x0 + (column + 0.5) * cell) * ratio);
+      const y = Math.floor((y0 + (row + 0.5) * cell) * ratio);
+      const [r, g, b, a] = context.getImageData(x, y, 1, 1).data;
+      const colour = `${r},${g},${b}`;
+      if (a === 0) transparent += 1;
+      else if (colour === mask) column > row ? maskedAbove += 1 : maskedBelow += 1;
+      else colours.add(colour);
+    }
+  }
+  return { stack: canvas.dataset.stack, rows, columns, transparent, maskedAbove, maskedBelow, colours: colours.size };
+}"""
+
+
+def test_an_encoder_decoders_export_shows_its_three_attentions(browser, tiny_lm, tmp_path, watch_page):
+    """A T5-form encoder-decoder saved by `lmforge inspect --html`: the stack select chooses the decoder's
+    self-attention (causal), its cross-attention over the source and the encoder's self-attention (neither
+    masked); each has its own grid shape, layers and rows; source tokens have a chip row of their own."""
+    import torch
+    from playwright.sync_api import expect
+
+    from lmforge.api import LanguageModel
+    from lmforge.model import build_model, preset
+    from lmforge.runtime import Runtime
+
+    torch.manual_seed(0)
+    config = preset("t5-tiny", vocab_size=tiny_lm.tokenizer.vocab_size, decoder_layers=1)  # 2 encoder layers
+    t5 = LanguageModel(build_model(config).eval(), tiny_lm.tokenizer, Runtime.resolve("cpu", "fp32"))
+    data = payload(inspect_text(t5, "The quick brown fox", "t5", target="jumps over the lazy dog"), Focus())
+    path = write_html(data, tmp_path / "t5.html")
+    T, S = len(data["tokens"]), len(data["source_tokens"])
+    decoder_layers, encoder_layers = data["config"]["layers"], data["config"]["encoder_layers"]
+    assert (decoder_layers, encoder_layers) == (1, 2) and T > 3 and S > 3
+    shapes = {"self": data["attention"]["shape"], "cross": data["cross_attention"]["shape"],
+              "encoder": data["encoder_attention"]["shape"]}
+    assert shapes == {"self": [1, 4, T, T], "cross": [1, 4, T, S], "encoder": [2, 4, S, S]}, shapes
+
+    context = browser.new_context(viewport={"width": 1280, "height": 900})
+    page = context.new_page()
+    problems = watch_page(page, lambda url: url == path.as_uri() or url.startswith("data:"))  # no request
+    try:
+        page.goto(path.as_uri())
+        expect(page.locator("body")).to_have_attribute("data-state", "shown")
+        stack = page.locator('[data-testid="stack"]')
+        expect(stack).to_be_visible()
+        expect(stack.locator("option")).to_have_text(["decoder self-attention", "cross-attention: decoder → source",
+                                                      "encoder self-attention"])
+        assert stack.locator("option").evaluate_all("(options) => options.map((o) => o.value)") == [
+            "self", "cross", "encoder"]
+        heatmap = page.locator("#heatmap")
+        qk = page.locator('[data-testid="qk"]')
+        targets = page.locator('[data-testid="tokens"] [data-testid="token"]')
+        sources = page.locator('[data-testid="tokens"] [data-testid="source-token"]')
+        expect(targets).to_have_count(T)
+        expect(sources).to_have_count(S)
+        expect(targets.first).to_have_class(re.compile(r"\binspect-token-special\b"))  # the decoder's start
+        expect(page.locator('[data-testid="tokens"]')).to_contain_text("Source (the encoder reads)")
+        expect(page.locator("#kv-missing")).to_contain_text("not shown for an encoder-decoder yet")
+
+        # the decoder's self-attention: T x T, causal (the mask's colour above the diagonal, and only there)
+        expect(heatmap).to_have_attribute("data-stack", "self")
+        seen = page.evaluate(GRID_COLOURS)
+        assert (seen["rows"], seen["columns"]) == (T, T), seen
+        assert seen["maskedAbove"] == T * (T - 1) // 2 and seen["maskedBelow"] == 0, seen
+        assert seen["transparent"] == 0 and seen["colours"] >= 3, seen
+        expect(qk.locator('[data-testid="qk-key"]')).to_have_count(T)  # the last target token sees them all
+        expect(qk).to_have_attribute("data-source", "server")
+
+        # cross-attention: target rows x source columns, every cell a weight; the keys are the source's
+        stack.select_option("cross")
+        expect(heatmap).to_have_attribute("data-stack", "cross")
+        seen = page.evaluate(GRID_COLOURS)
+        assert (seen["rows"], seen["columns"]) == (T, S), seen
+        assert seen["maskedAbove"] + seen["maskedBelow"] + seen["transparent"] == 0, seen
+        assert seen["colours"] >= 3, seen
+        expect(heatmap).to_have_attribute("data-position", str(T - 1))
+        expect(page.locator("#layer option")).to_have_text([str(i) for i in range(decoder_layers)])
+        expect(qk).to_have_attribute("data-stack", "cross")
+        expect(qk).to_have_attribute("data-source", "attention")
+        expect(qk.locator('[data-testid="qk-key"]')).to_have_count(S)
+        expect(page.locator("#qk-note")).to_contain_text("decoder's self-attention only")
+        targets.nth(1).click()  # a target token: the cross view's row
+        expect(heatmap).to_have_attribute("data-position", "1")
+        expect(qk.locator('[data-testid="qk-key"]')).to_have_count(S)
+
+        # the encoder: source rows and columns, both ways, its own layers; its rows have a focus of their own
+        stack.select_option("encoder")
+        expect(heatmap).to_have_attribute("data-stack", "encoder")
+        seen = page.evaluate(GRID_COLOURS)
+        assert (seen["rows"], seen["columns"]) == (S, S), seen
+        assert seen["maskedAbove"] + seen["maskedBelow"] + seen["transparent"] == 0, seen
+        expect(heatmap).to_have_attribute("data-position", str(S - 1))  # the last source token
+        expect(page.locator("#position")).to_contain_text(f"source #{S - 1}")
+        expect(page.locator("#layer option")).to_have_text([str(i) for i in range(encoder_layers)])
+        page.select_option("#layer", "1")
+        expect(heatmap).to_have_attribute("data-layer", "1")
+        expect(qk.locator('[data-testid="qk-key"]')).to_have_count(S)
+        box = heatmap.bounding_box()
+        x0, y0, cell = (float(heatmap.get_attribute(f"data-{name}")) for name in ("x0", "y0", "cell"))
+        page.mouse.move(box["x"] + x0 + cell / 2, box["y"] + y0 + 1.5 * cell)  # row 1, column 0
+        expect(page.locator("#heatmap-tip")).to_contain_text("source #1")
+        expect(page.locator("#heatmap-tip")).to_contain_text("→ source #0")
+        page.mouse.click(box["x"] + x0 + cell / 2, box["y"] + y0 + cell / 2)  # row 0
+        expect(heatmap).to_have_attribute("data-position", "0")  # the source focus; the decoder's stays
+        focus = page.evaluate("() => window.lmforge.state.focus")
+        assert (focus["source"], focus["position"]) == (0, 1), focus
+
+        # back to the decoder: the encoder's layer 1 does not exist there, it is clamped
+        stack.select_option("cross")
+        expect(page.locator("#layer")).to_have_value("0")
+        expect(heatmap).to_have_attribute("data-layer", "0")
+        sources.nth(2).click()  # a source chip: the encoder's view at that token
+        expect(stack).to_have_value("encoder")
+        expect(heatmap).to_have_attribute("data-position", "2")
+        expect(sources.nth(2)).to_have_attribute("aria-pressed", "true")
+        targets.nth(2).click()  # a target chip: the decoder's view at that token
+        expect(stack).to_have_value("self")
+        expect(heatmap).to_have_attribute("data-position", "2")
+        expect(qk.locator('[data-testid="qk-key"]')).to_have_count(3)
+        expect(page.locator("#lens-table tbody tr")).to_have_count(decoder_layers + 1)
+        expect(page.locator("#error")).to_be_hidden()
     finally:
         context.close()
     assert not problems, problems

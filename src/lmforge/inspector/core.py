@@ -26,7 +26,7 @@ import torch
 from lmforge.errors import InputError
 from lmforge.infer.beam import beam_search
 from lmforge.infer.constrain import token_bytes
-from lmforge.infer.generate import autocast_for
+from lmforge.infer.generate import autocast_for, generate_tokens
 from lmforge.infer.sampling import (
     SamplingConfig,
     apply_repetition_penalty,
@@ -35,7 +35,8 @@ from lmforge.infer.sampling import (
     top_k_filter,
     top_p_filter,
 )
-from lmforge.model.attention import Attention, attention_scores
+from lmforge.infer.seq2seq import ConditionedDecoder, encode_sources
+from lmforge.model.attention import attention_scores
 from lmforge.model.kv_cache import KVCache
 
 LENS_TOP = 5  # guesses kept per layer and position by the logit lens
@@ -173,6 +174,10 @@ class Inspection:
     residual_norm: np.ndarray  # (L + 1, T) norm of the residual stream entering each layer, and the output
     attention_norm: np.ndarray  # (L, T) norm of what each layer's attention adds to the stream
     ffn_norm: np.ndarray  # (L, T) ... and its feed-forward
+    # an encoder-decoder: the tokens above are the decoder's (the target), the arrays its stack's; beside them
+    source_tokens: list[Token] | None = None  # the encoder's tokens (the source)
+    encoder_attention: np.ndarray | None = None  # (Le, H, S, S) the encoder's self-attention, both ways
+    cross_attention: np.ndarray | None = None  # (L, H, T, S) each target token over the encoder's output
     _lm: Any = field(default=None, repr=False)
     _vocab: list[bytes | None] | None = field(default=None, repr=False)
     _memo: dict = field(default_factory=dict, repr=False)  # decodes already run for this text
@@ -180,6 +185,10 @@ class Inspection:
     @property
     def ids(self) -> list[int]:
         return [t.id for t in self.tokens]
+
+    @property
+    def source_ids(self) -> list[int]:
+        return [t.id for t in self.source_tokens or []]
 
     @property
     def num_layers(self) -> int:
@@ -272,8 +281,14 @@ class Inspection:
             if length < 1:
                 return [], []
             config = SamplingConfig(max_new_tokens=length, temperature=0, num_beams=beams, repetition_penalty=penalty)
-            beam = beam_search(lm.model, prefix, config, lm.runtime).tokens
-            self._memo[key] = beam, list(lm.new_tokens(prefix, dataclasses.replace(config, num_beams=1)))
+            greedy = dataclasses.replace(config, num_beams=1)
+            if self.source_tokens is None:
+                beam = beam_search(lm.model, prefix, config, lm.runtime).tokens
+                self._memo[key] = beam, list(lm.new_tokens(prefix, greedy))
+            else:  # the decoder bound to the encoded source: a causal LM over the target
+                decoder = ConditionedDecoder(lm.model, *encode_sources(lm.model, [self.source_ids], lm.runtime))
+                self._memo[key] = (beam_search(decoder, prefix, config, lm.runtime).tokens,
+                                   list(generate_tokens(decoder, prefix, greedy, lm.runtime)))
         return self._memo[key]
 
     def kv_cache(self, steps: int = 16) -> CacheView:
@@ -284,6 +299,8 @@ class Inspection:
             raise InputError(f"steps must be >= 0, got {steps}")
         if not self.config["causal"]:
             raise InputError("an encoder reads the whole text at once: it keeps no KV cache")
+        if self.source_tokens is not None:
+            raise InputError("the KV cache view is not drawn for an encoder-decoder yet")
         if ("kv", steps) in self._memo:
             return self._memo["kv", steps]
         model, config = self._lm.model, self._lm.model.config
@@ -344,13 +361,10 @@ def load_inspectable(path: Any, device: str = "auto", dtype: str = "auto") -> An
 
 
 def check_inspectable(lm: Any) -> None:
-    """InputError unless ``lm`` holds a model whose layers the inspector can read: a decoder or an encoder
-    loaded in this process (an encoder-decoder's two stacks are not shown yet)."""
+    """InputError unless ``lm`` holds a model whose layers the inspector can read: a decoder, an encoder or an
+    encoder-decoder loaded in this process."""
     model = getattr(lm, "model", None)
-    if getattr(getattr(model, "config", None), "is_encoder_decoder", False):
-        raise InputError("the inspector reads decoders and encoders; an encoder-decoder's two stacks and its "
-                         "cross-attention are not shown yet")
-    if model is None or not hasattr(model, "blocks"):
+    if model is None or not (hasattr(model, "blocks") or hasattr(model, "decoder")):
         raise InputError("the inspector reads a model loaded in this process (lmforge.load); an endpoint "
                          "behind a URL does not return its attention weights or hidden states")
 
@@ -373,11 +387,16 @@ def tokenize(lm: Any, text: str, vocab: list[bytes | None] | None, add_bos: bool
         ids = lm.encode_prompt(text) if add_bos else lm.tokenizer.encode(text)
     if vocab is None:
         return _offset_tokens(lm.tokenizer, text, ids)
+    return tokens_of(ids, vocab, lm.tokenizer)
+
+
+def tokens_of(ids: list[int], vocab: list[bytes | None] | None, tokenizer: Any) -> list[Token]:
+    """Tokens of ``ids`` with the byte spans their pieces take one after another (special tokens: none)."""
     tokens, offset = [], 0
     for index, token_id in enumerate(ids):
-        raw = vocab[token_id] if token_id < len(vocab) else None
+        raw = vocab[token_id] if vocab is not None and token_id < len(vocab) else None
         size = 0 if raw is None else len(raw)
-        tokens.append(Token(index, token_id, piece_text(vocab, lm.tokenizer, token_id), offset, offset + size,
+        tokens.append(Token(index, token_id, piece_text(vocab, tokenizer, token_id), offset, offset + size,
                             raw is None))
         offset += size
     return tokens
@@ -405,73 +424,131 @@ def _offset_tokens(tokenizer: Any, text: str, ids: list[int]) -> list[Token]:
     return tokens
 
 
+class _Recorder:
+    """Hooks on one stack's blocks, recording as the model runs: each layer's queries, keys, values and masked
+    scaled dot products, what its attention and feed-forward add, the residual stream entering each layer and
+    leaving the last, and (a decoder of an encoder-decoder) the cross-attention's scores."""
+
+    def __init__(self, blocks: Any):
+        self.q, self.k, self.v, self.scores, self.cross = [], [], [], [], []
+        self.attn, self.ffn, self.stream = [], [], []
+        self.hooks = [blocks[0].register_forward_pre_hook(lambda _, args: self.stream.append(args[0][0]))]
+        for block in blocks:
+            self.hooks += [block.attn.register_forward_pre_hook(self._attention),
+                           block.attn.register_forward_hook(lambda _, __, out: self.attn.append(out[0])),
+                           block.ffn.register_forward_hook(lambda _, __, out: self.ffn.append(out[0])),
+                           block.register_forward_hook(lambda _, __, out: self.stream.append(out[0]))]
+            if hasattr(block, "cross_attn"):
+                self.hooks.append(block.cross_attn.register_forward_pre_hook(self._cross))
+
+    def _attention(self, module: Any, args: tuple) -> None:
+        x, _, rotary, mask = (*args, None, None, None)[:4]
+        q, k, v = module.project(x, rotary)
+        self.q.append(q[0])
+        self.k.append(k[0])
+        self.v.append(v[0])
+        self.scores.append(attention_scores(q, k, mask, module.causal)[0])
+
+    def _cross(self, module: Any, args: tuple) -> None:
+        x, (keys, _), mask = (*args, None)[:3]
+        self.cross.append(attention_scores(module.queries(x), keys, mask, causal=False)[0])
+
+    def remove(self) -> None:
+        for hook in self.hooks:
+            hook.remove()
+
+    def array(self, name: str) -> np.ndarray:
+        return torch.stack(getattr(self, name)).float().cpu().numpy()
+
+
 def inspect_text(lm: Any, text: str, name: str = "model", add_bos: bool = True,
-                 max_tokens: int | None = None) -> Inspection:
-    """Run ``lm`` (a :class:`lmforge.api.LanguageModel`) once over ``text`` and record what each layer saw.
-    ``add_bos``: start with the tokenizer's BOS as prompts do; ``max_tokens``: refuse longer texts."""
+                 max_tokens: int | None = None, target: str | None = None, reply_tokens: int = 16) -> Inspection:
+    """Run ``lm`` once over ``text`` and record what each layer saw. ``lm``: a :class:`lmforge.api.LanguageModel`
+    (a decoder, an encoder-decoder) or an encoder (:class:`lmforge.embed.Embedder`). ``add_bos``: start with the
+    tokenizer's BOS as prompts do; ``max_tokens``: refuse longer texts.
+
+    An encoder-decoder reads ``text`` as its source, and its decoder is inspected over the start token and
+    ``target`` (default: its own greedy reply, ``reply_tokens`` at most); the encoder's and the cross
+    attention come beside the decoder's."""
     check_inspectable(lm)
     if not text:
         raise InputError("give some text to inspect")
     model = lm.model
+    config = model.config
     try:
-        vocab = token_bytes(lm.tokenizer, model.config.vocab_size)
+        vocab = token_bytes(lm.tokenizer, config.vocab_size)
     except InputError:  # not byte-level (BERT's WordPiece): pieces by decoding, spans by offsets
         vocab = None
     tokens = tokenize(lm, text, vocab, add_bos)
-    limit = min(model.config.max_seq_len, max_tokens or model.config.max_seq_len)
+    limit = min(config.max_seq_len, max_tokens or config.max_seq_len)
     if len(tokens) > limit:
-        reader = "the model reads" if limit == model.config.max_seq_len else "the inspector here reads"
+        reader = "the model reads" if limit == config.max_seq_len else "the inspector here reads"
         raise InputError(f"the text is {len(tokens)} tokens; {reader} at most {limit}")
-    record: dict[str, list] = {"q": [], "k": [], "v": [], "scores": [], "attn": [], "ffn": [], "stream": []}
-
-    def on_attention(module: Attention, args: tuple) -> None:
-        x, _, rotary, mask = (*args, None, None, None)[:4]
-        q, k, v = module.project(x, rotary)
-        record["q"].append(q[0])
-        record["k"].append(k[0])
-        record["v"].append(v[0])
-        record["scores"].append(attention_scores(q, k, mask, module.causal)[0])
-
-    hooks = [model.blocks[0].register_forward_pre_hook(lambda _, args: record["stream"].append(args[0][0]))]
-    for block in model.blocks:
-        hooks += [block.attn.register_forward_pre_hook(on_attention),
-                  block.attn.register_forward_hook(lambda _, __, out: record["attn"].append(out[0])),
-                  block.ffn.register_forward_hook(lambda _, __, out: record["ffn"].append(out[0])),
-                  block.register_forward_hook(lambda _, __, out: record["stream"].append(out[0]))]
-    device, reads = next(model.parameters()).device, predicts(model)
+    seq2seq, reads = config.is_encoder_decoder, predicts(model)
+    source = None
+    if seq2seq:
+        source, tokens = tokens, tokens_of(_target_ids(lm, [t.id for t in tokens], target, reply_tokens, limit),
+                                           vocab, lm.tokenizer)
+    device = next(model.parameters()).device
+    recorder = _Recorder(model.decoder.blocks if seq2seq else model.blocks)
+    encoder = _Recorder(model.encoder.blocks) if seq2seq else None
+    ids = torch.tensor([[t.id for t in tokens]], device=device)
     try:
         with torch.inference_mode(), autocast_for(model, lm.runtime):
-            hidden = model(torch.tensor([[t.id for t in tokens]], device=device), return_hidden=True)[0]
-            logits = model.logits(hidden) if reads else None
+            if seq2seq:
+                memory = model.encode(torch.tensor([[t.id for t in source]], device=device))
+                hidden = model.decode(ids, memory, return_hidden=True)[0]
+
+                def read_out(stream: torch.Tensor) -> torch.Tensor:
+                    return model.lm_head(model.decoder.norm(stream))
+            else:
+                hidden = model(ids, return_hidden=True)[0]
+
+                def read_out(stream: torch.Tensor) -> torch.Tensor:
+                    return model.logits(model.norm(stream))
+            logits = (model.lm_head(hidden) if seq2seq else model.logits(hidden)) if reads else None
             lens_top, lens_probs = [], []
-            for stream in record["stream"] if reads else []:  # the logit lens: each layer's stream, read out
-                probs = torch.softmax(model.logits(model.norm(stream)).float(), dim=-1)
+            for stream in recorder.stream if reads else []:  # the logit lens: each layer's stream, read out
+                probs = torch.softmax(read_out(stream).float(), dim=-1)
                 top = probs.topk(min(LENS_TOP, probs.shape[-1]), dim=-1)
                 lens_top.append(top.indices)
                 lens_probs.append(top.values)
     finally:
-        for hook in hooks:
-            hook.remove()
+        recorder.remove()
+        if encoder is not None:
+            encoder.remove()
 
-    def stack(name: str) -> np.ndarray:
-        return torch.stack(record[name]).float().cpu().numpy()
-
-    scores = stack("scores")
-    config = model.config
+    scores = recorder.array("scores")
+    described = {"layers": len(recorder.scores), "heads": config.num_heads, "kv_heads": config.num_kv_heads,
+                 "head_dim": config.head_dim, "dim": config.dim, "vocab_size": config.vocab_size,
+                 "max_seq_len": config.max_seq_len, "norm_position": config.norm_position,
+                 "causal": config.causal, "head": config.head, "encoder_decoder": seq2seq}
+    if seq2seq:
+        described["encoder_layers"] = len(encoder.scores)
     return Inspection(
         model=name, text=text, tokens=tokens,
-        count=TokenCount(len(tokens), len(text), len(text.encode()), len(text.split())),
-        config={"layers": config.num_layers, "heads": config.num_heads, "kv_heads": config.num_kv_heads,
-                "head_dim": config.head_dim, "dim": config.dim, "vocab_size": config.vocab_size,
-                "max_seq_len": config.max_seq_len, "norm_position": config.norm_position,
-                "causal": config.causal, "head": config.head},
-        attention=np.nan_to_num(_softmax(scores), nan=0.0), scores=scores, queries=stack("q"), keys=stack("k"),
-        values=stack("v"), predicts=reads, logits=None if logits is None else logits.float().cpu().numpy(),
+        count=TokenCount(len(source or tokens), len(text), len(text.encode()), len(text.split())),
+        config=described, attention=_softmax(scores), scores=scores, queries=recorder.array("q"),
+        keys=recorder.array("k"), values=recorder.array("v"), predicts=reads,
+        logits=None if logits is None else logits.float().cpu().numpy(),
         lens_top=torch.stack(lens_top).cpu().numpy() if reads else None,
         lens_probs=torch.stack(lens_probs).float().cpu().numpy() if reads else None,
-        residual_norm=torch.stack(record["stream"]).float().norm(dim=-1).cpu().numpy(),
-        attention_norm=_norms(record["attn"]),
-        ffn_norm=_norms(record["ffn"]), _lm=lm, _vocab=vocab)
+        residual_norm=torch.stack(recorder.stream).float().norm(dim=-1).cpu().numpy(),
+        attention_norm=_norms(recorder.attn), ffn_norm=_norms(recorder.ffn), source_tokens=source,
+        encoder_attention=_softmax(encoder.array("scores")) if seq2seq else None,
+        cross_attention=_softmax(recorder.array("cross")) if seq2seq else None, _lm=lm, _vocab=vocab)
+
+
+def _target_ids(lm: Any, source: list[int], target: str | None, reply_tokens: int, limit: int) -> list[int]:
+    """An encoder-decoder's decoder input: its start token, then ``target``'s tokens or its own greedy reply."""
+    start = lm.model.config.decoder_start_id
+    if target is not None:
+        ids = [start, *lm.tokenizer.encode(target)]
+    else:
+        ids = [start, *lm.new_tokens(source, lm.sampling_config(max_new_tokens=reply_tokens, temperature=0))]
+    if len(ids) > limit:
+        raise InputError(f"the target is {len(ids)} tokens; the inspector here reads at most {limit}")
+    return ids
 
 
 def _norms(outputs: list[torch.Tensor]) -> np.ndarray:
@@ -479,6 +556,7 @@ def _norms(outputs: list[torch.Tensor]) -> np.ndarray:
 
 
 def _softmax(scores: np.ndarray) -> np.ndarray:
-    """Row softmax of (..., Tk) scores holding -inf, in float32 (as ``attention_weights`` computes it)."""
-    return torch.softmax(torch.from_numpy(scores), dim=-1).numpy()
+    """Row softmax of (..., Tk) scores holding -inf, in float32 (as ``attention_weights`` computes it); a row
+    with no key to see (all -inf) is zeros."""
+    return np.nan_to_num(torch.softmax(torch.from_numpy(scores), dim=-1).numpy(), nan=0.0)
 

@@ -34,6 +34,7 @@ class Focus:
 
     layer: int = 0
     head: int = 0
+    stack: str = "self"  # an encoder-decoder's attention drawn in the terminal: self, cross or encoder
     position: int | None = None  # None: the last token
     temperature: float = 1.0
     top_k: int = 0
@@ -48,15 +49,16 @@ class Focus:
 VIEWS = ("tokens", "attention", "query_keys", "next", "lens", "residual", "kv")
 
 
-def available(inspection: Inspection) -> tuple[str, ...]:
-    """The views this model gives: no token distribution or lens without token logits, no KV cache in an
-    encoder."""
-    missing = set()
+def missing_views(inspection: Inspection) -> dict[str, str]:
+    """The views this model does not give, and why."""
+    missing = {}
     if inspection.predicts is None:
-        missing |= {"next", "lens"}
+        missing["next"] = missing["lens"] = "it has no token logits"
     if not inspection.config["causal"]:
-        missing.add("kv")
-    return tuple(v for v in VIEWS if v not in missing)
+        missing["kv"] = "an encoder keeps no KV cache"
+    elif inspection.source_tokens is not None:
+        missing["kv"] = "the KV cache view is not drawn for an encoder-decoder yet"
+    return missing
 
 
 def payload(inspection: Inspection, focus: Focus, views: tuple[str, ...] | None = None) -> dict[str, Any]:
@@ -65,14 +67,22 @@ def payload(inspection: Inspection, focus: Focus, views: tuple[str, ...] | None 
     unknown = set(views or ()) - set(VIEWS)
     if unknown:
         raise InputError(f"unknown view(s) {', '.join(sorted(unknown))}; the views are {', '.join(VIEWS)}")
+    missing = missing_views(inspection)
     if views is None:
-        views = available(inspection)
-    elif missing := [v for v in views if v not in available(inspection)]:
-        raise InputError(f"this model does not give the {', '.join(missing)} view(s) ("
-                         f"{'an encoder keeps no KV cache' if 'kv' in missing else 'it has no token logits'}); "
-                         f"it gives {', '.join(available(inspection))}")
+        views = tuple(v for v in VIEWS if v not in missing)
+    elif refused := [v for v in views if v in missing]:
+        raise InputError("; ".join(f"no {v} view: {missing[v]}" for v in refused))
     position = inspection.position(focus.position)
-    inspection.check(focus.layer, focus.head)
+    if focus.stack not in ("self", "cross", "encoder"):
+        raise InputError(f"stack {focus.stack!r}: an encoder-decoder's attention is self, cross or encoder")
+    if focus.stack != "self" and inspection.source_tokens is None:
+        raise InputError(f"stack {focus.stack!r} is an encoder-decoder's; this model has its self-attention only")
+    layers = (inspection.encoder_attention if focus.stack == "encoder" else inspection.attention).shape[0]
+    if not 0 <= focus.layer < layers:
+        where = "" if inspection.source_tokens is None else f" in the {focus.stack} attention"
+        raise InputError(f"layer {focus.layer} does not exist{where}: layers 0..{layers - 1}")
+    inspection.check(head=focus.head)
+    qk_layer = min(focus.layer, inspection.num_layers - 1)  # q.k rows are the decoder's self-attention
     count = inspection.count
     out: dict[str, Any] = {
         "model": inspection.model, "text": inspection.text, "config": inspection.config,
@@ -87,12 +97,15 @@ def payload(inspection: Inspection, focus: Focus, views: tuple[str, ...] | None 
         vocab.setdefault(int(token_id), inspection.token_text(int(token_id)))
         return {"id": int(token_id), "text": vocab[int(token_id)]}
 
+    if inspection.source_tokens is not None:  # an encoder-decoder: the tokens above are the target's
+        out["source_tokens"] = [dataclasses.asdict(t) for t in inspection.source_tokens]
     if "attention" in views:
-        weights = np.clip(np.round(inspection.attention * 65535), 0, 65535).astype("<u2")
-        out["attention"] = {"shape": list(weights.shape), "encoding": "uint16 x 65535, base64",
-                            "data": base64.b64encode(weights.tobytes()).decode("ascii")}
+        out["attention"] = weight_block(inspection.attention)
+        if inspection.source_tokens is not None:
+            out["cross_attention"] = weight_block(inspection.cross_attention)
+            out["encoder_attention"] = weight_block(inspection.encoder_attention)
     if "query_keys" in views:
-        qk = inspection.query_keys(focus.layer, focus.head, position)
+        qk = inspection.query_keys(qk_layer, focus.head, position)
         out["query_keys"] = {"layer": qk.layer, "head": qk.head, "position": qk.position, "kv_head": qk.kv_head,
                              "query": _floats(qk.query), "keys": _floats(qk.keys), "values": _floats(qk.values),
                              "scores": _floats(qk.scores), "weights": _floats(qk.weights),
@@ -122,6 +135,13 @@ def payload(inspection: Inspection, focus: Focus, views: tuple[str, ...] | None 
                      "multi_head_bytes_per_token": kv.multi_head_bytes_per_token}
     out["vocab"] = {str(k): v for k, v in sorted(vocab.items())}
     return out
+
+
+def weight_block(weights: np.ndarray) -> dict[str, Any]:
+    """Attention weights in [0, 1] as one block of 16-bit integers (weight x 65535), base64."""
+    codes = np.clip(np.round(weights * 65535), 0, 65535).astype("<u2")
+    return {"shape": list(codes.shape), "encoding": "uint16 x 65535, base64",
+            "data": base64.b64encode(codes.tobytes()).decode("ascii")}
 
 
 def _floats(array: np.ndarray, digits: int = 6) -> Any:

@@ -26,9 +26,10 @@ def bar(value: float, width: int = BAR) -> str:
     return "█" * int(filled) + ("▌" if filled - int(filled) >= 0.5 else "")
 
 
-def attention_array(data: dict[str, Any]) -> np.ndarray:
-    """The (L, H, T, T) weights of a payload, decoded from their 16-bit block."""
-    block = data["attention"]
+def attention_array(data: dict[str, Any], name: str = "attention") -> np.ndarray:
+    """The (L, H, T, T) weights of a payload (``name``: an encoder-decoder's ``cross_attention`` (L, H, T, S)
+    or ``encoder_attention`` (Le, H, S, S)), decoded from their 16-bit block."""
+    block = data[name]
     raw = np.frombuffer(base64.b64decode(block["data"]), dtype="<u2")
     return raw.reshape(block["shape"]).astype(np.float32) / 65535
 
@@ -37,8 +38,17 @@ def tokens_view(data: dict[str, Any]) -> str:
     count = data["count"]
     lines = [f"{count['tokens']} tokens · {count['characters']} characters · {count['bytes']} bytes · "
              f"{count['words']} words · {count['bytes_per_token']:.2f} bytes per token", ""]
-    row_text, row_ids, width = [], [], 0
-    for token in data["tokens"]:
+    if "source_tokens" in data:  # an encoder-decoder: the source it read, then the target its decoder wrote
+        lines += ["source (the encoder reads):", *chips(data["source_tokens"]), "",
+                  "target (the decoder writes, after its start token):", *chips(data["tokens"])]
+        return "\n".join(lines)
+    return "\n".join(lines + chips(data["tokens"]))
+
+
+def chips(tokens: list[dict]) -> list[str]:
+    """Tokens as two aligned lines per row, text above id, wrapped at 100 characters."""
+    lines, row_text, row_ids, width = [], [], [], 0
+    for token in tokens:
         text = shown(token["text"], 16)
         cell = max(len(text), len(str(token["id"])))
         if width + cell + 1 > 100 and row_text:
@@ -49,30 +59,37 @@ def tokens_view(data: dict[str, Any]) -> str:
         width += cell + 1
     if row_text:
         lines += ["|".join(row_text), "|".join(row_ids)]
-    return "\n".join(lines)
+    return lines
 
 
 def attention_view(data: dict[str, Any], window: int = 32) -> str:
     """The focus head's heat map over the last ``window`` tokens up to the focus, then how the focus row is made."""
-    focus, weights = data["focus"], attention_array(data)
-    layer, head, position = focus["layer"], focus["head"], focus["position"]
-    start = max(0, position + 1 - window)
-    labels = [shown(t["text"], 10) for t in data["tokens"]]
-    grid = weights[layer, head, start:position + 1, start:position + 1]
-    lines = [f"layer {layer}, head {head}: row = the token attending, column = the token attended to "
+    focus = data["focus"]
+    layer, head, position, stack = focus["layer"], focus["head"], focus["position"], focus.get("stack", "self")
+    rows = [shown(t["text"], 10) for t in data["source_tokens" if stack == "encoder" else "tokens"]]
+    columns = data["source_tokens"] if stack != "self" else data["tokens"]
+    weights = attention_array(data, {"self": "attention", "cross": "cross_attention",
+                                     "encoder": "encoder_attention"}[stack])
+    what = {"self": "", "cross": " (cross-attention: target tokens over the source)",
+            "encoder": " (the encoder's self-attention)"}[stack]
+    lines = [f"layer {layer}, head {head}{what}: row = the token attending, column = the token attended to "
              f"(shade: weight, {SHADES[1]} small .. {SHADES[-1]} near 1)"]
-    if not data["config"].get("causal", True):  # an encoder: every token sees the whole text
-        end = min(len(labels), start + window)
-        grid = weights[layer, head, start:end, start:end]
-    else:
-        end = position + 1
-    if start or end < len(labels):
-        lines.append(f"(tokens {start}..{end - 1} of {len(labels)}; --position moves the window)")
+    causal = stack == "self" and data["config"].get("causal", True)  # else every token sees every column
+    if stack == "encoder":
+        position = len(rows) - 1
+    start = max(0, position + 1 - window) if causal else 0
+    end = position + 1 if causal else min(len(rows), start + window)
+    grid = weights[layer, head, start:end, :len(columns)] if not causal else weights[layer, head, start:end, start:end]
+    if start or end < len(rows):
+        lines.append(f"(rows {start}..{end - 1} of {len(rows)}; --position moves the window)")
+    if stack != "self":
+        lines.append(f"{'':>15} columns: {' '.join(shown(t['text'], 8) for t in columns)}")
     for row, query in enumerate(range(start, end)):
         cells = "".join(SHADES[min(len(SHADES) - 1, int(np.ceil(w * (len(SHADES) - 1))))] for w in grid[row])
-        lines.append(f"{query:>4} {labels[query]:>10} {cells}")
+        lines.append(f"{query:>4} {rows[query]:>10} {cells}")
+    labels = [shown(t["text"], 10) for t in data["tokens"]]
     qk = data.get("query_keys")
-    if qk:
+    if qk and stack == "self":
         lines += ["", f"how row {qk['position']} is made: weights = softmax(q·k × {qk['scale']:.4f}) "
                       f"(1/√{len(qk['query'])}); kv head {qk['kv_head']}; the largest:"]
         order = sorted(range(len(qk["weights"])), key=lambda i: -qk["weights"][i])[:8]

@@ -201,6 +201,11 @@ class CrossAttention(nn.Module):
         v = self.v_proj(memory).view(batch, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
         return k, v
 
+    def queries(self, x: torch.Tensor) -> torch.Tensor:
+        """x (B, T, dim) -> queries (B, H, T, D)."""
+        batch, seq_len, _ = x.shape
+        return self.q_proj(x).view(batch, seq_len, self.num_heads, self.head_dim).transpose(1, 2)
+
     def forward(self, x: torch.Tensor, keys_values: tuple[torch.Tensor, torch.Tensor],
                 mask: torch.Tensor | None = None) -> torch.Tensor:
         """x (B, T, dim); ``keys_values`` of the memory; ``mask`` (B, 1, 1, S), False at the memory's padding.
@@ -208,7 +213,7 @@ class CrossAttention(nn.Module):
         A packed pass of the batched engine (one row of N tokens from several requests) gives each token
         its own memory: keys and values (N, Hkv, S, D) and mask (N, 1, 1, S) for x (1, N, dim)."""
         batch, seq_len, _ = x.shape
-        q = self.q_proj(x).view(batch, seq_len, self.num_heads, self.head_dim).transpose(1, 2)
+        q = self.queries(x)
         k, v = keys_values
         per_token = k.shape[0] != batch
         if per_token:  # (1, H, N, D) -> (N, H, 1, D): each token a row of its own

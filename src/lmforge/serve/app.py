@@ -315,15 +315,15 @@ def create_app(models: dict[str, ServedModel], api_key: str | None = None, max_q
     async def inspect(body: InspectRequest):
         """The inspector's views of one text (lmforge.inspector.export.payload), with this engine's prefix cache."""
         model = pick(body.model)
-        focus = Focus(**body.model_dump(exclude={"model", "text", "views"}))
+        focus = Focus(**body.model_dump(exclude={"model", "text", "target", "views"}))
         views = tuple(body.views) if body.views is not None else None
 
         def run() -> dict:
-            key = (model.name, body.text)
+            key = (model.name, body.text, body.target)
             config = model.lm.model.config  # the attention sent is L x H x T x T weights: cap T by the model
             limit = min(INSPECT_TOKENS, math.isqrt(INSPECT_WEIGHTS // (config.num_layers * config.num_heads)))
             inspection = inspections.pop(key, None) or inspect_text(model.lm, body.text, model.name,
-                                                                    max_tokens=limit)
+                                                                    max_tokens=limit, target=body.target)
             inspections[key] = inspection  # the newest last; a slider moved on the page reads it again
             while len(inspections) > INSPECTIONS_KEPT:
                 inspections.popitem(last=False)

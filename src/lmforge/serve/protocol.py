@@ -113,6 +113,7 @@ class InspectRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     model: str | None = None
     text: str = Field(min_length=1)
+    target: str | None = None  # an encoder-decoder: what its decoder reads (default: its greedy reply)
     layer: int = 0
     head: int = 0
     position: int | None = None  # None: the last token; negative counts from the end

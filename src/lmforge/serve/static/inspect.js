@@ -15,20 +15,32 @@
  * Attention weights arrive once as base64 little-endian uint16 (weight x 65535, (L, H, T, T) row-major),
  * decoded into one Uint16Array; the heat map and the heads' thumbnails are drawn from it as images.
  *
+ * An encoder-decoder (T5's form; config.encoder_decoder) has three such blocks, three "stacks" the #stack
+ * select chooses between: "self" the decoder's self-attention (data.attention, (Ld, H, T, T), causal),
+ * "cross" the decoder's cross-attention ((Ld, H, T, S): rows the target tokens data.tokens, columns the source
+ * tokens data.source_tokens) and "encoder" the encoder's self-attention ((Le, H, S, S), both ways). The
+ * decoder's focus token (focus.position) drives query·key, next token, lens and residual; the encoder's rows
+ * have a focus of their own (focus.source), which fetches nothing.
+ *
  * Stable hooks (tests/serve/test_serve_inspect_ui.py relies on these):
- *   #model #text #inspect      the form (served mode); #static-note says what a saved file cannot do
- *   #layer #head               selects (only layers and heads that exist); #position the focus token
- *   [data-testid=token]        the token chips (data-index); a click sets the focus
- *   #heatmap                   the canvas; data-layer/-head/-position say what it shows, data-x0/-y0/-cell
- *                              where its grid lies (CSS pixels)
- *   #qk-view                   data-layer/-head/-position, data-source "server" (scores from the server)
- *                              or "attention" (weights only, from the heat map's data); [data-testid=qk-key] rows
+ *   #model #text #inspect      the form (served mode); #target an encoder-decoder's target text (shown once
+ *                              one was inspected); #static-note says what a saved file cannot do
+ *   #layer #head               selects (only layers and heads that exist, of the stack shown); #position the
+ *                              focus token (of the rows shown); #stack the stack (hidden with only one)
+ *   [data-testid=token]        the token chips (data-index); a click sets the focus; an encoder-decoder's
+ *                              source tokens are [data-testid=source-token] (a click: the encoder's view)
+ *   #heatmap                   the canvas; data-stack/-layer/-head/-position say what it shows (position: the
+ *                              focus row), data-rows/-columns its grid's size, data-x0/-y0/-cell where the grid
+ *                              lies (CSS pixels; cells are square), data-ratio device pixels per CSS pixel
+ *   #qk-view                   data-stack/-layer/-head/-position, data-source "server" (scores from the
+ *                              server) or "attention" (weights only, from the heat map's data);
+ *                              [data-testid=qk-key] rows
  *   #next-view                 data-position, data-stale while new settings are being fetched;
  *                              [data-testid=candidate][data-kept], [data-testid=kept] the kept count
  *   #temperature #top-k #top-p #repetition-penalty #seed #beams   the sampler's settings
  *   body[data-state]           "empty", "loading", "shown"; body[data-mode] "served" or "static";
  *                              body[data-busy] "true" while a request runs
- *   window.lmforge             {state, inspect, setFocus, load}
+ *   window.lmforge             {state, inspect, setFocus, setStack, load}
  */
 "use strict";
 
@@ -52,19 +64,24 @@
   const state = {
     mode: "served",
     data: null, // the payload shown
-    attention: null, // Uint16Array of (L, H, T, T) weights x 65535, or null
+    attention: null, // Uint16Array of (L, H, T, T) weights x 65535, or null (the decoder's self-attention)
     causal: true, // a decoder (later tokens masked); false: an encoder
+    encoderDecoder: false, // T5's form: a source the encoder reads, a target the decoder writes
+    target: null, // the target text sent with the inspection shown (null: the model's own reply)
+    stacks: {}, // "self" (always), "cross" and "encoder" (an encoder-decoder's): see stackOf()
+    stack: "self", // the stack the heat map shows
     noNext: "", // why the next-token view is missing, when it is
-    L: 0,
+    L: 0, // the decoder's layers
     H: 0,
-    T: 0,
-    focus: { layer: 0, head: 0, position: 0 },
+    T: 0, // tokens (the decoder's)
+    S: 0, // source tokens (an encoder-decoder's encoder), else 0
+    focus: { layer: 0, head: 0, position: 0, source: 0 },
     busy: 0,
     generation: 0, // bumped by each new inspection: older answers are dropped
     seq: { query_keys: 0, next: 0 }, // the latest request of each partial view
     pending: new Set(),
     timer: null,
-    thumbsLayer: -1, // the layer whose thumbnails are drawn
+    thumbsLayer: "", // the stack and layer whose thumbnails are drawn
     geometry: null, // where the heat map's grid lies
     lensCells: [], // per position: the lens table's cells of that column
     colors: null,
@@ -99,9 +116,17 @@
     return text.length > length ? `${text.slice(0, length - 1)}…` : text;
   }
 
+  /** A decoder's token (an encoder-decoder's target token) by its index, for the page's words. */
   function tokenLabel(index) {
     const token = state.data.tokens[index];
-    return token ? `#${index} «${visible(token.text)}»` : `#${index}`;
+    const name = `${state.encoderDecoder ? "target " : ""}#${index}`;
+    return token ? `${name} «${visible(token.text)}»` : name;
+  }
+
+  /** An encoder-decoder's source token (what the encoder reads) by its index. */
+  function sourceLabel(index) {
+    const token = (state.data.source_tokens || [])[index];
+    return token ? `source #${index} «${visible(token.text)}»` : `source #${index}`;
   }
 
   function vocabText(id) {
@@ -201,14 +226,14 @@
 
   // ---------------------------------------------------------------- attention weights
 
-  /** The (L, H, T, T) uint16 weights of the payload's base64 block, checked against its shape. */
+  /** The (L, H, R, C) uint16 weights of a payload's base64 block, checked against its shape. */
   function decodeAttention(attention) {
     if (!attention || typeof attention.data !== "string" || !Array.isArray(attention.shape)) return null;
     const shape = attention.shape.map(Number);
     const count = shape.reduce((a, b) => a * b, 1);
     const binary = atob(attention.data);
     if (binary.length !== count * 2) {
-      throw new Error(`the attention block holds ${binary.length} bytes, not the ${count * 2} its shape says`);
+      throw new Error(`an attention block holds ${binary.length} bytes, not the ${count * 2} its shape says`);
     }
     const raw = new Uint8Array(binary.length);
     for (let i = 0; i < binary.length; i++) raw[i] = binary.charCodeAt(i);
@@ -220,29 +245,47 @@
     return out;
   }
 
-  function weight(layer, head, row, column) {
-    const T = state.T;
-    return state.attention[((layer * state.H + head) * T + row) * T + column] / 65535;
+  /** A stack of attention: {name, weights (Uint16Array or null), L, H, R rows, C columns, masked (causal: cells
+   * above the diagonal), rows and columns ("target": the decoder's tokens, "source": the encoder's)}. */
+  function stackOf(name = state.stack) {
+    return state.stacks[name] || state.stacks.self;
   }
 
-  /** One head's T x T weights as an image (masked cells, above the diagonal, in the mask colour). */
-  function headImage(layer, head) {
-    const T = state.T;
-    const image = new ImageData(T, T);
+  function tokensOf(kind) {
+    return kind === "source" ? state.data.source_tokens || [] : state.data.tokens;
+  }
+
+  function labelOf(kind, index) {
+    return kind === "source" ? sourceLabel(index) : tokenLabel(index);
+  }
+
+  /** The focus row of a stack: the source focus in the encoder's rows, else the decoder's focus token. */
+  function focusRow(stack = stackOf()) {
+    return stack.rows === "source" ? state.focus.source : state.focus.position;
+  }
+
+  function weight(layer, head, row, column, stack = stackOf("self")) {
+    return stack.weights[((layer * stack.H + head) * stack.R + row) * stack.C + column] / 65535;
+  }
+
+  /** One head's R x C weights of a stack as an image (masked cells, above the diagonal, in the mask colour). */
+  function headImage(layer, head, stack = stackOf()) {
+    const { R, C } = stack;
+    const image = new ImageData(C, R);
     const pixels = image.data;
     const { lut, mask } = state.colors;
-    const base = (layer * state.H + head) * T * T;
-    for (let row = 0; row < T; row++) {
-      for (let column = 0; column < T; column++) {
-        const at = row * T + column;
+    const base = (layer * stack.H + head) * R * C;
+    for (let row = 0; row < R; row++) {
+      for (let column = 0; column < C; column++) {
+        const at = row * C + column;
         const out = at * 4;
-        if (state.causal && column > row) {
+        if (stack.masked && column > row) {
           pixels[out] = mask[0];
           pixels[out + 1] = mask[1];
           pixels[out + 2] = mask[2];
           pixels[out + 3] = 255;
         } else {
-          const k = (state.attention[base + at] >> 4) * 4;
+          const k = (stack.weights[base + at] >> 4) * 4;
           pixels[out] = lut[k];
           pixels[out + 1] = lut[k + 1];
           pixels[out + 2] = lut[k + 2];
@@ -287,9 +330,14 @@
     return out;
   }
 
-  function requestBody(model, text, views, position) {
-    const body = { text, layer: state.focus.layer, head: state.focus.head, position, ...settings() };
+  function requestBody(model, text, views, position, target = null) {
+    // query_keys are the decoder's self-attention's: the layer and head of another stack, clamped into it
+    const self = state.stacks.self || {}; // none before the first inspection
+    const layer = self.L ? Math.min(state.focus.layer, self.L - 1) : state.focus.layer;
+    const head = self.H ? Math.min(state.focus.head, self.H - 1) : state.focus.head;
+    const body = { text, layer, head, position, ...settings() };
     if (model) body.model = model;
+    if (target !== null) body.target = target;
     if (views) body.views = views;
     return body;
   }
@@ -317,8 +365,10 @@
       return;
     }
     const model = $("model").value;
+    // an encoder-decoder's target: the field shows once such a model was inspected
+    const target = !$("target-field").hidden && $("target").value ? $("target").value : null;
     const same = state.data && state.data.model === model;
-    if (!same) state.focus = { layer: 0, head: 0, position: 0 };
+    if (!same) state.focus = { layer: 0, head: 0, position: 0, source: 0 };
     state.generation += 1;
     const generation = state.generation;
     state.pending.clear();
@@ -326,8 +376,11 @@
     if (!state.data) document.body.dataset.state = "loading";
     $("inspect").disabled = true;
     try {
-      const data = await post(requestBody(model, text, null, null));
-      if (data && generation === state.generation) load(data);
+      const data = await post(requestBody(model, text, null, null, target));
+      if (data && generation === state.generation) {
+        state.target = target;
+        load(data);
+      }
     } catch (error) {
       showError(`Cannot show the inspection: ${error.message}`);
     } finally {
@@ -354,7 +407,7 @@
     for (const view of views) tickets[view] = ++state.seq[view];
     const generation = state.generation;
     const { model, text } = state.data;
-    const data = await post(requestBody(model, text, views, state.focus.position));
+    const data = await post(requestBody(model, text, views, state.focus.position, state.target));
     if (generation !== state.generation) return;
     const fresh = views.filter((view) => tickets[view] === state.seq[view]);
     if (!data) {
@@ -379,45 +432,120 @@
     select.value = String(selected);
   }
 
+  /** A stack of attention from a payload's block, its shape checked against [L, H, R, C] (null: no block). */
+  function readStack(name, block, expected, rows, columns, masked) {
+    const weights = decodeAttention(block);
+    if (weights) {
+      const shape = block.shape.map(Number);
+      if (shape.length !== 4 || shape[0] !== expected[0] || shape[2] !== expected[2] || shape[3] !== expected[3]) {
+        throw new Error(`the ${name} attention block's shape ${block.shape.join("x")} does not match the model and ` +
+          `text (${expected[0]} layers x ${expected[1]} heads x ${expected[2]} x ${expected[3]})`);
+      }
+      expected = shape;
+    }
+    if (block) delete block.data; // decoded: the base64 text is not kept twice
+    const [L, H, R, C] = expected;
+    return { name, weights, L, H, R, C, rows, columns, masked };
+  }
+
+  function clampInteger(value, fallback, count) {
+    return Math.min(Math.max(Number.isInteger(value) ? value : fallback, 0), Math.max(0, count - 1));
+  }
+
   /** Show a payload (served: an answer of POST /v1/inspect; static: the one in the page). */
   function load(data) {
     if (!data || !Array.isArray(data.tokens) || !data.tokens.length || !data.config) {
       throw new Error("the inspection has no tokens");
     }
     const config = data.config;
-    const attention = decodeAttention(data.attention);
-    if (attention) {
-      const [L, H, T, T2] = data.attention.shape;
-      if (L !== Number(config.layers) || H !== Number(config.heads) || T !== data.tokens.length || T2 !== T) {
-        throw new Error(`the attention block's shape ${data.attention.shape.join("x")} does not match the model and text`);
+    const L = Number(config.layers);
+    const H = Number(config.heads);
+    const T = data.tokens.length;
+    const causal = config.causal !== false; // a decoder; an encoder sees the whole text
+    const encoderDecoder = config.encoder_decoder === true;
+    const sources = encoderDecoder && Array.isArray(data.source_tokens) ? data.source_tokens : [];
+    if (encoderDecoder && !sources.length) throw new Error("the encoder-decoder's inspection has no source tokens");
+    const S = sources.length;
+    const stacks = { self: readStack("self", data.attention, [L, H, T, T], "target", "target", causal) };
+    if (encoderDecoder) {
+      const Le = Number(config.encoder_layers ?? (data.encoder_attention ? data.encoder_attention.shape[0] : L));
+      if (data.cross_attention) {
+        stacks.cross = readStack("cross", data.cross_attention, [L, H, T, S], "target", "source", false);
+      }
+      if (data.encoder_attention) {
+        stacks.encoder = readStack("encoder", data.encoder_attention, [Le, H, S, S], "source", "source", false);
       }
     }
-    state.L = Number(config.layers);
-    state.H = Number(config.heads);
-    state.T = data.tokens.length;
-    state.causal = config.causal !== false; // a decoder; an encoder sees the whole text
-    state.attention = attention;
-    if (data.attention) delete data.attention.data; // decoded: the base64 text is not kept twice
+    state.L = L;
+    state.H = H;
+    state.T = T;
+    state.S = S;
+    state.causal = causal;
+    state.encoderDecoder = encoderDecoder;
+    state.stacks = stacks;
+    state.attention = stacks.self.weights;
+    if (state.mode === "static" && data.focus && data.focus.stack in stacks) state.stack = data.focus.stack;
+    if (!(state.stack in stacks)) state.stack = "self";
     data.vocab = data.vocab || {};
     state.data = data;
     const focus = data.focus || {};
+    const stack = stackOf();
     state.focus = {
-      layer: Math.min(Math.max(Number(focus.layer) || 0, 0), state.L - 1),
-      head: Math.min(Math.max(Number(focus.head) || 0, 0), state.H - 1),
-      position: Math.min(Math.max(Number.isInteger(focus.position) ? focus.position : state.T - 1, 0), state.T - 1),
+      layer: clampInteger(Number(focus.layer) || 0, 0, stack.L),
+      head: clampInteger(Number(focus.head) || 0, 0, stack.H),
+      position: clampInteger(focus.position, T - 1, T),
+      source: clampInteger(focus.source, S - 1, S),
     };
-    state.thumbsLayer = -1;
-    fillSelect($("layer"), state.L, state.focus.layer);
-    fillSelect($("head"), state.H, state.focus.head);
+    state.thumbsLayer = "";
+    fillStacks();
+    fillSelect($("layer"), stack.L, state.focus.layer);
+    fillSelect($("head"), stack.H, state.focus.head);
     setSettings(data.next || focus);
     $("source").textContent = `${data.model}${state.mode === "static" ? " · saved inspection" : ""}`;
-    $("config").textContent = `${plural(state.L, "layer")} · ${state.H} heads (${config.kv_heads} key/value) · ` +
+    const layers = encoderDecoder
+      ? `${plural(Number(config.encoder_layers ?? stacks.encoder?.L ?? 0), "encoder layer")} + ${plural(L, "decoder layer")}`
+      : plural(L, "layer");
+    $("config").textContent = `${layers} · ${H} heads (${config.kv_heads} key/value) · ` +
       `head size ${config.head_dim} · width ${config.dim} · vocabulary ${config.vocab_size}`;
+    if (state.mode === "served") $("target-field").hidden = !encoderDecoder;
     $("intro").hidden = true;
     $("views").hidden = false;
     document.body.dataset.state = "shown";
     delete $("next-view").dataset.stale;
     renderAll();
+  }
+
+  const STACK_NAMES = {
+    self: "decoder self-attention",
+    cross: "cross-attention: decoder → source",
+    encoder: "encoder self-attention",
+  };
+
+  /** The #stack select: the stacks this payload has (hidden with only one). */
+  function fillStacks() {
+    const select = $("stack");
+    const names = Object.keys(state.stacks);
+    select.replaceChildren(...names.map((name) => new Option(STACK_NAMES[name], name)));
+    select.value = state.stack;
+    $("stack-label").hidden = names.length < 2;
+  }
+
+  /** Show another stack: its layers in the select (the chosen layer kept where it exists, else clamped). */
+  function setStack(name) {
+    if (!state.data || !(name in state.stacks)) {
+      $("stack").value = state.stack;
+      return;
+    }
+    if (name === state.stack) return;
+    state.stack = name;
+    const stack = stackOf();
+    state.focus.layer = Math.min(state.focus.layer, stack.L - 1);
+    state.focus.head = Math.min(state.focus.head, stack.H - 1);
+    fillSelect($("layer"), stack.L, state.focus.layer);
+    fillSelect($("head"), stack.H, state.focus.head);
+    $("stack").value = name;
+    renderFocus();
+    if (name === "self" && !qkExact()) refresh(["query_keys"], 60);
   }
 
   function setSettings(values) {
@@ -440,22 +568,41 @@
 
   // ---------------------------------------------------------------- focus
 
+  /** Change the focus: layer and head (of the stack shown), the decoder's token (position; its views are
+   * fetched again in served mode) and an encoder-decoder's source token (source; nothing to fetch). */
   function setFocus(change) {
     if (!state.data) return;
+    const stack = stackOf();
     const before = { ...state.focus };
     const next = { ...state.focus, ...change };
-    if (!Number.isInteger(next.layer) || next.layer < 0 || next.layer >= state.L) next.layer = before.layer;
-    if (!Number.isInteger(next.head) || next.head < 0 || next.head >= state.H) next.head = before.head;
+    if (!Number.isInteger(next.layer) || next.layer < 0 || next.layer >= stack.L) next.layer = before.layer;
+    if (!Number.isInteger(next.head) || next.head < 0 || next.head >= stack.H) next.head = before.head;
     if (!Number.isInteger(next.position) || next.position < 0 || next.position >= state.T) next.position = before.position;
-    if (next.layer === before.layer && next.head === before.head && next.position === before.position) {
+    if (!Number.isInteger(next.source) || next.source < 0 || next.source >= state.S) next.source = before.source;
+    const moved = next.position !== before.position;
+    const turned = next.layer !== before.layer || next.head !== before.head;
+    if (!moved && !turned && next.source === before.source) {
       $("layer").value = String(before.layer); // a value the select does not hold reads back as none
       $("head").value = String(before.head);
       return;
     }
     state.focus = next;
     renderFocus();
-    const moved = next.position !== before.position;
-    refresh(moved ? ["query_keys", "next"] : ["query_keys"], moved ? 120 : 60);
+    // the scores are the decoder's self-attention's: another stack's layer or head asks for none
+    const views = moved ? ["query_keys", "next"] : turned && state.stack === "self" ? ["query_keys"] : [];
+    if (views.length) refresh(views, moved ? 120 : 60);
+  }
+
+  /** The focus row of the stack shown, one step up or down. */
+  function stepFocus(step) {
+    if (stackOf().rows === "source") setFocus({ source: state.focus.source + step });
+    else setFocus({ position: state.focus.position + step });
+  }
+
+  /** A source token looked at: the encoder's view, at that row. */
+  function focusSource(index) {
+    setFocus({ source: index });
+    if (state.stacks.encoder) setStack("encoder");
   }
 
   // ---------------------------------------------------------------- rendering
@@ -463,18 +610,15 @@
   /** The words that differ between a decoder and an encoder, and why a view may be missing. */
   function describeModel() {
     const data = state.data;
-    $("attention-explain").textContent = state.causal
-      ? "Each row is a token looking back at the text: how it spreads its attention over the tokens it may see " +
-        "(the row sums to 1). Darker is more attention; grey cells are masked, since a token cannot see the " +
-        "tokens after it. Click a row to look at that token."
-      : "Each row is a token looking at the whole text (an encoder sees both sides, nothing is masked): how it " +
-        "spreads its attention (the row sums to 1). Darker is more attention. Click a row to look at that token.";
     $("next-title").textContent = data.predicts === "masked" ? "The token at a position (masked LM)" : "Next token";
     const noLogits = "This model gives no token probabilities (an embedder or a reward model has no output layer " +
       "over the vocabulary).";
     $("lens-missing").textContent = data.predicts ? "This inspection has no logit lens (its views left it out)." : noLogits;
-    $("kv-missing").textContent = state.causal ? "This inspection has no KV cache view (its views left it out)."
-      : "An encoder reads the whole text in one pass: it keeps no KV cache.";
+    $("kv-missing").textContent = state.encoderDecoder
+      ? "The KV cache is not shown for an encoder-decoder yet (its decoder keeps one for its own tokens and one " +
+        "for the encoder's output)."
+      : state.causal ? "This inspection has no KV cache view (its views left it out)."
+        : "An encoder reads the whole text in one pass: it keeps no KV cache.";
     state.noNext = data.predicts ? "This inspection has no next-token view (its views left it out)." : noLogits;
   }
 
@@ -488,18 +632,50 @@
     renderFocus(); // and the residual stream, whose second half is at the focus token
   }
 
+  /** What the heat map's rows and columns are, for the stack shown. */
+  function explainStack() {
+    const name = stackOf().name;
+    let text;
+    if (name === "cross") {
+      text = "Cross-attention: each row is a target token (the decoder's query) looking at the source, the tokens the " +
+        "encoder read (keys and values from the encoder's output): how it spreads its attention over them (the row " +
+        "sums to 1). Nothing is masked: every target token sees the whole source. Darker is more attention. Click a " +
+        "row to look at that target token.";
+    } else if (name === "encoder") {
+      text = "The encoder's self-attention: each row is a source token looking at the whole source (an encoder sees " +
+        "both sides, nothing is masked): how it spreads its attention (the row sums to 1). Darker is more attention. " +
+        "Click a row to look at that source token.";
+    } else if (state.causal) {
+      text = `Each row is a ${state.encoderDecoder ? "target token (the decoder's) looking back at the target" :
+        "token looking back at the text"}: how it spreads its attention over the tokens it may see (the row sums ` +
+        "to 1). Darker is more attention; grey cells are masked, since a token cannot see the tokens after it. " +
+        "Click a row to look at that token.";
+    } else {
+      text = "Each row is a token looking at the whole text (an encoder sees both sides, nothing is masked): how it " +
+        "spreads its attention (the row sums to 1). Darker is more attention. Click a row to look at that token.";
+    }
+    $("attention-explain").textContent = text;
+  }
+
   function renderFocus() {
-    const { layer, head, position } = state.focus;
+    const { layer, head, position, source } = state.focus;
+    const onSource = stackOf().rows === "source";
+    $("stack").value = state.stack;
     $("layer").value = String(layer);
     $("head").value = String(head);
-    $("position").textContent = tokenLabel(position);
-    $("position-prev").disabled = position <= 0;
-    $("position-next").disabled = position >= state.T - 1;
-    for (const node of $("token-chips").children) {
-      const focused = Number(node.dataset.index) === position;
-      node.classList.toggle("inspect-focus", focused);
-      node.setAttribute("aria-pressed", String(focused));
-    }
+    $("position").textContent = onSource ? sourceLabel(source) : tokenLabel(position);
+    $("position-prev").disabled = onSource ? source <= 0 : position <= 0;
+    $("position-next").disabled = onSource ? source >= state.S - 1 : position >= state.T - 1;
+    const mark = (holder, index) => {
+      for (const node of holder.children) {
+        const focused = Number(node.dataset.index) === index;
+        node.classList.toggle("inspect-focus", focused);
+        node.setAttribute("aria-pressed", String(focused));
+      }
+    };
+    mark($("token-chips"), position);
+    mark($("source-chips"), source);
+    explainStack();
     drawThumbnails();
     drawHeatmap();
     renderQk();
@@ -510,30 +686,46 @@
 
   // ---- tokens
 
+  /** One token's chip: ``kind`` "target" (the decoder's; a click sets the focus) or "source" (the encoder's). */
+  function tokenChip(token, kind) {
+    const node = element("button", `inspect-token ${token.index % 2 ? "inspect-token-b" : "inspect-token-a"}`);
+    node.type = "button";
+    node.setAttribute("data-testid", kind === "source" ? "source-token" : "token");
+    node.dataset.index = String(token.index);
+    if (token.special) node.classList.add("inspect-token-special");
+    const size = token.end - token.start;
+    const name = `${kind === "source" ? "source " : state.encoderDecoder ? "target " : ""}#${token.index}`;
+    node.title = token.special
+      ? `${name}: the special token ${token.text} (id ${token.id}); it covers no bytes of the text`
+      : `${name}: id ${token.id}, bytes ${token.start}–${token.end} of the text (${plural(size, "byte")})\n` +
+        JSON.stringify(token.text);
+    if (kind === "source") node.title += "\nClick: the encoder's self-attention, at this token";
+    node.append(element("span", "inspect-token-text", token.special ? token.text : visible(token.text)),
+      element("span", "inspect-token-id", token.id));
+    node.addEventListener("click", () => {
+      if (kind === "source") {
+        focusSource(token.index);
+        return;
+      }
+      setFocus({ position: token.index });
+      if (state.stack === "encoder") setStack("self"); // the encoder's rows are the source's: the decoder's view
+    });
+    return node;
+  }
+
   function renderTokens() {
     const { tokens, count } = state.data;
-    const chips = $("token-chips");
-    chips.replaceChildren();
-    for (const token of tokens) {
-      const node = element("button", `inspect-token ${token.index % 2 ? "inspect-token-b" : "inspect-token-a"}`);
-      node.type = "button";
-      node.setAttribute("data-testid", "token");
-      node.dataset.index = String(token.index);
-      if (token.special) node.classList.add("inspect-token-special");
-      const size = token.end - token.start;
-      node.title = token.special
-        ? `#${token.index}: the special token ${token.text} (id ${token.id}); it covers no bytes of the text`
-        : `#${token.index}: id ${token.id}, bytes ${token.start}–${token.end} of the text (${plural(size, "byte")})\n` +
-          JSON.stringify(token.text);
-      node.append(element("span", "inspect-token-text", token.special ? token.text : visible(token.text)),
-        element("span", "inspect-token-id", token.id));
-      node.addEventListener("click", () => setFocus({ position: token.index }));
-      chips.append(node);
-    }
+    const sources = state.encoderDecoder ? state.data.source_tokens || [] : [];
+    $("token-chips").replaceChildren(...tokens.map((token) => tokenChip(token, "target")));
+    $("source-chips").replaceChildren(...sources.map((token) => tokenChip(token, "source")));
+    $("source-tokens").hidden = !state.encoderDecoder;
+    $("target-heading").hidden = !state.encoderDecoder;
+    $("source-heading").textContent = `Source (the encoder reads) · ${plural(sources.length, "token")}`;
+    $("target-heading").textContent = `Target (the decoder writes) · ${plural(tokens.length, "token")}`;
     if (count) {
       const perToken = Number(count.bytes_per_token);
-      $("token-count").textContent = [plural(count.tokens, "token"), plural(count.characters, "character"),
-        plural(count.bytes, "byte"), plural(count.words, "word"),
+      $("token-count").textContent = (state.encoderDecoder ? "The source text: " : "") + [plural(count.tokens, "token"),
+        plural(count.characters, "character"), plural(count.bytes, "byte"), plural(count.words, "word"),
         `${Number.isFinite(perToken) ? perToken.toFixed(2) : "?"} bytes per token`].join(" · ");
     }
   }
@@ -542,62 +734,70 @@
 
   function drawThumbnails() {
     const holder = $("heads");
-    const missing = !state.attention;
+    const stack = stackOf();
+    const missing = !stack.weights;
     holder.hidden = missing;
     if (missing) return;
     const { layer, head } = state.focus;
-    if (state.thumbsLayer !== layer || holder.childElementCount !== state.H) {
+    const key = `${stack.name}:${layer}`;
+    if (state.thumbsLayer !== key || holder.childElementCount !== stack.H) {
       holder.replaceChildren();
-      const T = state.T;
-      for (let h = 0; h < state.H; h++) {
+      const where = stack.name === "self" ? "" : `${STACK_NAMES[stack.name]}, `;
+      for (let h = 0; h < stack.H; h++) {
         const button = element("button", "inspect-thumb");
         button.type = "button";
         button.setAttribute("data-testid", "head-thumb");
         button.dataset.head = String(h);
-        button.title = `Layer ${layer}, head ${h}`;
+        button.title = `${where}layer ${layer}, head ${h}`;
         const canvas = element("canvas", "inspect-thumb-canvas");
-        canvas.width = T;
-        canvas.height = T;
-        canvas.getContext("2d").putImageData(headImage(layer, h), 0, 0);
+        canvas.width = stack.C;
+        canvas.height = stack.R;
+        canvas.getContext("2d").putImageData(headImage(layer, h, stack), 0, 0);
         button.append(canvas, element("span", "inspect-thumb-label", `head ${h}`));
         button.addEventListener("click", () => setFocus({ head: h }));
         holder.append(button);
       }
-      state.thumbsLayer = layer;
+      state.thumbsLayer = key;
     }
     for (const button of holder.children) button.setAttribute("aria-pressed", String(Number(button.dataset.head) === head));
   }
 
   function drawHeatmap() {
     const canvas = $("heatmap");
-    const missing = !state.attention;
+    const stack = stackOf();
+    const missing = !stack.weights;
     $("attention-missing").hidden = !missing;
     $("heatmap-wrap").hidden = missing;
     if (missing) return;
-    const { layer, head, position } = state.focus;
-    const T = state.T;
+    const { layer, head } = state.focus;
+    const position = focusRow(stack);
+    const { R, C } = stack;
     const context = canvas.getContext("2d");
-    const labels = state.data.tokens.map((t) => shorten(t.special ? t.text : visible(t.text), 10));
+    const label = (t) => shorten(t.special ? t.text : visible(t.text), 10);
+    const rowLabels = tokensOf(stack.rows).map(label);
+    const columnLabels = tokensOf(stack.columns).map(label);
     const available = Math.max(260, Math.min(($("heatmap-wrap").clientWidth || 700) - 4, 980));
 
     let font = 11;
     const margin = () => {
       context.font = `${font}px system-ui, sans-serif`;
-      return Math.min(96, Math.ceil(Math.max(...labels.map((l) => context.measureText(l).width))) + 10);
+      return Math.min(96, Math.ceil(Math.max(...rowLabels.map((l) => context.measureText(l).width),
+        ...columnLabels.map((l) => context.measureText(l).width))) + 10);
     };
     let edge = margin();
-    let cell = Math.max(2, Math.min(28, Math.floor((available - edge - 8) / T)));
+    let cell = Math.max(2, Math.min(28, Math.floor((available - edge - 8) / C)));
     if (cell < 12) {
       font = Math.max(7, Math.min(11, cell - 1));
       edge = margin();
-      cell = Math.max(2, Math.min(28, Math.floor((available - edge - 8) / T)));
+      cell = Math.max(2, Math.min(28, Math.floor((available - edge - 8) / C)));
     }
     const every = cell >= 7 ? 1 : Math.ceil(8 / cell);
     const x0 = edge;
     const y0 = edge;
-    const size = T * cell;
-    const width = x0 + size + 8;
-    const height = y0 + size + 8;
+    const across = C * cell;
+    const down = R * cell;
+    const width = x0 + across + 8;
+    const height = y0 + down + 8;
     const ratio = window.devicePixelRatio || 1;
     canvas.width = Math.round(width * ratio);
     canvas.height = Math.round(height * ratio);
@@ -607,53 +807,62 @@
     context.clearRect(0, 0, width, height);
 
     const image = document.createElement("canvas");
-    image.width = T;
-    image.height = T;
-    image.getContext("2d").putImageData(headImage(layer, head), 0, 0);
+    image.width = C;
+    image.height = R;
+    image.getContext("2d").putImageData(headImage(layer, head, stack), 0, 0);
     context.imageSmoothingEnabled = false;
-    context.drawImage(image, x0, y0, size, size);
+    context.drawImage(image, x0, y0, across, down);
 
-    context.font = `${font}px system-ui, sans-serif`;
+    // the column of the source focus, where the columns are the source (cross-attention, the encoder)
+    const focusColumn = stack.columns === "source" ? state.focus.source : -1;
     context.textBaseline = "middle";
-    for (let i = 0; i < T; i++) {
+    for (let i = 0; i < R; i++) {
       if (i % every !== 0 && i !== position) continue;
       const focused = i === position;
       context.fillStyle = rgb(focused ? state.colors.focus : state.colors.text);
       context.font = `${focused ? "bold " : ""}${font}px system-ui, sans-serif`;
       context.textAlign = "right";
-      context.fillText(labels[i], x0 - 4, y0 + i * cell + cell / 2, edge - 6);
+      context.fillText(rowLabels[i], x0 - 4, y0 + i * cell + cell / 2, edge - 6);
+    }
+    for (let j = 0; j < C; j++) {
+      const focused = j === focusColumn;
+      if (j % every !== 0 && !focused) continue;
       context.save();
-      context.translate(x0 + i * cell + cell / 2, y0 - 4);
+      context.translate(x0 + j * cell + cell / 2, y0 - 4);
       context.rotate(-Math.PI / 2);
       context.textAlign = "left";
-      context.fillStyle = rgb(state.colors.text);
-      context.font = `${font}px system-ui, sans-serif`;
-      context.fillText(labels[i], 0, 0, edge - 6);
+      context.fillStyle = rgb(focused ? state.colors.focus : state.colors.text);
+      context.font = `${focused ? "bold " : ""}${font}px system-ui, sans-serif`;
+      context.fillText(columnLabels[j], 0, 0, edge - 6);
       context.restore();
     }
     // the focus row
     context.strokeStyle = rgb(state.colors.focus);
     context.lineWidth = 2;
-    context.strokeRect(x0 - 1, y0 + position * cell - 1, size + 2, cell + 2);
+    context.strokeRect(x0 - 1, y0 + position * cell - 1, across + 2, cell + 2);
 
-    state.geometry = { x0, y0, cell, T };
+    state.geometry = { x0, y0, cell, R, C };
     Object.assign(canvas.dataset, {
-      layer: String(layer), head: String(head), position: String(position),
+      stack: stack.name, layer: String(layer), head: String(head), position: String(position),
+      rows: String(R), columns: String(C),
       x0: String(x0), y0: String(y0), cell: String(cell), ratio: String(ratio),
     });
+    canvas.setAttribute("aria-label", `${STACK_NAMES[stack.name] || "Attention"} weights of layer ${layer}, head ` +
+      `${head}: rows are queries (${stack.rows === "source" ? "source" : state.encoderDecoder ? "target" : "the"} ` +
+      `tokens), columns keys (${stack.columns === "source" ? "source" : state.encoderDecoder ? "target" : "the"} tokens)`);
     canvas.title = "";
   }
 
   function cellAt(event) {
     const geometry = state.geometry;
-    if (!geometry || !state.attention) return null;
+    if (!geometry || !stackOf().weights) return null;
     const box = $("heatmap").getBoundingClientRect();
     const x = event.clientX - box.left;
     const y = event.clientY - box.top;
     const row = Math.floor((y - geometry.y0) / geometry.cell);
     const column = Math.floor((x - geometry.x0) / geometry.cell);
-    if (row < 0 || row >= geometry.T) return null;
-    return { row, column: column >= 0 && column < geometry.T && x >= geometry.x0 ? column : null, x, y };
+    if (row < 0 || row >= geometry.R) return null;
+    return { row, column: column >= 0 && column < geometry.C && x >= geometry.x0 ? column : null, x, y };
   }
 
   function hoverHeatmap(event) {
@@ -664,9 +873,11 @@
       return;
     }
     const { layer, head } = state.focus;
-    tip.textContent = state.causal && at.column > at.row
-      ? `${tokenLabel(at.row)} → ${tokenLabel(at.column)}: masked (a token cannot see later tokens)`
-      : `${tokenLabel(at.row)} → ${tokenLabel(at.column)}: ${weight(layer, head, at.row, at.column).toFixed(4)}`;
+    const stack = stackOf();
+    const pair = `${labelOf(stack.rows, at.row)} → ${labelOf(stack.columns, at.column)}`;
+    tip.textContent = stack.masked && at.column > at.row
+      ? `${pair}: masked (a token cannot see later tokens)`
+      : `${pair}: ${weight(layer, head, at.row, at.column, stack).toFixed(4)}`;
     const canvas = $("heatmap");
     tip.style.left = `${canvas.offsetLeft + at.x + 14}px`;
     tip.style.top = `${canvas.offsetTop + at.y + 14}px`;
@@ -675,14 +886,26 @@
 
   // ---- query . key
 
+  /** Whether the query·key data at hand is the focus's (the decoder's self-attention, its layer, head, token). */
+  function qkExact() {
+    const qk = state.data && state.data.query_keys;
+    const { layer, head, position } = state.focus;
+    return Boolean(qk && qk.layer === layer && qk.head === head && qk.position === position);
+  }
+
   function renderQk() {
     const section = $("qk-view");
+    const stack = stackOf();
+    if (stack.name !== "self") {
+      renderStackQk(stack);
+      return;
+    }
     const rows = $("qk-rows");
     const vectors = $("qk-vectors");
     const { layer, head, position } = state.focus;
     const qk = state.data.query_keys;
-    const exact = Boolean(qk && qk.layer === layer && qk.head === head && qk.position === position);
-    Object.assign(section.dataset, { layer: String(layer), head: String(head), position: String(position) });
+    const exact = qkExact();
+    Object.assign(section.dataset, { stack: "self", layer: String(layer), head: String(head), position: String(position) });
     section.dataset.source = exact ? "server" : state.attention ? "attention" : "none";
     rows.replaceChildren();
     vectors.replaceChildren();
@@ -692,7 +915,8 @@
     const group = state.H / Number(config.kv_heads || state.H);
     const kvHead = exact ? qk.kv_head : Math.floor(head / group);
     $("qk-formula").textContent = `weights = softmax(q·k / √d): d = ${d}, so each dot product is multiplied by ` +
-      `1/√${d} = ${fixed(scale, 4)}. Layer ${layer}, head ${head}` +
+      `1/√${d} = ${fixed(scale, 4)}. ${state.encoderDecoder ? "The decoder's self-attention, layer" : "Layer"} ` +
+      `${layer}, head ${head}` +
       (group > 1 ? ` (it shares key/value head ${kvHead} with ${group - 1} other query head${group > 2 ? "s" : ""})` : "") +
       `; the query of ${tokenLabel(position)}.`;
 
@@ -717,27 +941,66 @@
     }
     withCode($("qk-note"), `${note}${note.endsWith(".") || note.endsWith("…") ? "" : "."}`);
     if (!keys.length) return;
+    qkRows(keys, "target", true);
+    if (exact) {
+      vectors.append(vectorStrip("query q", qk.query), vectorStrip("output = Σ weight × value", qk.output));
+    }
+  }
 
+  /** An encoder-decoder's cross-attention or encoder self-attention: the focus row's keys (source tokens) and
+   * their weights, from the stack's block (no scores: those are the decoder's self-attention's only). */
+  function renderStackQk(stack) {
+    const section = $("qk-view");
+    const { layer, head } = state.focus;
+    const row = focusRow(stack);
+    Object.assign(section.dataset, { stack: stack.name, layer: String(layer), head: String(head), position: String(row) });
+    section.dataset.source = stack.weights ? "attention" : "none";
+    $("qk-rows").replaceChildren();
+    $("qk-vectors").replaceChildren();
+    const scores = state.mode === "served" ? "fetched" : "saved";
+    if (stack.name === "cross") {
+      $("qk-formula").textContent = `Cross-attention, layer ${layer}, head ${head}: the query of ${tokenLabel(row)} ` +
+        "comes from the decoder, the keys (and values) from the encoder's output, one per source token; " +
+        "weights = softmax(q·k), with no position term: every target token sees the whole source.";
+    } else {
+      $("qk-formula").textContent = `The encoder's self-attention, layer ${layer}, head ${head}: the query of ` +
+        `${sourceLabel(row)} against the key of every source token, both sides (nothing is masked).`;
+    }
+    const keys = [];
+    if (stack.weights) {
+      for (let j = 0; j < stack.C; j++) keys.push({ index: j, score: null, weight: weight(layer, head, row, j, stack) });
+    }
+    withCode($("qk-note"), `${plural(keys.length, "key")} it sees, every source token. Only the weights are shown ` +
+      `here (from the heat map): q·k scores are ${scores} for the decoder's self-attention only.`);
+    if (keys.length) qkRows(keys, "source", false);
+  }
+
+  /** The rows of keys: token (``kind``: "target" or "source"), score and weight. */
+  function qkRows(keys, kind, withScores) {
+    const rows = $("qk-rows");
     const header = element("div", "inspect-qk-row inspect-qk-header");
     header.setAttribute("role", "row");
-    for (const text of ["key", "score = q·k / √d", "", "weight (bar: of the largest)", ""]) {
+    for (const text of ["key", withScores ? "score = q·k / √d" : "", "", "weight (bar: of the largest)", ""]) {
       header.append(element("span", "", text));
     }
     rows.append(header);
     const maxScore = Math.max(1e-9, ...keys.map((k) => (k.score === null ? 0 : Math.abs(k.score))));
     const maxWeight = Math.max(1e-9, ...keys.map((k) => k.weight));
+    const tokens = tokensOf(kind);
     for (const key of keys) {
       const row = element("div", "inspect-qk-row");
       row.setAttribute("role", "row");
       row.setAttribute("data-testid", "qk-key");
       row.dataset.index = String(key.index);
-      const token = state.data.tokens[key.index];
+      const token = tokens[key.index];
       const name = element("button", "inspect-qk-token");
       name.type = "button";
-      name.title = `Look at ${tokenLabel(key.index)}`;
-      name.append(element("span", "inspect-qk-index", `#${key.index}`), chip(token ? token.text : "", token && token.special ? "inspect-chip-special" : ""));
-      name.addEventListener("click", () => setFocus({ position: key.index }));
-      const scoreBar = element("span", "inspect-diverging");
+      name.title = `Look at ${labelOf(kind, key.index)}`;
+      name.append(element("span", "inspect-qk-index", `${kind === "source" ? "source " : ""}#${key.index}`),
+        chip(token ? token.text : "", token && token.special ? "inspect-chip-special" : ""));
+      name.addEventListener("click", () => (kind === "source" ? focusSource(key.index)
+        : setFocus({ position: key.index })));
+      const scoreBar = element("span", withScores ? "inspect-diverging" : ""); // none: no track either
       if (key.score !== null) {
         const fill = element("span", `inspect-diverging-fill ${key.score < 0 ? "inspect-negative" : ""}`);
         const share = Math.min(1, Math.abs(key.score) / maxScore) * 50;
@@ -745,12 +1008,10 @@
         fill.style.left = key.score < 0 ? `${50 - share}%` : "50%";
         scoreBar.append(fill);
       }
-      row.append(name, scoreBar, element("span", "inspect-number", key.score === null ? "—" : key.score.toFixed(3)),
+      const score = key.score !== null ? key.score.toFixed(3) : withScores ? "—" : "";
+      row.append(name, scoreBar, element("span", "inspect-number", score),
         bar(key.weight, maxWeight, "inspect-weight", 140), element("span", "inspect-number", key.weight.toFixed(4)));
       rows.append(row);
-    }
-    if (exact) {
-      vectors.append(vectorStrip("query q", qk.query), vectorStrip("output = Σ weight × value", qk.output));
     }
   }
 
@@ -1092,10 +1353,11 @@
 
   function wire() {
     $("error-close").addEventListener("click", clearError);
+    $("stack").addEventListener("change", () => setStack($("stack").value));
     $("layer").addEventListener("change", () => setFocus({ layer: parseInt($("layer").value, 10) }));
     $("head").addEventListener("change", () => setFocus({ head: parseInt($("head").value, 10) }));
-    $("position-prev").addEventListener("click", () => setFocus({ position: state.focus.position - 1 }));
-    $("position-next").addEventListener("click", () => setFocus({ position: state.focus.position + 1 }));
+    $("position-prev").addEventListener("click", () => stepFocus(-1));
+    $("position-next").addEventListener("click", () => stepFocus(+1));
 
     const canvas = $("heatmap");
     canvas.addEventListener("mousemove", hoverHeatmap);
@@ -1104,13 +1366,15 @@
     });
     canvas.addEventListener("click", (event) => {
       const at = cellAt(event);
-      if (at) setFocus({ position: at.row });
+      if (!at) return;
+      if (stackOf().rows === "source") setFocus({ source: at.row });
+      else setFocus({ position: at.row });
     });
     canvas.addEventListener("keydown", (event) => {
       const moves = { ArrowUp: -1, ArrowDown: 1 };
       if (!(event.key in moves)) return;
       event.preventDefault();
-      setFocus({ position: state.focus.position + moves[event.key] });
+      stepFocus(moves[event.key]);
     });
 
     for (const [id] of SETTINGS) {
@@ -1132,7 +1396,7 @@
       const redraw = () => {
         if (!state.data) return;
         state.colors = themeColors();
-        state.thumbsLayer = -1;
+        state.thumbsLayer = "";
         renderLens();
         renderFocus();
       };
@@ -1174,12 +1438,14 @@
       event.preventDefault();
       inspect();
     });
-    $("text").addEventListener("keydown", (event) => {
-      if (event.key === "Enter" && (event.ctrlKey || event.metaKey)) {
-        event.preventDefault();
-        inspect();
-      }
-    });
+    for (const id of ["text", "target"]) {
+      $(id).addEventListener("keydown", (event) => {
+        if (event.key === "Enter" && (event.ctrlKey || event.metaKey)) {
+          event.preventDefault();
+          inspect();
+        }
+      });
+    }
     showSettings(null);
     loadModels();
   }
@@ -1189,7 +1455,7 @@
     const holder = $("inspection");
     if (holder) startStatic(holder);
     else startServed();
-    window.lmforge = { state, inspect, setFocus, load };
+    window.lmforge = { state, inspect, setFocus, setStack, load };
   }
 
   if (document.readyState === "loading") document.addEventListener("DOMContentLoaded", start, { once: true });
