@@ -278,7 +278,7 @@ def test_a_wordpiece_embedder_is_read_with_its_offsets():
 @pytest.fixture(scope="module")
 def t5(tiny_lm) -> LanguageModel:
     torch.manual_seed(3)
-    model = build_model(preset("t5-tiny", vocab_size=tiny_lm.tokenizer.vocab_size)).eval()
+    model = build_model(preset("t5-tiny", vocab_size=tiny_lm.tokenizer.vocab_size + 4)).eval()  # 4 sentinels
     return LanguageModel(model, tiny_lm.tokenizer, Runtime.resolve("cpu", "fp32"))
 
 
@@ -316,6 +316,11 @@ def test_an_encoder_decoder_shows_its_three_attentions(t5, tmp_path, capsys):
 
     reply = list(t5.new_tokens(seen.source_ids, SamplingConfig(max_new_tokens=4, temperature=0)))
     assert seen.next_token(0, temperature=0, beam_tokens=4).greedy_run == reply
+    masked = inspect_text(t5, "The quick <extra_id_0> fox", target="<extra_id_0> brown")  # span corruption
+    sentinel = model.config.vocab_size - 1
+    assert [(t.id, t.text, t.special) for t in masked.source_tokens if t.id == sentinel] == \
+        [(sentinel, "<extra_id_0>", True)]
+    assert masked.tokens[1].text == "<extra_id_0>"
     own = inspect_text(t5, "The quick brown fox")  # no target: the decoder reads its own greedy reply
     assert own.ids[1:] == list(t5.new_tokens(own.source_ids, t5.sampling_config(max_new_tokens=16,
                                                                                  temperature=0)))

@@ -35,7 +35,7 @@ from lmforge.infer.sampling import (
     top_k_filter,
     top_p_filter,
 )
-from lmforge.infer.seq2seq import ConditionedDecoder, encode_sources
+from lmforge.infer.seq2seq import ConditionedDecoder, encode_sources, encode_text
 from lmforge.model.attention import attention_scores
 from lmforge.model.kv_cache import KVCache
 
@@ -334,15 +334,20 @@ def _ranked(final: np.ndarray, probs: np.ndarray, count: int) -> list[int]:
 
 def _entropy(p: np.ndarray) -> float:
     nonzero = p[p > 0].astype(np.float64)
-    return float(-(nonzero * np.log(nonzero)).sum())
+    return float(-(nonzero * np.log(nonzero)).sum()) + 0.0  # one certain token: 0.0, not -0.0
 
 
 def piece_text(vocab: list[bytes | None] | None, tokenizer: Any, token_id: int) -> str:
-    """A token as text: its bytes decoded (a part of a character as ``\\xNN``), or a special token's name."""
+    """A token as text: its bytes decoded (a part of a character as ``\\xNN``), or a special token's name. An id
+    past the tokenizer's vocabulary (``vocab`` has the model's) is a sentinel of span corruption, counted down
+    from the last id as the encoder-decoder numbers them (``<extra_id_0>`` the last), or an unused row."""
     raw = vocab[token_id] if vocab is not None and token_id < len(vocab) else None
-    if raw is None:
-        return tokenizer.decode([token_id])
-    return raw.decode("utf-8", errors="backslashreplace")
+    if raw is not None:
+        return raw.decode("utf-8", errors="backslashreplace")
+    own = getattr(tokenizer, "vocab_size", None)
+    if isinstance(own, int) and token_id >= own and vocab is not None:
+        return f"<extra_id_{len(vocab) - 1 - token_id}>"
+    return tokenizer.decode([token_id])
 
 
 def load_inspectable(path: Any, device: str = "auto", dtype: str = "auto") -> Any:
@@ -543,7 +548,7 @@ def _target_ids(lm: Any, source: list[int], target: str | None, reply_tokens: in
     """An encoder-decoder's decoder input: its start token, then ``target``'s tokens or its own greedy reply."""
     start = lm.model.config.decoder_start_id
     if target is not None:
-        ids = [start, *lm.tokenizer.encode(target)]
+        ids = [start, *encode_text(lm.tokenizer, lm.model, target)]  # <extra_id_i> as the sentinel ids
     else:
         ids = [start, *lm.new_tokens(source, lm.sampling_config(max_new_tokens=reply_tokens, temperature=0))]
     if len(ids) > limit:
