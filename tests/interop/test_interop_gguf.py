@@ -396,3 +396,19 @@ def test_llama_server_chats_with_exported_smollm2(tmp_path):
         out = post("/v1/chat/completions", {"messages": [{"role": "user", "content": "What is the capital of France?"}],
                                             "max_tokens": 16, "temperature": 0})
     assert "Paris" in out["choices"][0]["message"]["content"]
+
+
+@pytest.mark.slow
+def test_the_inspector_sees_it_attend_to_the_animal_in_smollm2(smollm2):
+    """docs/INSPECT.md's picture on the real model: in layer 13, head 8, " it" looks at " animal" (not at
+    " street"); the logit lens's last row is the model's own next-token guess."""
+    from lmforge.inspector import inspect_text
+
+    path, model, tokenizer = smollm2
+    seen = inspect_text(LanguageModel(model, tokenizer, Runtime.resolve("cpu", "fp32")),
+                        "The animal didn't cross the street because it was too tired.")
+    texts = [t.text for t in seen.tokens]
+    it, animal, street = texts.index(" it"), texts.index(" animal"), texts.index(" street")
+    row = seen.attention[13, 8, it]
+    assert row.argmax() == animal and row[animal] > 0.5 > 0.05 > row[street]
+    assert seen.lens_top[-1, it, 0] == seen.logits[it].argmax() and texts[it + 1] == " was"
