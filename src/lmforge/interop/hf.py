@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import ctypes
 import json
+import math
 import mmap
 import struct
 from collections.abc import Mapping
@@ -30,6 +31,7 @@ from lmforge.interop.t5 import config_from_hf_t5, hf_t5_config, lmforge_to_t5, t
 from lmforge.model import ModelConfig
 
 FAMILIES = (*LLAMA_FAMILY, "gpt2", "bert", "t5")
+SAFETENSORS_MAX_HEADER = 100 * 2**20  # the most header a safetensors file may have (the format's own limit)
 SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
                       "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
                       "U8": torch.uint8, "BOOL": torch.bool}
@@ -83,29 +85,59 @@ def mmap_safetensors(path: str | Path, dtype: torch.dtype | None = None) -> dict
     """
     path = Path(path)
     try:
+        size = path.stat().st_size
         with open(path, "rb") as f:
             header_len = struct.unpack("<Q", f.read(8))[0]
+            # the length is read from the file: check it against the file before reading that much
+            if header_len > min(size - 8, SAFETENSORS_MAX_HEADER):
+                raise InputError(f"{path}: not a safetensors file: its header claims {header_len:,} bytes "
+                                 f"in a file of {size:,}")
             header = json.loads(f.read(header_len))
-    except (OSError, struct.error, json.JSONDecodeError, UnicodeDecodeError) as err:
+    except (OSError, struct.error, json.JSONDecodeError, UnicodeDecodeError, RecursionError) as err:
         raise InputError(f"{path}: not a readable safetensors file ({err})") from err
-    data = torch.from_numpy(np.memmap(path, dtype=np.uint8, mode="c", offset=8 + header_len))
+    entries = _checked_header(path, header, size - 8 - header_len)
+    data_size = size - 8 - header_len
+    data = torch.from_numpy(np.memmap(path, dtype=np.uint8, mode="c", offset=8 + header_len)) if data_size \
+        else torch.empty(0, dtype=torch.uint8)
     out = {}
-    for name, info in header.items():
-        if name == "__metadata__":
-            continue
-        if info["dtype"] not in SAFETENSORS_DTYPES:
-            raise InputError(f"{path}: tensor {name} has dtype {info['dtype']}, which lmforge does not read")
-        stored = SAFETENSORS_DTYPES[info["dtype"]]
-        start, end = info["data_offsets"]
+    for name, (stored, shape, start, end) in entries.items():
         raw = data[start:end]
         if start % stored.itemsize:  # a misaligned tensor cannot be viewed in place: copy it
             raw = raw.clone()
-        tensor = raw.view(stored).view(info["shape"])
+        tensor = raw.view(stored).view(shape)
         if dtype is not None and stored != dtype:
             tensor = tensor.to(dtype)
             _give_back_pages(raw)
         out[name] = tensor
     return out
+
+
+def _checked_header(path: Path, header: object, data_size: int) -> dict[str, tuple]:
+    """name -> (dtype, shape, start, end) of every tensor a safetensors header lists, each checked: a known
+    dtype, a shape of non-negative integers, offsets inside the data whose span holds exactly that shape."""
+    if not isinstance(header, dict):
+        raise InputError(f"{path}: not a safetensors file: its header is not a JSON object")
+    entries = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        where = f"{path}: tensor {name!r}"
+        if not isinstance(info, dict):
+            raise InputError(f"{where}: its entry is not an object")
+        dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
+        if dtype not in SAFETENSORS_DTYPES:
+            raise InputError(f"{where} has dtype {dtype!r}, which lmforge does not read")
+        if not isinstance(shape, list) or not all(type(n) is int and n >= 0 for n in shape):
+            raise InputError(f"{where}: shape {shape!r} is not a list of sizes")
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(type(n) is int for n in offsets)
+                and 0 <= offsets[0] <= offsets[1] <= data_size):
+            raise InputError(f"{where}: data_offsets {offsets!r} do not lie in the file's {data_size:,} data bytes")
+        stored = SAFETENSORS_DTYPES[dtype]
+        if offsets[1] - offsets[0] != math.prod(shape) * stored.itemsize:
+            raise InputError(f"{where}: {offsets[1] - offsets[0]:,} bytes do not hold a {dtype} tensor of shape "
+                             f"{shape}")
+        entries[name] = (stored, shape, *offsets)
+    return entries
 
 
 def _give_back_pages(raw: torch.Tensor) -> None:
