@@ -218,7 +218,7 @@ class Inspection:
         return position
 
     def token_text(self, token_id: int) -> str:
-        return piece_text(self._vocab, self._lm.tokenizer, token_id)
+        return piece_text(self._vocab, self._lm.tokenizer, token_id, self.source_tokens is not None)
 
     def query_keys(self, layer: int, head: int, position: int | None = None) -> QueryKeys:
         """One row of the attention weights worked out: token ``position``'s query against every key."""
@@ -337,16 +337,16 @@ def _entropy(p: np.ndarray) -> float:
     return float(-(nonzero * np.log(nonzero)).sum()) + 0.0  # one certain token: 0.0, not -0.0
 
 
-def piece_text(vocab: list[bytes | None] | None, tokenizer: Any, token_id: int) -> str:
+def piece_text(vocab: list[bytes | None] | None, tokenizer: Any, token_id: int, sentinels: bool = False) -> str:
     """A token as text: its bytes decoded (a part of a character as ``\\xNN``), or a special token's name. An id
-    past the tokenizer's vocabulary (``vocab`` has the model's) is a sentinel of span corruption, counted down
-    from the last id as the encoder-decoder numbers them (``<extra_id_0>`` the last), or an unused row."""
+    past the tokenizer's vocabulary (``vocab`` has the model's) is, with ``sentinels`` (an encoder-decoder), a
+    sentinel of span corruption counted down from the last id (``<extra_id_0>`` the last); else an unused row."""
     raw = vocab[token_id] if vocab is not None and token_id < len(vocab) else None
     if raw is not None:
         return raw.decode("utf-8", errors="backslashreplace")
     own = getattr(tokenizer, "vocab_size", None)
     if isinstance(own, int) and token_id >= own and vocab is not None:
-        return f"<extra_id_{len(vocab) - 1 - token_id}>"
+        return f"<extra_id_{len(vocab) - 1 - token_id}>" if sentinels else f"<unused id {token_id}>"
     return tokenizer.decode([token_id])
 
 
@@ -392,17 +392,19 @@ def tokenize(lm: Any, text: str, vocab: list[bytes | None] | None, add_bos: bool
         ids = lm.encode_prompt(text) if add_bos else lm.tokenizer.encode(text)
     if vocab is None:
         return _offset_tokens(lm.tokenizer, text, ids)
-    return tokens_of(ids, vocab, lm.tokenizer)
+    return tokens_of(ids, vocab, lm.tokenizer, lm.model.config.is_encoder_decoder)
 
 
-def tokens_of(ids: list[int], vocab: list[bytes | None] | None, tokenizer: Any) -> list[Token]:
-    """Tokens of ``ids`` with the byte spans their pieces take one after another (special tokens: none)."""
+def tokens_of(ids: list[int], vocab: list[bytes | None] | None, tokenizer: Any, sentinels: bool = False
+              ) -> list[Token]:
+    """Tokens of ``ids`` with the byte spans their pieces take one after another (special tokens: none);
+    ``sentinels`` as in :func:`piece_text`."""
     tokens, offset = [], 0
     for index, token_id in enumerate(ids):
         raw = vocab[token_id] if vocab is not None and token_id < len(vocab) else None
         size = 0 if raw is None else len(raw)
-        tokens.append(Token(index, token_id, piece_text(vocab, tokenizer, token_id), offset, offset + size,
-                            raw is None))
+        tokens.append(Token(index, token_id, piece_text(vocab, tokenizer, token_id, sentinels), offset,
+                            offset + size, raw is None))
         offset += size
     return tokens
 
@@ -493,7 +495,7 @@ def inspect_text(lm: Any, text: str, name: str = "model", add_bos: bool = True,
     source = None
     if seq2seq:
         source, tokens = tokens, tokens_of(_target_ids(lm, [t.id for t in tokens], target, reply_tokens, limit),
-                                           vocab, lm.tokenizer)
+                                           vocab, lm.tokenizer, sentinels=True)
     device = next(model.parameters()).device
     recorder = _Recorder(model.decoder.blocks if seq2seq else model.blocks)
     encoder = _Recorder(model.encoder.blocks) if seq2seq else None
