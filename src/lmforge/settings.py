@@ -105,6 +105,12 @@ def load_json(path: str | Path) -> dict:
         raise InputError(f"config file not found: {path}") from err
     except json.JSONDecodeError as err:
         raise InputError(f"{path}:{err.lineno}: invalid JSON: {err.msg}") from err
+    except UnicodeDecodeError as err:
+        raise InputError(f"{path}: not UTF-8 text (byte {err.start}): {err.reason}") from err
+    except RecursionError as err:
+        raise InputError(f"{path}: JSON nested too deeply") from err
+    except OSError as err:
+        raise InputError(f"{path}: cannot read it ({err.strerror or err})") from err
 
 
 def to_dict(config: Any) -> dict:

@@ -89,3 +89,4 @@ def test_any_damage_gives_tensors_or_an_input_error(valid, tmp_path, flips, cut)
         return
     for tensor in tensors.values():
         tensor.float().sum()  # every tensor the reader gives lies inside the file
+

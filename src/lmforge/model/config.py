@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lmforge.errors import InputError
-from lmforge.settings import field
+from lmforge.settings import field, load_json
 
 POSITIONS = ("rope", "learned", "sinusoidal", "relative")
 NORMS = ("rmsnorm", "layernorm")
@@ -133,6 +133,8 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, values: dict) -> ModelConfig:
+        if not isinstance(values, dict):
+            raise InputError(f"a model config is a JSON object of fields, not {type(values).__name__}")
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = set(values) - names
         if unknown:
@@ -148,9 +150,15 @@ class ModelConfig:
     @classmethod
     def load(cls, path: str | Path) -> ModelConfig:
         try:
-            return cls.from_dict(json.loads(Path(path).read_text(encoding="utf-8")))
-        except FileNotFoundError as err:
-            raise InputError(f"no model config at {path}") from err
+            values = load_json(path)
+        except InputError as err:
+            if not Path(path).exists():
+                raise InputError(f"no model config at {path}") from err
+            raise
+        try:
+            return cls.from_dict(values)
+        except InputError as err:
+            raise InputError(f"{path}: {err}") from err
 
 
 ROPE_SCALINGS = {"linear": ("factor",),
