@@ -119,16 +119,15 @@ def reward_view(reward_model: Any, tokenizer: Any, prompt: str | list[dict[str, 
 
 
 def _reply_logps(model: nn.Module, ids: np.ndarray, positions: np.ndarray) -> np.ndarray:
-    """log p of each reply token given everything before it, as :func:`lmforge.train.dpo.answer_logps`
-    computes it: final hidden states, the output layer at the predicting positions, then ``label_logps``."""
-    from lmforge.train.preference import label_logps
+    """log p of each reply token (at ``positions``) given everything before it, by DPO's own
+    :func:`lmforge.train.dpo.answer_token_logps`."""
+    from lmforge.train.dpo import answer_token_logps
 
     device = next(model.parameters()).device
-    row = torch.from_numpy(ids)[None].to(device)
+    mask = torch.zeros(1, len(ids), dtype=torch.bool, device=device)
+    mask[0, torch.from_numpy(positions).to(device)] = True
     with eval_mode(model):
-        hidden = model(row, return_hidden=True)[0]  # (T, dim)
-        before = torch.from_numpy(positions - 1).to(device)
-        logps = label_logps(model.lm_head(hidden[before]), row[0, before + 1])
+        logps, _ = answer_token_logps(model, torch.from_numpy(ids)[None].to(device), mask)
     return logps.float().cpu().numpy()
 
 

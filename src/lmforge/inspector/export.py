@@ -23,6 +23,7 @@ import numpy as np
 from lmforge.data.prepare import temp_path
 from lmforge.errors import InputError
 from lmforge.inspector.core import Inspection
+from lmforge.inspector.plain import plain
 
 STATIC = Path(__file__).resolve().parent.parent / "serve" / "static"
 
@@ -107,9 +108,9 @@ def payload(inspection: Inspection, focus: Focus, views: tuple[str, ...] | None 
     if "query_keys" in views:
         qk = inspection.query_keys(qk_layer, focus.head, position)
         out["query_keys"] = {"layer": qk.layer, "head": qk.head, "position": qk.position, "kv_head": qk.kv_head,
-                             "query": _floats(qk.query), "keys": _floats(qk.keys), "values": _floats(qk.values),
-                             "scores": _floats(qk.scores), "weights": _floats(qk.weights),
-                             "output": _floats(qk.output), "scale": 1 / math.sqrt(len(qk.query))}
+                             "query": plain(qk.query), "keys": plain(qk.keys), "values": plain(qk.values),
+                             "scores": plain(qk.scores), "weights": plain(qk.weights),
+                             "output": plain(qk.output), "scale": 1 / math.sqrt(len(qk.query))}
     if "next" in views:
         nt = inspection.next_token(position, focus.temperature, focus.top_k, focus.top_p, focus.repetition_penalty,
                                    focus.seed, focus.beams, focus.beam_tokens)
@@ -124,11 +125,11 @@ def payload(inspection: Inspection, focus: Focus, views: tuple[str, ...] | None 
     if "lens" in views:
         for token_id in np.unique(inspection.lens_top):
             token(token_id)
-        out["lens"] = {"ids": inspection.lens_top.tolist(), "probs": _floats(inspection.lens_probs, 4)}
+        out["lens"] = {"ids": inspection.lens_top.tolist(), "probs": plain(inspection.lens_probs)}
     if "residual" in views:
-        out["residual"] = {"stream": _floats(inspection.residual_norm, 3),
-                           "attention": _floats(inspection.attention_norm, 3),
-                           "ffn": _floats(inspection.ffn_norm, 3)}
+        out["residual"] = {"stream": plain(inspection.residual_norm),
+                           "attention": plain(inspection.attention_norm),
+                           "ffn": plain(inspection.ffn_norm)}
     if "kv" in views:
         kv = inspection.kv_cache(focus.kv_steps)
         out["kv"] = {**dataclasses.asdict(kv), "bytes_per_token": kv.bytes_per_token,
@@ -142,19 +143,6 @@ def weight_block(weights: np.ndarray) -> dict[str, Any]:
     codes = np.clip(np.round(weights * 65535), 0, 65535).astype("<u2")
     return {"shape": list(codes.shape), "encoding": "uint16 x 65535, base64",
             "data": base64.b64encode(codes.tobytes()).decode("ascii")}
-
-
-def _floats(array: np.ndarray, digits: int = 6) -> Any:
-    """Rounded floats in nested lists; -inf and NaN as None (JSON has neither)."""
-    array = np.asarray(array, dtype=np.float64)
-    rounded = np.round(array, digits)
-    return rounded.tolist() if np.isfinite(rounded).all() else _nulls(rounded.tolist())
-
-
-def _nulls(value: Any) -> Any:
-    if isinstance(value, list):
-        return [_nulls(v) for v in value]
-    return value if math.isfinite(value) else None
 
 
 def to_html(data: dict[str, Any]) -> str:

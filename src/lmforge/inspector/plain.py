@@ -1,4 +1,4 @@
-"""What the stage views share (lmforge.inspector.lora, quant, alignment, rag): JSON-ready data from
+"""What the inspector's views share (export, lora, quant, alignment, rag): JSON-ready data from
 dataclasses of NumPy arrays, and models given as modules, LanguageModels or paths."""
 
 from __future__ import annotations

@@ -85,19 +85,25 @@ def seq_len_of(mask: np.ndarray) -> np.ndarray:
     return np.where(mask.any(1), mask.shape[1] - mask[:, ::-1].argmax(1), 0)
 
 
-def answer_logps(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(sum of log p over each row's answer tokens (B,), their count (B,)) under ``model``.
+def answer_token_logps(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log p of every answer token (N,), the row of each (N,)) under ``model``, in row-major order.
 
     Token t is predicted at position t − 1. Only the answer positions go through the output layer, so
     a long prompt costs its pass through the blocks but no vocabulary-sized logits.
     """
     hidden = model(ids, return_hidden=True)  # (B, T, dim)
-    targets = mask[:, 1:]
-    rows, cols = targets.nonzero(as_tuple=True)
+    rows, cols = mask[:, 1:].nonzero(as_tuple=True)
     head = getattr(model, "module", model).lm_head  # through a DistributedDataParallel wrapper
-    logps = label_logps(head(hidden[rows, cols]), ids[:, 1:][rows, cols])
+    return label_logps(head(hidden[rows, cols]), ids[:, 1:][rows, cols]), rows
+
+
+def answer_logps(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sum of log p over each row's answer tokens (B,), their count (B,)) under ``model``
+    (:func:`answer_token_logps`, summed per row)."""
+    logps, rows = answer_token_logps(model, ids, mask)
     sums = torch.zeros(ids.shape[0], device=ids.device, dtype=logps.dtype).index_add(0, rows, logps)
-    return sums, targets.sum(1)
+    return sums, mask[:, 1:].sum(1)
 
 
 class DPOStage(RecordsFigures):
