@@ -25,9 +25,10 @@ import shutil
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from lmforge.errors import InputError
+from lmforge.files import read_json
 from lmforge.interop.gguf import load_gguf, metadata, open_gguf, tokenizer_from_gguf
 from lmforge.interop.hf import is_hf_dir, load_hf, mmap_safetensors
 from lmforge.interop.packaged import resolve_model
@@ -126,7 +127,7 @@ def load_model(path: str | Path, device: torch.device | str = "cpu", attention: 
         for name in ("qweight", "scale", "zero") if tied_integer else ("weight",):
             if f"embed.{name}" in state:
                 state[f"lm_head.{name}"] = state[f"embed.{name}"]
-    model.load_state_dict(state, strict=True, assign=True)
+    load_weights(model, state, resolve_model(path), assign=True)
     if tied_integer:
         tie_head(model)
     elif config.tie_embeddings:
@@ -156,6 +157,24 @@ def read_trainer_state(path: str | Path) -> tuple[dict, dict[str, torch.Tensor]]
     path = Path(path)
     if not (path / STATE).is_file():
         raise InputError(f"{path} has no {STATE}: not a resumable training checkpoint")
-    state = json.loads((path / STATE).read_text(encoding="utf-8"))
-    tensors = load_file(path / OPTIMIZER) if (path / OPTIMIZER).is_file() else {}
+    state = read_json(path / STATE)
+    numbers = {key: state.get(key) for key in ("step", "max_steps", "elapsed")}
+    if not all(isinstance(numbers[key], int) and not isinstance(numbers[key], bool) for key in ("step", "max_steps")) \
+            or not 0 <= numbers["step"] <= numbers["max_steps"]:
+        raise InputError(f"{path / STATE}: needs whole numbers 'step' and 'max_steps' with 0 <= step <= max_steps, "
+                         f"found {numbers['step']!r} and {numbers['max_steps']!r}")
+    if not isinstance(numbers["elapsed"] if "elapsed" in state else 0.0, (int, float)):
+        raise InputError(f"{path / STATE}: 'elapsed' must be a number of seconds, found {numbers['elapsed']!r}")
+    tensors = mmap_safetensors(path / OPTIMIZER) if (path / OPTIMIZER).is_file() else {}
     return state, tensors
+
+
+def load_weights(module: torch.nn.Module, state: dict[str, torch.Tensor], source: str | Path,
+                 assign: bool = False) -> None:
+    """``module.load_state_dict(state, strict=True)``, or an InputError naming ``source`` when the weights do
+    not fit the module (a name missing or extra, a shape or dtype that differs)."""
+    try:
+        module.load_state_dict(state, strict=True, assign=assign)
+    except RuntimeError as err:
+        lines = [line.strip() for line in str(err).splitlines()[1:] if line.strip()]
+        raise InputError(f"{source}: the weights do not fit the model: {'; '.join(lines[:3])[:400]}") from err

@@ -904,6 +904,29 @@ def cmd_leaderboard(args: argparse.Namespace) -> None:
     print(f"wrote {md} and {page}")
 
 
+def cmd_fuzz(args: argparse.Namespace) -> int:
+    from lmforge.reliability.fuzz import format_table, fuzz_many
+    from lmforge.reliability.targets import by_name
+
+    targets = by_name(args.targets)
+    if args.list:
+        for target in targets:
+            print(f"{target.name:20} {target.what}")
+        return 0
+    if args.iterations is not None and args.iterations < 1 or args.seconds is not None and args.seconds <= 0:
+        raise InputError("--iterations and --seconds must be positive")
+    iterations = args.iterations if args.iterations is not None or args.seconds is not None else 200
+    reports = fuzz_many(targets, iterations, args.seconds, args.seed, args.timeout, args.memory_gib,
+                        Path(args.out) if args.out else None, progress=not args.json)
+    if args.json:
+        print(json.dumps([r.summary() for r in reports], indent=2))
+    else:
+        print(format_table(reports))
+        if args.out and any(r.failures for r in reports):
+            print(f"failing inputs saved in {args.out}")
+    return 1 if any(r.failures for r in reports) else 0
+
+
 def cmd_import(args: argparse.Namespace) -> None:
     from lmforge.interop.convert import import_model
 
@@ -1323,6 +1346,20 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs/leaderboard", help="folder for leaderboard.md and leaderboard.html")
     p.set_defaults(func=cmd_leaderboard)
 
+    p = sub.add_parser("fuzz", help="damage the input of every reader again and again: each must answer or refuse "
+                                    "with a clear error (docs/RELIABILITY.md)")
+    p.add_argument("targets", nargs="*", help="readers to fuzz (default: all; --list names them)")
+    p.add_argument("--iterations", type=int, default=None, help="damaged inputs per reader (default: 200)")
+    p.add_argument("--seconds", type=float, default=None, help="or: seconds per reader")
+    p.add_argument("--seed", type=int, default=0, help="seed of the damage (the same seed, the same inputs)")
+    p.add_argument("--timeout", type=float, default=10.0, help="seconds one read may take before it counts as a hang")
+    p.add_argument("--memory-gib", type=float, default=4.0, help="address space a read may add before it counts "
+                                                                  "as unbounded (0: no limit)")
+    p.add_argument("--out", default=None, help="folder to save the inputs that failed, to replay them")
+    p.add_argument("--json", action="store_true", help="print the reports as JSON")
+    p.add_argument("--list", action="store_true", help="name the readers and stop")
+    p.set_defaults(func=cmd_fuzz)
+
     p = sub.add_parser("import", help="a Hugging Face model directory or GGUF file -> lmforge checkpoint")
     p.add_argument("source", help="HF folder (Llama, Mistral, Qwen2, GPT-2), a .gguf file (Llama, Qwen2), "
                                   "or smollm2-135m-instruct")
@@ -1355,17 +1392,14 @@ def main(argv: list[str] | None = None) -> int:
     action = ACTIONS.get(tuple(argv[:2]))
     args = None if action else make_parser().parse_args(argv)
     try:
-        if action:
-            action(argv)
-        else:
-            args.func(args)
+        code = action(argv) if action else args.func(args)
     except InputError as err:
         print(f"lmforge: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-    return 0
+    return code if isinstance(code, int) else 0  # a command may return its exit code (lmforge fuzz: 1 on failures)
 
 
 if __name__ == "__main__":

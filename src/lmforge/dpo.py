@@ -23,6 +23,7 @@ from lmforge.data.preferences import BUILTIN_PREFERENCES, SAMPLED_PREFERENCES, l
 from lmforge.data.tasks import KINDS
 from lmforge.errors import InputError
 from lmforge.eval.tasks import accuracy_gain, model_task_accuracy
+from lmforge.files import holds_output
 from lmforge.interop.packaged import DEFAULT_CHAT_MODEL, resolve_model
 from lmforge.peft.method import MethodConfig, finish_weights, prepare_weights
 from lmforge.runtime import Runtime
@@ -85,6 +86,7 @@ def _reference(config: DPOConfig, path: str):
     return None if config.adapters else load_model(path)
 
 
+@holds_output("train_config.out_dir")
 def train_dpo(config: DPOConfig, train_config: TrainConfig, resume: bool = False) -> dict:
     """Align and write ``model/`` under ``train_config.out_dir``; returns a summary (also summary.json)."""
     path = resolve_model(config.model)

@@ -23,6 +23,7 @@ from lmforge.data.chat_records import iter_chat_records
 from lmforge.data.sources import ReadErrors
 from lmforge.errors import InputError
 from lmforge.eval.tasks import model_task_accuracy
+from lmforge.files import holds_output
 from lmforge.interop.packaged import DEFAULT_CHAT_MODEL
 from lmforge.peft.method import MethodConfig, finish_weights, prepare_weights
 from lmforge.runtime import Runtime
@@ -97,6 +98,7 @@ def split_conversations(conversations: list[list[dict]], val_fraction: float) ->
     return train, val
 
 
+@holds_output("train_config.out_dir")
 def finetune(config: FinetuneConfig, train_config: TrainConfig, resume: bool = False) -> dict:
     """Fine-tune and write ``model/`` (and ``adapter/``) under ``train_config.out_dir``; returns a summary."""
     model, tokenizer = load_model(config.model), load_tokenizer(config.model)

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from lmforge.checkpoint import save_checkpoint
 from lmforge.eval.tasks import accuracy_gain
+from lmforge.files import holds_output
 from lmforge.peft.method import finish_weights, prepare_weights
 from lmforge.rl import RLConfig, rl_setup
 from lmforge.settings import field, to_dict
@@ -43,6 +44,7 @@ class GRPOConfig(RLConfig):
             raise ValueError(f"group_size must be at least 2, got {self.group_size}")
 
 
+@holds_output("train_config.out_dir")
 def train_grpo(config: GRPOConfig, train_config: TrainConfig, resume: bool = False) -> dict:
     """Train and write ``model/`` under ``train_config.out_dir``; returns a summary (also summary.json)."""
     setup = rl_setup(config, train_config, "GRPO", needs_reference=config.beta > 0)

@@ -25,6 +25,7 @@ import torch
 
 from lmforge.checkpoint import save_checkpoint
 from lmforge.eval.tasks import accuracy_gain
+from lmforge.files import holds_output
 from lmforge.model.heads import with_head
 from lmforge.peft.method import finish_weights, prepare_weights
 from lmforge.rl import RLConfig, rl_setup
@@ -58,6 +59,7 @@ class PPOConfig(RLConfig):
             raise ValueError(f"need 0 <= lam <= 1 and 0 < gamma <= 1, got lam={self.lam}, gamma={self.gamma}")
 
 
+@holds_output("train_config.out_dir")
 def train_ppo(config: PPOConfig, train_config: TrainConfig, resume: bool = False) -> dict:
     """Train and write ``model/`` under ``train_config.out_dir``; returns a summary (also summary.json)."""
     setup = rl_setup(config, train_config, "PPO", needs_reference=config.kl_coef > 0)

@@ -26,6 +26,7 @@ from lmforge.data.preferences import (
     split_preferences,
 )
 from lmforge.errors import InputError
+from lmforge.files import holds_output
 from lmforge.interop.packaged import DEFAULT_CHAT_MODEL, resolve_model
 from lmforge.model.heads import with_head
 from lmforge.peft.method import MethodConfig, finish_weights, prepare_weights
@@ -59,6 +60,7 @@ class RewardConfig(MethodConfig):
             raise ValueError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
 
 
+@holds_output("train_config.out_dir")
 def train_reward_model(config: RewardConfig, train_config: TrainConfig, resume: bool = False) -> dict:
     """Train and write ``model/`` under ``train_config.out_dir``; returns a summary (also summary.json)."""
     path = resolve_model(config.model)

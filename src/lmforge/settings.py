@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from lmforge.errors import InputError
+from lmforge.files import read_json
 
 T = TypeVar("T")
 
@@ -98,19 +99,8 @@ def build(cls: type[T], args: argparse.Namespace | None = None, prefix: str = ""
 
 
 def load_json(path: str | Path) -> dict:
-    """Read a JSON config file with a clear error."""
-    try:
-        return json.loads(Path(path).read_text(encoding="utf-8"))
-    except FileNotFoundError as err:
-        raise InputError(f"config file not found: {path}") from err
-    except json.JSONDecodeError as err:
-        raise InputError(f"{path}:{err.lineno}: invalid JSON: {err.msg}") from err
-    except UnicodeDecodeError as err:
-        raise InputError(f"{path}: not UTF-8 text (byte {err.start}): {err.reason}") from err
-    except RecursionError as err:
-        raise InputError(f"{path}: JSON nested too deeply") from err
-    except OSError as err:
-        raise InputError(f"{path}: cannot read it ({err.strerror or err})") from err
+    """Read a JSON config file (an object) with a clear error."""
+    return read_json(path, "config file")
 
 
 def to_dict(config: Any) -> dict:

@@ -29,6 +29,7 @@ from lmforge.data import DataConfig, iter_prepared, prepare_data, read_manifest,
 from lmforge.data.shards import load_shard, read_meta
 from lmforge.eval.report import write_report
 from lmforge.eval.samples import sample_texts
+from lmforge.files import output_lock
 from lmforge.model import DecoderLM, preset
 from lmforge.runtime import Runtime, measure_matmul_peak
 from lmforge.settings import field, to_dict
@@ -75,7 +76,13 @@ class SpeedrunConfig:
 
 
 def speedrun(config: SpeedrunConfig) -> Path:
-    """Run every stage; returns the path of report.md."""
+    """Run every stage; returns the path of report.md. The run's folder is held while it runs
+    (:func:`lmforge.files.output_lock`): a second speedrun with the same name is refused."""
+    with output_lock(Path(config.runs_dir) / config.name):
+        return _speedrun(config)
+
+
+def _speedrun(config: SpeedrunConfig) -> Path:
     t0 = time.perf_counter()
     run = Path(config.runs_dir) / config.name
     run.mkdir(parents=True, exist_ok=True)

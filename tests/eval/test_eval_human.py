@@ -14,6 +14,7 @@ import threading
 import numpy as np
 import pytest
 
+from lmforge.errors import InputError
 from lmforge.eval.human import (
     CRITERIA,
     AlreadyRated,
@@ -168,7 +169,7 @@ def test_rate_rejects_wrong_use(store, tmp_path):
     with pytest.raises(ValueError, match="prompt: must be a non-empty string"):
         store.add_item("", "x")
     (tmp_path / "bad.jsonl").write_text('{"prompt": "p", "answer": "a"}\n{"prompt": "p", "answers": []}\n')
-    with pytest.raises(ValueError, match=r"bad\.jsonl:2: answers: must be a list of one or two"):
+    with pytest.raises(InputError, match=r"bad\.jsonl:2: answers: must be a list of one or two"):
         store.import_jsonl(tmp_path / "bad.jsonl")
     assert len(store.items()) == 1  # all or nothing
 

@@ -101,8 +101,8 @@ def _parquet_rows(path: Path) -> Iterator[tuple[str, object]]:
     import pyarrow.parquet as pq
 
     try:
-        table = pq.read_table(path)
-    except Exception as err:  # pyarrow raises several types for a damaged file
+        rows = pq.read_table(path).to_pylist()
+    except Exception as err:  # pyarrow raises several types for a damaged file (UnicodeDecodeError among them)
         raise InputError(f"{path}: cannot read Parquet: {err}") from err
-    for number, row in enumerate(table.to_pylist(), start=1):
+    for number, row in enumerate(rows, start=1):
         yield f"{path}:row {number}", row

@@ -37,6 +37,7 @@ from lmforge.data.clean import clean_text, drop_reason, split_into_chunks
 from lmforge.data.dedup import Deduplicator
 from lmforge.data.sources import Document, ReadErrors, iter_documents
 from lmforge.errors import InputError
+from lmforge.files import holds_output, read_json
 from lmforge.settings import field
 
 SPLITS = ("train", "val")
@@ -131,6 +132,7 @@ class _SplitWriter:
         return {"records": self.records, "bytes": self.bytes, "chars": self.chars}
 
 
+@holds_output("out_dir")
 def prepare_data(
     inputs: list[str], out_dir: Path, config: DataConfig | None = None, progress: bool = True
 ) -> dict:
@@ -331,12 +333,9 @@ def prepared_split_path(out_dir: Path, split: str) -> Path:
 def read_manifest(out_dir: Path) -> dict:
     """The manifest of a prepared folder; InputError if missing or not JSON."""
     path = Path(out_dir) / MANIFEST
-    try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError as err:
-        raise InputError(f"{out_dir}: not a prepared data folder (no {MANIFEST})") from err
-    except json.JSONDecodeError as err:
-        raise InputError(f"{path}:{err.lineno}: invalid JSON: {err.msg}") from err
-    if not isinstance(manifest, dict) or manifest.get("format") != _FORMAT:
+    if not path.is_file():
+        raise InputError(f"{out_dir}: not a prepared data folder (no {MANIFEST})")
+    manifest = read_json(path)
+    if manifest.get("format") != _FORMAT:
         raise InputError(f"{path}: not a manifest written by prepare_data")
     return manifest

@@ -17,7 +17,6 @@ comes last.
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 from collections.abc import Iterator
@@ -29,6 +28,7 @@ from tqdm import tqdm
 
 from lmforge.data.prepare import SPLITS, iter_prepared, read_manifest, temp_path, write_json_atomic
 from lmforge.errors import InputError
+from lmforge.files import holds_output, read_json
 
 META = "meta.json"
 _FORMAT = "lmforge-token-shards"
@@ -94,6 +94,7 @@ def _write_split(prepared_dir: Path, split: str, tokenizer: ShardTokenizer, path
     return {"num_tokens": num_tokens, "num_docs": num_docs, "num_bytes": num_bytes}
 
 
+@holds_output("out_dir")
 def write_shards(prepared_dir: Path, tokenizer: ShardTokenizer, out_dir: Path, progress: bool = True) -> dict:
     """Tokenize both splits of a prepared folder into ``out_dir``; return the meta dict written to meta.json."""
     prepared_dir, out_dir = Path(prepared_dir), Path(out_dir)
@@ -126,19 +127,24 @@ def write_shards(prepared_dir: Path, tokenizer: ShardTokenizer, out_dir: Path, p
 def read_meta(out_dir: Path) -> dict:
     """The meta.json of a shard folder; InputError if missing or invalid."""
     path = Path(out_dir) / META
-    try:
-        meta = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError as err:
-        raise InputError(f"{out_dir}: not a token shard folder (no {META}); run write_shards first") from err
-    except json.JSONDecodeError as err:
-        raise InputError(f"{path}:{err.lineno}: invalid JSON: {err.msg}") from err
-    if (
-        not isinstance(meta, dict)
-        or meta.get("format") != _FORMAT
-        or meta.get("dtype") not in ("uint16", "uint32")
-    ):
+    if not path.is_file():
+        raise InputError(f"{out_dir}: not a token shard folder (no {META}); run write_shards first")
+    meta = read_json(path)
+    if meta.get("format") != _FORMAT or meta.get("dtype") not in ("uint16", "uint32"):
         raise InputError(f"{path}: not a meta.json written by write_shards")
+    splits = meta.get("splits")
+    counts = [meta.get("vocab_size"), meta.get("bos_id")] + [
+        entry.get(key) if isinstance(entry, dict) else None
+        for entry in (splits.values() if isinstance(splits, dict) else [None])
+        for key in ("num_tokens", "num_docs", "num_bytes")]
+    if not all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in counts) \
+            or not 0 <= meta["bos_id"] < meta["vocab_size"] <= np.iinfo(meta["dtype"]).max + 1:
+        raise InputError(f"{path}: vocab_size, bos_id and each split's num_tokens, num_docs and num_bytes must be "
+                         f"whole numbers (bos_id below vocab_size, vocab_size within {meta['dtype']})")
     return meta
+
+
+CHECK_SPAN = 1 << 24  # token ids checked against the vocabulary per step
 
 
 class TokenShard:
@@ -171,6 +177,11 @@ class TokenShard:
         self.num_bytes: int = entry["num_bytes"]
         # numpy cannot map an empty file; an empty split is an empty array.
         self.tokens = np.memmap(path, dtype=self.dtype, mode="r") if size else np.zeros(0, dtype=self.dtype)
+        top = max((int(self.tokens[i:i + CHECK_SPAN].max()) for i in range(0, len(self.tokens), CHECK_SPAN)),
+                  default=-1)  # one pass over the file, a span at a time (about 1 GB/s)
+        if top >= self.vocab_size:
+            raise InputError(f"{path}: token id {top} is past the vocabulary of {self.vocab_size} in {META}; "
+                             "the shard is damaged or was written with another tokenizer")
 
     def __len__(self) -> int:
         return len(self.tokens)

@@ -219,7 +219,7 @@ def _read_parquet(path: Path, text_field: str, errors: ReadErrors) -> Iterator[D
 
     try:
         parquet = pq.ParquetFile(path)
-    except (OSError, pa.ArrowException) as err:
+    except (OSError, UnicodeDecodeError, pa.ArrowException) as err:  # invalid UTF-8 in a string column: UnicodeDecodeError
         errors.report("unreadable_file", f"{path}: cannot read as Parquet: {err}")
         return
     names = parquet.schema_arrow.names
@@ -241,7 +241,7 @@ def _read_parquet(path: Path, text_field: str, errors: ReadErrors) -> Iterator[D
                     errors.report("non_string_field", f"{path}: row {row}: {text_field!r} is null")
                     continue
                 yield Document(value, f"{path}:{row}")
-    except (OSError, pa.ArrowException) as err:
+    except (OSError, UnicodeDecodeError, pa.ArrowException) as err:  # invalid UTF-8 in a string column: UnicodeDecodeError
         errors.report("unreadable_file", f"{path}: row {row + 1}: cannot read Parquet data: {err}")
 
 

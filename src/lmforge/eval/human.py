@@ -38,6 +38,10 @@ from pathlib import Path
 
 import numpy as np
 
+from lmforge.data.jsonl import iter_records
+from lmforge.errors import InputError
+from lmforge.files import database_errors
+
 CRITERIA = ("accuracy", "relevance", "fluency", "transparency", "safety", "human_alignment")
 SCALE = (1, 5)  # every score is an integer in this closed range
 POSITIONS = ("left", "right")  # what a rater sees; a single answer is shown "left"
@@ -204,13 +208,20 @@ class RatingStore:
     def __init__(self, path: str | Path):
         self.path = str(path)
         self._lock = threading.Lock()
-        self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
-        self._db.row_factory = sqlite3.Row
-        self._db.create_function("rank_for", 2, lambda rater, item: _rank(rater, item), deterministic=True)
-        with self._lock:
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA foreign_keys=ON")
-            self._db.executescript(_SCHEMA)
+        with database_errors(self.path, "ratings database"):
+            self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+            self._db.row_factory = sqlite3.Row
+            self._db.create_function("rank_for", 2, lambda rater, item: _rank(rater, item), deterministic=True)
+            with self._lock:
+                self._db.execute("PRAGMA journal_mode=WAL")
+                self._db.execute("PRAGMA foreign_keys=ON")
+                self._db.executescript(_SCHEMA)
+                damage = [row[0] for row in self._db.execute("PRAGMA quick_check") if row[0] != "ok"]
+                damage += [f"{row[0]} row {row[1]} points at a missing {row[2]} row"
+                           for row in self._db.execute("PRAGMA foreign_key_check")]
+        if damage:
+            self._db.close()
+            raise InputError(f"{self.path}: the ratings database is damaged: {'; '.join(damage[:3])}")
 
     def close(self) -> None:
         with self._lock:
@@ -218,7 +229,7 @@ class RatingStore:
 
     def _write(self, statements):
         """Run ``statements(db)`` as one transaction under the lock; returns its result."""
-        with self._lock:
+        with self._lock, database_errors(self.path, "ratings database"):
             self._db.execute("BEGIN IMMEDIATE")
             try:
                 result = statements(self._db)
@@ -229,7 +240,7 @@ class RatingStore:
             return result
 
     def _read(self, sql: str, args: Sequence = ()) -> list[sqlite3.Row]:
-        with self._lock:
+        with self._lock, database_errors(self.path, "ratings database"):
             return self._db.execute(sql, args).fetchall()
 
     # ---- items -----------------------------------------------------------------------------------
@@ -248,12 +259,11 @@ class RatingStore:
         were new. An item already stored (same prompt, answers and models) is not added again, so the
         same file can be given at every server start."""
         records = []
-        for number, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
-            if line.strip():
-                try:
-                    records.append(item_fields(json.loads(line)))
-                except (ValueError, json.JSONDecodeError) as err:
-                    raise ValueError(f"{path}:{number}: {err}") from err
+        for record, where in iter_records(path):
+            try:
+                records.append(item_fields(record))
+            except ValueError as err:
+                raise InputError(f"{where}: {err}") from err
         stored = {(i.prompt, i.answer_a, i.answer_b, i.model_a, i.model_b) for i in self.items()}
         fresh = list(dict.fromkeys(tuple(r.values()) for r in records if tuple(r.values()) not in stored))
         now = time.time()

@@ -12,12 +12,17 @@ are inlined, so the page is one file that opens anywhere without a network).
 from __future__ import annotations
 
 import base64
+import contextlib
 import html
 import io
 import math
 import sqlite3
 import time
+from collections.abc import Iterator
 from pathlib import Path
+
+from lmforge.errors import InputError
+from lmforge.files import database_errors
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS scores (
@@ -38,12 +43,19 @@ CREATE TABLE IF NOT EXISTS scores (
 SHOWN = ("acc", "acc_norm", "exact_match_flexible", "exact_match_strict", "f1", "rougeL", "bits_per_byte", "ece")
 
 
-def connect(path: str | Path) -> sqlite3.Connection:
+@contextlib.contextmanager
+def connect(path: str | Path) -> Iterator[sqlite3.Connection]:
+    """The leaderboard database at ``path`` (made when missing), as one transaction; closed after."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    db = sqlite3.connect(path)
-    db.execute(SCHEMA)
-    return db
+    with database_errors(path, "leaderboard"):
+        db = sqlite3.connect(path)
+        try:
+            with db:
+                db.execute(SCHEMA)
+                yield db
+        finally:
+            db.close()
 
 
 def record(path: str | Path, results: dict, run_id: str | None = None) -> int:
@@ -63,7 +75,6 @@ def record(path: str | Path, results: dict, run_id: str | None = None) -> int:
                              int(bool(entry.get("chat_template"))), results["config_hash"]))
     with connect(path) as db:
         db.executemany("INSERT INTO scores VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
-    db.close()
     return len(rows)
 
 
@@ -78,8 +89,12 @@ def latest(path: str | Path) -> list[dict]:
                 FROM scores GROUP BY model, task, prompting, metric, chat_template, config_hash) newest
             USING (model, task, prompting, metric, chat_template, config_hash, created)
             ORDER BY task, metric, prompting, value DESC""").fetchall()
-    db.close()
-    return [dict(r) for r in rows]
+    out = [dict(r) for r in rows]
+    kinds = {"model": str, "task": str, "prompting": str, "metric": str, "value": (int, float), "n": int,
+             "stderr": (int, float, type(None))}
+    if any(not isinstance(row.get(key), kind) for row in out for key, kind in kinds.items()):
+        raise InputError(f"{path}: a score row holds values of the wrong type; the leaderboard is damaged")
+    return out
 
 
 def _cell(row: dict) -> str:

@@ -69,6 +69,7 @@ from pathlib import Path
 
 from lmforge.errors import InputError
 from lmforge.eval.task import EXTRA_METRICS, KINDS, METRICS, Item, Task
+from lmforge.files import read_text
 
 ITEM_FIELDS = ("question", "choices", "answer", "aliases", "group", "id", "split")
 # YAML setting -> the types it may have (str settings are plain strings).
@@ -270,9 +271,7 @@ def _load_yaml(path: Path) -> tuple[dict, list[tuple[Item, str]]]:
     import yaml
 
     try:
-        spec = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except OSError as error:
-        raise InputError(f"{path}: cannot read: {error.strerror or error}") from None
+        spec = yaml.safe_load(read_text(path, "task file"))
     except yaml.YAMLError as error:
         mark = getattr(error, "problem_mark", None)
         at = f" at line {mark.line + 1}" if mark is not None else ""

@@ -7,7 +7,6 @@ their norms and singular values (a rank-r product has at most r), and how many d
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -112,15 +111,11 @@ def load_lora(base: Any, adapter_dir: str | Path) -> nn.Module:
     adapter names (``base_model_name_or_path``, the run's ``--model``). A run's ``OUT/model`` already has
     the adapters merged in: load them onto the model the run started from. A reward model's adapter
     (``task_type`` SEQ_CLS) carries its score head; a language-model base gets that head first."""
-    from safetensors.torch import load_file
-
     from lmforge.model.heads import with_head
-    from lmforge.peft.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, load_adapter
+    from lmforge.peft.lora import ADAPTER_WEIGHTS, load_adapter, read_adapter
 
     folder = Path(adapter_dir)
-    if not (folder / ADAPTER_CONFIG).is_file():
-        raise InputError(f"{folder}: no LoRA adapter (needs {ADAPTER_CONFIG} and {ADAPTER_WEIGHTS})")
-    peft_config = json.loads((folder / ADAPTER_CONFIG).read_text(encoding="utf-8"))
+    peft_config, tensors = read_adapter(folder)
     if base is None:
         base = peft_config.get("base_model_name_or_path") or None
         if base is None:
@@ -130,9 +125,10 @@ def load_lora(base: Any, adapter_dir: str | Path) -> nn.Module:
     if peft_config.get("task_type") == "SEQ_CLS" and model.config.head != "score":
         model = with_head(model, "score")
     load_adapter(model, folder)
-    if model.config.head == "score" and (folder / ADAPTER_WEIGHTS).is_file():
-        tensors = load_file(folder / ADAPTER_WEIGHTS)
-        if score_key in tensors:
-            with torch.no_grad():
-                model.score.weight.copy_(tensors[score_key])
+    if model.config.head == "score" and score_key in tensors:
+        if tensors[score_key].shape != model.score.weight.shape:
+            raise InputError(f"{folder / ADAPTER_WEIGHTS}: {score_key} has shape {list(tensors[score_key].shape)}, "
+                             f"the model's score head {list(model.score.weight.shape)}")
+        with torch.no_grad():
+            model.score.weight.copy_(tensors[score_key])
     return model.eval()

@@ -201,15 +201,20 @@ def tokenizer_from_gguf(meta: dict, source: str):
     pre = meta.get("tokenizer.ggml.pre", "default")
     if pre not in PRE_TOKENIZER_SPLITS:
         raise InputError(f"{source}: GGUF pre-tokenizer {pre!r} is not known; known: {', '.join(PRE_TOKENIZER_SPLITS)}")
-    tokens: list[str] = meta["tokenizer.ggml.tokens"]
-    merges = [tuple(merge.split(" ", 1)) for merge in meta.get("tokenizer.ggml.merges", [])]
+    tokens, merges = meta.get("tokenizer.ggml.tokens"), meta.get("tokenizer.ggml.merges", [])
+    types = meta.get("tokenizer.ggml.token_type") or []
+    if not isinstance(tokens, list) or not tokens or not all(isinstance(t, str) for t in tokens) \
+            or not isinstance(merges, list) or not all(isinstance(m, str) and " " in m for m in merges) \
+            or not isinstance(types, list) or not all(isinstance(t, int) for t in types):
+        raise InputError(f"{source}: the GGUF tokenizer needs tokenizer.ggml.tokens (strings), merges ('a b' "
+                         "strings) and token types (integers)")
+    merges = [tuple(merge.split(" ", 1)) for merge in merges]
     hf = Tokenizer(models.BPE(vocab={token: i for i, token in enumerate(tokens)}, merges=merges))
     hf.pre_tokenizer = pre_tokenizers.Sequence([
         *(pre_tokenizers.Split(Regex(split), behavior="isolated") for split in PRE_TOKENIZER_SPLITS[pre]),
         pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
     ])
     hf.decoder = decoders.ByteLevel()
-    types = meta.get("tokenizer.ggml.token_type") or []
     hf.add_special_tokens([AddedToken(tokens[i], special=True, normalized=False)
                            for i, kind in enumerate(types) if kind == CONTROL])
 

@@ -139,6 +139,13 @@ class ModelConfig:
         unknown = set(values) - names
         if unknown:
             raise InputError(f"unknown model config fields: {', '.join(sorted(unknown))}")
+        for f in dataclasses.fields(cls):
+            if f.name in values and not _of_type(values[f.name], f.type):
+                raise InputError(f"invalid model config: {f.name}={values[f.name]!r} is not {_type_words(f.type)}")
+        for name, value in values.items():
+            if name in SIZES and value < 1 or isinstance(value, int) and abs(value) >= 2**31:
+                raise InputError(f"invalid model config: {name}={value} is out of range"
+                                 + (" (it must be at least 1)" if name in SIZES else ""))
         try:
             return cls(**values)
         except (TypeError, ValueError) as err:
@@ -159,6 +166,22 @@ class ModelConfig:
             return cls.from_dict(values)
         except InputError as err:
             raise InputError(f"{path}: {err}") from err
+
+
+SIZES = ("vocab_size", "max_seq_len", "dim", "num_layers", "num_heads", "num_kv_heads")  # each at least 1
+
+
+def _of_type(value, annotation: str) -> bool:
+    """Whether a JSON value fits a field annotated ``annotation`` (``int``: a whole number, not a bool;
+    ``float``: any finite or infinite number; ``dict | None`` ...)."""
+    kinds = {"int": (int,), "float": (int, float), "str": (str,), "bool": (bool,), "dict": (dict,), "None": (type(None),)}
+    allowed = tuple(t for part in annotation.split("|") for t in kinds[part.strip()])
+    return isinstance(value, allowed) and not (isinstance(value, bool) and bool not in allowed)
+
+
+def _type_words(annotation: str) -> str:
+    return " or ".join({"int": "a whole number", "float": "a number", "str": "a string", "bool": "true or false",
+                        "dict": "a JSON object", "None": "null"}[part.strip()] for part in annotation.split("|"))
 
 
 ROPE_SCALINGS = {"linear": ("factor",),

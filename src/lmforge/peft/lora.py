@@ -24,10 +24,11 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
 from lmforge.errors import InputError
+from lmforge.files import read_json
 from lmforge.settings import field
 
 ADAPTER_CONFIG, ADAPTER_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
@@ -270,25 +271,46 @@ def save_adapter(model: nn.Module, out: str | Path, base_model: str = "") -> Pat
 def load_adapter(model: nn.Module, folder: str | Path) -> nn.Module:
     """Put the adapters saved in ``folder`` (PEFT layout) onto ``model``."""
     folder = Path(folder)
-    if not (folder / ADAPTER_CONFIG).is_file() or not (folder / ADAPTER_WEIGHTS).is_file():
-        raise InputError(f"{folder}: no LoRA adapter (needs {ADAPTER_CONFIG} and {ADAPTER_WEIGHTS})")
-    peft_config = json.loads((folder / ADAPTER_CONFIG).read_text(encoding="utf-8"))
-    if peft_config.get("peft_type") != "LORA" or peft_config.get("use_dora") or peft_config.get("use_rslora"):
-        raise InputError(f"{folder}: only plain LoRA adapters are read")
+    peft_config, tensors = read_adapter(folder)
     targets = peft_config["target_modules"]
     targets = list(targets) if isinstance(targets, list) else [targets]
     if model.config.is_encoder_decoder:
         names = _t5_targets(model.config)
         targets = [names.get(target, target) for target in targets]
-    config = LoraConfig(rank=peft_config["r"], alpha=peft_config["lora_alpha"],
-                        dropout=peft_config.get("lora_dropout", 0.0), targets=targets)
-    apply_lora(model, config)
-    tensors = load_file(folder / ADAPTER_WEIGHTS)
+    try:
+        config = LoraConfig(rank=peft_config["r"], alpha=peft_config["lora_alpha"],
+                            dropout=peft_config.get("lora_dropout", 0.0), targets=targets)
+        apply_lora(model, config)
+    except ValueError as err:
+        raise InputError(f"{folder / ADAPTER_CONFIG}: {err}") from err
     for name, layer in lora_layers(model).items():
         key = "base_model.model." + _peft_module_name(name, model.config)
         for part in ("lora_A", "lora_B"):
-            if f"{key}.{part}.weight" not in tensors:
-                raise InputError(f"{folder}: adapter has no {key}.{part}.weight")
+            weight, target = tensors.get(f"{key}.{part}.weight"), getattr(layer, part)
+            if weight is None or weight.shape != target.shape or not weight.is_floating_point():
+                found = "nothing" if weight is None else f"{weight.dtype} {list(weight.shape)}"
+                raise InputError(f"{folder / ADAPTER_WEIGHTS}: {key}.{part}.weight should be a float tensor of "
+                                 f"shape {list(target.shape)}, found {found}")
             scale = _peft_scale(name, model.config) if part == "lora_B" else 1.0
-            getattr(layer, part).data.copy_(tensors[f"{key}.{part}.weight"] / scale)
+            target.data.copy_(weight / scale)
     return model
+
+
+def read_adapter(folder: Path) -> tuple[dict, dict[str, torch.Tensor]]:
+    """The checked ``adapter_config.json`` and the tensors of an adapter folder (PEFT layout)."""
+    from lmforge.interop.hf import mmap_safetensors
+
+    if not (folder / ADAPTER_CONFIG).is_file() or not (folder / ADAPTER_WEIGHTS).is_file():
+        raise InputError(f"{folder}: no LoRA adapter (needs {ADAPTER_CONFIG} and {ADAPTER_WEIGHTS})")
+    peft_config = read_json(folder / ADAPTER_CONFIG)
+    if peft_config.get("peft_type") != "LORA" or peft_config.get("use_dora") or peft_config.get("use_rslora"):
+        raise InputError(f"{folder}: only plain LoRA adapters are read")
+    targets = peft_config.get("target_modules")
+    rank, alpha, dropout = (peft_config.get(key) for key in ("r", "lora_alpha", "lora_dropout"))
+    if not (isinstance(targets, str) or isinstance(targets, list) and targets and all(isinstance(t, str) for t in targets)) \
+            or not (isinstance(rank, int) and not isinstance(rank, bool) and 1 <= rank < 2**16) \
+            or not (isinstance(alpha, (int, float)) and not isinstance(alpha, bool)) \
+            or not (dropout is None or isinstance(dropout, (int, float)) and not isinstance(dropout, bool)):
+        raise InputError(f"{folder / ADAPTER_CONFIG}: needs target_modules (names), r (a whole number from 1), "
+                         f"lora_alpha (a number) and lora_dropout (a number, if given)")
+    return peft_config, mmap_safetensors(folder / ADAPTER_WEIGHTS)

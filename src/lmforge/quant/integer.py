@@ -40,6 +40,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lmforge.errors import InputError
+from lmforge.files import read_json
 from lmforge.quant import kernels
 
 QUANT_FILE = "quantization.json"
@@ -388,9 +389,20 @@ def read_spec(folder: str | Path) -> tuple[QuantSpec, list[str]] | None:
     path = Path(folder) / QUANT_FILE
     if not path.is_file():
         return None
-    data = json.loads(path.read_text(encoding="utf-8"))
-    layers = data.pop("layers")
-    return QuantSpec(**data), layers
+    data = read_json(path)
+    layers = data.pop("layers", None)
+    if not isinstance(layers, list) or not all(isinstance(name, str) for name in layers) \
+            or len(set(layers)) != len(layers):
+        raise InputError(f"{path}: 'layers' must be a list of layer names, each once")
+    types = {"bits": int, "scheme": str, "granularity": str, "group_size": int, "activations": str}
+    wrong = [key for key, value in data.items() if key not in types or type(value) is not types[key]]
+    if wrong:
+        raise InputError(f"{path}: unknown or mistyped fields {', '.join(map(repr, wrong))}; a quantization "
+                         f"spec holds {', '.join(types)} and layers")
+    try:
+        return QuantSpec(**data), layers
+    except InputError as err:
+        raise InputError(f"{path}: {err}") from err
 
 
 def dequantized_state(state: dict[str, torch.Tensor], spec: QuantSpec, layers: list[str]) -> dict[str, torch.Tensor]:
@@ -406,6 +418,9 @@ def dequantized_state(state: dict[str, torch.Tensor], spec: QuantSpec, layers: l
 
 def prepare_quantized(model: nn.Module, spec: QuantSpec, layers: list[str]) -> None:
     """Put empty :class:`IntLinear` layers where a quantized checkpoint has them, ready for its state dict."""
+    unknown = sorted(set(layers) - set(quantizable_layers(model)) - {"embed"})
+    if unknown:
+        raise InputError(f"{QUANT_FILE}: the model has no quantizable layer {', '.join(map(repr, unknown[:3]))}")
     for name in layers:
         module = model.get_submodule(name)
         device = module.weight.device

@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 
 from lmforge.errors import InputError
+from lmforge.files import holds_output
 from lmforge.quant.integer import QUANT_FILE, QuantSpec, check_group_size, quantizable_layers, quantize_model
 from lmforge.quant.integer import calibrate as calibrate_layers
 
@@ -139,6 +140,7 @@ def held_out_task(name: str, items: int):
     return task
 
 
+@holds_output("out")
 def quantize_checkpoint(source: str | Path, out: str | Path, spec: QuantSpec, device: str = "cpu",
                         eval_chars: int = 20000, eval_text: str | None = None,
                         calibrate: str | Path | None = None, calibrate_tokens: int = 4096,

@@ -22,6 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
+from lmforge.errors import InputError
+
 ANN_FILE = "vectors.hnsw"
 AUTO_CHUNKS = 50_000  # `--ann auto` builds the graph from this many chunks on
 M, EF_CONSTRUCTION, EF_SEARCH = 32, 128, 128
@@ -47,7 +49,18 @@ class HNSWIndex:
     def load(cls, path: str | Path) -> HNSWIndex:
         import faiss
 
-        return cls(faiss.read_index(str(path)))
+        # No array in the file can be longer than the file: faiss refuses one that claims more before allocating
+        limit = faiss.get_deserialization_vector_byte_limit()
+        faiss.set_deserialization_vector_byte_limit(Path(path).stat().st_size)
+        try:
+            index = faiss.read_index(str(path))
+        except RuntimeError as err:  # faiss checks what it reads and says what does not hold
+            raise InputError(f"{path}: not a readable HNSW index ({str(err).splitlines()[0][:300]})") from err
+        finally:
+            faiss.set_deserialization_vector_byte_limit(limit)
+        if not isinstance(index, faiss.IndexHNSWFlat) or index.metric_type != faiss.METRIC_INNER_PRODUCT:
+            raise InputError(f"{path}: not an inner-product HNSW index (found {type(index).__name__})")
+        return cls(index)
 
     def save(self, path: str | Path) -> None:
         import faiss

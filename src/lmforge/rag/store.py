@@ -16,6 +16,7 @@ fails leaves the previous knowledge base as it was.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -27,6 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from lmforge.errors import InputError
+from lmforge.files import database_errors, parse_json
 from lmforge.rag.chunk import Chunk
 
 DATABASE, VECTORS, BM25_FOLDER = "kb.sqlite", "vectors.npy", "bm25"
@@ -51,19 +53,29 @@ class KnowledgeBase:
         if not is_knowledge_base(self.path):
             raise InputError(f"{self.path}: not a knowledge base (make one with `lmforge rag index PATHS --out "
                              f"{self.path}`)")
-        with sqlite3.connect(self.path / DATABASE) as db:
-            self.meta = {key: json.loads(value) for key, value in db.execute("SELECT key, value FROM meta")}
+        database = self.path / DATABASE
+        with database_errors(database, "knowledge base"), contextlib.closing(sqlite3.connect(database)) as db:
+            self.meta = {key: parse_json(value, f"{database}: meta {key!r}") if isinstance(value, str) else value
+                         for key, value in db.execute("SELECT key, value FROM meta")}
             if self.meta.get("format") != FORMAT:
                 raise InputError(f"{self.path}: knowledge base format {self.meta.get('format')}, this lmforge reads "
                                  f"{FORMAT}; index again")
             self.files = dict(db.execute("SELECT path, hash FROM files"))
+            rows = db.execute("SELECT row, id, file, source, title, start, end_, text, tokens FROM chunks ORDER BY row")
             self.chunks = [StoredChunk(id=r[1], source=r[3], title=r[4], start=r[5], end=r[6], text=r[7], tokens=r[8],
-                                       file=r[2], row=r[0])
-                           for r in db.execute("SELECT row, id, file, source, title, start, end_, text, tokens "
-                                               "FROM chunks ORDER BY row")]
-        self.vectors = np.load(self.path / VECTORS, mmap_mode="r")
-        if len(self.vectors) != len(self.chunks):
-            raise InputError(f"{self.path}: {len(self.chunks)} chunks but {len(self.vectors)} vectors; index again")
+                                       file=r[2], row=r[0]) for r in rows]
+        if [c.row for c in self.chunks] != list(range(len(self.chunks))) or not all(
+                isinstance(c.start, int) and isinstance(c.end, int) and isinstance(c.tokens, int)
+                and all(isinstance(v, str) for v in (c.id, c.file, c.source, c.title, c.text)) for c in self.chunks):
+            raise InputError(f"{database}: chunk rows are not numbered 0..n-1 or hold values of the wrong type; "
+                             "index again")
+        try:
+            self.vectors = np.load(self.path / VECTORS, mmap_mode="r", allow_pickle=False)
+        except Exception as err:  # noqa: BLE001 (numpy's header parser raises ValueError, TokenError, EOFError ...)
+            raise InputError(f"{self.path / VECTORS}: not a readable .npy array ({str(err)[:200]})") from err
+        if self.vectors.ndim != 2 or self.vectors.dtype != np.float32 or len(self.vectors) != len(self.chunks):
+            raise InputError(f"{self.path / VECTORS}: expected {len(self.chunks)} float32 vectors (one per chunk), "
+                             f"found a {self.vectors.dtype} array of shape {self.vectors.shape}; index again")
         self._bm25 = None
         self._ann = False  # not looked for yet
 
@@ -76,8 +88,9 @@ class KnowledgeBase:
 
             path = self.path / ANN_FILE
             self._ann = HNSWIndex.load(path) if path.is_file() else None
-            if self._ann is not None and len(self._ann) != len(self.chunks):
-                raise InputError(f"{path}: {len(self._ann)} vectors for {len(self.chunks)} chunks; index again")
+            if self._ann is not None and (len(self._ann) != len(self.chunks) or self._ann.index.d != self.vectors.shape[1]):
+                raise InputError(f"{path}: {len(self._ann)} vectors of width {self._ann.index.d} for {len(self.chunks)} "
+                                 f"chunks of width {self.vectors.shape[1]}; index again")
         return self._ann
 
     def __len__(self) -> int:

@@ -112,10 +112,7 @@ def run_server(paths: dict[str, str], config: ServeConfig, speculative: dict | N
 
         ratings = RatingStore(config.ratings)
         if config.rating_items:
-            try:
-                added = ratings.import_jsonl(config.rating_items)
-            except (OSError, ValueError) as err:
-                raise InputError(f"--rating-items: {err}") from None
+            added = ratings.import_jsonl(config.rating_items)  # a bad file: an InputError naming it
             print(f"[serve] added {added} new items to rate", flush=True)
     elif config.rating_items:
         raise InputError("--rating-items needs --ratings FILE (where the ratings are stored)")

@@ -127,7 +127,7 @@ def _render_with_template(tokenizer, messages: list[dict[str, str]], add_generat
             before = tokenizer.apply_chat_template(messages[:index], add_generation_prompt=True) if index else ""
             after = tokenizer.apply_chat_template(messages[:index + 1], add_generation_prompt=False)
             if not text.startswith(after) or not after.startswith(before):
-                raise InputError("the chat template does not render a conversation as a growing prefix; "
+                raise InputError(f"{getattr(tokenizer, 'source', 'tokenizer')}: the chat template does not render a conversation as a growing prefix; "
                                  "cannot tell which tokens are the assistant's")
             spans.append((len(before), len(after)))
     encoding = tokenizer.hf.encode(text, add_special_tokens=False)

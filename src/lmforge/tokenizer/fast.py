@@ -60,6 +60,13 @@ def _split_by_token_rank(data: bytes, ranks: Mapping[bytes, int], below: int) ->
     return parts
 
 
+def byte_problem(ranks: Mapping[bytes, int]) -> str | None:
+    """Why tiktoken cannot encode with ``ranks``: a single byte without a token of its own (tiktoken starts
+    from single bytes and panics on one it lacks); ``None`` if every byte has one."""
+    missing = [value for value in range(256) if bytes([value]) not in ranks]
+    return f"byte {missing[0]:#04x} is not a token of its own" if missing else None
+
+
 def merge_order_problem(
     ranks: Mapping[bytes, int], merges: Sequence[tuple[bytes, bytes]], first_merge_id: int
 ) -> str | None:

@@ -21,6 +21,7 @@ from typing import Any
 import tokenizers
 
 from lmforge.errors import InputError
+from lmforge.files import parse_json, read_json, read_text
 from lmforge.tokenizer.chat import render_template
 
 TOKENIZER_FILE, CONFIG_FILE, TEMPLATE_FILE = "tokenizer.json", "tokenizer_config.json", "chat_template.jinja"
@@ -31,6 +32,25 @@ def _token_text(value: Any) -> str | None:
     if isinstance(value, dict):
         return value.get("content")
     return value if isinstance(value, str) else None
+
+
+def read_hf_tokenizer(file: Path) -> tokenizers.Tokenizer:
+    """A ``tokenizers.Tokenizer`` from a ``tokenizer.json``, its ids checked first: ``tokenizers`` sizes
+    tables by the largest id, so one damaged id (4294967295) would make it allocate gigabytes and abort
+    the process."""
+    text = read_text(file, "tokenizer file")
+    config = parse_json(text, str(file))
+    vocab = (config.get("model") or {}).get("vocab") if isinstance(config, dict) else None
+    added = config.get("added_tokens") if isinstance(config, dict) else None
+    entries = list(vocab.values()) if isinstance(vocab, dict) else list(range(len(vocab))) if isinstance(vocab, list) else []
+    entries += [t.get("id") for t in added if isinstance(t, dict)] if isinstance(added, list) else []
+    bound = 2 * len(entries) + 1024  # ids past this are damage, not a vocabulary (real ones have few gaps)
+    if any(not isinstance(i, int) or isinstance(i, bool) or not 0 <= i < bound for i in entries):
+        raise InputError(f"{file}: token ids must be whole numbers from 0 to about the vocabulary's size")
+    try:
+        return tokenizers.Tokenizer.from_str(text)
+    except Exception as err:  # tokenizers raises a bare Exception for malformed JSON
+        raise InputError(f"{file}: cannot read tokenizer: {err}") from err
 
 
 class PretrainedTokenizer:
@@ -47,8 +67,13 @@ class PretrainedTokenizer:
         self._hf, self.config, self.source = hf_tokenizer, dict(config or {}), source
         self.chat_template: str | None = chat_template or self.config.get("chat_template")
         if isinstance(self.chat_template, list):  # a list of named templates: take the default one
+            if not all(isinstance(t, dict) and isinstance(t.get("template"), str) for t in self.chat_template):
+                raise InputError(f"{source}: chat_template: a list of named templates needs a 'template' string "
+                                 "in each")
             named = {t.get("name"): t.get("template") for t in self.chat_template}
             self.chat_template = named.get("default") or next(iter(named.values()), None)
+        if self.chat_template is not None and not isinstance(self.chat_template, str):
+            raise InputError(f"{source}: chat_template must be a string, found {type(self.chat_template).__name__}")
         self.bos_token, self.eos_token = _token_text(self.config.get("bos_token")), _token_text(self.config.get("eos_token"))
         self.eos_id: int | None = self._id_of(self.eos_token)
         self.pad_id: int | None = self._id_of(_token_text(self.config.get("pad_token")))
@@ -79,19 +104,9 @@ class PretrainedTokenizer:
         if not file.is_file():
             raise InputError(f"{folder}: no {TOKENIZER_FILE} (lmforge reads the fast-tokenizer file that "
                              "transformers writes; convert a sentencepiece-only tokenizer with transformers first)")
-        try:
-            hf_tokenizer = tokenizers.Tokenizer.from_file(str(file))
-        except Exception as err:  # tokenizers raises a bare Exception for malformed JSON
-            raise InputError(f"{file}: cannot read tokenizer: {err}") from err
-        config: dict = {}
-        if (folder / CONFIG_FILE).is_file():
-            try:
-                config = json.loads((folder / CONFIG_FILE).read_text(encoding="utf-8"))
-            except json.JSONDecodeError as err:
-                raise InputError(f"{folder / CONFIG_FILE}:{err.lineno}: invalid JSON: {err.msg}") from err
-        template = None
-        if (folder / TEMPLATE_FILE).is_file():
-            template = (folder / TEMPLATE_FILE).read_text(encoding="utf-8")
+        hf_tokenizer = read_hf_tokenizer(file)
+        config = read_json(folder / CONFIG_FILE) if (folder / CONFIG_FILE).is_file() else {}
+        template = read_text(folder / TEMPLATE_FILE) if (folder / TEMPLATE_FILE).is_file() else None
         return cls(hf_tokenizer, config, template, source=str(folder))
 
     def save(self, folder: str | os.PathLike[str]) -> Path:
@@ -144,5 +159,8 @@ class PretrainedTokenizer:
         """
         if not self.chat_template:
             raise InputError(f"{self.source}: this tokenizer has no chat template")
-        return render_template(self.chat_template, messages, add_generation_prompt,
-                               bos_token=self.bos_token or "", eos_token=self.eos_token or "", **variables)
+        try:
+            return render_template(self.chat_template, messages, add_generation_prompt,
+                                   bos_token=self.bos_token or "", eos_token=self.eos_token or "", **variables)
+        except InputError as err:
+            raise InputError(f"{self.source}: {err}") from err

@@ -32,7 +32,8 @@ import tokenizers
 from lmforge.errors import InputError
 from lmforge.tokenizer.bytelevel import SPLIT_PATTERN, replace_surrogates, token_string_to_bytes
 from lmforge.tokenizer.chat import LMFORGE_CHAT_TEMPLATE, check_messages, render_template
-from lmforge.tokenizer.fast import build_encoding, merge_order_problem
+from lmforge.tokenizer.fast import build_encoding, byte_problem, merge_order_problem
+from lmforge.tokenizer.pretrained import read_hf_tokenizer
 from lmforge.tokenizer.special import (
     BEGIN_OF_TEXT,
     END_OF_TEXT,
@@ -159,6 +160,8 @@ class Tokenizer:
             self.fast_path_problem = "turned off (use_tiktoken=False)"
         else:
             ranks = {data: index for index, data in enumerate(token_bytes) if index >= NUM_SPECIAL}
+            if len(ranks) != len(token_bytes) - NUM_SPECIAL:
+                raise InputError(f"{source}: two tokens have the same bytes")
             try:
                 merges = [
                     (token_bytes[vocab[left]], token_bytes[vocab[right]])
@@ -168,7 +171,7 @@ class Tokenizer:
                 raise InputError(
                     f"{source}: a merge uses {err.args[0]!r}, which is not in the vocabulary"
                 ) from None
-            self.fast_path_problem = _pipeline_problem(config) or merge_order_problem(
+            self.fast_path_problem = _pipeline_problem(config) or byte_problem(ranks) or merge_order_problem(
                 ranks, merges, first_merge_id=NUM_SPECIAL + 256
             )
             if self.fast_path_problem is None:
@@ -187,11 +190,7 @@ class Tokenizer:
             file = file / FILE_NAME
         if not file.is_file():
             raise InputError(f"tokenizer file not found: {file}")
-        try:
-            hf_tokenizer = tokenizers.Tokenizer.from_file(str(file))
-        except Exception as err:  # tokenizers raises a bare Exception for malformed JSON
-            raise InputError(f"{file}: cannot read tokenizer: {err}") from err
-        return cls(hf_tokenizer, use_tiktoken=use_tiktoken, source=str(file))
+        return cls(read_hf_tokenizer(file), use_tiktoken=use_tiktoken, source=str(file))
 
     @classmethod
     def from_str(cls, text: str, use_tiktoken: bool = True) -> Tokenizer:

@@ -21,8 +21,16 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from lmforge.checkpoint import is_checkpoint, read_trainer_state, save_checkpoint
+from lmforge.checkpoint import (
+    OPTIMIZER,
+    WEIGHTS,
+    is_checkpoint,
+    load_weights,
+    read_trainer_state,
+    save_checkpoint,
+)
 from lmforge.errors import InputError
+from lmforge.files import output_lock
 from lmforge.model import DecoderLM, train_flops_per_token
 from lmforge.runtime import Runtime, measure_matmul_peak, return_freed_memory
 from lmforge.settings import to_dict
@@ -80,7 +88,14 @@ def checkpoint_dir(config: TrainConfig) -> Path:
 
 def fit(model: DecoderLM, stage: Stage, config: TrainConfig, tokenizer=None, resume: bool = False,
         sample_fn: Callable[[nn.Module], list[str]] | None = None) -> TrainResult:
-    """Train ``model`` on ``stage``; returns figures and the final checkpoint's path."""
+    """Train ``model`` on ``stage``; returns figures and the final checkpoint's path. The output folder is
+    held for the run (:func:`lmforge.files.output_lock`): a second run into it is refused."""
+    with output_lock(config.out_dir):
+        return _fit(model, stage, config, tokenizer, resume, sample_fn)
+
+
+def _fit(model: DecoderLM, stage: Stage, config: TrainConfig, tokenizer, resume: bool,
+         sample_fn: Callable[[nn.Module], list[str]] | None) -> TrainResult:
     runtime = Runtime.resolve(config.device, config.dtype)
     if config.release_memory and runtime.device.type == "cpu":
         return_freed_memory()  # less memory for more page faults
@@ -193,19 +208,24 @@ def _resume_tensors(optimizer: torch.optim.Optimizer) -> dict[str, torch.Tensor]
 
 def _restore(ckpt: Path, model: DecoderLM, optimizer: torch.optim.Optimizer, runtime: Runtime) -> tuple[int, int, float]:
     """Load weights, optimizer moments and RNG state; returns (next step, max_steps, elapsed seconds)."""
-    from safetensors.torch import load_file
+    from lmforge.interop.hf import mmap_safetensors
 
-    weights = load_file(ckpt / "model.safetensors", device=str(runtime.device))
-    if model.config.tie_embeddings:
+    weights = {name: tensor.to(runtime.device) for name, tensor in mmap_safetensors(ckpt / WEIGHTS).items()}
+    if model.config.tie_embeddings and "embed.weight" in weights:
         weights["lm_head.weight"] = weights["embed.weight"]
-    model.load_state_dict(weights)
+    load_weights(model, weights, ckpt / WEIGHTS)
     state, tensors = read_trainer_state(ckpt)
-    load_optimizer_tensors(optimizer, {k: v.to(runtime.device) if k.endswith(("exp_avg", "exp_avg_sq")) else v
-                                       for k, v in tensors.items()})
-    if "rng.cpu" in tensors:
-        torch.set_rng_state(tensors["rng.cpu"])
-    if "rng.cuda" in tensors and torch.cuda.is_available():
-        torch.cuda.set_rng_state(tensors["rng.cuda"])
+    try:
+        load_optimizer_tensors(optimizer, {k: v.to(runtime.device) if k.endswith(("exp_avg", "exp_avg_sq")) else v
+                                           for k, v in tensors.items()})
+        for key, device in (("rng.cpu", None), ("rng.cuda", "cuda")):
+            if key in tensors and (device is None or torch.cuda.is_available()):
+                expected = torch.get_rng_state() if device is None else torch.cuda.get_rng_state()
+                if tensors[key].dtype != torch.uint8 or tensors[key].shape != expected.shape:
+                    raise ValueError(f"{key}: not a random generator state")
+                (torch.set_rng_state if device is None else torch.cuda.set_rng_state)(tensors[key].clone())
+    except (ValueError, RuntimeError) as err:  # RuntimeError: torch's "Invalid mt19937 state"
+        raise InputError(f"{ckpt / OPTIMIZER}: {err}") from err
     return state["step"], state["max_steps"], state.get("elapsed", 0.0)
 
 

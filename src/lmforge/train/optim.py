@@ -33,12 +33,23 @@ def optimizer_tensors(optimizer: torch.optim.Optimizer) -> dict[str, torch.Tenso
 
 
 def load_optimizer_tensors(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor]) -> None:
-    """Inverse of :func:`optimizer_tensors` for an optimizer built over the same parameters."""
+    """Inverse of :func:`optimizer_tensors` for an optimizer built over the same parameters. ValueError when
+    the tensors are not the state of such an optimizer (an unknown key, a parameter it does not have, a
+    moment of another shape)."""
+    params = [p for group in optimizer.param_groups for p in group["params"]]
     state: dict[int, dict[str, torch.Tensor]] = {}
     for key, value in tensors.items():
         if not key.startswith("optim."):
             continue
-        _, index, name = key.split(".", 2)
+        _, index, name = (key.split(".", 2) + ["", ""])[:3]
+        if not index.isdigit() or int(index) >= len(params):
+            raise ValueError(f"{key}: the optimizer has {len(params)} parameters")
+        param = params[int(index)]
+        shape = () if name == "step" else param.shape
+        if name not in ("step", "exp_avg", "exp_avg_sq", "max_exp_avg_sq") or value.shape != shape \
+                or not value.is_floating_point():
+            raise ValueError(f"{key}: expected a floating-point tensor of shape {list(shape)}, "
+                             f"found {value.dtype} {list(value.shape)}")
         state.setdefault(int(index), {})[name] = value
     full = optimizer.state_dict()
     full["state"] = state

@@ -1,0 +1,136 @@
+"""Reading the small text files lmforge keeps beside its tensors (configs, manifests, states), each
+problem an :class:`~lmforge.errors.InputError` that names the file and says what is wrong."""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import functools
+import inspect
+import json
+import os
+import sqlite3
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from lmforge.errors import InputError
+
+
+def read_text(path: str | Path, what: str = "file") -> str:
+    """The UTF-8 text of ``path``; ``what`` names the file in the not-found message."""
+    try:
+        return Path(path).read_bytes().decode("utf-8")
+    except FileNotFoundError as err:
+        raise InputError(f"{what} not found: {path}") from err
+    except UnicodeDecodeError as err:
+        raise InputError(f"{path}: not UTF-8 text (byte {err.start}): {err.reason}") from err
+    except OSError as err:
+        raise InputError(f"{path}: cannot read it ({err.strerror or err})") from err
+
+
+def parse_json(text: str, where: str) -> Any:
+    """``text`` as JSON; ``where`` (a file, or ``file:line``) starts the message of any error."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as err:
+        raise InputError(f"{where}:{err.lineno}: invalid JSON: {err.msg} (column {err.colno})") from err
+    except RecursionError as err:
+        raise InputError(f"{where}: JSON nested too deeply") from err
+
+
+def read_json(path: str | Path, what: str = "file", kind: type = dict) -> Any:
+    """The JSON value of ``path``, which must be of type ``kind`` (a JSON object by default)."""
+    value = parse_json(read_text(path, what), str(path))
+    if kind is not None and not isinstance(value, kind):
+        expected = {dict: "a JSON object", list: "a JSON array"}.get(kind, kind.__name__)
+        raise InputError(f"{path}: expected {expected}, found {type(value).__name__}")
+    return value
+
+
+@contextlib.contextmanager
+def database_errors(path: str | Path, what: str = "database") -> Iterator[None]:
+    """SQLite errors of a damaged or unreachable file as an InputError naming it. A constraint violation
+    (``IntegrityError``) is the program's own business and passes through."""
+    try:
+        yield
+    except sqlite3.IntegrityError:
+        raise
+    except sqlite3.DatabaseError as err:
+        raise InputError(f"{path}: cannot use this {what} ({err})") from err
+    except UnicodeDecodeError as err:  # a TEXT value that is not UTF-8
+        raise InputError(f"{path}: this {what} holds text that is not UTF-8 ({err.reason})") from err
+
+
+_held: dict[Path, tuple[int, int]] = {}  # folder -> (open descriptor, how many holders in this process)
+_held_guard = threading.Lock()
+
+
+@contextlib.contextmanager
+def output_lock(folder: str | Path) -> Iterator[Path]:
+    """Hold ``folder`` as this process's output while the block runs: a second run that
+    asks for it, in another process, gets an InputError naming the process that holds it, instead of two
+    runs writing into one folder in turn. The lock is the kernel's (``flock`` on ``.NAME.lock`` beside the
+    folder, so that it outlives a folder replaced whole, as checkpoints are): it goes with the process,
+    however that ends (SIGKILL included), so there is no stale lock to clear. Taken again inside the same
+    process (a speedrun's pretraining inside the speedrun), it nests."""
+    folder = Path(folder).resolve()
+    if int(os.environ.get("RANK", "0")) != 0:  # the other ranks of a torchrun job: rank 0 writes, and holds
+        yield folder
+        return
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    with _held_guard:
+        if folder in _held:
+            descriptor, count = _held[folder]
+            _held[folder] = (descriptor, count + 1)
+        else:
+            descriptor = _acquire(folder)
+            _held[folder] = (descriptor, 1)
+    try:
+        yield folder
+    finally:
+        with _held_guard:
+            descriptor, count = _held.pop(folder)
+            if count > 1:
+                _held[folder] = (descriptor, count - 1)
+            else:
+                os.close(descriptor)  # closing the last descriptor releases the lock
+
+
+def _acquire(folder: Path) -> int:
+    path = folder.parent / f".{folder.name}.lock"
+    try:
+        descriptor = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as err:
+        raise InputError(f"{folder}: cannot write here ({err.strerror or err})") from err
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(descriptor, 200, 0).decode("utf-8", "replace").strip() or "another process"
+        os.close(descriptor)
+        raise InputError(f"{folder} is in use by another lmforge run ({holder}); wait for it to finish or "
+                         "write somewhere else") from None
+    os.ftruncate(descriptor, 0)
+    os.pwrite(descriptor, f"pid {os.getpid()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}\n".encode(), 0)
+    return descriptor
+
+
+def holds_output(argument: str):
+    """Decorator: the function holds the folder given as its argument ``argument`` (:func:`output_lock`)
+    while it runs; ``"train_config.out_dir"`` names an attribute of an argument."""
+    name, *attributes = argument.split(".")
+
+    def decorate(function):
+        signature = inspect.signature(function)
+
+        @functools.wraps(function)
+        def wrapper(*args, **kwargs):
+            bound = signature.bind(*args, **kwargs)
+            bound.apply_defaults()
+            folder = functools.reduce(getattr, attributes, bound.arguments[name])
+            with output_lock(folder):
+                return function(*args, **kwargs)
+        return wrapper
+    return decorate
