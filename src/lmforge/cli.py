@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 from lmforge.errors import InputError
+from lmforge.files import write_failure
 from lmforge.settings import add_arguments, build, load_json
 
 DEFAULT_RUN = Path("runs") / "speedrun"
@@ -904,15 +905,20 @@ def cmd_leaderboard(args: argparse.Namespace) -> None:
     print(f"wrote {md} and {page}")
 
 
+def _listed(entries) -> int:
+    """Print (name, what) pairs as two columns; exit code 0."""
+    for name, what in entries:
+        print(f"{name:20} {what}")
+    return 0
+
+
 def cmd_fuzz(args: argparse.Namespace) -> int:
     from lmforge.reliability.fuzz import format_table, fuzz_many
     from lmforge.reliability.targets import by_name
 
     targets = by_name(args.targets)
     if args.list:
-        for target in targets:
-            print(f"{target.name:20} {target.what}")
-        return 0
+        return _listed((t.name, t.what) for t in targets)
     if args.iterations is not None and args.iterations < 1 or args.seconds is not None and args.seconds <= 0:
         raise InputError("--iterations and --seconds must be positive")
     iterations = args.iterations if args.iterations is not None or args.seconds is not None else 200
@@ -925,6 +931,27 @@ def cmd_fuzz(args: argparse.Namespace) -> int:
         if args.out and any(r.failures for r in reports):
             print(f"failing inputs saved in {args.out}")
     return 1 if any(r.failures for r in reports) else 0
+
+
+def cmd_killtest(args: argparse.Namespace) -> int:
+    import tempfile
+
+    from tqdm.auto import tqdm
+
+    from lmforge.reliability.kill import by_name, format_table, kill_writer
+
+    writers = by_name(args.writers)
+    if args.list:
+        return _listed((w.name, w.what) for w in writers)
+    if args.kills < 1:
+        raise InputError("--kills must be at least 1")
+    reports = []
+    for writer in writers:
+        with tempfile.TemporaryDirectory(prefix="lmforge-kill-") as folder, \
+                tqdm(total=args.kills, desc=writer.name, unit="kill", disable=args.json, leave=False) as bar:
+            reports.append(kill_writer(writer, Path(folder), args.kills, args.seed, on_kill=lambda _: bar.update(1)))
+    print(json.dumps([r.summary() for r in reports], indent=2) if args.json else format_table(reports))
+    return 1 if any(r.problems for r in reports) else 0
 
 
 def cmd_import(args: argparse.Namespace) -> None:
@@ -1360,6 +1387,15 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--list", action="store_true", help="name the readers and stop")
     p.set_defaults(func=cmd_fuzz)
 
+    p = sub.add_parser("killtest", help="kill each writer (SIGKILL) at random moments: the last good output must "
+                                        "read, a rerun or --resume must give what an uninterrupted run gives")
+    p.add_argument("writers", nargs="*", help="writers to kill (default: all; --list names them)")
+    p.add_argument("--kills", type=int, default=20, help="kills per writer")
+    p.add_argument("--seed", type=int, default=0, help="seed of the kill times")
+    p.add_argument("--json", action="store_true", help="print the reports as JSON")
+    p.add_argument("--list", action="store_true", help="name the writers and stop")
+    p.set_defaults(func=cmd_killtest)
+
     p = sub.add_parser("import", help="a Hugging Face model directory or GGUF file -> lmforge checkpoint")
     p.add_argument("source", help="HF folder (Llama, Mistral, Qwen2, GPT-2), a .gguf file (Llama, Qwen2), "
                                   "or smollm2-135m-instruct")
@@ -1395,6 +1431,11 @@ def main(argv: list[str] | None = None) -> int:
         code = action(argv) if action else args.func(args)
     except InputError as err:
         print(f"lmforge: error: {err}", file=sys.stderr)
+        return 2
+    except OSError as err:  # the disk or the folder refused a write (full, read-only ...) outside a held folder
+        if write_failure(err) is None:
+            raise
+        print(f"lmforge: error: {err.filename or 'a file'}: cannot write it: {write_failure(err)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -4,11 +4,13 @@ problem an :class:`~lmforge.errors.InputError` that names the file and says what
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import functools
 import inspect
 import json
 import os
+import shutil
 import sqlite3
 import threading
 import time
@@ -78,7 +80,8 @@ def output_lock(folder: str | Path) -> Iterator[Path]:
     process (a speedrun's pretraining inside the speedrun), it nests."""
     folder = Path(folder).resolve()
     if int(os.environ.get("RANK", "0")) != 0:  # the other ranks of a torchrun job: rank 0 writes, and holds
-        yield folder
+        with writing(folder, "into it"):
+            yield folder
         return
     folder.parent.mkdir(parents=True, exist_ok=True)
     with _held_guard:
@@ -89,7 +92,8 @@ def output_lock(folder: str | Path) -> Iterator[Path]:
             descriptor = _acquire(folder)
             _held[folder] = (descriptor, 1)
     try:
-        yield folder
+        with writing(folder, "into it (what was there before is kept)"):
+            yield folder
     finally:
         with _held_guard:
             descriptor, count = _held.pop(folder)
@@ -134,3 +138,61 @@ def holds_output(argument: str):
                 return function(*args, **kwargs)
         return wrapper
     return decorate
+
+
+# -- writing ------------------------------------------------------------------------------------------------------
+
+def write_failure(err: BaseException) -> str | None:
+    """Why a write failed, when ``err`` says the disk or the folder refused it (full, over a size limit,
+    read-only, not allowed), as libraries say it (OSError, safetensors' error, SQLite's); else None."""
+    if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT, errno.EROFS,
+                                                  errno.EACCES, errno.EPERM):
+        return err.strerror
+    text = str(err)
+    for reason in ("No space left on device", "File too large", "Disk quota exceeded", "Read-only file system",
+                   "Permission denied", "database or disk is full", "attempt to write a readonly database"):
+        if reason in text:
+            return reason
+    if isinstance(err, OSError) and "requested and" in text and "written" in text:  # numpy's short write
+        return "the disk took only part of it (full?)"
+    return None
+
+
+@contextlib.contextmanager
+def writing(path: str | Path, what: str = "it") -> Iterator[None]:
+    """A write the disk refuses (full, over a size limit, read-only) as an InputError naming ``path``; any
+    other error passes through unchanged."""
+    try:
+        yield
+    except InputError:
+        raise
+    except Exception as err:
+        reason = write_failure(err)
+        if reason is None:
+            raise
+        raise InputError(f"{path}: cannot write {what}: {reason}") from err
+
+
+def replace_folder(temporary: Path, path: Path) -> None:
+    """Put the finished folder ``temporary`` in the place of ``path`` so that a crash at any moment leaves
+    the old folder or the new one findable: the old one is moved to ``NAME.old`` first and deleted last;
+    :func:`recover_folder` puts it back if the process died between the two renames."""
+    old = path.with_name(path.name + ".old")
+    recover_folder(path)
+    if old.exists():
+        shutil.rmtree(old)
+    if path.exists():
+        os.replace(path, old)
+    os.replace(temporary, path)
+    if old.exists():
+        shutil.rmtree(old)
+
+
+def recover_folder(path: Path) -> None:
+    """Undo what a crash inside :func:`replace_folder` left: ``NAME.old`` without ``NAME`` goes back to
+    ``NAME``; ``NAME.old`` beside ``NAME`` (the new one landed) is deleted."""
+    old = path.with_name(path.name + ".old")
+    if old.exists() and not path.exists():
+        os.replace(old, path)
+    elif old.exists():
+        shutil.rmtree(old, ignore_errors=True)

@@ -65,32 +65,27 @@ def _batches(texts: Iterator[str]) -> Iterator[list[str]]:
         yield batch
 
 
-def _write_split(prepared_dir: Path, split: str, tokenizer: ShardTokenizer, path: Path, bar: tqdm) -> dict:
-    """Encode one split into ``path`` (via a temporary file); return its meta entry."""
+def _write_split(prepared_dir: Path, split: str, tokenizer: ShardTokenizer, temp: Path, bar: tqdm) -> dict:
+    """Encode one split into the new file ``temp``; return its meta entry."""
     dtype = token_dtype(tokenizer.vocab_size)
     num_tokens = num_docs = num_bytes = 0
-    temp = temp_path(path)
-    try:
-        with temp.open("xb") as handle:
-            for batch in _batches(iter_prepared(prepared_dir, split)):
-                encoded = tokenizer.encode_batch(batch)
-                lengths = [len(ids) + 1 for ids in encoded]
-                flat = np.empty(sum(lengths), dtype=np.int64)  # (batch tokens,), checked before narrowing
-                starts = np.cumsum([0, *lengths[:-1]])
-                flat[starts] = tokenizer.bos_id
-                for start, ids in zip(starts, encoded):
-                    flat[start + 1 : start + 1 + len(ids)] = ids
-                if flat.size and (flat.min() < 0 or flat.max() >= tokenizer.vocab_size):
-                    raise ValueError(f"tokenizer produced ids outside [0, {tokenizer.vocab_size})")
-                handle.write(flat.astype(dtype).tobytes())
-                batch_bytes = sum(len(text.encode("utf-8")) for text in batch)
-                num_tokens += flat.size
-                num_docs += len(batch)
-                num_bytes += batch_bytes
-                bar.update(batch_bytes)
-        os.replace(temp, path)
-    finally:
-        temp.unlink(missing_ok=True)
+    with temp.open("xb") as handle:
+        for batch in _batches(iter_prepared(prepared_dir, split)):
+            encoded = tokenizer.encode_batch(batch)
+            lengths = [len(ids) + 1 for ids in encoded]
+            flat = np.empty(sum(lengths), dtype=np.int64)  # (batch tokens,), checked before narrowing
+            starts = np.cumsum([0, *lengths[:-1]])
+            flat[starts] = tokenizer.bos_id
+            for start, ids in zip(starts, encoded):
+                flat[start + 1 : start + 1 + len(ids)] = ids
+            if flat.size and (flat.min() < 0 or flat.max() >= tokenizer.vocab_size):
+                raise ValueError(f"tokenizer produced ids outside [0, {tokenizer.vocab_size})")
+            handle.write(flat.astype(dtype).tobytes())
+            batch_bytes = sum(len(text.encode("utf-8")) for text in batch)
+            num_tokens += flat.size
+            num_docs += len(batch)
+            num_bytes += batch_bytes
+            bar.update(batch_bytes)
     return {"num_tokens": num_tokens, "num_docs": num_docs, "num_bytes": num_bytes}
 
 
@@ -104,15 +99,19 @@ def write_shards(prepared_dir: Path, tokenizer: ShardTokenizer, out_dir: Path, p
     if not 0 <= tokenizer.bos_id < tokenizer.vocab_size:
         raise ValueError(f"bos_id {tokenizer.bos_id} is outside the vocabulary [0, {tokenizer.vocab_size})")
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / META).unlink(missing_ok=True)  # until the new meta lands, the folder reads as incomplete
+    temps = {split: temp_path(out_dir / f"{split}.bin") for split in SPLITS}
     bar = tqdm(
         desc="tokenize", total=total_bytes, unit="B", unit_scale=True, disable=not progress, file=sys.stderr
     )
-    with bar:
-        splits = {
-            split: _write_split(prepared_dir, split, tokenizer, out_dir / f"{split}.bin", bar)
-            for split in SPLITS
-        }
+    try:
+        with bar:  # the new splits go to temporary files: until both are whole, the old shards stay as they were
+            splits = {split: _write_split(prepared_dir, split, tokenizer, temps[split], bar) for split in SPLITS}
+        (out_dir / META).unlink(missing_ok=True)  # until the new meta lands, the folder reads as incomplete
+        for split in SPLITS:
+            os.replace(temps[split], out_dir / f"{split}.bin")
+    finally:
+        for temp in temps.values():
+            temp.unlink(missing_ok=True)
     meta = {
         "format": _FORMAT,
         "dtype": dtype.name,

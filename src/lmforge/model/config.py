@@ -94,6 +94,11 @@ class ModelConfig:
             raise ValueError(f"RoPE needs an even head_dim, got {self.head_dim}")
         if self.rope_scaling is not None:
             check_rope_scaling(self.rope_scaling)
+        for name in ("init_std", "norm_eps"):
+            if not 0.0 <= getattr(self, name) < float("inf"):
+                raise ValueError(f"{name} must be a finite number >= 0, got {getattr(self, name)}")
+        if not 0.0 < self.rope_theta < float("inf"):
+            raise ValueError(f"rope_theta must be a finite number > 0, got {self.rope_theta}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
         if self.type_vocab_size < 0:

@@ -281,7 +281,7 @@ def load_adapter(model: nn.Module, folder: str | Path) -> nn.Module:
         config = LoraConfig(rank=peft_config["r"], alpha=peft_config["lora_alpha"],
                             dropout=peft_config.get("lora_dropout", 0.0), targets=targets)
         apply_lora(model, config)
-    except ValueError as err:
+    except (ValueError, InputError) as err:  # a rank or dropout out of range, a target the model lacks
         raise InputError(f"{folder / ADAPTER_CONFIG}: {err}") from err
     for name, layer in lora_layers(model).items():
         key = "base_model.model." + _peft_module_name(name, model.config)

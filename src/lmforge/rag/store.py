@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import shutil
 import sqlite3
 from collections.abc import Iterable
@@ -28,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from lmforge.errors import InputError
-from lmforge.files import database_errors, parse_json
+from lmforge.files import database_errors, parse_json, replace_folder, writing
 from lmforge.rag.chunk import Chunk
 
 DATABASE, VECTORS, BM25_FOLDER = "kb.sqlite", "vectors.npy", "bm25"
@@ -50,6 +49,9 @@ class KnowledgeBase:
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
+        old = self.path.with_name(self.path.name + ".old")
+        if not is_knowledge_base(self.path) and is_knowledge_base(old):  # an update killed between its renames
+            self.path = old
         if not is_knowledge_base(self.path):
             raise InputError(f"{self.path}: not a knowledge base (make one with `lmforge rag index PATHS --out "
                              f"{self.path}`)")
@@ -122,33 +124,30 @@ def write_knowledge_base(path: str | Path, meta: dict, files: dict[str, str], ch
     tmp = path.with_name(path.name + ".tmp")
     if tmp.exists():
         shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    with sqlite3.connect(tmp / DATABASE) as db:
-        db.executescript("""
-            CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
-            CREATE TABLE files (path TEXT PRIMARY KEY, hash TEXT NOT NULL);
-            CREATE TABLE chunks (row INTEGER PRIMARY KEY, id TEXT UNIQUE NOT NULL, file TEXT NOT NULL,
-                                 source TEXT NOT NULL, title TEXT NOT NULL, start INTEGER NOT NULL,
-                                 end_ INTEGER NOT NULL, text TEXT NOT NULL, tokens INTEGER NOT NULL);
-            CREATE INDEX chunks_file ON chunks (file);
-        """)
-        db.executemany("INSERT INTO meta VALUES (?, ?)", [(k, json.dumps(v)) for k, v in {**meta, "format": FORMAT}.items()])
-        db.executemany("INSERT INTO files VALUES (?, ?)", sorted(files.items()))
-        db.executemany("INSERT INTO chunks VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                       [(row, c.id, file, c.source, c.title, c.start, c.end, c.text, c.tokens)
-                        for row, (file, c) in enumerate(chunks)])
-    db.close()
-    np.save(tmp / VECTORS, np.ascontiguousarray(vectors, dtype=np.float32))
-    build_bm25([c.text for _, c in chunks]).save(str(tmp / BM25_FOLDER))
-    if ann:
-        from lmforge.rag.ann import ANN_FILE, HNSWIndex
+    try:
+        with writing(path, "the knowledge base (the previous one, if any, is kept)"):
+            tmp.mkdir(parents=True)
+            with sqlite3.connect(tmp / DATABASE) as db:
+                db.executescript("""
+                    CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+                    CREATE TABLE files (path TEXT PRIMARY KEY, hash TEXT NOT NULL);
+                    CREATE TABLE chunks (row INTEGER PRIMARY KEY, id TEXT UNIQUE NOT NULL, file TEXT NOT NULL,
+                                         source TEXT NOT NULL, title TEXT NOT NULL, start INTEGER NOT NULL,
+                                         end_ INTEGER NOT NULL, text TEXT NOT NULL, tokens INTEGER NOT NULL);
+                    CREATE INDEX chunks_file ON chunks (file);
+                """)
+                db.executemany("INSERT INTO meta VALUES (?, ?)", [(k, json.dumps(v)) for k, v in {**meta, "format": FORMAT}.items()])
+                db.executemany("INSERT INTO files VALUES (?, ?)", sorted(files.items()))
+                db.executemany("INSERT INTO chunks VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                               [(row, c.id, file, c.source, c.title, c.start, c.end, c.text, c.tokens)
+                                for row, (file, c) in enumerate(chunks)])
+            db.close()
+            np.save(tmp / VECTORS, np.ascontiguousarray(vectors, dtype=np.float32))
+            build_bm25([c.text for _, c in chunks]).save(str(tmp / BM25_FOLDER))
+            if ann:
+                from lmforge.rag.ann import ANN_FILE, HNSWIndex
 
-        HNSWIndex.build(vectors).save(tmp / ANN_FILE)
-    old = path.with_name(path.name + ".old")
-    if old.exists():
-        shutil.rmtree(old)
-    if path.exists():
-        os.replace(path, old)
-    os.replace(tmp, path)
-    if old.exists():
-        shutil.rmtree(old)
+                HNSWIndex.build(vectors).save(tmp / ANN_FILE)
+            replace_folder(tmp, path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

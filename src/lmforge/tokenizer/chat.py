@@ -89,6 +89,8 @@ def render_template(template: str, messages: list[dict[str, str]], add_generatio
                                                 bos_token=bos_token, eos_token=eos_token, **variables)
     except TemplateError as err:
         raise InputError(f"chat template: {err}") from err
+    except Exception as err:  # a template's own arithmetic on the wrong types: TypeError, ZeroDivisionError ...
+        raise InputError(f"chat template: {type(err).__name__}: {err}") from err
 
 
 def render_chat(tokenizer, messages: list[dict[str, str]], add_generation_prompt: bool = False) -> ChatTokens:

@@ -30,7 +30,7 @@ from lmforge.checkpoint import (
     save_checkpoint,
 )
 from lmforge.errors import InputError
-from lmforge.files import output_lock
+from lmforge.files import output_lock, recover_folder
 from lmforge.model import DecoderLM, train_flops_per_token
 from lmforge.runtime import Runtime, measure_matmul_peak, return_freed_memory
 from lmforge.settings import to_dict
@@ -109,6 +109,7 @@ def _fit(model: DecoderLM, stage: Stage, config: TrainConfig, tokenizer, resume:
     start_step, max_steps, elapsed_before = 0, config.max_steps, 0.0
     ckpt = checkpoint_dir(config)
     if resume:
+        recover_folder(ckpt)  # a save killed between its two renames: the previous checkpoint comes back
         if not is_checkpoint(ckpt):
             raise InputError(f"--resume: no checkpoint in {ckpt}")
         start_step, max_steps, elapsed_before = _restore(ckpt, model, optimizer, runtime)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from collections import defaultdict
 from pathlib import Path
 
@@ -29,7 +30,9 @@ class MetricsLog:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if keep_until_step is not None and self.path.exists():
             rows = [r for r in read_metrics(self.path) if r.get("step", 0) <= keep_until_step]
-            self.path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+            temporary = self.path.with_name(f".{self.path.name}.tmp")  # a kill here leaves the old lines whole
+            temporary.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+            os.replace(temporary, self.path)
         elif keep_until_step is None and self.path.exists():
             self.path.unlink()
 
@@ -42,7 +45,11 @@ def read_metrics(path: str | Path) -> list[dict]:
     path = Path(path)
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    text = path.read_text(encoding="utf-8", errors="replace")
+    lines = text.splitlines()
+    if lines and not text.endswith("\n"):
+        lines.pop()  # a line cut short by a kill mid-write: it was never finished
+    return [json.loads(line) for line in lines if line.strip()]
 
 
 def plot_losses(metrics_path: str | Path, png_path: str | Path, title: str = "loss") -> Path | None:

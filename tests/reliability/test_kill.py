@@ -1,0 +1,84 @@
+"""Every writer, killed (issue 17, point 2): the smoke of ``lmforge killtest`` (a training run killed twice
+and resumed: the same losses as a run never killed), and each crash window of the folder swap, the
+metrics log and a resume, forced by hand."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+
+import pytest
+
+from lmforge.errors import InputError
+from lmforge.files import recover_folder, replace_folder
+from lmforge.reliability.kill import WRITERS, kill_writer
+from lmforge.train.metrics import MetricsLog, read_metrics
+
+
+def test_a_training_run_killed_at_random_resumes_to_the_same_losses(tmp_path):
+    pretrain = next(w for w in WRITERS if w.name == "pretrain")
+
+    def shorter(folder):
+        args = pretrain.setup(folder)
+        args[args.index("--max-steps") + 1] = 30
+        return args
+
+    report = kill_writer(dataclasses.replace(pretrain, setup=shorter), tmp_path, kills=2, seed=1)
+    assert report.kills == 2 and report.ok, report.problems
+
+
+def _folder(path, text):
+    path.mkdir()
+    (path / "weights").write_text(text)
+    return path
+
+
+def test_a_folder_swap_killed_between_its_renames_gives_the_old_folder_back(tmp_path):
+    path = _folder(tmp_path / "ckpt", "old")
+    os.replace(path, tmp_path / "ckpt.old")  # the first rename done, then the process died
+    recover_folder(path)
+    assert (path / "weights").read_text() == "old" and not (tmp_path / "ckpt.old").exists()
+    os.replace(path, tmp_path / "ckpt.old")
+    replace_folder(_folder(tmp_path / "ckpt.tmp", "new"), path)  # the next save recovers first, then swaps
+    assert (path / "weights").read_text() == "new" and sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
+
+
+def test_a_stale_old_folder_does_not_block_the_next_save(tmp_path):
+    """Killed after the new folder landed but before the old one was deleted: the next swap must not fail
+    on the leftover (os.replace onto a non-empty folder does)."""
+    path = _folder(tmp_path / "ckpt", "new")
+    _folder(tmp_path / "ckpt.old", "old")
+    replace_folder(_folder(tmp_path / "ckpt.tmp", "newer"), path)
+    assert (path / "weights").read_text() == "newer" and sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
+
+
+def test_a_metrics_line_cut_short_by_a_kill_is_dropped_on_resume(tmp_path):
+    log = MetricsLog(tmp_path / "metrics.jsonl")
+    for step in (1, 2, 3):
+        log.write(kind="train", step=step, loss=1.0 / step)
+    with open(tmp_path / "metrics.jsonl", "a") as f:
+        f.write('{"kind": "train", "step": 4, "lo')  # the kill
+    assert [r["step"] for r in read_metrics(tmp_path / "metrics.jsonl")] == [1, 2, 3]
+    MetricsLog(tmp_path / "metrics.jsonl", keep_until_step=2)  # --resume from the checkpoint at step 2
+    assert [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+    assert not list(tmp_path.glob(".*tmp"))
+
+
+def test_resume_without_a_checkpoint_says_so(tmp_path):
+    from lmforge.model import DecoderLM, preset
+    from lmforge.train import fit
+    from lmforge.train.config import TrainConfig
+
+    with pytest.raises(InputError, match="--resume: no checkpoint in"):
+        fit(DecoderLM(preset("tiny", vocab_size=64)), None, TrainConfig(out_dir=str(tmp_path / "run")), resume=True)
+
+
+def test_the_cli_names_its_writers_and_refuses_bad_counts(capsys):
+    from lmforge.cli import main
+
+    assert main(["killtest", "--list"]) == 0
+    assert {"data-prepare", "tokenizer", "shards", "quantize", "pretrain"} <= {
+        line.split()[0] for line in capsys.readouterr().out.splitlines()}
+    assert main(["killtest", "shards", "--kills", "0"]) == 2 and "--kills must be at least 1" in capsys.readouterr().err
+    assert main(["killtest", "nothing"]) == 2 and "unknown writer" in capsys.readouterr().err
