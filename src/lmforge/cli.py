@@ -954,6 +954,21 @@ def cmd_killtest(args: argparse.Namespace) -> int:
     return 1 if any(r.problems for r in reports) else 0
 
 
+def cmd_soak(args: argparse.Namespace) -> int:
+    from lmforge.reliability.soak import soak
+
+    if min(args.rounds, args.flood) < 1 or min(args.disconnects, args.slow) < 0:
+        raise InputError("--rounds and --flood must be at least 1, --disconnects and --slow at least 0")
+    report = soak(args.rounds, args.flood, args.disconnects, args.slow, args.max_queue, progress=not args.json)
+    summary = report.summary()
+    if args.json:
+        print(json.dumps(summary, indent=2))
+    else:
+        for key, value in summary.items():
+            print(f"{key:22} {value}")
+    return 0 if report.ok else 1
+
+
 def cmd_import(args: argparse.Namespace) -> None:
     from lmforge.interop.convert import import_model
 
@@ -1395,6 +1410,16 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the reports as JSON")
     p.add_argument("--list", action="store_true", help="name the writers and stop")
     p.set_defaults(func=cmd_killtest)
+
+    p = sub.add_parser("soak", help="the server under faults: floods, clients that disconnect, slow bodies; "
+                                    "everyone answered, everything freed, memory back where it was")
+    p.add_argument("--rounds", type=int, default=5, help="rounds of faults")
+    p.add_argument("--flood", type=int, default=1000, help="requests sent at once per round")
+    p.add_argument("--disconnects", type=int, default=100, help="streams dropped after their first event, per round")
+    p.add_argument("--slow", type=int, default=20, help="bodies sent a byte at a time, per round")
+    p.add_argument("--max-queue", type=int, default=64, help="the server's --max-queue (past it: 429)")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.set_defaults(func=cmd_soak)
 
     p = sub.add_parser("import", help="a Hugging Face model directory or GGUF file -> lmforge checkpoint")
     p.add_argument("source", help="HF folder (Llama, Mistral, Qwen2, GPT-2), a .gguf file (Llama, Qwen2), "
