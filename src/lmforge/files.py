@@ -10,6 +10,7 @@ import functools
 import inspect
 import json
 import os
+import re
 import shutil
 import sqlite3
 import threading
@@ -196,3 +197,11 @@ def recover_folder(path: Path) -> None:
         os.replace(old, path)
     elif old.exists():
         shutil.rmtree(old, ignore_errors=True)
+
+
+def safe_file_name(name: str, limit: int = 120) -> str:
+    """``name`` (a task's, a model's: text from a file) as one file name that stays in its folder: every
+    character but letters, digits, ``.``, ``_`` and ``-`` becomes ``-``, and no leading dot, so no ``/``,
+    ``..`` or hidden name can come of it."""
+    cleaned = re.sub(r"[^A-Za-z0-9._-]", "-", name)[:limit].lstrip(".")
+    return cleaned or "unnamed"

@@ -365,3 +365,16 @@ def test_an_encoder_decoder_is_scored_and_answers_through_the_engine(tiny_lm):
     prompts = ["The quick brown", "Paris is"]
     assert model.generate(prompts, stop=["."], max_new_tokens=8) == \
            [lm.generate(p, max_new_tokens=8, temperature=0, stop=["."]) for p in prompts]
+
+
+def test_a_task_name_from_a_file_cannot_write_outside_the_output_folder(tiny_lm, tmp_path, monkeypatch):
+    import dataclasses
+
+    import lmforge.eval.run as run
+
+    escaping = dataclasses.replace(small_task(), name="../../escape")
+    monkeypatch.setattr(run, "load_tasks", lambda spec, limit, seed: [escaping])
+    config = EvalConfig(prompting="zero", out=str(tmp_path / "deep" / "out"), bootstrap=10)
+    write_outputs(evaluate(LocalModel(tiny_lm, progress=False), config, "tiny"), config.out)
+    written = [p.relative_to(tmp_path) for p in tmp_path.rglob("*escape*")]
+    assert [str(p) for p in written] == ["deep/out/samples/-..-escape.zero.jsonl"]  # inside samples/, nowhere else

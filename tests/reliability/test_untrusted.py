@@ -55,3 +55,14 @@ def test_a_template_cannot_change_the_messages_it_renders():
     with pytest.raises(InputError, match="chat template"):
         render_template("{% set _ = messages.append({'role': 'system', 'content': 'x'}) %}ok", messages, True)
     assert messages == [{"role": "user", "content": "hi"}]
+
+
+def test_names_from_files_cannot_write_outside_the_output_folder(tmp_path):
+    """A task's name comes from its file (YAML ``name:``); the evaluation's per-task sample log is named
+    after it."""
+    from lmforge.files import safe_file_name
+
+    for name in ("../../escape", "/etc/passwd", "..", ".hidden", "a/b\\c:d", ""):
+        cleaned = safe_file_name(name)
+        assert "/" not in cleaned and "\\" not in cleaned and not cleaned.startswith(".") and cleaned
+    # the evaluation's sample logs, for a task whose name tries to climb out (tests/eval: the same run)

@@ -495,11 +495,12 @@ def _calibration_plot(results: dict, png: Path) -> Path | None:
 def write_outputs(results: dict, out: str | Path) -> Path:
     """results.json (without samples), samples/*.jsonl, report.md and calibration.png in ``out``."""
     from lmforge.data.prepare import write_json_atomic
+    from lmforge.files import safe_file_name
 
     out = Path(out)
     (out / "samples").mkdir(parents=True, exist_ok=True)
     for key, records in results["samples"].items():
-        with open(out / "samples" / f"{key.replace(':', '-')}.jsonl", "w", encoding="utf-8") as handle:
+        with open(out / "samples" / f"{safe_file_name(key)}.jsonl", "w", encoding="utf-8") as handle:
             for record in records:
                 handle.write(json.dumps(record, ensure_ascii=False) + "\n")
     write_json_atomic(out / "results.json", {k: v for k, v in results.items() if k != "samples"})
