@@ -636,7 +636,7 @@ def cmd_inspect(args: argparse.Namespace) -> None:
     if not args.quiet:
         print(render(data))
     if args.json:
-        from lmforge.data.prepare import write_json_atomic
+        from lmforge.files import write_json_atomic
 
         write_json_atomic(Path(args.json), data)
         print(f"wrote {args.json}", file=sys.stderr)
@@ -711,7 +711,7 @@ def cmd_inspect_stage(argv: list[str]) -> None:
         text = terminal.rag_table(view)
     print(text)
     if args.json:
-        from lmforge.data.prepare import write_json_atomic
+        from lmforge.files import write_json_atomic
 
         write_json_atomic(Path(args.json), view.to_dict())
         print(f"wrote {args.json}", file=sys.stderr)

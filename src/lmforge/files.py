@@ -15,6 +15,7 @@ import shutil
 import sqlite3
 import threading
 import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -205,3 +206,27 @@ def safe_file_name(name: str, limit: int = 120) -> str:
     ``..`` or hidden name can come of it."""
     cleaned = re.sub(r"[^A-Za-z0-9._-]", "-", name)[:limit].lstrip(".")
     return cleaned or "unnamed"
+
+
+def temp_path(path: Path) -> Path:
+    """A fresh hidden name next to ``path``: same filesystem, so ``os.replace`` onto ``path`` is atomic."""
+    return path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+
+
+def write_text_atomic(path: str | Path, text: str) -> Path:
+    """Write ``text`` to ``path`` through a temporary file and a rename: a reader, or a crash, never meets
+    half a file; the temporary file is removed if the write fails."""
+    path = Path(path)
+    temporary = temp_path(path)
+    try:
+        with temporary.open("x", encoding="utf-8") as handle:
+            handle.write(text)
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
+    return path
+
+
+def write_json_atomic(path: str | Path, data: Any) -> Path:
+    """``data`` as indented JSON, through :func:`write_text_atomic`."""
+    return write_text_atomic(path, json.dumps(data, indent=2, ensure_ascii=False) + "\n")

@@ -57,12 +57,11 @@ def test_a_template_cannot_change_the_messages_it_renders():
     assert messages == [{"role": "user", "content": "hi"}]
 
 
-def test_names_from_files_cannot_write_outside_the_output_folder(tmp_path):
+def test_names_from_files_cannot_write_outside_the_output_folder():
     """A task's name comes from its file (YAML ``name:``); the evaluation's per-task sample log is named
-    after it."""
+    after it (the whole run: tests/eval/test_eval_run.py)."""
     from lmforge.files import safe_file_name
 
     for name in ("../../escape", "/etc/passwd", "..", ".hidden", "a/b\\c:d", ""):
         cleaned = safe_file_name(name)
         assert "/" not in cleaned and "\\" not in cleaned and not cleaned.startswith(".") and cleaned
-    # the evaluation's sample logs, for a task whose name tries to climb out (tests/eval: the same run)

@@ -25,11 +25,10 @@ import json
 import os
 import sys
 import time
-import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any
+from typing import IO
 
 from tqdm import tqdm
 
@@ -37,7 +36,7 @@ from lmforge.data.clean import clean_text, drop_reason, split_into_chunks
 from lmforge.data.dedup import Deduplicator
 from lmforge.data.sources import Document, ReadErrors, iter_documents
 from lmforge.errors import InputError
-from lmforge.files import holds_output, read_json
+from lmforge.files import holds_output, read_json, temp_path, write_json_atomic
 from lmforge.settings import field
 
 SPLITS = ("train", "val")
@@ -92,20 +91,6 @@ def _unit_hash(text: str, seed: int) -> float:
     """A stable pseudo-random number in [0, 1) from ``text`` and ``seed``."""
     digest = hashlib.blake2b(text.encode("utf-8"), digest_size=8, key=str(seed).encode()).digest()
     return int.from_bytes(digest, "little") / 2**64
-
-
-def write_json_atomic(path: Path, data: Any) -> None:
-    """Write ``data`` as indented JSON to ``path`` via a temporary file and a rename."""
-    handle, temp = _temp_file(path)
-    with handle:
-        json.dump(data, handle, indent=2, ensure_ascii=False)
-        handle.write("\n")
-    os.replace(temp, path)
-
-
-def temp_path(path: Path) -> Path:
-    """A fresh hidden name next to ``path``: same filesystem, so ``os.replace`` onto ``path`` is atomic."""
-    return path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
 
 
 def _temp_file(path: Path) -> tuple[IO[str], Path]:

@@ -26,9 +26,9 @@ from typing import Protocol
 import numpy as np
 from tqdm import tqdm
 
-from lmforge.data.prepare import SPLITS, iter_prepared, read_manifest, temp_path, write_json_atomic
+from lmforge.data.prepare import SPLITS, iter_prepared, read_manifest
 from lmforge.errors import InputError
-from lmforge.files import holds_output, read_json
+from lmforge.files import holds_output, read_json, temp_path, write_json_atomic
 
 META = "meta.json"
 _FORMAT = "lmforge-token-shards"

@@ -494,8 +494,7 @@ def _calibration_plot(results: dict, png: Path) -> Path | None:
 
 def write_outputs(results: dict, out: str | Path) -> Path:
     """results.json (without samples), samples/*.jsonl, report.md and calibration.png in ``out``."""
-    from lmforge.data.prepare import write_json_atomic
-    from lmforge.files import safe_file_name
+    from lmforge.files import safe_file_name, write_json_atomic
 
     out = Path(out)
     (out / "samples").mkdir(parents=True, exist_ok=True)

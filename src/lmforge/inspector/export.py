@@ -13,15 +13,14 @@ import dataclasses
 import html
 import json
 import math
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from lmforge.data.prepare import temp_path
 from lmforge.errors import InputError
+from lmforge.files import write_text_atomic
 from lmforge.inspector.core import Inspection
 from lmforge.inspector.plain import plain
 
@@ -171,7 +170,4 @@ def write_html(data: dict[str, Any], path: str | Path) -> Path:
     """Write :func:`to_html` to ``path`` (through a temporary file: a half-written page never appears)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = temp_path(path)
-    temporary.write_text(to_html(data), encoding="utf-8")
-    os.replace(temporary, path)
-    return path
+    return write_text_atomic(path, to_html(data))
