@@ -104,7 +104,19 @@ class KnowledgeBase:
         if self._bm25 is None:
             import bm25s
 
-            self._bm25 = bm25s.BM25.load(str(self.path / BM25_FOLDER))
+            folder = self.path / BM25_FOLDER
+            try:
+                self._bm25 = bm25s.BM25.load(str(folder))
+            except Exception as err:  # noqa: BLE001 (bm25s's JSON and numpy readers raise many kinds)
+                raise InputError(f"{folder}: not a readable BM25 index ({type(err).__name__}: {str(err)[:200]}); "
+                                 "index again") from err
+            words = len(self._bm25.scores["indptr"]) - 1  # score columns; bm25s gives "" the id past them
+            vocab = self._bm25.vocab_dict
+            if not all(type(i) is int and (0 <= i < words or word == "" and i == words) for word, i in vocab.items()) \
+                    or len(set(vocab.values())) != len(vocab):
+                self._bm25 = None
+                raise InputError(f"{folder}: the BM25 vocabulary's ids do not match its {words} score columns; "
+                                 "index again")
         return self._bm25
 
     def chunks_of(self, file: str) -> list[StoredChunk]:

@@ -370,7 +370,7 @@ def _knowledge_read(path: Path) -> None:
     from lmforge.rag.retrieve import Retriever
     from lmforge.rag.store import KnowledgeBase
 
-    kb = KnowledgeBase(path.parent)
+    kb = KnowledgeBase(path.parent if path.parent.name != "bm25" else path.parent.parent)
     query = np.ones(kb.vectors.shape[1], dtype=np.float32)
     Retriever(kb).bm25_scores("capital of France")
     kb.vectors @ query
@@ -510,6 +510,10 @@ def targets() -> list[Target]:
                lambda f: _knowledge_seed(f, "vectors.npy"), _knowledge_read),
         Target("knowledge-ann", "the HNSW graph of a RAG knowledge base: open, search",
                lambda f: _knowledge_seed(f, "vectors.hnsw"), _knowledge_read),
+        Target("knowledge-bm25-vocab", "the BM25 index's vocabulary (bm25s JSON): open, BM25 search",
+               lambda f: _knowledge_seed(f, "bm25/vocab.index.json"), _knowledge_read),
+        Target("knowledge-bm25-scores", "the BM25 index's scores (bm25s .npy): open, BM25 search",
+               lambda f: _knowledge_seed(f, "bm25/data.csc.index.npy"), _knowledge_read),
         *[Target(f"http-{name}", f"POST {path} bodies (the server answers < 500 and keeps serving)",
                  _http_seed(name), _http_read, names_file=False) for name, path in ENDPOINTS.items()],
     ]
