@@ -202,6 +202,20 @@ def _check_scores(position: str, scores: object) -> dict[str, int]:
     return dict(scores)
 
 
+def _schema_differences(db: sqlite3.Connection) -> list[str]:
+    """How the tables of ``db`` differ from :data:`_SCHEMA`'s (a damaged file can rename a column)."""
+    expected = sqlite3.connect(":memory:")
+    expected.executescript(_SCHEMA)
+    tables = [row[0] for row in expected.execute("SELECT name FROM sqlite_master WHERE type = 'table'")]
+    found = []
+    for table in tables:
+        columns = [row[1:3] for row in db.execute(f"PRAGMA table_info({table})")]
+        if columns != [row[1:3] for row in expected.execute(f"PRAGMA table_info({table})")]:
+            found.append(f"table {table} has columns {[name for name, _ in columns]}")
+    expected.close()
+    return found
+
+
 class RatingStore:
     """Items to rate and their ratings, in one SQLite file (``":memory:"`` for a throwaway one)."""
 
@@ -217,6 +231,7 @@ class RatingStore:
                 self._db.execute("PRAGMA foreign_keys=ON")
                 self._db.executescript(_SCHEMA)
                 damage = [row[0] for row in self._db.execute("PRAGMA quick_check") if row[0] != "ok"]
+                damage += _schema_differences(self._db)
                 damage += [f"{row[0]} row {row[1]} points at a missing {row[2]} row"
                            for row in self._db.execute("PRAGMA foreign_key_check")]
         if damage:

@@ -36,7 +36,7 @@ class StreamOptions(BaseModel):
 class SamplingFields(BaseModel):
     """What chat and text completions share."""
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
 
     model: str | None = None
     temperature: float | None = Field(None, ge=0.0, le=2.0)
@@ -79,7 +79,7 @@ class CompletionRequest(SamplingFields):
 
 
 class EmbeddingRequest(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
 
     model: str | None = None
     input: str | list[str] | list[int] | list[list[int]]
@@ -91,7 +91,7 @@ class EmbeddingRequest(BaseModel):
 class RagAskRequest(BaseModel):
     """``POST /v1/rag/ask``: a question answered from the server's knowledge base (``lmforge serve --kb``)."""
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
 
     question: str
     model: str | None = None
@@ -110,7 +110,7 @@ class TokenizeRequest(BaseModel):
 class InspectRequest(BaseModel):
     """``POST /v1/inspect``: one text through the inspector (lmforge.inspector), the views at one focus."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
     model: str | None = None
     text: str = Field(min_length=1)
     target: str | None = None  # an encoder-decoder: what its decoder reads (default: its greedy reply)
