@@ -1457,10 +1457,10 @@ def main(argv: list[str] | None = None) -> int:
     except InputError as err:
         print(f"lmforge: error: {err}", file=sys.stderr)
         return 2
-    except OSError as err:  # the disk or the folder refused a write (full, read-only ...) outside a held folder
+    except OSError as err:  # the disk or the folder refused (full, read-only, not allowed) outside a held folder
         if write_failure(err) is None:
             raise
-        print(f"lmforge: error: {err.filename or 'a file'}: cannot write it: {write_failure(err)}", file=sys.stderr)
+        print(f"lmforge: error: {err.filename or 'a file'}: {write_failure(err)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -1,5 +1,12 @@
-"""Reading the small text files lmforge keeps beside its tensors (configs, manifests, states), each
-problem an :class:`~lmforge.errors.InputError` that names the file and says what is wrong."""
+"""Files, read and written so that nothing breaks on a bad one and nothing is lost in a crash
+(docs/RELIABILITY.md).
+
+Reading: the small text files beside the tensors (configs, manifests, states; :func:`read_json`,
+:func:`read_text`) and SQLite stores (:func:`database_errors`), each problem an
+:class:`~lmforge.errors.InputError` that names the file and says what is wrong.
+Writing: one output folder per run (:func:`output_lock`, :func:`holds_output`), files and folders replaced
+whole (:func:`write_text_atomic`, :func:`replace_folder`), a write the disk refuses as one clear error
+(:func:`writing`), and names from files that stay in their folder (:func:`safe_file_name`)."""
 
 from __future__ import annotations
 

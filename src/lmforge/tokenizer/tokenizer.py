@@ -30,6 +30,7 @@ import tiktoken
 import tokenizers
 
 from lmforge.errors import InputError
+from lmforge.files import writing
 from lmforge.tokenizer.bytelevel import SPLIT_PATTERN, replace_surrogates, token_string_to_bytes
 from lmforge.tokenizer.chat import LMFORGE_CHAT_TEMPLATE, check_messages, render_template
 from lmforge.tokenizer.fast import build_encoding, byte_problem, merge_order_problem
@@ -213,7 +214,7 @@ class Tokenizer:
         file.parent.mkdir(parents=True, exist_ok=True)
         handle, temp_name = tempfile.mkstemp(prefix=f".{file.name}.", suffix=".tmp", dir=file.parent)
         try:
-            with os.fdopen(handle, "w", encoding="utf-8") as out:
+            with writing(file, "the tokenizer"), os.fdopen(handle, "w", encoding="utf-8") as out:
                 out.write(self._hf.to_str(pretty=True))
                 out.flush()
                 os.fsync(out.fileno())
