@@ -127,6 +127,8 @@ def _acquire(folder: Path) -> int:
                          "write somewhere else") from None
     os.ftruncate(descriptor, 0)
     os.pwrite(descriptor, f"pid {os.getpid()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}\n".encode(), 0)
+    if folder.is_dir():
+        remove_stale_temporaries(folder)  # the folder is ours now: what an earlier, killed run left goes
     return descriptor
 
 
@@ -216,14 +218,45 @@ def safe_file_name(name: str, limit: int = 120) -> str:
 
 
 def temp_path(path: Path) -> Path:
-    """A fresh hidden name next to ``path``: same filesystem, so ``os.replace`` onto ``path`` is atomic."""
+    """A fresh hidden name next to ``path`` (``.NAME.PID.RANDOM.tmp``): the same filesystem, so
+    ``os.replace`` onto ``path`` is atomic; the writer's pid in it, so :func:`remove_stale_temporaries` can
+    tell a dead writer's leftover from a live one's."""
     return path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+
+
+TEMPORARY = re.compile(r"^\.(?P<name>.+)\.(?P<pid>\d+)\.[0-9a-f]{8}\.tmp$")
+
+
+def remove_stale_temporaries(folder: Path, name: str | None = None) -> list[Path]:
+    """Delete the :func:`temp_path` files in ``folder`` (of ``name`` only, when given) whose writer is no
+    longer running: what a process killed mid-write (SIGKILL runs no clean-up) left behind."""
+    removed = []
+    for path in Path(folder).glob(f".{name}.*.tmp" if name else ".*.tmp"):
+        match = TEMPORARY.match(path.name)
+        if match is None or (name is not None and match["name"] != name) or _running(int(match["pid"])):
+            continue
+        path.unlink(missing_ok=True)
+        removed.append(path)
+    return removed
+
+
+def _running(pid: int) -> bool:
+    if pid == os.getpid():
+        return False  # this process's own leftovers, from a write that failed before
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's process
+    return True
 
 
 def write_text_atomic(path: str | Path, text: str) -> Path:
     """Write ``text`` to ``path`` through a temporary file and a rename: a reader, or a crash, never meets
     half a file; the temporary file is removed if the write fails."""
     path = Path(path)
+    remove_stale_temporaries(path.parent, path.name)
     temporary = temp_path(path)
     try:
         with temporary.open("x", encoding="utf-8") as handle:

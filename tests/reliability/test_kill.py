@@ -82,3 +82,28 @@ def test_the_cli_names_its_writers_and_refuses_bad_counts(capsys):
         line.split()[0] for line in capsys.readouterr().out.splitlines()}
     assert main(["killtest", "shards", "--kills", "0"]) == 2 and "--kills must be at least 1" in capsys.readouterr().err
     assert main(["killtest", "nothing"]) == 2 and "unknown writer" in capsys.readouterr().err
+
+
+def test_what_a_killed_writer_left_is_removed_when_the_folder_is_taken_again(tmp_path):
+    """SIGKILL runs no clean-up: the temporary files of a writer that died stay until the next run that
+    holds the folder removes them (a live writer's are left alone)."""
+    import subprocess
+    import sys
+
+    from lmforge.files import output_lock, temp_path
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    folder = tmp_path / "prepared"
+    folder.mkdir()
+    stale = folder / f".train.jsonl.{dead.stdout.strip()}.0123abcd.tmp"
+    running = folder / f".train.jsonl.{live.pid}.4567cdef.tmp"
+    stale.write_text("half a split")
+    running.write_text("being written")
+    try:
+        with output_lock(folder):
+            assert not stale.exists() and running.exists()
+            assert temp_path(folder / "val.jsonl").name.startswith(".val.jsonl.")
+    finally:
+        live.kill()
+        live.wait()

@@ -49,6 +49,7 @@ class KillReport:
     old_kept: int = 0  # kills after which the output was the earlier, finished one, untouched
     new_done: int = 0  # kills after which the output was a new one, complete
     intermediate: int = 0  # kills that left a readable intermediate state (a training checkpoint)
+    nothing_yet: int = 0  # training kills before the first checkpoint (the rerun starts afresh)
     reference_seconds: float = 0.0
     problems: list[str] = field(default_factory=list)
 
@@ -58,7 +59,7 @@ class KillReport:
 
     def summary(self) -> dict:
         return {"writer": self.writer, "what": self.what, "kills": self.kills, "old_kept": self.old_kept,
-                "new_done": self.new_done, "intermediate": self.intermediate,
+                "new_done": self.new_done, "intermediate": self.intermediate, "nothing_yet": self.nothing_yet,
                 "reference_seconds": round(self.reference_seconds, 1), "problems": self.problems}
 
 
@@ -69,7 +70,8 @@ def _run(args: list[str], timeout: float = 600) -> subprocess.CompletedProcess:
 
 def _leftovers(out: Path) -> list[str]:
     """Temporary files and folders under or beside ``out``: what a finished run must not leave."""
-    places = list(out.parent.glob(f"{out.name}.*")) + (list(out.rglob("*")) if out.is_dir() else [])
+    places = list(out.parent.glob(f"{out.name}.*")) + list(out.parent.glob(f".{out.name}.*")) + \
+        (list(out.rglob("*")) if out.is_dir() else [])
     return sorted(str(p.relative_to(out.parent)) for p in places
                   if (".tmp" in p.name or p.name.endswith(".old")) and not p.name.endswith(".lock"))
 
@@ -128,6 +130,8 @@ def kill_writer(writer: Writer, folder: Path, kills: int, seed: int = 0,
                 report.new_done += 1
         elif state is not None and writer.resume:
             report.intermediate += 1  # a checkpoint from before the kill: --resume goes on from it
+        elif writer.resume:
+            report.nothing_yet += 1  # killed before its first checkpoint: nothing to resume, a fresh run
         elif state is not None:
             report.problems.append(f"{where}: the output reads as neither the old nor the new one")
         rerun = _run(command + list(writer.resume) if state is not None else command)
@@ -264,9 +268,9 @@ WRITERS = [
 def format_table(reports: list[KillReport]) -> str:
     """A Markdown table of the reports, one row per writer, then each problem."""
     rows = ["| writer | what is written | kills | old output untouched | new output complete | "
-            "a checkpoint to resume | problems |", "|---|---|---:|---:|---:|---:|---:|"]
+            "a checkpoint to resume | before any checkpoint | problems |", "|---|---|---:|---:|---:|---:|---:|---:|"]
     rows += [f"| {r.writer} | {r.what} | {r.kills} | {r.old_kept} | {r.new_done} | {r.intermediate} | "
-             f"{len(r.problems)} |" for r in reports]
+             f"{r.nothing_yet} | {len(r.problems)} |" for r in reports]
     rows += [f"\n{r.writer}: {problem}" for r in reports for problem in r.problems]
     return "\n".join(rows)
 

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,7 +29,7 @@ import tiktoken
 import tokenizers
 
 from lmforge.errors import InputError
-from lmforge.files import writing
+from lmforge.files import remove_stale_temporaries, temp_path, writing
 from lmforge.tokenizer.bytelevel import SPLIT_PATTERN, replace_surrogates, token_string_to_bytes
 from lmforge.tokenizer.chat import LMFORGE_CHAT_TEMPLATE, check_messages, render_template
 from lmforge.tokenizer.fast import build_encoding, byte_problem, merge_order_problem
@@ -212,9 +211,10 @@ class Tokenizer:
         if file.is_dir():
             file = file / FILE_NAME
         file.parent.mkdir(parents=True, exist_ok=True)
-        handle, temp_name = tempfile.mkstemp(prefix=f".{file.name}.", suffix=".tmp", dir=file.parent)
+        remove_stale_temporaries(file.parent, file.name)  # a save killed before its rename left one
+        temp_name = temp_path(file)
         try:
-            with writing(file, "the tokenizer"), os.fdopen(handle, "w", encoding="utf-8") as out:
+            with writing(file, "the tokenizer"), open(temp_name, "x", encoding="utf-8") as out:
                 out.write(self._hf.to_str(pretty=True))
                 out.flush()
                 os.fsync(out.fileno())

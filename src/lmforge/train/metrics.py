@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import json
-import os
 from collections import defaultdict
 from pathlib import Path
+
+from lmforge.files import write_text_atomic
 
 
 class RecordsFigures:
@@ -30,9 +31,7 @@ class MetricsLog:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if keep_until_step is not None and self.path.exists():
             rows = [r for r in read_metrics(self.path) if r.get("step", 0) <= keep_until_step]
-            temporary = self.path.with_name(f".{self.path.name}.tmp")  # a kill here leaves the old lines whole
-            temporary.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-            os.replace(temporary, self.path)
+            write_text_atomic(self.path, "".join(json.dumps(r) + "\n" for r in rows))  # a kill: the old lines stay
         elif keep_until_step is None and self.path.exists():
             self.path.unlink()
 
