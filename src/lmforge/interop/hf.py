@@ -24,6 +24,7 @@ import torch
 from safetensors.torch import save_file
 
 from lmforge.errors import InputError
+from lmforge.files import read_json
 from lmforge.interop.bert import bert_to_lmforge, config_from_hf_bert, hf_bert_config, lmforge_to_bert
 from lmforge.interop.gpt2 import config_from_hf_gpt2, gpt2_to_lmforge, hf_gpt2_config, lmforge_to_gpt2
 from lmforge.interop.llama import LLAMA_FAMILY, config_from_hf_llama, hf_llama_config, llama_names
@@ -43,33 +44,36 @@ def is_hf_dir(path: str | Path) -> bool:
     if not config.is_file():
         return False
     try:
-        return "model_type" in json.loads(config.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError):
+        found = json.loads(config.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
         return False
+    return isinstance(found, dict) and "model_type" in found
 
 
 def read_hf_config(path: str | Path) -> dict:
     file = Path(path) / "config.json"
     if not file.is_file():
         raise InputError(f"{path}: no config.json (not a Hugging Face model directory)")
-    try:
-        return json.loads(file.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as err:
-        raise InputError(f"{file}:{err.lineno}: invalid JSON: {err.msg}") from err
+    return read_json(file)
 
 
 def config_from_hf(hf: dict, source: str = "config.json") -> ModelConfig:
     """The lmforge ModelConfig of a transformers ``config.json`` (Llama, Mistral, Qwen2, GPT-2, BERT, T5)."""
     kind = hf.get("model_type")
-    if kind in LLAMA_FAMILY:
-        return config_from_hf_llama(hf, source)
-    if kind == "gpt2":
-        return config_from_hf_gpt2(hf, source)
-    if kind == "bert":
-        return config_from_hf_bert(hf, source)
-    if kind == "t5":
-        return config_from_hf_t5(hf, source)
-    raise InputError(f"{source}: model_type {kind!r} is not supported; lmforge reads {', '.join(FAMILIES)}")
+    readers = {**dict.fromkeys(LLAMA_FAMILY, config_from_hf_llama), "gpt2": config_from_hf_gpt2,
+               "bert": config_from_hf_bert, "t5": config_from_hf_t5}
+    if kind not in readers:
+        raise InputError(f"{source}: model_type {kind!r} is not supported; lmforge reads {', '.join(FAMILIES)}")
+    try:
+        config = readers[kind](hf, source)
+    except KeyError as err:
+        raise InputError(f"{source}: no {err.args[0]!r}, which a {kind} config needs") from err
+    except (TypeError, ValueError, ZeroDivisionError, OverflowError) as err:  # a field of the wrong type or range
+        raise InputError(f"{source}: {type(err).__name__}: {err}") from err
+    try:  # the same type and range checks as an lmforge config.json
+        return ModelConfig.from_dict(config.to_dict())
+    except InputError as err:
+        raise InputError(f"{source}: {err}") from err
 
 
 # ---- safetensors, memory-mapped --------------------------------------------------------------------
@@ -160,7 +164,11 @@ def read_hf_weights(path: str | Path, dtype: torch.dtype | None = None) -> dict[
     path = Path(path)
     index = path / "model.safetensors.index.json"
     if index.is_file():
-        files = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
+        weight_map = read_json(index).get("weight_map")
+        if not isinstance(weight_map, dict) or not all(isinstance(n, str) and n and Path(n).name == n
+                                                       and n not in (".", "..") for n in weight_map.values()):
+            raise InputError(f"{index}: 'weight_map' must map tensor names to file names in this folder")
+        files = sorted(set(weight_map.values()))
     elif (path / "model.safetensors").is_file():
         files = ["model.safetensors"]
     else:

@@ -147,6 +147,9 @@ class ModelConfig:
         for f in dataclasses.fields(cls):
             if f.name in values and not _of_type(values[f.name], f.type):
                 raise InputError(f"invalid model config: {f.name}={values[f.name]!r} is not {_type_words(f.type)}")
+        if isinstance(values.get("max_seq_len"), int) and values["max_seq_len"] > MAX_POSITIONS:
+            raise InputError(f"invalid model config: max_seq_len={values['max_seq_len']} is past the "
+                             f"{MAX_POSITIONS:,} positions lmforge builds position tables for")
         for name, value in values.items():
             if name in SIZES and value < 1 or isinstance(value, int) and abs(value) >= 2**31:
                 raise InputError(f"invalid model config: {name}={value} is out of range"
@@ -173,6 +176,7 @@ class ModelConfig:
             raise InputError(f"{path}: {err}") from err
 
 
+MAX_POSITIONS = 2**20  # RoPE and sinusoidal tables hold every position up front (1M positions: ~0.5 GB to build)
 SIZES = ("vocab_size", "max_seq_len", "dim", "num_layers", "num_heads", "num_kv_heads")  # each at least 1
 
 

@@ -80,6 +80,25 @@ def _safetensors_seed(folder: Path) -> Path:
     return folder / "t.safetensors"
 
 
+def _hf_seed(folder: Path, damaged: str) -> Path:
+    """A tiny model exported as a transformers directory (Llama layout), its weights in two shards with an
+    index, as large models are."""
+    from safetensors.torch import load_file, save_file
+
+    from lmforge.interop.convert import export_checkpoint
+
+    export_checkpoint(_checkpoint(folder), folder / "hf")
+    tensors = load_file(folder / "hf" / "model.safetensors")
+    (folder / "hf" / "model.safetensors").unlink()
+    names = sorted(tensors)
+    shards = {"model-00001-of-00002.safetensors": names[::2], "model-00002-of-00002.safetensors": names[1::2]}
+    for file, part in shards.items():
+        save_file({n: tensors[n] for n in part}, folder / "hf" / file, metadata={"format": "pt"})
+    index = {"metadata": {}, "weight_map": {n: file for file, part in shards.items() for n in part}}
+    (folder / "hf" / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+    return folder / "hf" / damaged
+
+
 def _safetensors_read(path: Path) -> None:
     from lmforge.interop.hf import mmap_safetensors
 
@@ -455,6 +474,10 @@ def targets() -> list[Target]:
                lambda f: _checkpoint(f) / "model.safetensors", lambda p: _load_and_run(p.parent)),
         Target("checkpoint-config", "config.json of a checkpoint: load, run",
                lambda f: _checkpoint(f) / "config.json", lambda p: _load_and_run(p.parent)),
+        Target("hf-config", "config.json of a transformers model directory (Llama layout): load, run",
+               lambda f: _hf_seed(f, "config.json"), lambda p: _load_and_run(p.parent)),
+        Target("hf-index", "model.safetensors.index.json of a sharded transformers directory: load, run",
+               lambda f: _hf_seed(f, "model.safetensors.index.json"), lambda p: _load_and_run(p.parent)),
         Target("tokenizer-json", "tokenizer.json (lmforge BPE): read, encode, decode", _tokenizer_seed,
                _tokenizer_read),
         Target("chat-template", "tokenizer_config.json with a Jinja chat template: read, render a conversation",
