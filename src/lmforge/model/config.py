@@ -151,9 +151,10 @@ class ModelConfig:
             raise InputError(f"invalid model config: max_seq_len={values['max_seq_len']} is past the "
                              f"{MAX_POSITIONS:,} positions lmforge builds position tables for")
         for name, value in values.items():
-            if name in SIZES and value < 1 or isinstance(value, int) and abs(value) >= 2**31:
+            low = 1 if name in SIZES else 0 if name in COUNTS else None
+            if low is not None and value < low or isinstance(value, int) and abs(value) >= 2**31:
                 raise InputError(f"invalid model config: {name}={value} is out of range"
-                                 + (" (it must be at least 1)" if name in SIZES else ""))
+                                 + (f" (it must be at least {low})" if low is not None else ""))
         try:
             return cls(**values)
         except (TypeError, ValueError) as err:
@@ -177,6 +178,7 @@ class ModelConfig:
 
 
 MAX_POSITIONS = 2**20  # RoPE and sinusoidal tables hold every position up front (1M positions: ~0.5 GB to build)
+COUNTS = ("head_dim", "ffn_dim", "decoder_layers", "type_vocab_size", "decoder_start_id")  # each at least 0
 SIZES = ("vocab_size", "max_seq_len", "dim", "num_layers", "num_heads", "num_kv_heads")  # each at least 1
 
 
