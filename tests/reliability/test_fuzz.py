@@ -101,7 +101,7 @@ def test_the_cli_fuzzes_the_readers_named(capsys):
 # -- what the fuzzing found --------------------------------------------------------------------------------------
 
 def test_a_tokenizer_id_of_four_billion_is_refused_before_tokenizers_allocates(tmp_path):
-    """tokenizers sizes a table by the largest id: 4294967295 made it allocate 16 GiB and abort the process."""
+    """tokenizers sizes a table by the largest id: 4294967295 made it ask for 4 GiB and abort the process."""
     from lmforge.tokenizer import Tokenizer
 
     config = json.loads(tokenizer().to_str())
