@@ -18,7 +18,6 @@ so little of each batch is padding; the vectors come back in the order given.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +28,7 @@ from tqdm import tqdm
 
 from lmforge.checkpoint import load_model, load_tokenizer
 from lmforge.errors import InputError
+from lmforge.files import read_json
 from lmforge.interop.packaged import PACKAGED, resolve_model
 from lmforge.model import DecoderLM
 from lmforge.model.fused import fuse_projections
@@ -151,33 +151,44 @@ def check_encoder(model: DecoderLM, source: str | Path = "this model") -> None:
 
 def sentence_transformers_settings(path: Path) -> dict:
     """Pooling, normalization and token limit of a sentence-transformers folder, or of an encoder lmforge
-    trained (its ``embedder.json``); {} for another."""
+    trained (its ``embedder.json``); {} for another. InputError naming the file for anything damaged."""
     own = path / EMBEDDER_SETTINGS
     if own.is_file():
-        try:
-            return json.loads(own.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as err:
-            raise InputError(f"{own}:{err.lineno}: invalid JSON: {err.msg}") from err
+        return _checked_settings(read_json(own), own)
     modules_file = path / "modules.json"
     if not modules_file.is_file():
         return {}
-    try:
-        modules = json.loads(modules_file.read_text(encoding="utf-8"))
-        settings: dict = {"normalize": any(m.get("type", "").endswith("Normalize") for m in modules)}
-        for module in modules:
-            if module.get("type", "").endswith("Pooling"):
-                pooling = json.loads((path / module["path"] / "config.json").read_text(encoding="utf-8"))
-                modes = [mode for mode in ("mean", "cls") if pooling.get(f"pooling_mode_{mode}_tokens"
-                                                                          if mode == "mean" else "pooling_mode_cls_token")]
-                others = [k for k, v in pooling.items() if k.startswith("pooling_mode_") and v
-                          and k not in ("pooling_mode_mean_tokens", "pooling_mode_cls_token")]
-                if others or len(modes) != 1:
-                    raise InputError(f"{path / module['path']}: pooling {others or modes} is not supported "
-                                     "(lmforge pools by mean or cls)")
-                settings["pooling"] = modes[0]
-        bert_config = path / "sentence_bert_config.json"
-        if bert_config.is_file():
-            settings["max_tokens"] = json.loads(bert_config.read_text(encoding="utf-8")).get("max_seq_length")
-    except (json.JSONDecodeError, OSError, KeyError) as err:
-        raise InputError(f"{path}: cannot read the sentence-transformers settings: {err}") from err
-    return {k: v for k, v in settings.items() if v is not None}
+    modules = read_json(modules_file, kind=list)
+    if not all(isinstance(m, dict) and isinstance(m.get("type", ""), str) and isinstance(m.get("path", ""), str)
+               for m in modules):
+        raise InputError(f"{modules_file}: each module is an object with a 'type' and a 'path' (strings)")
+    settings: dict = {"normalize": any(m.get("type", "").endswith("Normalize") for m in modules)}
+    for module in modules:
+        if module.get("type", "").endswith("Pooling"):
+            folder = Path(module.get("path", ""))
+            if folder.is_absolute() or ".." in folder.parts:
+                raise InputError(f"{modules_file}: the pooling module's path {str(folder)!r} leaves the model's folder")
+            pooling = read_json(path / folder / "config.json")
+            modes = [mode for mode in ("mean", "cls") if pooling.get(f"pooling_mode_{mode}_tokens"
+                                                                      if mode == "mean" else "pooling_mode_cls_token")]
+            others = [k for k, v in pooling.items() if k.startswith("pooling_mode_") and v
+                      and k not in ("pooling_mode_mean_tokens", "pooling_mode_cls_token")]
+            if others or len(modes) != 1:
+                raise InputError(f"{path / folder}: pooling {others or modes} is not supported "
+                                 "(lmforge pools by mean or cls)")
+            settings["pooling"] = modes[0]
+    bert_config = path / "sentence_bert_config.json"
+    if bert_config.is_file():
+        settings["max_tokens"] = read_json(bert_config).get("max_seq_length")
+    return _checked_settings({k: v for k, v in settings.items() if v is not None}, path)
+
+
+def _checked_settings(settings: dict, where: Path) -> dict:
+    """``settings`` when each is what an Embedder takes: pooling mean or cls, normalize true or false,
+    max_tokens a whole number from 1."""
+    tokens = settings.get("max_tokens")
+    if settings.get("pooling", "mean") not in ("mean", "cls") or not isinstance(settings.get("normalize", True), bool) \
+            or tokens is not None and not (type(tokens) is int and 1 <= tokens < 2**31):
+        raise InputError(f"{where}: pooling must be mean or cls, normalize true or false, max_tokens a whole number "
+                         "from 1")
+    return settings

@@ -14,7 +14,7 @@ def test_the_server_answers_everyone_and_frees_what_faulty_clients_held():
     assert set(report.statuses) <= {"200", "429"} and sum(report.statuses.values()) == 160
     assert report.statuses.get("429", 0) > 0  # the flood went past the queue: refused, not dropped
     assert report.freed == [True, True] and report.disconnects == 16 and report.slow_bodies == 4
-    assert len(report.probe_seconds) == 6
+    assert len(report.probe_seconds) == 6 and sum(report.probe_statuses.values()) == 6
 
 
 def test_the_gauges_are_read_from_a_scrape():

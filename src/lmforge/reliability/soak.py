@@ -30,6 +30,7 @@ class SoakReport:
     disconnects: int = 0
     slow_bodies: int = 0
     probe_seconds: list[float] = field(default_factory=list)  # another client's request, during the faults
+    probe_statuses: dict[str, int] = field(default_factory=dict)
     freed: list[bool] = field(default_factory=list)  # queue and batch back to zero after each round
     rss_mb: list[float] = field(default_factory=list)  # the server's resident memory after each round
     problems: list[str] = field(default_factory=list)
@@ -43,7 +44,7 @@ class SoakReport:
         return {"rounds": self.rounds, "flood": self.flood, "statuses": self.statuses,
                 "disconnects": self.disconnects, "slow_bodies": self.slow_bodies,
                 "probe_seconds_median": round(probes[len(probes) // 2], 3) if probes else None,
-                "probe_seconds_max": round(probes[-1], 3) if probes else None,
+                "probe_seconds_max": round(probes[-1], 3) if probes else None, "probe_statuses": self.probe_statuses,
                 "freed_every_round": all(self.freed), "rss_mb": [round(m, 1) for m in self.rss_mb],
                 "problems": self.problems}
 
@@ -117,6 +118,7 @@ async def _probe(client, url: str, report: SoakReport) -> None:
     start = time.perf_counter()
     answer = await client.post(f"{url}/v1/completions", json={"prompt": PROMPT, "max_tokens": 2, "temperature": 0})
     report.probe_seconds.append(time.perf_counter() - start)
+    report.probe_statuses[str(answer.status_code)] = report.probe_statuses.get(str(answer.status_code), 0) + 1
     if answer.status_code not in (200, 429):
         report.problems.append(f"the probe got {answer.status_code}: {answer.text[:200]}")
 

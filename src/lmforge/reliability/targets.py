@@ -99,6 +99,33 @@ def _hf_seed(folder: Path, damaged: str) -> Path:
     return folder / "hf" / damaged
 
 
+def _embedder_seed(folder: Path) -> Path:
+    """An encoder (BERT layout) laid out as a sentence-transformers folder: modules.json, a pooling module,
+    sentence_bert_config.json."""
+    from lmforge.checkpoint import save_checkpoint
+    from lmforge.model import DecoderLM, preset
+
+    torch.manual_seed(0)
+    model = DecoderLM(preset("bert-tiny", vocab_size=tokenizer().vocab_size, head="hidden")).eval()
+    save_checkpoint(folder / "encoder", model, tokenizer())
+    (folder / "encoder" / "1_Pooling").mkdir()
+    (folder / "encoder" / "1_Pooling" / "config.json").write_text(json.dumps(
+        {"word_embedding_dimension": 64, "pooling_mode_cls_token": False, "pooling_mode_mean_tokens": True}))
+    (folder / "encoder" / "sentence_bert_config.json").write_text(json.dumps({"max_seq_length": 96}))
+    (folder / "encoder" / "modules.json").write_text(json.dumps([
+        {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+        {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
+        {"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"}]))
+    return folder / "encoder" / "modules.json"
+
+
+def _embedder_read(path: Path) -> None:
+    from lmforge.embed import load
+
+    vectors = load(path.parent, device="cpu").encode(["Paris is the capital of France.", "a fox"])
+    assert vectors.shape[0] == 2
+
+
 def _safetensors_read(path: Path) -> None:
     from lmforge.interop.hf import mmap_safetensors
 
@@ -478,6 +505,8 @@ def targets() -> list[Target]:
                lambda f: _hf_seed(f, "config.json"), lambda p: _load_and_run(p.parent)),
         Target("hf-index", "model.safetensors.index.json of a sharded transformers directory: load, run",
                lambda f: _hf_seed(f, "model.safetensors.index.json"), lambda p: _load_and_run(p.parent)),
+        Target("sentence-transformers", "modules.json of a sentence-transformers folder: load, embed two texts",
+               _embedder_seed, _embedder_read),
         Target("tokenizer-json", "tokenizer.json (lmforge BPE): read, encode, decode", _tokenizer_seed,
                _tokenizer_read),
         Target("chat-template", "tokenizer_config.json with a Jinja chat template: read, render a conversation",
