@@ -511,6 +511,8 @@ def targets() -> list[Target]:
                _tokenizer_read),
         Target("chat-template", "tokenizer_config.json with a Jinja chat template: read, render a conversation",
                _template_seed, _template_read),
+        Target("pretrained-tokenizer", "tokenizer.json of an imported model's tokenizer (tokenizers' own format): "
+               "read, render a conversation", lambda f: _template_seed(f).with_name("tokenizer.json"), _template_read),
         Target("trainer-state", "trainer_state.json of a checkpoint: --resume, one more step",
                lambda f: _trainer_seed(f, "trainer_state.json"), _trainer_read),
         Target("optimizer-state", "optimizer.safetensors of a checkpoint: --resume, one more step",
