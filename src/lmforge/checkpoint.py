@@ -161,7 +161,7 @@ def read_trainer_state(path: str | Path) -> tuple[dict, dict[str, torch.Tensor]]
             or not 0 <= numbers["step"] <= numbers["max_steps"]:
         raise InputError(f"{path / STATE}: needs whole numbers 'step' and 'max_steps' with 0 <= step <= max_steps, "
                          f"found {numbers['step']!r} and {numbers['max_steps']!r}")
-    if not isinstance(numbers["elapsed"] if "elapsed" in state else 0.0, (int, float)):
+    if not isinstance(state.get("elapsed", 0.0), (int, float)):
         raise InputError(f"{path / STATE}: 'elapsed' must be a number of seconds, found {numbers['elapsed']!r}")
     tensors = mmap_safetensors(path / OPTIMIZER) if (path / OPTIMIZER).is_file() else {}
     return state, tensors

@@ -1009,6 +1009,13 @@ def _retrieval_options(p: argparse.ArgumentParser, rerank: str, weights: bool = 
     p.add_argument("--dtype", default="auto", help="auto, bf16, fp32 (the language models')")
 
 
+def _report_flags(p: argparse.ArgumentParser, items: str, drawn: str) -> None:
+    """--seed, --json and --list of lmforge fuzz and lmforge killtest."""
+    p.add_argument("--seed", type=int, default=0, help=f"seed of the {drawn}")
+    p.add_argument("--json", action="store_true", help="print the reports as JSON")
+    p.add_argument("--list", action="store_true", help=f"name the {items} and stop")
+
+
 def make_parser() -> argparse.ArgumentParser:
     from lmforge.chat import HELP as CHAT_HELP
     from lmforge.data import DataConfig
@@ -1393,22 +1400,18 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("targets", nargs="*", help="readers to fuzz (default: all; --list names them)")
     p.add_argument("--iterations", type=int, default=None, help="damaged inputs per reader (default: 200)")
     p.add_argument("--seconds", type=float, default=None, help="or: seconds per reader")
-    p.add_argument("--seed", type=int, default=0, help="seed of the damage (the same seed, the same inputs)")
     p.add_argument("--timeout", type=float, default=10.0, help="seconds one read may take before it counts as a hang")
     p.add_argument("--memory-gib", type=float, default=4.0, help="address space a read may add before it counts "
                                                                   "as unbounded (0: no limit)")
     p.add_argument("--out", default=None, help="folder to save the inputs that failed, to replay them")
-    p.add_argument("--json", action="store_true", help="print the reports as JSON")
-    p.add_argument("--list", action="store_true", help="name the readers and stop")
+    _report_flags(p, "readers", "damage (the same seed, the same inputs)")
     p.set_defaults(func=cmd_fuzz)
 
     p = sub.add_parser("killtest", help="kill each writer (SIGKILL) at random moments: the last good output must "
                                         "read, a rerun or --resume must give what an uninterrupted run gives")
     p.add_argument("writers", nargs="*", help="writers to kill (default: all; --list names them)")
     p.add_argument("--kills", type=int, default=20, help="kills per writer")
-    p.add_argument("--seed", type=int, default=0, help="seed of the kill times")
-    p.add_argument("--json", action="store_true", help="print the reports as JSON")
-    p.add_argument("--list", action="store_true", help="name the writers and stop")
+    _report_flags(p, "writers", "kill times")
     p.set_defaults(func=cmd_killtest)
 
     p = sub.add_parser("soak", help="the server under faults: floods, clients that disconnect, slow bodies; "

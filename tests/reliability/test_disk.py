@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -34,8 +35,6 @@ sys.exit(main(sys.argv[1:]))
 def lmforge(args: list, limit: int | None = None, wrap: list[str] | None = None) -> subprocess.CompletedProcess:
     env = {"LIMIT": str(limit)} if limit else {}
     command = [*(wrap or []), sys.executable, "-c", RUNNER, *map(str, args)]
-    import os
-
     return subprocess.run(command, capture_output=True, text=True, env={**os.environ, **env}, timeout=300)
 
 
@@ -147,8 +146,6 @@ def test_a_full_disk_stops_the_checkpoint_writer_and_keeps_the_earlier_checkpoin
     mounted = tmp_path / "disk" / "out"
     mounted.parent.mkdir()
     args = [a.replace(str(out), str(mounted)) for a in args]
-    import os
-
     run = subprocess.run(["unshare", "-m", sys.executable, "-c", FULL, str(mounted), str(size), str(saved), *args],
                          capture_output=True, text=True, env={**os.environ, "RUNNER": RUNNER}, timeout=300)
     assert run.returncode == 0, run.stderr[-2000:]

@@ -349,3 +349,13 @@ def format_table(reports: list[Report]) -> str:
                 f"{sum(r.refused for r in reports):,} | {sum(len(r.failures) for r in reports)} | "
                 f"{sum(r.seconds for r in reports):.0f} |")
     return "\n".join(rows)
+
+
+def pick(known: list, names: list[str] | None, what: str) -> list:
+    """The items of ``known`` (each with a ``name``) that ``names`` names, in that order; all for none.
+    InputError for a name not there, listing the known ones."""
+    by_name = {item.name: item for item in known}
+    unknown = [name for name in names or [] if name not in by_name]
+    if unknown:
+        raise InputError(f"unknown {what} {', '.join(unknown)}; known: {', '.join(by_name)}")
+    return [by_name[name] for name in names] if names else list(known)

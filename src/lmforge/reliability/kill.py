@@ -63,9 +63,14 @@ class KillReport:
                 "reference_seconds": round(self.reference_seconds, 1), "problems": self.problems}
 
 
+def _environment() -> dict[str, str]:
+    """The children's environment: one thread each unless OMP_NUM_THREADS says otherwise."""
+    return {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+
+
 def _run(args: list[str], timeout: float = 600) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-c", RUNNER, *args], capture_output=True, text=True, timeout=timeout,
-                          env={**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")})
+                          env=_environment())
 
 
 def _leftovers(out: Path) -> list[str]:
@@ -108,8 +113,7 @@ def kill_writer(writer: Writer, folder: Path, kills: int, seed: int = 0,
         before = _stamp(out)
         delay = rng.uniform(0.0, report.reference_seconds)
         process = subprocess.Popen([sys.executable, "-c", RUNNER, *command], stdout=subprocess.DEVNULL,
-                                   stderr=subprocess.DEVNULL,
-                                   env={**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")})
+                                   stderr=subprocess.DEVNULL, env=_environment())
         try:
             process.wait(timeout=delay)
         except subprocess.TimeoutExpired:
@@ -276,14 +280,7 @@ def format_table(reports: list[KillReport]) -> str:
 
 
 def by_name(names: list[str] | None) -> list[Writer]:
-    from lmforge.errors import InputError
+    """The writers named (all for None); InputError for an unknown name."""
+    from lmforge.reliability.fuzz import pick
 
-    known = {w.name: w for w in WRITERS}
-    unknown = [n for n in names or [] if n not in known]
-    if unknown:
-        raise InputError(f"unknown writer {', '.join(unknown)}; known: {', '.join(known)}")
-    return [known[n] for n in names] if names else list(WRITERS)
-
-
-def clean(folder: Path) -> None:
-    shutil.rmtree(folder, ignore_errors=True)
+    return pick(WRITERS, names, "writer")

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from lmforge.errors import InputError
-from lmforge.reliability.fuzz import Target
+from lmforge.reliability.fuzz import Target, pick
 
 TEXT = ("The quick brown fox jumps over the lazy dog. Paris is the capital of France. 数字 12345, "
         "def add(a, b):\n    return a + b\n") * 8
@@ -575,10 +575,4 @@ def targets() -> list[Target]:
 
 def by_name(names: list[str] | None) -> list[Target]:
     """The targets named (all for None); InputError for an unknown name."""
-    known = {t.name: t for t in targets()}
-    if not names:
-        return list(known.values())
-    unknown = [n for n in names if n not in known]
-    if unknown:
-        raise InputError(f"unknown fuzz target {', '.join(unknown)}; known: {', '.join(known)}")
-    return [known[n] for n in names]
+    return pick(targets(), names, "fuzz target")
