@@ -20,14 +20,13 @@ GGUF files (:mod:`lmforge.interop.gguf`), and packaged models by their short nam
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
 
 from lmforge.errors import InputError
-from lmforge.files import read_json, replace_folder, writing
+from lmforge.files import new_folder, read_json
 from lmforge.interop.gguf import load_gguf, metadata, open_gguf, tokenizer_from_gguf
 from lmforge.interop.hf import is_hf_dir, load_hf, mmap_safetensors
 from lmforge.interop.packaged import resolve_model
@@ -58,28 +57,20 @@ def write_checkpoint(path: str | Path, config: ModelConfig, state: dict[str, tor
     """Write ``config`` and lmforge-named weights ``state`` (tied head left out) as a checkpoint, atomically;
     ``files``: more text files to put in it (name -> content)."""
     path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    try:
-        with writing(path, "the checkpoint (the previous one, if any, is kept)"):
-            tmp.mkdir(parents=True)
-            config.save(tmp / CONFIG)
-            save_file({k: v.contiguous() for k, v in state.items()}, tmp / WEIGHTS, metadata={"format": "pt"})
-            if tokenizer is not None:
-                from lmforge.tokenizer.pretrained import PretrainedTokenizer
+    with new_folder(path, "the checkpoint (the previous one, if any, is kept)", marker=CONFIG) as tmp:
+        config.save(tmp / CONFIG)
+        save_file({k: v.contiguous() for k, v in state.items()}, tmp / WEIGHTS, metadata={"format": "pt"})
+        if tokenizer is not None:
+            from lmforge.tokenizer.pretrained import PretrainedTokenizer
 
-                # An imported model's tokenizer keeps its tokenizer_config.json (special tokens, chat template).
-                tokenizer.save(tmp if isinstance(tokenizer, PretrainedTokenizer) else tmp / TOKENIZER)
-            if trainer_state is not None:
-                (tmp / STATE).write_text(json.dumps(trainer_state, indent=2) + "\n", encoding="utf-8")
-            if extra_tensors:
-                save_file({k: v.contiguous() for k, v in extra_tensors.items()}, tmp / OPTIMIZER)
-            for name, text in (files or {}).items():
-                (tmp / name).write_text(text, encoding="utf-8")
-            replace_folder(tmp, path)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+            # An imported model's tokenizer keeps its tokenizer_config.json (special tokens, chat template).
+            tokenizer.save(tmp if isinstance(tokenizer, PretrainedTokenizer) else tmp / TOKENIZER)
+        if trainer_state is not None:
+            (tmp / STATE).write_text(json.dumps(trainer_state, indent=2) + "\n", encoding="utf-8")
+        if extra_tensors:
+            save_file({k: v.contiguous() for k, v in extra_tensors.items()}, tmp / OPTIMIZER)
+        for name, text in (files or {}).items():
+            (tmp / name).write_text(text, encoding="utf-8")
     return path
 
 

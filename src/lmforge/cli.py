@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 from lmforge.errors import InputError
-from lmforge.files import write_failure
+from lmforge.files import read_text, write_failure, write_json_atomic, write_text_atomic
 from lmforge.settings import add_arguments, build, load_json
 
 DEFAULT_RUN = Path("runs") / "speedrun"
@@ -104,13 +104,16 @@ def cmd_embed(args: argparse.Namespace) -> None:
         path = Path(args.input)
         if not path.is_file():
             raise InputError(f"--input {path}: no such file")
-        texts += [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        texts += [line for line in read_text(path, "--input file").splitlines() if line.strip()]
     if not texts:
         raise InputError("give texts to embed, or --input FILE with one text per line")
     embedder = load(args.model, device=args.device, dtype=args.dtype)
     vectors = embedder.encode(texts, batch_size=args.batch_size, progress=len(texts) > 64)
     if args.out:
-        np.save(args.out, vectors)
+        from lmforge.files import new_file
+
+        with new_file(args.out, "the vectors") as temporary, open(temporary, "wb") as handle:
+            np.save(handle, vectors)
         print(f"wrote {len(texts)} vectors of dim {embedder.dim} to {args.out}")
         return
     print(f"{len(texts)} text(s), dim {embedder.dim}, {embedder.pooling} pooling"
@@ -197,7 +200,7 @@ def cmd_rag_eval(args: argparse.Namespace) -> None:
               f"claims judged by {args.judge or 'word coverage'})\n\n" + format_answer_table(summary))
         report |= {"answers": summary, "replies": records}
     if args.out:
-        Path(args.out).write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        write_json_atomic(args.out, report)
 
 
 def cmd_rag_langref(args: argparse.Namespace) -> None:
@@ -556,7 +559,7 @@ def cmd_rm_score(argv: list[str]) -> None:
     lines = [{"source": p.source, "chosen_score": c, "rejected_score": r, "chosen_wins": c > r}
              for p, (c, r) in zip(pairs, scores)]
     if args.output:
-        Path(args.output).write_text("".join(json.dumps(line) + "\n" for line in lines), encoding="utf-8")
+        write_text_atomic(args.output, "".join(json.dumps(line) + "\n" for line in lines))
     else:
         for line in lines:
             print(json.dumps(line))
@@ -742,6 +745,7 @@ def _generate_jsonl(lm, args: argparse.Namespace) -> None:
     import time
 
     from lmforge.infer.sampling import SamplingConfig
+    from lmforge.tokenizer.chat import check_messages
 
     sampling = {name: value for name, value in vars(args).items()
                 if name in SamplingConfig.__dataclass_fields__ and value is not None}
@@ -766,19 +770,22 @@ def _generate_jsonl(lm, args: argparse.Namespace) -> None:
             lm.sampling_config(**{**sampling, **{k: v for k, v in record.items() if k not in ("prompt", "messages")}})
         except (TypeError, ValueError) as err:
             raise InputError(f"{path}:{number}: {err}") from err
+        if "messages" in record:
+            check_messages(record["messages"], f"{path}:{number}: messages")
+        elif not isinstance(record["prompt"], str):
+            raise InputError(f"{path}:{number}: 'prompt' must be text, got {record['prompt']!r:.60}")
     try:
         results = lm.generate_batch([record for _, record in items], max_batch_size=args.batch_size, **sampling)
-    except ValueError as err:
+    except (ValueError, InputError) as err:  # a prompt longer than the context, a chat template's refusal
         raise InputError(f"{path}: {err}") from err
-    out = open(args.output, "w", encoding="utf-8") if args.output else sys.stdout
-    try:
-        for (number, record), result in zip(items, results):
-            row = {"line": number, **record, "completion": result.text, "finish_reason": result.finish_reason,
-                   "prompt_tokens": result.prompt_tokens, "completion_tokens": result.completion_tokens}
-            out.write(json.dumps(row, ensure_ascii=False) + "\n")
-    finally:
-        if args.output:
-            out.close()
+    rows = "".join(json.dumps({"line": number, **record, "completion": result.text,
+                               "finish_reason": result.finish_reason, "prompt_tokens": result.prompt_tokens,
+                               "completion_tokens": result.completion_tokens}, ensure_ascii=False) + "\n"
+                   for (number, record), result in zip(items, results))
+    if args.output:
+        write_text_atomic(args.output, rows)
+    else:
+        sys.stdout.write(rows)
     tokens = sum(r.completion_tokens for r in results)
     seconds = time.perf_counter() - start
     print(f"generated {tokens:,} tokens for {len(results)} prompts in {seconds:.1f} s "
@@ -830,7 +837,14 @@ def cmd_agent(args: argparse.Namespace) -> None:
 def cmd_human(argv: list[str]) -> None:
     """``lmforge eval human-items PROMPTS --model A=PATH [--model B=PATH] --out ITEMS``,
     ``lmforge eval human-report DB`` and ``lmforge eval human-export DB --out FILE``."""
-    from lmforge.eval.human import RatingStore, answer_items, export_preferences, format_report, human_report
+    from lmforge.eval.human import (
+        RatingStore,
+        answer_items,
+        export_preferences,
+        format_report,
+        human_report,
+        read_prompts,
+    )
 
     parser = argparse.ArgumentParser(prog=f"lmforge eval {argv[0]}")
     if argv[0] == "human-items":
@@ -846,15 +860,7 @@ def cmd_human(argv: list[str]) -> None:
         from lmforge.api import load
         from lmforge.serve.server import parse_model_specs
 
-        path = Path(args.prompts)
-        if not path.is_file():
-            raise InputError(f"prompts file not found: {path}")
-        lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-        if path.suffix == ".jsonl":
-            try:
-                lines = [json.loads(line)["prompt"] for line in lines]
-            except (json.JSONDecodeError, KeyError, TypeError) as err:
-                raise InputError(f"{path}: each line must be a JSON object with a 'prompt' ({err})") from None
+        lines = read_prompts(args.prompts)
         specs = parse_model_specs(None, args.model)
         try:
             count = answer_items(lines, {name: load(spec) for name, spec in specs.items()}, args.out,
@@ -885,9 +891,9 @@ def cmd_human(argv: list[str]) -> None:
             text = format_report(report)
             print(text)
             if args.out:
-                Path(args.out).write_text(text + "\n", encoding="utf-8")
+                write_text_atomic(args.out, text + "\n")
             if args.json:
-                Path(args.json).write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+                write_json_atomic(args.json, report)
         else:
             print(f"wrote {export_preferences(store, args.out, majority=args.majority)} preference pairs to {args.out}")
     finally:
@@ -950,6 +956,8 @@ def cmd_killtest(args: argparse.Namespace) -> int:
         with tempfile.TemporaryDirectory(prefix="lmforge-kill-") as folder, \
                 tqdm(total=args.kills, desc=writer.name, unit="kill", disable=args.json, leave=False) as bar:
             reports.append(kill_writer(writer, Path(folder), args.kills, args.seed, on_kill=lambda _: bar.update(1)))
+        if not args.json:  # each writer's line as it finishes (a long run shows what it has found so far)
+            tqdm.write(format_table(reports[-1:]).splitlines()[2], file=sys.stderr)
     print(json.dumps([r.summary() for r in reports], indent=2) if args.json else format_table(reports))
     return 1 if any(r.problems for r in reports) else 0
 

@@ -14,7 +14,6 @@ Writes ``model/`` (adapters merged), ``adapter/`` (LoRA, PEFT layout), ``checkpo
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,7 +22,7 @@ from lmforge.data.preferences import BUILTIN_PREFERENCES, SAMPLED_PREFERENCES, l
 from lmforge.data.tasks import KINDS
 from lmforge.errors import InputError
 from lmforge.eval.tasks import accuracy_gain, model_task_accuracy
-from lmforge.files import holds_output
+from lmforge.files import holds_output, write_json_atomic
 from lmforge.interop.packaged import DEFAULT_CHAT_MODEL, resolve_model
 from lmforge.peft.method import MethodConfig, finish_weights, prepare_weights
 from lmforge.runtime import Runtime
@@ -123,5 +122,5 @@ def train_dpo(config: DPOConfig, train_config: TrainConfig, resume: bool = False
                "task_accuracy_before": before, "task_accuracy_after": after,
                "task_accuracy_gain": accuracy_gain(before, after) if held_out else None, "final": final,
                "steps": result.steps, "seconds": result.seconds, "model": str(out / "model")}
-    (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n", encoding="utf-8")
+    write_json_atomic(out / "summary.json", summary)
     return summary

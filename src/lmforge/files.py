@@ -5,7 +5,7 @@ Reading: the small text files beside the tensors (configs, manifests, states; :f
 :func:`read_text`) and SQLite stores (:func:`database_errors`), each problem an
 :class:`~lmforge.errors.InputError` that names the file and says what is wrong.
 Writing: one output folder per run (:func:`output_lock`, :func:`holds_output`), files and folders replaced
-whole (:func:`write_text_atomic`, :func:`replace_folder`), a write the disk refuses as one clear error
+whole (:func:`write_text_atomic`, :func:`new_file`, :func:`new_folder`), a write the disk refuses as one clear error
 (:func:`writing`), and names from files that stay in their folder (:func:`safe_file_name`)."""
 
 from __future__ import annotations
@@ -199,6 +199,46 @@ def replace_folder(temporary: Path, path: Path) -> None:
         shutil.rmtree(old)
 
 
+@contextlib.contextmanager
+def new_folder(path: str | Path, what: str = "it", marker: str | None = None) -> Iterator[Path]:
+    """A folder to fill in place of ``path``: yields ``NAME.tmp`` beside it, which takes ``path``'s place
+    whole (:func:`replace_folder`) when the block ends without an error; otherwise it is removed and the
+    old folder, if any, stays as it was. A write the disk refuses is an InputError (:func:`writing`).
+    ``marker``: a file every earlier output holds; a folder with other files and not this one is someone
+    else's and is refused rather than replaced."""
+    path = Path(path)
+    if marker and path.is_dir() and not (path / marker).exists() and any(path.iterdir()):
+        raise InputError(f"{path}: the folder holds other files and no {marker}: it is not an earlier output, "
+                         f"so it is not replaced; write {what} to a new folder")
+    temporary = path.with_name(path.name + ".tmp")
+    if temporary.exists():
+        shutil.rmtree(temporary)  # a killed writer's: nothing runs in it (the output folder's lock says so)
+    try:
+        with writing(path, what):
+            temporary.mkdir(parents=True)
+            yield temporary
+            replace_folder(temporary, path)
+    finally:
+        shutil.rmtree(temporary, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def new_file(path: str | Path, what: str = "it") -> Iterator[Path]:
+    """A file name to write in place of ``path`` (binary writers: GGUF, ``.npy``): yields a
+    :func:`temp_path`, renamed onto ``path`` when the block ends without an error and removed otherwise."""
+    path = Path(path)
+    with writing(path, what):
+        path.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(path.parent, path.name)
+    temporary = temp_path(path)
+    try:
+        with writing(path, what):
+            yield temporary
+            os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
+
+
 def recover_folder(path: Path) -> None:
     """Undo what a crash inside :func:`replace_folder` left: ``NAME.old`` without ``NAME`` goes back to
     ``NAME``; ``NAME.old`` beside ``NAME`` (the new one landed) is deleted."""
@@ -268,5 +308,6 @@ def write_text_atomic(path: str | Path, text: str) -> Path:
 
 
 def write_json_atomic(path: str | Path, data: Any) -> Path:
-    """``data`` as indented JSON, through :func:`write_text_atomic`."""
-    return write_text_atomic(path, json.dumps(data, indent=2, ensure_ascii=False) + "\n")
+    """``data`` as indented JSON (what JSON has no type for, such as a path, as its text), through
+    :func:`write_text_atomic`."""
+    return write_text_atomic(path, json.dumps(data, indent=2, ensure_ascii=False, default=str) + "\n")

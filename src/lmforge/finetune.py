@@ -23,7 +23,7 @@ from lmforge.data.chat_records import iter_chat_records
 from lmforge.data.sources import ReadErrors
 from lmforge.errors import InputError
 from lmforge.eval.tasks import model_task_accuracy
-from lmforge.files import holds_output
+from lmforge.files import holds_output, write_json_atomic
 from lmforge.interop.packaged import DEFAULT_CHAT_MODEL
 from lmforge.peft.method import MethodConfig, finish_weights, prepare_weights
 from lmforge.runtime import Runtime
@@ -144,5 +144,5 @@ def finetune(config: FinetuneConfig, train_config: TrainConfig, resume: bool = F
                "val_conversations": len(val), "rows": len(rows), "truncated": rows.truncated,
                "trainable_parameters": trainable, "steps": result.steps, "seconds": result.seconds,
                "final": result.final, "model": str(out / "model"), "quantized": quantized}
-    (out / "sft_summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n", encoding="utf-8")
+    write_json_atomic(out / "sft_summary.json", summary)
     return summary

@@ -11,13 +11,12 @@ On the built-in tasks, held-out tasks (no shared prompt) are answered greedily b
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 from lmforge.checkpoint import save_checkpoint
 from lmforge.eval.tasks import accuracy_gain
-from lmforge.files import holds_output
+from lmforge.files import holds_output, write_json_atomic
 from lmforge.peft.method import finish_weights, prepare_weights
 from lmforge.rl import RLConfig, rl_setup
 from lmforge.settings import field, to_dict
@@ -66,5 +65,5 @@ def train_grpo(config: GRPOConfig, train_config: TrainConfig, resume: bool = Fal
                "trainable_parameters": trainable, "task_accuracy_before": before, "task_accuracy_after": after,
                "task_accuracy_gain": accuracy_gain(before, after) if before else None,
                "steps": result.steps, "seconds": result.seconds, "model": str(out / "model")}
-    (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n", encoding="utf-8")
+    write_json_atomic(out / "summary.json", summary)
     return summary

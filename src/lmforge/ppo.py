@@ -16,7 +16,6 @@ PEFT layout), ``checkpoint/`` (resume, with the value head), ``metrics.jsonl``, 
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +24,7 @@ import torch
 
 from lmforge.checkpoint import save_checkpoint
 from lmforge.eval.tasks import accuracy_gain
-from lmforge.files import holds_output
+from lmforge.files import holds_output, write_json_atomic
 from lmforge.model.heads import with_head
 from lmforge.peft.method import finish_weights, prepare_weights
 from lmforge.rl import RLConfig, rl_setup
@@ -90,5 +89,5 @@ def train_ppo(config: PPOConfig, train_config: TrainConfig, resume: bool = False
                "task_accuracy_before": before, "task_accuracy_after": after,
                "task_accuracy_gain": accuracy_gain(before, after) if before else None,
                "steps": result.steps, "seconds": result.seconds, "model": str(out / "model")}
-    (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n", encoding="utf-8")
+    write_json_atomic(out / "summary.json", summary)
     return summary

@@ -11,7 +11,6 @@ loop, and reports the held-out pair accuracy and mean margin before and after.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,7 +25,7 @@ from lmforge.data.preferences import (
     split_preferences,
 )
 from lmforge.errors import InputError
-from lmforge.files import holds_output
+from lmforge.files import holds_output, write_json_atomic
 from lmforge.interop.packaged import DEFAULT_CHAT_MODEL, resolve_model
 from lmforge.model.heads import with_head
 from lmforge.peft.method import MethodConfig, finish_weights, prepare_weights
@@ -88,7 +87,7 @@ def train_reward_model(config: RewardConfig, train_config: TrainConfig, resume: 
     summary = {"config": to_dict(config), "read": read, "train_pairs": len(train), "val_pairs": len(val),
                "trainable_parameters": trainable, "before": before, "after": after, "steps": result.steps,
                "seconds": result.seconds, "model": str(out / "model")}
-    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    write_json_atomic(out / "summary.json", summary)
     return summary
 
 

@@ -18,7 +18,6 @@ Everything goes into one run folder (``runs/<name>``):
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,7 +28,7 @@ from lmforge.data import DataConfig, iter_prepared, prepare_data, read_manifest,
 from lmforge.data.shards import load_shard, read_meta
 from lmforge.eval.report import write_report
 from lmforge.eval.samples import sample_texts
-from lmforge.files import output_lock
+from lmforge.files import output_lock, write_json_atomic
 from lmforge.model import DecoderLM, preset
 from lmforge.runtime import Runtime, measure_matmul_peak
 from lmforge.settings import field, to_dict
@@ -180,7 +179,7 @@ def _speedrun(config: SpeedrunConfig) -> Path:
         "align": aligned,
         "leaderboard": leaderboard,
     }
-    (run / "summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n", encoding="utf-8")
+    write_json_atomic(run / "summary.json", summary)
     report = write_report(run, summary)
     print(f"[speedrun] done in {summary['total_seconds'] / 60:.1f} min: {report}", flush=True)
     return report

@@ -281,3 +281,18 @@ def test_interactive_agent_answers_each_question_until_an_empty_line(tiny_lm, tm
     for number, question in ((1, "What is 2 + 2?"), (2, "And 3 + 3?")):
         events = read_events(tmp_path / f"run.jsonl.{number}")
         assert events[0]["question"] == question and events[-1]["event"] == "end"
+
+
+def test_an_agent_killed_mid_line_resumes_from_its_trace(tools, tmp_path):
+    """The trace's last line cut by a kill is left out on resume, and the resumed run's events start a line
+    of their own (appended to the cut line, they would not parse): it ends as a run never killed."""
+    script = [calls(call("add", a=1, b=2)), calls(call("add", a=3, b=3)), *answer("6")]
+    whole = Agent(Scripted(*script), tools).run("Q", trace=tmp_path / "whole.jsonl")
+    trace = tmp_path / "t.jsonl"
+    lines = (tmp_path / "whole.jsonl").read_text().splitlines()
+    assert [json.loads(line)["event"] for line in lines[:4]] == ["start", "model", "tool", "model"]
+    trace.write_text("\n".join(lines[:3]) + "\n" + lines[3][:40])  # killed while writing the second turn
+    assert len(read_events(trace)) == 3
+    resumed = Agent(Scripted(*script[1:]), tools).resume(trace)
+    assert (resumed.answer, resumed.steps, resumed.tool_calls) == (whole.answer, whole.steps, whole.tool_calls)
+    assert read_events(trace)[-1]["event"] == "end"

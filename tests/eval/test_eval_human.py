@@ -24,6 +24,7 @@ from lmforge.eval.human import (
     format_report,
     human_report,
     krippendorff_alpha,
+    read_prompts,
     t_quantile,
 )
 
@@ -309,3 +310,14 @@ def test_t_quantile_matches_tables():
     assert t_quantile(0.99, 10) == pytest.approx(3.1693, abs=1e-4)
     assert t_quantile(0.95, 1000) == pytest.approx(t_quantile(0.95, 1001), abs=1e-5)  # the two methods meet
     assert t_quantile(0.95, 10**6) == pytest.approx(1.95997, abs=1e-5)
+
+
+def test_rating_prompts_are_read_as_text_lines_or_jsonl_and_bad_ones_named(tmp_path):
+    (tmp_path / "p.txt").write_text("Name a capital.\n\n数字?\n", encoding="utf-8")
+    assert read_prompts(tmp_path / "p.txt") == ["Name a capital.", "数字?"]
+    (tmp_path / "p.jsonl").write_text('{"prompt": "a"}\n{"prompt": 5}\n', encoding="utf-8")
+    with pytest.raises(InputError, match=r"p.jsonl:2: .* string 'prompt'"):
+        read_prompts(tmp_path / "p.jsonl")
+    (tmp_path / "bad.txt").write_bytes(b"caf\xe9\n")
+    with pytest.raises(InputError, match="bad.txt"):
+        read_prompts(tmp_path / "bad.txt")

@@ -130,3 +130,13 @@ def test_good_settings_pass():
     SamplingConfig(max_new_tokens=1, temperature=0, top_k=5, top_p=0.9, repetition_penalty=1.3, stop=["\n"],
                    stop_token_ids=[0], seed=3, num_beams=1)
     SamplingConfig(temperature=0, num_beams=4, length_penalty=0.6)
+
+
+@pytest.mark.parametrize("bad", [{"seed": 1.5}, {"seed": -1}, {"max_new_tokens": "4"}, {"top_k": True},
+                                 {"temperature": float("nan")}, {"top_p": "0.9"}, {"stop": "x"},
+                                 {"stop": 7}, {"stop_token_ids": [2**40]}])
+def test_sampling_settings_from_a_file_or_a_request_are_type_checked(bad):
+    """A prompts file for `generate --input` carries its own settings: a float seed reached torch's
+    manual_seed (a RuntimeError) before this check."""
+    with pytest.raises(ValueError, match=next(iter(bad))):
+        SamplingConfig(**bad)

@@ -182,3 +182,22 @@ def test_half_weight_kernel_equals_widen_then_multiply(isa, dtype, restore_isa, 
     assert len(calls) == 3 and calls[-1] == (1, kernels.KERNEL_MAX_ROWS, inputs)
     with pytest.raises(RuntimeError, match="fp16 or bf16"):
         kernels.half_linear(torch.randn(1, inputs), weight.float())
+
+
+def test_a_build_guard_left_by_a_killed_process_does_not_block_the_next_load():
+    """torch's guard around building or loading the extension is a plain file: a process killed inside
+    (SIGKILL, `lmforge killtest` found it) left it behind, and every later load waited for it forever."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from torch.utils import cpp_extension
+
+    if not kernels.available():
+        pytest.skip("the extension does not build here")
+    build = Path(cpp_extension._get_build_directory(kernels.extension_name(), verbose=False))
+    (build / "lock").write_text("")  # what the killed process left
+    answer = subprocess.run([sys.executable, "-c", "from lmforge.quant import kernels; assert kernels.available()"],
+                            capture_output=True, text=True, timeout=240)
+    assert answer.returncode == 0, answer.stderr[-1000:]
+    assert not (build / "lock").exists()

@@ -70,7 +70,13 @@ def _quantize(tmp: Path) -> list:
     return ["quantize", tmp / "model", "--out", "OUT", "--eval-chars", 0, "--eval-items", 0]
 
 
-WRITERS = {"data prepare": _prepare, "tokenizer train": _tokenizer, "data shard": _shards, "quantize": _quantize}
+def _export(tmp: Path) -> list:
+    save_checkpoint(tmp / "model", _model(), tokenizer())
+    return ["export", tmp / "model", "OUT/m.gguf", "--format", "gguf"]
+
+
+WRITERS = {"data prepare": _prepare, "tokenizer train": _tokenizer, "data shard": _shards, "quantize": _quantize,
+           "export gguf": _export}
 
 
 def written(tmp: Path, writer: str) -> tuple[list, Path]:

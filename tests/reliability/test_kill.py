@@ -107,3 +107,91 @@ def test_what_a_killed_writer_left_is_removed_when_the_folder_is_taken_again(tmp
     finally:
         live.kill()
         live.wait()
+
+
+def test_a_new_knowledge_base_killed_at_random_is_absent_or_whole_and_the_rerun_builds_it(tmp_path):
+    """A writer that skips work when its output is current (``fresh``): killed while building a new
+    output, then run again."""
+    rag = next(w for w in WRITERS if w.name == "rag-index")
+
+    def fewer(folder):
+        args = rag.setup(folder)
+        for extra in sorted((folder / "docs").iterdir())[12:]:
+            extra.unlink()
+        return args
+
+    report = kill_writer(dataclasses.replace(rag, setup=fewer), tmp_path, kills=2, seed=3)
+    assert report.kills == 2 and report.ok, report.problems
+    assert report.old_kept == 0  # each kill met no earlier knowledge base
+
+
+def test_new_folder_and_new_file_keep_the_old_output_when_the_write_fails(tmp_path):
+    from lmforge.files import new_file, new_folder
+
+    out = _folder(tmp_path / "model", "old")
+    with pytest.raises(RuntimeError), new_folder(out, "the model") as tmp:
+        (tmp / "weights").write_text("half")
+        raise RuntimeError("killed")
+    assert (out / "weights").read_text() == "old" and sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+    with new_folder(out, "the model") as tmp:
+        (tmp / "weights").write_text("new")
+    assert (out / "weights").read_text() == "new" and sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+
+    path = tmp_path / "m.gguf"
+    path.write_bytes(b"old")
+    with pytest.raises(RuntimeError), new_file(path) as temporary:
+        temporary.write_bytes(b"ha")
+        raise RuntimeError("killed")
+    assert path.read_bytes() == b"old"
+    with new_file(path) as temporary:
+        temporary.write_bytes(b"new")
+    assert path.read_bytes() == b"new" and sorted(p.name for p in tmp_path.iterdir()) == ["m.gguf", "model"]
+
+
+def test_a_folder_that_is_not_an_earlier_output_is_not_replaced(tmp_path):
+    """An export or an evaluation into a folder of someone else's files is refused: replacing the folder
+    whole would delete them."""
+    from lmforge.eval.run import write_outputs
+    from lmforge.files import new_folder
+
+    mine = tmp_path / "documents"
+    mine.mkdir()
+    (mine / "thesis.tex").write_text("years of work")
+    with pytest.raises(InputError, match="holds other files and no config.json"), \
+            new_folder(mine, "the model", marker="config.json"):
+        pass
+    with pytest.raises(InputError, match="no results.json"):
+        write_outputs({"samples": {}, "tasks": {}}, mine)
+    assert [p.name for p in mine.iterdir()] == ["thesis.tex"]
+
+
+def test_an_export_that_fails_part_way_keeps_the_earlier_file(tmp_path, monkeypatch):
+    from lmforge.interop import gguf
+    from lmforge.reliability.targets import _model, tokenizer
+
+    model = _model()
+    path = gguf.save_gguf(tmp_path / "m.gguf", model.config, dict(model.state_dict()), tokenizer(), "q8_0")
+    before = path.read_bytes()
+
+    def cut(writer, *args):
+        writer.write_header_to_file()  # some bytes on disk, then the process "dies"
+        raise OSError("killed")
+
+    monkeypatch.setattr(gguf, "_write_gguf", cut)
+    with pytest.raises(OSError):
+        gguf.save_gguf(path, model.config, dict(model.state_dict()), tokenizer(), "f32")
+    assert path.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == ["m.gguf"]
+
+
+def test_damaged_traces_and_metrics_are_refused_with_the_line(tmp_path):
+    from lmforge.agent.trace import read_events
+
+    trace = tmp_path / "t.jsonl"
+    trace.write_text(json.dumps({"event": "start", "question": "Q", "config": {}, "messages": []}) + "\n"
+                     + json.dumps({"event": "model", "step": "1", "reply": {}}) + "\n")
+    with pytest.raises(InputError, match=r"t.jsonl:2: a 'model' event needs 'step'"):
+        read_events(trace)
+    metrics = tmp_path / "metrics.jsonl"
+    metrics.write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "lo\n{"step": 3, "loss": 1.0}\n')
+    with pytest.raises(InputError, match=r"metrics.jsonl:2: invalid JSON"):
+        read_metrics(metrics)

@@ -93,6 +93,26 @@ class AgentConfig:
             raise ValueError("max_seconds must be > 0, repairs >= 0, temperature >= 0, keep_turns >= 1")
 
 
+def _config_from_trace(saved: dict, trace: str | Path) -> AgentConfig:
+    """The AgentConfig a trace's start event recorded; InputError when a value has the wrong type or range."""
+    fields = {f.name: f for f in dataclasses.fields(AgentConfig)}
+    values = {}
+    for name, value in saved.items():
+        if name not in fields:
+            continue  # a setting of another version
+        default = fields[name].default
+        kind = (int, float) if isinstance(default, float) else type(default)
+        if not isinstance(value, kind) or (isinstance(value, bool) and not isinstance(default, bool)) or \
+                (isinstance(value, (int, float)) and not isinstance(value, bool) and not -2**31 < value < 2**31):
+            raise InputError(f"{trace}: the recorded setting {name} = {value!r:.60} is not a {type(default).__name__} "
+                             "in range")
+        values[name] = value
+    try:
+        return AgentConfig(**values)
+    except ValueError as err:
+        raise InputError(f"{trace}: the recorded settings: {err}") from err
+
+
 @dataclass
 class AgentResult:
     """How a run ended."""
@@ -150,8 +170,7 @@ class Agent:
         events = read_events(trace)
         if events[-1]["event"] == "end":
             raise InputError(f"{trace}: this run has ended ({events[-1]['stopped']}); nothing to resume")
-        known = {f.name for f in dataclasses.fields(AgentConfig)}
-        self.config = AgentConfig(**{k: v for k, v in events[0]["config"].items() if k in known})
+        self.config = _config_from_trace(events[0]["config"], trace)
         messages, steps = replay(events)
         writer = TraceWriter(trace, append=True, on_event=self.on_event)
         writer.events = list(events)

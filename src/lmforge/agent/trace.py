@@ -20,12 +20,14 @@ leaves a readable trace and can be resumed from it (:func:`read_trace`). The eve
 from __future__ import annotations
 
 import json
+import os
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
 
 from lmforge.errors import InputError
+from lmforge.tokenizer.chat import ROLES
 
 
 class TraceWriter:
@@ -40,6 +42,8 @@ class TraceWriter:
         self._file: IO[str] | None = None
         if self.path is not None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
+            if append and self.path.is_file() and (cut := _cut_line(self.path)) is not None:
+                os.truncate(self.path, cut)  # a line cut by a kill: the next event starts a line of its own
             self._file = self.path.open("a" if append else "w", encoding="utf-8")
 
     def write(self, event: str, **fields: Any) -> dict:
@@ -58,20 +62,63 @@ class TraceWriter:
             self._file = None
 
 
+# What a resumed run reads from each kind of event, and its type (a damaged trace is refused up front).
+FIELDS = {
+    "start": {"question": str, "messages": list, "config": dict},
+    "model": {"step": int, "reply": dict, "prompt_tokens": int, "completion_tokens": int, "malformed": bool},
+    "tool": {"id": str, "name": str, "content": str, "ok": bool, "error": (str, type(None))},
+    "note": {"role": str, "content": str},
+    "end": {"stopped": str},
+}
+
+
 def read_events(path: str | Path) -> list[dict]:
-    """The events of a trace file; InputError naming the line that does not parse."""
+    """The events of a trace file, each checked for what a resumed run reads from it; InputError naming
+    the line that does not parse or lacks a field. A last line cut short (the process was killed while
+    writing it: every line the writer finishes ends with a newline) is left out."""
     from lmforge.data.jsonl import iter_records
 
-    if not Path(path).is_file():
+    path = Path(path)
+    if not path.is_file():
         raise InputError(f"{path}: no such trace file")
-    events = []
-    for event, where in iter_records(path):
-        if not isinstance(event, dict) or "event" not in event:
+    events, cut = [], _cut_line(path)
+    for event, where in iter_records(path, stop=cut):
+        if not isinstance(event, dict) or not isinstance(event.get("event"), str):
             raise InputError(f"{where}: an event needs an 'event' field")
+        _check_event(event, where)
         events.append(event)
     if not events or events[0]["event"] != "start":
         raise InputError(f"{path}: a trace begins with a 'start' event")
     return events
+
+
+def _cut_line(path: Path) -> int | None:
+    """Where the finished lines end when the file's last line has no newline (a write cut by a kill)."""
+    data = path.read_bytes()
+    return data.rfind(b"\n") + 1 if data and not data.endswith(b"\n") else None
+
+
+def _check_event(event: dict, where: str) -> None:
+    for name, kind in FIELDS.get(event["event"], {}).items():
+        value = event.get(name)
+        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)) or \
+                (kind is int and not 0 <= value < 2**31):
+            raise InputError(f"{where}: a {event['event']!r} event needs {name!r} "
+                             f"({getattr(kind, '__name__', 'a string or null')}), not {value!r:.60}")
+    messages = event["messages"] if event["event"] == "start" else [event["reply"]] if event["event"] == "model" else []
+    for message in messages:
+        if not (isinstance(message, dict) and message.get("role") in ROLES
+                and isinstance(message.get("content"), (str, type(None)))
+                and isinstance(message.get("tool_calls", []), (list, type(None)))
+                and all(isinstance(call, dict) for call in message.get("tool_calls") or [])):
+            raise InputError(f"{where}: a message needs a 'role' ({', '.join(ROLES)}) and a 'content' (text or "
+                             "null), its tool calls a list")
+    if event["event"] == "note" and event["role"] not in ROLES:
+        raise InputError(f"{where}: a note's role is one of {', '.join(ROLES)}, not {event['role']!r:.40}")
+    replaces = event.get("replaces")
+    if event["event"] == "note" and replaces is not None and not (
+            isinstance(replaces, list) and len(replaces) == 2 and all(type(i) is int for i in replaces)):
+        raise InputError(f"{where}: 'replaces' is a pair of message indexes")
 
 
 def replay(events: list[dict]) -> tuple[list[dict], int]:

@@ -9,11 +9,11 @@ from pathlib import Path
 from lmforge.errors import InputError
 
 
-def iter_records(path: str | Path) -> Iterator[tuple[object, str]]:
-    """(record, "path:line") for each non-blank line of a JSONL file; InputError for an unreadable file,
-    invalid UTF-8 or invalid JSON, naming the line."""
+def iter_records(path: str | Path, stop: int | None = None) -> Iterator[tuple[object, str]]:
+    """(record, "path:line") for each non-blank line of a JSONL file (of its first ``stop`` bytes, when
+    given); InputError for an unreadable file, invalid UTF-8 or invalid JSON, naming the line."""
     try:
-        data = Path(path).read_bytes()
+        data = Path(path).read_bytes()[:stop]
     except OSError as err:
         raise InputError(f"{path}: cannot read: {err.strerror or err}") from err
     for number, raw in enumerate(data.splitlines(), start=1):

@@ -43,6 +43,7 @@ from lmforge.data.tasks import (
     train_eval_tasks,
 )
 from lmforge.errors import InputError
+from lmforge.files import write_text_atomic
 from lmforge.tokenizer.chat import check_messages
 
 BUILTIN_PREFERENCES = "builtin-preferences"  # the data name of :func:`builtin_preferences` on the command line
@@ -184,10 +185,8 @@ def _preferences_of(records: Iterable[tuple[str, object]], errors: ReadErrors) -
 def write_preferences(prefs: Sequence[Preference], path: str | Path) -> int:
     """Write one ``{"prompt": [messages], "chosen", "rejected", "source"}`` line per preference
     (``source`` is an extra key that :func:`read_preferences` ignores); returns the lines written."""
-    with open(path, "w", encoding="utf-8") as f:
-        for p in prefs:
-            record = {"prompt": p.prompt, "chosen": p.chosen, "rejected": p.rejected, "source": p.source}
-            f.write(json.dumps(record, ensure_ascii=False) + "\n")
+    write_text_atomic(path, "".join(json.dumps({"prompt": p.prompt, "chosen": p.chosen, "rejected": p.rejected,
+                                                "source": p.source}, ensure_ascii=False) + "\n" for p in prefs))
     return len(prefs)
 
 

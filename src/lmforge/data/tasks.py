@@ -20,6 +20,8 @@ from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
+from lmforge.files import write_text_atomic
+
 ASSISTANT_NAME = "lmforge assistant"
 
 WORDS = (
@@ -273,7 +275,5 @@ def accuracy(tasks: Sequence[Task], outputs: Sequence[str]) -> dict[str, float]:
 
 def to_jsonl(tasks: Sequence[Task], path: str | Path, system: str | None = None) -> None:
     """Write one chat record per line: ``{"messages": [...], "kind": ..., "answer": ...}``."""
-    with open(path, "w", encoding="utf-8") as f:
-        for task in tasks:
-            record = {"messages": task.messages(system), "kind": task.kind, "answer": task.answer}
-            f.write(json.dumps(record, ensure_ascii=False) + "\n")
+    write_text_atomic(path, "".join(json.dumps({"messages": task.messages(system), "kind": task.kind,
+                                                "answer": task.answer}, ensure_ascii=False) + "\n" for task in tasks))

@@ -40,7 +40,7 @@ import numpy as np
 
 from lmforge.data.jsonl import iter_records
 from lmforge.errors import InputError
-from lmforge.files import database_errors
+from lmforge.files import database_errors, write_text_atomic
 
 CRITERIA = ("accuracy", "relevance", "fluency", "transparency", "safety", "human_alignment")
 SCALE = (1, 5)  # every score is an integer in this closed range
@@ -637,10 +637,27 @@ def export_preferences(store: RatingStore, path: str | Path, majority: bool = Fa
                           "chosen_model": item.model(chosen), "rejected_model": item.model(rejected),
                           "item": item.id, "raters": sorted(r.rater for r in group),
                           "votes": {k: votes[k] for k in ("a", "b", "tie")}, "criteria": means})
-    with open(path, "w", encoding="utf-8") as out:
-        for line in lines:
-            out.write(json.dumps(line, ensure_ascii=False) + "\n")
+    write_text_atomic(path, "".join(json.dumps(line, ensure_ascii=False) + "\n" for line in lines))
     return len(lines)
+
+
+def read_prompts(path: str | Path) -> list[str]:
+    """The prompts of ``lmforge eval human-items``: a text file with one prompt per line, or JSONL with a
+    string field 'prompt' per line; InputError naming the file (and line) on a problem."""
+    from lmforge.data.jsonl import iter_records
+    from lmforge.files import read_text
+
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"prompts file not found: {path}")
+    if path.suffix != ".jsonl":
+        return [line for line in read_text(path, "prompts file").splitlines() if line.strip()]
+    prompts = []
+    for record, where in iter_records(path):
+        if not isinstance(record, dict) or not isinstance(record.get("prompt"), str):
+            raise InputError(f"{where}: each line must be a JSON object with a string 'prompt'")
+        prompts.append(record["prompt"])
+    return prompts
 
 
 def answer_items(prompts: Sequence[str], models: dict[str, object], path: str | Path,
@@ -658,13 +675,11 @@ def answer_items(prompts: Sequence[str], models: dict[str, object], path: str | 
         batch = [{"messages": [{"role": "user", "content": p}]} for p in prompts]
         replies[name] = [c.text.strip() for c in lm.generate_batch(batch, max_new_tokens=max_new_tokens,
                                                                       temperature=temperature, seed=seed)]
-    written = 0
-    with open(path, "w", encoding="utf-8") as out:
-        for index, prompt in enumerate(prompts):
-            answers = [(name, replies[name][index]) for name in models if replies[name][index]]
-            if not answers:
-                continue  # nothing to rate: every model replied with nothing
-            out.write(json.dumps({"prompt": prompt, "answers": [a for _, a in answers],
-                                  "models": [n for n, _ in answers]}, ensure_ascii=False) + "\n")
-            written += 1
-    return written
+    lines = []
+    for index, prompt in enumerate(prompts):
+        answers = [(name, replies[name][index]) for name in models if replies[name][index]]
+        if answers:  # else nothing to rate: every model replied with nothing
+            lines.append(json.dumps({"prompt": prompt, "answers": [a for _, a in answers],
+                                     "models": [n for n, _ in answers]}, ensure_ascii=False) + "\n")
+    write_text_atomic(path, "".join(lines))
+    return len(lines)

@@ -22,7 +22,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from lmforge.errors import InputError
-from lmforge.files import database_errors
+from lmforge.files import database_errors, write_text_atomic
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS scores (
@@ -177,6 +177,6 @@ def write(path: str | Path, out: str | Path) -> tuple[Path, Path]:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     md, page = out / "leaderboard.md", out / "leaderboard.html"
-    md.write_text(markdown(rows) + "\n", encoding="utf-8")
-    page.write_text(html_page(rows), encoding="utf-8")
+    write_text_atomic(md, markdown(rows) + "\n")  # each replaced whole: a crash leaves the old page or the new
+    write_text_atomic(page, html_page(rows))
     return md, page

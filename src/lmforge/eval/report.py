@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from lmforge.files import write_text_atomic
 from lmforge.runtime import describe_machine
 from lmforge.train.metrics import read_metrics
 
@@ -105,7 +106,7 @@ def write_report(run: Path, s: dict) -> Path:
     for sample in s["samples"]:
         lines += [f"**Prompt** `{sample['prompt']!r}`", "", "```", sample["prompt"] + sample["completion"], "```", ""]
     path = run / "report.md"
-    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    write_text_atomic(path, "\n".join(lines) + "\n")
     return path
 
 

@@ -38,6 +38,7 @@ from lmforge.eval import metrics as M
 from lmforge.eval.harness import EvalModel
 from lmforge.eval.perturb import PERTURBATIONS, perturb
 from lmforge.eval.task import LETTERS, Item, Task
+from lmforge.files import holds_output
 from lmforge.settings import field
 
 COT_CUE = "Let's think step by step."
@@ -493,23 +494,27 @@ def _calibration_plot(results: dict, png: Path) -> Path | None:
 
 
 def write_outputs(results: dict, out: str | Path) -> Path:
-    """results.json (without samples), samples/*.jsonl, report.md and calibration.png in ``out``."""
-    from lmforge.files import safe_file_name, write_json_atomic
+    """results.json (without samples), samples/*.jsonl, report.md and calibration.png in ``out``, a folder
+    replaced whole (:func:`lmforge.files.new_folder`): a crash leaves the last run's outputs or this one's."""
+    from lmforge.files import new_folder, safe_file_name, write_json_atomic
 
     out = Path(out)
-    (out / "samples").mkdir(parents=True, exist_ok=True)
-    for key, records in results["samples"].items():
-        with open(out / "samples" / f"{safe_file_name(key)}.jsonl", "w", encoding="utf-8") as handle:
-            for record in records:
-                handle.write(json.dumps(record, ensure_ascii=False) + "\n")
-    write_json_atomic(out / "results.json", {k: v for k, v in results.items() if k != "samples"})
-    report = report_markdown(results)
-    if _calibration_plot(results, out / "calibration.png"):
-        report += "\n![reliability diagram](calibration.png)\n"
-    (out / "report.md").write_text(report, encoding="utf-8")
+    with new_folder(out, "the evaluation's outputs (the previous ones, if any, are kept)",
+                    marker="results.json") as tmp:
+        (tmp / "samples").mkdir()
+        for key, records in results["samples"].items():
+            with open(tmp / "samples" / f"{safe_file_name(key)}.jsonl", "w", encoding="utf-8") as handle:
+                for record in records:
+                    handle.write(json.dumps(record, ensure_ascii=False) + "\n")
+        write_json_atomic(tmp / "results.json", {k: v for k, v in results.items() if k != "samples"})
+        report = report_markdown(results)
+        if _calibration_plot(results, tmp / "calibration.png"):
+            report += "\n![reliability diagram](calibration.png)\n"
+        (tmp / "report.md").write_text(report, encoding="utf-8")
     return out / "results.json"
 
 
+@holds_output("config.out")
 def run_eval(config: EvalConfig, model_path: str | None = None, progress: bool = True,
              name: str | None = None, speculative: dict | None = None) -> dict:
     """`lmforge eval`: load the model (or reach the server), evaluate, write the outputs and the leaderboard

@@ -8,6 +8,7 @@ repetition penalty -> temperature -> top-k -> top-p -> draw.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -34,6 +35,17 @@ class SamplingConfig:
     length_penalty: float = field(1.0, "beam search ranks by sum of log-probs / length**length_penalty")
 
     def __post_init__(self) -> None:
+        for name in ("max_new_tokens", "top_k", "num_beams", "seed"):  # values from files and requests
+            value = getattr(self, name)
+            if not (value is None and name == "seed") and (type(value) is not int or not -2**63 <= value < 2**63):
+                raise ValueError(f"{name} must be a whole number, got {value!r:.60}")
+        for name in ("temperature", "top_p", "repetition_penalty", "presence_penalty", "frequency_penalty",
+                     "length_penalty"):
+            value = getattr(self, name)
+            if type(value) not in (int, float) or not math.isfinite(value):
+                raise ValueError(f"{name} must be a finite number, got {value!r:.60}")
+        if self.seed is not None and self.seed < 0:
+            raise ValueError(f"seed must be >= 0, got {self.seed}")
         if self.max_new_tokens < 0:
             raise ValueError(f"max_new_tokens must be >= 0 (0 only scores the prompt), got {self.max_new_tokens}")
         if self.temperature < 0:
@@ -49,9 +61,10 @@ class SamplingConfig:
                 raise ValueError(f"{name} must be in [-2, 2], got {getattr(self, name)}")
         if isinstance(self.stop, str):
             raise ValueError(f"stop must be a list of strings, got the string {self.stop!r}; write [{self.stop!r}]")
-        if any(not isinstance(s, str) or not s for s in self.stop):
+        if not isinstance(self.stop, (list, tuple)) or any(not isinstance(s, str) or not s for s in self.stop):
             raise ValueError(f"stop must hold non-empty strings, got {self.stop!r}")
-        if any(not isinstance(t, int) or t < 0 for t in self.stop_token_ids):
+        if not isinstance(self.stop_token_ids, (list, tuple)) or any(
+                type(t) is not int or not 0 <= t < 2**31 for t in self.stop_token_ids):
             raise ValueError(f"stop_token_ids must hold token ids (ints >= 0), got {self.stop_token_ids!r}")
         if self.num_beams < 1:
             raise ValueError(f"num_beams must be at least 1, got {self.num_beams}")

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from lmforge.checkpoint import TOKENIZER, load_tokenizer, read_checkpoint, write_checkpoint
 from lmforge.errors import InputError
+from lmforge.files import holds_output
 from lmforge.interop.gguf import save_gguf
 from lmforge.interop.hf import is_hf_dir, save_hf
 from lmforge.interop.packaged import resolve_model
@@ -18,6 +19,7 @@ from lmforge.quant.integer import dequantized_state, read_spec
 FORMATS = ("hf", "gguf")
 
 
+@holds_output("out")
 def import_model(source: str | Path, out: str | Path) -> Path:
     """A Hugging Face model directory, a GGUF file or a packaged model's name -> an lmforge
     checkpoint (config, weights, tokenizer with its chat template)."""
@@ -29,6 +31,7 @@ def import_model(source: str | Path, out: str | Path) -> Path:
     return write_checkpoint(out, config, state, _tokenizer_or_none(path))
 
 
+@holds_output("out")
 def export_checkpoint(checkpoint: str | Path, out: str | Path, format: str = "hf", gguf_type: str = "f16") -> Path:
     """An lmforge checkpoint (or any model lmforge reads) -> ``format``.
 

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from lmforge.errors import InputError
+from lmforge.files import new_file
 from lmforge.model import ModelConfig
 from lmforge.tokenizer.bytelevel import SPLIT_PATTERN
 
@@ -254,9 +255,15 @@ def save_gguf(path: str | Path, config: ModelConfig, state: dict[str, torch.Tens
         raise InputError(f"GGUF type {out_type!r}; choose one of {', '.join(GGUF_OUT_TYPES)}")
     if config.bias or config.qkv_bias or config.rope_scaling:
         raise InputError("GGUF export covers plain Llama layouts: no biases, no RoPE scaling")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    writer = gguf.GGUFWriter(str(path), "llama")
+    with new_file(path, "the GGUF file (the previous one, if any, is kept)") as temporary:
+        _write_gguf(gguf.GGUFWriter(str(temporary), "llama"), config, state, tokenizer, out_type, name)
+    return Path(path)
+
+
+def _write_gguf(writer, config: ModelConfig, state: dict[str, torch.Tensor], tokenizer, out_type: str,
+                name: str) -> None:
+    import gguf
+
     writer.add_name(name)
     writer.add_context_length(config.max_seq_len)
     writer.add_embedding_length(config.dim)
@@ -282,7 +289,6 @@ def save_gguf(path: str | Path, config: ModelConfig, state: dict[str, torch.Tens
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
-    return path
 
 
 def _gguf_tensors(config: ModelConfig, state: dict[str, torch.Tensor]):

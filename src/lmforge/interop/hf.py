@@ -229,9 +229,11 @@ def hf_config_for(config: ModelConfig, model_type: str | None = None) -> dict:
 
 def save_hf(out: str | Path, config: ModelConfig, state: Mapping[str, torch.Tensor], tokenizer=None,
             model_type: str | None = None) -> Path:
-    """Write a HF model directory from lmforge-named weights: config.json, model.safetensors, tokenizer files."""
+    """Write a HF model directory from lmforge-named weights: config.json, model.safetensors, tokenizer files;
+    the folder is replaced whole (:func:`lmforge.files.new_folder`): a crash leaves the old one or the new one."""
+    from lmforge.files import new_folder
+
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     hf = hf_config_for(config, model_type)
     if hf["model_type"] == "gpt2":
         tensors = lmforge_to_gpt2(state, config)
@@ -247,11 +249,12 @@ def save_hf(out: str | Path, config: ModelConfig, state: Mapping[str, torch.Tens
         for key in ("bos_id", "eos_id", "pad_id"):
             if getattr(tokenizer, key, None) is not None:
                 hf[key.replace("_id", "_token_id")] = getattr(tokenizer, key)
-    (out / "config.json").write_text(json.dumps(hf, indent=2) + "\n", encoding="utf-8")
-    save_file({k: v.contiguous() for k, v in tensors.items()}, out / "model.safetensors", metadata={"format": "pt"})
-    if tokenizer is not None:
-        save_tokenizer_hf(tokenizer, out)
-        _save_generation_config(tokenizer, out)
+    with new_folder(out, "the model (the previous one, if any, is kept)", marker="config.json") as tmp:
+        (tmp / "config.json").write_text(json.dumps(hf, indent=2) + "\n", encoding="utf-8")
+        save_file({k: v.contiguous() for k, v in tensors.items()}, tmp / "model.safetensors", metadata={"format": "pt"})
+        if tokenizer is not None:
+            save_tokenizer_hf(tokenizer, tmp)
+            _save_generation_config(tokenizer, tmp)
     return out
 
 

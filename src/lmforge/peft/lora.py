@@ -239,10 +239,12 @@ def _t5_targets(config) -> dict[str, str]:
 
 def save_adapter(model: nn.Module, out: str | Path, base_model: str = "") -> Path:
     """Write the adapters in PEFT's layout: ``adapter_config.json`` and ``adapter_model.safetensors``; a reward
-    model's (``head="score"``) as a sequence-classification adapter that carries its score head."""
+    model's (``head="score"``) as a sequence-classification adapter that carries its score head. The folder
+    is replaced whole (:func:`lmforge.files.new_folder`)."""
+    from lmforge.files import new_folder
+
     config: LoraConfig = model.lora_config
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     tensors = {}
     for name, layer in lora_layers(model).items():
         key = "base_model.model." + _peft_module_name(name, model.config)
@@ -256,7 +258,6 @@ def save_adapter(model: nn.Module, out: str | Path, base_model: str = "") -> Pat
         targets = sorted(theirs for theirs, name in _t5_targets(model.config).items() if name in ours)
     if reward_model:  # the score head is new and trained in full: PEFT keeps it as a module to save
         tensors["base_model.model.score.weight"] = model.score.weight.detach().contiguous()
-    save_file(tensors, out / ADAPTER_WEIGHTS, metadata={"format": "pt"})
     task = "SEQ_CLS" if reward_model else "SEQ_2_SEQ_LM" if seq2seq else "CAUSAL_LM"
     peft_config = {"peft_type": "LORA", "task_type": task, "r": config.rank,
                    "lora_alpha": config.alpha, "lora_dropout": config.dropout,
@@ -264,7 +265,9 @@ def save_adapter(model: nn.Module, out: str | Path, base_model: str = "") -> Pat
                    "base_model_name_or_path": base_model, "inference_mode": True,
                    "modules_to_save": ["score"] if reward_model else None, "use_rslora": False, "use_dora": False,
                    "init_lora_weights": True}
-    (out / ADAPTER_CONFIG).write_text(json.dumps(peft_config, indent=2) + "\n", encoding="utf-8")
+    with new_folder(out, "the adapter (the previous one, if any, is kept)", marker=ADAPTER_CONFIG) as tmp:
+        save_file(tensors, tmp / ADAPTER_WEIGHTS, metadata={"format": "pt"})
+        (tmp / ADAPTER_CONFIG).write_text(json.dumps(peft_config, indent=2) + "\n", encoding="utf-8")
     return out
 
 

@@ -29,9 +29,12 @@ The op is ``torch.ops.lmforge.int_linear``, with a fake implementation so that
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import os
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -67,22 +70,45 @@ def _load():
             os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
         except ImportError:
             pass
-        # The name carries a digest of the sources (the body is an included file, which the
-        # extension builder does not hash): an edited kernel builds anew, never a stale one.
-        digest = hashlib.sha256(b"".join(path.read_bytes() for path in sorted(_SOURCE.parent.iterdir())))
-        name = f"lmforge_int_linear_{digest.hexdigest()[:12]}"
-        if not any(Path(cpp_extension._get_build_directory(name, verbose=False)).glob("*.so")):
+        name = extension_name()
+        build = Path(cpp_extension._get_build_directory(name, verbose=False))
+        if not any(build.glob("*.so")):
             print("[lmforge] building the integer-weight CPU kernels (once; about a minute)", file=sys.stderr)
-        _module = cpp_extension.load(name=name, sources=[str(_SOURCE)],
-                                     extra_include_paths=[str(_SOURCE.parent)], extra_cflags=["-O3", "-fopenmp"],
-                                     extra_ldflags=["-fopenmp"],
-                                     verbose=False)
+        with _building(build):
+            _module = cpp_extension.load(name=name, sources=[str(_SOURCE)],
+                                         extra_include_paths=[str(_SOURCE.parent)], extra_cflags=["-O3", "-fopenmp"],
+                                         extra_ldflags=["-fopenmp"],
+                                         verbose=False)
         _register_fake()
     except Exception as error:  # no compiler, no ninja, a failed build: the reference still works
         print(f"[lmforge] integer kernels unavailable ({type(error).__name__}: {str(error).splitlines()[0]}); "
               "integer layers dequantize then multiply", file=sys.stderr)
         _module = False
     return _module
+
+
+def extension_name() -> str:
+    """The extension's name: it carries a digest of the sources (the body is an included file, which the
+    extension builder does not hash), so an edited kernel builds anew, never a stale one."""
+    digest = hashlib.sha256(b"".join(path.read_bytes() for path in sorted(_SOURCE.parent.iterdir())))
+    return f"lmforge_int_linear_{digest.hexdigest()[:12]}"
+
+
+@contextlib.contextmanager
+def _building(build: Path) -> Iterator[None]:
+    """Hold the build folder while the extension builds or loads. torch's own guard is a plain file
+    (``lock``) made at the start and deleted at the end: a process killed in between (SIGKILL runs no
+    clean-up; a kill test found it) leaves it, and every later load waits for it forever. This guard is
+    the kernel's (``flock``), released however its process ends; whoever holds it knows that no other
+    lmforge process is inside the build, so a ``lock`` file it finds is a dead one's, and removes it."""
+    build.mkdir(parents=True, exist_ok=True)
+    descriptor = os.open(build / "lmforge.flock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_EX)
+        (build / "lock").unlink(missing_ok=True)
+        yield
+    finally:
+        os.close(descriptor)
 
 
 def _register_fake() -> None:

@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from lmforge.errors import InputError
-from lmforge.files import holds_output
+from lmforge.files import holds_output, write_json_atomic, write_text_atomic
 from lmforge.quant.integer import QUANT_FILE, QuantSpec, check_group_size, quantizable_layers, quantize_model
 from lmforge.quant.integer import calibrate as calibrate_layers
 
@@ -185,8 +185,8 @@ def quantize_checkpoint(source: str | Path, out: str | Path, spec: QuantSpec, de
                      files={QUANT_FILE: spec_json(spec, layers)})
     report.disk_after = (out / "model.safetensors").stat().st_size
     report.seconds = time.perf_counter() - start
-    (out / REPORT).write_text(report.table() + f"\n\n![weight error by layer]({PLOT})\n", encoding="utf-8")
-    (out / "report.json").write_text(json.dumps(asdict(report), indent=2) + "\n", encoding="utf-8")
+    write_text_atomic(out / REPORT, report.table() + f"\n\n![weight error by layer]({PLOT})\n")
+    write_json_atomic(out / "report.json", asdict(report))
     plot_errors(report, out / PLOT)
     return report
 

@@ -124,15 +124,16 @@ def _read_jsonl(path: Path) -> list[SourceDocument]:
 
 def _read_pdf(path: Path) -> str:
     from pypdf import PdfReader
-    from pypdf.errors import PdfReadError
 
     try:
         reader = PdfReader(path)
         if reader.is_encrypted:
             raise InputError(f"{path}: the PDF is encrypted; decrypt it first (lmforge does not guess passwords)")
         return "\n\n".join((page.extract_text() or "").strip() for page in reader.pages)
-    except (PdfReadError, OSError, ValueError) as err:
-        raise InputError(f"{path}: cannot read the PDF: {err}") from err
+    except (InputError, MemoryError):
+        raise
+    except Exception as err:  # pypdf meets damage as its own errors and as Python's (TypeError, KeyError, ...)
+        raise InputError(f"{path}: cannot read the PDF: {type(err).__name__}: {err}") from err
 
 
 class _HTMLText(HTMLParser):

@@ -28,6 +28,7 @@ from tqdm import tqdm
 from lmforge.embed import Embedder
 from lmforge.embed import load as load_embedder
 from lmforge.errors import InputError
+from lmforge.files import holds_output
 from lmforge.rag.chunk import chunk_document
 from lmforge.rag.documents import file_hash, files_under, read_documents
 from lmforge.rag.store import KnowledgeBase, is_knowledge_base, write_knowledge_base
@@ -56,6 +57,7 @@ def encoder_fingerprint(embedder: Embedder) -> str:
     return hashlib.sha256(config.encode() + weights + settings.encode()).hexdigest()[:16]
 
 
+@holds_output("out")
 def index_paths(paths: list[str | Path], out: str | Path, encoder: str | Embedder = DEFAULT_ENCODER,
                 max_tokens: int = 256, overlap: int = 32, batch_size: int = 32, ann: str = "auto",
                 progress: bool = True) -> IndexReport:

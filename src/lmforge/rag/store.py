@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import shutil
 import sqlite3
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -27,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from lmforge.errors import InputError
-from lmforge.files import database_errors, parse_json, replace_folder, writing
+from lmforge.files import database_errors, new_folder, parse_json
 from lmforge.rag.chunk import Chunk
 
 DATABASE, VECTORS, BM25_FOLDER = "kb.sqlite", "vectors.npy", "bm25"
@@ -133,33 +132,26 @@ def write_knowledge_base(path: str | Path, meta: dict, files: dict[str, str], ch
     chunks = list(chunks)
     if len(chunks) != len(vectors):
         raise ValueError(f"{len(chunks)} chunks but {len(vectors)} vectors")
-    tmp = path.with_name(path.name + ".tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    try:
-        with writing(path, "the knowledge base (the previous one, if any, is kept)"):
-            tmp.mkdir(parents=True)
-            with sqlite3.connect(tmp / DATABASE) as db:
-                db.executescript("""
-                    CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
-                    CREATE TABLE files (path TEXT PRIMARY KEY, hash TEXT NOT NULL);
-                    CREATE TABLE chunks (row INTEGER PRIMARY KEY, id TEXT UNIQUE NOT NULL, file TEXT NOT NULL,
-                                         source TEXT NOT NULL, title TEXT NOT NULL, start INTEGER NOT NULL,
-                                         end_ INTEGER NOT NULL, text TEXT NOT NULL, tokens INTEGER NOT NULL);
-                    CREATE INDEX chunks_file ON chunks (file);
-                """)
-                db.executemany("INSERT INTO meta VALUES (?, ?)", [(k, json.dumps(v)) for k, v in {**meta, "format": FORMAT}.items()])
-                db.executemany("INSERT INTO files VALUES (?, ?)", sorted(files.items()))
-                db.executemany("INSERT INTO chunks VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                               [(row, c.id, file, c.source, c.title, c.start, c.end, c.text, c.tokens)
-                                for row, (file, c) in enumerate(chunks)])
-            db.close()
-            np.save(tmp / VECTORS, np.ascontiguousarray(vectors, dtype=np.float32))
-            build_bm25([c.text for _, c in chunks]).save(str(tmp / BM25_FOLDER))
-            if ann:
-                from lmforge.rag.ann import ANN_FILE, HNSWIndex
+    with new_folder(path, "the knowledge base (the previous one, if any, is kept)") as tmp:
+        with sqlite3.connect(tmp / DATABASE) as db:
+            db.executescript("""
+                CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+                CREATE TABLE files (path TEXT PRIMARY KEY, hash TEXT NOT NULL);
+                CREATE TABLE chunks (row INTEGER PRIMARY KEY, id TEXT UNIQUE NOT NULL, file TEXT NOT NULL,
+                                     source TEXT NOT NULL, title TEXT NOT NULL, start INTEGER NOT NULL,
+                                     end_ INTEGER NOT NULL, text TEXT NOT NULL, tokens INTEGER NOT NULL);
+                CREATE INDEX chunks_file ON chunks (file);
+            """)
+            db.executemany("INSERT INTO meta VALUES (?, ?)", [(k, json.dumps(v)) for k, v in {**meta, "format": FORMAT}.items()])
+            db.executemany("INSERT INTO files VALUES (?, ?)", sorted(files.items()))
+            db.executemany("INSERT INTO chunks VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                           [(row, c.id, file, c.source, c.title, c.start, c.end, c.text, c.tokens)
+                            for row, (file, c) in enumerate(chunks)])
+        db.close()
+        np.save(tmp / VECTORS, np.ascontiguousarray(vectors, dtype=np.float32))
+        build_bm25([c.text for _, c in chunks]).save(str(tmp / BM25_FOLDER))
+        if ann:
+            from lmforge.rag.ann import ANN_FILE, HNSWIndex
 
-                HNSWIndex.build(vectors).save(tmp / ANN_FILE)
-            replace_folder(tmp, path)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+            HNSWIndex.build(vectors).save(tmp / ANN_FILE)
+

@@ -16,7 +16,6 @@ embed``); index again with it, since its vectors differ from the old encoder's.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +23,7 @@ import numpy as np
 from lmforge.embed import EMBEDDER_SETTINGS, Embedder
 from lmforge.embed import load as load_embedder
 from lmforge.errors import InputError
+from lmforge.files import write_json_atomic
 from lmforge.rag.evaluate import draw_questions, evaluate_retrieval
 from lmforge.rag.retrieve import Retriever
 from lmforge.rag.store import KnowledgeBase
@@ -62,10 +62,10 @@ def train_retriever(kb_path: str | Path, out: str | Path, encoder: str = "all-mi
                          log_every=max(1, steps // 20), dtype="fp32", progress=progress, seed=seed)
     result = fit(embedder.model, ContrastiveStage(pairs, seed, temperature, settings["pooling"]), config,
                  tokenizer=embedder.tokenizer)
-    (result.checkpoint / EMBEDDER_SETTINGS).write_text(json.dumps(settings, indent=2) + "\n", encoding="utf-8")
+    write_json_atomic(result.checkpoint / EMBEDDER_SETTINGS, settings)
 
     after = dense_figures(kb, load_embedder(result.checkpoint), test)  # the checkpoint as --encoder would load it
     report = {"encoder": encoder, "checkpoint": str(result.checkpoint), "train_pairs": len(pairs),
               "test_questions": len(test), "steps": result.steps, "before": before, "after": after}
-    (Path(out) / "retriever_report.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    write_json_atomic(Path(out) / "retriever_report.json", report)
     return report

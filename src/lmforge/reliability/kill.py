@@ -28,6 +28,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
+import torch
+
 RUNNER = "import sys\nfrom lmforge.cli import main\nsys.exit(main(sys.argv[1:]))\n"
 
 
@@ -39,6 +42,12 @@ class Writer:
     fingerprint: Callable[[Path], str]  # the output read back; raises when it is broken
     output: str = "out"  # the output's name under the folder (OUT in the arguments)
     resume: tuple[str, ...] = ()  # arguments added to a rerun after a kill
+    fresh: bool = False  # killed while writing a new output (the earlier one removed first), not replacing it:
+    # for writers that skip work when the output is current (a knowledge base is updated, not rebuilt)
+
+    @property
+    def starts_afresh(self) -> bool:
+        return bool(self.resume) or self.fresh
 
 
 @dataclass
@@ -73,6 +82,13 @@ def _run(args: list[str], timeout: float = 600) -> subprocess.CompletedProcess:
                           env=_environment())
 
 
+def _remove(out: Path) -> None:
+    if out.is_dir():
+        shutil.rmtree(out)
+    else:
+        out.unlink(missing_ok=True)
+
+
 def _leftovers(out: Path) -> list[str]:
     """Temporary files and folders under or beside ``out``: what a finished run must not leave."""
     places = list(out.parent.glob(f"{out.name}.*")) + list(out.parent.glob(f".{out.name}.*")) + \
@@ -100,16 +116,16 @@ def kill_writer(writer: Writer, folder: Path, kills: int, seed: int = 0,
     if first.returncode != 0:
         raise RuntimeError(f"{writer.name}: the uninterrupted run failed: {first.stderr[-1500:]}")
     reference = writer.fingerprint(out)
-    if writer.resume:
-        shutil.rmtree(out)
+    if writer.starts_afresh:
+        _remove(out)
     start = time.perf_counter()  # timed again, warm (the first run also filled the page cache)
     if _run(command).returncode != 0 or writer.fingerprint(out) != reference:
         raise RuntimeError(f"{writer.name}: two uninterrupted runs do not give the same output")
     report.reference_seconds = time.perf_counter() - start
     rng = random.Random(f"{writer.name}/{seed}")
     for number in range(kills):
-        if writer.resume:  # a training run: killed from the start, then resumed
-            shutil.rmtree(out, ignore_errors=True)
+        if writer.starts_afresh:  # a training run (killed from the start, then resumed) or a new output
+            _remove(out)
         before = _stamp(out)
         delay = rng.uniform(0.0, report.reference_seconds)
         process = subprocess.Popen([sys.executable, "-c", RUNNER, *command], stdout=subprocess.DEVNULL,
@@ -125,7 +141,7 @@ def kill_writer(writer: Writer, folder: Path, kills: int, seed: int = 0,
             state = writer.fingerprint(out)
         except Exception as err:  # noqa: BLE001 (what the kill left is what is being tested)
             state = None
-            if not writer.resume or (out / "checkpoint").exists():
+            if not writer.starts_afresh or (out / "checkpoint").exists() or (writer.fresh and out.exists()):
                 report.problems.append(f"{where}: the output does not read: {type(err).__name__}: {err}")
         if state is not None and state == reference:
             if _stamp(out) == before:
@@ -134,11 +150,15 @@ def kill_writer(writer: Writer, folder: Path, kills: int, seed: int = 0,
                 report.new_done += 1
         elif state is not None and writer.resume:
             report.intermediate += 1  # a checkpoint from before the kill: --resume goes on from it
-        elif writer.resume:
-            report.nothing_yet += 1  # killed before its first checkpoint: nothing to resume, a fresh run
+        elif writer.starts_afresh:
+            report.nothing_yet += 1  # killed before its first checkpoint, or before the new output landed
         elif state is not None:
             report.problems.append(f"{where}: the output reads as neither the old nor the new one")
-        rerun = _run(command + list(writer.resume) if state is not None else command)
+        try:
+            rerun = _run(command + list(writer.resume) if state is not None else command)
+        except subprocess.TimeoutExpired:
+            report.problems.append(f"{where}: the rerun did not finish in 600 s (a hang)")
+            continue
         if rerun.returncode != 0:
             report.problems.append(f"{where}: the rerun failed: {rerun.stderr[-600:]}")
         elif writer.fingerprint(out) != reference:
@@ -245,15 +265,168 @@ def _pretrain_setup(folder: Path) -> list:
 
 
 def _pretrain_fingerprint(out: Path) -> str:
-    """The last checkpoint loads; its step and the losses logged up to it."""
-    from lmforge.checkpoint import load_model, read_trainer_state
+    """The last checkpoint reads; its step and the losses logged up to it; and the finished outputs a
+    fine-tuning or alignment run writes after its loop (``model/``, ``adapter/``: their bytes; the summary
+    must read), where they are."""
+    from lmforge.checkpoint import load_model, read_checkpoint, read_trainer_state
+    from lmforge.files import read_json
+    from lmforge.peft.lora import read_adapter
     from lmforge.train.metrics import read_metrics
 
-    load_model(out / "checkpoint")
+    _, weights = read_checkpoint(out / "checkpoint")  # a LoRA run's holds the adapters beside the base weights
+    for tensor in weights.values():
+        tensor.sum()  # every byte read
     state, _ = read_trainer_state(out / "checkpoint")
     losses = [round(r["loss"], 5) for r in read_metrics(out / "metrics.jsonl") if r.get("kind") == "train"
               and r["step"] <= state["step"]]
-    return json.dumps({"step": state["step"], "losses": losses})
+    finished = {}
+    if (out / "model").exists():
+        load_model(out / "model")
+        finished["model"] = _hash_files(out / "model", ["model.safetensors", "config.json"])
+    if (out / "adapter").exists():
+        read_adapter(out / "adapter")
+        finished["adapter"] = _hash_files(out / "adapter", ["adapter_model.safetensors"])
+    for name in ("summary.json", "sft_summary.json"):
+        if (out / name).exists():
+            read_json(out / name)
+    return json.dumps({"step": state["step"], "losses": losses, **finished})
+
+
+def _chat_base(folder: Path) -> Path:
+    """A tiny random chat model (lmforge's tokenizer, its chat template) to fine-tune and align."""
+    from lmforge.checkpoint import save_checkpoint
+    from lmforge.model import DecoderLM, preset
+    from lmforge.reliability.targets import tokenizer
+
+    torch.manual_seed(0)
+    save_checkpoint(folder / "base", DecoderLM(preset("tiny", vocab_size=tokenizer().vocab_size, max_seq_len=128)),
+                    tokenizer())
+    return folder / "base"
+
+
+TUNING = ["--batch-size", 4, "--seq-len", 64, "--eval-every", 0, "--save-every", 5, "--progress", "false",
+          "--device", "cpu", "--dtype", "fp32"]
+
+
+def _sft_setup(folder: Path) -> list:
+    questions = [(f"What is {a} plus {b}?", str(a + b)) for a in range(12) for b in range(5)]
+    (folder / "data.jsonl").write_text("".join(json.dumps({"prompt": q, "completion": c}) + "\n"
+                                               for q, c in questions), encoding="utf-8")
+    return ["sft", "--model", _chat_base(folder), "--data", folder / "data.jsonl", "--method", "lora",
+            "--val-fraction", 0, "--out-dir", "OUT", "--max-steps", 60, *TUNING]
+
+
+def _dpo_setup(folder: Path) -> list:
+    from lmforge.data.preferences import builtin_preferences, write_preferences
+
+    write_preferences(builtin_preferences(60, seed=1), folder / "pairs.jsonl")
+    return ["dpo", "--model", _chat_base(folder), "--data", folder / "pairs.jsonl", "--eval-tasks", 0,
+            "--val-fraction", 0, "--out-dir", "OUT", "--max-steps", 40, *TUNING]
+
+
+def _rm_setup(folder: Path) -> list:
+    from lmforge.data.preferences import builtin_preferences, write_preferences
+
+    write_preferences(builtin_preferences(60, seed=2), folder / "pairs.jsonl")
+    return ["rm", "--model", _chat_base(folder), "--data", folder / "pairs.jsonl", "--method", "full",
+            "--val-fraction", 0.2, "--out-dir", "OUT", "--max-steps", 40, *TUNING]
+
+
+def _small_model(folder: Path) -> Path:
+    from lmforge.checkpoint import save_checkpoint
+    from lmforge.model import DecoderLM, preset
+    from lmforge.reliability.targets import tokenizer
+
+    torch.manual_seed(0)
+    save_checkpoint(folder / "model", DecoderLM(preset("cpu-small", vocab_size=tokenizer().vocab_size)), tokenizer())
+    return folder / "model"
+
+
+def _export_hf_setup(folder: Path) -> list:
+    return ["export", _small_model(folder), "OUT", "--format", "hf"]
+
+
+def _export_hf_fingerprint(out: Path) -> str:
+    from lmforge.checkpoint import load_model
+
+    load_model(out)
+    return _hash_files(out, sorted(p.name for p in out.iterdir()))
+
+
+def _export_gguf_setup(folder: Path) -> list:
+    return ["export", _small_model(folder), "OUT", "--format", "gguf", "--gguf-type", "q8_0"]
+
+
+def _export_gguf_fingerprint(out: Path) -> str:
+    from lmforge.checkpoint import load_model
+
+    load_model(out)
+    return hashlib.sha256(out.read_bytes()).hexdigest()
+
+
+def _encoder(folder: Path) -> Path:
+    from lmforge.checkpoint import save_checkpoint
+    from lmforge.model import DecoderLM, preset
+    from lmforge.reliability.targets import tokenizer
+
+    torch.manual_seed(0)
+    save_checkpoint(folder / "encoder", DecoderLM(preset("bert-tiny", vocab_size=tokenizer().vocab_size,
+                                                         head="hidden")), tokenizer())
+    return folder / "encoder"
+
+
+def _rag_setup(folder: Path) -> list:
+    from lmforge.reliability.targets import TEXT
+
+    (folder / "docs").mkdir()
+    for i in range(150):
+        (folder / "docs" / f"note{i:03d}.md").write_text(f"# Note {i}\n\n{TEXT[i % 89:]}\n\n{TEXT[: i % 61]} {i * 7919}\n",
+                                                          encoding="utf-8")
+    return ["rag", "index", folder / "docs", "--out", "OUT", "--encoder", _encoder(folder), "--max-tokens", 48,
+            "--overlap", 8, "--quiet"]
+
+
+def _rag_fingerprint(out: Path) -> str:
+    from lmforge.rag import KnowledgeBase
+
+    kb = KnowledgeBase(out)
+    rows = [(c.id, c.source, c.start, c.end, c.text) for c in kb.chunks]
+    return hashlib.sha256(json.dumps(rows).encode() + np.asarray(kb.vectors, dtype=np.float32).tobytes()).hexdigest()
+
+
+def _eval_setup(folder: Path) -> list:
+    return ["eval", _chat_base(folder), "--tasks", "pyref_mc,verifiable", "--limit", 12, "--out", "OUT",
+            "--leaderboard", folder / "leaderboard.sqlite", "--device", "cpu", "--dtype", "fp32", "--bootstrap", 100]
+
+
+def _eval_fingerprint(out: Path) -> str:
+    """results.json's scores (not its timings), every per-sample log; report.md and the leaderboard database
+    read, and the database holds the run's tasks."""
+    from lmforge.eval import leaderboard
+    from lmforge.files import read_json
+
+    results = read_json(out / "results.json")
+    scores = {task: {how: entry["metrics"] for how, entry in strategies.items()}
+              for task, strategies in results["tasks"].items()}
+    rows = leaderboard.latest(out.parent / "leaderboard.sqlite")
+    if not {task for task in scores} <= {row["task"] for row in rows}:
+        raise RuntimeError("the leaderboard lacks a task of the finished run")
+    samples = sorted(p.name for p in (out / "samples").iterdir())
+    (out / "report.md").read_text(encoding="utf-8")  # read, not compared: it states the speed of the run
+    return json.dumps(scores, sort_keys=True) + _hash_files(out / "samples", samples)
+
+
+def _embed_setup(folder: Path) -> list:
+    from lmforge.reliability.targets import TEXT
+
+    lines = [TEXT[i % 89: i % 89 + 200].replace("\n", " ") for i in range(1500)]
+    (folder / "texts.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return ["embed", _encoder(folder), "--input", folder / "texts.txt", "--out", "OUT", "--batch-size", 64]
+
+
+def _embed_fingerprint(out: Path) -> str:
+    np.load(out, allow_pickle=False)
+    return hashlib.sha256(out.read_bytes()).hexdigest()
 
 
 WRITERS = [
@@ -266,6 +439,21 @@ WRITERS = [
            _checkpoint_fingerprint),
     Writer("pretrain", "lmforge pretrain: 150 steps, a checkpoint every 5, metrics.jsonl; --resume after each kill",
            _pretrain_setup, _pretrain_fingerprint, resume=("--resume",)),
+    Writer("sft", "lmforge sft --method lora: 60 steps, then adapter/, model/ (merged), sft_summary.json; --resume",
+           _sft_setup, _pretrain_fingerprint, resume=("--resume",)),
+    Writer("dpo", "lmforge dpo (LoRA): 40 steps, then adapter/, model/, summary.json; --resume", _dpo_setup,
+           _pretrain_fingerprint, resume=("--resume",)),
+    Writer("rm", "lmforge rm (full): 40 steps, then model/ (a reward model), summary.json; --resume", _rm_setup,
+           _pretrain_fingerprint, resume=("--resume",)),
+    Writer("export-hf", "lmforge export --format hf: config.json, model.safetensors, tokenizer files",
+           _export_hf_setup, _export_hf_fingerprint),
+    Writer("export-gguf", "lmforge export --format gguf --gguf-type q8_0: one GGUF file", _export_gguf_setup,
+           _export_gguf_fingerprint, output="out.gguf"),
+    Writer("rag-index", "lmforge rag index: a new knowledge base (SQLite rows, vectors, BM25 index)", _rag_setup,
+           _rag_fingerprint, fresh=True),
+    Writer("eval", "lmforge eval: results.json, samples/, report.md, and a run added to the leaderboard database",
+           _eval_setup, _eval_fingerprint),
+    Writer("embed", "lmforge embed --out: 1,500 vectors (.npy)", _embed_setup, _embed_fingerprint, output="out.npy"),
 ]
 
 

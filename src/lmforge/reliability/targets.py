@@ -492,6 +492,123 @@ def _records(name: str, records: list):
     return _file(name, lambda path: _write_jsonl(path, records))
 
 
+@functools.cache
+def _loaded(checkpoint: str):
+    from lmforge.api import load
+
+    return load(checkpoint, device="cpu")
+
+
+def _prompts_seed(folder: Path) -> Path:
+    _checkpoint(folder)
+    return _write_jsonl(folder / "prompts.jsonl", [{"prompt": "The quick brown"},
+                                                   {"messages": MESSAGES[:2], "temperature": 0.7, "seed": 3}])
+
+
+def _generate_read(path: Path) -> None:
+    """``lmforge generate CKPT --input PROMPTS --output OUT``: every line checked, then generated."""
+    from lmforge.cli import _generate_jsonl, make_parser
+
+    args = make_parser().parse_args(["generate", str(path.parent / "ckpt"), "--input", str(path), "--output",
+                                     str(path.parent / "out.jsonl"), "--max-new-tokens", "4"])
+    _generate_jsonl(_loaded(str(path.parent / "ckpt")), args)
+
+
+def _calibration_read(path: Path) -> None:
+    from lmforge.quant.ptq import calibration_batches
+
+    for batch in calibration_batches(tokenizer(), path, tokens=256, window=64):
+        assert batch.dim() == 2 and int(batch.max()) < tokenizer().vocab_size
+
+
+def _metrics_read(path: Path) -> None:
+    """What ``--resume`` does with metrics.jsonl: read it, keep the lines up to the checkpoint's step."""
+    from lmforge.train.metrics import MetricsLog, read_metrics
+
+    read_metrics(path)
+    MetricsLog(path, keep_until_step=3)
+
+
+def _trace_seed(folder: Path) -> Path:
+    from lmforge.agent.loop import AgentConfig
+
+    _checkpoint(folder)
+    config = json.loads(json.dumps(__import__("dataclasses").asdict(AgentConfig(max_steps=4))))
+    call = {"id": "call_0", "type": "function", "function": {"name": "calculator", "arguments": '{"expression": "2+3"}'}}
+    return _write_jsonl(folder / "trace.jsonl", [
+        {"event": "start", "question": "What is 2 + 3?", "model": "tiny", "tools": ["calculator"], "config": config,
+         "messages": MESSAGES[:2]},
+        {"event": "model", "step": 0, "reply": {"role": "assistant", "content": None, "tool_calls": [call]},
+         "text": "<tool_call>", "prompt_tokens": 30, "completion_tokens": 9, "malformed": False},
+        {"event": "tool", "step": 0, "id": "call_0", "name": "calculator", "arguments": {"expression": "2+3"},
+         "content": "5", "ok": True, "error": None},
+        {"event": "note", "step": 1, "role": "user", "content": "Answer now.", "kind": "answer"}])
+
+
+def _trace_read(path: Path) -> None:
+    """``lmforge agent --resume TRACE``: the trace read, its run replayed and taken to its end by a local
+    chat backend (the tiny model's chat template renders every message, as it does to count tokens) whose
+    every turn answers at once through final_answer."""
+    from lmforge.agent import Agent
+    from lmforge.agent.backend import LocalChat, Reply
+    from lmforge.agent.builtin import calculator
+    from lmforge.agent.tools import Toolbox
+
+    class Answers(LocalChat):
+        def complete(self, messages, tools, **_):
+            self.count_tokens(messages, tools)
+            call = {"id": "call_end", "type": "function",
+                    "function": {"name": "final_answer", "arguments": '{"answer": "5"}'}}
+            return Reply(content=None, tool_calls=[call], completion_tokens=5)
+
+    Agent(Answers(_loaded(str(path.parent / "ckpt"))), Toolbox([calculator])).resume(path)
+
+
+def _prompts_read(path: Path) -> None:
+    from lmforge.eval.human import read_prompts
+
+    assert all(isinstance(p, str) for p in read_prompts(path))
+
+
+def _pdf_seed(folder: Path) -> Path:
+    """A one-page PDF with a line of text (Helvetica), its cross-reference table at the right offsets."""
+    stream = b"BT /F1 12 Tf 72 720 Td (The quick brown fox jumps over the lazy dog.) Tj ET"
+    objects = [b"<< /Type /Catalog /Pages 2 0 R >>", b"<< /Type /Pages /Kids [3 0 R] /Count 1 >>",
+               b"<< /Type /Page /Parent 2 0 R /MediaBox [0 0 612 792] /Contents 4 0 R "
+               b"/Resources << /Font << /F1 5 0 R >> >> >>",
+               b"<< /Length %d >>\nstream\n%s\nendstream" % (len(stream), stream),
+               b"<< /Type /Font /Subtype /Type1 /BaseFont /Helvetica >>"]
+    data, offsets = bytearray(b"%PDF-1.4\n"), []
+    for number, body in enumerate(objects, start=1):
+        offsets.append(len(data))
+        data += b"%d 0 obj\n%s\nendobj\n" % (number, body)
+    xref = len(data)
+    data += b"xref\n0 %d\n0000000000 65535 f \n" % (len(objects) + 1)
+    data += b"".join(b"%010d 00000 n \n" % offset for offset in offsets)
+    data += b"trailer\n<< /Size %d /Root 1 0 R >>\nstartxref\n%d\n%%%%EOF\n" % (len(objects) + 1, xref)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "doc.pdf").write_bytes(bytes(data))
+    return folder / "doc.pdf"
+
+
+def _rag_documents_read(path: Path) -> None:
+    """What ``lmforge rag index`` does with one file: read it, clean it, cut it into chunks."""
+    import logging
+
+    from lmforge.rag.chunk import chunk_document
+    from lmforge.rag.documents import read_documents
+
+    logging.getLogger("pypdf").setLevel(logging.ERROR)  # its warnings about each repaired damage
+    for document in read_documents(path):
+        for chunk in chunk_document(document, lambda text: len(tokenizer().encode(text)), max_tokens=32, overlap=4):
+            assert isinstance(chunk.text, str)
+
+
+HTML = ("<html><head><title>Notes</title><style>p {color: red}</style></head><body><h1>Foxes</h1>"
+        "<p>The quick brown fox &amp; the lazy dog.</p><ul><li>Paris</li><li>数字 12345</li></ul>"
+        "<script>var x = 1;</script><pre>def add(a, b):\n    return a + b</pre></body></html>")
+
+
 def targets() -> list[Target]:
     """Every reader under fuzzing."""
     return [
@@ -568,6 +685,24 @@ def targets() -> list[Target]:
                lambda f: _knowledge_seed(f, "bm25/vocab.index.json"), _knowledge_read),
         Target("knowledge-bm25-scores", "the BM25 index's scores (bm25s .npy): open, BM25 search",
                lambda f: _knowledge_seed(f, "bm25/data.csc.index.npy"), _knowledge_read),
+        Target("generate-input", "prompts for lmforge generate --input (.jsonl): checked, then generated",
+               _prompts_seed, _generate_read),
+        Target("calibration", "a calibration file for lmforge quantize --calibrate (.jsonl): token windows",
+               _records("calib.jsonl", [{"text": TEXT}, {"text": "Paris is the capital of France."}]),
+               _calibration_read),
+        Target("metrics-jsonl", "metrics.jsonl of a training run: read, cut back for --resume",
+               _records("metrics.jsonl", [{"kind": "train", "step": s, "loss": 3.0 / s, "lr": 1e-3} for s in (1, 2, 3, 4)]
+                        + [{"kind": "eval", "step": 4, "val_loss": 0.9}]), _metrics_read),
+        Target("agent-trace", "an agent trace (.jsonl): lmforge agent --resume, to the answer", _trace_seed,
+               _trace_read),
+        Target("rating-prompts", "prompts for lmforge eval human-items (.jsonl)",
+               _records("prompts.jsonl", [{"prompt": "Name a capital."}, {"prompt": "数字 12345?"}]), _prompts_read),
+        Target("rag-html", "an HTML page to index (lmforge rag index): read, cleaned, chunked",
+               _text("page.html", HTML), _rag_documents_read),
+        Target("rag-pdf", "a PDF to index (lmforge rag index): read (pypdf), cleaned, chunked", _pdf_seed,
+               _rag_documents_read),
+        Target("rag-markdown", "a Markdown file to index (lmforge rag index): read, cleaned, chunked",
+               _text("notes.md", "# Foxes\n\n" + TEXT), _rag_documents_read),
         *[Target(f"http-{name}", f"POST {path} bodies (the server answers < 500 and keeps serving)",
                  _http_seed(name), _http_read, names_file=False) for name, path in ENDPOINTS.items()],
     ]

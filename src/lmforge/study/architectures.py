@@ -55,7 +55,6 @@ last checkpoint).
 
 from __future__ import annotations
 
-import json
 import math
 import random
 import time
@@ -68,6 +67,7 @@ import torch.nn.functional as F
 
 from lmforge.data.tasks import TASK_MAKERS, Task, train_eval_tasks
 from lmforge.errors import InputError
+from lmforge.files import read_json, write_json_atomic
 from lmforge.model import ModelConfig, build_model
 from lmforge.model.transformer import padding_mask
 from lmforge.runtime import Runtime
@@ -471,7 +471,7 @@ def run_form(p: Plan, config: ArchitecturesConfig, tokenizer, out: Path, zero: l
     for phase in ("pretrain", "tuned"):
         path = folder / phase / "result.json"
         if path.is_file():
-            phases[phase] = json.loads(path.read_text(encoding="utf-8"))
+            phases[phase] = read_json(path, "a study result")
             continue
         t0 = time.perf_counter()
         resume = (folder / phase / "checkpoint" / "trainer_state.json").is_file()
@@ -490,7 +490,7 @@ def run_form(p: Plan, config: ArchitecturesConfig, tokenizer, out: Path, zero: l
             final = {}
         phases[phase] = {**measure(p, model, config, zero, few, runtime), "seconds": time.perf_counter() - t0,
                          **{f"pretrain_{k}": v for k, v in final.items()}}
-        path.write_text(json.dumps(phases[phase], indent=2) + "\n", encoding="utf-8")
+        write_json_atomic(path, phases[phase])
     pre, tuned = phases["pretrain"], phases["tuned"]
     return {"form": p.form.name, "objective": p.form.objective, "parameters": p.parameters,
             "layers": [p.model_config.num_layers, p.model_config.decoder_layers], "step_flops": p.step_flops,
@@ -529,7 +529,7 @@ def architectures_study(config: ArchitecturesConfig) -> Path:
                "data_tokens": len(streams["train"]), "forms": rows,
                "example": {"zero-shot": f"Q: {eval_tasks[0].prompt} A: {eval_tasks[0].answer}",
                            "few-shot": tokenizer.decode(few[0].prefix + few[0].answer)}}
-    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
+    write_json_atomic(out / "results.json", results)
     from lmforge.study.report import write_architectures_report
 
     return write_architectures_report(out, results)

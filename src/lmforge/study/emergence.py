@@ -26,7 +26,6 @@ ends on a token boundary.
 
 from __future__ import annotations
 
-import json
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +35,7 @@ import torch
 
 from lmforge.data.tasks import TASK_MAKERS, Task
 from lmforge.errors import InputError
+from lmforge.files import write_json_atomic
 from lmforge.runtime import Runtime
 from lmforge.settings import field, to_dict
 from lmforge.study.ladder import SAME_LADDER, LadderConfig, check_same_study, check_time, plan, run_one
@@ -192,7 +192,7 @@ def emergence_study(config: EmergenceConfig) -> Path:
     rows.sort(key=lambda r: r["flops"] * 1e12 + r["parameters"])
     results = {"config": to_dict(config), "runtime": runtime.describe(), "skipped": skipped, "runs": rows,
                "example": item_text(eval_items[0])}
-    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
+    write_json_atomic(out / "results.json", results)
     from lmforge.study.report import write_emergence_report
 
     return write_emergence_report(out, results)

@@ -10,7 +10,6 @@ reads back what is, so an interrupted study resumes.
 
 from __future__ import annotations
 
-import json
 import math
 import re
 import time
@@ -21,6 +20,7 @@ from pathlib import Path
 import torch
 
 from lmforge.errors import InputError
+from lmforge.files import read_json, write_json_atomic
 from lmforge.model import ModelConfig
 from lmforge.model.transformer import DecoderLM
 from lmforge.runtime import Runtime
@@ -184,7 +184,7 @@ def check_same_study(config, out: Path, names: tuple[str, ...], data_names: tupl
     settings = {name: to_dict(config)[name] for name in names}
     path = out / "study.json"
     if path.is_file():
-        before = json.loads(path.read_text(encoding="utf-8"))
+        before = read_json(path, "a study result")
         changed = [f"{name} {before.get(name)!r} -> {value!r}" for name, value in settings.items()
                    if before.get(name) != value
                    and (data_names is None or name in data_names or (out / "runs").exists())]
@@ -192,7 +192,7 @@ def check_same_study(config, out: Path, names: tuple[str, ...], data_names: tupl
             raise InputError(f"{out} holds a study made with other settings ({'; '.join(changed)}): resume it with "
                              "those, or give another --out")
     out.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(settings, indent=2) + "\n", encoding="utf-8")
+    write_json_atomic(path, settings)
 
 
 def train_config(config, steps: int, folder: Path, lr: float | None = None) -> TrainConfig:
@@ -221,7 +221,7 @@ def run_one(config: LadderConfig, run: PlannedRun, stage: PretrainStage, tokeniz
     folder = out / "runs" / run.name
     result_path = folder / "result.json"
     if result_path.is_file():
-        return json.loads(result_path.read_text(encoding="utf-8"))
+        return read_json(result_path, "a study result")
     model_config = size_config(run.size, tokenizer.vocab_size, config.seq_len)
     torch.manual_seed(config.seed)
     model = DecoderLM(model_config)
@@ -237,7 +237,7 @@ def run_one(config: LadderConfig, run: PlannedRun, stage: PretrainStage, tokeniz
            "seconds": time.perf_counter() - t0, "tokens_per_second": result.tokens_per_second}
     if measure is not None:
         row.update(measure(model.eval()))
-    result_path.write_text(json.dumps(row, indent=2) + "\n", encoding="utf-8")
+    write_json_atomic(result_path, row)
     return row
 
 

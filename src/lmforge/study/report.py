@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+from lmforge.files import write_text_atomic
 from lmforge.study.fit import LossSurface
 from lmforge.study.ladder import frontier
 
@@ -144,7 +145,7 @@ def write_scaling_report(out: Path, results: dict) -> Path:
                   f"nats ({100 * p['relative_error']:+.1f}%)."]
     lines += ["", *[f"![{name}]({name})" for name in plots], ""]
     path = out / "results.md"
-    path.write_text("\n".join(lines), encoding="utf-8")
+    write_text_atomic(path, "\n".join(lines))
     return path
 
 
@@ -190,7 +191,7 @@ def write_emergence_report(out: Path, results: dict) -> Path:
         lines += ["", "Left out: " + "; ".join(results["skipped"]) + "."]
     lines += ["", "![emergence.png](emergence.png)", ""]
     path = out / "results.md"
-    path.write_text("\n".join(lines), encoding="utf-8")
+    write_text_atomic(path, "\n".join(lines))
     return path
 
 
@@ -253,5 +254,5 @@ def write_architectures_report(out: Path, results: dict) -> Path:
     lines += ["", "A few-shot question:", "", "```", results["example"]["few-shot"].rstrip(), "```", "",
               "![architectures.png](architectures.png)", ""]
     path = out / "results.md"
-    path.write_text("\n".join(lines), encoding="utf-8")
+    write_text_atomic(path, "\n".join(lines))
     return path

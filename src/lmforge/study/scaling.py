@@ -17,11 +17,11 @@ from its last checkpoint.
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from lmforge.files import read_json, write_json_atomic
 from lmforge.runtime import Runtime
 from lmforge.settings import field, to_dict
 from lmforge.study.fit import (
@@ -121,7 +121,7 @@ def scaling_study(config: ScalingConfig) -> Path:
     rows = []
     results: dict = {"config": to_dict(config), "runtime": Runtime.resolve(config.device, config.dtype).describe(),
                      "data_tokens": len(train_tokens), "skipped": skipped}
-    earlier = json.loads((out / "results.json").read_text(encoding="utf-8")) if (out / "results.json").is_file() else {}
+    earlier = read_json(out / "results.json", "a study result") if (out / "results.json").is_file() else {}
     prediction = earlier.get("prediction")  # made before the held-out run first trained: kept as it was
     if prediction is not None and prediction.get("run") == next((r.name for r in runs if r.holdout), None):
         results.update(fits=earlier["fits"], prediction=prediction)
@@ -133,7 +133,7 @@ def scaling_study(config: ScalingConfig) -> Path:
             predicted = LossSurface.from_dict(ladder_fits["surface"])(run.parameters, run.tokens)
             prediction = {"run": run.name, "predicted_loss": predicted, "made_before_training": time.time()}
             results.update(fits=ladder_fits, prediction=prediction)
-            (out / "results.json").write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
+            write_json_atomic(out / "results.json", results)
             print(f"[study] predicted final loss of {run.name}: {predicted:.4f}", flush=True)
         print(f"[study] {run.name}: {run.parameters:,} parameters, {run.tokens:,} tokens, {run.steps} steps",
               flush=True)
@@ -145,7 +145,7 @@ def scaling_study(config: ScalingConfig) -> Path:
         prediction.update(actual_loss=actual, error=prediction["predicted_loss"] - actual,
                           relative_error=(prediction["predicted_loss"] - actual) / actual)
     results["runs"] = rows
-    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
+    write_json_atomic(out / "results.json", results)
     from lmforge.study.report import write_scaling_report
 
     return write_scaling_report(out, results)

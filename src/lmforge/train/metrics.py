@@ -6,6 +6,7 @@ import json
 from collections import defaultdict
 from pathlib import Path
 
+from lmforge.errors import InputError
 from lmforge.files import write_text_atomic
 
 
@@ -41,14 +42,21 @@ class MetricsLog:
 
 
 def read_metrics(path: str | Path) -> list[dict]:
+    """The rows of a metrics log (none when it is missing); a last line cut short by a kill mid-write is
+    left out (it was never finished); any other line that is not a JSON object with a whole-number
+    ``step`` is an InputError naming it."""
+    from lmforge.data.jsonl import iter_records
+
     path = Path(path)
     if not path.exists():
         return []
-    text = path.read_text(encoding="utf-8", errors="replace")
-    lines = text.splitlines()
-    if lines and not text.endswith("\n"):
-        lines.pop()  # a line cut short by a kill mid-write: it was never finished
-    return [json.loads(line) for line in lines if line.strip()]
+    data = path.read_bytes()
+    rows = []
+    for row, where in iter_records(path, stop=data.rfind(b"\n") + 1 if not data.endswith(b"\n") else None):
+        if not isinstance(row, dict) or type(row.get("step", 0)) is not int:
+            raise InputError(f"{where}: a metrics row is a JSON object with a whole-number 'step'")
+        rows.append(row)
+    return rows
 
 
 def plot_losses(metrics_path: str | Path, png_path: str | Path, title: str = "loss") -> Path | None:
