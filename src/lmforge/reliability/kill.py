@@ -3,8 +3,9 @@
 A :class:`Writer` is one lmforge command that writes an output: ``setup`` makes its inputs in a folder and
 returns the command's arguments; ``fingerprint`` reads the output back (raising if it is broken) and returns
 what identifies its content. :func:`kill_writer` runs the command once to the end (the reference), then
-again and again over that finished output, each time killed with SIGKILL after a random delay, and checks
-after every kill that
+again and again over that finished output, each time killed with SIGKILL after a random delay (drawn
+uniformly between the moment the timed uninterrupted run first wrote and its end), and checks after every
+kill that
 
 - the output still reads (the last good version is intact: the reference, or the run's own last
   checkpoint for a training run),
@@ -15,6 +16,7 @@ after every kill that
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -60,6 +62,7 @@ class KillReport:
     intermediate: int = 0  # kills that left a readable intermediate state (a training checkpoint)
     nothing_yet: int = 0  # training kills before the first checkpoint (the rerun starts afresh)
     reference_seconds: float = 0.0
+    first_write_seconds: float = 0.0  # the kills fall between this and reference_seconds
     problems: list[str] = field(default_factory=list)
 
     @property
@@ -69,7 +72,8 @@ class KillReport:
     def summary(self) -> dict:
         return {"writer": self.writer, "what": self.what, "kills": self.kills, "old_kept": self.old_kept,
                 "new_done": self.new_done, "intermediate": self.intermediate, "nothing_yet": self.nothing_yet,
-                "reference_seconds": round(self.reference_seconds, 1), "problems": self.problems}
+                "reference_seconds": round(self.reference_seconds, 1),
+                "first_write_seconds": round(self.first_write_seconds, 1), "problems": self.problems}
 
 
 def _environment() -> dict[str, str]:
@@ -87,6 +91,22 @@ def _remove(out: Path) -> None:
         shutil.rmtree(out)
     else:
         out.unlink(missing_ok=True)
+
+
+def _timed_run(command: list[str], out: Path) -> tuple[int, float, float]:
+    """(exit code, seconds, seconds until its first write): when something temporary appeared beside or
+    inside ``out``, or ``out`` itself where there was none. Until then a writer starts Python, imports and
+    reads its inputs: a kill there tests nothing, so the kills are drawn after it."""
+    existed = out.exists()
+    start, first = time.perf_counter(), None
+    process = subprocess.Popen([sys.executable, "-c", RUNNER, *command], stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL, env=_environment())
+    while process.poll() is None:
+        if first is None and (_leftovers(out) or (not existed and out.exists())):
+            first = time.perf_counter() - start
+        time.sleep(0.01)
+    seconds = time.perf_counter() - start
+    return process.returncode, seconds, min(first if first is not None else 0.0, seconds)
 
 
 def _leftovers(out: Path) -> list[str]:
@@ -118,16 +138,16 @@ def kill_writer(writer: Writer, folder: Path, kills: int, seed: int = 0,
     reference = writer.fingerprint(out)
     if writer.starts_afresh:
         _remove(out)
-    start = time.perf_counter()  # timed again, warm (the first run also filled the page cache)
-    if _run(command).returncode != 0 or writer.fingerprint(out) != reference:
+    # Timed again, warm (the first run also filled the page cache), watching for its first write.
+    returncode, report.reference_seconds, report.first_write_seconds = _timed_run(command, out)
+    if returncode != 0 or writer.fingerprint(out) != reference:
         raise RuntimeError(f"{writer.name}: two uninterrupted runs do not give the same output")
-    report.reference_seconds = time.perf_counter() - start
     rng = random.Random(f"{writer.name}/{seed}")
     for number in range(kills):
         if writer.starts_afresh:  # a training run (killed from the start, then resumed) or a new output
             _remove(out)
         before = _stamp(out)
-        delay = rng.uniform(0.0, report.reference_seconds)
+        delay = rng.uniform(report.first_write_seconds, report.reference_seconds)
         process = subprocess.Popen([sys.executable, "-c", RUNNER, *command], stdout=subprocess.DEVNULL,
                                    stderr=subprocess.DEVNULL, env=_environment())
         try:
@@ -332,6 +352,15 @@ def _rm_setup(folder: Path) -> list:
             "--val-fraction", 0.2, "--out-dir", "OUT", "--max-steps", 40, *TUNING]
 
 
+def _rl_setup(command: str, folder: Path) -> list:
+    """GRPO and PPO on built-in addition tasks, rewarded by checking the answer (PPO's rollouts come in
+    cycles: its checkpoints fall at a cycle's start)."""
+    kind = ["--group-size", 4] if command == "grpo" else ["--ppo-epochs", 2]
+    return [command, "--model", _chat_base(folder), "--tasks", 20, "--kinds", "add", "--eval-tasks", 0,
+            "--out-dir", "OUT", "--max-steps", 24, "--save-every", 4, "--batch-size", 2, "--max-new-tokens", 8,
+            *kind, "--progress", "false", "--device", "cpu", "--dtype", "fp32"]
+
+
 def _small_model(folder: Path) -> Path:
     from lmforge.checkpoint import save_checkpoint
     from lmforge.model import DecoderLM, preset
@@ -445,6 +474,10 @@ WRITERS = [
            _pretrain_fingerprint, resume=("--resume",)),
     Writer("rm", "lmforge rm (full): 40 steps, then model/ (a reward model), summary.json; --resume", _rm_setup,
            _pretrain_fingerprint, resume=("--resume",)),
+    Writer("grpo", "lmforge grpo (LoRA): 24 steps of sampled groups, then adapter/, model/, summary.json; --resume",
+           functools.partial(_rl_setup, "grpo"), _pretrain_fingerprint, resume=("--resume",)),
+    Writer("ppo", "lmforge ppo (LoRA, a value head): 24 steps in rollout cycles, then adapter/, model/; --resume",
+           functools.partial(_rl_setup, "ppo"), _pretrain_fingerprint, resume=("--resume",)),
     Writer("export-hf", "lmforge export --format hf: config.json, model.safetensors, tokenizer files",
            _export_hf_setup, _export_hf_fingerprint),
     Writer("export-gguf", "lmforge export --format gguf --gguf-type q8_0: one GGUF file", _export_gguf_setup,
@@ -459,10 +492,12 @@ WRITERS = [
 
 def format_table(reports: list[KillReport]) -> str:
     """A Markdown table of the reports, one row per writer, then each problem."""
-    rows = ["| writer | what is written | kills | old output untouched | new output complete | "
-            "a checkpoint to resume | before any checkpoint | problems |", "|---|---|---:|---:|---:|---:|---:|---:|"]
-    rows += [f"| {r.writer} | {r.what} | {r.kills} | {r.old_kept} | {r.new_done} | {r.intermediate} | "
-             f"{r.nothing_yet} | {len(r.problems)} |" for r in reports]
+    rows = ["| writer | what is written | kills between (s) | kills | old output untouched | new output complete | "
+            "a checkpoint to resume | before any checkpoint | problems |",
+            "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    rows += [f"| {r.writer} | {r.what} | {r.first_write_seconds:.1f}-{r.reference_seconds:.1f} | {r.kills} | "
+             f"{r.old_kept} | {r.new_done} | {r.intermediate} | {r.nothing_yet} | {len(r.problems)} |"
+             for r in reports]
     rows += [f"\n{r.writer}: {problem}" for r in reports for problem in r.problems]
     return "\n".join(rows)
 
