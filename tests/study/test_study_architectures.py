@@ -122,7 +122,7 @@ def greedy(form_name: str, form, model, question) -> list[int]:
 
 
 @pytest.mark.parametrize("name", list(FORM_CLASSES))
-def test_tuning_teaches_each_form_and_the_scorer_agrees_with_greedy_decoding(name, tokenizer, tasks):
+def test_tuning_teaches_each_form_and_the_scorer_agrees_with_greedy_decoding(name, tokenizer, tasks, tmp_path):
     train, held = tasks
     form = FORM_CLASSES[name](tokenizer.vocab_size)
     questions = [make_question(tokenizer, task, []) for task in train[:12]]
@@ -130,7 +130,7 @@ def test_tuning_teaches_each_form_and_the_scorer_agrees_with_greedy_decoding(nam
     model = build_model(form.model_config("d64l2", 64))
     before = judge(form, model, questions, RUNTIME)
     stage = AnswerStage(form, questions, seed=0)
-    config = TrainConfig(out_dir="", batch_size=8, seq_len=64, max_steps=200, lr=3e-3, warmup_steps=10,
+    config = TrainConfig(out_dir=str(tmp_path / "run"), batch_size=8, seq_len=64, max_steps=200, lr=3e-3, warmup_steps=10,
                          eval_every=0, save_every=10**6, log_every=50, device="cpu", dtype="fp32", progress=False)
     fit(model, stage, config)
     after = judge(form, model.eval(), questions, RUNTIME)

@@ -90,6 +90,8 @@ def fit(model: DecoderLM, stage: Stage, config: TrainConfig, tokenizer=None, res
         sample_fn: Callable[[nn.Module], list[str]] | None = None) -> TrainResult:
     """Train ``model`` on ``stage``; returns figures and the final checkpoint's path. The output folder is
     held for the run (:func:`lmforge.files.output_lock`): a second run into it is refused."""
+    if not str(config.out_dir).strip():  # Path("") is the current folder: checkpoints would land wherever it is
+        raise InputError("out_dir is empty: name the folder for the checkpoints and metrics")
     with output_lock(config.out_dir):
         return _fit(model, stage, config, tokenizer, resume, sample_fn)
 
