@@ -26,6 +26,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
 
+from lmforge.data.jsonl import finished_length, iter_records
 from lmforge.errors import InputError
 from lmforge.tokenizer.chat import ROLES
 
@@ -42,8 +43,8 @@ class TraceWriter:
         self._file: IO[str] | None = None
         if self.path is not None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            if append and self.path.is_file() and (cut := _cut_line(self.path)) is not None:
-                os.truncate(self.path, cut)  # a line cut by a kill: the next event starts a line of its own
+            if append and self.path.is_file():  # a line cut by a kill goes: the next event starts a line of its own
+                os.truncate(self.path, finished_length(self.path.read_bytes()))
             self._file = self.path.open("a" if append else "w", encoding="utf-8")
 
     def write(self, event: str, **fields: Any) -> dict:
@@ -76,13 +77,11 @@ def read_events(path: str | Path) -> list[dict]:
     """The events of a trace file, each checked for what a resumed run reads from it; InputError naming
     the line that does not parse or lacks a field. A last line cut short (the process was killed while
     writing it: every line the writer finishes ends with a newline) is left out."""
-    from lmforge.data.jsonl import iter_records
-
     path = Path(path)
     if not path.is_file():
         raise InputError(f"{path}: no such trace file")
-    events, cut = [], _cut_line(path)
-    for event, where in iter_records(path, stop=cut):
+    events = []
+    for event, where in iter_records(path, finished_only=True):
         if not isinstance(event, dict) or not isinstance(event.get("event"), str):
             raise InputError(f"{where}: an event needs an 'event' field")
         _check_event(event, where)
@@ -90,12 +89,6 @@ def read_events(path: str | Path) -> list[dict]:
     if not events or events[0]["event"] != "start":
         raise InputError(f"{path}: a trace begins with a 'start' event")
     return events
-
-
-def _cut_line(path: Path) -> int | None:
-    """Where the finished lines end when the file's last line has no newline (a write cut by a kill)."""
-    data = path.read_bytes()
-    return data.rfind(b"\n") + 1 if data and not data.endswith(b"\n") else None
 
 
 def _check_event(event: dict, where: str) -> None:

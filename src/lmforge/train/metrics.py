@@ -50,9 +50,8 @@ def read_metrics(path: str | Path) -> list[dict]:
     path = Path(path)
     if not path.exists():
         return []
-    data = path.read_bytes()
     rows = []
-    for row, where in iter_records(path, stop=data.rfind(b"\n") + 1 if not data.endswith(b"\n") else None):
+    for row, where in iter_records(path, finished_only=True):
         if not isinstance(row, dict) or type(row.get("step", 0)) is not int:
             raise InputError(f"{where}: a metrics row is a JSON object with a whole-number 'step'")
         rows.append(row)
