@@ -87,10 +87,11 @@ class LmforgeSide:
         self.args = args
         start = time.perf_counter()
         lm = load(args.model, device=args.device, dtype=args.dtype, compile=args.compile, weights=args.weights,
-                  autotune=False)
+                  autotune=False, prompt_lookup=args.prompt_lookup, draft_tokens=args.draft_tokens)
         self.model = LocalModel(lm, name=args.model, batch_size=args.batch_size, progress=False)
         self.load_seconds = time.perf_counter() - start
-        self.compile_seconds = self.model.engine.warm_up() if args.compile else 0.0  # what `lmforge eval --compile` does
+        # what `lmforge eval --compile` does: the (B, 1 + k) checking step too when guessing
+        self.compile_seconds = self.model.engine.warm_up(lm.draft_width) if args.compile else 0.0
         if args.compile:
             print(f"compiled lmforge's decode step for batch sizes {self.model.engine.decode_buckets} in "
                   f"{self.compile_seconds:.0f}s (not in items/s)", flush=True)
@@ -334,6 +335,10 @@ def main() -> None:
                              "(lmforge --chat on, lm-eval apply_chat_template); multiple choice stays plain")
     parser.add_argument("--compile", action="store_true",
                         help="lmforge: compile the decode step first, as `lmforge eval --compile` (timed apart)")
+    parser.add_argument("--prompt-lookup", type=int, default=0, metavar="N",
+                        help="lmforge: guess tokens from matches of the last N tokens earlier in the prompt and "
+                             "reply, checked in one pass (`lmforge eval --prompt-lookup N`); greedy output unchanged")
+    parser.add_argument("--draft-tokens", type=int, default=4, help="lmforge: guesses per pass with --prompt-lookup")
     parser.add_argument("--repeats", type=int, default=1,
                         help="score every task this many times on each side, interleaved; median seconds")
     parser.add_argument("--out", help="also write the results here as JSON")
@@ -351,7 +356,9 @@ def main() -> None:
     print(f"machine: {machine()}")
     print(f"model {args.model}, dtype {args.dtype} on both sides (lm-eval dtype={LM_EVAL_DTYPES[args.dtype]}), "
           f"lmforge weights stored in {args.weights}, "
-          f"batch size lmforge {args.batch_size} / lm-eval {args.lm_eval_batch_size}, {args.shots}-shot; tasks "
+          + (f"lmforge prompt lookup {args.prompt_lookup}-grams, {args.draft_tokens} guesses, " if args.prompt_lookup
+             else "")
+          + f"batch size lmforge {args.batch_size} / lm-eval {args.lm_eval_batch_size}, {args.shots}-shot; tasks "
           + ", ".join(f"{name} ({task.kind}, {len(task.test)} items)" for name, task in tasks.items()), flush=True)
 
     from lmforge.interop.convert import export_checkpoint
@@ -387,7 +394,8 @@ def main() -> None:
                                               "weights": args.weights,
                                               "batch_size": args.batch_size, "repeats": args.repeats, "chat": args.chat,
                                               "lm_eval_batch_size": args.lm_eval_batch_size, "shots": args.shots,
-                                              "compile": args.compile,
+                                              "compile": args.compile, "prompt_lookup": args.prompt_lookup,
+                                              "draft_tokens": args.draft_tokens,
                                               "load_seconds": loads, "tasks": rows}, indent=2) + "\n")
         print(f"wrote {args.out}")
 

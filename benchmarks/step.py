@@ -7,6 +7,7 @@ is lmforge's own ratio (llama.cpp's speed is in benchmarks/decode.py).
 
     python benchmarks/step.py                                   # SmolLM2-135M, fp32 and fp16 weights, eager
     python benchmarks/step.py --weights fp16 --compile --widths 1 4 5
+    python benchmarks/step.py --dtype bf16 --weights bf16 --batch 16 --compile   # AMX / AVX-512 BF16 CPUs
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="smollm2-135m-instruct")
     parser.add_argument("--weights", nargs="+", default=["fp32", "fp16"], help="weight storages to compare")
+    parser.add_argument("--dtype", default="fp32", help="compute dtype (fp32, bf16, auto)")
     parser.add_argument("--compile", action="store_true", help="the compiled decode step")
     parser.add_argument("--widths", type=int, nargs="+", default=[1, 5], help="tokens per row in a step")
     parser.add_argument("--batch", type=int, default=1, help="rows per step")
@@ -38,12 +40,12 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=10, help="timed steps per width (median reported)")
     args = parser.parse_args()
     print(f"machine: {machine()}; {args.model}, batch {args.batch}, {args.positions} cached positions, "
-          f"{'compiled' if args.compile else 'eager'}")
+          f"{args.dtype} arithmetic, {'compiled' if args.compile else 'eager'}")
     print("\n| weights | " + " | ".join(f"width {w} (ms)" for w in args.widths) + " | "
           + " | ".join(f"width {w} / width {args.widths[0]}" for w in args.widths[1:]) + " |")
     print("|---|" + "---:|" * (2 * len(args.widths) - 1))
     for weights in args.weights:
-        lm = load(args.model, device="cpu", dtype="fp32", weights=weights, compile=args.compile, autotune=False)
+        lm = load(args.model, device="cpu", dtype=args.dtype, weights=weights, compile=args.compile, autotune=False)
         engine = Engine(lm.model, lm.runtime, max_batch_size=args.batch, decode_step=lm.decode_step,
                         context=args.positions + max(args.widths) + 1)
         for width in args.widths:

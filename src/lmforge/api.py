@@ -45,6 +45,8 @@ from lmforge.infer.stream import StopStrings, TextStream, cut_at_stop
 from lmforge.interop.packaged import resolve_model
 from lmforge.model import DecoderLM, EncoderDecoderLM
 from lmforge.model.fused import fuse_projections
+from lmforge.model.packed import available as packing_helps
+from lmforge.model.packed import pack_weights
 from lmforge.quant.weight_only import quantize_weights
 from lmforge.runtime import Runtime
 from lmforge.tokenizer.chat import end_of_turn_ids, render_chat
@@ -323,6 +325,8 @@ def load(path: str | Path, device: str = "auto", dtype: str = "auto", attention:
         model = model.to(runtime.dtype)
     model.eval()
     fuse_projections(model)  # q/k/v and gate/up as one product each when no gradient is taken
+    if packing_helps(runtime.dtype, runtime.device):
+        pack_weights(model)  # eager bf16 products read weights in oneDNN's layout
     decode_step = CompiledDecodeStep(model, max_autotune=autotune) if compile else None
     lm = LanguageModel(model, load_tokenizer(path), runtime, decode_step, draft_tokens=draft_tokens)
     if (draft is not None) + bool(prompt_lookup) + bool(draft_layers) > 1:

@@ -27,8 +27,9 @@ from __future__ import annotations
 from dataclasses import replace
 
 import torch
-import torch.nn.functional as F
 from torch import nn
+
+from lmforge.model.packed import linear
 
 
 class FusedLinear:
@@ -37,6 +38,8 @@ class FusedLinear:
     Not an ``nn.Module``: it owns no parameters (the members' are views of its weight), so
     the model's parameters, ``state_dict`` and module tree are what they were.
     """
+
+    packed = None  # a oneDNN-packed copy of the stacked weight (lmforge.model.packed.pack_weights)
 
     def __init__(self, owner: nn.Module, names: list[str]):
         members = [getattr(owner, name) for name in names]
@@ -79,7 +82,7 @@ class FusedLinear:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """(..., in) -> (..., sum of the members' outputs), the members' outputs side by side."""
-        return F.linear(x, self.weight, self.bias)
+        return linear(x, self.weight, self.bias, self.packed)
 
 
 class FusedIntLinear(FusedLinear):

@@ -1,0 +1,102 @@
+"""oneDNN-packed weights for eager bf16 inference (lmforge.model.packed)."""
+
+import copy
+import pickle
+
+import pytest
+import torch
+
+from lmforge.model import DecoderLM, KVCache, preset
+from lmforge.model.fused import fuse_projections
+from lmforge.model.packed import PackedLinear, available, pack_weights
+
+bf16_kernels = pytest.mark.skipif(not available(torch.bfloat16, "cpu"),
+                                  reason="this CPU's oneDNN has no native bf16 kernels (packing is off here)")
+
+
+def tiny(seed: int = 0, **overrides) -> DecoderLM:
+    torch.manual_seed(seed)
+    model = DecoderLM(preset("tiny", vocab_size=97, **overrides)).eval().to(torch.bfloat16)
+    fuse_projections(model)
+    return model
+
+
+def packed_calls(monkeypatch) -> list[int]:
+    """A counter of the products that took the packed path."""
+    count = [0]
+    original = torch.ops.mkldnn._linear_pointwise
+
+    def counted(*args):
+        count[0] += 1
+        return original(*args)
+    monkeypatch.setattr(torch.ops.mkldnn, "_linear_pointwise", counted)
+    return count
+
+
+@bf16_kernels
+@pytest.mark.parametrize("overrides", [dict(), dict(num_kv_heads=1, qkv_bias=True)])
+def test_packed_products_give_the_same_bits(overrides, monkeypatch):
+    model = tiny(**overrides)
+    plain = copy.deepcopy(model)  # a copy leaves the packed weights behind: it is the plain model
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    layers = model.config.num_layers
+    assert pack_weights(model) == 4 * layers + 1  # qkv, o, gate_up, down; the head
+    assert pack_weights(model) == 0  # packed once
+    assert model.state_dict().keys() == before.keys()
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())
+    calls = packed_calls(monkeypatch)
+    ids = torch.randint(0, 97, (2, 12))
+    with torch.inference_mode():
+        logits = model(ids)
+        assert calls[0] == 4 * layers + 1
+        cache = KVCache.for_model(model, batch_size=2, max_len=16)
+        model(ids[:, :11], cache)
+        step = model(ids[:, 11:], cache)
+        expected = plain(ids)
+    assert calls[0] == 3 * (4 * layers + 1)  # the plain copy took none
+    assert torch.equal(logits, expected)
+    torch.testing.assert_close(step[:, -1], expected[:, -1], rtol=0.02, atol=0.02)  # bf16 cache rounding
+
+
+@bf16_kernels
+def test_changed_weights_and_autograd_take_the_plain_product(monkeypatch):
+    model, other = tiny(), tiny(seed=1)
+    pack_weights(model)
+    model.load_state_dict(other.state_dict())  # written in place: the packed copies are stale
+    calls = packed_calls(monkeypatch)
+    ids = torch.randint(0, 97, (1, 9))
+    with torch.inference_mode():
+        assert torch.equal(model(ids), other(ids))
+    assert calls[0] == 0
+    model = tiny(seed=1)
+    pack_weights(model)
+    model.train()
+    model(ids).float().logsumexp(-1).mean().backward()
+    assert calls[0] == 0  # with a gradient to take, every product is the plain one
+    assert model.blocks[0].attn.o_proj.weight.grad.abs().sum() > 0
+    assert model.blocks[0].attn.q_proj.weight.grad.abs().sum() > 0
+
+
+@bf16_kernels
+def test_a_packed_model_pickles_and_traces_without_its_packed_copies():
+    model = tiny()
+    pack_weights(model)
+    assert isinstance(model.blocks[0].attn.o_proj, PackedLinear)
+    restored = pickle.loads(pickle.dumps(model))
+    assert restored.blocks[0].attn.o_proj.packed is None and restored.blocks[0].attn.qkv.packed is None
+    ids = torch.randint(0, 97, (1, 5))
+    with torch.inference_mode():
+        assert torch.equal(restored(ids), model(ids))
+        explained = torch._dynamo.explain(model)(torch.randint(0, 97, (1, 1)))  # the compiled step's trace
+    assert explained.graph_break_count == 0, [b.reason.splitlines()[0] for b in explained.break_reasons]
+
+
+def test_only_bf16_weights_on_a_cpu_with_bf16_kernels_are_packed(monkeypatch):
+    assert not available(torch.float32, "cpu") and not available(torch.float16, "cpu")
+    assert not available(torch.bfloat16, "meta")
+    monkeypatch.setenv("LMFORGE_PACKED_WEIGHTS", "off")
+    assert not available(torch.bfloat16, "cpu")
+    torch.manual_seed(0)
+    model = DecoderLM(preset("tiny", vocab_size=97)).eval()
+    assert pack_weights(model) == 0  # fp32: left alone
+    assert not any(isinstance(m, PackedLinear) for m in model.modules())
