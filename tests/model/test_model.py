@@ -132,13 +132,35 @@ def test_packed_rows_equal_each_example_alone(overrides, backend):
         model(packed, KVCache.for_model(model, 1, 32), segments=segments)
 
 
-def test_one_query_attention_equals_the_reference_with_ragged_rows():
-    from lmforge.model.attention import eager_attention, one_query_attention, sdpa_attention
+def test_grouped_query_attention_equals_the_reference_with_ragged_rows():
+    from lmforge.model.attention import eager_attention, grouped_query_attention, sdpa_attention
 
     torch.manual_seed(0)
     q, k, v = torch.randn(3, 6, 1, 8), torch.randn(3, 2, 10, 8), torch.randn(3, 2, 10, 8)  # GQA: 3 heads per kv head
     mask = (torch.arange(10)[None, :] <= torch.tensor([[2], [9], [5]]))[:, None, None, :]  # rows of 3, 10, 6 keys
     reference = eager_attention(q, k, v, mask=mask)
-    torch.testing.assert_close(one_query_attention(q, k, v, mask), reference)
+    torch.testing.assert_close(grouped_query_attention(q, k, v, mask), reference)
     low = sdpa_attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), mask=mask)  # takes the grouped path in bf16
     torch.testing.assert_close(low.float(), reference, atol=3e-2, rtol=3e-2)
+    # several new tokens a row (a speculative step): causal among themselves, ragged across rows
+    q4 = torch.randn(3, 6, 4, 8)
+    last = torch.tensor([[3], [9], [5]])  # each row's first new token sees keys 0..last - 3
+    mask4 = (torch.arange(10)[None, None, :] <= (last - 3 + torch.arange(4))[:, :, None])[:, None]
+    torch.testing.assert_close(grouped_query_attention(q4, k, v, mask4), eager_attention(q4, k, v, mask=mask4))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_row_of_grouped_attention_does_not_depend_on_the_rows_beside_it(dtype):
+    """What keeps a speculative step's greedy output that of plain decoding: the pending token's
+    row of a (B, 1 + k) step equals, to the bit, the same token's one-token step."""
+    from lmforge.model.attention import grouped_query_attention
+
+    torch.manual_seed(0)
+    k, v = torch.randn(2, 3, 70, 64, dtype=dtype), torch.randn(2, 3, 70, 64, dtype=dtype)
+    q = torch.randn(2, 9, 5, 64, dtype=dtype)
+    seen = torch.tensor([[40], [65]])
+    mask = (torch.arange(70)[None, None, :] <= (seen + torch.arange(5))[:, :, None])[:, None]
+    whole = grouped_query_attention(q, k, v, mask)
+    for t in range(5):
+        alone = grouped_query_attention(q[:, :, t:t + 1], k, v, mask[:, :, t:t + 1])
+        assert torch.equal(alone, whole[:, :, t:t + 1]), t
