@@ -11,6 +11,7 @@ from lmforge.infer.engine import Engine
 from lmforge.infer.request import Request
 from lmforge.infer.sampling import SamplingConfig
 from lmforge.infer.speculative import DraftModel, PromptLookup, distribution
+from lmforge.model.packed import available as packing_helps
 
 PROMPTS = [[1, 2, 3, 4, 1, 2, 3, 4, 1, 2], [5, 6, 7, 5, 6, 7, 5], [9, 10, 11, 12, 13], [3, 3, 3, 3], [7]]
 
@@ -158,3 +159,66 @@ def test_a_draft_model_with_a_shorter_context_stops_guessing_at_its_end(make_mod
     assert engine.stats.drafted > 0
     assert len(DraftModel(short).propose(list(range(14)), 4, greedy(), None)[0]) == 2
     assert DraftModel(short).propose(list(range(16)), 4, greedy(), None) == ([], None)
+
+
+class Recording(PromptLookup):
+    """Prompt lookup that notes where each guess would start and how many it was allowed."""
+
+    def __init__(self, log: list):
+        super().__init__(ngram=2)
+        self.log = log
+
+    def propose(self, tokens, count, config, generator):
+        self.log.append((len(tokens), count))  # the pending token is at position len(tokens) - 1
+        return super().propose(tokens, count, config, generator)
+
+    def fork(self):
+        return Recording(self.log)
+
+
+def test_key_counts_come_in_whole_blocks_and_guesses_stay_in_one():
+    from lmforge.infer.slot_cache import KEY_BLOCK, block_room, key_count
+
+    assert [key_count(n, 100) for n in (1, KEY_BLOCK, KEY_BLOCK + 1, 99)] == [KEY_BLOCK, KEY_BLOCK, 2 * KEY_BLOCK, 100]
+    assert block_room(0) == KEY_BLOCK - 1 and block_room(KEY_BLOCK - 1) == 0 and block_room(KEY_BLOCK + 3) == KEY_BLOCK - 4
+
+
+def test_a_step_never_spans_two_key_blocks(make_model):
+    """Guesses end at a key block's edge, so every checked token reads the keys its one-token step would."""
+    from lmforge.infer.slot_cache import KEY_BLOCK
+
+    model = make_model()
+    log = []
+    engine = Engine(model, max_batch_size=2)
+    engine.generate([Request([1, 2, 1, 2, 1, 2, 1], greedy(40), drafter=Recording(log), draft_tokens=6),
+                     Request([5, 6, 5, 6], greedy(40), drafter=Recording(log), draft_tokens=6)])
+    assert log and engine.stats.drafted > 0
+    for length, room in log:
+        pending = length - 1
+        assert (pending + room) // KEY_BLOCK == pending // KEY_BLOCK, (pending, room)
+    assert any(room < 6 for _, room in log) and any(room == 6 for _, room in log)
+
+
+@pytest.mark.skipif(not packing_helps(torch.bfloat16, "cpu"), reason="needs native bf16 (AVX-512 BF16/AMX)")
+@pytest.mark.parametrize("kind", ["lookup", "itself"])
+def test_bf16_speculation_gives_plain_decodings_logits_to_the_bit(make_model, kind):
+    """In bf16 a checked guess's logits are those of the one-token step at its place, exactly: each row
+    reads as many keys as that step would, and the packed products give a row the same bits whatever
+    the rows beside it (the plain bf16 product of one row rounds differently from a row of five now
+    and then), so greedy tokens and their log-probs are plain decoding's. Without whole key blocks,
+    steps whose tokens span a multiple of 16 keys round differently."""
+    from lmforge.model.packed import pack_weights
+
+    model = make_model(vocab_size=258, num_layers=2).to(torch.bfloat16)
+    pack_weights(model)
+    prompts = [[1, 2, 3, 4, 1, 2, 3, 4, 1, 2], [5, 6, 7, 5, 6, 7, 5], [9, 10, 11, 12, 13] * 3]
+    accepted = 0
+    for prompt in prompts:
+        plain = Engine(model, max_batch_size=1).generate([Request(prompt, greedy(60), logprobs=1)])[0]
+        engine = Engine(model, max_batch_size=1)
+        drafter = PromptLookup(ngram=2) if kind == "lookup" else DraftModel(model)
+        fast = engine.generate([Request(prompt, greedy(60), logprobs=1, drafter=drafter, draft_tokens=4)])[0]
+        accepted += engine.stats.accepted
+        assert fast.token_ids == plain.token_ids
+        assert [e.logprob for e in fast.logprobs] == [e.logprob for e in plain.logprobs]
+    assert accepted > 0

@@ -53,7 +53,7 @@ import torch
 from lmforge.infer.generate import autocast_for, eval_mode
 from lmforge.infer.request import Completion, Request, RequestOutput, TokenLogprob
 from lmforge.infer.sampling import apply_presence_frequency_penalty, apply_repetition_penalty, draw
-from lmforge.infer.slot_cache import Segment, SlotKVCache, attention_mask
+from lmforge.infer.slot_cache import Segment, SlotKVCache, attention_mask, block_room, key_count
 from lmforge.infer.speculative import check_speculative, verify
 from lmforge.infer.stream import StopStrings, TextStream
 from lmforge.model import DecoderLM
@@ -405,7 +405,8 @@ class Engine:
         decode_mask = None
         if decoding:  # the decode step's rows first: slots 0..B-1, one token each, as in _decode
             ids, pos, where = ([row[0] for row in part] for part in self._decode_rows(decoding))
-            decode_mask = attention_mask(torch.tensor(pos)[:, None], max(pos) + 1).to(self.device)
+            kv_len = key_count(max(pos) + 1, self.cache.context)  # as _decode reads them
+            decode_mask = attention_mask(torch.tensor(pos)[:, None], kv_len).to(self.device)
             tokens += ids
             slot_of += range(len(ids))
             write += where
@@ -514,7 +515,7 @@ class Engine:
         ids, positions, write = self._decode_rows(decoding, drafts, width)
         ids_t = torch.tensor(ids, device=self.device)  # (B, width)
         positions_t = torch.tensor(positions, device=self.device)
-        kv_len = max(map(max, positions)) + 1
+        kv_len = key_count(max(map(max, positions)) + 1, self.cache.context)
         self.cache.bind(torch.tensor(write, device=self.device), kv_len)
         step = self.decode_step or self.model
         logits = step(ids_t, self.cache, positions=positions_t, mask=attention_mask(positions_t, kv_len))
@@ -563,11 +564,15 @@ class Engine:
     def _draft(self, decoding: dict[int, _Sequence]) -> Drafts:
         """The guesses of the running rows whose requests speculate and whose drafter found some: slot
         index -> (guesses, the distributions they were drawn from or None). At most as many as leave
-        room for the model's own token within ``max_new_tokens``."""
+        room for the model's own token within ``max_new_tokens``, and as keep the row's tokens within
+        one key block (:func:`~lmforge.infer.slot_cache.block_room`): each then reads as many keys as
+        the one-token step at its place would, so a checked guess's logits are that step's, to the bit
+        in bf16, and greedy output stays that of plain decoding."""
         drafts = {}
         for index, sequence in decoding.items():
             request = sequence.request
-            room = min(request.draft_tokens, request.sampling.max_new_tokens - len(sequence.generated) - 1)
+            room = min(request.draft_tokens, request.sampling.max_new_tokens - len(sequence.generated) - 1,
+                       block_room(len(sequence.slot.tokens)))
             if request.drafter is None or room < 1:
                 continue
             guesses, q = request.drafter.propose(request.prompt_ids + sequence.generated, room, request.sampling,

@@ -160,6 +160,24 @@ class SlotKVCache:
             self._zeroed = length
 
 
+# A decode step reads its keys in whole blocks of this many: the fused attention's rounding depends on
+# how many keys it is given (its vector loops end in tails), so a row given the same count, the same
+# keys and the same mask comes out the same, to the bit, in every pass (in bf16; docs/QUANTIZATION.md).
+KEY_BLOCK = 16
+
+
+def key_count(needed: int, context: int) -> int:
+    """How many leading cache indices a decode step reads when its rows need ``needed``: rounded up to
+    a whole :data:`KEY_BLOCK` (the extra ones masked), at most ``context``."""
+    return min(-(-needed // KEY_BLOCK) * KEY_BLOCK, context)
+
+
+def block_room(position: int) -> int:
+    """How many more tokens a step may hold after a row's token at ``position`` without its tokens
+    spanning two key blocks (which would give them other key counts than one-token steps give)."""
+    return KEY_BLOCK - 1 - position % KEY_BLOCK
+
+
 def attention_mask(positions: torch.Tensor, kv_len: int) -> torch.Tensor:
     """(B, 1, T, kv_len) boolean mask: a token at position p sees cache indices 0..p.
 
