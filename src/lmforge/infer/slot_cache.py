@@ -160,9 +160,9 @@ class SlotKVCache:
             self._zeroed = length
 
 
-# A decode step reads its keys in whole blocks of this many: the fused attention's rounding depends on
-# how many keys it is given (its vector loops end in tails), so a row given the same count, the same
-# keys and the same mask comes out the same, to the bit, in every pass (in bf16; docs/QUANTIZATION.md).
+# A decode step reads its keys in whole blocks of this many. The fused attention's rounding depends on
+# how many keys it is given, even masked ones (measured: docs/QUANTIZATION.md), so a row given the same
+# count, the same keys and the same mask comes out the same, to the bit, in every pass.
 KEY_BLOCK = 16
 
 
