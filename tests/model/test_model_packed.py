@@ -100,3 +100,31 @@ def test_only_bf16_weights_on_a_cpu_with_bf16_kernels_are_packed(monkeypatch):
     model = DecoderLM(preset("tiny", vocab_size=97)).eval()
     assert pack_weights(model) == 0  # fp32: left alone
     assert not any(isinstance(m, PackedLinear) for m in model.modules())
+
+
+def test_load_packs_bf16_models_on_cpus_with_bf16_kernels(tmp_path, monkeypatch):
+    """`lmforge.load` is where packing happens: bf16 on such a CPU packs (and decodes as the plain model
+    does), fp32 or LMFORGE_PACKED_WEIGHTS=off does not."""
+    import lmforge
+    from lmforge.checkpoint import save_checkpoint
+    from lmforge.tokenizer import train_tokenizer
+
+    tokenizer = train_tokenizer(["def add(a, b):\n    return a + b\n" * 30], 300)
+    torch.manual_seed(0)
+    save_checkpoint(tmp_path / "ckpt", DecoderLM(preset("tiny", vocab_size=tokenizer.vocab_size)).eval(), tokenizer)
+
+    def packed_layers(lm) -> int:
+        return sum(isinstance(m, PackedLinear) for m in lm.model.modules())
+    assert packed_layers(lmforge.load(tmp_path / "ckpt", device="cpu", dtype="fp32")) == 0
+    monkeypatch.setenv("LMFORGE_PACKED_WEIGHTS", "off")
+    plain = lmforge.load(tmp_path / "ckpt", device="cpu", dtype="bf16")
+    assert packed_layers(plain) == 0
+    monkeypatch.delenv("LMFORGE_PACKED_WEIGHTS")
+    lm = lmforge.load(tmp_path / "ckpt", device="cpu", dtype="bf16")
+    if not available(torch.bfloat16, "cpu"):
+        assert packed_layers(lm) == 0
+        return
+    assert packed_layers(lm) == 2 * lm.model.config.num_layers + 1  # o, down, the head (q/k/v, gate/up fused)
+    assert lm.model.blocks[0].attn.qkv.packed is not None
+    text = lm.generate("def ", max_new_tokens=12, temperature=0)
+    assert text == plain.generate("def ", max_new_tokens=12, temperature=0)
