@@ -7,7 +7,7 @@ is lmforge's own ratio (llama.cpp's speed is in benchmarks/decode.py).
 
     python benchmarks/step.py                                   # SmolLM2-135M, fp32 and fp16 weights, eager
     python benchmarks/step.py --weights fp16 --compile --widths 1 4 5
-    python benchmarks/step.py --dtype bf16 --weights bf16 --batch 16 --compile   # AMX / AVX-512 BF16 CPUs
+    python benchmarks/step.py --dtype bf16 --weights fp32 --batch 16 --compile   # AMX / AVX-512 BF16 CPUs
 """
 
 from __future__ import annotations
@@ -31,7 +31,9 @@ from lmforge.infer.slot_cache import attention_mask  # noqa: E402
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="smollm2-135m-instruct")
-    parser.add_argument("--weights", nargs="+", default=["fp32", "fp16"], help="weight storages to compare")
+    parser.add_argument("--weights", nargs="+", default=["fp32", "fp16"],
+                        help="weight storages to compare (16-bit storage needs --dtype fp32; with --dtype bf16 "
+                             "give fp32: the weights are then bf16)")
     parser.add_argument("--dtype", default="fp32", help="compute dtype (fp32, bf16, auto)")
     parser.add_argument("--compile", action="store_true", help="the compiled decode step")
     parser.add_argument("--widths", type=int, nargs="+", default=[1, 5], help="tokens per row in a step")

@@ -6,7 +6,11 @@ ahead of time, the same product reads the weight straight through: on a 2-core I
 with AMX, SmolLM2-135M's 120 layer products (every weight read from memory, as in a
 decode step) took 11.5-12.3 ms instead of 17.6 at 1 to 16 rows, and 15.9 instead of
 24.4 at 60 rows (a prefill of a short prompt beside decoding rows). The results are the
-same bits: oneDNN runs the same kernel either way.
+plain product's bits wherever it multiplies two or more rows (1,800 random products of
+SmolLM2's shapes and a 64 x 64 layer, 1 to 16 rows: no difference). One row alone the
+plain product hands to another kernel, which now and then rounds differently (1 of 300
+random inputs to a 64 x 64 layer); the packed product gives a row the same bits alone or
+among others, which keeps speculative decoding exact (docs/QUANTIZATION.md).
 
 Inductor's ``freezing`` does this inside a compiled step (:mod:`lmforge.infer.compiled`);
 :func:`pack_weights` does it for the eager passes: the batched engine's prefill passes,
@@ -92,8 +96,9 @@ def pack_weights(model: nn.Module) -> int:
     :mod:`lmforge.model.fused`) a packed copy of its weight; returns how many were packed.
 
     For inference, after the weights have their final dtype and the projections are fused
-    (``lmforge.load`` calls it on bf16 CPU models). Layers already packed, LoRA or integer
-    layers, and weights of another dtype than bf16 are left alone.
+    (``lmforge.load`` calls it on bf16 CPU models). Layers already packed, integer layers,
+    the members of an intact fused group and weights of another dtype than bf16 are left
+    alone (a LoRA wrapper is too; the plain base layer inside it is packed like any other).
     """
     from lmforge.model.fused import FusedLinear
 
