@@ -126,7 +126,7 @@ def test_int8_activation_kernel_equals_its_reference(isa, activations, method, r
     kernels.set_isa(isa)
     torch.manual_seed(3)
     spec = QuantSpec(*method, 32, activations=activations)
-    for inputs, outputs in [(128, 40), (96, 7), (160, 33), (80, 5)]:  # whole 64- and 32-byte steps, and tails
+    for inputs, outputs in [(128, 40), (96, 7), (160, 33), (80, 5), (192, 9)]:  # whole 64- and 32-byte steps, tails
         if spec.granularity == "group" and inputs % spec.group_size:
             continue
         layer = IntLinear.from_linear(torch.nn.Linear(inputs, outputs), spec)

@@ -226,6 +226,9 @@ struct ProblemA8 {
   const float* sx;       // (M) their scales
   const int32_t* xsum;   // (M, G) int4: the sum of each group's rounded activations
   const uint8_t* xu;     // (M, K) int8 weights with VNNI: the rounded activations plus 128, or nullptr
+  const int32_t* xbias;  // (M, K / 8) int4 with VNNI: -zero_fixed times the sum of each 4 even inputs and
+                         // the 4 odd inputs beside them (one VNNI lane's activations), or nullptr
+  const int32_t* lane_group;  // (K / 8) int4 with VNNI: the group of each lane's inputs, or nullptr
   const uint8_t* codes;  // (N, K) int8, or (N, K / 2) packed int4
   const float* scale;    // (scale_rows, G)
   const float* zero;     // (scale_rows, G) or nullptr (int4 only)
@@ -346,6 +349,120 @@ inline float row_a8_vnni(const ProblemA8& p, int64_t n, int64_t m) {
   }
   return total;
 }
+
+// int4 codes times int8 activations with AVX-512 VNNI. The codes (0 to 15) are the unsigned operand
+// just as they are, the activations the signed one, so nothing is shifted. 64 bytes of a row hold the
+// codes of 64 even and 64 odd inputs: their low halves against the 64 even activations and their high
+// halves against the 64 odd ones, two vpdpbusd, sum each lane's 8 products (4 even, 4 odd inputs, of one
+// group: groups are whole multiples of 32 inputs) into 16 int32 lanes. The lanes start from the fixed
+// zero point's share (xbias: -z times their activations' sum, made once a call), so what they hold is
+// sum((code - z) * x) exactly. Then each lane is made fp32 and multiplied by its group's scale (up to 4
+// groups in one step at group size 32: the scales are picked by a lane-to-group table made once a call)
+// and added up. A row's last step loads only the bytes it has (masked). Per-group zero points
+// (asymmetric codes) come off at the end: z times the group's activation sum.
+
+// One 64-byte step's lanes from j, the first even (and odd) input: bytes and lanes say how much of it
+// there is (a row's last step may be short).
+inline __m512i a4_step(const uint8_t* w, const int8_t* xe, const int8_t* xo, const int32_t* bias, int64_t j,
+                       __mmask64 bytes, __mmask16 lanes) {
+  const __m512i low = _mm512_set1_epi8(0x0F);
+  const __m512i b = _mm512_maskz_loadu_epi8(bytes, w + j);
+  __m512i acc = _mm512_maskz_loadu_epi32(lanes, bias + j / 4);
+  acc = _mm512_dpbusd_epi32(acc, _mm512_and_si512(b, low), _mm512_maskz_loadu_epi8(bytes, xe + j));
+  return _mm512_dpbusd_epi32(acc, _mm512_and_si512(_mm512_srli_epi16(b, 4), low), _mm512_maskz_loadu_epi8(bytes, xo + j));
+}
+
+// GS: the group size when it is 32 or 64 (a step's lanes then take 4 or 2 groups, always whole ones,
+// in a fixed pattern), 0 for any other multiple of 32 (the lane-to-group table picks the scales).
+template <int GS>
+inline float row_a4_vnni(const ProblemA8& p, int64_t n, int64_t m) {
+  const int64_t srow = p.scale_rows == 1 ? 0 : n, half = p.K / 2;
+  const float* s = p.scale + srow * p.G;
+  const uint8_t* w = p.codes + n * half;
+  const int8_t* xe = p.xq + m * p.K;  // the row's even inputs; its odd ones from K / 2 on
+  const int8_t* xo = xe + half;
+  const int32_t* bias = p.xbias + m * (p.K / 8);
+  __m512 total = _mm512_setzero_ps();
+  int64_t j = 0;
+  if constexpr (GS == 32 || GS == 64) {
+    const __m512i pattern = GS == 32 ? _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3)
+                                     : _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1);
+    for (; j + 64 <= half; j += 64) {  // whole steps: 4 (2) groups, their scales side by side
+      const __m512i acc = a4_step(w, xe, xo, bias, j, ~0ULL, 0xFFFF);
+      const __m128 four = GS == 32 ? _mm_loadu_ps(s + j / 16)
+                                   : _mm_castpd_ps(_mm_load_sd(reinterpret_cast<const double*>(s + j / 32)));
+      total = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc), _mm512_permutexvar_ps(pattern, _mm512_castps128_ps512(four)), total);
+    }
+    if (half - j == 32) {  // a last half step (576 inputs: 4.5 steps) in 8 lanes: 2 groups (1 of 64)
+      const __m256i low = _mm256_set1_epi8(0x0F);
+      const __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + j));
+      __m256i acc = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(bias + j / 4));
+      acc = _mm256_dpbusd_epi32(acc, _mm256_and_si256(b, low), _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xe + j)));
+      acc = _mm256_dpbusd_epi32(acc, _mm256_and_si256(_mm256_srli_epi16(b, 4), low),
+                                _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xo + j)));
+      const __m256 scales = GS == 32 ? _mm256_setr_m128(_mm_set1_ps(s[j / 16]), _mm_set1_ps(s[j / 16 + 1]))
+                                     : _mm256_set1_ps(s[j / 32]);
+      total = _mm512_add_ps(total, _mm512_zextps256_ps512(_mm256_mul_ps(_mm256_cvtepi32_ps(acc), scales)));
+      j = half;
+    }
+  }
+  for (; j < half; j += 64) {  // any group size, and the short last step
+    const int64_t left = std::min<int64_t>(64, half - j);  // a multiple of 16
+    const __m512i acc = a4_step(w, xe, xo, bias, j, left == 64 ? ~0ULL : (1ULL << left) - 1,
+                                static_cast<__mmask16>((1U << (left / 4)) - 1));
+    const int32_t first = p.lane_group[j / 4];  // the step's lanes take groups first, first + 1, ...
+    const __m512i pick = _mm512_sub_epi32(_mm512_maskz_loadu_epi32(static_cast<__mmask16>((1U << (left / 4)) - 1),
+                                                                   p.lane_group + j / 4), _mm512_set1_epi32(first));
+    const __mmask16 there = static_cast<__mmask16>((1U << std::min<int64_t>(16, p.G - first)) - 1);
+    total = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc), _mm512_permutexvar_ps(pick, _mm512_maskz_loadu_ps(there, s + first)),
+                            total);
+  }
+  float shift = 0.0f;  // zero points per group (asymmetric codes) on top of the fixed one
+  for (int64_t h = 0; p.zero && h < p.G; ++h)
+    shift += s[h] * static_cast<float>(static_cast<int>(p.zero[srow * p.G + h]) * p.xsum[m * p.G + h]);
+  return _mm512_reduce_add_ps(total) - shift;
+}
+#pragma GCC pop_options
+
+// Each row of x (M, K) onto [-127, 127] by its scale (its largest magnitude / 127 when `dynamic`, else
+// `fixed`, calibrated), 16 inputs at a time: the same division and rounding (half to even) as the plain loop in
+// int_linear_a8, so the same integers. With `split` (int4 weights) the even inputs go to the first half
+// of the row and the odd ones to the second, as the packed codes meet them. K: a multiple of 32.
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,fma")
+void round_rows_avx512(const float* xs, int64_t M, int64_t K, bool dynamic, float fixed, bool split, int8_t* xq,
+                       float* sx) {
+  const __m512 lo = _mm512_set1_ps(-127.0f), hi = _mm512_set1_ps(127.0f);
+  const __m512i evens = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+  const __m512i odds = _mm512_add_epi32(evens, _mm512_set1_epi32(1));
+  for (int64_t m = 0; m < M; ++m) {
+    const float* x = xs + m * K;
+    float s = fixed;
+    if (dynamic) {
+      __m512 largest = _mm512_setzero_ps();
+      for (int64_t k = 0; k < K; k += 16) largest = _mm512_max_ps(largest, _mm512_abs_ps(_mm512_loadu_ps(x + k)));
+      const float top = _mm512_reduce_max_ps(largest);
+      s = top > 0.0f ? top / 127.0f : 1.0f;
+    }
+    sx[m] = s;
+    const __m512 step = _mm512_set1_ps(s);
+    auto round16 = [&](__m512 v) {  // 16 inputs to 16 bytes
+      const __m512 q = _mm512_roundscale_ps(_mm512_div_ps(v, step), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+      return _mm512_cvtepi32_epi8(_mm512_cvtps_epi32(_mm512_min_ps(hi, _mm512_max_ps(lo, q))));
+    };
+    int8_t* out = xq + m * K;
+    for (int64_t k = 0; k < K; k += 32) {
+      const __m512 a = _mm512_loadu_ps(x + k), b = _mm512_loadu_ps(x + k + 16);
+      if (split) {
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(out + k / 2), round16(_mm512_permutex2var_ps(a, evens, b)));
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(out + K / 2 + k / 2), round16(_mm512_permutex2var_ps(a, odds, b)));
+      } else {
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(out + k), round16(a));
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(out + k + 16), round16(b));
+      }
+    }
+  }
+}
 #pragma GCC pop_options
 
 bool has_vnni() {
@@ -452,7 +569,13 @@ at::Tensor int_linear_a8(const at::Tensor& x, const at::Tensor& qweight, const a
   std::vector<float> sx(M);
   const float* xs = x2.data_ptr<float>();
   const float fixed = act_scale ? act_scale->item<float>() : 0.0f;
-  for (int64_t m = 0; m < M; ++m) {  // each row onto [-127, 127] by its scale, rounded half to even
+#ifdef LMF_X86
+  const bool vector_rounding = current_isa() == "avx512" && K % 32 == 0;
+  if (vector_rounding) round_rows_avx512(xs, M, K, !act_scale, fixed, bits == 4, xq.data(), sx.data());
+#else
+  const bool vector_rounding = false;
+#endif
+  for (int64_t m = 0; !vector_rounding && m < M; ++m) {  // each row onto [-127, 127] by its scale, rounded half to even
     float s = fixed;
     if (!act_scale) {
       float largest = 0.0f;
@@ -477,10 +600,28 @@ at::Tensor int_linear_a8(const at::Tensor& x, const at::Tensor& qweight, const a
   at::Tensor codes = qweight.contiguous(), s = scale.contiguous();
   at::Tensor z = zero ? zero->contiguous() : at::Tensor();
   at::Tensor y = at::empty({M, N}, x.options());
-  ProblemA8 p{xq.data(), sx.data(), xsum.data(), nullptr, reinterpret_cast<const uint8_t*>(codes.data_ptr()),
+  ProblemA8 p{xq.data(), sx.data(), xsum.data(), nullptr, nullptr, nullptr, reinterpret_cast<const uint8_t*>(codes.data_ptr()),
               s.data_ptr<float>(), zero ? z.data_ptr<float>() : nullptr, y.data_ptr<float>(), M, N, K, G,
               scale.size(0), static_cast<int>(bits), static_cast<int>(offset)};
 #ifdef LMF_X86
+  if (bits == 4 && current_isa() == "avx512" && has_vnni()) {
+    std::vector<int32_t> xbias(M * K / 8), lane_group(K / 8);  // (K: a multiple of 32 where used)
+    for (int64_t m = 0; m < M; ++m)
+      for (int64_t l = 0; l < K / 8; ++l) {
+        const int8_t* e = xq.data() + m * K + 4 * l;  // 4 even inputs, and the 4 odd ones K / 2 further
+        int32_t sum = 0;
+        for (int i = 0; i < 4; ++i) sum += e[i] + e[K / 2 + i];
+        xbias[m * (K / 8) + l] = -static_cast<int32_t>(offset) * sum;
+      }
+    for (int64_t l = 0; l < K / 8; ++l) lane_group[l] = static_cast<int32_t>(8 * l / (K / G));
+    p.xbias = xbias.data();
+    p.lane_group = lane_group.data();
+    if ((K / G) % 32) run_a8<row_a8_avx2>(p);  // (the int4 rows of the VNNI path take whole lanes of one group)
+    else if (K / G == 32) run_a8<row_a4_vnni<32>>(p);
+    else if (K / G == 64) run_a8<row_a4_vnni<64>>(p);
+    else run_a8<row_a4_vnni<0>>(p);
+    return y.reshape(out_shape);
+  }
   if (bits == 8 && current_isa() == "avx512" && has_vnni()) {
     std::vector<uint8_t> xu(M * K);
     for (int64_t i = 0; i < M * K; ++i) xu[i] = static_cast<uint8_t>(xq[i] + 128);
