@@ -121,15 +121,17 @@ def test_load_with_16_bit_weights(tmp_path):
 
 @pytest.mark.slow
 def test_many_compiled_steps_in_one_process_all_stay_compiled(monkeypatch):
-    """Dynamo keeps DecoderLM.forward's graphs under one limit (8 by default, two per model
-    and batch size): past it a step would silently run eagerly, through the slow path."""
+    """Dynamo keeps DecoderLM.forward's graphs under one limit (8 by default, one per model
+    and batch size): past it a step would silently run eagerly, through the slow path. Here the
+    process-wide limit is 1, so that the second batch size's graph already lies past it."""
     calls = []
     monkeypatch.setattr(weight_only, "matvec", lambda x, weight: calls.append(1) or matvec(x, weight))
     monkeypatch.setattr(weight_only, "MATVEC_MAX_ROWS", 8)  # every batch size below takes the matvec path
     torch._dynamo.reset()
     model = quantize_weights(tiny_model(), "fp16")
     step = CompiledDecodeStep(model, max_autotune=False)
-    for batch_size in range(1, 6):  # ten graphs
-        before = len(calls)
-        step.warm_up(batch_size)
-        assert len(calls) > before, f"batch size {batch_size} was not compiled"
+    with torch._dynamo.config.patch(recompile_limit=1):
+        for batch_size in (1, 2):  # two graphs
+            before = len(calls)
+            step.warm_up(batch_size)
+            assert len(calls) > before, f"batch size {batch_size} was not compiled"

@@ -23,7 +23,10 @@ import torch
 
 from lmforge.model import DecoderLM, KVCache
 
-RECOMPILE_LIMIT = 64  # graphs kept for DecoderLM.forward: two per model and batch size
+RECOMPILE_LIMIT = 64  # graphs kept for DecoderLM.forward: one per model, batch size and step width
+# The cache position, symbolic from the first compile: Dynamo would otherwise compile once for
+# the position it first sees, then again, symbolic, at the next one (twice the warm-up).
+CACHE_LENGTH = "L['cache'].length,L['cache'].kv_len"
 
 
 # Guards Dynamo keeps on the model's modules: which weights (by identity), the config
@@ -71,21 +74,24 @@ class CompiledDecodeStep:
             raise ValueError("the compiled step decodes after a prefill: it needs the KV cache")
         torch._dynamo.mark_static(input_ids, 0)  # a new batch size or width compiles anew, never a dynamic one
         torch._dynamo.mark_static(input_ids, 1)
+        if "mask" in ragged:  # the engine's steps: the keys read are symbolic from the first compile, as is
+            torch._dynamo.maybe_mark_dynamic(ragged["mask"], 3)  # the cache's kv_len (CACHE_LENGTH)
         # Compilation happens lazily inside the call, and freezing is only read from the
         # global config there (passed in torch.compile's options it is ignored). The
         # autotuner's tables of kernel timings are not printed. Dynamo keeps its compiled
         # graphs per code object, so every model compiled in this process shares
-        # DecoderLM.forward's limit (8 by default; each model and batch size takes two):
+        # DecoderLM.forward's limit (8 by default; each model and batch size takes one):
         # past it Dynamo would silently run the step eagerly.
         with inductor_config.patch(freezing=True, autotune_num_choices_displayed=0), \
-                torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT):
+                torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT), \
+                torch.compiler.config.patch(dynamic_sources=CACHE_LENGTH):
             return self.compiled(input_ids, cache, **ragged)
 
     def warm_up(self, batch_size: int = 1) -> float:
         """Compile for ``batch_size`` now (not in the first generate call); returns the seconds it took.
 
-        Two steps: the first compiles for a fixed cache position, the second
-        recompiles with the position symbolic, which then serves every position.
+        Two steps at two cache positions: the first compiles (the position is symbolic from
+        the start), the second runs the same graph.
         """
         start = time.perf_counter()
         with torch.inference_mode():

@@ -300,7 +300,7 @@ class Engine:
                 for width in (1, 1 + draft_tokens) if draft_tokens else (1,):
                     ids = torch.zeros(batch, width, dtype=torch.long, device=self.device)
                     positions = torch.zeros_like(ids)  # its own tensor: an input aliasing another is guarded on
-                    for kv_len in (2, 3):  # a decode reads at least 2 positions; the second makes it symbolic
+                    for kv_len in (2, 3):  # a decode reads at least 2 positions; the second reuses the graph
                         self.cache.bind(torch.full_like(ids, self.cache.scratch), kv_len)
                         step(ids, self.cache, positions=positions, mask=attention_mask(positions, kv_len))
         return time.perf_counter() - start
