@@ -5,8 +5,11 @@ it through the OpenAI-compatible API with the same tools, so what differs is the
 its prompt, its loop and how it ends.
 
 - lmforge: :class:`lmforge.agent.Agent` on :class:`~lmforge.agent.backend.RemoteChat`
-  (defaults: every turn a tool call, ``final_answer`` ends the run, a repeated call is
-  answered from the earlier result and the next turn asks for the answer).
+  (defaults: every turn a tool call, the first one of the task's tools, ``final_answer``
+  ends the run, a repeated call is answered from the earlier result and the next turn asks
+  for the answer), a row for each ``--answer``: ``tool`` (the answer is final_answer's
+  argument) and ``words`` (final_answer() and then a turn without tools, asked the question
+  again).
 - smolagents: ``ToolCallingAgent`` with ``OpenAIServerModel`` (every turn a tool call too;
   its own ``final_answer``), greedy (temperature 0) and the same ``max_tokens`` per turn.
 
@@ -23,6 +26,7 @@ tokens and seconds per solved task.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import statistics
 import sys
@@ -64,13 +68,13 @@ def smolagents_tools(names: tuple[str, ...]):
     return [known[name] for name in names]
 
 
-def run_lmforge(url: str, task, items, args) -> list[dict]:
+def run_lmforge(url: str, task, items, args, answer: str = "tool") -> list[dict]:
     from lmforge.agent import Agent, AgentConfig, RemoteChat, Toolbox, builtin_tools
     from lmforge.agent.tasks import solved
 
     backend = RemoteChat(url, "model")
     agent = Agent(backend, Toolbox(builtin_tools(list(task.tools))),
-                  AgentConfig(max_steps=args.max_steps, max_new_tokens=args.max_tokens))
+                  AgentConfig(max_steps=args.max_steps, max_new_tokens=args.max_tokens, answer=answer))
     rows = []
     for item in items:
         start = time.perf_counter()
@@ -122,6 +126,10 @@ def main() -> None:
     parser.add_argument("--max-steps", type=int, default=5, help="turns per item, both agents")
     parser.add_argument("--max-tokens", type=int, default=128, help="tokens per turn, both agents")
     parser.add_argument("--dtype", default="fp32")
+    parser.add_argument("--answer", nargs="+", default=["tool", "words"], choices=["tool", "words"],
+                        help="lmforge's agent, a row each: the answer as final_answer's argument, or in a turn "
+                             "of its own")
+    parser.add_argument("--agents", nargs="+", default=["lmforge", "smolagents"], choices=["lmforge", "smolagents"])
     parser.add_argument("--out", help="also write the figures here as JSON")
     args = parser.parse_args()
 
@@ -137,7 +145,9 @@ def main() -> None:
     with background_server({"model": served}) as url:
         for name in args.tasks:
             task = builtin_task(name, limit=args.limit)
-            for side, run in (("lmforge", run_lmforge), ("smolagents", run_smolagents)):
+            sides = [(f"lmforge ({answer})", functools.partial(run_lmforge, answer=answer)) for answer in args.answer
+                     if "lmforge" in args.agents] + [("smolagents", run_smolagents)] * ("smolagents" in args.agents)
+            for side, run in sides:
                 rows = run(url, task, task.test, args)
                 figures[f"{name}/{side}"] = {"summary": summary(rows), "answers": [r["answer"] for r in rows]}
                 s = figures[f"{name}/{side}"]["summary"]
@@ -147,7 +157,7 @@ def main() -> None:
     print("|---|---|---:|---:|---:|---:|---:|---:|")
     for key, value in figures.items():
         s = value["summary"]
-        task, side = key.split("/")
+        task, side = key.split("/", 1)
 
         def per(x):
             return "-" if x is None else f"{x:.0f}"

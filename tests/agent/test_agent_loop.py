@@ -44,7 +44,8 @@ def test_tool_result_goes_back_to_the_model_and_final_answer_ends_the_run(tools,
     second = backend.seen[1]["messages"]
     assert second[-1] == {"role": "tool", "tool_call_id": call("add", a=2, b=40)["id"], "name": "add",
                           "content": "42"}
-    assert backend.seen[0]["tool_choice"] == "required" and FINAL_ANSWER in backend.seen[0]["tools"]
+    assert backend.seen[0]["tool_choice"] == "required" and FINAL_ANSWER in backend.seen[1]["tools"]
+    assert FINAL_ANSWER not in backend.seen[0]["tools"]  # act first: the first turn calls a tool
     events = read_events(tmp_path / "t.jsonl")
     assert [e["event"] for e in events] == ["start", "model", "tool", "model", "tool", "end"]
     assert events[2]["arguments"] == {"a": 2, "b": 40} and events[-1]["stopped"] == "answer"
@@ -55,8 +56,15 @@ def test_answer_in_words_asks_for_the_answer_in_a_turn_without_tools(tools, tmp_
     result = Agent(backend, tools, AgentConfig(answer="words")).run("What is 2 + 40?", trace=tmp_path / "t.jsonl")
     assert (result.answer, result.stopped, result.steps) == ("42", "answer", 2)
     assert backend.seen[2]["tools"] == [] and backend.seen[2]["messages"][-1]["role"] == "user"
+    assert backend.seen[2]["messages"][-1]["content"].endswith("answer the question: What is 2 + 40?")
     events = read_events(tmp_path / "t.jsonl")
     assert [e["event"] for e in events] == ["start", "model", "tool", "model", "tool", "note", "model", "end"]
+
+
+def test_without_act_first_the_first_turn_may_answer_at_once(tools):
+    backend = Scripted(*answer("42"))
+    result = Agent(backend, tools, AgentConfig(act_first=False)).run("What is 2 + 40?")
+    assert (result.answer, result.steps, backend.seen[0]["tools"][-1]) == ("42", 1, FINAL_ANSWER)
 
 
 def test_a_run_out_of_turns_still_gets_an_answer_in_words(tools):

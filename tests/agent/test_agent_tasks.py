@@ -77,6 +77,24 @@ def test_eval_scores_the_agent_beside_the_model_without_tools(scripted):
     assert agent["metrics"]["tokens_per_success"]["value"] == sum(r["tokens"] for r in records)
 
 
+def test_eval_agent_answer_words_takes_the_answer_from_a_turn_asked_the_question_again(scripted, tmp_path, capsys):
+    from lmforge.eval.run import config_hash
+
+    task = agent_arith(limit=1)
+    item = task.test[0]
+    scripted["backend"] = backend = Scripted(
+        calls(call("calculator", expression="2*3")), calls(call(FINAL_ANSWER)), Reply(content=f"It is {item.gold_text}."),
+        Reply(content="no idea"))  # the model without tools
+    results = evaluate(types.SimpleNamespace(), EvalConfig(tasks="agent_arith", bootstrap=20, agent_answer="words"),
+                       "scripted", [task])
+    assert results["tasks"]["agent_arith"]["agent"]["metrics"]["success"]["value"] == 1.0
+    assert backend.seen[2]["tools"] == [] and backend.seen[2]["messages"][-1]["content"].endswith(item.question)
+    assert config_hash(EvalConfig(agent_answer="words"), "m") != config_hash(EvalConfig(), "m")
+    assert main(["eval", "unused", "--tasks", "agent_arith", "--out", str(tmp_path / "x"),
+                 "--agent-answer", "maybe"]) == 2
+    assert "--agent-answer 'maybe': choose tool or words" in capsys.readouterr().err
+
+
 def test_the_memory_task_remembers_in_a_first_session_and_answers_in_a_second(scripted):
     task = agent_memory(limit=1)
     item = task.test[0]

@@ -187,7 +187,7 @@ def chat_backend(model, constrain: bool = True):
 
 
 def score_agent(model, task: Task, items: list[Item], with_tools: bool, seed: int = 0,
-                max_steps: int = 6, constrain: bool = True) -> list[dict]:
+                max_steps: int = 6, constrain: bool = True, answer: str = "tool") -> list[dict]:
     """One record per item: the agent with the task's tools (``with_tools``), or the model asked once."""
     from tqdm import tqdm
 
@@ -197,7 +197,7 @@ def score_agent(model, task: Task, items: list[Item], with_tools: bool, seed: in
     from lmforge.agent.tools import Toolbox
 
     backend = chat_backend(model, constrain)
-    config = AgentConfig(max_steps=max_steps, max_new_tokens=192, seed=seed)
+    config = AgentConfig(max_steps=max_steps, max_new_tokens=192, seed=seed, answer=answer)
     records = []
     label = "agent" if with_tools else "no tools"
     search = None

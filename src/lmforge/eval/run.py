@@ -72,6 +72,9 @@ class EvalConfig:
     bootstrap: int = field(1000, "bootstrap resamples for standard errors")
     agent_constrain: bool = field(True, "agent tasks on a local model: decode tool calls under the tools' JSON "
                                         "schemas (false: as the model writes them, for the parse rate without)")
+    agent_answer: str = field("tool", "agent tasks: tool (the answer is final_answer's argument) or words (the "
+                                      "model writes it in a turn of its own, asked the question again; better "
+                                      "for code from small models)")
 
 
 @dataclass(frozen=True)
@@ -341,6 +344,8 @@ def config_hash(config: EvalConfig, model_name: str) -> str:
     decided = {"model": model_name, **{k: getattr(config, k) for k in keys}}
     if config.weights != "fp32":  # rounded weights score a little differently (fp32 runs keep their old hashes)
         decided["weights"] = config.weights
+    if config.agent_answer != "tool":  # (likewise: runs with the default keep their hashes)
+        decided["agent_answer"] = config.agent_answer
     blob = json.dumps(decided, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
@@ -382,7 +387,8 @@ def evaluate(model: EvalModel, config: EvalConfig, model_name: str, tasks: list[
                 raise InputError(f"task {task.name!r} has {len(task.train)} train items; {prompting.label} "
                                  f"needs {prompting.shots}")
             start = time.perf_counter()
-            records = _score(model, task, task.test, prompting, config.seed, config.agent_constrain)
+            records = _score(model, task, task.test, prompting, config.seed, config.agent_constrain,
+                             config.agent_answer)
             seconds = time.perf_counter() - start
             entry = {"kind": task.kind, "n": len(records), "seconds": round(seconds, 3),
                      "items_per_second": len(records) / max(seconds, 1e-9), "chat_template": model.chat,
@@ -405,7 +411,7 @@ def evaluate(model: EvalModel, config: EvalConfig, model_name: str, tasks: list[
 
 
 def _score(model: EvalModel, task: Task, items: list[Item], prompting: Prompting, seed: int,
-           constrain: bool = True) -> list[dict]:
+           constrain: bool = True, answer: str = "tool") -> list[dict]:
     if task.kind == "multiple_choice":
         return score_multiple_choice(model, task, items, prompting, seed)
     if task.kind == "generate":
@@ -413,7 +419,8 @@ def _score(model: EvalModel, task: Task, items: list[Item], prompting: Prompting
     if task.kind == "agent":
         from lmforge.agent.tasks import score_agent
 
-        return score_agent(model, task, items, with_tools=prompting.kind == "agent", seed=seed, constrain=constrain)
+        return score_agent(model, task, items, with_tools=prompting.kind == "agent", seed=seed, constrain=constrain,
+                           answer=answer)
     return score_perplexity(model, task, items)
 
 
@@ -528,6 +535,8 @@ def run_eval(config: EvalConfig, model_path: str | None = None, progress: bool =
         raise InputError("--compile is for a local model; the server at --base-url runs its own")
     if config.weights not in ("fp32", "fp16", "bf16"):
         raise InputError(f"--weights {config.weights!r}: choose fp32, fp16 or bf16")
+    if config.agent_answer not in ("tool", "words"):
+        raise InputError(f"--agent-answer {config.agent_answer!r}: choose tool or words")
     if config.base_url and config.weights != "fp32":
         raise InputError("--weights is for a local model; the server at --base-url keeps its own")
     if config.base_url and speculative and any(speculative.get(k) for k in ("draft", "prompt_lookup", "draft_layers")):
