@@ -92,7 +92,7 @@ def test_eval_agent_answer_words_takes_the_answer_from_a_turn_asked_the_question
     assert config_hash(EvalConfig(agent_answer="words"), "m") != config_hash(EvalConfig(), "m")
     assert main(["eval", "unused", "--tasks", "agent_arith", "--out", str(tmp_path / "x"),
                  "--agent-answer", "maybe"]) == 2
-    assert "--agent-answer 'maybe': choose tool or words" in capsys.readouterr().err
+    assert "--agent-answer: answer must be words or tool, got 'maybe'" in capsys.readouterr().err
 
 
 def test_the_memory_task_remembers_in_a_first_session_and_answers_in_a_second(scripted):

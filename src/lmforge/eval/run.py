@@ -535,8 +535,12 @@ def run_eval(config: EvalConfig, model_path: str | None = None, progress: bool =
         raise InputError("--compile is for a local model; the server at --base-url runs its own")
     if config.weights not in ("fp32", "fp16", "bf16"):
         raise InputError(f"--weights {config.weights!r}: choose fp32, fp16 or bf16")
-    if config.agent_answer not in ("tool", "words"):
-        raise InputError(f"--agent-answer {config.agent_answer!r}: choose tool or words")
+    try:  # the agent's own check of its settings, before a model is loaded
+        from lmforge.agent.loop import AgentConfig
+
+        AgentConfig(answer=config.agent_answer)
+    except ValueError as err:
+        raise InputError(f"--agent-answer: {err}") from None
     if config.base_url and config.weights != "fp32":
         raise InputError("--weights is for a local model; the server at --base-url keeps its own")
     if config.base_url and speculative and any(speculative.get(k) for k in ("draft", "prompt_lookup", "draft_layers")):
