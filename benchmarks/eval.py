@@ -87,13 +87,15 @@ class LmforgeSide:
         self.args = args
         start = time.perf_counter()
         lm = load(args.model, device=args.device, dtype=args.dtype, compile=args.compile, weights=args.weights,
-                  autotune=False, prompt_lookup=args.prompt_lookup, draft_tokens=args.draft_tokens)
+                  compile_prefill=args.compile_prefill, autotune=False, prompt_lookup=args.prompt_lookup,
+                  draft_tokens=args.draft_tokens)
         self.model = LocalModel(lm, name=args.model, batch_size=args.batch_size, progress=False)
         self.load_seconds = time.perf_counter() - start
         # what `lmforge eval --compile` does: the (B, 1 + k) checking step too when guessing
         self.compile_seconds = self.model.engine.warm_up(lm.draft_width) if args.compile else 0.0
         if args.compile:
-            print(f"compiled lmforge's decode step for batch sizes {self.model.engine.decode_buckets} in "
+            print(f"compiled lmforge's decode step for batch sizes {self.model.engine.decode_buckets}"
+                  f"{' and its prefill pass' if args.compile_prefill else ''} in "
                   f"{self.compile_seconds:.0f}s (not in items/s)", flush=True)
         self.model.loglikelihood([("Warm up", " now")])
         self.model.generate(["Warm up"], stop=["\n"], max_new_tokens=2)
@@ -335,6 +337,9 @@ def main() -> None:
                              "(lmforge --chat on, lm-eval apply_chat_template); multiple choice stays plain")
     parser.add_argument("--compile", action="store_true",
                         help="lmforge: compile the decode step first, as `lmforge eval --compile` (timed apart)")
+    parser.add_argument("--compile-prefill", action="store_true",
+                        help="lmforge, with --compile: compile the pass that admits prompts too, as `lmforge eval "
+                             "--compile --compile-prefill` (timed apart)")
     parser.add_argument("--prompt-lookup", type=int, default=0, metavar="N",
                         help="lmforge: guess tokens from matches of the last N tokens earlier in the prompt and "
                              "reply, checked in one pass (`lmforge eval --prompt-lookup N`); greedy output unchanged")

@@ -277,7 +277,8 @@ class _StopDetector:
 
 def load(path: str | Path, device: str = "auto", dtype: str = "auto", attention: str = "sdpa",
          compile: bool = False, weights: str = "fp32", autotune: bool = True, draft: str | Path | None = None,
-         prompt_lookup: int = 0, draft_layers: int = 0, draft_tokens: int = 4) -> LanguageModel:
+         prompt_lookup: int = 0, draft_layers: int = 0, draft_tokens: int = 4,
+         compile_prefill: bool = False) -> LanguageModel:
     """Load a checkpoint directory (or a file inside one) for inference.
 
     ``device``/``dtype`` as in :meth:`Runtime.resolve`. When the dtype is not fp32 the
@@ -291,7 +292,10 @@ def load(path: str | Path, device: str = "auto", dtype: str = "auto", attention:
     memory, and with ``compile=True`` fewer ms per token on CPUs without native bf16.
     ``autotune=False`` compiles each batch size in about half the time and gains less
     (what `lmforge serve --compile` and `lmforge eval --compile` use: they compile every
-    batch bucket of the engine before the first request).
+    batch bucket of the engine before the first request). ``compile_prefill=True`` (with
+    ``compile``) also compiles the batched engine's pass that admits new prompts beside the
+    decoding rows: one more graph, every size in it symbolic (SmolLM2 on 2 cores: 1-2 minutes
+    more), and each admission about a third cheaper; for servers and long evaluations.
 
     Speculative decoding (:mod:`lmforge.infer.speculative`) for ``generate``, ``stream``
     and ``chat``: ``draft`` a smaller model with the same tokenizer that guesses
@@ -299,6 +303,9 @@ def load(path: str | Path, device: str = "auto", dtype: str = "auto", attention:
     ``draft_layers`` layers as the draft; or ``prompt_lookup`` > 0 to guess from matches of
     the last ``prompt_lookup`` tokens (then fewer) earlier in the prompt and output.
     """
+    if compile_prefill and not compile:
+        raise InputError("compile_prefill (--compile-prefill) compiles the engine's prefill pass beside the decode "
+                         "step: it needs compile (--compile)")
     path = resolve_model(path)
     if path.suffix != ".gguf" and (path.is_file() or (not (path / CONFIG).exists() and path.suffix)):
         path = path.parent  # a file inside a checkpoint folder
@@ -327,7 +334,7 @@ def load(path: str | Path, device: str = "auto", dtype: str = "auto", attention:
     fuse_projections(model)  # q/k/v and gate/up as one product each when no gradient is taken
     if packing_helps(runtime.dtype, runtime.device):
         pack_weights(model)  # eager bf16 products read weights in oneDNN's layout
-    decode_step = CompiledDecodeStep(model, max_autotune=autotune) if compile else None
+    decode_step = CompiledDecodeStep(model, max_autotune=autotune, prefill=compile_prefill) if compile else None
     lm = LanguageModel(model, load_tokenizer(path), runtime, decode_step, draft_tokens=draft_tokens)
     if (draft is not None) + bool(prompt_lookup) + bool(draft_layers) > 1:
         raise InputError("choose one drafter: a draft model, the model's first layers or prompt lookup")

@@ -226,15 +226,32 @@ def test_prompts_prefilled_together_equal_each_alone(make_model):
     """Several prompts of different lengths in one packed pass: every row's prompt
     log-probs equal a full forward of that prompt alone, and the greedy tokens are the same."""
     model = make_model()
-    prompts = [[3, 1, 4, 1, 5], [9, 2, 6, 5, 3, 5], [8, 9, 7, 9, 3, 2, 3], [8, 4, 6, 2, 6, 4, 3, 3]]
+    prompts = [[3, 1, 4, 1, 5], [9, 2, 6, 5, 3, 5], [8, 9, 7, 9, 3, 2, 3], [8, 4, 6, 2, 6, 4, 3, 3],
+               [(7 * i) % 60 + 1 for i in range(100)]]  # the long one attends in a batch of its own
     engine = Engine(model, max_batch_size=8)
     outs = engine.generate([Request(p, greedy(3), prompt_logprobs=0) for p in prompts])
     assert engine.stats.prefill_passes == 1
+    assert [prompts.rows.shape for prompts in engine.cache.prompts] == [(1, 100), (4, 8)]
     for prompt, out in zip(prompts, outs):
         reference = forward_logprobs(model, prompt)
         for i in range(1, len(prompt)):
             assert out.prompt_logprobs[i].logprob == pytest.approx(float(reference[i - 1, prompt[i]]), abs=1e-5)
         assert out.token_ids == run_alone(model, [(prompt, greedy(3))])[0].token_ids
+
+
+def test_prompts_attend_in_batches_that_keep_padding_small():
+    """A packed pass's prompts attend in padded batches: alike ones together, a long one apart from short
+    ones (padded to it they would do up to twice their own attention work)."""
+    from lmforge.infer.slot_cache import Segment, _batches
+
+    def segment(tokens: int, keys: int) -> Segment:
+        return Segment(0, 0, tokens, torch.ones(tokens, keys, dtype=torch.bool))
+
+    long, short = segment(200, 200), [segment(3, 3), segment(4, 10), segment(5, 5)]
+    batches = _batches([short[0], long, *short[1:]])
+    assert [[id(s) for s in batch] for batch in batches] == [[id(long)], [id(short[1]), id(short[2]), id(short[0])]]
+    alike = [segment(40, 40 + i) for i in range(5)]
+    assert len(_batches(alike)) == 1
 
 
 def forward_logprobs(model, ids: list[int]) -> torch.Tensor:
@@ -302,16 +319,33 @@ def test_compiled_step_serves_changing_batches_without_recompiling(make_model):
 
     model = make_model()
     reference = Engine(model, max_batch_size=2).generate([Request(p, greedy(12)) for p in PROMPTS[:3]])
-    engine = Engine(model, max_batch_size=2, decode_step=CompiledDecodeStep(model, max_autotune=False))
+    engine = Engine(model, max_batch_size=2, decode_step=CompiledDecodeStep(model, max_autotune=False, prefill=True))
     before_warm_up = counters["stats"]["unique_graphs"]
     engine.warm_up()
     compiled_before = counters["stats"]["unique_graphs"]
-    # one graph per batch bucket: the keys read are symbolic from the first compile, not a constant first
-    assert compiled_before - before_warm_up == len(engine.decode_buckets)
+    # one graph per batch bucket (the keys read are symbolic from the first compile, not a constant first),
+    # and one for every packed pass that admits prompts (every size in it symbolic)
+    assert compiled_before - before_warm_up == len(engine.decode_buckets) + 1
     out = engine.generate([Request(p, greedy(12)) for p in PROMPTS[:3]])  # batch 2, then 1 as rows end
     out += engine.generate([Request(PROMPTS[3], greedy(30))])
+    # packed passes of other shapes: a question with its choices as branches beside a prompt of 20
+    # tokens, then one that reuses most of that prompt from the prefix cache
+    long = PROMPTS[1] * 3
+    scoring = [Request(PROMPTS[4], SamplingConfig(max_new_tokens=0), continuations=[[10, 11], [12], [13, 14, 15]]),
+               Request(long[:20], greedy(3), prompt_logprobs=0),
+               Request(long, greedy(3), prompt_logprobs=0, prompt_logprobs_start=18)]
+    scored = [engine.generate(scoring[:2]), engine.generate(scoring[2:])]
     assert counters["stats"]["unique_graphs"] == compiled_before
     assert [c.token_ids for c in out[:3]] == [c.token_ids for c in reference]
+    eager = Engine(model, max_batch_size=2)
+    for got, want in zip(scored, [eager.generate(scoring[:2]), eager.generate(scoring[2:])]):
+        for a, b in zip(got, want):
+            assert a.token_ids == b.token_ids and a.cached_tokens == b.cached_tokens
+            pairs = [(x, y) for p, q in zip(a.continuation_logprobs or [], b.continuation_logprobs or [])
+                     for x, y in zip(p, q)] + list(zip(a.prompt_logprobs or [], b.prompt_logprobs or []))
+            assert pairs and all((x is None and y is None) or x.logprob == pytest.approx(y.logprob, abs=5e-5)
+                                 for x, y in pairs)
+    assert scored[1][0].cached_tokens == 17
 
 
 def test_a_stop_token_has_a_logprob_entry_but_no_token(make_model):

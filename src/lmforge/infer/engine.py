@@ -53,7 +53,7 @@ import torch
 from lmforge.infer.generate import autocast_for, eval_mode
 from lmforge.infer.request import Completion, Request, RequestOutput, TokenLogprob
 from lmforge.infer.sampling import apply_presence_frequency_penalty, apply_repetition_penalty, draw
-from lmforge.infer.slot_cache import Segment, SlotKVCache, attention_mask, block_room, key_count
+from lmforge.infer.slot_cache import KEY_BLOCK, Segment, SlotKVCache, attention_mask, block_room, key_count
 from lmforge.infer.speculative import check_speculative, verify
 from lmforge.infer.stream import StopStrings, TextStream
 from lmforge.model import DecoderLM
@@ -140,7 +140,8 @@ class Engine:
 
     ``context``: positions per slot (default: the model's ``max_seq_len``); a request's
     prompt plus ``max_new_tokens`` must fit. ``decode_step``: a compiled version of the
-    model for the one-token steps (:class:`CompiledDecodeStep`); prefills run eagerly.
+    model for the one-token steps (:class:`CompiledDecodeStep`); prefills run eagerly, unless it was
+    made with ``prefill=True`` (then the packed passes run compiled too).
     ``decode_buckets``: the batch sizes decode steps run at (default :func:`batch_buckets`);
     ``[max_batch_size]`` alone pads every step to the full batch: one compiled graph instead
     of one per bucket (a fifth of the compile time at 16 slots), at little cost per step when
@@ -292,10 +293,22 @@ class Engine:
     def warm_up(self, draft_tokens: int = 0) -> float:
         """Run the decode step once per batch bucket at two cache lengths (padding rows only), so that a
         compiled step compiles now rather than in the first requests; with ``draft_tokens`` k > 0 also
-        the speculative steps (B, 1 + k). Returns the seconds it took."""
+        the speculative steps (B, 1 + k); and a compiled packed pass (:meth:`_packed`) twice, at two
+        sizes. Returns the seconds it took."""
         start = time.perf_counter()
-        step = self.decode_step or self.model
+        step, packed = self.decode_step or self.model, self._packed_step()
         with eval_mode(self.model), torch.inference_mode(), autocast_for(self.model, self.runtime):
+            if packed is not None:  # padding only: every key goes to the scratch column
+                rows = next(b for b in self.decode_buckets if b >= min(2, len(self.slots)))
+                for new in (3, 5):  # one padding prompt's tokens; the second size runs the first one's graph
+                    count = rows + new
+                    ids = torch.zeros(1, count, dtype=torch.long, device=self.device)
+                    zeros = torch.zeros(count, dtype=torch.long, device=self.device)
+                    self.cache.bind_packed(zeros, torch.full_like(zeros, self.cache.scratch),
+                                           attention_mask(zeros[:rows, None], KEY_BLOCK),
+                                           [Segment(0, rows, count, torch.ones(new, 2, dtype=torch.bool))],
+                                           for_compiler=True)
+                    packed(ids, self.cache, torch.zeros_like(ids))
             for batch in self.decode_buckets:
                 for width in (1, 1 + draft_tokens) if draft_tokens else (1,):
                     ids = torch.zeros(batch, width, dtype=torch.long, device=self.device)
@@ -304,6 +317,10 @@ class Engine:
                         self.cache.bind(torch.full_like(ids, self.cache.scratch), kv_len)
                         step(ids, self.cache, positions=positions, mask=attention_mask(positions, kv_len))
         return time.perf_counter() - start
+
+    def _packed_step(self):
+        """The compiled packed pass, when the decode step was made to compile it (``prefill=True``)."""
+        return self.decode_step.packed if getattr(self.decode_step, "prefill", False) else None
 
     def usage(self) -> dict[str, float]:
         """Load figures for monitoring: waiting and running requests, KV positions in use."""
@@ -402,9 +419,11 @@ class Engine:
         their own branch only. So every choice of a question is scored in one row, the context once.
         """
         tokens, slot_of, write, positions = [], [], [], []  # per token of the pass
-        decode_mask = None
-        if decoding:  # the decode step's rows first: slots 0..B-1, one token each, as in _decode
-            ids, pos, where = ([row[0] for row in part] for part in self._decode_rows(decoding))
+        decode_mask, compiled = None, self._packed_step()
+        if decoding or compiled:  # the decode step's rows first: slots 0..B-1, one token each, as in _decode
+            # (a compiled pass always has them, at least 2: one graph for every pass)
+            least = min(2, len(self.slots)) if compiled else 1
+            ids, pos, where = ([row[0] for row in part] for part in self._decode_rows(decoding, least=least))
             kv_len = key_count(max(pos) + 1, self.cache.context)  # as _decode reads them
             decode_mask = attention_mask(torch.tensor(pos)[:, None], kv_len).to(self.device)
             tokens += ids
@@ -437,20 +456,21 @@ class Engine:
                 picks.append(chosen)
                 seen, upto_t = torch.arange(max(upto) + 1), torch.tensor(upto)[:, None]
                 mask = (seen[None] <= upto_t) & ((seen[None] < len(prompt)) | (seen[None] >= torch.tensor(branch)[:, None]))
-            segments.append(Segment(slot.index, start, len(tokens), mask[None, None].to(self.device)))
+            segments.append(Segment(slot.index, start, len(tokens), mask))
             slot_of += [slot.index] * (len(tokens) - start)
         padding = shape_bucket(len(tokens)) - len(tokens)  # a few dozen distinct lengths: kernels keep memory per shape
-        if padding:  # padding tokens: slot 0's scratch column, seeing its key 0 only
-            segments.append(Segment(0, len(tokens), len(tokens) + padding,
-                                    torch.ones(1, 1, padding, 1, dtype=torch.bool, device=self.device)))
+        if padding:  # padding tokens: written to slot 0's scratch column, their outputs unread
             tokens += [0] * padding
             positions += [0] * padding
             write += [self.cache.scratch] * padding
             slot_of += [0] * padding
         self.cache.bind_packed(torch.tensor(slot_of, device=self.device), torch.tensor(write, device=self.device),
-                               decode_mask, segments)
-        hidden = self.model(torch.tensor([tokens], device=self.device), self.cache, return_hidden=True,
-                            positions=torch.tensor([positions], device=self.device))[0]  # (N, dim)
+                               decode_mask, segments, for_compiler=compiled is not None)
+        ids_t, positions_t = torch.tensor([tokens], device=self.device), torch.tensor([positions], device=self.device)
+        if compiled:
+            hidden = compiled(ids_t, self.cache, positions_t)[0]  # (N, dim)
+        else:
+            hidden = self.model(ids_t, self.cache, return_hidden=True, positions=positions_t)[0]
         self.stats.prefill_passes += 1
         self.stats.decode_steps += bool(decoding)
         rows = list(decoding)  # a decode row's token is the token at its slot index
@@ -492,12 +512,12 @@ class Engine:
     # ---- decoding -------------------------------------------------------------------------------
 
     def _decode_rows(self, decoding: dict[int, _Sequence], drafts: Drafts | None = None,
-                     width: int = 1) -> tuple[list[list[int]], list[list[int]], list[list[int]]]:
+                     width: int = 1, least: int = 1) -> tuple[list[list[int]], list[list[int]], list[list[int]]]:
         """(tokens, positions, cache indices) (B, width) of slots 0..B-1 for one decode step, B the bucket
-        that spans the running rows: each row's pending token, then its guesses in ``drafts``. Slots
-        without a running row, and the places a row leaves empty, are padding (token 0 at position 0,
-        written to the scratch column)."""
-        batch = next(b for b in self.decode_buckets if b > max(decoding))
+        that spans the running rows (and ``least``): each row's pending token, then its guesses in
+        ``drafts``. Slots without a running row, and the places a row leaves empty, are padding (token 0
+        at position 0, written to the scratch column)."""
+        batch = next(b for b in self.decode_buckets if b > max(decoding, default=-1) and b >= least)
         ids, positions = [[0] * width for _ in range(batch)], [[0] * width for _ in range(batch)]
         write = [[self.cache.scratch] * width for _ in range(batch)]
         for index, sequence in decoding.items():

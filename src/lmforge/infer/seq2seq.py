@@ -119,9 +119,8 @@ class SlotDecoder(nn.Module):
                 if cache.decode_mask is not None:
                     cache.decode_mask = self._bias(cache.decode_mask, positions[0, :cache.decode_rows, None],
                                                    slice(0, cache.decode_rows))
-                for segment in cache.segments:
-                    segment.mask = self._bias(segment.mask, positions[:, segment.start:segment.stop],
-                                              slice(segment.slot, segment.slot + 1))
+                for prompts in cache.prompts:
+                    prompts.mask = self._bias(prompts.mask, positions[0, prompts.rows], prompts.slots)
         else:  # a decode step: row i is slot i (a slice: no copy of the memory)
             pick = slice(0, batch)
             if stack.relative is not None:

@@ -20,7 +20,10 @@ Two kinds of forward pass:
   products see N real tokens, where right-padding every prompt to the longest would
   compute up to rows x longest. The cache then does the attention itself
   (:meth:`attend`, since ``attends`` is true): it stores each token's keys in its own
-  slot, and each prompt attends over its own slot's keys with its own mask.
+  slot; the decode rows attend over slots 0..B-1, and the prompts, gathered into one
+  padded batch (:class:`Prompts`), each over its own slot's keys with its own mask. Two
+  attention calls a layer however many prompts, and only tensors: one compiled graph
+  serves every packed pass (:meth:`CompiledDecodeStep.packed`).
 
 Padding rows write to the extra index ``context`` (a scratch column nobody reads) and
 attend only to key 0, so they never disturb a slot's contents and never produce NaNs.
@@ -37,18 +40,83 @@ from dataclasses import dataclass
 
 import torch
 
+from lmforge.model.attention import GROUPED_QUERIES
+
 ZERO_AHEAD = 64  # positions zeroed at a time
 
 
 @dataclass
 class Segment:
-    """One slot's new tokens in a packed pass: tokens ``[start, stop)`` of the pass, stored in slot
-    ``slot``; they attend over its first ``mask.shape[-1]`` keys where ``mask`` (1, 1, T, keys) allows."""
+    """One slot's new tokens in a packed pass, as the engine describes them: tokens ``[start, stop)``
+    of the pass, stored in slot ``slot``; they attend over its first ``mask.shape[-1]`` keys where
+    ``mask`` (T, keys) allows."""
 
     slot: int
     start: int
     stop: int
     mask: torch.Tensor
+
+
+@dataclass
+class Prompts:
+    """A packed pass's segments as one padded batch (what :meth:`SlotKVCache.attend` reads): S segments
+    of at most T tokens. ``slots`` (S,) each one's slot; ``rows`` (S, T) which token of the pass each
+    query is; ``mask`` (S, 1, T, Tk) the keys of its slot each query sees. A segment's rows past its
+    last token repeat token 0 and see key 0 only (finite, and never read)."""
+
+    slots: torch.Tensor
+    rows: torch.Tensor
+    mask: torch.Tensor
+
+    @classmethod
+    def pack(cls, segments: list[Segment], device: torch.device, for_compiler: bool = False) -> Prompts:
+        # For a compiler every size is at least 2 (a segment of padding rows, a padding row, a masked key
+        # where needed), since it makes sizes 0 and 1 constants, and more than GROUPED_QUERIES rows, since
+        # the backend picks its kernel by the rows: one graph then serves every pass.
+        least = 2 if for_compiler else 1
+        count = max(len(segments), least)
+        width = max(GROUPED_QUERIES + 1 if for_compiler else 1, *(s.stop - s.start for s in segments))
+        seen = max(least, *(s.mask.shape[-1] for s in segments))
+        rows = torch.zeros(count, width, dtype=torch.long)
+        mask = torch.zeros(count, 1, width, seen, dtype=torch.bool)
+        mask[..., 0] = True
+        for i, segment in enumerate(segments):
+            n, keys = segment.stop - segment.start, segment.mask.shape[-1]
+            rows[i, :n] = torch.arange(segment.start, segment.stop)
+            mask[i, 0, :n, 0] = False
+            mask[i, 0, :n, :keys] = segment.mask
+        slots = torch.tensor([s.slot for s in segments] + [0] * (count - len(segments)))
+        return cls(slots.to(device), rows.to(device), mask.to(device))
+
+    def mark_dynamic(self) -> None:
+        """Tell a compiler that every size here changes from pass to pass."""
+        for tensor, dims in ((self.slots, (0,)), (self.rows, (0, 1)), (self.mask, (0, 2, 3))):
+            for dim in dims:
+                torch._dynamo.maybe_mark_dynamic(tensor, dim)
+
+
+# Small batches of prompts go together whatever their padding: a separate attention call costs about
+# what this many (query, key) pairs do (SmolLM2's shapes on 2 cores: ~45 us a call, ~0.02 us a pair).
+PAIRS_PER_CALL = 2048
+
+
+def _batches(segments: list[Segment]) -> list[list[Segment]]:
+    """Segments in padded batches, largest first: a segment joins the current batch unless the padded
+    batch would do more than 1.5 times its segments' own (query, key) pairs (plus one call's worth)."""
+    def pairs(segment: Segment) -> int:
+        return (segment.stop - segment.start) * segment.mask.shape[-1]
+
+    batches: list[list[Segment]] = []
+    for segment in sorted(segments, key=pairs, reverse=True):
+        if batches:
+            batch = batches[-1] + [segment]
+            width = max(s.stop - s.start for s in batch)
+            padded = len(batch) * width * max(s.mask.shape[-1] for s in batch)
+            if padded <= 1.5 * sum(map(pairs, batch)) + PAIRS_PER_CALL:
+                batches[-1] = batch
+                continue
+        batches.append([segment])
+    return batches
 
 
 class SlotKVCache:
@@ -63,7 +131,7 @@ class SlotKVCache:
         self.rows, self.kv_len = 0, 0
         self.write_index = torch.zeros(1, 1, dtype=torch.long, device=device)
         self.attends = False  # True while bound to a packed pass: the model calls attend, not update
-        self.decode_rows, self.decode_mask, self.segments = 0, None, []
+        self.decode_rows, self.decode_mask, self.prompts, self.order = 0, None, [], None
 
     @classmethod
     def for_model(cls, model, num_slots: int, context: int | None = None,
@@ -96,10 +164,15 @@ class SlotKVCache:
         self.attends = False
 
     def bind_packed(self, slot_index: torch.Tensor, write_index: torch.Tensor, decode_mask: torch.Tensor | None,
-                    segments: list[Segment]) -> None:
+                    segments: list[Segment], for_compiler: bool = False) -> None:
         """Prepare a packed pass of N tokens: token i's keys go to slot ``slot_index[i]`` at
         ``write_index[i]`` (N,). With ``decode_mask`` (B, 1, 1, Tk), the first B tokens are a decode
-        step over slots 0..B-1 (one token each, padding rows included); ``segments`` follow them."""
+        step over slots 0..B-1 (one token each, padding rows included); ``segments`` follow them.
+        Tokens in neither (padding) write where ``write_index`` says and their outputs are not read.
+
+        The segments attend in padded batches (:class:`Prompts`): few, and none where padding adds more
+        than half to the attention's work (a long prompt and short ones go apart). ``for_compiler``:
+        all in one batch whose sizes take the same branches in every pass (:meth:`Prompts.pack`)."""
         decode_keys = 0 if decode_mask is None else decode_mask.shape[-1]
         kv_len = max([decode_keys] + [s.mask.shape[-1] for s in segments])
         if kv_len > self.context:
@@ -107,7 +180,20 @@ class SlotKVCache:
         self._zero_up_to(kv_len)
         self.slot_index, self.write_index = slot_index, write_index
         self.decode_rows = 0 if decode_mask is None else decode_mask.shape[0]
-        self.decode_mask, self.segments, self.attends = decode_mask, segments, True
+        groups = [segments] if for_compiler else _batches(segments)
+        self.prompts = [Prompts.pack(group, self.device, for_compiler) for group in groups if group]
+        # the attention's output rows: the decode rows (B), then each batch's S x T rows
+        order = torch.zeros(len(slot_index), dtype=torch.long)
+        order[:self.decode_rows] = torch.arange(self.decode_rows)
+        start = self.decode_rows
+        for group, prompts in zip(groups, self.prompts):
+            width = prompts.rows.shape[1]
+            for i, segment in enumerate(group):
+                first = start + i * width
+                order[segment.start:segment.stop] = torch.arange(first, first + segment.stop - segment.start)
+            start += prompts.rows.numel()
+        self.order = order.to(self.device)
+        self.decode_mask, self.attends = decode_mask, True
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store k, v (B, Hkv, T, D) at each row's write indices; return (B, Hkv, kv_len, D) views."""
@@ -122,26 +208,28 @@ class SlotKVCache:
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                attention: Callable[..., torch.Tensor]) -> torch.Tensor:
-        """A packed pass's attention: store k, v (1, Hkv, N, D) in their slots, then each part of the
-        pass attends over its own slots' keys; q (1, H, N, D) -> (1, H, N, D). ``attention`` is the
-        model's backend (``q, k, v, dropout, training, mask``)."""
+        """A packed pass's attention: store k, v (1, Hkv, N, D) in their slots, then the decode rows attend
+        over slots 0..B-1 and the new prompts, in padded batches, each over its own slot's keys; q (1, H,
+        N, D) -> (1, H, N, D). ``attention`` is the model's backend (``q, k, v, dropout, training, mask``).
+        One call for the decode rows and one per batch of prompts, not one per prompt; bound for a
+        compiler (one batch) the pass is only tensors, one graph."""
         keys, values = self.keys[layer], self.values[layer]
         if k.dtype != keys.dtype:
             k, v = k.to(keys.dtype), v.to(values.dtype)
         keys[self.slot_index, :, self.write_index] = k[0].transpose(0, 1)  # target (N, Hkv, D)
         values[self.slot_index, :, self.write_index] = v[0].transpose(0, 1)
-        parts, rows = [], self.decode_rows
-        if rows:  # one query per slot 0..B-1: the decode step's attention
-            seen = self.decode_mask.shape[-1]
+        parts = []
+        if self.decode_mask is not None:  # one query per slot 0..B-1: the decode step's attention
+            rows, seen = self.decode_mask.shape[0], self.decode_mask.shape[-1]  # (from the tensor: symbolic when compiled)
             out = attention(q[0, :, :rows, None].transpose(0, 1), keys[:rows, :, :seen], values[:rows, :, :seen],
                             0.0, False, self.decode_mask)  # (B, H, 1, D)
-            parts.append(out[:, :, 0].transpose(0, 1))  # (H, B, D)
-        for segment in self.segments:
-            seen, s = segment.mask.shape[-1], segment.slot
-            out = attention(q[:, :, segment.start:segment.stop], keys[s:s + 1, :, :seen], values[s:s + 1, :, :seen],
-                            0.0, False, segment.mask)  # (1, H, T, D)
-            parts.append(out[0])
-        return torch.cat(parts, dim=1)[None]
+            parts.append(out[:, :, 0])  # (B, H, D)
+        for prompts in self.prompts:
+            seen, (count, width) = prompts.mask.shape[-1], prompts.rows.shape
+            out = attention(q[0][:, prompts.rows].transpose(0, 1), keys[prompts.slots, :, :seen],
+                            values[prompts.slots, :, :seen], 0.0, False, prompts.mask)  # (S, H, T, D)
+            parts.append(out.transpose(1, 2).reshape(count * width, q.shape[1], q.shape[3]))
+        return torch.cat(parts)[self.order].transpose(0, 1)[None]  # each token's row, in the pass's order
 
     def advance(self, num_tokens: int) -> None:
         """Part of the cache contract; lengths live with the engine's slots, so nothing to do."""

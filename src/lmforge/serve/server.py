@@ -32,6 +32,9 @@ class ServeConfig:
     weights: str = field("fp32", "fp32, or fp16/bf16: 16-bit weights with fp32 arithmetic")
     compile: bool = field(False, "compile the decode step for every batch bucket at startup (SmolLM2 on 2 cores: "
                                  "about 110 s per bucket, then ~1.5x the eager tokens/s)")
+    compile_prefill: bool = field(False, "with --compile: also compile the pass that admits new prompts beside "
+                                         "the running ones (one more graph, 1-2 minutes on 2 CPU cores; each "
+                                         "admission about a third cheaper)")
     graceful_seconds: float = field(10.0, "on SIGTERM, how long in-flight responses may take to finish")
     ratings: str | None = field(None, "SQLite file for human ratings: turns on the rating page /static/rate.html "
                                       "and /v1/ratings (see `lmforge eval human-report`)")
@@ -79,14 +82,15 @@ def build_models(paths: dict[str, str], config: ServeConfig, log=print, speculat
         start = time.perf_counter()
         # Compiled without autotuning: each batch bucket compiles in half the time.
         lm = load(path, device=config.device, dtype=config.dtype, weights=config.weights, compile=config.compile,
-                  autotune=False, **(speculative or {}))
+                  compile_prefill=config.compile_prefill, autotune=False, **(speculative or {}))
         context = config.context or min(lm.model.config.max_seq_len, 4096)
         served = ServedModel(name, lm, config.max_batch_size, context)
         log(f"[serve] {name}: {path} ({lm.model.num_parameters() / 1e6:.1f}M parameters, context {served.context}, "
             f"{config.max_batch_size} slots, KV cache {served.engine.cache.bytes_per_slot() * config.max_batch_size / 2**20:.0f} MiB) "
             f"in {time.perf_counter() - start:.1f} s")
         if config.compile:
-            log(f"[serve] {name}: compiling the decode step for batch sizes {served.engine.decode_buckets} ...")
+            log(f"[serve] {name}: compiling the decode step for batch sizes {served.engine.decode_buckets}"
+                f"{' and the prefill pass' if config.compile_prefill else ''} ...")
             seconds = served.engine.warm_up(lm.draft_width)
             log(f"[serve] {name}: compiled in {seconds:.0f} s")
         models[name] = served
