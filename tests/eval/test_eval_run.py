@@ -190,8 +190,8 @@ def test_cli_eval_and_leaderboard(tiny_lm, tmp_path, capsys):
 
 
 def test_cli_eval_compile_gives_the_eager_replies(tiny_lm, tmp_path, capsys):
-    """`lmforge eval --compile` compiles the engine's decode step before scoring (with `--compile-prefill`
-    its prefill pass too), and `--prompt-lookup` decodes speculatively; all reply as the plain eager run."""
+    """`lmforge eval --compile` compiles the engine's decode step before scoring, and `--prompt-lookup`
+    decodes speculatively; both reply as the plain eager run."""
     from lmforge.checkpoint import save_checkpoint
 
     checkpoint = save_checkpoint(tmp_path / "ckpt", tiny_lm.model, tiny_lm.tokenizer)
@@ -199,7 +199,7 @@ def test_cli_eval_compile_gives_the_eager_replies(tiny_lm, tmp_path, capsys):
     task_file.write_text("\n".join(json.dumps({"question": q, "answer": "fox"})
                                    for q in ["The quick brown", "Paris is the", "[1, 2,"]) + "\n")
     replies = {}
-    for flags in ([], ["--compile", "--compile-prefill"], ["--prompt-lookup", "2"]):
+    for flags in ([], ["--compile"], ["--prompt-lookup", "2"]):
         out = tmp_path / "-".join(["run", *flags])
         assert main(["eval", str(checkpoint), "--tasks", str(task_file), "--out", str(out), "--leaderboard", "",
                      "--dtype", "fp32", "--bootstrap", "20", "--batch-size", "1", *flags]) == 0
@@ -207,7 +207,7 @@ def test_cli_eval_compile_gives_the_eager_replies(tiny_lm, tmp_path, capsys):
         replies[" ".join(flags)] = [json.loads(line)["reply"] for line in lines]
         assert json.loads((out / "results.json").read_text())["config"]["compile"] is ("--compile" in flags)
     assert "compiled in" in capsys.readouterr().out
-    assert replies["--compile --compile-prefill"] == replies[""] == replies["--prompt-lookup 2"] and any(replies[""])
+    assert replies["--compile"] == replies[""] == replies["--prompt-lookup 2"] and any(replies[""])
 
 
 def test_cli_eval_weights_scores_the_16_bit_model(tiny_lm, tmp_path):

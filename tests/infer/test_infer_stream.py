@@ -8,6 +8,7 @@ import torch
 import lmforge
 from lmforge.api import LanguageModel
 from lmforge.checkpoint import save_checkpoint
+from lmforge.errors import InputError
 from lmforge.infer import CompiledDecodeStep
 from lmforge.infer.stream import StopStrings, TextStream, cut_at_stop
 from lmforge.runtime import Runtime
@@ -157,6 +158,10 @@ def test_load_a_checkpoint_in_bf16(make_model, byte_tokenizer, tmp_path, monkeyp
     lm32 = lmforge.load(tmp_path / "ckpt" / "config.json", device="cpu", dtype="fp32")  # a file inside works too
     assert next(lm32.model.parameters()).dtype == torch.float32
     assert lm32.decode_step is None
-    assert isinstance(lmforge.load(tmp_path / "ckpt", device="cpu", compile=True).decode_step, CompiledDecodeStep)
+    compiled = lmforge.load(tmp_path / "ckpt", device="cpu", compile=True).decode_step
+    assert isinstance(compiled, CompiledDecodeStep) and not compiled.prefill  # the packed pass stays eager
+    assert lmforge.load(tmp_path / "ckpt", device="cpu", compile=True, compile_prefill=True).decode_step.prefill
+    with pytest.raises(InputError, match="needs compile"):
+        lmforge.load(tmp_path / "ckpt", device="cpu", compile_prefill=True)
     assert lm32.generate("hi", **greedy(max_new_tokens=8)) == LanguageModel(
         model, byte_tokenizer, lm32.runtime).generate("hi", **greedy(max_new_tokens=8))

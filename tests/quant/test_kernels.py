@@ -125,8 +125,11 @@ A8_SPECS = [(8, "symmetric", "channel"), (8, "symmetric", "group"), (8, "symmetr
 def test_int8_activation_kernel_equals_its_reference(isa, activations, method, restore_isa):
     kernels.set_isa(isa)
     torch.manual_seed(3)
-    spec = QuantSpec(*method, 32, activations=activations)
-    for inputs, outputs in [(128, 40), (96, 7), (160, 33), (80, 5), (192, 9)]:  # whole 64- and 32-byte steps, tails
+    shapes = [(128, 40), (96, 7), (160, 33), (80, 5), (192, 9)]  # whole 64-byte steps, short last ones of 16-48
+    cases = [(QuantSpec(*method, 32, activations=activations), shapes)]
+    if method[2] == "group":  # groups of 64: a VNNI int4 step holds 2, a half step 1
+        cases.append((QuantSpec(*method, 64, activations=activations), [(128, 6), (192, 5), (320, 3)]))
+    for spec, (inputs, outputs) in [(spec, shape) for spec, shapes in cases for shape in shapes]:
         if spec.granularity == "group" and inputs % spec.group_size:
             continue
         layer = IntLinear.from_linear(torch.nn.Linear(inputs, outputs), spec)
@@ -140,7 +143,7 @@ def test_int8_activation_kernel_equals_its_reference(isa, activations, method, r
             assert rounded.abs().max() <= 127 and torch.equal(rounded, rounded.round())
             # integer sums are exact; the scales multiply in a different order
             bound = 1e-5 * ((rounded.abs() * scale) @ layer.dequantized().abs().T) + 1e-6
-            assert ((got - expected).abs() <= bound).all(), (inputs, outputs, rows)
+            assert ((got - expected).abs() <= bound).all(), (spec.group_size, inputs, outputs, rows)
     many = torch.randn(kernels.KERNEL_MAX_ROWS + 1, layer.in_features)  # the reference path, rounding alike
     torch.testing.assert_close(layer(many), layer.reference(many), rtol=0, atol=0)
 

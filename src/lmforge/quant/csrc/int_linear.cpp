@@ -396,26 +396,21 @@ inline float row_a4_vnni(const ProblemA8& p, int64_t n, int64_t m) {
   if constexpr (GS == 32 || GS == 64) {
     const __m512i pattern = GS == 32 ? _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3)
                                      : _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1);
-    for (; j + 64 <= half; j += 64) {  // whole steps: 4 (2) groups, their scales side by side
-      const __m512i acc = a4_step(w, xe, xo, bias, j, ~0ULL, 0xFFFF);
-      const __m128 four = GS == 32 ? _mm_loadu_ps(s + j / 16)
-                                   : _mm_castpd_ps(_mm_load_sd(reinterpret_cast<const double*>(s + j / 32)));
-      total = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc), _mm512_permutexvar_ps(pattern, _mm512_castps128_ps512(four)), total);
-    }
-    if (half - j == 32) {  // a last half step (576 inputs: 4.5 steps) in 8 lanes: 2 groups (1 of 64)
-      const __m256i low = _mm256_set1_epi8(0x0F);
-      const __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + j));
-      __m256i acc = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(bias + j / 4));
-      acc = _mm256_dpbusd_epi32(acc, _mm256_and_si256(b, low), _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xe + j)));
-      acc = _mm256_dpbusd_epi32(acc, _mm256_and_si256(_mm256_srli_epi16(b, 4), low),
-                                _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xo + j)));
-      const __m256 scales = GS == 32 ? _mm256_setr_m128(_mm_set1_ps(s[j / 16]), _mm_set1_ps(s[j / 16 + 1]))
-                                     : _mm256_set1_ps(s[j / 32]);
-      total = _mm512_add_ps(total, _mm512_zextps256_ps512(_mm256_mul_ps(_mm256_cvtepi32_ps(acc), scales)));
+    const auto scaled = [&](__m512i acc, __m128 scales) {
+      total = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc), _mm512_permutexvar_ps(pattern, _mm512_castps128_ps512(scales)),
+                              total);
+    };
+    for (; j + 64 <= half; j += 64)  // whole steps (constant masks: plain loads): 4 (2) groups, scales side by side
+      scaled(a4_step(w, xe, xo, bias, j, ~0ULL, 0xFFFF),
+             GS == 32 ? _mm_loadu_ps(s + j / 16) : _mm_castpd_ps(_mm_load_sd(reinterpret_cast<const double*>(s + j / 32))));
+    if (j < half) {  // a short last step (576 inputs: 4.5 steps), its missing lanes and scales zero
+      const int64_t left = half - j;  // bytes: a multiple of 16 (of 32 at group size 64)
+      scaled(a4_step(w, xe, xo, bias, j, (1ULL << left) - 1, static_cast<__mmask16>((1U << (left / 4)) - 1)),
+             _mm_maskz_loadu_ps(static_cast<__mmask8>((1U << (2 * left / GS)) - 1), s + 2 * j / GS));
       j = half;
     }
   }
-  for (; j < half; j += 64) {  // any group size, and the short last step
+  for (; j < half; j += 64) {  // any other group size (a multiple of 32), the last step short or not
     const int64_t left = std::min<int64_t>(64, half - j);  // a multiple of 16
     const __m512i acc = a4_step(w, xe, xo, bias, j, left == 64 ? ~0ULL : (1ULL << left) - 1,
                                 static_cast<__mmask16>((1U << (left / 4)) - 1));
@@ -599,8 +594,15 @@ at::Tensor int_linear_a8(const at::Tensor& x, const at::Tensor& qweight, const a
       xq[m * K + at] = static_cast<int8_t>(q);
     }
   }
-  std::vector<int32_t> xsum(bits == 4 ? M * G : 0);
-  for (int64_t m = 0; bits == 4 && m < M; ++m)  // per group: its even inputs and its odd ones
+  // int4: each group's activation sum (its even inputs and its odd ones), for the zero points: the AVX2
+  // rows subtract the fixed one with it, the VNNI rows only per-group (asymmetric) ones
+#ifdef LMF_X86  // int4 rows on VNNI take whole lanes of one group: groups a multiple of 32 inputs
+  const bool vnni4 = bits == 4 && current_isa() == "avx512" && has_vnni() && (K / G) % 32 == 0;
+#else
+  const bool vnni4 = false;
+#endif
+  std::vector<int32_t> xsum(bits == 4 && (zero || !vnni4) ? M * G : 0);
+  for (int64_t m = 0; !xsum.empty() && m < M; ++m)
     for (int64_t g = 0; g < G; ++g) {
       int32_t sum = 0;
       for (int64_t j = g * (K / G) / 2; j < (g + 1) * (K / G) / 2; ++j) sum += xq[m * K + j] + xq[m * K + K / 2 + j];
@@ -613,8 +615,8 @@ at::Tensor int_linear_a8(const at::Tensor& x, const at::Tensor& qweight, const a
               s.data_ptr<float>(), zero ? z.data_ptr<float>() : nullptr, y.data_ptr<float>(), M, N, K, G,
               scale.size(0), static_cast<int>(bits), static_cast<int>(offset)};
 #ifdef LMF_X86
-  if (bits == 4 && current_isa() == "avx512" && has_vnni()) {
-    std::vector<int32_t> xbias(M * K / 8), lane_group(K / 8);  // (K: a multiple of 32 where used)
+  if (vnni4) {
+    std::vector<int32_t> xbias(M * K / 8), lane_group(K / 8);
     for (int64_t m = 0; m < M; ++m)
       for (int64_t l = 0; l < K / 8; ++l) {
         const int8_t* e = xq.data() + m * K + 4 * l;  // 4 even inputs, and the 4 odd ones K / 2 further
@@ -625,8 +627,7 @@ at::Tensor int_linear_a8(const at::Tensor& x, const at::Tensor& qweight, const a
     for (int64_t l = 0; l < K / 8; ++l) lane_group[l] = static_cast<int32_t>(8 * l / (K / G));
     p.xbias = xbias.data();
     p.lane_group = lane_group.data();
-    if ((K / G) % 32) run_a8<row_a8_avx2>(p);  // (the int4 rows of the VNNI path take whole lanes of one group)
-    else if (K / G == 32) run_a8<row_a4_vnni<32>>(p);
+    if (K / G == 32) run_a8<row_a4_vnni<32>>(p);
     else if (K / G == 64) run_a8<row_a4_vnni<64>>(p);
     else run_a8<row_a4_vnni<0>>(p);
     return y.reshape(out_shape);
