@@ -565,7 +565,8 @@ def run_eval(config: EvalConfig, model_path: str | None = None, progress: bool =
                            batch_size=config.batch_size, progress=progress, context=config.context)
         if config.compile:
             if progress:
-                print(f"compiling the decode step for batch sizes {model.engine.decode_buckets} ...", flush=True)
+                print(f"compiling the decode step for batch sizes {model.engine.decode_buckets}"
+                      f"{' and the prefill pass' if config.compile_prefill else ''} ...", flush=True)
             seconds = model.engine.warm_up(model.lm.draft_width)
             if progress:
                 print(f"compiled in {seconds:.0f} s", flush=True)
