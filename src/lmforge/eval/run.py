@@ -560,9 +560,9 @@ def run_eval(config: EvalConfig, model_path: str | None = None, progress: bool =
 
         model_path = model_path or DEFAULT_CHAT_MODEL
         name = name or str(model_path)
-        model = LocalModel(load(model_path, device=config.device, dtype=config.dtype, compile=config.compile,
-                                compile_prefill=config.compile_prefill, weights=config.weights, autotune=False, **(speculative or {})), name=name,
-                           batch_size=config.batch_size, progress=progress, context=config.context)
+        lm = load(model_path, device=config.device, dtype=config.dtype, compile=config.compile,
+                  compile_prefill=config.compile_prefill, weights=config.weights, autotune=False, **(speculative or {}))
+        model = LocalModel(lm, name=name, batch_size=config.batch_size, progress=progress, context=config.context)
         if config.compile:
             if progress:
                 print(f"compiling the decode step for batch sizes {model.engine.decode_buckets}"

@@ -103,14 +103,9 @@ class CompiledDecodeStep:
         graph took 85-120 s to compile, 2-2.5x the decode step's (symbolic sizes cost the tracer)."""
         import torch._inductor.config as inductor_config
 
-        mark = torch._dynamo.maybe_mark_dynamic
         for tensor in (input_ids, positions):
-            mark(tensor, 1)
-        for tensor in (cache.slot_index, cache.write_index, cache.order):
-            mark(tensor, 0)
-        mark(cache.decode_mask, 0)
-        mark(cache.decode_mask, 3)
-        cache.prompts[0].mark_dynamic()  # (bound for a compiler: one batch of prompts)
+            torch._dynamo.maybe_mark_dynamic(tensor, 1)
+        cache.mark_dynamic()
         with inductor_config.patch(freezing=True, autotune_num_choices_displayed=0), \
                 torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT):
             return self.compiled(input_ids, cache, return_hidden=True, positions=positions)

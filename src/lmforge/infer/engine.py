@@ -299,7 +299,7 @@ class Engine:
         step, packed = self.decode_step or self.model, self._packed_step()
         with eval_mode(self.model), torch.inference_mode(), autocast_for(self.model, self.runtime):
             if packed is not None:  # padding only: every key goes to the scratch column
-                rows = next(b for b in self.decode_buckets if b >= min(2, len(self.slots)))
+                rows = len(self._decode_rows({}, least=self._least_packed_rows())[0])
                 for new in (3, 5):  # one padding prompt's tokens; the second size runs the first one's graph
                     count = rows + new
                     ids = torch.zeros(1, count, dtype=torch.long, device=self.device)
@@ -321,6 +321,11 @@ class Engine:
     def _packed_step(self):
         """The compiled packed pass, when the decode step was made to compile it (``prefill=True``)."""
         return self.decode_step.packed if getattr(self.decode_step, "prefill", False) else None
+
+    def _least_packed_rows(self) -> int:
+        """The decode rows a compiled packed pass carries at least (padding where none decode): a compiler
+        makes sizes 0 and 1 constants, so from 2 up one graph serves every pass."""
+        return min(2, len(self.slots))
 
     def usage(self) -> dict[str, float]:
         """Load figures for monitoring: waiting and running requests, KV positions in use."""
@@ -421,8 +426,7 @@ class Engine:
         tokens, slot_of, write, positions = [], [], [], []  # per token of the pass
         decode_mask, compiled = None, self._packed_step()
         if decoding or compiled:  # the decode step's rows first: slots 0..B-1, one token each, as in _decode
-            # (a compiled pass always has them, at least 2: one graph for every pass)
-            least = min(2, len(self.slots)) if compiled else 1
+            least = self._least_packed_rows() if compiled else 1
             ids, pos, where = ([row[0] for row in part] for part in self._decode_rows(decoding, least=least))
             kv_len = key_count(max(pos) + 1, self.cache.context)  # as _decode reads them
             decode_mask = attention_mask(torch.tensor(pos)[:, None], kv_len).to(self.device)

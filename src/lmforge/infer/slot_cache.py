@@ -20,10 +20,11 @@ Two kinds of forward pass:
   products see N real tokens, where right-padding every prompt to the longest would
   compute up to rows x longest. The cache then does the attention itself
   (:meth:`attend`, since ``attends`` is true): it stores each token's keys in its own
-  slot; the decode rows attend over slots 0..B-1, and the prompts, gathered into one
-  padded batch (:class:`Prompts`), each over its own slot's keys with its own mask. Two
-  attention calls a layer however many prompts, and only tensors: one compiled graph
-  serves every packed pass (:meth:`CompiledDecodeStep.packed`).
+  slot; the decode rows attend over slots 0..B-1, and the prompts, gathered into padded
+  batches (:class:`Prompts`), each over its own slot's keys with its own mask: one
+  attention call per batch, not per prompt. Bound for a compiler, all prompts form one
+  batch and the pass is only tensors: one compiled graph serves every packed pass
+  (:meth:`CompiledDecodeStep.packed`).
 
 Padding rows write to the extra index ``context`` (a scratch column nobody reads) and
 attend only to key 0, so they never disturb a slot's contents and never produce NaNs.
@@ -131,7 +132,7 @@ class SlotKVCache:
         self.rows, self.kv_len = 0, 0
         self.write_index = torch.zeros(1, 1, dtype=torch.long, device=device)
         self.attends = False  # True while bound to a packed pass: the model calls attend, not update
-        self.decode_rows, self.decode_mask, self.prompts, self.order = 0, None, [], None
+        self.decode_mask, self.prompts, self.order = None, [], None
 
     @classmethod
     def for_model(cls, model, num_slots: int, context: int | None = None,
@@ -178,8 +179,7 @@ class SlotKVCache:
         if kv_len > self.context:
             raise ValueError(f"KV slot is full: {kv_len} positions needed, context is {self.context}")
         self._zero_up_to(kv_len)
-        self.slot_index, self.write_index = slot_index, write_index
-        self.decode_rows = 0 if decode_mask is None else decode_mask.shape[0]
+        self.slot_index, self.write_index, self.decode_mask = slot_index, write_index, decode_mask
         groups = [segments] if for_compiler else _batches(segments)
         self.prompts = [Prompts.pack(group, self.device, for_compiler) for group in groups if group]
         # the attention's output rows: the decode rows (B), then each batch's S x T rows
@@ -193,7 +193,24 @@ class SlotKVCache:
                 order[segment.start:segment.stop] = torch.arange(first, first + segment.stop - segment.start)
             start += prompts.rows.numel()
         self.order = order.to(self.device)
-        self.decode_mask, self.attends = decode_mask, True
+        self.attends = True
+
+    @property
+    def decode_rows(self) -> int:
+        """The packed pass's decode rows B (its first B tokens), 0 without; symbolic when compiled."""
+        return 0 if self.decode_mask is None else self.decode_mask.shape[0]
+
+    def mark_dynamic(self) -> None:
+        """Tell a compiler that every size of the bound packed pass changes from pass to pass: its
+        tokens, decode rows, keys read, and each batch of prompts."""
+        mark = torch._dynamo.maybe_mark_dynamic
+        for tensor in (self.slot_index, self.write_index, self.order):
+            mark(tensor, 0)
+        if self.decode_mask is not None:
+            mark(self.decode_mask, 0)
+            mark(self.decode_mask, 3)
+        for prompts in self.prompts:
+            prompts.mark_dynamic()
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store k, v (B, Hkv, T, D) at each row's write indices; return (B, Hkv, kv_len, D) views."""
@@ -220,7 +237,7 @@ class SlotKVCache:
         values[self.slot_index, :, self.write_index] = v[0].transpose(0, 1)
         parts = []
         if self.decode_mask is not None:  # one query per slot 0..B-1: the decode step's attention
-            rows, seen = self.decode_mask.shape[0], self.decode_mask.shape[-1]  # (from the tensor: symbolic when compiled)
+            rows, seen = self.decode_rows, self.decode_mask.shape[-1]
             out = attention(q[0, :, :rows, None].transpose(0, 1), keys[:rows, :, :seen], values[:rows, :, :seen],
                             0.0, False, self.decode_mask)  # (B, H, 1, D)
             parts.append(out[:, :, 0])  # (B, H, D)
