@@ -1,11 +1,12 @@
 """Training throughput: lmforge vs transformers' LlamaForCausalLM, same shape, batch and weights.
 
     python benchmarks/train.py [--preset llama-42m] [--batch-size 8] [--seq-len 256] [--steps 6] [--compile]
+                               [--device cuda]
 
 Each side runs a full optimizer step (forward, backward, clipping, fused AdamW) in
 each precision this machine runs natively (fp32 always; bf16 autocast over fp32
-weights where the CPU has AVX-512 BF16 or AMX, or on a GPU), with and without
-torch.compile. Prints tokens/s, MFU against the measured matmul peak of that
+weights where the CPU has AVX-512 BF16 or AMX, or on a GPU: ``--device cuda``), with and
+without torch.compile. Prints tokens/s, MFU against the measured matmul peak of that
 precision, and the ratio of the fastest configuration of each side.
 """
 
@@ -31,6 +32,13 @@ def make_step(model, optimizer, ids, hf: bool, runtime: Runtime):
                          (lambda: model(input_ids=inputs).logits) if hf else (lambda: model(inputs)), ids[:, 1:])
 
 
+def synchronized(fn):
+    def call():
+        fn()
+        torch.cuda.synchronize()
+    return call
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="llama-42m")
@@ -38,11 +46,14 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--steps", type=int, default=6, help="timed steps per configuration")
     parser.add_argument("--compile", action="store_true", help="also time torch.compile variants")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (fp32 there without TF32, and bf16)")
     args = parser.parse_args()
 
+    device = torch.device(args.device)
+    gpu = device.type == "cuda"
     torch.manual_seed(0)
     config = preset(args.preset, max_seq_len=args.seq_len)
-    ids = torch.randint(0, config.vocab_size, (args.batch_size, args.seq_len + 1))
+    ids = torch.randint(0, config.vocab_size, (args.batch_size, args.seq_len + 1)).to(device)
     tokens = args.batch_size * args.seq_len
     flops = train_flops_per_token(config, args.seq_len)
     print(f"machine: {machine()}")
@@ -50,9 +61,9 @@ def main() -> None:
           f"{args.batch_size} x {args.seq_len}, {flops / 1e6:.0f} MFLOP per token trained")
 
     results = {}
-    for dtype_name in fast_dtypes():
-        runtime = Runtime.resolve("cpu", dtype_name)
-        peak = measure_matmul_peak("cpu", runtime.dtype)
+    for dtype_name in ["fp32", "bf16"] if gpu else fast_dtypes():
+        runtime = Runtime.resolve(args.device, dtype_name)
+        peak = measure_matmul_peak(args.device, runtime.dtype, max_size=8192 if gpu else 2048)
         print(f"{dtype_name}: measured matmul peak {peak / 1e9:.0f} GFLOP/s")
         for side, compiled in [("lmforge", False), ("transformers", False)] + \
                 [("lmforge", True), ("transformers", True)] * args.compile:
@@ -63,9 +74,11 @@ def main() -> None:
             if hf:
                 model = llama_twin(model)
                 model.config._attn_implementation = "sdpa"
-            model.train()
+            model.to(device).train()
             optimizer = build_optimizer(model, 1e-4, 0.1, (0.9, 0.95))  # same fused AdamW for both
             step = make_step(torch.compile(model) if compiled else model, optimizer, ids, hf, runtime)
+            if gpu:  # a step's time is its kernels' time: wait for them
+                step = synchronized(step)
             for _ in range(2):  # warmup (and compilation)
                 step()
             median, best = best_of(step, args.steps)

@@ -132,7 +132,9 @@ def measure_matmul_peak(device: str = "cpu", dtype: torch.dtype = torch.bfloat16
     ``max_size`` (large enough to saturate a CPU or a small GPU), then the best of four
     rounds of three is kept. The size adapts so that a dtype the hardware only emulates
     (bf16 on a CPU without AVX-512 BF16 runs at about 1 GFLOP/s) costs a fraction of a
-    second, not minutes.
+    second, not minutes. The matrices come from a generator of its own: a training run's
+    first call leaves the global random state (dropout's) as it was, so a run does not
+    depend on whether an earlier one in the process measured first (a resumed run did).
     """
     import time
 
@@ -149,9 +151,10 @@ def measure_matmul_peak(device: str = "cpu", dtype: torch.dtype = torch.bfloat16
         return time.perf_counter() - t0
 
     size = 256
+    generator = torch.Generator(device=dev).manual_seed(0)  # the caller's random state stays as it was
     while True:
-        a = torch.randn(size, size, device=dev).to(dtype)
-        b = torch.randn(size, size, device=dev).to(dtype)
+        a = torch.randn(size, size, device=dev, generator=generator).to(dtype)
+        b = torch.randn(size, size, device=dev, generator=generator).to(dtype)
         seconds(a, b, 1)  # warm-up: kernel selection, packing buffers
         if size >= max_size or seconds(a, b, 1) >= budget_seconds:
             break

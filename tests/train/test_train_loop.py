@@ -53,6 +53,19 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path, pattern_stage):
     assert full == pytest.approx(resumed, rel=1e-6, abs=1e-6)
 
 
+def test_measuring_the_matmul_peak_leaves_the_random_state_alone():
+    """The loop measures the peak (for MFU) on its first call per device and dtype: drawing its matrices from
+    the global generator made a run's dropout depend on whether an earlier run in the process had measured."""
+    from lmforge.runtime import measure_matmul_peak
+
+    measure_matmul_peak.cache_clear()
+    torch.manual_seed(7)
+    expected = torch.rand(4)
+    torch.manual_seed(7)
+    assert measure_matmul_peak("cpu", torch.float32, max_size=256) > 0
+    assert torch.equal(torch.rand(4), expected)
+
+
 def _run_until(model, stage, cfg: TrainConfig, stop_at: int) -> None:
     """Run ``cfg`` but crash right after the checkpoint at ``stop_at``."""
     original = stage.batch
