@@ -7,9 +7,10 @@ its prompt, its loop and how it ends.
 - lmforge: :class:`lmforge.agent.Agent` on :class:`~lmforge.agent.backend.RemoteChat`
   (defaults: every turn a tool call, the first one of the task's tools, ``final_answer``
   ends the run, a repeated call is answered from the earlier result and the next turn asks
-  for the answer), a row for each ``--answer``: ``tool`` (the answer is final_answer's
-  argument) and ``words`` (final_answer() and then a turn without tools, asked the question
-  again).
+  for the answer), a row for each ``--answer``: ``task`` (each task's own, as `lmforge eval`
+  asks: ``words`` for agent_code, ``tool`` for agent_arith), ``tool`` (the answer is
+  final_answer's argument) and ``words`` (final_answer() and then a turn without tools, asked
+  the question again).
 - smolagents: ``ToolCallingAgent`` with ``OpenAIServerModel`` (every turn a tool call too;
   its own ``final_answer``), greedy (temperature 0) and the same ``max_tokens`` per turn.
 
@@ -20,6 +21,7 @@ tokens (prompt + completion, as the server counts them) and wall seconds per ite
 tokens and seconds per solved task.
 
     python benchmarks/agent.py                         # SmolLM2-135M-Instruct, 10 items per task
+    python benchmarks/agent.py --limit 24 --answer task tool words
     python benchmarks/agent.py --limit 4 --tasks agent_arith
 """
 
@@ -74,7 +76,8 @@ def run_lmforge(url: str, task, items, args, answer: str = "tool") -> list[dict]
 
     backend = RemoteChat(url, "model")
     agent = Agent(backend, Toolbox(builtin_tools(list(task.tools))),
-                  AgentConfig(max_steps=args.max_steps, max_new_tokens=args.max_tokens, answer=answer))
+                  AgentConfig(max_steps=args.max_steps, max_new_tokens=args.max_tokens,
+                              answer=task.agent_answer if answer == "task" else answer))
     rows = []
     for item in items:
         start = time.perf_counter()
@@ -126,9 +129,10 @@ def main() -> None:
     parser.add_argument("--max-steps", type=int, default=5, help="turns per item, both agents")
     parser.add_argument("--max-tokens", type=int, default=128, help="tokens per turn, both agents")
     parser.add_argument("--dtype", default="fp32")
-    parser.add_argument("--answer", nargs="+", default=["tool", "words"], choices=["tool", "words"],
-                        help="lmforge's agent, a row each: the answer as final_answer's argument, or in a turn "
-                             "of its own")
+    parser.add_argument("--answer", nargs="+", default=["task"], choices=["task", "tool", "words"],
+                        help="lmforge's agent, a row each: the answer as each task asks for it (what `lmforge "
+                             "eval` does: words for agent_code, tool for the rest), as final_answer's argument, "
+                             "or in a turn of its own")
     parser.add_argument("--agents", nargs="+", default=["lmforge", "smolagents"], choices=["lmforge", "smolagents"])
     parser.add_argument("--out", help="also write the figures here as JSON")
     args = parser.parse_args()

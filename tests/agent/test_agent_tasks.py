@@ -13,7 +13,7 @@ from agent_script import Scripted, answer, call, calls
 import lmforge.agent.tasks as agent_tasks
 from lmforge.agent.backend import Reply
 from lmforge.agent.builtin import calculator
-from lmforge.agent.loop import FINAL_ANSWER
+from lmforge.agent.loop import ANSWER_NOW, FINAL_ANSWER
 from lmforge.agent.tasks import agent_arith, agent_code, agent_memory, solved
 from lmforge.cli import main
 from lmforge.eval.run import EvalConfig, evaluate
@@ -44,6 +44,31 @@ def test_answers_are_checked_by_number_by_value_and_by_running_tests():
     assert solved(agent_code(), code, "```python\ndef add(a, b):\n    return a + b\n```")
     assert not solved(agent_code(), code, "def add(a, b):\n    return a - b")
     assert not solved(agent_code(), code, "import os\nos.system('echo hi')\ndef add(a, b): return a + b")
+
+
+# A right answer for every coding item (each must be solvable: its tests hold for this code).
+SOLUTIONS = {
+    "add": "return a + b", "is_even": "return n % 2 == 0", "reverse": "return s[::-1]", "largest": "return max(xs)",
+    "count_vowels": "return sum(c in 'aeiou' for c in s)", "factorial": "import math\n    return math.factorial(n)",
+    "square_all": "return [x * x for x in xs]", "is_palindrome": "return s == s[::-1]", "multiply": "return a * b",
+    "smallest": "return min(xs)", "total": "return sum(xs)", "average": "return sum(xs) / len(xs)",
+    "count_words": "return len(s.split())", "upper": "return s.upper()", "first": "return xs[0]", "last": "return xs[-1]",
+    "absolute": "return abs(n)", "square": "return n * n", "is_positive": "return n > 0",
+    "double_all": "return [2 * x for x in xs]", "length": "return len(s)", "repeat": "return s * n",
+    "evens": "return [x for x in xs if x % 2 == 0]", "contains": "return x in xs"}
+
+
+def test_every_coding_item_is_solvable_and_answered_in_words():
+    task = agent_code()
+    assert len(task.test) == len(SOLUTIONS) == 24 and task.agent_answer == "words"
+    assert agent_arith().agent_answer == agent_memory().agent_answer == "tool"
+    with pytest.raises(ValueError, match="agent_answer must be tool or words"):
+        dataclasses.replace(task, agent_answer="prose")
+    for item in task.test:
+        signature = re.search(rf"{item.answer}\([^)]*\)", item.question).group(0)
+        code = f"```python\ndef {signature}:\n    {SOLUTIONS[item.answer]}\n```"
+        assert solved(task, item, code), item.id
+        assert not solved(task, item, f"```python\ndef {signature}:\n    return None\n```"), item.id
 
 
 @pytest.fixture
@@ -89,10 +114,37 @@ def test_eval_agent_answer_words_takes_the_answer_from_a_turn_asked_the_question
                        "scripted", [task])
     assert results["tasks"]["agent_arith"]["agent"]["metrics"]["success"]["value"] == 1.0
     assert backend.seen[2]["tools"] == [] and backend.seen[2]["messages"][-1]["content"].endswith(item.question)
-    assert config_hash(EvalConfig(agent_answer="words"), "m") != config_hash(EvalConfig(), "m")
+    # the hash tells the ways apart where an agent task's answer came back otherwise than as final_answer's
+    # argument (the one way once: those runs keep their hashes)
+    tool, code = [task], [agent_code(limit=1)]
+    assert config_hash(EvalConfig(agent_answer="words"), "m", tool) != config_hash(EvalConfig(), "m", tool) \
+        == config_hash(EvalConfig(agent_answer="tool"), "m", tool) == config_hash(EvalConfig(), "m")
+    assert config_hash(EvalConfig(), "m", code) == config_hash(EvalConfig(agent_answer="words"), "m", code) \
+        != config_hash(EvalConfig(agent_answer="tool"), "m", code)
     assert main(["eval", "unused", "--tasks", "agent_arith", "--out", str(tmp_path / "x"),
                  "--agent-answer", "maybe"]) == 2
-    assert "--agent-answer: answer must be words or tool, got 'maybe'" in capsys.readouterr().err
+    assert "--agent-answer: answer must be words or tool, got 'maybe' (or task: each task's own)" \
+        in capsys.readouterr().err
+
+
+def test_eval_asks_each_agent_task_for_its_own_kind_of_answer_unless_told(scripted):
+    """By default agent_code's answer is a turn of its own (code as written), agent_arith's final_answer's
+    argument; --agent-answer tool makes agent_code's the argument too."""
+    task = agent_code(limit=1)
+    item = task.test[0]
+    signature = re.search(rf"{item.answer}\([^)]*\)", item.question).group(0)
+    reply = f"```python\ndef {signature}:\n    pass\n```"
+    for setting, argument in (("task", False), ("tool", True)):
+        script = [calls(call("python", code="print(1)"))]
+        script += [calls(call(FINAL_ANSWER, answer=reply))] if argument else \
+            [calls(call(FINAL_ANSWER)), Reply(content=reply)]
+        scripted["backend"] = backend = Scripted(*script, Reply(content="no idea"))
+        results = evaluate(types.SimpleNamespace(), EvalConfig(tasks="agent_code", bootstrap=20, agent_answer=setting),
+                           "scripted", [task])
+        record = results["samples"]["agent_code.agent"][0]
+        assert record["answer"] == reply
+        third = backend.seen[2]  # words: the answer turn; tool: the model asked without tools
+        assert (third["messages"][-1]["content"] == ANSWER_NOW.format(question=item.question)) != argument
 
 
 def test_the_memory_task_remembers_in_a_first_session_and_answers_in_a_second(scripted):

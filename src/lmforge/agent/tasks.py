@@ -8,8 +8,11 @@ Offline and deterministic from a seed:
 - ``agent_memory``: two sessions. The first tells the agent a fact to remember ("My locker
   number is 4821. Please remember it."); the second, a new run with the same long-term
   memory, asks for it. Solved when the answer contains the fact's value.
-- ``agent_code``: small Python functions to write; tool: the sandboxed interpreter. Solved
-  when the function in the answer passes unit tests run in the sandbox.
+- ``agent_code``: 24 small Python functions to write; tool: the sandboxed interpreter. Solved
+  when the function in the answer passes unit tests run in the sandbox. Its answer comes in
+  words (``Task.agent_answer``): a program is written as it is, in a turn of its own, not
+  escaped into final_answer's JSON string (SmolLM2-135M: 0 of 8 that way, 5 of 8 in words);
+  the other tasks' answers (a number, a value, a phrase) come as final_answer's argument.
 - ``agent_langref``: the 100 questions about Python's language reference of ``lmforge rag
   eval KB langref``; tool: ``search`` over a knowledge base of the reference's topics (BM25,
   built once per run from ``pydoc_data.topics``, no encoder needed). Solved when the answer
@@ -95,6 +98,31 @@ CODE = [  # (name, what it does, tests as (call, expected))
      [("square_all([1, 2, 3])", [1, 4, 9]), ("square_all([])", [])]),
     ("is_palindrome", "is_palindrome(s) that returns True when s reads the same backwards",
      [("is_palindrome('level')", True), ("is_palindrome('abc')", False)]),
+    ("multiply", "multiply(a, b) that returns the product of two numbers", [("multiply(3, 4)", 12), ("multiply(-2, 5)", -10)]),
+    ("smallest", "smallest(xs) that returns the smallest number in the list xs",
+     [("smallest([4, 1, 7])", 1), ("smallest([-3, 2])", -3)]),
+    ("total", "total(xs) that returns the sum of the numbers in the list xs", [("total([1, 2, 3])", 6), ("total([])", 0)]),
+    ("average", "average(xs) that returns the mean of the numbers in the non-empty list xs",
+     [("average([2, 4])", 3), ("average([5])", 5)]),
+    ("count_words", "count_words(s) that returns how many words, separated by spaces, the string s has",
+     [("count_words('a b c')", 3), ("count_words('hello')", 1)]),
+    ("upper", "upper(s) that returns the string s in capital letters", [("upper('abc')", "ABC"), ("upper('Hi')", "HI")]),
+    ("first", "first(xs) that returns the first item of the list xs", [("first([7, 8])", 7), ("first(['a'])", "a")]),
+    ("last", "last(xs) that returns the last item of the list xs", [("last([7, 8])", 8), ("last(['a'])", "a")]),
+    ("absolute", "absolute(n) that returns the absolute value of the number n",
+     [("absolute(-4)", 4), ("absolute(3)", 3), ("absolute(0)", 0)]),
+    ("square", "square(n) that returns n times n", [("square(3)", 9), ("square(-2)", 4)]),
+    ("is_positive", "is_positive(n) that returns True when the number n is greater than 0, else False",
+     [("is_positive(5)", True), ("is_positive(-1)", False), ("is_positive(0)", False)]),
+    ("double_all", "double_all(xs) that returns a list with every number in xs times two",
+     [("double_all([1, 2])", [2, 4]), ("double_all([])", [])]),
+    ("length", "length(s) that returns how many characters the string s has", [("length('abc')", 3), ("length('')", 0)]),
+    ("repeat", "repeat(s, n) that returns the string s written n times in a row",
+     [("repeat('ab', 3)", "ababab"), ("repeat('x', 0)", "")]),
+    ("evens", "evens(xs) that returns a list of the even numbers in xs, in order",
+     [("evens([1, 2, 3, 4])", [2, 4]), ("evens([1, 3])", [])]),
+    ("contains", "contains(xs, x) that returns True when x is in the list xs, else False",
+     [("contains([1, 2], 2)", True), ("contains([1, 2], 5)", False)]),
 ]
 
 
@@ -108,7 +136,7 @@ def agent_code(limit: int | None = None, seed: int = 0) -> Task:
                           answer=name, meta={"tests": test_file}))
     random.Random(f"agent_code:{seed}").shuffle(items)
     return Task("agent_code", "agent", items[:limit] if limit is not None else items, chat=True,
-                source="builtin", tools=("python",))
+                source="builtin", tools=("python",), agent_answer="words")
 
 
 def agent_langref(limit: int | None = None, seed: int = 0) -> Task:

@@ -28,6 +28,7 @@ import math
 import re
 import time
 import zlib
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -75,9 +76,10 @@ class EvalConfig:
     bootstrap: int = field(1000, "bootstrap resamples for standard errors")
     agent_constrain: bool = field(True, "agent tasks on a local model: decode tool calls under the tools' JSON "
                                         "schemas (false: as the model writes them, for the parse rate without)")
-    agent_answer: str = field("tool", "agent tasks: tool (the answer is final_answer's argument) or words (the "
-                                      "model writes it in a turn of its own, asked the question again; better "
-                                      "for code from small models)")
+    agent_answer: str = field("task", "agent tasks: task (each task's own: words for agent_code, tool for the "
+                                      "rest), tool (the answer is final_answer's argument) or words (the model "
+                                      "writes it in a turn of its own, asked the question again; better for code "
+                                      "from small models)")
 
 
 @dataclass(frozen=True)
@@ -341,14 +343,20 @@ def load_tasks(spec: str, limit: int | None, seed: int) -> list[Task]:
     return tasks
 
 
-def config_hash(config: EvalConfig, model_name: str) -> str:
-    """A short hash of what decides the scores (not where they are written)."""
+def agent_answer(config: EvalConfig, task: Task) -> str:
+    """How an agent task's answer comes back: ``--agent-answer``, or with ``task`` the task's own."""
+    return task.agent_answer if config.agent_answer == "task" else config.agent_answer
+
+
+def config_hash(config: EvalConfig, model_name: str, tasks: Sequence[Task] = ()) -> str:
+    """A short hash of what decides the scores (not where they are written) of ``config`` over ``tasks``."""
     keys = ("tasks", "prompting", "limit", "seed", "chat", "perturb")
     decided = {"model": model_name, **{k: getattr(config, k) for k in keys}}
     if config.weights != "fp32":  # rounded weights score a little differently (fp32 runs keep their old hashes)
         decided["weights"] = config.weights
-    if config.agent_answer != "tool":  # (likewise: runs with the default keep their hashes)
-        decided["agent_answer"] = config.agent_answer
+    answers = {task.name: agent_answer(config, task) for task in tasks if task.kind == "agent"}
+    if any(mode != "tool" for mode in answers.values()):  # (likewise: runs of final_answer's argument, once
+        decided["agent_answer"] = answers                   # the only way, keep their hashes)
     blob = json.dumps(decided, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
@@ -375,7 +383,7 @@ def evaluate(model: EvalModel, config: EvalConfig, model_name: str, tasks: list[
     """Run every task under every strategy (and perturbation); returns the results dict, writes nothing."""
     planned, strategies, perturbations = plan(config)
     tasks = planned if tasks is None else tasks
-    results = {"model": model_name, "config": asdict(config), "config_hash": config_hash(config, model_name),
+    results = {"model": model_name, "config": asdict(config), "config_hash": config_hash(config, model_name, tasks),
                "tasks": {}, "samples": {}}
     for task in tasks:
         model.chat = uses_chat(config, task)
@@ -391,7 +399,7 @@ def evaluate(model: EvalModel, config: EvalConfig, model_name: str, tasks: list[
                                  f"needs {prompting.shots}")
             start = time.perf_counter()
             records = _score(model, task, task.test, prompting, config.seed, config.agent_constrain,
-                             config.agent_answer)
+                             agent_answer(config, task))
             seconds = time.perf_counter() - start
             entry = {"kind": task.kind, "n": len(records), "seconds": round(seconds, 3),
                      "items_per_second": len(records) / max(seconds, 1e-9), "chat_template": model.chat,
@@ -540,12 +548,12 @@ def run_eval(config: EvalConfig, model_path: str | None = None, progress: bool =
         raise InputError("--compile-prefill compiles the prefill pass beside the decode step: add --compile")
     if config.weights not in ("fp32", "fp16", "bf16"):
         raise InputError(f"--weights {config.weights!r}: choose fp32, fp16 or bf16")
-    try:  # the agent's own check of its settings, before a model is loaded
+    try:  # the agent's own check of its settings, before a model is loaded ("task": each task's own)
         from lmforge.agent.loop import AgentConfig
 
-        AgentConfig(answer=config.agent_answer)
+        AgentConfig(answer=config.agent_answer) if config.agent_answer != "task" else None
     except ValueError as err:
-        raise InputError(f"--agent-answer: {err}") from None
+        raise InputError(f"--agent-answer: {err} (or task: each task's own)") from None
     if config.base_url and config.weights != "fp32":
         raise InputError("--weights is for a local model; the server at --base-url keeps its own")
     if config.base_url and speculative and any(speculative.get(k) for k in ("draft", "prompt_lookup", "draft_layers")):

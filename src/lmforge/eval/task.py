@@ -91,10 +91,15 @@ class Task:
     chat: bool = False  # a chat task: asked in the model's chat format unless told otherwise
     source: str = "builtin"  # where the items came from: builtin, a file path, an HF dataset name
     tools: tuple[str, ...] = ()  # agent tasks: the built-in tools the agent gets (lmforge.agent.tasks)
+    # agent tasks: how the answer comes back unless `--agent-answer` says otherwise: "tool" (final_answer's
+    # argument, a JSON string: a number, a name) or "words" (a turn of its own: an answer that is code)
+    agent_answer: str = "tool"
 
     def __post_init__(self):
         if self.kind not in KINDS:
             raise ValueError(f"task {self.name!r}: kind must be one of {', '.join(KINDS)}, got {self.kind!r}")
+        if self.agent_answer not in ("tool", "words"):
+            raise ValueError(f"task {self.name!r}: agent_answer must be tool or words, got {self.agent_answer!r}")
 
     def render(self, item: Item) -> str:
         """The item's own prompt: the template filled in."""
