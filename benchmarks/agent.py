@@ -73,11 +73,12 @@ def smolagents_tools(names: tuple[str, ...]):
 def run_lmforge(url: str, task, items, args, answer: str = "tool") -> list[dict]:
     from lmforge.agent import Agent, AgentConfig, RemoteChat, Toolbox, builtin_tools
     from lmforge.agent.tasks import solved
+    from lmforge.eval.run import agent_answer
 
     backend = RemoteChat(url, "model")
     agent = Agent(backend, Toolbox(builtin_tools(list(task.tools))),
                   AgentConfig(max_steps=args.max_steps, max_new_tokens=args.max_tokens,
-                              answer=task.agent_answer if answer == "task" else answer))
+                              answer=agent_answer(answer, task)))
     rows = []
     for item in items:
         start = time.perf_counter()

@@ -343,9 +343,10 @@ def load_tasks(spec: str, limit: int | None, seed: int) -> list[Task]:
     return tasks
 
 
-def agent_answer(config: EvalConfig, task: Task) -> str:
-    """How an agent task's answer comes back: ``--agent-answer``, or with ``task`` the task's own."""
-    return task.agent_answer if config.agent_answer == "task" else config.agent_answer
+def agent_answer(setting: str, task: Task) -> str:
+    """How an agent task's answer comes back under ``--agent-answer setting``: ``tool`` or ``words`` as
+    said, ``task`` the task's own (:attr:`Task.agent_answer`)."""
+    return task.agent_answer if setting == "task" else setting
 
 
 def config_hash(config: EvalConfig, model_name: str, tasks: Sequence[Task] = ()) -> str:
@@ -354,7 +355,7 @@ def config_hash(config: EvalConfig, model_name: str, tasks: Sequence[Task] = ())
     decided = {"model": model_name, **{k: getattr(config, k) for k in keys}}
     if config.weights != "fp32":  # rounded weights score a little differently (fp32 runs keep their old hashes)
         decided["weights"] = config.weights
-    answers = {task.name: agent_answer(config, task) for task in tasks if task.kind == "agent"}
+    answers = {task.name: agent_answer(config.agent_answer, task) for task in tasks if task.kind == "agent"}
     if any(mode != "tool" for mode in answers.values()):  # (likewise: runs of final_answer's argument, once
         decided["agent_answer"] = answers                   # the only way, keep their hashes)
     blob = json.dumps(decided, sort_keys=True)
@@ -399,7 +400,7 @@ def evaluate(model: EvalModel, config: EvalConfig, model_name: str, tasks: list[
                                  f"needs {prompting.shots}")
             start = time.perf_counter()
             records = _score(model, task, task.test, prompting, config.seed, config.agent_constrain,
-                             agent_answer(config, task))
+                             agent_answer(config.agent_answer, task))
             seconds = time.perf_counter() - start
             entry = {"kind": task.kind, "n": len(records), "seconds": round(seconds, 3),
                      "items_per_second": len(records) / max(seconds, 1e-9), "chat_template": model.chat,
