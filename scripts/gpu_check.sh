@@ -6,7 +6,8 @@
 #     bash scripts/gpu_check.sh [LOG_DIR] [SPEEDRUN_MINUTES]
 #
 # Uses the python on PATH, which must hold a CUDA build of torch and lmforge's dependencies (the repo's
-# src/ is put on PYTHONPATH, so lmforge itself need not be installed).
+# src/ is put on PYTHONPATH, so lmforge itself need not be installed). Before a GPU session, the same tests
+# as a CPU dry run: `LMFORGE_CUDA_TESTS=cpu .venv/bin/python -m pytest tests/test_cuda.py`.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 logs=${1:-gpu-check}

@@ -1,10 +1,14 @@
 """The same code on a GPU: the CPU tests' key claims, checked on CUDA against the CPU or a full recompute.
 
 Skipped where torch sees no CUDA device (CI has none); on a machine with one:
-``python -m pytest tests/test_cuda.py``. docs/BENCHMARKS.md records the runs.
+``python -m pytest tests/test_cuda.py``. docs/BENCHMARKS.md records the runs. Before spending GPU
+time, ``LMFORGE_CUDA_TESTS=cpu python -m pytest tests/test_cuda.py`` runs the same calls on the CPU
+(every "GPU" below is then the CPU): a dry run that catches what changed in the code they call.
 """
 
 from __future__ import annotations
+
+import os
 
 import numpy as np
 import pytest
@@ -16,9 +20,10 @@ from lmforge.infer.request import Request
 from lmforge.model import DecoderLM, ModelConfig, build_model, preset
 from lmforge.runtime import Runtime
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+CUDA = torch.device("cpu" if os.environ.get("LMFORGE_CUDA_TESTS") == "cpu" else "cuda")
+GPU = CUDA.type  # for the APIs that take a device name
+pytestmark = pytest.mark.skipif(GPU == "cuda" and not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
-CUDA = torch.device("cuda")
 PROMPTS = [[1, 2, 3], [5, 6, 7, 8, 9, 10, 11], [4], [9] * 14 + [1], [3, 3, 8, 2]]
 
 
@@ -73,7 +78,7 @@ def test_seeded_sampling_on_the_gpu_does_not_depend_on_the_batch():
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
 def test_continuations_scored_on_the_gpu_equal_one_full_forward(dtype):
     model = tiny()
-    runtime = Runtime.resolve("cuda", dtype)
+    runtime = Runtime.resolve(GPU, dtype)
     context, choices = [7, 3, 9, 12, 30], [[10, 11], [12], [13, 14, 15]]
     out = Engine(model, runtime, max_batch_size=2).generate(
         [Request(context, SamplingConfig(max_new_tokens=0), continuations=choices)])[0]
@@ -123,7 +128,7 @@ def test_training_on_the_gpu_resumes_the_same_losses_and_its_checkpoint_loads_on
     def config(out) -> TrainConfig:
         return TrainConfig(out_dir=str(out), batch_size=4, seq_len=16, max_steps=12, warmup_steps=2, lr=3e-3,
                            eval_every=6, eval_tokens=256, save_every=6, log_every=1, progress=False,
-                           dtype="bf16", device="cuda")
+                           dtype="bf16", device=GPU)
 
     def model(seed: int = 0) -> DecoderLM:
         torch.manual_seed(seed)
@@ -151,7 +156,7 @@ def test_training_on_the_gpu_resumes_the_same_losses_and_its_checkpoint_loads_on
     assert len(full) == len(resumed) == 12 and full[-1] < full[0] - 1.0
     assert full == pytest.approx(resumed, rel=1e-4, abs=1e-4)  # CUDA's atomic-add sums may differ in the last bits
     ids = torch.randint(0, 50, (2, 12))
-    trained = load_model(result.checkpoint, device="cuda").eval()
+    trained = load_model(result.checkpoint, device=GPU).eval()
     with torch.no_grad():
         torch.testing.assert_close(load_model(result.checkpoint).eval()(ids), trained(ids.to(CUDA)).cpu(),
                                    atol=2e-4, rtol=2e-4)
@@ -169,7 +174,7 @@ def test_integer_weights_on_the_gpu_equal_the_cpus_kernels(spec):
     with torch.no_grad():
         on_cpu = model(ids)
         on_gpu = model.to(CUDA)(ids.to(CUDA))
-    assert {b.device.type for b in model.buffers()} == {"cuda"}
+    assert {b.device.type for b in model.buffers()} == {GPU}
     torch.testing.assert_close(on_gpu.cpu(), on_cpu, atol=1e-3, rtol=1e-3)
 
 
@@ -181,13 +186,13 @@ def test_qlora_on_the_gpu_trains_only_the_adapters():
     quantize_model_nf4(model)
     apply_lora(model, LoraConfig(rank=4))
     trainable = [p for p in model.parameters() if p.requires_grad]
-    assert trainable and all(p.device.type == "cuda" for p in trainable)
+    assert trainable and all(p.device.type == GPU for p in trainable)
     before = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
     optimizer = torch.optim.AdamW(trainable, lr=1e-2)
     ids = torch.tensor([list(range(32))] * 4, device=CUDA)
     losses = []
     for _ in range(30):
-        with torch.autocast("cuda", torch.bfloat16):
+        with torch.autocast(GPU, torch.bfloat16):
             logits = model(ids[:, :-1]).float()
         loss = torch.nn.functional.cross_entropy(logits.reshape(-1, 64), ids[:, 1:].reshape(-1))
         optimizer.zero_grad()
@@ -228,8 +233,8 @@ def test_load_puts_a_saved_checkpoint_on_the_gpu_and_generates_text(tmp_path, ti
     from lmforge.checkpoint import save_checkpoint
 
     save_checkpoint(tmp_path / "lm", tiny_lm.model, tiny_lm.tokenizer)
-    lm = load(tmp_path / "lm", device="cuda", dtype="bf16")
-    assert next(lm.model.parameters()).device.type == "cuda"
+    lm = load(tmp_path / "lm", device=GPU, dtype="bf16")
+    assert next(lm.model.parameters()).device.type == GPU
     on_cpu = load(tmp_path / "lm", device="cpu", dtype="fp32")
     text = lm.generate("The quick brown", max_new_tokens=8, temperature=0)
     assert isinstance(text, str) and text == lm.generate("The quick brown", max_new_tokens=8, temperature=0)
@@ -253,7 +258,7 @@ def test_a_server_on_the_gpu_scores_prompts_as_the_cpu_model(tmp_path, tiny_lm):
     from lmforge.serve.server import background_server
 
     save_checkpoint(tmp_path / "lm", tiny_lm.model, tiny_lm.tokenizer)
-    lm = load(tmp_path / "lm", device="cuda", dtype="fp32")
+    lm = load(tmp_path / "lm", device=GPU, dtype="fp32")
     prompts = ["The quick brown fox jumps", "Paris is the capital", "[1, 2, 3] true", "null. The lazy dog"]
     with background_server({"tiny": ServedModel("tiny", lm, max_batch_size=4, context=256)}) as url:
         def complete(prompt: str, **params) -> dict:
