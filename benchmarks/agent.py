@@ -70,7 +70,7 @@ def smolagents_tools(names: tuple[str, ...]):
     return [known[name] for name in names]
 
 
-def run_lmforge(url: str, task, items, args, answer: str = "tool") -> list[dict]:
+def run_lmforge(url: str, task, items, args, answer: str = "task") -> list[dict]:
     from lmforge.agent import Agent, AgentConfig, RemoteChat, Toolbox, builtin_tools
     from lmforge.agent.tasks import solved
     from lmforge.eval.run import agent_answer

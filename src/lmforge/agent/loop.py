@@ -42,6 +42,7 @@ from lmforge.agent.memory import Memory
 from lmforge.agent.tools import Tool, Toolbox, tool
 from lmforge.agent.trace import TraceWriter, read_events, replay
 from lmforge.errors import InputError
+from lmforge.eval.task import AGENT_ANSWERS
 from lmforge.settings import field
 
 SYSTEM = ("You are a helpful assistant. Solve the task step by step. Call a tool when it helps; "
@@ -90,7 +91,7 @@ class AgentConfig:
         for name in ("max_steps", "max_tokens", "max_new_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
-        if self.answer not in ("words", "tool"):
+        if self.answer not in AGENT_ANSWERS:
             raise ValueError(f"answer must be words or tool, got {self.answer!r}")
         if self.tool_choice not in ("required", "auto"):
             raise ValueError(f"tool_choice must be required or auto, got {self.tool_choice!r}")

@@ -355,9 +355,10 @@ def config_hash(config: EvalConfig, model_name: str, tasks: Sequence[Task] = ())
     decided = {"model": model_name, **{k: getattr(config, k) for k in keys}}
     if config.weights != "fp32":  # rounded weights score a little differently (fp32 runs keep their old hashes)
         decided["weights"] = config.weights
+    # likewise: runs whose agent answers all come as final_answer's argument (once the only way) keep theirs
     answers = {task.name: agent_answer(config.agent_answer, task) for task in tasks if task.kind == "agent"}
-    if any(mode != "tool" for mode in answers.values()):  # (likewise: runs of final_answer's argument, once
-        decided["agent_answer"] = answers                   # the only way, keep their hashes)
+    if any(mode != "tool" for mode in answers.values()):
+        decided["agent_answer"] = answers
     blob = json.dumps(decided, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
@@ -552,7 +553,8 @@ def run_eval(config: EvalConfig, model_path: str | None = None, progress: bool =
     try:  # the agent's own check of its settings, before a model is loaded ("task": each task's own)
         from lmforge.agent.loop import AgentConfig
 
-        AgentConfig(answer=config.agent_answer) if config.agent_answer != "task" else None
+        if config.agent_answer != "task":
+            AgentConfig(answer=config.agent_answer)
     except ValueError as err:
         raise InputError(f"--agent-answer: {err} (or task: each task's own)") from None
     if config.base_url and config.weights != "fp32":

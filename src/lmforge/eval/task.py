@@ -42,6 +42,12 @@ EXTRA_METRICS = {"rouge": "generate", "bleu": "generate", "chrf": "generate", "a
 METRICS = DEFAULT_METRICS | set(EXTRA_METRICS)
 
 
+# How an agent's answer comes back: "tool" (final_answer's argument, a JSON string: a number, a name) or
+# "words" (a turn of its own, asked the question again: an answer that is code). lmforge.agent.loop's
+# AgentConfig.answer takes the same.
+AGENT_ANSWERS = ("tool", "words")
+
+
 @dataclass(frozen=True)
 class Item:
     """One thing to ask. ``answer``: the index of the right choice (multiple choice), the
@@ -91,14 +97,13 @@ class Task:
     chat: bool = False  # a chat task: asked in the model's chat format unless told otherwise
     source: str = "builtin"  # where the items came from: builtin, a file path, an HF dataset name
     tools: tuple[str, ...] = ()  # agent tasks: the built-in tools the agent gets (lmforge.agent.tasks)
-    # agent tasks: how the answer comes back unless `--agent-answer` says otherwise: "tool" (final_answer's
-    # argument, a JSON string: a number, a name) or "words" (a turn of its own: an answer that is code)
+    # agent tasks: how the answer comes back unless `--agent-answer` says otherwise (AGENT_ANSWERS)
     agent_answer: str = "tool"
 
     def __post_init__(self):
         if self.kind not in KINDS:
             raise ValueError(f"task {self.name!r}: kind must be one of {', '.join(KINDS)}, got {self.kind!r}")
-        if self.agent_answer not in ("tool", "words"):
+        if self.agent_answer not in AGENT_ANSWERS:
             raise ValueError(f"task {self.name!r}: agent_answer must be tool or words, got {self.agent_answer!r}")
 
     def render(self, item: Item) -> str:
