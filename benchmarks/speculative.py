@@ -12,7 +12,10 @@ Variants, each over the same prompts, run interleaved prompt by prompt:
 - ``plain``: one forward pass per token (the Python API's one-sequence loop, or with
   ``--engine`` the batched engine's one-token steps);
 - ``lookup``: prompt-lookup decoding (n-grams of 3, then fewer; ``--draft-tokens`` guesses);
-- ``self-draft N``: the model's own first N layers guess (``--draft-layers``).
+- ``self-draft N``: the model's own first N layers guess (``--draft-layers``);
+- ``draft``: a smaller model with the same tokenizer guesses (``--draft DIR``, e.g. one that
+  ``lmforge distill`` trained for this model), alone and after prompt lookup (lookup's guesses
+  where its 2- or 3-grams match, the draft's elsewhere).
 
 The speculative variants run in the batched engine at batch 1 (the Python API's path for
 them too): steps of 1 + k tokens that check the guesses, compiled with ``--compile``.
@@ -26,6 +29,7 @@ between two tokens can go the other way (docs/QUANTIZATION.md).
     python benchmarks/speculative.py
     python benchmarks/speculative.py --tasks repeat --prompts 4 --draft-tokens 4 8
     python benchmarks/speculative.py --engine --compile --dtype fp32 --weights fp16 --draft-layers
+    python benchmarks/speculative.py --engine --compile --dtype bf16 --draft-layers --draft runs/draft/model
 """
 
 from __future__ import annotations
@@ -38,10 +42,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 from common import machine  # noqa: E402
 
-from lmforge.api import load
+from lmforge.api import check_same_tokenizer, load
 from lmforge.infer.engine import Engine
 from lmforge.infer.request import Request
-from lmforge.infer.speculative import DraftModel, PromptLookup, SpeculativeStats
+from lmforge.infer.speculative import DraftModel, FirstGuesses, PromptLookup, SpeculativeStats
 
 TASKS = {"summarize": "Summarize the following text in two or three sentences.\n\n{text}",
          "repeat": "Copy the following text exactly.\n\n{text}"}
@@ -71,25 +75,37 @@ def main() -> None:
     parser.add_argument("--draft-tokens", type=int, nargs="+", default=[4], help="guesses per pass to try")
     parser.add_argument("--draft-layers", type=int, nargs="*", default=[8], help="self-draft depths to try")
     parser.add_argument("--min-ngram", type=int, nargs="+", default=[1], help="prompt lookup's shortest n-grams to try")
+    parser.add_argument("--draft", nargs="*", default=[], metavar="DIR", help="draft models to try (the same "
+                        "tokenizer as --model: `lmforge distill` makes one)")
     args = parser.parse_args()
     lm = load(args.model, device="cpu", dtype=args.dtype, weights=args.weights, compile=args.compile, autotune=False)
     path = ("engine" if args.engine else "Python API") + (", compiled step" if args.compile else ", eager")
     print(f"machine: {machine()}; {args.model} ({lm.model.num_parameters() / 1e6:.0f}M parameters, "
           f"{lm.model.config.num_layers} layers, {next(lm.model.parameters()).dtype}, weights {args.weights}), "
           f"greedy, at most {args.new_tokens} new tokens, batch 1, {path}")
+    drafts = {}
+    for path in args.draft:
+        drafts[path] = load(path, device="cpu", dtype=args.dtype, weights=args.weights, compile=args.compile,
+                            autotune=False)
+        check_same_tokenizer(lm.tokenizer, drafts[path].tokenizer, args.model, path)
     drafters = {"plain": None}
     for k in args.draft_tokens:
         for low in args.min_ngram:
             drafters[f"lookup {low}-3-grams, {k} guesses"] = (PromptLookup(ngram=3, min_ngram=low), k)
         for layers in args.draft_layers:
             drafters[f"self-draft {layers} layers, {k} guesses"] = (DraftModel.first_layers(lm.model, layers), k)
+        for path, helper in drafts.items():
+            draft = DraftModel(helper.model, helper.runtime, helper.decode_step)
+            drafters[f"draft {path} ({helper.model.num_parameters() / 1e6:.1f}M), {k} guesses"] = (draft, k)
+            drafters[f"lookup 2-3-grams, else the draft, {k} guesses"] = \
+                (FirstGuesses([PromptLookup(ngram=3, min_ngram=2), draft]), k)
     texts = paragraphs(args.prompts)
     # no prefix cache: every variant prefills its prompt, as plain decoding through the Python API does
     engine = Engine(lm.model, lm.runtime, max_batch_size=1, decode_step=lm.decode_step, prefix_caching=False,
                     vocab_limit=getattr(lm.tokenizer, "vocab_size", None))
     seconds = sum(engine.warm_up(draft_tokens=k) for k in sorted(set(args.draft_tokens)))
     if args.compile:
-        seconds += lm.decode_step.warm_up()
+        seconds += lm.decode_step.warm_up() + sum(helper.decode_step.warm_up() for helper in drafts.values())
         print(f"warm-up (compiling) {seconds:.0f} s")
     lm.generate("warm-up", max_new_tokens=4, temperature=0)
     print("\n| task | variant | new tokens | ms/token | speed-up | decode ms/token | speed-up | guesses kept | "

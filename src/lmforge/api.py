@@ -40,7 +40,13 @@ from lmforge.infer.seq2seq import (
     encode_text,
     sentinels_above,
 )
-from lmforge.infer.speculative import DraftModel, PromptLookup, SpeculativeStats, check_speculative
+from lmforge.infer.speculative import (
+    DraftModel,
+    FirstGuesses,
+    PromptLookup,
+    SpeculativeStats,
+    check_speculative,
+)
 from lmforge.infer.stream import StopStrings, TextStream, cut_at_stop
 from lmforge.interop.packaged import resolve_model
 from lmforge.model import DecoderLM, EncoderDecoderLM
@@ -299,9 +305,11 @@ def load(path: str | Path, device: str = "auto", dtype: str = "auto", attention:
 
     Speculative decoding (:mod:`lmforge.infer.speculative`) for ``generate``, ``stream``
     and ``chat``: ``draft`` a smaller model with the same tokenizer that guesses
-    ``draft_tokens`` tokens per pass; ``draft_layers`` > 0, the model's own first
-    ``draft_layers`` layers as the draft; or ``prompt_lookup`` > 0 to guess from matches of
-    the last ``prompt_lookup`` tokens (then fewer) earlier in the prompt and output.
+    ``draft_tokens`` tokens per pass (with ``compile``, its one-token steps are compiled too);
+    ``draft_layers`` > 0, the model's own first ``draft_layers`` layers as the draft; and/or
+    ``prompt_lookup`` > 0 to guess from matches of the last ``prompt_lookup`` tokens (then
+    fewer) earlier in the prompt and output (with a draft: lookup first, the draft where it
+    finds no match; :class:`FirstGuesses`).
     """
     if compile_prefill and not compile:
         raise InputError("compile_prefill (--compile-prefill) compiles the engine's prefill pass beside the decode "
@@ -336,21 +344,23 @@ def load(path: str | Path, device: str = "auto", dtype: str = "auto", attention:
         pack_weights(model)  # eager bf16 products read weights in oneDNN's layout
     decode_step = CompiledDecodeStep(model, max_autotune=autotune, prefill=compile_prefill) if compile else None
     lm = LanguageModel(model, load_tokenizer(path), runtime, decode_step, draft_tokens=draft_tokens)
-    if (draft is not None) + bool(prompt_lookup) + bool(draft_layers) > 1:
-        raise InputError("choose one drafter: a draft model, the model's first layers or prompt lookup")
+    if draft is not None and draft_layers:
+        raise InputError("choose one draft: a draft model or the model's first layers")
     if draft_tokens < 1:
         raise InputError(f"draft_tokens must be at least 1, got {draft_tokens}")
-    if prompt_lookup:
-        lm.drafter = PromptLookup(ngram=prompt_lookup)
-    elif draft_layers:
+    guessers = [PromptLookup(ngram=prompt_lookup)] if prompt_lookup else []
+    if draft_layers:
         try:
-            lm.drafter = DraftModel.first_layers(model, draft_layers, runtime)
+            guessers.append(DraftModel.first_layers(model, draft_layers, runtime))
         except ValueError as err:
             raise InputError(str(err)) from err
     elif draft is not None:
-        helper = load(draft, device=device, dtype=dtype, attention=attention, weights=weights)
+        helper = load(draft, device=device, dtype=dtype, attention=attention, weights=weights, compile=compile,
+                      autotune=autotune)
         check_same_tokenizer(lm.tokenizer, helper.tokenizer, path, draft)
-        lm.drafter = DraftModel(helper.model, helper.runtime)
+        guessers.append(DraftModel(helper.model, helper.runtime, helper.decode_step))
+    if guessers:  # prompt lookup and a draft: lookup's guesses where it has some, the draft's elsewhere
+        lm.drafter = guessers[0] if len(guessers) == 1 else FirstGuesses(guessers)
     return lm
 
 

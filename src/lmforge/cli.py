@@ -454,6 +454,28 @@ def cmd_sft(args: argparse.Namespace) -> None:
         print(f"quantized ({config.qat}): {summary['quantized']['model']}")
 
 
+DISTILL_DEFAULTS = {"out_dir": "runs/draft", "max_steps": 500, "warmup_steps": 20, "batch_size": 8, "seq_len": 512,
+                    "lr": 2e-3, "eval_every": 100, "eval_tokens": 16384, "save_every": 100}
+
+
+def cmd_distill(args: argparse.Namespace) -> None:
+    from lmforge.distill import DistillConfig, distill
+    from lmforge.train import TrainConfig
+
+    config = build(DistillConfig, args)
+    summary = distill(config, build(TrainConfig, args, base=DISTILL_DEFAULTS), resume=args.resume)
+    print(f"distilled {config.teacher} ({summary['teacher_parameters'] / 1e6:.0f}M parameters) into a "
+          f"{summary['student_parameters'] / 1e6:.1f}M-parameter draft on {summary['train_prompts']} answers, "
+          f"{summary['steps']} steps in {summary['seconds'] / 60:.1f} min; {summary['final']}")
+    check = summary["check"]
+    if check:
+        print(f"check on {check['prompts']} held-out prompts, {check['draft_tokens']} guesses a pass (eager, "
+              f"batch 1): {check['acceptance']:.0%} of guesses kept, {check['tokens_per_pass']:.2f} tokens a pass, "
+              f"{check['ms_per_token_draft']:.1f} ms a token against {check['ms_per_token_plain']:.1f} plain, "
+              f"{check['same_output']} of {check['prompts']} outputs the plain ones")
+    print(f"model: {summary['model']} (use it with --draft)")
+
+
 def cmd_rm(args: argparse.Namespace) -> None:
     from lmforge.reward_model import RewardConfig, train_reward_model
     from lmforge.train import TrainConfig
@@ -732,7 +754,8 @@ def _add_speculative_options(p: argparse.ArgumentParser) -> None:
                                                    "guesses tokens that this model checks in one pass (same output)")
     p.add_argument("--prompt-lookup", type=int, nargs="?", const=3, default=0, metavar="N",
                    help="speculative decoding that guesses from matches of the last N tokens (default 3) earlier "
-                        "in the prompt and output: fast where the output repeats the input")
+                        "in the prompt and output: fast where the output repeats the input; with --draft or "
+                        "--draft-layers, lookup guesses where it finds a match and the draft elsewhere")
     p.add_argument("--draft-layers", type=int, default=0, metavar="N",
                    help="speculative decoding with a self-draft: the model's own first N layers guess")
     p.add_argument("--draft-tokens", type=int, default=4, help="tokens guessed per pass (--draft, --draft-layers, "
@@ -1027,6 +1050,7 @@ def _report_flags(p: argparse.ArgumentParser, items: str, drawn: str) -> None:
 def make_parser() -> argparse.ArgumentParser:
     from lmforge.chat import HELP as CHAT_HELP
     from lmforge.data import DataConfig
+    from lmforge.distill import DistillConfig
     from lmforge.dpo import DPOConfig
     from lmforge.eval.run import EvalConfig
     from lmforge.finetune import FinetuneConfig
@@ -1306,6 +1330,16 @@ def make_parser() -> argparse.ArgumentParser:
     add_arguments(p, FinetuneConfig)
     add_arguments(p, TrainConfig)
     p.set_defaults(func=cmd_sft)
+
+    p = sub.add_parser("distill", help="distill a small draft model for speculative decoding from the model it "
+                                       "drafts for", description="The teacher answers prompts; a small student "
+                       "learns its answers and its next-token distributions (train/distill.py); OUT_DIR/model is "
+                       "then a --draft for the teacher. Training flags default to " + ", ".join(
+                           f"{k}={v}" for k, v in DISTILL_DEFAULTS.items()) + ". See docs/QUANTIZATION.md.")
+    p.add_argument("--resume", action="store_true", help="continue from <out-dir>/checkpoint")
+    add_arguments(p, DistillConfig)
+    add_arguments(p, TrainConfig)
+    p.set_defaults(func=cmd_distill)
 
     p = sub.add_parser("rm", help="train a reward model on preference pairs (Bradley-Terry); `rm score` scores pairs",
                        description="Train a reward model: a language model's backbone with a scalar head, on "

@@ -150,6 +150,33 @@ def test_a_compiled_step_runs_the_speculative_steps_without_recompiling(make_mod
     assert engine.stats.accepted > 0
 
 
+@pytest.mark.slow
+def test_a_draft_model_with_a_compiled_step_guesses_as_the_eager_one(make_model):
+    """A draft's one-token forwards through its compiled step: the same guesses as the eager draft while the
+    sequence grows and rejected guesses are cropped away, one graph for it all, and the engine's output exact."""
+    from torch._dynamo.utils import counters
+
+    from lmforge.infer import CompiledDecodeStep
+
+    model, small = make_model(), make_model(seed=3, num_layers=1)
+    eager = DraftModel(small)
+    compiled = DraftModel(small, decode_step=CompiledDecodeStep(small, max_autotune=False))
+    tokens, before = list(PROMPTS[0]), counters["stats"]["unique_graphs"]
+    for turn in range(4):  # two guesses kept and one of the model's own each round, as in decoding
+        guesses = eager.propose(tokens, 4, greedy(), None)[0]
+        assert compiled.propose(tokens, 4, greedy(), None)[0] == guesses
+        if turn == 0:
+            graphs = counters["stats"]["unique_graphs"]
+        tokens += guesses[:2] + [(guesses[2] + 1) % small.config.vocab_size]
+    assert graphs > before  # the guesses came from the compiled graph ...
+    assert counters["stats"]["unique_graphs"] == graphs  # ... and the cache's length is symbolic: no recompiles
+    assert compiled.cache.max_len == small.config.max_seq_len  # allocated once at full length
+    plain = Engine(model, max_batch_size=1).generate([Request(PROMPTS[1], greedy())])[0]
+    fast = Engine(model, max_batch_size=1).generate(
+        [Request(PROMPTS[1], greedy(), drafter=compiled.fork(), draft_tokens=3)])[0]
+    assert fast.token_ids == plain.token_ids
+
+
 def test_a_draft_model_with_a_shorter_context_stops_guessing_at_its_end(make_model):
     model = make_model()
     short = make_model(seed=3, num_layers=1, max_seq_len=16)  # the prompt (10) and 24 new tokens do not fit

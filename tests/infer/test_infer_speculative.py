@@ -10,6 +10,7 @@ from lmforge.infer.generate import generate_tokens
 from lmforge.infer.sampling import SamplingConfig
 from lmforge.infer.speculative import (
     DraftModel,
+    FirstGuesses,
     PromptLookup,
     SpeculativeStats,
     distribution,
@@ -23,13 +24,16 @@ def small(vocab: int, seed: int, layers: int = 2) -> DecoderLM:
     return DecoderLM(preset("tiny", vocab_size=vocab, num_layers=layers, max_seq_len=256)).eval()
 
 
-@pytest.mark.parametrize("drafter", ["lookup", "other model", "itself", "first layer"])
+@pytest.mark.parametrize("drafter", ["lookup", "other model", "itself", "first layer", "lookup, then a model"])
 def test_greedy_output_equals_the_model_alone(tiny_lm, drafter):
     model = tiny_lm.model
     make = {"lookup": lambda: PromptLookup(ngram=3),
             "other model": lambda: DraftModel(small(model.config.vocab_size, seed=7)),
             "itself": lambda: DraftModel(model),
-            "first layer": lambda: DraftModel.first_layers(model, 1)}[drafter]
+            "first layer": lambda: DraftModel.first_layers(model, 1),
+            "lookup, then a model": lambda: FirstGuesses([PromptLookup(ngram=3, min_ngram=3),
+                                                          DraftModel(small(model.config.vocab_size, seed=7))])
+            }[drafter]
     config = SamplingConfig(max_new_tokens=40, temperature=0.0)
     for text in ("The quick brown fox", "Paris is the capital of France. Paris is", "[1, 2, 3] true"):
         prompt = tiny_lm.encode_prompt(text)
@@ -46,6 +50,32 @@ def test_greedy_output_equals_the_model_alone(tiny_lm, drafter):
     stop = alone[10]  # a stop token ends the output before it, as without speculation
     config = SamplingConfig(max_new_tokens=40, temperature=0.0, stop_token_ids=[stop])
     assert list(speculative_tokens(model, prompt, config, make())) == list(generate_tokens(model, prompt, config))
+
+
+def test_first_guesses_asks_the_next_drafter_only_when_the_first_has_none():
+    class Fixed:
+        def __init__(self, guesses, log):
+            self.guesses, self.log = guesses, log
+
+        def propose(self, tokens, count, config, generator):
+            self.log.append(len(tokens))
+            return self.guesses[:count], None
+
+        def reset(self):
+            self.log.append("reset")
+
+        def fork(self):
+            return Fixed(self.guesses, self.log)
+
+    first_log, second_log = [], []
+    chain = FirstGuesses([Fixed([], first_log), Fixed([7, 8, 9], second_log)])
+    assert chain.propose([1, 2], 2, SamplingConfig(temperature=0), None) == ([7, 8], None)
+    assert first_log == [2] and second_log == [2]
+    chain = FirstGuesses([Fixed([5], first_log), Fixed([7], second_log)]).fork()
+    assert chain.propose([1, 2, 3], 4, SamplingConfig(temperature=0), None) == ([5], None)
+    assert second_log == [2]  # not asked
+    chain.reset()
+    assert first_log[-1] == second_log[-1] == "reset"
 
 
 def test_prompt_lookup_guesses_what_followed_the_latest_match():
@@ -125,7 +155,10 @@ def test_the_api_and_the_command_line_speculate(tmp_path, tiny_lm, capsys):
     assert main([*plain, "--prompt-lookup", "--draft-tokens", "3"]) == 0
     looked_up = capsys.readouterr()
     assert looked_up.out == alone.out and "guesses kept" in looked_up.err and "guesses kept" not in alone.err
-    assert main([*plain, "--prompt-lookup", "--draft", str(tmp_path / "m")]) == 2  # one drafter at a time
+    assert main([*plain, "--prompt-lookup", "--draft", str(tmp_path / "m"), "--draft-tokens", "3"]) == 0
+    both = capsys.readouterr()  # lookup where it matches, the draft model elsewhere
+    assert both.out == alone.out and "guesses kept" in both.err
+    assert main([*plain, "--draft-layers", "1", "--draft", str(tmp_path / "m")]) == 2  # one draft model at a time
 
     # the batched engine (generate_batch, generate --input) speculates per request, with the same output
     prompts = ["Paris is the capital of France. Paris", "true false null. true", "The quick brown fox"]

@@ -223,6 +223,9 @@ PRESETS: dict[str, dict] = {
     "tiny": dict(dim=64, num_layers=2, num_heads=4, num_kv_heads=2, max_seq_len=128),
     # The CPU speedrun default: about 5M parameters with an 8k vocabulary.
     "cpu-small": dict(dim=256, num_layers=6, num_heads=4, num_kv_heads=2, max_seq_len=512),
+    # A draft for speculative decoding (`lmforge distill`): shallow, so that a guess costs a fraction of a
+    # step of the model it drafts for (its vocabulary is that model's).
+    "draft-small": dict(dim=256, num_layers=4, num_heads=4, num_kv_heads=2, max_seq_len=1024),
     "cpu-base": dict(dim=384, num_layers=8, num_heads=6, num_kv_heads=2, max_seq_len=512),
     # The benchmark shape compared with transformers' LlamaForCausalLM: 42M with a 32k vocabulary.
     "llama-42m": dict(dim=512, num_layers=8, num_heads=8, num_kv_heads=8, max_seq_len=512, vocab_size=32000),
