@@ -592,7 +592,7 @@ def cmd_quantize(args: argparse.Namespace) -> None:
     from lmforge.quant.integer import QuantSpec
     from lmforge.quant.ptq import PLOT, REPORT, quantize_checkpoint
 
-    activations = {"none": "static" if args.calibrate else "none", "int8": "dynamic",
+    activations = {"none": "static" if args.calibrate and args.method != "gptq" else "none", "int8": "dynamic",
                    "int8-static": "static"}[args.activations]
     spec = QuantSpec(bits=args.bits, scheme=args.scheme, granularity=args.granularity, group_size=args.group_size,
                      activations=activations)
@@ -604,7 +604,7 @@ def cmd_quantize(args: argparse.Namespace) -> None:
             raise InputError(f"{args.eval_text}: cannot read the held-out text: {err}") from err
     report = quantize_checkpoint(args.model, args.out, spec, device=args.device, eval_chars=args.eval_chars,
                                  eval_text=text, calibrate=args.calibrate, eval_task=args.eval_task,
-                                 eval_items=args.eval_items)
+                                 eval_items=args.eval_items, method=args.method, act_order=args.act_order)
     print(report.table())
     print(f"\nwrote {args.out} ({report.seconds:.0f} s): {REPORT}, {PLOT}; load it like any checkpoint "
           f"(lmforge generate {args.out} ...)")
@@ -1240,11 +1240,17 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--granularity", default="channel", choices=["tensor", "channel", "group"],
                    help="one scale per tensor, per output channel, or per group of --group-size inputs")
     p.add_argument("--group-size", type=int, default=128, help="inputs per scale with --granularity group")
+    p.add_argument("--method", default="rtn", choices=["rtn", "gptq"], help="rtn: each weight rounded to nearest; "
+                   "gptq: column by column, later columns absorbing each rounding error as the inputs seen on "
+                   "--calibrate DATA say (the blocks' layers; the table and head to nearest)")
+    p.add_argument("--act-order", action=argparse.BooleanOptionalAction, default=True,
+                   help="gptq: round the columns whose inputs are largest first (--no-act-order: left to right)")
     p.add_argument("--activations", default="none", choices=["none", "int8", "int8-static"],
                    help="W8A8: round each layer's inputs to int8 too, each row by its own absmax (int8) or by "
                         "scales calibrated once (int8-static, with --calibrate)")
     p.add_argument("--calibrate", metavar="DATA", help="text or JSONL (\"text\" field) whose activations set the "
-                                                       "static int8 scales (implies --activations int8-static)")
+                                                       "static int8 scales (implies --activations int8-static, "
+                                                       "except with --method gptq, which reads it for its inputs)")
     p.add_argument("--eval-chars", type=int, default=20000,
                    help="characters of the language reference for bits per byte before and after (0: skip)")
     p.add_argument("--eval-text", help="a text file to measure bits per byte on instead")

@@ -331,12 +331,14 @@ def unfuse(model: nn.Module) -> None:
                 setattr(owner, attribute, None)
 
 
-def quantize_model(model: nn.Module, spec: QuantSpec,
-                   input_absmax: dict[str, float] | None = None) -> dict[str, dict[str, float]]:
+def quantize_model(model: nn.Module, spec: QuantSpec, input_absmax: dict[str, float] | None = None,
+                   hessians: dict[str, torch.Tensor] | None = None, act_order: bool = True) -> dict[str, dict[str, float]]:
     """Replace the model's quantizable layers by :class:`IntLinear` (a tied embedding by :class:`IntEmbedding`,
     shared with the head) in place, fused projections undone first; returns each layer's weight error:
     ``{"mse": mean squared, "max": largest absolute}``. W8A8 with static scales takes each layer's
-    largest input magnitude on calibration data (:func:`calibrate`; the tied head's under ``lm_head``)."""
+    largest input magnitude on calibration data (:func:`calibrate`; the tied head's under ``lm_head``).
+    A layer with an input Hessian in ``hessians`` is rounded by GPTQ (:mod:`lmforge.quant.gptq`, with
+    ``act_order``), the others to nearest."""
     if spec.activations == "static" and input_absmax is None:
         raise InputError("static int8 activations need calibration: give a calibration file (--calibrate DATA)")
     unfuse(model)
@@ -349,6 +351,10 @@ def quantize_model(model: nn.Module, spec: QuantSpec,
                 layer: IntLinear = IntEmbedding.from_embedding(module, spec)
             else:
                 layer = IntLinear.from_linear(module, spec)
+            if hessians is not None and name in hessians:
+                from lmforge.quant.gptq import gptq_quantize
+
+                layer.set_codes(*gptq_quantize(module.weight, hessians[name], spec, act_order=act_order))
             difference = layer.dequantized() - module.weight.detach().float()
             errors[name] = {"mse": float(difference.pow(2).mean()), "max": float(difference.abs().max())}
             _set_module(model, name, layer)
@@ -366,9 +372,15 @@ def calibrate(model: nn.Module, batches: list[torch.Tensor]) -> dict[str, float]
     unfuse(model)  # every layer called on its own, so that each one's inputs are seen
     names = [input_layer(name) for name in quantizable_layers(model)]
     largest = dict.fromkeys(names, 0.0)
-    hooks = [model.get_submodule(name).register_forward_pre_hook(
-        lambda module, args, name=name: largest.__setitem__(name, max(largest[name], float(args[0].abs().max()))))
-        for name in names]
+    watch_inputs(model, names, batches, lambda name, x: largest.__setitem__(name, max(largest[name],
+                                                                                      float(x.abs().max()))))
+    return largest
+
+
+def watch_inputs(model: nn.Module, names: list[str], batches: list[torch.Tensor], see) -> None:
+    """Run ``model`` over ``batches`` of token ids, calling ``see(name, input)`` with each named layer's input."""
+    hooks = [model.get_submodule(name).register_forward_pre_hook(lambda module, args, name=name: see(name, args[0]))
+             for name in names]
     try:
         with torch.inference_mode():
             for ids in batches:
@@ -376,7 +388,6 @@ def calibrate(model: nn.Module, batches: list[torch.Tensor]) -> dict[str, float]
     finally:
         for hook in hooks:
             hook.remove()
-    return largest
 
 
 def spec_json(spec: QuantSpec, layers: list[str]) -> str:

@@ -27,15 +27,26 @@ import torch
 
 from lmforge.errors import InputError
 from lmforge.files import holds_output, write_json_atomic, write_text_atomic
-from lmforge.quant.integer import QUANT_FILE, QuantSpec, check_group_size, quantizable_layers, quantize_model
+from lmforge.quant.gptq import input_hessians
+from lmforge.quant.integer import (
+    QUANT_FILE,
+    QuantSpec,
+    check_group_size,
+    quantizable_layers,
+    quantize_model,
+    unfuse,
+)
 from lmforge.quant.integer import calibrate as calibrate_layers
 
 REPORT, PLOT = "report.md", "weight_error.png"
+METHODS = ("rtn", "gptq")  # round to nearest; GPTQ (lmforge.quant.gptq)
 
 
 @dataclass
 class QuantReport:
     spec: QuantSpec
+    method: str = "rtn"  # how weights were rounded: rtn (to nearest) or gptq
+    act_order: bool = False  # gptq: columns by decreasing H[i, i]
     layers: dict[str, dict[str, float]] = field(default_factory=dict)  # name -> {"mse", "max"}
     bpb_before: float = float("nan")
     bpb_after: float = float("nan")
@@ -55,7 +66,8 @@ class QuantReport:
         return self.bpb_after / self.bpb_before - 1
 
     def table(self) -> str:
-        lines = [f"# Quantization: {self.spec.name}", "",
+        method = f", rounded by GPTQ{' (act-order)' if self.act_order else ''}" if self.method == "gptq" else ""
+        lines = [f"# Quantization: {self.spec.name}{method}", "",
                  "| | before (fp32) | after | change |", "|---|---:|---:|---:|"]
         if self.eval_bytes:
             lines.append(f"| bits per byte ({self.eval_bytes:,} bytes of held-out text) | {self.bpb_before:.4f} | "
@@ -144,9 +156,12 @@ def held_out_task(name: str, items: int):
 def quantize_checkpoint(source: str | Path, out: str | Path, spec: QuantSpec, device: str = "cpu",
                         eval_chars: int = 20000, eval_text: str | None = None,
                         calibrate: str | Path | None = None, calibrate_tokens: int = 4096,
-                        eval_task: str = "pyref_mc", eval_items: int = 100) -> QuantReport:
+                        eval_task: str = "pyref_mc", eval_items: int = 100, method: str = "rtn",
+                        act_order: bool = True) -> QuantReport:
     """Quantize ``source`` (anything ``lmforge.load`` loads) into the checkpoint ``out``; see the module doc.
-    W8A8 with static scales (``spec.activations == "static"``) reads ``calibrate``, a text or JSONL file."""
+    W8A8 with static scales (``spec.activations == "static"``) and ``method="gptq"`` (the Transformer blocks'
+    layers rounded by :mod:`lmforge.quant.gptq`; the embedding table and head to nearest) read ``calibrate``,
+    a text or JSONL file."""
     from lmforge.api import load
     from lmforge.checkpoint import model_state, write_checkpoint
     from lmforge.quant.integer import spec_json
@@ -154,17 +169,26 @@ def quantize_checkpoint(source: str | Path, out: str | Path, spec: QuantSpec, de
     start = time.perf_counter()
     if spec.activations == "static" and calibrate is None:
         raise InputError("static int8 activations need calibration text: --calibrate DATA")
+    if method not in METHODS:
+        raise InputError(f"unknown rounding method {method!r}; choose {' or '.join(METHODS)}")
+    if method == "gptq" and calibrate is None:
+        raise InputError("GPTQ rounds against the inputs each layer sees: give calibration text, --calibrate DATA")
     task = held_out_task(eval_task, eval_items) if eval_items else None
     lm = load(source, device=device, dtype="fp32")
     if lm.encoder_decoder:  # bits per byte and the task scores read a decoder's next-token logits
         raise InputError(f"{source} is an encoder-decoder: lmforge quantize takes decoder-only models")
     check_group_size(lm.model, spec)  # a group size that does not divide: said before any evaluation
-    absmax = None
-    if spec.activations == "static":
+    absmax = hessians = None
+    if calibrate is not None:
         window = min(512, lm.model.config.max_seq_len)
         batches = [ids.to(device) for ids in calibration_batches(lm.tokenizer, calibrate, calibrate_tokens, window)]
-        absmax = calibrate_layers(lm.model, batches)
-    report = QuantReport(spec, memory_before=weight_bytes(lm.model))
+        if spec.activations == "static":
+            absmax = calibrate_layers(lm.model, batches)
+        if method == "gptq":
+            unfuse(lm.model)
+            hessians = input_hessians(lm.model, [n for n in quantizable_layers(lm.model) if n.startswith("blocks.")],
+                                      batches)
+    report = QuantReport(spec, method, method == "gptq" and act_order, memory_before=weight_bytes(lm.model))
     text = eval_text if eval_text is not None else held_out_text(eval_chars) if eval_chars else ""
     if text:
         report.eval_bytes = len(text.encode("utf-8"))
@@ -173,7 +197,7 @@ def quantize_checkpoint(source: str | Path, out: str | Path, spec: QuantSpec, de
         report.task, report.task_items = task.name, len(task.test)
         report.accuracy_before = task_accuracy(lm, task)
     layers = quantizable_layers(lm.model)
-    report.layers = quantize_model(lm.model, spec, absmax)
+    report.layers = quantize_model(lm.model, spec, absmax, hessians, act_order)
     lm.__dict__.pop("_engines", None)  # engines made for the float model
     report.memory_after = weight_bytes(lm.model)
     if text:
