@@ -9,7 +9,8 @@
       -> the one training loop with the distillation stage (train/distill.py): at the answer
          positions, the teacher's token and its likeliest tokens' probabilities as targets
       -> OUT_DIR/model (a plain checkpoint with the teacher's tokenizer: ``--draft OUT_DIR/model``)
-      -> a check: held-out prompts decoded speculatively with the new draft, guesses kept and the same output
+      -> a check: held-out prompts decoded at batch 1 plainly and with the new draft guessing (guesses
+         kept, tokens a pass, ms a token each way, the same output)
 
 The built-in prompts ask for summaries, explanations, copies and rewrites of the standard
 library's docstrings: text every Python carries, and not the language reference that

@@ -84,9 +84,12 @@ def test_quantize_with_gptq_writes_a_checkpoint_that_loads(tmp_path, tiny_lm, ca
               "--eval-chars", "1000", "--eval-items", "0"]
     assert main([*common, "--out", str(tmp_path / "gptq"), "--method", "gptq", "--calibrate",
                  str(tmp_path / "calib.jsonl")]) == 0
-    assert "rounded by GPTQ" in capsys.readouterr().out
+    assert "rounded by GPTQ (act-order)" in capsys.readouterr().out  # the default order
     report = json.loads((tmp_path / "gptq" / "report.json").read_text())
-    assert report["method"] == "gptq"
+    assert report["method"] == "gptq" and report["act_order"]
+    assert main([*common, "--out", str(tmp_path / "natural"), "--method", "gptq", "--no-act-order", "--calibrate",
+                 str(tmp_path / "calib.jsonl")]) == 0
+    assert "rounded by GPTQ\n" in capsys.readouterr().out
     assert main([*common, "--out", str(tmp_path / "rtn")]) == 0
     capsys.readouterr()
     gptq, rtn = load(tmp_path / "gptq", device="cpu", dtype="fp32"), load(tmp_path / "rtn", device="cpu", dtype="fp32")

@@ -188,7 +188,8 @@ def quantize_checkpoint(source: str | Path, out: str | Path, spec: QuantSpec, de
             unfuse(lm.model)
             hessians = input_hessians(lm.model, [n for n in quantizable_layers(lm.model) if n.startswith("blocks.")],
                                       batches)
-    report = QuantReport(spec, method, method == "gptq" and act_order, memory_before=weight_bytes(lm.model))
+    report = QuantReport(spec, method=method, act_order=method == "gptq" and act_order,
+                         memory_before=weight_bytes(lm.model))
     text = eval_text if eval_text is not None else held_out_text(eval_chars) if eval_chars else ""
     if text:
         report.eval_bytes = len(text.encode("utf-8"))
