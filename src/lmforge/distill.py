@@ -235,6 +235,7 @@ def draft_check(teacher, draft_path: Path, records: list[dict], config: DistillC
     if not records:
         return None
     from lmforge.api import load
+    from lmforge.infer.engine import Engine
     from lmforge.infer.request import Request
     from lmforge.infer.speculative import DraftModel
 
@@ -242,7 +243,11 @@ def draft_check(teacher, draft_path: Path, records: list[dict], config: DistillC
     drafter = DraftModel(draft.model, draft.runtime)
     sampling = teacher.sampling_config(**teacher.chat_sampling({"temperature": 0.0,
                                                                 "max_new_tokens": config.max_new_tokens}))
-    engine = teacher.engine(1, context=max(len(r["prompt_ids"]) for r in records) + config.max_new_tokens)
+    # no prefix cache: each run prefills its whole prompt, so that both ways start from the same logits (in bf16 a
+    # prompt served from the cache and one computed in a pass round differently)
+    engine = Engine(teacher.model, teacher.runtime, max_batch_size=1, prefix_caching=False,
+                    context=max(len(r["prompt_ids"]) for r in records) + config.max_new_tokens,
+                    decode_step=teacher.decode_step, vocab_limit=getattr(teacher.tokenizer, "vocab_size", None))
     seconds, tokens, same = {"plain": 0.0, "draft": 0.0}, 0, 0
     drafted = accepted = passes = 0
     for record in records:
