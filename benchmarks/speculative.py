@@ -42,7 +42,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 from common import machine  # noqa: E402
 
-from lmforge.api import check_same_tokenizer, load
+from lmforge.api import load, load_draft
 from lmforge.infer.engine import Engine
 from lmforge.infer.request import Request
 from lmforge.infer.speculative import DraftModel, FirstGuesses, PromptLookup, SpeculativeStats
@@ -83,20 +83,16 @@ def main() -> None:
     print(f"machine: {machine()}; {args.model} ({lm.model.num_parameters() / 1e6:.0f}M parameters, "
           f"{lm.model.config.num_layers} layers, {next(lm.model.parameters()).dtype}, weights {args.weights}), "
           f"greedy, at most {args.new_tokens} new tokens, batch 1, {path}")
-    drafts = {}
-    for path in args.draft:
-        drafts[path] = load(path, device="cpu", dtype=args.dtype, weights=args.weights, compile=args.compile,
-                            autotune=False)
-        check_same_tokenizer(lm.tokenizer, drafts[path].tokenizer, args.model, path)
+    drafts = {path: load_draft(path, lm.tokenizer, args.model, device="cpu", dtype=args.dtype, weights=args.weights,
+                               compile=args.compile, autotune=False) for path in args.draft}
     drafters = {"plain": None}
     for k in args.draft_tokens:
         for low in args.min_ngram:
             drafters[f"lookup {low}-3-grams, {k} guesses"] = (PromptLookup(ngram=3, min_ngram=low), k)
         for layers in args.draft_layers:
             drafters[f"self-draft {layers} layers, {k} guesses"] = (DraftModel.first_layers(lm.model, layers), k)
-        for path, helper in drafts.items():
-            draft = DraftModel(helper.model, helper.runtime, helper.decode_step)
-            drafters[f"draft {path} ({helper.model.num_parameters() / 1e6:.1f}M), {k} guesses"] = (draft, k)
+        for path, draft in drafts.items():
+            drafters[f"draft {path} ({draft.model.num_parameters() / 1e6:.1f}M), {k} guesses"] = (draft, k)
             drafters[f"lookup 2-3-grams, else the draft, {k} guesses"] = \
                 (FirstGuesses([PromptLookup(ngram=3, min_ngram=2), draft]), k)
     texts = paragraphs(args.prompts)
@@ -105,7 +101,7 @@ def main() -> None:
                     vocab_limit=getattr(lm.tokenizer, "vocab_size", None))
     seconds = sum(engine.warm_up(draft_tokens=k) for k in sorted(set(args.draft_tokens)))
     if args.compile:
-        seconds += lm.decode_step.warm_up() + sum(helper.decode_step.warm_up() for helper in drafts.values())
+        seconds += lm.decode_step.warm_up() + sum(draft.decode_step.warm_up() for draft in drafts.values())
         print(f"warm-up (compiling) {seconds:.0f} s")
     lm.generate("warm-up", max_new_tokens=4, temperature=0)
     print("\n| task | variant | new tokens | ms/token | speed-up | decode ms/token | speed-up | guesses kept | "

@@ -355,13 +355,20 @@ def load(path: str | Path, device: str = "auto", dtype: str = "auto", attention:
         except ValueError as err:
             raise InputError(str(err)) from err
     elif draft is not None:
-        helper = load(draft, device=device, dtype=dtype, attention=attention, weights=weights, compile=compile,
-                      autotune=autotune)
-        check_same_tokenizer(lm.tokenizer, helper.tokenizer, path, draft)
-        guessers.append(DraftModel(helper.model, helper.runtime, helper.decode_step))
+        guessers.append(load_draft(draft, lm.tokenizer, path, device=device, dtype=dtype, attention=attention,
+                                   weights=weights, compile=compile, autotune=autotune))
     if guessers:  # prompt lookup and a draft: lookup's guesses where it has some, the draft's elsewhere
         lm.drafter = guessers[0] if len(guessers) == 1 else FirstGuesses(guessers)
     return lm
+
+
+def load_draft(path: str | Path, tokenizer, target: str | Path, **options: Any) -> DraftModel:
+    """A draft model for speculative decoding: ``path`` loaded as :func:`load` does (``options``: its device,
+    dtype, weights, compile ...; with ``compile`` its one-token steps are compiled), after checking that it
+    has ``tokenizer``, the one of the model it drafts for (``target``, named in the error)."""
+    helper = load(path, **options)
+    check_same_tokenizer(tokenizer, helper.tokenizer, target, path)
+    return DraftModel(helper.model, helper.runtime, helper.decode_step)
 
 
 PROBE = "Speculative decoding needs one tokenizer: 123 + 4.5 = ?\n 中文 ünïcode <|im_start|>"

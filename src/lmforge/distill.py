@@ -33,7 +33,7 @@ from lmforge.checkpoint import load_model, save_checkpoint
 from lmforge.data.chat_records import iter_chat_records
 from lmforge.data.sources import ReadErrors
 from lmforge.errors import InputError
-from lmforge.files import holds_output, write_json_atomic
+from lmforge.files import holds_output, write_json_atomic, write_text_atomic
 from lmforge.finetune import split_conversations
 from lmforge.interop.packaged import DEFAULT_CHAT_MODEL
 from lmforge.runtime import Runtime
@@ -152,12 +152,7 @@ def teacher_answers(teacher, chats: list[list[dict]], config: DistillConfig, pat
         bar.update(len(part))
     bar.close()
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(json.dumps({"key": key}) + "\n")
-        for record in records:
-            f.write(json.dumps(record) + "\n")
-    tmp.replace(path)
+    write_text_atomic(path, "".join(json.dumps(line) + "\n" for line in [{"key": key}, *records]))
     return records
 
 
@@ -217,7 +212,7 @@ def distill(config: DistillConfig, train_config: TrainConfig, resume: bool = Fal
     result = fit(student, stage, train_config, tokenizer=teacher.tokenizer, resume=resume)
     save_checkpoint(out / "model", student, teacher.tokenizer)
     check = draft_check(teacher, out / "model", [by_chat[json.dumps(m)] for m in val_chats[:config.check_prompts]],
-                        config)
+                        config, train_config.device, train_config.dtype)
     summary = {"config": to_dict(config), "prompts": len(records), "train_prompts": len(train_chats),
                "val_prompts": len(val_chats), "rows": len(train_rows), "truncated": train_rows.truncated,
                "student_parameters": sum(p.numel() for p in student.parameters()),
@@ -228,19 +223,18 @@ def distill(config: DistillConfig, train_config: TrainConfig, resume: bool = Fal
     return summary
 
 
-def draft_check(teacher, draft_path: Path, records: list[dict], config: DistillConfig) -> dict | None:
+def draft_check(teacher, draft_path: Path, records: list[dict], config: DistillConfig, device: str = "auto",
+                dtype: str = "auto") -> dict | None:
     """Decode ``records``' prompts greedily through the batched engine at batch 1, plainly and with the new draft
     guessing (eager, both): guesses kept, tokens per pass, ms per token each way, and how many outputs are the
-    plain ones (all, when exact)."""
+    plain ones (all, when exact). The draft loads with the ``device`` and ``dtype`` the teacher was loaded with."""
     if not records:
         return None
-    from lmforge.api import load
+    from lmforge.api import load_draft
     from lmforge.infer.engine import Engine
     from lmforge.infer.request import Request
-    from lmforge.infer.speculative import DraftModel
 
-    draft = load(draft_path, device=str(teacher.runtime.device), dtype=_dtype_name(teacher.runtime.dtype))
-    drafter = DraftModel(draft.model, draft.runtime)
+    drafter = load_draft(draft_path, teacher.tokenizer, config.teacher, device=device, dtype=dtype)
     sampling = teacher.sampling_config(**teacher.chat_sampling({"temperature": 0.0,
                                                                 "max_new_tokens": config.max_new_tokens}))
     # no prefix cache: each run prefills its whole prompt, so that both ways start from the same logits (in bf16 a
@@ -270,7 +264,3 @@ def draft_check(teacher, draft_path: Path, records: list[dict], config: DistillC
             "tokens_per_pass": tokens / max(passes, 1), "same_output": same,
             "ms_per_token_plain": 1000 * seconds["plain"] / max(tokens, 1),
             "ms_per_token_draft": 1000 * seconds["draft"] / max(tokens, 1)}
-
-
-def _dtype_name(dtype: torch.dtype) -> str:
-    return {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, "fp32")
