@@ -33,6 +33,42 @@ def test_eager_and_sdpa_attention_decode_the_same(make_model):
     assert generate(model, PROMPTS, config) == sdpa
 
 
+def test_a_prompt_pass_puts_only_its_last_position_through_the_output_layer(make_model):
+    from lmforge.infer.generate import forward_last
+    from lmforge.model import KVCache
+
+    model = make_model()
+    prompt = torch.tensor(PROMPTS)  # (3, 5)
+    seen = []
+    hook = model.lm_head.register_forward_hook(lambda module, args, out: seen.append(tuple(args[0].shape)))
+    try:
+        cache = KVCache.for_model(model, 3, 16)
+        last = forward_last(model, prompt, cache, None)
+    finally:
+        hook.remove()
+    assert seen == [(3, model.config.dim)] and cache.length == 5
+    with torch.inference_mode():
+        torch.testing.assert_close(last, model(prompt)[:, -1], rtol=1e-5, atol=1e-5)
+
+
+def test_decoding_never_reads_a_cache_position_before_writing_it(make_model):
+    """The cache is allocated without zeroing (torch.empty): fill it with NaN and decode; any read of a
+    position not yet written would spread NaN into the logits."""
+    from lmforge.model import KVCache
+
+    model = make_model(num_kv_heads=2)
+    sequence = torch.tensor(PROMPTS)  # (3, 5)
+    cache = KVCache.for_model(model, 3, 12)
+    for tensor in cache.keys + cache.values:
+        tensor.fill_(float("nan"))
+    with torch.inference_mode():
+        steps = [model(sequence[:, :3], cache)]
+        steps += [model(sequence[:, t:t + 1], cache) for t in range(3, 5)]
+        cache.crop(4)  # a rejected guess: position 4 is written again before it is read
+        steps[-1] = model(sequence[:, 4:5], cache)
+        torch.testing.assert_close(torch.cat(steps, dim=1), model(sequence), rtol=1e-5, atol=1e-5)
+
+
 def test_batch_equals_rows_one_at_a_time(make_model):
     model = make_model()
     config = SamplingConfig(max_new_tokens=16, temperature=0)

@@ -144,6 +144,8 @@ def test_int8_activation_kernel_equals_its_reference(isa, activations, method, r
             # integer sums are exact; the scales multiply in a different order
             bound = 1e-5 * ((rounded.abs() * scale) @ layer.dequantized().abs().T) + 1e-6
             assert ((got - expected).abs() <= bound).all(), (spec.group_size, inputs, outputs, rows)
+            # rows done together (VNNI int4: up to 4 a pass over the weights) give each row's own bits
+            assert torch.equal(got, torch.cat([layer(row[None]) for row in x])), (spec.group_size, inputs, rows)
     many = torch.randn(kernels.KERNEL_MAX_ROWS + 1, layer.in_features)  # the reference path, rounding alike
     torch.testing.assert_close(layer(many), layer.reference(many), rtol=0, atol=0)
 

@@ -30,8 +30,14 @@ def forward_last(model: DecoderLM, input_ids: torch.Tensor, cache: KVCache | Non
     """The logits at the last position, in fp32. input_ids (B, T) -> (B, V).
 
     ``step`` (a compiled version of ``model``), when given, runs instead of the model.
+    A prompt's pass puts only its last position through the output layer, the largest
+    matrix of a small model: SmolLM2's 49k-token layer for 15 more positions of a 16-token
+    prompt was an eighth of that pass with int4 weights.
     """
     with torch.inference_mode(), autocast_for(model, runtime):
+        if step is None and input_ids.shape[1] > 1 and isinstance(model, DecoderLM) and \
+                model.config.head not in ("score", "hidden"):
+            return model.logits(model(input_ids, cache, return_hidden=True)[:, -1]).float()
         return (step or model)(input_ids, cache)[:, -1].float()
 
 

@@ -17,8 +17,11 @@ class KVCache:
     def __init__(self, num_layers: int, batch_size: int, max_len: int, num_kv_heads: int, head_dim: int,
                  dtype: torch.dtype, device: torch.device | str = "cpu"):
         shape = (batch_size, num_kv_heads, max_len, head_dim)
-        self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
-        self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        # Not zeroed: a position is written before anything reads it (update returns the filled
+        # prefix only). Zeroing SmolLM2's cache at its 8,192 positions (377 MB in fp32), as a compiled
+        # step allocates it, took 75 ms a request, 1.2 ms a token of a 64-token answer.
+        self.keys = [torch.empty(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.values = [torch.empty(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.max_len = max_len
         self.length = 0  # positions filled so far (the same for every row of the batch)
 

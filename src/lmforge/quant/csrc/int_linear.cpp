@@ -370,61 +370,91 @@ inline float row_a8_vnni(const ProblemA8& p, int64_t n, int64_t m) {
 // and added up. A row's last step loads only the bytes it has (masked). Per-group zero points
 // (asymmetric codes) come off at the end: z times the group's activation sum.
 
-// One 64-byte step's lanes from j, the first even (and odd) input: bytes and lanes say how much of it
-// there is (a row's last step may be short).
-inline __m512i a4_step(const uint8_t* w, const int8_t* xe, const int8_t* xo, const int32_t* bias, int64_t j,
-                       __mmask64 bytes, __mmask16 lanes) {
-  const __m512i low = _mm512_set1_epi8(0x0F);
-  const __m512i b = _mm512_maskz_loadu_epi8(bytes, w + j);
-  __m512i acc = _mm512_maskz_loadu_epi32(lanes, bias + j / 4);
-  acc = _mm512_dpbusd_epi32(acc, _mm512_and_si512(b, low), _mm512_maskz_loadu_epi8(bytes, xe + j));
-  return _mm512_dpbusd_epi32(acc, _mm512_and_si512(_mm512_srli_epi16(b, 4), low), _mm512_maskz_loadu_epi8(bytes, xo + j));
-}
-
-// GS: the group size when it is 32 or 64 (a step's lanes then take 4 or 2 groups, always whole ones,
-// in a fixed pattern), 0 for any other multiple of 32 (the lane-to-group table picks the scales).
-template <int GS>
-inline float row_a4_vnni(const ProblemA8& p, int64_t n, int64_t m) {
+// T activation rows (m0 ..) against weight row n, into out[0 .. T): each 64-byte step's codes are loaded
+// and split into their halves once, and its group scales picked once, for all T rows (a prompt's pass, a
+// speculative check, the batched engine's rows); each row's sums run in the same order whatever T is, so a
+// row's result does not depend on the rows beside it. GS: the group size when it is 32 or 64 (a step's
+// lanes then take 4 or 2 groups, always whole ones, in a fixed pattern), 0 for any other multiple of 32
+// (the lane-to-group table picks the scales).
+template <int GS, int T>
+inline void rows_a4_vnni(const ProblemA8& p, int64_t n, int64_t m0, float* out) {
   const int64_t srow = p.scale_rows == 1 ? 0 : n, half = p.K / 2;
   const float* s = p.scale + srow * p.G;
   const uint8_t* w = p.codes + n * half;
-  const int8_t* xe = p.xq + m * p.K;  // the row's even inputs; its odd ones from K / 2 on
-  const int8_t* xo = xe + half;
-  const int32_t* bias = p.xbias + m * (p.K / 8);
-  __m512 total = _mm512_setzero_ps();
+  const int8_t* xe[T];  // each row's even inputs; its odd ones from K / 2 on
+  const int32_t* bias[T];
+  __m512 total[T];
+  for (int t = 0; t < T; ++t) {
+    xe[t] = p.xq + (m0 + t) * p.K;
+    bias[t] = p.xbias + (m0 + t) * (p.K / 8);
+    total[t] = _mm512_setzero_ps();
+  }
+  const __m512i low = _mm512_set1_epi8(0x0F);
+  // One step from j, the first even (and odd) input: bytes and lanes say how much of it there is (a row's
+  // last step may be short); `scales` holds each lane's group scale.
+  const auto step = [&](int64_t j, __mmask64 bytes, __mmask16 lanes, __m512 scales) {
+    const __m512i b = _mm512_maskz_loadu_epi8(bytes, w + j);
+    const __m512i lo = _mm512_and_si512(b, low), hi = _mm512_and_si512(_mm512_srli_epi16(b, 4), low);
+    for (int t = 0; t < T; ++t) {
+      __m512i acc = _mm512_maskz_loadu_epi32(lanes, bias[t] + j / 4);
+      acc = _mm512_dpbusd_epi32(acc, lo, _mm512_maskz_loadu_epi8(bytes, xe[t] + j));
+      acc = _mm512_dpbusd_epi32(acc, hi, _mm512_maskz_loadu_epi8(bytes, xe[t] + half + j));
+      total[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc), scales, total[t]);
+    }
+  };
   int64_t j = 0;
   if constexpr (GS == 32 || GS == 64) {
     const __m512i pattern = GS == 32 ? _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3)
                                      : _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1);
-    const auto scaled = [&](__m512i acc, __m128 scales) {
-      total = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc), _mm512_permutexvar_ps(pattern, _mm512_castps128_ps512(scales)),
-                              total);
-    };
+    const auto spread = [&](__m128 scales) { return _mm512_permutexvar_ps(pattern, _mm512_castps128_ps512(scales)); };
     for (; j + 64 <= half; j += 64)  // whole steps (constant masks: plain loads): 4 (2) groups, scales side by side
-      scaled(a4_step(w, xe, xo, bias, j, ~0ULL, 0xFFFF),
-             GS == 32 ? _mm_loadu_ps(s + j / 16) : _mm_castpd_ps(_mm_load_sd(reinterpret_cast<const double*>(s + j / 32))));
+      step(j, ~0ULL, 0xFFFF, spread(GS == 32 ? _mm_loadu_ps(s + j / 16)
+                                             : _mm_castpd_ps(_mm_load_sd(reinterpret_cast<const double*>(s + j / 32)))));
     if (j < half) {  // a short last step (576 inputs: 4.5 steps), its missing lanes and scales zero
       const int64_t left = half - j;  // bytes: a multiple of 16 (of 32 at group size 64)
-      scaled(a4_step(w, xe, xo, bias, j, (1ULL << left) - 1, static_cast<__mmask16>((1U << (left / 4)) - 1)),
-             _mm_maskz_loadu_ps(static_cast<__mmask8>((1U << (2 * left / GS)) - 1), s + 2 * j / GS));
+      step(j, (1ULL << left) - 1, static_cast<__mmask16>((1U << (left / 4)) - 1),
+           spread(_mm_maskz_loadu_ps(static_cast<__mmask8>((1U << (2 * left / GS)) - 1), s + 2 * j / GS)));
       j = half;
     }
   }
   for (; j < half; j += 64) {  // any other group size (a multiple of 32), the last step short or not
     const int64_t left = std::min<int64_t>(64, half - j);  // a multiple of 16
-    const __m512i acc = a4_step(w, xe, xo, bias, j, left == 64 ? ~0ULL : (1ULL << left) - 1,
-                                static_cast<__mmask16>((1U << (left / 4)) - 1));
+    const __mmask16 lanes = static_cast<__mmask16>((1U << (left / 4)) - 1);
     const int32_t first = p.lane_group[j / 4];  // the step's lanes take groups first, first + 1, ...
-    const __m512i pick = _mm512_sub_epi32(_mm512_maskz_loadu_epi32(static_cast<__mmask16>((1U << (left / 4)) - 1),
-                                                                   p.lane_group + j / 4), _mm512_set1_epi32(first));
+    const __m512i pick = _mm512_sub_epi32(_mm512_maskz_loadu_epi32(lanes, p.lane_group + j / 4),
+                                          _mm512_set1_epi32(first));
     const __mmask16 there = static_cast<__mmask16>((1U << std::min<int64_t>(16, p.G - first)) - 1);
-    total = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc), _mm512_permutexvar_ps(pick, _mm512_maskz_loadu_ps(there, s + first)),
-                            total);
+    step(j, left == 64 ? ~0ULL : (1ULL << left) - 1, lanes,
+         _mm512_permutexvar_ps(pick, _mm512_maskz_loadu_ps(there, s + first)));
   }
-  float shift = 0.0f;  // zero points per group (asymmetric codes) on top of the fixed one
-  for (int64_t h = 0; p.zero && h < p.G; ++h)
-    shift += s[h] * static_cast<float>(static_cast<int>(p.zero[srow * p.G + h]) * p.xsum[m * p.G + h]);
-  return _mm512_reduce_add_ps(total) - shift;
+  for (int t = 0; t < T; ++t) {
+    float shift = 0.0f;  // zero points per group (asymmetric codes) on top of the fixed one
+    for (int64_t h = 0; p.zero && h < p.G; ++h)
+      shift += s[h] * static_cast<float>(static_cast<int>(p.zero[srow * p.G + h]) * p.xsum[(m0 + t) * p.G + h]);
+    out[t] = _mm512_reduce_add_ps(total[t]) - shift;
+  }
+}
+
+// Every activation row against every weight row, four activation rows at a time.
+template <int GS>
+void run_a4_vnni(const ProblemA8& p) {
+  at::parallel_for(0, p.N, std::max<int64_t>(16, p.N / (8 * at::get_num_threads())), [&](int64_t begin, int64_t end) {
+    float out[4];
+    for (int64_t n = begin; n < end; ++n) {
+      int64_t m = 0;
+      const auto put = [&](int rows) {
+        for (int t = 0; t < rows; ++t) p.y[(m + t) * p.N + n] = out[t] * p.sx[m + t];
+        m += rows;
+      };
+      while (m + 4 <= p.M) rows_a4_vnni<GS, 4>(p, n, m, out), put(4);
+      switch (p.M - m) {
+        case 3: rows_a4_vnni<GS, 3>(p, n, m, out), put(3); break;
+        case 2: rows_a4_vnni<GS, 2>(p, n, m, out), put(2); break;
+        case 1: rows_a4_vnni<GS, 1>(p, n, m, out), put(1); break;
+        default: break;
+      }
+    }
+  });
 }
 #pragma GCC pop_options
 
@@ -627,9 +657,9 @@ at::Tensor int_linear_a8(const at::Tensor& x, const at::Tensor& qweight, const a
     for (int64_t l = 0; l < K / 8; ++l) lane_group[l] = static_cast<int32_t>(8 * l / (K / G));
     p.xbias = xbias.data();
     p.lane_group = lane_group.data();
-    if (K / G == 32) run_a8<row_a4_vnni<32>>(p);
-    else if (K / G == 64) run_a8<row_a4_vnni<64>>(p);
-    else run_a8<row_a4_vnni<0>>(p);
+    if (K / G == 32) run_a4_vnni<32>(p);
+    else if (K / G == 64) run_a4_vnni<64>(p);
+    else run_a4_vnni<0>(p);
     return y.reshape(out_shape);
   }
   if (bits == 8 && current_isa() == "avx512" && has_vnni()) {
