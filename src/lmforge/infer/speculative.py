@@ -46,7 +46,7 @@ import torch
 from torch import nn
 
 from lmforge.infer.generate import autocast_for, check_request, eval_mode
-from lmforge.infer.sampling import SamplingConfig, draw_from, make_generator
+from lmforge.infer.sampling import SamplingConfig, argmax, draw_from, make_generator
 from lmforge.infer.sampling import probabilities as distribution
 from lmforge.model import DecoderLM, KVCache
 from lmforge.runtime import Runtime
@@ -229,7 +229,7 @@ class DraftModel:
             guesses, dists = [], []
             for i in range(count):
                 if config.greedy:
-                    token = int(logits.argmax(-1))
+                    token = int(argmax(logits))
                 else:
                     dist = distribution(logits, config)
                     token = int(draw_from(dist, generator))
@@ -299,7 +299,7 @@ def verify(logits: torch.Tensor, guesses: list[int], q: torch.Tensor | None, con
     the place of guess i (row g: the place after the last guess); q (g, V) the drafter's distributions,
     None for certain guesses."""
     if config.greedy:
-        choice = logits.argmax(-1).tolist()
+        choice = argmax(logits).tolist()
         kept = 0
         while kept < len(guesses) and guesses[kept] == choice[kept]:
             kept += 1

@@ -236,6 +236,15 @@ struct ProblemA8 {
   int bits, zero_fixed;
 };
 
+// Every output, one at a time: Row(p, n, m) for weight row n and activation row m.
+template <float (*Row)(const ProblemA8&, int64_t, int64_t)>
+void run_a8(const ProblemA8& p) {
+  at::parallel_for(0, p.N, std::max<int64_t>(16, p.N / (8 * at::get_num_threads())), [&](int64_t begin, int64_t end) {
+    for (int64_t n = begin; n < end; ++n)
+      for (int64_t m = 0; m < p.M; ++m) p.y[m * p.N + n] = Row(p, n, m) * p.sx[m];
+  });
+}
+
 // One output: weight row n against activation row m, in plain C++.
 inline float row_a8_scalar(const ProblemA8& p, int64_t n, int64_t m) {
   const int64_t gs = p.K / p.G, srow = p.scale_rows == 1 ? 0 : n;
@@ -329,34 +338,71 @@ inline float row_a8_avx2(const ProblemA8& p, int64_t n, int64_t m) {
 // takes abs, sign, maddubs, madd and add for 32). Unsigned bytes: the weights are read shifted by 128
 // (w ^ 0x80 = w + 128, 1 to 255), so a group's sum is sum((w + 128) * x) - 128 * sum(x), and sum(x), the
 // group's activation sum, is made once a call. The sums are exact; the scale multiplies each group's once.
-inline float row_a8_vnni(const ProblemA8& p, int64_t n, int64_t m) {
-  const int64_t gs = p.K / p.G, srow = p.scale_rows == 1 ? 0 : n;
-  if (p.bits != 8 || gs % 32) return row_a8_avx2(p, n, m);
-  const float* s = p.scale + srow * p.G;
-  const int8_t* w = reinterpret_cast<const int8_t*>(p.codes) + n * p.K;
+// R weight rows (n0 ..) against activation row m, into out[0 .. R): each 64 bytes of activations loaded
+// once for the R rows (a decode step takes 4 weight rows at a time); a row's sums in the same order
+// whatever R is.
+template <int R>
+inline void tile_a8_vnni(const ProblemA8& p, int64_t n0, int64_t m, float* out) {
+  const int64_t gs = p.K / p.G;
+  const float* s[R];
+  const int8_t* w[R];
+  for (int r = 0; r < R; ++r) {
+    s[r] = p.scale + (p.scale_rows == 1 ? 0 : n0 + r) * p.G;
+    w[r] = reinterpret_cast<const int8_t*>(p.codes) + (n0 + r) * p.K;
+    out[r] = 0.0f;
+  }
   const int8_t* x = p.xq + m * p.K;
   const __m512i flip = _mm512_set1_epi8(static_cast<char>(0x80));
-  float total = 0.0f;
+  const auto wide = [&](int r, int64_t k) { return _mm512_xor_si512(_mm512_loadu_si512(w[r] + k), flip); };
   for (int64_t g = 0; g < p.G; ++g) {
-    __m512i acc0 = _mm512_setzero_si512(), acc1 = _mm512_setzero_si512();  // two chains of vpdpbusd
+    __m512i acc0[R], acc1[R];  // two chains of vpdpbusd a row
+    for (int r = 0; r < R; ++r) acc0[r] = acc1[r] = _mm512_setzero_si512();
     int64_t k = g * gs;
     for (; k + 128 <= (g + 1) * gs; k += 128) {
-      acc0 = _mm512_dpbusd_epi32(acc0, _mm512_xor_si512(_mm512_loadu_si512(w + k), flip), _mm512_loadu_si512(x + k));
-      acc1 = _mm512_dpbusd_epi32(acc1, _mm512_xor_si512(_mm512_loadu_si512(w + k + 64), flip),
-                                 _mm512_loadu_si512(x + k + 64));
+      const __m512i x0 = _mm512_loadu_si512(x + k), x1 = _mm512_loadu_si512(x + k + 64);
+      for (int r = 0; r < R; ++r) {
+        acc0[r] = _mm512_dpbusd_epi32(acc0[r], wide(r, k), x0);
+        acc1[r] = _mm512_dpbusd_epi32(acc1[r], wide(r, k + 64), x1);
+      }
     }
     if (k + 64 <= (g + 1) * gs) {
-      acc0 = _mm512_dpbusd_epi32(acc0, _mm512_xor_si512(_mm512_loadu_si512(w + k), flip), _mm512_loadu_si512(x + k));
+      const __m512i x0 = _mm512_loadu_si512(x + k);
+      for (int r = 0; r < R; ++r) acc0[r] = _mm512_dpbusd_epi32(acc0[r], wide(r, k), x0);
       k += 64;
     }
-    if (k < (g + 1) * gs)  // 32 bytes left (1,376 inputs: 21.5 steps): in 8 lanes
-      acc1 = _mm512_add_epi32(acc1, _mm512_zextsi256_si512(_mm256_dpbusd_epi32(
-          _mm256_setzero_si256(), _mm256_xor_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + k)),
-                                                   _mm512_castsi512_si256(flip)),
-          _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + k)))));
-    total += s[g] * static_cast<float>(_mm512_reduce_add_epi32(_mm512_add_epi32(acc0, acc1)) - 128 * p.xsum[m * p.G + g]);
+    if (k < (g + 1) * gs) {  // 32 bytes left (1,376 inputs: 21.5 steps): in 8 lanes
+      const __m256i x0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + k));
+      for (int r = 0; r < R; ++r)
+        acc1[r] = _mm512_add_epi32(acc1[r], _mm512_zextsi256_si512(_mm256_dpbusd_epi32(
+            _mm256_setzero_si256(), _mm256_xor_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w[r] + k)),
+                                                     _mm512_castsi512_si256(flip)), x0)));
+    }
+    for (int r = 0; r < R; ++r)
+      out[r] += s[r][g] * static_cast<float>(_mm512_reduce_add_epi32(_mm512_add_epi32(acc0[r], acc1[r])) -
+                                             128 * p.xsum[m * p.G + g]);
   }
-  return total;
+}
+
+inline float row_a8_vnni(const ProblemA8& p, int64_t n, int64_t m) {
+  if (p.bits != 8 || (p.K / p.G) % 32) return row_a8_avx2(p, n, m);
+  float out;
+  tile_a8_vnni<1>(p, n, m, &out);
+  return out;
+}
+
+// One activation row (a decode step) four weight rows at a time; more rows one output at a time.
+void run_a8_vnni(const ProblemA8& p) {
+  if (p.M > 1 || (p.K / p.G) % 32) return run_a8<row_a8_vnni>(p);
+  constexpr int B = 4;
+  const int64_t blocks = p.N / B;
+  at::parallel_for(0, blocks, std::max<int64_t>(4, blocks / (8 * at::get_num_threads())), [&](int64_t begin, int64_t end) {
+    float out[B];
+    for (int64_t b = begin; b < end; ++b) {
+      tile_a8_vnni<B>(p, b * B, 0, out);
+      for (int r = 0; r < B; ++r) p.y[b * B + r] = out[r] * p.sx[0];
+    }
+  });
+  for (int64_t n = blocks * B; n < p.N; ++n) p.y[n] = row_a8_vnni(p, n, 0) * p.sx[0];
 }
 
 // int4 codes times int8 activations with AVX-512 VNNI. The codes (0 to 15) are the unsigned operand
@@ -370,36 +416,49 @@ inline float row_a8_vnni(const ProblemA8& p, int64_t n, int64_t m) {
 // and added up. A row's last step loads only the bytes it has (masked). Per-group zero points
 // (asymmetric codes) come off at the end: z times the group's activation sum.
 
-// T activation rows (m0 ..) against weight row n, into out[0 .. T): each 64-byte step's codes are loaded
-// and split into their halves once, and its group scales picked once, for all T rows (a prompt's pass, a
-// speculative check, the batched engine's rows); each row's sums run in the same order whatever T is, so a
-// row's result does not depend on the rows beside it. GS: the group size when it is 32 or 64 (a step's
-// lanes then take 4 or 2 groups, always whole ones, in a fixed pattern), 0 for any other multiple of 32
-// (the lane-to-group table picks the scales).
-template <int GS, int T>
-inline void rows_a4_vnni(const ProblemA8& p, int64_t n, int64_t m0, float* out) {
-  const int64_t srow = p.scale_rows == 1 ? 0 : n, half = p.K / 2;
-  const float* s = p.scale + srow * p.G;
-  const uint8_t* w = p.codes + n * half;
-  const int8_t* xe[T];  // each row's even inputs; its odd ones from K / 2 on
+// R weight rows (n0 ..) against T activation rows (m0 ..), into out[r * T + t]: in each 64-byte step a
+// row's codes are loaded and split into their halves once for the T activation rows, and an activation
+// row's inputs loaded once for the R weight rows (a decode step: 4 weight rows, 1.4x fewer cycles a row
+// than one at a time; a prompt's pass, a speculative check, the engine's rows: 4 activation rows). Each
+// output's sums run in the same order whatever R and T are, so it does not depend on its neighbours.
+// GS: the group size when it is 32 or 64 (a step's lanes then take 4 or 2 groups, always whole ones, in
+// a fixed pattern), 0 for any other multiple of 32 (the lane-to-group table picks the scales).
+template <int GS, int R, int T>
+inline void tile_a4_vnni(const ProblemA8& p, int64_t n0, int64_t m0, float* out) {
+  const int64_t half = p.K / 2;
+  const uint8_t* w[R];
+  const float* s[R];
+  for (int r = 0; r < R; ++r) {
+    w[r] = p.codes + (n0 + r) * half;
+    s[r] = p.scale + (p.scale_rows == 1 ? 0 : n0 + r) * p.G;
+  }
+  const int8_t* xe[T];  // each activation row's even inputs; its odd ones from K / 2 on
   const int32_t* bias[T];
-  __m512 total[T];
   for (int t = 0; t < T; ++t) {
     xe[t] = p.xq + (m0 + t) * p.K;
     bias[t] = p.xbias + (m0 + t) * (p.K / 8);
-    total[t] = _mm512_setzero_ps();
   }
+  __m512 total[R][T];
+  for (int r = 0; r < R; ++r)
+    for (int t = 0; t < T; ++t) total[r][t] = _mm512_setzero_ps();
   const __m512i low = _mm512_set1_epi8(0x0F);
   // One step from j, the first even (and odd) input: bytes and lanes say how much of it there is (a row's
-  // last step may be short); `scales` holds each lane's group scale.
-  const auto step = [&](int64_t j, __mmask64 bytes, __mmask16 lanes, __m512 scales) {
-    const __m512i b = _mm512_maskz_loadu_epi8(bytes, w + j);
-    const __m512i lo = _mm512_and_si512(b, low), hi = _mm512_and_si512(_mm512_srli_epi16(b, 4), low);
+  // last step may be short); scales(r) gives each lane's group scale in weight row r.
+  const auto step = [&](int64_t j, __mmask64 bytes, __mmask16 lanes, const auto& scales) {
+    __m512i xa[T], xb[T], start[T];
     for (int t = 0; t < T; ++t) {
-      __m512i acc = _mm512_maskz_loadu_epi32(lanes, bias[t] + j / 4);
-      acc = _mm512_dpbusd_epi32(acc, lo, _mm512_maskz_loadu_epi8(bytes, xe[t] + j));
-      acc = _mm512_dpbusd_epi32(acc, hi, _mm512_maskz_loadu_epi8(bytes, xe[t] + half + j));
-      total[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc), scales, total[t]);
+      xa[t] = _mm512_maskz_loadu_epi8(bytes, xe[t] + j);
+      xb[t] = _mm512_maskz_loadu_epi8(bytes, xe[t] + half + j);
+      start[t] = _mm512_maskz_loadu_epi32(lanes, bias[t] + j / 4);
+    }
+    for (int r = 0; r < R; ++r) {
+      const __m512i b = _mm512_maskz_loadu_epi8(bytes, w[r] + j);
+      const __m512i lo = _mm512_and_si512(b, low), hi = _mm512_and_si512(_mm512_srli_epi16(b, 4), low);
+      const __m512 scale = scales(r);
+      for (int t = 0; t < T; ++t) {
+        const __m512i acc = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(start[t], lo, xa[t]), hi, xb[t]);
+        total[r][t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc), scale, total[r][t]);
+      }
     }
   };
   int64_t j = 0;
@@ -408,12 +467,15 @@ inline void rows_a4_vnni(const ProblemA8& p, int64_t n, int64_t m0, float* out) 
                                      : _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1);
     const auto spread = [&](__m128 scales) { return _mm512_permutexvar_ps(pattern, _mm512_castps128_ps512(scales)); };
     for (; j + 64 <= half; j += 64)  // whole steps (constant masks: plain loads): 4 (2) groups, scales side by side
-      step(j, ~0ULL, 0xFFFF, spread(GS == 32 ? _mm_loadu_ps(s + j / 16)
-                                             : _mm_castpd_ps(_mm_load_sd(reinterpret_cast<const double*>(s + j / 32)))));
+      step(j, ~0ULL, 0xFFFF, [&](int r) {
+        return spread(GS == 32 ? _mm_loadu_ps(s[r] + j / 16)
+                               : _mm_castpd_ps(_mm_load_sd(reinterpret_cast<const double*>(s[r] + j / 32))));
+      });
     if (j < half) {  // a short last step (576 inputs: 4.5 steps), its missing lanes and scales zero
       const int64_t left = half - j;  // bytes: a multiple of 16 (of 32 at group size 64)
+      const __mmask8 there = static_cast<__mmask8>((1U << (2 * left / GS)) - 1);
       step(j, (1ULL << left) - 1, static_cast<__mmask16>((1U << (left / 4)) - 1),
-           spread(_mm_maskz_loadu_ps(static_cast<__mmask8>((1U << (2 * left / GS)) - 1), s + 2 * j / GS)));
+           [&](int r) { return spread(_mm_maskz_loadu_ps(there, s[r] + 2 * j / GS)); });
       j = half;
     }
   }
@@ -425,33 +487,45 @@ inline void rows_a4_vnni(const ProblemA8& p, int64_t n, int64_t m0, float* out) 
                                           _mm512_set1_epi32(first));
     const __mmask16 there = static_cast<__mmask16>((1U << std::min<int64_t>(16, p.G - first)) - 1);
     step(j, left == 64 ? ~0ULL : (1ULL << left) - 1, lanes,
-         _mm512_permutexvar_ps(pick, _mm512_maskz_loadu_ps(there, s + first)));
+         [&](int r) { return _mm512_permutexvar_ps(pick, _mm512_maskz_loadu_ps(there, s[r] + first)); });
   }
-  for (int t = 0; t < T; ++t) {
-    float shift = 0.0f;  // zero points per group (asymmetric codes) on top of the fixed one
-    for (int64_t h = 0; p.zero && h < p.G; ++h)
-      shift += s[h] * static_cast<float>(static_cast<int>(p.zero[srow * p.G + h]) * p.xsum[(m0 + t) * p.G + h]);
-    out[t] = _mm512_reduce_add_ps(total[t]) - shift;
-  }
+  for (int r = 0; r < R; ++r)
+    for (int t = 0; t < T; ++t) {
+      float shift = 0.0f;  // zero points per group (asymmetric codes) on top of the fixed one
+      for (int64_t h = 0; p.zero && h < p.G; ++h)
+        shift += s[r][h] * static_cast<float>(static_cast<int>(p.zero[(s[r] - p.scale) + h]) * p.xsum[(m0 + t) * p.G + h]);
+      out[r * T + t] = _mm512_reduce_add_ps(total[r][t]) - shift;
+    }
 }
 
-// Every activation row against every weight row, four activation rows at a time.
+// Every activation row against every weight row: one activation row (a decode step) four weight rows at a
+// time, more activation rows four at a time against one weight row.
 template <int GS>
 void run_a4_vnni(const ProblemA8& p) {
-  at::parallel_for(0, p.N, std::max<int64_t>(16, p.N / (8 * at::get_num_threads())), [&](int64_t begin, int64_t end) {
-    float out[4];
-    for (int64_t n = begin; n < end; ++n) {
-      int64_t m = 0;
-      const auto put = [&](int rows) {
-        for (int t = 0; t < rows; ++t) p.y[(m + t) * p.N + n] = out[t] * p.sx[m + t];
-        m += rows;
-      };
-      while (m + 4 <= p.M) rows_a4_vnni<GS, 4>(p, n, m, out), put(4);
-      switch (p.M - m) {
-        case 3: rows_a4_vnni<GS, 3>(p, n, m, out), put(3); break;
-        case 2: rows_a4_vnni<GS, 2>(p, n, m, out), put(2); break;
-        case 1: rows_a4_vnni<GS, 1>(p, n, m, out), put(1); break;
-        default: break;
+  constexpr int B = 4;  // weight rows a block
+  const int64_t blocks = (p.N + B - 1) / B;
+  at::parallel_for(0, blocks, std::max<int64_t>(4, blocks / (8 * at::get_num_threads())), [&](int64_t begin, int64_t end) {
+    float out[B * B];
+    for (int64_t n0 = begin * B; n0 < std::min(end * B, p.N); n0 += B) {
+      const int64_t rows = std::min<int64_t>(B, p.N - n0);
+      if (p.M == 1 && rows == B) {
+        tile_a4_vnni<GS, B, 1>(p, n0, 0, out);
+        for (int r = 0; r < B; ++r) p.y[n0 + r] = out[r] * p.sx[0];
+        continue;
+      }
+      for (int64_t n = n0; n < n0 + rows; ++n) {
+        int64_t m = 0;
+        const auto put = [&](int count) {
+          for (int t = 0; t < count; ++t) p.y[(m + t) * p.N + n] = out[t] * p.sx[m + t];
+          m += count;
+        };
+        while (m + 4 <= p.M) tile_a4_vnni<GS, 1, 4>(p, n, m, out), put(4);
+        switch (p.M - m) {
+          case 3: tile_a4_vnni<GS, 1, 3>(p, n, m, out), put(3); break;
+          case 2: tile_a4_vnni<GS, 1, 2>(p, n, m, out), put(2); break;
+          case 1: tile_a4_vnni<GS, 1, 1>(p, n, m, out), put(1); break;
+          default: break;
+        }
       }
     }
   });
@@ -505,13 +579,6 @@ bool has_vnni() {
 }
 #endif
 
-template <float (*Row)(const ProblemA8&, int64_t, int64_t)>
-void run_a8(const ProblemA8& p) {
-  at::parallel_for(0, p.N, std::max<int64_t>(16, p.N / (8 * at::get_num_threads())), [&](int64_t begin, int64_t end) {
-    for (int64_t n = begin; n < end; ++n)
-      for (int64_t m = 0; m < p.M; ++m) p.y[m * p.N + n] = Row(p, n, m) * p.sx[m];
-  });
-}
 
 at::Tensor int_linear(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scale,
                       const std::optional<at::Tensor>& zero, int64_t bits, int64_t offset) {
@@ -668,7 +735,7 @@ at::Tensor int_linear_a8(const at::Tensor& x, const at::Tensor& qweight, const a
       for (int64_t g = 0; g < G; ++g)
         for (int64_t k = g * (K / G); k < (g + 1) * (K / G); ++k) xsum8[m * G + g] += xq[m * K + k];
     p.xsum = xsum8.data();
-    run_a8<row_a8_vnni>(p);
+    run_a8_vnni(p);
     return y.reshape(out_shape);
   }
   if (current_isa() != "scalar") {
