@@ -143,14 +143,16 @@ def integer_variants(model: DecoderLM, new_tokens: int) -> dict[str, Runner]:
     print(f"integer kernels: {kernels.isa()} (best on this CPU: {kernels.best_isa()})")
     runners: dict[str, Runner] = {}
     small = quantize_weights(copy.deepcopy(model), "fp16")
-    variants = [("lmforge fp16 weights + compiled decode step", small)]
+    variants = [("lmforge fp16 weights + compiled decode step", small, False)]
     for name, spec in INTEGER_SPECS.items():
         quantized = copy.deepcopy(model)
         quantize_model(quantized, spec)
         fuse_projections(quantized)
-        variants.append((f"lmforge {name} + compiled decode step", quantized))
-    for name, candidate in variants:
-        step = CompiledDecodeStep(candidate, max_autotune=False)
+        variants.append((f"lmforge {name} + compiled decode step", quantized, False))
+        if spec.activations != "none":  # the fastest two again, their kernels called from C++ (--compile-cpp)
+            variants.append((f"lmforge {name} + compiled decode step, C++ wrapper", copy.deepcopy(quantized), True))
+    for name, candidate, cpp_wrapper in variants:
+        step = CompiledDecodeStep(candidate, max_autotune=False, cpp_wrapper=cpp_wrapper)
         print(f"compiling {name}: {step.warm_up(1):.0f}s", flush=True)
         check_compiled_step(model, candidate, step, prompt_len=16)
         runners[name] = lmforge_runner(candidate, None, new_tokens, step)
@@ -309,7 +311,11 @@ def print_table(results: dict[int, dict[str, float]]) -> None:
                 (ours_ms, ours_name), (theirs_ms, theirs_name) = min(ours), min(theirs)
                 print(f"batch {b}, {label}: fastest lmforge ({ours_name}) {ours_ms:.2f} ms/token vs fastest "
                       f"transformers ({theirs_name}) {theirs_ms:.2f} ms/token: {theirs_ms / ours_ms:.2f}x")
-        for ours_name, theirs_name in (("lmforge fp32 + compiled decode step", "llama.cpp, f32 GGUF"),
+        w8a8 = "lmforge int8 W8A8 (activations per row) + compiled decode step"
+        w4a8 = "lmforge int4 W4A8 (symmetric, group 32, activations per row) + compiled decode step"
+        for ours_name, theirs_name in ((w8a8 + ", C++ wrapper", "llama.cpp, q8_0 GGUF"),
+                                       (w4a8 + ", C++ wrapper", "llama.cpp, q4_0 GGUF"),
+                                       ("lmforge fp32 + compiled decode step", "llama.cpp, f32 GGUF"),
                                        ("lmforge fp32 + fp16 weights + compiled decode step", "llama.cpp, f16 GGUF"),
                                        ("lmforge fp16 weights + compiled decode step", "llama.cpp, f16 GGUF"),
                                        ("lmforge int8 + compiled decode step", "llama.cpp, q8_0 GGUF"),

@@ -18,6 +18,8 @@ from lmforge.settings import add_arguments, build, load_json
 DEFAULT_RUN = Path("runs") / "speedrun"
 WEIGHTS_HELP = ("store the weights in 16 bits, arithmetic in fp32: half the memory, and with --compile "
                 "faster decoding on CPUs without native bf16")
+COMPILE_CPP_HELP = ("with --compile: the compiled step's kernels run from C++, not Python: 5-11%% fewer ms a token "
+                    "for small models and int4 weights, twice the compile time")
 
 
 def _tokenizer_path(value: str | None) -> Path:
@@ -425,7 +427,7 @@ def cmd_chat(args: argparse.Namespace) -> None:
     from lmforge.infer.sampling import SamplingConfig
 
     lm = load(args.model, device=args.device, dtype=args.dtype, compile=args.compile, weights=args.weights,
-              **_speculative_options(args))
+              compile_cpp=args.compile_cpp, **_speculative_options(args))
     sampling = vars(build(SamplingConfig, args, base=CHAT_SAMPLING))
     run_chat(ChatSession(lm, system=args.system, sampling=sampling), input, sys.stdout)
 
@@ -617,7 +619,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
     if (args.prompt is None) == (args.input is None):
         raise InputError("give a prompt, or --input prompts.jsonl (not both)")
     lm = load(args.checkpoint, device=args.device, dtype=args.dtype, compile=args.compile, weights=args.weights,
-              **_speculative_options(args))
+              compile_cpp=args.compile_cpp, **_speculative_options(args))
     if args.input is not None:
         _generate_jsonl(lm, args)
         return
@@ -1273,6 +1275,7 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-stream", action="store_true", help="print the whole text at the end")
     p.add_argument("--compile", action="store_true",
                    help="compile the one-token decode step: faster per token, after a compilation of tens of seconds")
+    p.add_argument("--compile-cpp", action="store_true", help=COMPILE_CPP_HELP)
     p.add_argument("--weights", default="fp32", choices=["fp32", "fp16", "bf16"], help=WEIGHTS_HELP)
     _add_speculative_options(p)
     add_arguments(p, SamplingConfig)
@@ -1323,6 +1326,7 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, mps")
     p.add_argument("--dtype", default="auto", help="auto, bf16, fp32")
     p.add_argument("--compile", action="store_true", help="compile the decode step (faster after a warm-up)")
+    p.add_argument("--compile-cpp", action="store_true", help=COMPILE_CPP_HELP)
     p.add_argument("--weights", default="fp32", choices=["fp32", "fp16", "bf16"], help=WEIGHTS_HELP)
     _add_speculative_options(p)
     add_arguments(p, SamplingConfig)

@@ -47,3 +47,16 @@ def test_two_models_of_one_shape_each_run_their_own_compiled_graph(make_model):
     assert outputs[0] != outputs[1]  # the two models differ, so a shared graph would show
     for model, step, eager in zip(models, steps, outputs):
         assert generate(model, [[1, 2, 3]], config, decode_step=step) == eager
+
+
+@pytest.mark.slow
+def test_a_step_with_the_cpp_wrapper_runs_cpp_and_decodes_like_the_eager_model(make_model):
+    from torch._inductor.utils import run_and_get_code
+
+    model = make_model()
+    step = CompiledDecodeStep(model, max_autotune=False, cpp_wrapper=True)
+    _, sources = run_and_get_code(step.warm_up, 1)
+    # the wrapper Inductor wrote is C++ (its entry function), not a Python `def call(...)`
+    assert len(sources) == 1 and "inductor_entry_impl" in sources[0] and "def call(" not in sources[0]
+    config = SamplingConfig(max_new_tokens=12, temperature=0)
+    assert generate(model, PROMPTS, config, decode_step=step) == generate(model, PROMPTS, config)

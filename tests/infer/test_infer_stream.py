@@ -163,5 +163,9 @@ def test_load_a_checkpoint_in_bf16(make_model, byte_tokenizer, tmp_path, monkeyp
     assert lmforge.load(tmp_path / "ckpt", device="cpu", compile=True, compile_prefill=True).decode_step.prefill
     with pytest.raises(InputError, match="needs compile"):
         lmforge.load(tmp_path / "ckpt", device="cpu", compile_prefill=True)
+    assert lmforge.load(tmp_path / "ckpt", device="cpu", compile=True, compile_cpp=True).decode_step.cpp_wrapper
+    assert not compiled.cpp_wrapper
+    with pytest.raises(InputError, match="needs compile"):
+        lmforge.load(tmp_path / "ckpt", device="cpu", compile_cpp=True)
     assert lm32.generate("hi", **greedy(max_new_tokens=8)) == LanguageModel(
         model, byte_tokenizer, lm32.runtime).generate("hi", **greedy(max_new_tokens=8))

@@ -56,13 +56,16 @@ class CompiledDecodeStep:
     decode step, 1 + k for the batched engine's speculative steps (k guesses a row).
 
     ``max_autotune=False`` compiles in half the time and gains less (1.6x rather than
-    2.5-3x for llama-42m). Each new batch size compiles one more graph (the cache position
+    2.5-3x for llama-42m). ``cpp_wrapper=True`` has Inductor call the graph's kernels from
+    C++ instead of a generated Python function: with int4 weights (W4A8) 5-8% fewer ms a step
+    for llama-42m and 11% for SmolLM2-135M, whose first compile took 51 s against 22 (2 cores,
+    Intel AMX; benchmarks/decode.py --integer). Each new batch size compiles one more graph (the cache position
     is symbolic from the start): SmolLM2-135M in bf16 at batch 16 without autotuning, 62 s
     on a 2-core CPU (112 s when the position was first compiled as a constant).
     """
 
-    def __init__(self, model: DecoderLM, max_autotune: bool = True, prefill: bool = False):
-        self.model, self.prefill = model, prefill
+    def __init__(self, model: DecoderLM, max_autotune: bool = True, prefill: bool = False, cpp_wrapper: bool = False):
+        self.model, self.prefill, self.cpp_wrapper = model, prefill, cpp_wrapper
         # (torch.compile takes a mode or options, not both: the mode goes in as its options.)
         from torch._inductor import list_mode_options
 
@@ -86,7 +89,7 @@ class CompiledDecodeStep:
         # graphs per code object, so every model compiled in this process shares
         # DecoderLM.forward's limit (8 by default; each model and batch size takes one):
         # past it Dynamo would silently run the step eagerly.
-        with inductor_config.patch(freezing=True, autotune_num_choices_displayed=0), \
+        with inductor_config.patch(freezing=True, autotune_num_choices_displayed=0, cpp_wrapper=self.cpp_wrapper), \
                 torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT), \
                 torch.compiler.config.patch(dynamic_sources=CACHE_LENGTH):
             return self.compiled(input_ids, cache, **ragged)
@@ -106,7 +109,7 @@ class CompiledDecodeStep:
         for tensor in (input_ids, positions):
             torch._dynamo.maybe_mark_dynamic(tensor, 1)
         cache.mark_dynamic()
-        with inductor_config.patch(freezing=True, autotune_num_choices_displayed=0), \
+        with inductor_config.patch(freezing=True, autotune_num_choices_displayed=0, cpp_wrapper=self.cpp_wrapper), \
                 torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT):
             return self.compiled(input_ids, cache, return_hidden=True, positions=positions)
 
