@@ -151,12 +151,18 @@ def test_a_compiled_step_runs_the_speculative_steps_without_recompiling(make_mod
 
 
 @pytest.mark.slow
-def test_a_draft_model_with_a_compiled_step_guesses_as_the_eager_one(make_model):
+def test_a_draft_model_with_a_compiled_step_guesses_as_the_eager_one(make_model, monkeypatch):
     """A draft's one-token forwards through its compiled step: the same guesses as the eager draft while the
-    sequence grows and rejected guesses are cropped away, one graph for it all, and the engine's output exact."""
+    sequence grows and rejected guesses are cropped away, one graph for it all, the tokens kept since the last
+    guesses caught up through it too (only the prompt runs eagerly), and the engine's output exact."""
     from torch._dynamo.utils import counters
 
-    from lmforge.infer import CompiledDecodeStep
+    from lmforge.infer import CompiledDecodeStep, speculative
+
+    eager_passes = []
+    eager_forward = speculative._forward
+    monkeypatch.setattr(speculative, "_forward", lambda model, ids, *rest: eager_passes.append(len(ids)) or
+                        eager_forward(model, ids, *rest))
 
     model, small = make_model(), make_model(seed=3, num_layers=1)
     eager = DraftModel(small)
@@ -164,7 +170,9 @@ def test_a_draft_model_with_a_compiled_step_guesses_as_the_eager_one(make_model)
     tokens, before = list(PROMPTS[0]), counters["stats"]["unique_graphs"]
     for turn in range(4):  # two guesses kept and one of the model's own each round, as in decoding
         guesses = eager.propose(tokens, 4, greedy(), None)[0]
+        eager_passes.clear()
         assert compiled.propose(tokens, 4, greedy(), None)[0] == guesses
+        assert eager_passes == ([len(PROMPTS[0])] if turn == 0 else [])
         if turn == 0:
             graphs = counters["stats"]["unique_graphs"]
         tokens += guesses[:2] + [(guesses[2] + 1) % small.config.vocab_size]
