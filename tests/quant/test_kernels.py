@@ -116,7 +116,8 @@ def test_quantized_model_decodes_alike_with_kernel_reference_and_compiled_step(s
 
 
 A8_SPECS = [(8, "symmetric", "channel"), (8, "symmetric", "group"), (8, "symmetric", "tensor"),
-            (4, "symmetric", "group"), (4, "asymmetric", "group"), (4, "symmetric", "channel")]
+            (4, "symmetric", "group"), (4, "asymmetric", "group"), (4, "symmetric", "channel"),
+            (4, "asymmetric", "tensor")]
 
 
 @pytest.mark.parametrize("isa", isas())
