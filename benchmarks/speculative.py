@@ -97,8 +97,7 @@ def main() -> None:
                 (FirstGuesses([PromptLookup(ngram=3, min_ngram=2), draft]), k)
     texts = paragraphs(args.prompts)
     # no prefix cache: every variant prefills its prompt, as plain decoding through the Python API does
-    engine = Engine(lm.model, lm.runtime, max_batch_size=1, decode_step=lm.decode_step, prefix_caching=False,
-                    vocab_limit=getattr(lm.tokenizer, "vocab_size", None))
+    engine = lm.engine(1, prefix_caching=False)
     seconds = sum(engine.warm_up(draft_tokens=k) for k in sorted(set(args.draft_tokens)))
     if args.compile:
         seconds += lm.decode_step.warm_up() + sum(draft.decode_step.warm_up() for draft in drafts.values())

@@ -161,18 +161,20 @@ class LanguageModel:
         return {**sampling, "stop_token_ids": stops + [i for i in end_of_turn_ids(self.tokenizer) if i not in stops]}
 
     def engine(self, max_batch_size: int = 8, context: int | None = None,
-               decode_buckets: tuple[int, ...] | None = None) -> Engine:
-        """The batched engine over this model (made once per batch size, context and buckets, then kept).
-        ``context``: positions per slot (default: the model's ``max_seq_len``); ``decode_buckets``: the
-        decode step's batch sizes (see :class:`Engine`)."""
+               decode_buckets: tuple[int, ...] | None = None, prefix_caching: bool = True) -> Engine:
+        """The batched engine over this model (made once per batch size, context, buckets and prefix caching,
+        then kept). ``context``: positions per slot (default: the model's ``max_seq_len``); ``decode_buckets``:
+        the decode step's batch sizes; ``prefix_caching=False``: every request prefills its whole prompt (see
+        :class:`Engine`)."""
         engines = self.__dict__.setdefault("_engines", {})
-        key = (max_batch_size, context, decode_buckets)
+        key = (max_batch_size, context, decode_buckets, prefix_caching)
         if key not in engines:
             limit = getattr(self.tokenizer, "vocab_size", None)
             if self.encoder_decoder and limit is not None:  # sentinels above the tokenizer's ids may be written
                 limit += sentinels_above(self.tokenizer, self.model)
             engines[key] = Engine(self.model, self.runtime, max_batch_size=max_batch_size, context=context,
-                                  decode_step=self.decode_step, vocab_limit=limit, decode_buckets=decode_buckets)
+                                  decode_step=self.decode_step, vocab_limit=limit, decode_buckets=decode_buckets,
+                                  prefix_caching=prefix_caching)
         return engines[key]
 
     def generate_batch(self, prompts: Sequence[str | list[int] | dict[str, Any]], max_batch_size: int = 8,

@@ -231,7 +231,6 @@ def draft_check(teacher, draft_path: Path, records: list[dict], config: DistillC
     if not records:
         return None
     from lmforge.api import load_draft
-    from lmforge.infer.engine import Engine
     from lmforge.infer.request import Request
 
     drafter = load_draft(draft_path, teacher.tokenizer, config.teacher, device=device, dtype=dtype)
@@ -239,9 +238,8 @@ def draft_check(teacher, draft_path: Path, records: list[dict], config: DistillC
                                                                 "max_new_tokens": config.max_new_tokens}))
     # no prefix cache: each run prefills its whole prompt, so that both ways start from the same logits (in bf16 a
     # prompt served from the cache and one computed in a pass round differently)
-    engine = Engine(teacher.model, teacher.runtime, max_batch_size=1, prefix_caching=False,
-                    context=max(len(r["prompt_ids"]) for r in records) + config.max_new_tokens,
-                    decode_step=teacher.decode_step, vocab_limit=getattr(teacher.tokenizer, "vocab_size", None))
+    engine = teacher.engine(1, context=max(len(r["prompt_ids"]) for r in records) + config.max_new_tokens,
+                            prefix_caching=False)
     seconds, tokens, same = {"plain": 0.0, "draft": 0.0}, 0, 0
     drafted = accepted = passes = 0
     for record in records:

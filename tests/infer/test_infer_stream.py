@@ -165,6 +165,7 @@ def test_load_a_checkpoint_in_bf16(make_model, byte_tokenizer, tmp_path, monkeyp
         lmforge.load(tmp_path / "ckpt", device="cpu", compile_prefill=True)
     assert lmforge.load(tmp_path / "ckpt", device="cpu", compile=True, compile_cpp=True).decode_step.cpp_wrapper
     assert not compiled.cpp_wrapper
+    assert lm32.engine(1).prefix_caching and not lm32.engine(1, prefix_caching=False).prefix_caching
     with pytest.raises(InputError, match="needs compile"):
         lmforge.load(tmp_path / "ckpt", device="cpu", compile_cpp=True)
     assert lm32.generate("hi", **greedy(max_new_tokens=8)) == LanguageModel(

@@ -29,7 +29,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from lmforge.quant.integer import QuantSpec, quantize_tensor, watch_inputs
+from lmforge.quant.integer import QuantSpec, quantize_tensor, round_to_grid, watch_inputs
 
 DAMP = 0.01  # of the mean diagonal: keeps H invertible where inputs are nearly dependent
 
@@ -56,13 +56,6 @@ def _grid(weight: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Te
     return scale.reshape(-1), None if zero is None else zero.reshape(-1)
 
 
-def _round(column: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, bits: int) -> torch.Tensor:
-    if zero is None:
-        qmax = 2 ** (bits - 1) - 1
-        return torch.clamp(torch.round(column / scale), -qmax, qmax)
-    return torch.clamp(torch.round(column / scale) + zero, 0, 2 ** bits - 1)
-
-
 @torch.no_grad()
 def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, spec: QuantSpec, damp: float = DAMP,
                   act_order: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
@@ -83,12 +76,16 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, spec: QuantSpec, 
     scales = torch.zeros(rows if spec.granularity != "tensor" else 1, groups, device=w.device)
     zeros = None if spec.scheme == "symmetric" else torch.zeros_like(scales)
     order = torch.argsort(torch.diagonal(h), descending=True) if act_order else torch.arange(cols)
+
+    def set_grid(g: int, columns: torch.Tensor) -> None:  # group g's scales (and zeros) from these columns
+        scale, zero = _grid(columns if spec.granularity == "group" else w, spec)
+        scales[:, g] = scale
+        if zeros is not None:
+            zeros[:, g] = zero
+
     if act_order:  # grids first, from the weights as they are; then the columns in that order
         for g in range(groups):
-            scale, zero = _grid(w[:, g * span:(g + 1) * span] if spec.granularity == "group" else w, spec)
-            scales[:, g] = scale
-            if zeros is not None:
-                zeros[:, g] = zero
+            set_grid(g, w[:, g * span:(g + 1) * span])
         w, h = w[:, order], h[order][:, order]
     h += damp * torch.diagonal(h).mean() * torch.eye(cols, device=h.device)
     upper = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
@@ -97,12 +94,9 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, spec: QuantSpec, 
         column = int(order[i])  # where this column sits in the weight, and so its group
         g = column // span
         if not act_order and column % span == 0:  # a new group: its grid from the columns as they are now
-            scale, zero = _grid(w[:, i:i + span] if spec.granularity == "group" else w, spec)
-            scales[:, g] = scale
-            if zeros is not None:
-                zeros[:, g] = zero
+            set_grid(g, w[:, i:i + span])
         scale, zero = scales[:, g], None if zeros is None else zeros[:, g]
-        q = _round(w[:, i], scale, zero, spec.bits)
+        q = round_to_grid(w[:, i], scale, zero, spec.bits)
         codes[:, column] = q.to(torch.int16)
         error = (w[:, i] - ((q - zero) if zero is not None else q) * scale) / upper[i, i]
         w[:, i + 1:] -= error[:, None] * upper[i, i + 1:][None, :]

@@ -97,20 +97,26 @@ def quantize_tensor(weight: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor
     rows, cols = w.shape
     groups = spec.groups(cols)
     spans = w.reshape(rows, groups, cols // groups) if spec.granularity != "tensor" else w.reshape(1, 1, -1)
-    levels = 2 ** spec.bits - 1
     if spec.scheme == "symmetric":
-        qmax = 2 ** (spec.bits - 1) - 1
-        scale = spans.abs().amax(-1) / qmax
+        scale = spans.abs().amax(-1) / (2 ** (spec.bits - 1) - 1)
         scale = torch.where(scale > 0, scale, torch.ones_like(scale))  # an all-zero span: any scale works
-        codes = torch.clamp(torch.round(spans / scale[..., None]), -qmax, qmax)
         zero = None
     else:
         low, high = spans.amin(-1).clamp(max=0), spans.amax(-1).clamp(min=0)  # zero stays representable
-        scale = (high - low) / levels
+        scale = (high - low) / (2 ** spec.bits - 1)
         scale = torch.where(scale > 0, scale, torch.ones_like(scale))
         zero = torch.round(-low / scale)
-        codes = torch.clamp(torch.round(spans / scale[..., None]) + zero[..., None], 0, levels)
+    codes = round_to_grid(spans, scale[..., None], None if zero is None else zero[..., None], spec.bits)
     return codes.reshape(rows, cols).to(torch.int16), scale, zero
+
+
+def round_to_grid(values: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, bits: int) -> torch.Tensor:
+    """The codes of ``values`` on the grid ``scale`` (and ``zero``), shapes broadcasting: symmetric codes in
+    [-(2^(bits-1) - 1), 2^(bits-1) - 1], codes with a zero point in [0, 2^bits - 1] (float tensor)."""
+    if zero is None:
+        qmax = 2 ** (bits - 1) - 1
+        return torch.clamp(torch.round(values / scale), -qmax, qmax)
+    return torch.clamp(torch.round(values / scale) + zero, 0, 2 ** bits - 1)
 
 
 def dequantize(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None) -> torch.Tensor:
