@@ -130,9 +130,9 @@ def variants(model: DecoderLM, new_tokens: int, use_compile: bool) -> dict[str, 
 
 
 INTEGER_SPECS = {"int8": QuantSpec(8), "int4 (symmetric, group 32)": QuantSpec(4, "symmetric", "group", 32),
-                 "int8 W8A8 (activations per row)": QuantSpec(8, activations="dynamic"),
-                 "int4 W4A8 (symmetric, group 32, activations per row)": QuantSpec(4, "symmetric", "group", 32,
-                                                                                   activations="dynamic")}
+                 "int8 W8A8 (activations per 32 inputs)": QuantSpec(8, activations="group"),
+                 "int4 W4A8 (symmetric, group 32, activations per 32 inputs)": QuantSpec(4, "symmetric", "group", 32,
+                                                                                         activations="group")}
 
 
 def integer_variants(model: DecoderLM, new_tokens: int) -> dict[str, Runner]:
@@ -311,19 +311,19 @@ def print_table(results: dict[int, dict[str, float]]) -> None:
                 (ours_ms, ours_name), (theirs_ms, theirs_name) = min(ours), min(theirs)
                 print(f"batch {b}, {label}: fastest lmforge ({ours_name}) {ours_ms:.2f} ms/token vs fastest "
                       f"transformers ({theirs_name}) {theirs_ms:.2f} ms/token: {theirs_ms / ours_ms:.2f}x")
-        w8a8 = "lmforge int8 W8A8 (activations per row) + compiled decode step"
-        w4a8 = "lmforge int4 W4A8 (symmetric, group 32, activations per row) + compiled decode step"
+        w8a8 = "lmforge int8 W8A8 (activations per 32 inputs) + compiled decode step"
+        w4a8 = "lmforge int4 W4A8 (symmetric, group 32, activations per 32 inputs) + compiled decode step"
         for ours_name, theirs_name in ((w8a8 + ", C++ wrapper", "llama.cpp, q8_0 GGUF"),
                                        (w4a8 + ", C++ wrapper", "llama.cpp, q4_0 GGUF"),
                                        ("lmforge fp32 + compiled decode step", "llama.cpp, f32 GGUF"),
                                        ("lmforge fp32 + fp16 weights + compiled decode step", "llama.cpp, f16 GGUF"),
                                        ("lmforge fp16 weights + compiled decode step", "llama.cpp, f16 GGUF"),
                                        ("lmforge int8 + compiled decode step", "llama.cpp, q8_0 GGUF"),
-                                       ("lmforge int8 W8A8 (activations per row) + compiled decode step",
+                                       ("lmforge int8 W8A8 (activations per 32 inputs) + compiled decode step",
                                         "llama.cpp, q8_0 GGUF"),
                                        ("lmforge int4 (symmetric, group 32) + compiled decode step",
                                         "llama.cpp, q4_0 GGUF"),
-                                       ("lmforge int4 W4A8 (symmetric, group 32, activations per row) + compiled "
+                                       ("lmforge int4 W4A8 (symmetric, group 32, activations per 32 inputs) + compiled "
                                         "decode step", "llama.cpp, q4_0 GGUF")):
             if ours_name in results[b] and theirs_name in results[b]:
                 ratio = results[b][theirs_name] / results[b][ours_name]

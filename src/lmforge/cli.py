@@ -594,8 +594,8 @@ def cmd_quantize(args: argparse.Namespace) -> None:
     from lmforge.quant.integer import QuantSpec
     from lmforge.quant.ptq import PLOT, REPORT, quantize_checkpoint
 
-    activations = {"none": "static" if args.calibrate and args.method != "gptq" else "none", "int8": "dynamic",
-                   "int8-static": "static"}[args.activations]
+    activations = {"none": "static" if args.calibrate and args.method != "gptq" else "none", "int8": "group",
+                   "int8-row": "dynamic", "int8-static": "static"}[args.activations]
     spec = QuantSpec(bits=args.bits, scheme=args.scheme, granularity=args.granularity, group_size=args.group_size,
                      activations=activations)
     text = None
@@ -1247,9 +1247,10 @@ def make_parser() -> argparse.ArgumentParser:
                    "--calibrate DATA say (the blocks' layers; the table and head to nearest)")
     p.add_argument("--act-order", action=argparse.BooleanOptionalAction, default=True,
                    help="gptq: round the columns whose inputs are largest first (--no-act-order: left to right)")
-    p.add_argument("--activations", default="none", choices=["none", "int8", "int8-static"],
-                   help="W8A8: round each layer's inputs to int8 too, each row by its own absmax (int8) or by "
-                        "scales calibrated once (int8-static, with --calibrate)")
+    p.add_argument("--activations", default="none", choices=["none", "int8", "int8-row", "int8-static"],
+                   help="W8A8: round each layer's inputs to int8 too, every 32 inputs by their own absmax (int8, "
+                        "as llama.cpp's q8_0), each row by its own (int8-row) or by scales calibrated once "
+                        "(int8-static, with --calibrate)")
     p.add_argument("--calibrate", metavar="DATA", help="text or JSONL (\"text\" field) whose activations set the "
                                                        "static int8 scales (implies --activations int8-static, "
                                                        "except with --method gptq, which reads it for its inputs)")

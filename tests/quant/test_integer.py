@@ -64,6 +64,9 @@ def test_bad_specs_are_named():
         QuantSpec(scheme="nf4")
     with pytest.raises(InputError, match="does not divide"):
         QuantSpec(4, granularity="group", group_size=48).groups(64)
+    with pytest.raises(InputError, match="multiple of 32.*int8-row"):  # activation groups of 32 inputs
+        QuantSpec(8, activations="group").groups(80)
+    assert QuantSpec(8, activations="dynamic").groups(80) == 1  # one activation scale a row fits any width
 
 
 def test_a_quantized_model_saves_loads_and_generates(tmp_path, tiny_lm, capsys):
@@ -170,7 +173,8 @@ def test_w8a8_dynamic_and_calibrated_checkpoints(tmp_path, tiny_lm, capsys):
     ids = torch.tensor([tiny_lm.encode_prompt("The quick brown fox jumps over the lazy dog.")])
     with torch.no_grad():
         reference = tiny_lm.model(ids)
-    for name, flags in (("dynamic", ["--activations", "int8"]), ("static", ["--calibrate", str(tmp_path / "calib.jsonl")])):
+    for name, flags in (("group", ["--activations", "int8"]), ("dynamic", ["--activations", "int8-row"]),
+                        ("static", ["--calibrate", str(tmp_path / "calib.jsonl")])):
         assert main(["quantize", str(tmp_path / "fp32"), "--out", str(tmp_path / name), "--eval-chars", "1000",
                      "--eval-items", "0", *flags]) == 0
         assert "int8 activations" in capsys.readouterr().out

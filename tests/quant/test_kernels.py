@@ -121,7 +121,7 @@ A8_SPECS = [(8, "symmetric", "channel"), (8, "symmetric", "group"), (8, "symmetr
 
 
 @pytest.mark.parametrize("isa", isas())
-@pytest.mark.parametrize("activations", ["dynamic", "static"])
+@pytest.mark.parametrize("activations", ["group", "dynamic", "static"])
 @pytest.mark.parametrize("method", A8_SPECS, ids=lambda m: f"int{m[0]}-{m[1]}-{m[2]}")
 def test_int8_activation_kernel_equals_its_reference(isa, activations, method, restore_isa):
     kernels.set_isa(isa)
@@ -131,7 +131,7 @@ def test_int8_activation_kernel_equals_its_reference(isa, activations, method, r
     if method[2] == "group":  # groups of 64: a VNNI int4 step holds 2, a half step 1
         cases.append((QuantSpec(*method, 64, activations=activations), [(128, 6), (192, 5), (320, 3)]))
     for spec, (inputs, outputs) in [(spec, shape) for spec, shapes in cases for shape in shapes]:
-        if spec.granularity == "group" and inputs % spec.group_size:
+        if (spec.granularity == "group" and inputs % spec.group_size) or inputs % (spec.act_group or 1):
             continue
         layer = IntLinear.from_linear(torch.nn.Linear(inputs, outputs), spec)
         if activations == "static":
@@ -140,7 +140,7 @@ def test_int8_activation_kernel_equals_its_reference(isa, activations, method, r
             x = torch.randn(rows, inputs)
             got = layer(x)
             expected = layer.reference(x)
-            rounded, scale = quantize_activations(x, layer.act_scale)
+            rounded, scale = quantize_activations(x, layer.act_scale, spec.act_group)
             assert rounded.abs().max() <= 127 and torch.equal(rounded, rounded.round())
             # integer sums are exact; the scales multiply in a different order
             bound = 1e-5 * ((rounded.abs() * scale) @ layer.dequantized().abs().T) + 1e-6

@@ -46,7 +46,8 @@ from lmforge.quant import kernels
 QUANT_FILE = "quantization.json"
 SCHEMES = ("symmetric", "asymmetric")
 GRANULARITIES = ("tensor", "channel", "group")
-ACTIVATIONS = ("none", "dynamic", "static")
+ACTIVATIONS = ("none", "group", "dynamic", "static")
+ACT_GROUP = 32  # inputs that share an activation scale with activations="group" (llama.cpp's q8_0 blocks)
 
 
 @dataclass(frozen=True)
@@ -57,7 +58,9 @@ class QuantSpec:
     scheme: str = "symmetric"
     granularity: str = "channel"
     group_size: int = 128
-    activations: str = "none"  # int8 too (W8A8, W4A8): "dynamic" (each row by its absmax) or "static" (calibrated)
+    # int8 activations too (W8A8, W4A8): "group" (each 32 inputs of a row by their absmax), "dynamic" (each
+    # row by its absmax) or "static" (one calibrated scale a layer)
+    activations: str = "none"
 
     def __post_init__(self) -> None:
         if self.activations not in ACTIVATIONS:
@@ -77,11 +80,20 @@ class QuantSpec:
     @property
     def name(self) -> str:
         span = f"group {self.group_size}" if self.granularity == "group" else self.granularity
-        acts = {"none": "", "dynamic": "; int8 activations, per row", "static": "; int8 activations, calibrated"}
+        acts = {"none": "", "group": f"; int8 activations, per {ACT_GROUP} inputs", "dynamic": "; int8 activations, per row",
+                "static": "; int8 activations, calibrated"}
         return f"int{self.bits} {self.scheme}, per {span}{acts[self.activations]}"
+
+    @property
+    def act_group(self) -> int:
+        """Inputs an activation scale covers: :data:`ACT_GROUP` with ``activations="group"``, else 0 (a row's)."""
+        return ACT_GROUP if self.activations == "group" else 0
 
     def groups(self, in_features: int) -> int:
         """Scales per row of a weight with ``in_features`` inputs."""
+        if self.act_group and in_features % self.act_group:
+            raise InputError(f"int8 activations in groups of {self.act_group} need layers whose inputs are a multiple "
+                             f"of {self.act_group}; one has {in_features} (use --activations int8-row)")
         if self.granularity != "group":
             return 1
         if in_features % self.group_size:
@@ -129,14 +141,20 @@ def dequantize(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | No
     return (spans * scale[..., None]).reshape(rows, cols)
 
 
-def quantize_activations(x: torch.Tensor, act_scale: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """W8A8's activations: ``(round(x / s) clamped to [-127, 127], s)``, where s is ``act_scale`` (calibrated)
-    or each row's own ``max|x| / 127``; the first as fp32 values, the second shaped to broadcast over rows."""
-    if act_scale is None:
-        scale = x.abs().amax(-1, keepdim=True) / 127
-        scale = torch.where(scale > 0, scale, torch.ones_like(scale))
-    else:
+def quantize_activations(x: torch.Tensor, act_scale: torch.Tensor | None,
+                         group: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """W8A8's activations: ``(round(x / s) clamped to [-127, 127], s)``, where s is ``act_scale`` (calibrated),
+    each ``group`` inputs' own ``max|x| / 127`` (``group`` > 0, dividing the row), or each row's own; the first
+    as fp32 values, the second shaped to broadcast over them (one per input, per row, or one)."""
+    if act_scale is not None:
         scale = act_scale.float().reshape(*[1] * x.dim())
+    elif group:
+        spans = x.unflatten(-1, (-1, group))
+        scale = (spans.abs().amax(-1, keepdim=True) / 127).expand_as(spans).flatten(-2)
+    else:
+        scale = x.abs().amax(-1, keepdim=True) / 127
+    if act_scale is None:
+        scale = torch.where(scale > 0, scale, torch.ones_like(scale))
     return torch.clamp(torch.round(x / scale), -127, 127), scale
 
 
@@ -222,7 +240,7 @@ class IntLinear(nn.Module):
         if kernels.serves(x):
             if self.spec.activations != "none":
                 y = kernels.int_linear_a8(x, self.qweight, self.scale, self.zero, self.act_scale, self.spec.bits,
-                                          self.offset)
+                                          self.offset, self.spec.act_group)
             else:
                 y = kernels.int_linear(x, self.qweight, self.scale, self.zero, self.spec.bits, self.offset)
             y = y.to(x.dtype)
@@ -234,8 +252,8 @@ class IntLinear(nn.Module):
         :func:`quantize_activations`): what the kernels must equal."""
         bias = None if self.bias is None else self.bias.to(x.dtype)
         if self.spec.activations != "none":
-            rounded, scale = quantize_activations(x.float(), self.act_scale)
-            y = F.linear(rounded, self.dequantized()) * scale
+            rounded, scale = quantize_activations(x.float(), self.act_scale, self.spec.act_group)
+            y = F.linear(rounded * scale, self.dequantized())
             return (y if bias is None else y + bias.float()).to(x.dtype)
         return F.linear(x, self.dequantized().to(x.dtype), bias)
 

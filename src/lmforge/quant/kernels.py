@@ -126,7 +126,7 @@ def _register_fake() -> None:
         return scale.new_empty((qweight.shape[0], qweight.shape[1] * (2 if bits == 4 else 1)))
 
     @torch.library.register_fake("lmforge::int_linear_a8")
-    def _(x, qweight, scale, zero, act_scale, bits, offset):
+    def _(x, qweight, scale, zero, act_scale, bits, offset, act_group):
         return x.new_empty((*x.shape[:-1], qweight.shape[0]))
 
 
@@ -167,11 +167,12 @@ def int_linear(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, zero
 
 
 def int_linear_a8(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None,
-                  act_scale: torch.Tensor | None, bits: int, offset: int) -> torch.Tensor:
-    """W8A8 and W4A8: ``x (..., K)`` rounded to int8 (by ``act_scale``, or each row by its own absmax / 127),
-    times the integer weight (symmetric int8, or int4 of either scheme), summed in integers; fp32 out.
+                  act_scale: torch.Tensor | None, bits: int, offset: int, act_group: int = 0) -> torch.Tensor:
+    """W8A8 and W4A8: ``x (..., K)`` rounded to int8 (every ``act_group`` = 32 inputs by their own absmax / 127;
+    with ``act_group=0`` each row by its own, or all by ``act_scale``), times the integer weight (symmetric
+    int8, or int4 of either scheme), summed in integers; fp32 out.
     :func:`lmforge.quant.integer.quantize_activations` is the reference."""
-    return torch.ops.lmforge.int_linear_a8(x.float(), qweight, scale, zero, act_scale, bits, offset)
+    return torch.ops.lmforge.int_linear_a8(x.float(), qweight, scale, zero, act_scale, bits, offset, act_group)
 
 
 def half_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:

@@ -212,19 +212,24 @@ void run_isa(const Problem& p) {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Integer activations (W8A8, and W4A8 for int4 weights): each activation row is mapped by its
-// scale (its own absmax / 127, or a calibrated one) onto [-127, 127] and rounded; then each
-// group's products are summed exactly in 32-bit integers and the scales applied once:
-//   y[m, n] = sx[m] * sum over g of s[n, g] * sum over k in g of (q[n, k] - z[n, g]) * xq[m, k]
-// AVX2 multiplies 32 pairs of bytes per instruction (maddubs: unsigned times signed bytes, so
-// |x| times w with x's sign moved onto w; 127 * 127 * 2 fits its 16-bit sums). Weights must be
-// signed bytes: symmetric int8 codes, or int4 codes minus their zero (within [-15, 15]).
+// Integer activations (W8A8, and W4A8 for int4 weights): each activation row is rounded onto
+// [-127, 127], every 32 inputs by their own scale (their absmax / 127, as llama.cpp's q8_0 does),
+// or all of a row's by one (its absmax / 127, or a calibrated scale). Each weight group's products
+// are summed exactly in 32-bit integers, 32 inputs at a time, and the scales applied to those sums:
+//   y[m, n] = sum over g of s[n, g] * sum over a of sa[m, a] * sum over k in g and a of (q[n, k] - z[n, g]) * xq[m, k]
+// (a: the activation groups of 32 inputs). AVX2 multiplies 32 pairs of bytes per instruction
+// (maddubs: unsigned times signed bytes, so |x| times w with x's sign moved onto w; 127 * 127 * 2
+// fits its 16-bit sums). Weights must be signed bytes: symmetric int8 codes, or int4 codes minus
+// their zero (within [-15, 15]).
 // ---------------------------------------------------------------------------------------------
+
+constexpr int64_t AG = 32;  // inputs an activation scale covers (one scale a row: every group has it)
 
 struct ProblemA8 {
   const int8_t* xq;      // (M, K) rounded activations; int4: each row's even inputs, then its odd ones
-  const float* sx;       // (M) their scales
-  const int32_t* xsum;   // (M, G) int4, and int8 with VNNI: the sum of each group's rounded activations
+  const float* sa;       // (M, KA) each activation group's scale, KA = ceil(K / 32)
+  const float* xsum;     // (M, G) sum over each weight group of sa * xq (zero points; VNNI int8: the shift
+                         // by 128), where groups are a multiple of 32 inputs, else nullptr
   const int32_t* xbias;  // (M, K / 8) int4 with VNNI: -zero_fixed times the sum of each 4 even inputs and
                          // the 4 odd inputs beside them (one VNNI lane's activations), or nullptr
   const int32_t* lane_group;  // (K / 8) int4 with VNNI: the group of each lane's inputs, or nullptr
@@ -232,7 +237,7 @@ struct ProblemA8 {
   const float* scale;    // (scale_rows, G)
   const float* zero;     // (scale_rows, G) or nullptr (int4 only)
   float* y;              // (M, N)
-  int64_t M, N, K, G, scale_rows;
+  int64_t M, N, K, G, KA, scale_rows;
   int bits, zero_fixed;
 };
 
@@ -241,28 +246,37 @@ template <float (*Row)(const ProblemA8&, int64_t, int64_t)>
 void run_a8(const ProblemA8& p) {
   at::parallel_for(0, p.N, std::max<int64_t>(16, p.N / (8 * at::get_num_threads())), [&](int64_t begin, int64_t end) {
     for (int64_t n = begin; n < end; ++n)
-      for (int64_t m = 0; m < p.M; ++m) p.y[m * p.N + n] = Row(p, n, m) * p.sx[m];
+      for (int64_t m = 0; m < p.M; ++m) p.y[m * p.N + n] = Row(p, n, m);
   });
 }
 
-// One output: weight row n against activation row m, in plain C++.
+// One output: weight row n against activation row m, in plain C++ (any group size: an integer sum is
+// closed, scaled and added wherever its weight group or its activation group ends).
 inline float row_a8_scalar(const ProblemA8& p, int64_t n, int64_t m) {
   const int64_t gs = p.K / p.G, srow = p.scale_rows == 1 ? 0 : n;
   const int8_t* xq = p.xq + m * p.K;
+  const float* sa = p.sa + m * p.KA;
   float total = 0.0f;
   for (int64_t g = 0; g < p.G; ++g) {
+    float group = 0.0f;
     int32_t sum = 0;
     if (p.bits == 8) {
-      const int8_t* w = reinterpret_cast<const int8_t*>(p.codes) + n * p.K + g * gs;
-      for (int64_t k = 0; k < gs; ++k) sum += static_cast<int32_t>(w[k]) * xq[g * gs + k];
-    } else {
+      const int8_t* w = reinterpret_cast<const int8_t*>(p.codes) + n * p.K;
+      for (int64_t k = g * gs; k < (g + 1) * gs; ++k) {
+        if (k > g * gs && k % AG == 0) group += sa[k / AG - 1] * static_cast<float>(sum), sum = 0;
+        sum += static_cast<int32_t>(w[k]) * xq[k];
+      }
+      group += sa[((g + 1) * gs - 1) / AG] * static_cast<float>(sum);
+    } else {  // byte j holds inputs 2j and 2j + 1: activation group 2j / 32
       const int z = group_zero(p, srow, g);
-      const uint8_t* w = p.codes + n * (p.K / 2) + g * gs / 2;
-      const int8_t* xe = xq + g * gs / 2;
-      for (int64_t j = 0; j < gs / 2; ++j)
-        sum += ((w[j] & 0x0F) - z) * xe[j] + ((w[j] >> 4) - z) * xe[p.K / 2 + j];
+      const uint8_t* w = p.codes + n * (p.K / 2);
+      for (int64_t j = g * gs / 2; j < (g + 1) * gs / 2; ++j) {
+        if (j > g * gs / 2 && j % (AG / 2) == 0) group += sa[j / (AG / 2) - 1] * static_cast<float>(sum), sum = 0;
+        sum += ((w[j] & 0x0F) - z) * xq[j] + ((w[j] >> 4) - z) * xq[p.K / 2 + j];
+      }
+      group += sa[((g + 1) * gs / 2 - 1) / (AG / 2)] * static_cast<float>(sum);
     }
-    total += p.scale[srow * p.G + g] * static_cast<float>(sum);
+    total += p.scale[srow * p.G + g] * group;
   }
   return total;
 }
@@ -272,55 +286,62 @@ inline float row_a8_scalar(const ProblemA8& p, int64_t n, int64_t m) {
 #pragma GCC target("avx2,fma")
 // R weight rows (n0 ..) against activation row m, into out[0 .. R), groups a multiple of 32: each 32
 // activations loaded (int4: paired even with odd; int8: split into magnitude and sign) once for the R rows.
-// Integer sums are exact in any order; the fp32 ones run in one order whatever R is (even and odd groups in
-// two chains), so a row's bits do not depend on R. A decode step takes 4 rows at a time. Against the
-// previous one-row code (a function a group, 2 threads, an AVX-512 machine told to use this path), one
-// 576 x 3,072 product: int8 400-420 -> 33-44 us, int4 420-535 -> 60-142 us.
+// Each 32 inputs' integer sum is made fp32 and multiplied by their activation scale, each weight group's
+// by its scale. The fp32 sums run in one order whatever R is (even and odd groups in two chains), so a
+// row's bits do not depend on R. A decode step takes 4 rows at a time. Against the previous one-row code
+// (a function a group, 2 threads, an AVX-512 machine told to use this path), one 576 x 3,072 product:
+// int8 400-420 -> 33-44 us, int4 420-535 -> 60-142 us (one scale a row then).
 template <int R>
 inline void tile_a8_avx2(const ProblemA8& p, int64_t n0, int64_t m, float* out) {
   const int64_t gs = p.K / p.G, half = p.K / 2, width = p.bits == 8 ? p.K : half;  // a weight row's bytes
   int64_t srow[R];
   const uint8_t* w[R];
   __m256 total[R][2];  // even and odd groups: small groups do not wait on one FMA chain
+  float shift[R];      // the zero points' share: sum over groups of s * z * xsum
   for (int r = 0; r < R; ++r) {
     srow[r] = p.scale_rows == 1 ? 0 : n0 + r;
     w[r] = p.codes + (n0 + r) * width;
     total[r][0] = total[r][1] = _mm256_setzero_ps();
+    shift[r] = 0.0f;
   }
   const int8_t* xq = p.xq + m * p.K;
+  const float* sa = p.sa + m * p.KA;
   const __m128i mask = _mm_set1_epi8(0x0F);
   const __m256i ones = _mm256_set1_epi16(1);
   for (int64_t g = 0; g < p.G; ++g) {
-    __m256i acc[R];
-    for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_si256();
+    __m256 acc[R];
+    for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps();
     if (p.bits == 8) {  // |x| times w carrying x's sign: maddubs takes unsigned times signed bytes
       for (int64_t k = g * gs; k < (g + 1) * gs; k += 32) {
         const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + k)), size = _mm256_abs_epi8(x);
+        const __m256 a = _mm256_set1_ps(sa[k / AG]);
         for (int r = 0; r < R; ++r) {
           const __m256i signed_w = _mm256_sign_epi8(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w[r] + k)), x);
-          acc[r] = _mm256_add_epi32(acc[r], _mm256_madd_epi16(_mm256_maddubs_epi16(size, signed_w), ones));
+          acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(_mm256_maddubs_epi16(size, signed_w), ones)),
+                                   a, acc[r]);
         }
       }
     } else {
       for (int64_t j = g * gs / 2; j < (g + 1) * gs / 2; j += 16) {
         const __m256i x = _mm256_set_m128i(_mm_loadu_si128(reinterpret_cast<const __m128i*>(xq + half + j)),
                                            _mm_loadu_si128(reinterpret_cast<const __m128i*>(xq + j)));
+        const __m256 a = _mm256_set1_ps(sa[j / (AG / 2)]);
         for (int r = 0; r < R; ++r) {
           const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w[r] + j));
           const __m256i codes = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(b, 4), mask), _mm_and_si128(b, mask));
-          acc[r] = _mm256_add_epi32(acc[r], _mm256_madd_epi16(_mm256_maddubs_epi16(codes, x), ones));
+          acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(_mm256_maddubs_epi16(codes, x), ones)),
+                                   a, acc[r]);
         }
       }
     }
     for (int r = 0; r < R; ++r) {
+      const float s = p.scale[srow[r] * p.G + g];
       if (p.bits == 4)  // the zero point off once a group (int8 codes are symmetric)
-        acc[r] = _mm256_sub_epi32(acc[r], _mm256_setr_epi32(group_zero(p, srow[r], g) * p.xsum[m * p.G + g],
-                                                            0, 0, 0, 0, 0, 0, 0));
-      total[r][g % 2] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc[r]), _mm256_set1_ps(p.scale[srow[r] * p.G + g]),
-                                        total[r][g % 2]);
+        shift[r] += s * static_cast<float>(group_zero(p, srow[r], g)) * p.xsum[m * p.G + g];
+      total[r][g % 2] = _mm256_fmadd_ps(acc[r], _mm256_set1_ps(s), total[r][g % 2]);
     }
   }
-  for (int r = 0; r < R; ++r) out[r] = avx2::vsum(_mm256_add_ps(total[r][0], total[r][1]));
+  for (int r = 0; r < R; ++r) out[r] = avx2::vsum(_mm256_add_ps(total[r][0], total[r][1])) - shift[r];
 }
 
 // One output: the tile at one weight row (groups not a multiple of 32: plain C++).
@@ -341,11 +362,11 @@ void run_a8_avx2(const ProblemA8& p) {
     for (int64_t b = begin; b < end; ++b)
       for (int64_t m = 0; m < p.M; ++m) {
         tile_a8_avx2<B>(p, b * B, m, out);
-        for (int r = 0; r < B; ++r) p.y[m * p.N + b * B + r] = out[r] * p.sx[m];
+        for (int r = 0; r < B; ++r) p.y[m * p.N + b * B + r] = out[r];
       }
   });
   for (int64_t n = blocks * B; n < p.N; ++n)
-    for (int64_t m = 0; m < p.M; ++m) p.y[m * p.N + n] = row_a8_avx2(p, n, m) * p.sx[m];
+    for (int64_t m = 0; m < p.M; ++m) p.y[m * p.N + n] = row_a8_avx2(p, n, m);
 }
 #pragma GCC pop_options
 
@@ -354,73 +375,121 @@ void run_a8_avx2(const ProblemA8& p) {
 // int8 weights times int8 activations with AVX-512 VNNI: one vpdpbusd multiplies 64 unsigned bytes by
 // 64 signed bytes and adds each four products into an int32 lane, with no 16-bit step between (AVX2
 // takes abs, sign, maddubs, madd and add for 32). Unsigned bytes: the weights are read shifted by 128
-// (w ^ 0x80 = w + 128, 1 to 255), so a group's sum is sum((w + 128) * x) - 128 * sum(x), and sum(x), the
-// group's activation sum, is made once a call. The sums are exact; the scale multiplies each group's once.
-// R weight rows (n0 ..) against activation row m, into out[0 .. R): each 64 bytes of activations loaded
-// once for the R rows (a decode step takes 4 weight rows at a time); a row's sums in the same order
-// whatever R is.
-template <int R>
-inline void tile_a8_vnni(const ProblemA8& p, int64_t n0, int64_t m, float* out) {
+// (w ^ 0x80 = w + 128, 1 to 255), so a group's sum is sum((w + 128) * x) - 128 * sum(x), and sum(x) (each
+// activation times its scale: xsum) is made once a call. A 64-byte step's lanes hold two activation
+// groups, 8 lanes each: made fp32, each multiplied by its group's scale (the two spread over the lanes)
+// and added up; the weight group's scale multiplies the total once.
+// R weight rows (n0 ..) against T activation rows (m0 ..), into out[r * T + t]: each 64 bytes of activations
+// loaded once for the R weight rows, each 64 bytes of codes loaded and shifted once for the T activation rows
+// (a decode step: 4 weight rows at a time; a prompt's pass, a speculative check, the engine's rows: 4
+// activation rows). Each output's sums run in the same order whatever R and T are.
+template <int R, int T>
+inline void tile_a8_vnni(const ProblemA8& p, int64_t n0, int64_t m0, float* out) {
   const int64_t gs = p.K / p.G;
   const float* s[R];
   const int8_t* w[R];
   for (int r = 0; r < R; ++r) {
     s[r] = p.scale + (p.scale_rows == 1 ? 0 : n0 + r) * p.G;
     w[r] = reinterpret_cast<const int8_t*>(p.codes) + (n0 + r) * p.K;
-    out[r] = 0.0f;
   }
-  const int8_t* x = p.xq + m * p.K;
-  const __m512i flip = _mm512_set1_epi8(static_cast<char>(0x80));
-  const auto wide = [&](int r, int64_t k) { return _mm512_xor_si512(_mm512_loadu_si512(w[r] + k), flip); };
+  const int8_t* x[T];
+  const float* sa[T];
+  for (int t = 0; t < T; ++t) {
+    x[t] = p.xq + (m0 + t) * p.K;
+    sa[t] = p.sa + (m0 + t) * p.KA;
+  }
+  for (int i = 0; i < R * T; ++i) out[i] = 0.0f;
+  const __m512i flip = _mm512_set1_epi8(static_cast<char>(0x80)), zero = _mm512_setzero_si512();
+  const __m512i pattern = _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1);
+  const auto scales = [&](int t, int64_t k) {  // the activation scales of inputs k .. k + 63, one a lane
+    return _mm512_permutexvar_ps(pattern, _mm512_castps128_ps512(
+        _mm_castpd_ps(_mm_load_sd(reinterpret_cast<const double*>(sa[t] + k / AG)))));
+  };
+  // One 64-byte step at k into the chain acc: each row's codes shifted once, each activation row loaded once.
+  const auto step = [&](int64_t k, __m512 (&acc)[R][T]) {
+    __m512i xs[T];
+    __m512 a[T];
+    for (int t = 0; t < T; ++t) xs[t] = _mm512_loadu_si512(x[t] + k), a[t] = scales(t, k);
+    for (int r = 0; r < R; ++r) {
+      const __m512i wide = _mm512_xor_si512(_mm512_loadu_si512(w[r] + k), flip);
+      for (int t = 0; t < T; ++t)
+        acc[r][t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_dpbusd_epi32(zero, wide, xs[t])), a[t], acc[r][t]);
+    }
+  };
   for (int64_t g = 0; g < p.G; ++g) {
-    __m512i acc0[R], acc1[R];  // two chains of vpdpbusd a row
-    for (int r = 0; r < R; ++r) acc0[r] = acc1[r] = _mm512_setzero_si512();
+    __m512 acc0[R][T], acc1[R][T];  // two chains an output
+    for (int r = 0; r < R; ++r)
+      for (int t = 0; t < T; ++t) acc0[r][t] = acc1[r][t] = _mm512_setzero_ps();
     int64_t k = g * gs;
-    for (; k + 128 <= (g + 1) * gs; k += 128) {
-      const __m512i x0 = _mm512_loadu_si512(x + k), x1 = _mm512_loadu_si512(x + k + 64);
+    for (; k + 128 <= (g + 1) * gs; k += 128) step(k, acc0), step(k + 64, acc1);
+    if (k + 64 <= (g + 1) * gs) step(k, acc0), k += 64;
+    if (k < (g + 1) * gs) {  // 32 bytes left (1,376 inputs: 21.5 steps): one activation group in 8 lanes
       for (int r = 0; r < R; ++r) {
-        acc0[r] = _mm512_dpbusd_epi32(acc0[r], wide(r, k), x0);
-        acc1[r] = _mm512_dpbusd_epi32(acc1[r], wide(r, k + 64), x1);
+        const __m256i wide = _mm256_xor_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w[r] + k)),
+                                              _mm512_castsi512_si256(flip));
+        for (int t = 0; t < T; ++t) {
+          const __m256i sum = _mm256_dpbusd_epi32(
+              _mm256_setzero_si256(), wide, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x[t] + k)));
+          acc1[r][t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_zextsi256_si512(sum)), _mm512_set1_ps(sa[t][k / AG]),
+                                       acc1[r][t]);
+        }
       }
     }
-    if (k + 64 <= (g + 1) * gs) {
-      const __m512i x0 = _mm512_loadu_si512(x + k);
-      for (int r = 0; r < R; ++r) acc0[r] = _mm512_dpbusd_epi32(acc0[r], wide(r, k), x0);
-      k += 64;
-    }
-    if (k < (g + 1) * gs) {  // 32 bytes left (1,376 inputs: 21.5 steps): in 8 lanes
-      const __m256i x0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + k));
-      for (int r = 0; r < R; ++r)
-        acc1[r] = _mm512_add_epi32(acc1[r], _mm512_zextsi256_si512(_mm256_dpbusd_epi32(
-            _mm256_setzero_si256(), _mm256_xor_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w[r] + k)),
-                                                     _mm512_castsi512_si256(flip)), x0)));
-    }
     for (int r = 0; r < R; ++r)
-      out[r] += s[r][g] * static_cast<float>(_mm512_reduce_add_epi32(_mm512_add_epi32(acc0[r], acc1[r])) -
-                                             128 * p.xsum[m * p.G + g]);
+      for (int t = 0; t < T; ++t)
+        out[r * T + t] += s[r][g] * (_mm512_reduce_add_ps(_mm512_add_ps(acc0[r][t], acc1[r][t])) -
+                                     128.0f * p.xsum[(m0 + t) * p.G + g]);
   }
 }
 
 inline float row_a8_vnni(const ProblemA8& p, int64_t n, int64_t m) {
   if (p.bits != 8 || (p.K / p.G) % 32) return row_a8_avx2(p, n, m);
   float out;
-  tile_a8_vnni<1>(p, n, m, &out);
+  tile_a8_vnni<1, 1>(p, n, m, &out);
   return out;
 }
 
-// One activation row (a decode step) four weight rows at a time; more rows one output at a time.
-void run_a8_vnni(const ProblemA8& p) {
-  if (p.M > 1 || (p.K / p.G) % 32) return run_a8<row_a8_vnni>(p);
-  constexpr int B = 4;
-  const int64_t blocks = p.N / B;
+// Every activation row against every weight row in tiles, Tile::run<R, T>(p, n0, m0, out) doing R weight
+// rows against T activation rows into out[r * T + t]: one activation row (a decode step) four weight rows
+// at a time, more activation rows four at a time against one weight row.
+template <class Tile>
+void run_tiles(const ProblemA8& p) {
+  constexpr int B = 4;  // weight rows a block
+  const int64_t blocks = (p.N + B - 1) / B;
   at::parallel_for(0, blocks, std::max<int64_t>(4, blocks / (8 * at::get_num_threads())), [&](int64_t begin, int64_t end) {
-    float out[B];
-    for (int64_t b = begin; b < end; ++b) {
-      tile_a8_vnni<B>(p, b * B, 0, out);
-      for (int r = 0; r < B; ++r) p.y[b * B + r] = out[r] * p.sx[0];
+    float out[4];  // a tile's outputs: 4 weight rows x 1 activation row, or 1 x up to 4
+    for (int64_t n0 = begin * B; n0 < std::min(end * B, p.N); n0 += B) {
+      const int64_t rows = std::min<int64_t>(B, p.N - n0);
+      if (p.M == 1 && rows == B) {
+        Tile::template run<B, 1>(p, n0, 0, p.y + n0);
+        continue;
+      }
+      for (int64_t n = n0; n < n0 + rows; ++n) {
+        int64_t m = 0;
+        const auto put = [&](int count) {
+          for (int t = 0; t < count; ++t) p.y[(m + t) * p.N + n] = out[t];
+          m += count;
+        };
+        while (m + 4 <= p.M) Tile::template run<1, 4>(p, n, m, out), put(4);
+        switch (p.M - m) {
+          case 3: Tile::template run<1, 3>(p, n, m, out), put(3); break;
+          case 2: Tile::template run<1, 2>(p, n, m, out), put(2); break;
+          case 1: Tile::template run<1, 1>(p, n, m, out), put(1); break;
+          default: break;
+        }
+      }
     }
   });
-  for (int64_t n = blocks * B; n < p.N; ++n) p.y[n] = row_a8_vnni(p, n, 0) * p.sx[0];
+}
+
+struct A8Tile {
+  template <int R, int T>
+  static void run(const ProblemA8& p, int64_t n0, int64_t m0, float* out) { tile_a8_vnni<R, T>(p, n0, m0, out); }
+};
+
+void run_a8_vnni(const ProblemA8& p) {
+  if ((p.K / p.G) % 32) return run_a8<row_a8_vnni>(p);
+  run_tiles<A8Tile>(p);
 }
 
 // int4 codes times int8 activations with AVX-512 VNNI. The codes (0 to 15) are the unsigned operand
@@ -429,10 +498,11 @@ void run_a8_vnni(const ProblemA8& p) {
 // halves against the 64 odd ones, two vpdpbusd, sum each lane's 8 products (4 even, 4 odd inputs, of one
 // group: groups are whole multiples of 32 inputs) into 16 int32 lanes. The lanes start from the fixed
 // zero point's share (xbias: -z times their activations' sum, made once a call), so what they hold is
-// sum((code - z) * x) exactly. Then each lane is made fp32 and multiplied by its group's scale (up to 4
-// groups in one step at group size 32: the scales are picked by a lane-to-group table made once a call)
-// and added up. A row's last step loads only the bytes it has (masked). Per-group zero points
-// (asymmetric codes) come off at the end: z times the group's activation sum.
+// sum((code - z) * x) exactly. Then each lane is made fp32 and multiplied by its weight group's scale (up
+// to 4 groups in one step at group size 32: the scales are picked by a lane-to-group table made once a
+// call) times its activation group's (a step's 128 inputs are 4 activation groups, 4 lanes each) and
+// added up. A row's last step loads only the bytes it has (masked). Per-group zero points (asymmetric
+// codes) come off at the end: z times the group's scaled activation sum.
 
 // R weight rows (n0 ..) against T activation rows (m0 ..), into out[r * T + t]: in each 64-byte step a
 // row's codes are loaded and split into their halves once for the T activation rows, and an activation
@@ -454,30 +524,38 @@ inline void tile_a4_vnni(const ProblemA8& p, int64_t n0, int64_t m0, float* out)
   }
   const int8_t* xe[T];  // each activation row's even inputs; its odd ones from K / 2 on
   const int32_t* bias[T];
+  const float* sa[T];
   for (int t = 0; t < T; ++t) {
     xe[t] = p.xq + (m0 + t) * p.K;
     bias[t] = p.xbias + (m0 + t) * (p.K / 8);
+    sa[t] = p.sa + (m0 + t) * p.KA;
   }
   __m512 total[R][T];
   for (int r = 0; r < R; ++r)
     for (int t = 0; t < T; ++t) total[r][t] = _mm512_setzero_ps();
   const __m512i low = _mm512_set1_epi8(0x0F);
+  const __m512i fours = _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3);
   // One step from j, the first even (and odd) input: bytes and lanes say how much of it there is (a row's
-  // last step may be short); scales(r) gives each lane's group scale in weight row r.
+  // last step may be short); scales(r, a4, a) gives each lane's scale in weight row r: its weight group's
+  // times its activation group's (the step's 4 activation scales a4, or a, spread over the lanes).
   const auto step = [&](int64_t j, __mmask64 bytes, __mmask16 lanes, const auto& scales) {
     __m512i xa[T], xb[T], start[T];
+    __m128 a4[T];  // the step's 4 activation scales: 16 bytes of even (and odd) inputs an activation group
+    __m512 a[T];
+    const __mmask8 groups = static_cast<__mmask8>((1U << ((__builtin_popcount(lanes) + 3) / 4)) - 1);
     for (int t = 0; t < T; ++t) {
       xa[t] = _mm512_maskz_loadu_epi8(bytes, xe[t] + j);
       xb[t] = _mm512_maskz_loadu_epi8(bytes, xe[t] + half + j);
       start[t] = _mm512_maskz_loadu_epi32(lanes, bias[t] + j / 4);
+      a4[t] = _mm_maskz_loadu_ps(groups, sa[t] + j / 16);
+      a[t] = _mm512_permutexvar_ps(fours, _mm512_castps128_ps512(a4[t]));
     }
     for (int r = 0; r < R; ++r) {
       const __m512i b = _mm512_maskz_loadu_epi8(bytes, w[r] + j);
       const __m512i lo = _mm512_and_si512(b, low), hi = _mm512_and_si512(_mm512_srli_epi16(b, 4), low);
-      const __m512 scale = scales(r);
       for (int t = 0; t < T; ++t) {
         const __m512i acc = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(start[t], lo, xa[t]), hi, xb[t]);
-        total[r][t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc), scale, total[r][t]);
+        total[r][t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc), scales(r, a4[t], a[t]), total[r][t]);
       }
     }
   };
@@ -486,16 +564,20 @@ inline void tile_a4_vnni(const ProblemA8& p, int64_t n0, int64_t m0, float* out)
     const __m512i pattern = GS == 32 ? _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3)
                                      : _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1);
     const auto spread = [&](__m128 scales) { return _mm512_permutexvar_ps(pattern, _mm512_castps128_ps512(scales)); };
+    // at group size 32 a lane's weight and activation groups line up: 4 products, then spread
+    const auto both = [&](__m128 weights, __m128 a4, __m512 a) {
+      return GS == 32 ? spread(_mm_mul_ps(weights, a4)) : _mm512_mul_ps(spread(weights), a);
+    };
     for (; j + 64 <= half; j += 64)  // whole steps (constant masks: plain loads): 4 (2) groups, scales side by side
-      step(j, ~0ULL, 0xFFFF, [&](int r) {
-        return spread(GS == 32 ? _mm_loadu_ps(s[r] + j / 16)
-                               : _mm_castpd_ps(_mm_load_sd(reinterpret_cast<const double*>(s[r] + j / 32))));
+      step(j, ~0ULL, 0xFFFF, [&](int r, __m128 a4, __m512 a) {
+        return both(GS == 32 ? _mm_loadu_ps(s[r] + j / 16)
+                             : _mm_castpd_ps(_mm_load_sd(reinterpret_cast<const double*>(s[r] + j / 32))), a4, a);
       });
     if (j < half) {  // a short last step (576 inputs: 4.5 steps), its missing lanes and scales zero
       const int64_t left = half - j;  // bytes: a multiple of 16 (of 32 at group size 64)
       const __mmask8 there = static_cast<__mmask8>((1U << (2 * left / GS)) - 1);
       step(j, (1ULL << left) - 1, static_cast<__mmask16>((1U << (left / 4)) - 1),
-           [&](int r) { return spread(_mm_maskz_loadu_ps(there, s[r] + 2 * j / GS)); });
+           [&](int r, __m128 a4, __m512 a) { return both(_mm_maskz_loadu_ps(there, s[r] + 2 * j / GS), a4, a); });
       j = half;
     }
   }
@@ -507,86 +589,74 @@ inline void tile_a4_vnni(const ProblemA8& p, int64_t n0, int64_t m0, float* out)
                                           _mm512_set1_epi32(first));
     const __mmask16 there = static_cast<__mmask16>((1U << std::min<int64_t>(16, p.G - first)) - 1);
     step(j, left == 64 ? ~0ULL : (1ULL << left) - 1, lanes,
-         [&](int r) { return _mm512_permutexvar_ps(pick, _mm512_maskz_loadu_ps(there, s[r] + first)); });
+         [&](int r, __m128, __m512 a) {
+           return _mm512_mul_ps(_mm512_permutexvar_ps(pick, _mm512_maskz_loadu_ps(there, s[r] + first)), a);
+         });
   }
   for (int r = 0; r < R; ++r)
     for (int t = 0; t < T; ++t) {
       float shift = 0.0f;  // zero points per group (asymmetric codes) on top of the fixed one
       for (int64_t h = 0; p.zero && h < p.G; ++h)
-        shift += s[r][h] * static_cast<float>(static_cast<int>(p.zero[srow[r] * p.G + h]) * p.xsum[(m0 + t) * p.G + h]);
+        shift += s[r][h] * p.zero[srow[r] * p.G + h] * p.xsum[(m0 + t) * p.G + h];
       out[r * T + t] = _mm512_reduce_add_ps(total[r][t]) - shift;
     }
 }
 
-// Every activation row against every weight row: one activation row (a decode step) four weight rows at a
-// time, more activation rows four at a time against one weight row.
 template <int GS>
-void run_a4_vnni(const ProblemA8& p) {
-  constexpr int B = 4;  // weight rows a block
-  const int64_t blocks = (p.N + B - 1) / B;
-  at::parallel_for(0, blocks, std::max<int64_t>(4, blocks / (8 * at::get_num_threads())), [&](int64_t begin, int64_t end) {
-    float out[4];  // a tile's outputs: 4 weight rows x 1 activation row, or 1 x up to 4
-    for (int64_t n0 = begin * B; n0 < std::min(end * B, p.N); n0 += B) {
-      const int64_t rows = std::min<int64_t>(B, p.N - n0);
-      if (p.M == 1 && rows == B) {
-        tile_a4_vnni<GS, B, 1>(p, n0, 0, out);
-        for (int r = 0; r < B; ++r) p.y[n0 + r] = out[r] * p.sx[0];
-        continue;
-      }
-      for (int64_t n = n0; n < n0 + rows; ++n) {
-        int64_t m = 0;
-        const auto put = [&](int count) {
-          for (int t = 0; t < count; ++t) p.y[(m + t) * p.N + n] = out[t] * p.sx[m + t];
-          m += count;
-        };
-        while (m + 4 <= p.M) tile_a4_vnni<GS, 1, 4>(p, n, m, out), put(4);
-        switch (p.M - m) {
-          case 3: tile_a4_vnni<GS, 1, 3>(p, n, m, out), put(3); break;
-          case 2: tile_a4_vnni<GS, 1, 2>(p, n, m, out), put(2); break;
-          case 1: tile_a4_vnni<GS, 1, 1>(p, n, m, out), put(1); break;
-          default: break;
-        }
-      }
-    }
-  });
-}
+struct A4Tile {
+  template <int R, int T>
+  static void run(const ProblemA8& p, int64_t n0, int64_t m0, float* out) { tile_a4_vnni<GS, R, T>(p, n0, m0, out); }
+};
 #pragma GCC pop_options
 
-// Each row of x (M, K) onto [-127, 127] by its scale (its largest magnitude / 127 when `dynamic`, else
-// `fixed`, calibrated), 16 inputs at a time: the same division and rounding (half to even) as the plain loop in
-// int_linear_a8, so the same integers. With `split` (int4 weights) the even inputs go to the first half
-// of the row and the odd ones to the second, as the packed codes meet them. K: a multiple of 32.
+
+// How a row's activations are scaled: every 32 inputs by their absmax / 127, the whole row by its
+// absmax / 127, or by a fixed (calibrated) scale.
+enum class ActScale { group, row, fixed };
+
+// Each row of x (M, K) onto [-127, 127] (its scales into sa (M, KA)), 16 inputs at a time: the same division
+// and rounding (half to even) as the plain loop in int_linear_a8, so the same integers. With `split` (int4
+// weights) the even inputs go to the first half of the row and the odd ones to the second, as the packed
+// codes meet them. K: a multiple of 32.
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512bw,avx512vl,fma")
-void round_rows_avx512(const float* xs, int64_t M, int64_t K, bool dynamic, float fixed, bool split, int8_t* xq,
-                       float* sx) {
+void round_rows_avx512(const float* xs, int64_t M, int64_t K, ActScale mode, float fixed, bool split, int8_t* xq,
+                       float* sa) {
   const __m512 lo = _mm512_set1_ps(-127.0f), hi = _mm512_set1_ps(127.0f);
   const __m512i evens = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
   const __m512i odds = _mm512_add_epi32(evens, _mm512_set1_epi32(1));
+  const int64_t KA = K / AG;
+  const auto step_of = [](float top) { return top > 0.0f ? top / 127.0f : 1.0f; };
   for (int64_t m = 0; m < M; ++m) {
     const float* x = xs + m * K;
-    float s = fixed;
-    if (dynamic) {
-      __m512 largest = _mm512_setzero_ps();
-      for (int64_t k = 0; k < K; k += 16) largest = _mm512_max_ps(largest, _mm512_abs_ps(_mm512_loadu_ps(x + k)));
-      const float top = _mm512_reduce_max_ps(largest);
-      s = top > 0.0f ? top / 127.0f : 1.0f;
+    float* s = sa + m * KA;
+    if (mode == ActScale::group) {
+      for (int64_t a = 0; a < KA; ++a)
+        s[a] = step_of(_mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(_mm512_loadu_ps(x + a * AG)),
+                                                          _mm512_abs_ps(_mm512_loadu_ps(x + a * AG + 16)))));
+    } else {
+      float one = fixed;
+      if (mode == ActScale::row) {
+        __m512 largest = _mm512_setzero_ps();
+        for (int64_t k = 0; k < K; k += 16) largest = _mm512_max_ps(largest, _mm512_abs_ps(_mm512_loadu_ps(x + k)));
+        one = step_of(_mm512_reduce_max_ps(largest));
+      }
+      std::fill(s, s + KA, one);
     }
-    sx[m] = s;
-    const __m512 step = _mm512_set1_ps(s);
-    auto round16 = [&](__m512 v) {  // 16 inputs to 16 bytes
+    auto round16 = [&](__m512 v, __m512 step) {  // 16 inputs to 16 bytes
       const __m512 q = _mm512_roundscale_ps(_mm512_div_ps(v, step), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
       return _mm512_cvtepi32_epi8(_mm512_cvtps_epi32(_mm512_min_ps(hi, _mm512_max_ps(lo, q))));
     };
     int8_t* out = xq + m * K;
     for (int64_t k = 0; k < K; k += 32) {
-      const __m512 a = _mm512_loadu_ps(x + k), b = _mm512_loadu_ps(x + k + 16);
+      const __m512 a = _mm512_loadu_ps(x + k), b = _mm512_loadu_ps(x + k + 16), step = _mm512_set1_ps(s[k / AG]);
       if (split) {
-        _mm_storeu_si128(reinterpret_cast<__m128i*>(out + k / 2), round16(_mm512_permutex2var_ps(a, evens, b)));
-        _mm_storeu_si128(reinterpret_cast<__m128i*>(out + K / 2 + k / 2), round16(_mm512_permutex2var_ps(a, odds, b)));
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(out + k / 2), round16(_mm512_permutex2var_ps(a, evens, b), step));
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(out + K / 2 + k / 2),
+                         round16(_mm512_permutex2var_ps(a, odds, b), step));
       } else {
-        _mm_storeu_si128(reinterpret_cast<__m128i*>(out + k), round16(a));
-        _mm_storeu_si128(reinterpret_cast<__m128i*>(out + k + 16), round16(b));
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(out + k), round16(a, step));
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(out + k + 16), round16(b, step));
       }
     }
   }
@@ -667,7 +737,7 @@ at::Tensor half_linear(const at::Tensor& x, const at::Tensor& weight) {
 
 at::Tensor int_linear_a8(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scale,
                          const std::optional<at::Tensor>& zero, const std::optional<at::Tensor>& act_scale,
-                         int64_t bits, int64_t offset) {
+                         int64_t bits, int64_t offset, int64_t act_group) {
   TORCH_CHECK(x.device().is_cpu() && qweight.device().is_cpu(), "int_linear_a8 runs on CPUs");
   TORCH_CHECK(x.scalar_type() == at::kFloat, "int_linear_a8 takes fp32 activations, got ", x.scalar_type());
   TORCH_CHECK(bits == 8 || bits == 4, "bits must be 8 or 4, got ", bits);
@@ -681,57 +751,68 @@ at::Tensor int_linear_a8(const at::Tensor& x, const at::Tensor& qweight, const a
   TORCH_CHECK(K % G == 0 && (bits == 8 || (K / G) % 2 == 0), "groups must split the inputs evenly");
   TORCH_CHECK(scale.size(0) == N || scale.size(0) == 1, "scale must have one row per output or one in all");
   if (zero) TORCH_CHECK(zero->sizes() == scale.sizes() && zero->scalar_type() == at::kFloat, "zero must match scale");
+  TORCH_CHECK(act_group == 0 || act_group == AG, "activation groups are of 32 inputs (or 0: one scale a row)");
+  TORCH_CHECK(act_group == 0 || K % AG == 0, "activation groups of 32 need a multiple of 32 inputs, got ", K);
+  TORCH_CHECK(act_group == 0 || !act_scale, "a calibrated activation scale is one for the layer, not per group");
+  const ActScale mode = act_scale ? ActScale::fixed : act_group ? ActScale::group : ActScale::row;
   std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
   out_shape.back() = N;
   at::Tensor x2 = x.reshape({-1, K}).contiguous();
-  const int64_t M = x2.size(0);
+  const int64_t M = x2.size(0), KA = (K + AG - 1) / AG;
   std::vector<int8_t> xq(M * K);
-  std::vector<float> sx(M);
+  std::vector<float> sa(M * KA);
   const float* xs = x2.data_ptr<float>();
   const float fixed = act_scale ? act_scale->item<float>() : 0.0f;
 #ifdef LMF_X86
   const bool vector_rounding = current_isa() == "avx512" && K % 32 == 0;
-  if (vector_rounding) round_rows_avx512(xs, M, K, !act_scale, fixed, bits == 4, xq.data(), sx.data());
+  if (vector_rounding) round_rows_avx512(xs, M, K, mode, fixed, bits == 4, xq.data(), sa.data());
 #else
   const bool vector_rounding = false;
 #endif
-  for (int64_t m = 0; !vector_rounding && m < M; ++m) {  // each row onto [-127, 127] by its scale, rounded half to even
-    float s = fixed;
-    if (!act_scale) {
-      float largest = 0.0f;
-      for (int64_t k = 0; k < K; ++k) largest = std::max(largest, std::abs(xs[m * K + k]));
-      s = largest > 0.0f ? largest / 127.0f : 1.0f;
+  for (int64_t m = 0; !vector_rounding && m < M; ++m) {  // each row onto [-127, 127] by its scales, half to even
+    float* s = sa.data() + m * KA;
+    if (mode == ActScale::fixed) {
+      std::fill(s, s + KA, fixed);
+    } else {  // the largest magnitude of each 32 inputs, or of the row
+      for (int64_t a = 0; a < KA; ++a) {
+        float largest = 0.0f;
+        for (int64_t k = a * AG; k < std::min(K, (a + 1) * AG); ++k) largest = std::max(largest, std::abs(xs[m * K + k]));
+        s[a] = largest;
+      }
+      if (mode == ActScale::row) std::fill(s, s + KA, *std::max_element(s, s + KA));
+      for (int64_t a = 0; a < KA; ++a) s[a] = s[a] > 0.0f ? s[a] / 127.0f : 1.0f;
     }
-    sx[m] = s;
     for (int64_t k = 0; k < K; ++k) {
-      const float q = std::min(127.0f, std::max(-127.0f, std::nearbyint(xs[m * K + k] / s)));
+      const float q = std::min(127.0f, std::max(-127.0f, std::nearbyint(xs[m * K + k] / s[k / AG])));
       // int4: even inputs first, then odd ones, to meet the packed codes' halves
       const int64_t at = bits == 8 ? k : (k % 2 ? K / 2 : 0) + k / 2;
       xq[m * K + at] = static_cast<int8_t>(q);
     }
   }
-  // int4: each group's activation sum (its even inputs and its odd ones), for the zero points: the AVX2
-  // rows subtract the fixed one with it, the VNNI rows only per-group (asymmetric) ones
-#ifdef LMF_X86  // int4 rows on VNNI take whole lanes of one group: groups a multiple of 32 inputs
-  const bool vnni4 = bits == 4 && current_isa() == "avx512" && has_vnni() && (K / G) % 32 == 0;
-#else
-  const bool vnni4 = false;
-#endif
-  std::vector<int32_t> xsum(bits == 4 && (zero || !vnni4) ? M * G : 0);
+  // Each weight group's scaled activation sum, sum of sa * xq (for the zero points, and VNNI int8's shift by
+  // 128), where weight groups hold whole activation groups (the vector paths; plain C++ needs none)
+  const int64_t gs = K / G;
+  std::vector<float> xsum(gs % AG == 0 ? M * G : 0);
   for (int64_t m = 0; !xsum.empty() && m < M; ++m)
-    for (int64_t g = 0; g < G; ++g) {
+    for (int64_t a = 0; a < K / AG; ++a) {
       int32_t sum = 0;
-      for (int64_t j = g * (K / G) / 2; j < (g + 1) * (K / G) / 2; ++j) sum += xq[m * K + j] + xq[m * K + K / 2 + j];
-      xsum[m * G + g] = sum;
+      const int8_t* q = xq.data() + m * K;
+      if (bits == 8)
+        for (int64_t k = a * AG; k < (a + 1) * AG; ++k) sum += q[k];
+      else
+        for (int64_t j = a * AG / 2; j < (a + 1) * AG / 2; ++j) sum += q[j] + q[K / 2 + j];
+      xsum[m * G + a * AG / gs] += sa[m * KA + a] * static_cast<float>(sum);
     }
   at::Tensor codes = qweight.contiguous(), s = scale.contiguous();
   at::Tensor z = zero ? zero->contiguous() : at::Tensor();
   at::Tensor y = at::empty({M, N}, x.options());
-  ProblemA8 p{xq.data(), sx.data(), xsum.data(), nullptr, nullptr, reinterpret_cast<const uint8_t*>(codes.data_ptr()),
-              s.data_ptr<float>(), zero ? z.data_ptr<float>() : nullptr, y.data_ptr<float>(), M, N, K, G,
-              scale.size(0), static_cast<int>(bits), static_cast<int>(offset)};
+  ProblemA8 p{xq.data(), sa.data(), xsum.empty() ? nullptr : xsum.data(), nullptr, nullptr,
+              reinterpret_cast<const uint8_t*>(codes.data_ptr()), s.data_ptr<float>(),
+              zero ? z.data_ptr<float>() : nullptr, y.data_ptr<float>(), M, N, K, G, KA, scale.size(0),
+              static_cast<int>(bits), static_cast<int>(offset)};
 #ifdef LMF_X86
-  if (vnni4) {
+  // int4 rows on VNNI take whole lanes of one group: groups a multiple of 32 inputs
+  if (bits == 4 && current_isa() == "avx512" && has_vnni() && gs % 32 == 0) {
     std::vector<int32_t> xbias(M * K / 8), lane_group(K / 8);
     for (int64_t m = 0; m < M; ++m)
       for (int64_t l = 0; l < K / 8; ++l) {
@@ -740,20 +821,15 @@ at::Tensor int_linear_a8(const at::Tensor& x, const at::Tensor& qweight, const a
         for (int i = 0; i < 4; ++i) sum += e[i] + e[K / 2 + i];
         xbias[m * (K / 8) + l] = -static_cast<int32_t>(offset) * sum;
       }
-    for (int64_t l = 0; l < K / 8; ++l) lane_group[l] = static_cast<int32_t>(8 * l / (K / G));
+    for (int64_t l = 0; l < K / 8; ++l) lane_group[l] = static_cast<int32_t>(8 * l / gs);
     p.xbias = xbias.data();
     p.lane_group = lane_group.data();
-    if (K / G == 32) run_a4_vnni<32>(p);
-    else if (K / G == 64) run_a4_vnni<64>(p);
-    else run_a4_vnni<0>(p);
+    if (gs == 32) run_tiles<A4Tile<32>>(p);
+    else if (gs == 64) run_tiles<A4Tile<64>>(p);
+    else run_tiles<A4Tile<0>>(p);
     return y.reshape(out_shape);
   }
   if (bits == 8 && current_isa() == "avx512" && has_vnni()) {
-    std::vector<int32_t> xsum8(M * G);
-    for (int64_t m = 0; m < M; ++m)
-      for (int64_t g = 0; g < G; ++g)
-        for (int64_t k = g * (K / G); k < (g + 1) * (K / G); ++k) xsum8[m * G + g] += xq[m * K + k];
-    p.xsum = xsum8.data();
     run_a8_vnni(p);
     return y.reshape(out_shape);
   }
@@ -826,7 +902,7 @@ TORCH_LIBRARY(lmforge, m) {
   m.def("int_linear(Tensor x, Tensor qweight, Tensor scale, Tensor? zero, int bits, int offset) -> Tensor");
   m.impl("int_linear", c10::DispatchKey::CPU, TORCH_FN(int_linear));
   m.def("int_linear_a8(Tensor x, Tensor qweight, Tensor scale, Tensor? zero, Tensor? act_scale, int bits, "
-        "int offset) -> Tensor");
+        "int offset, int act_group) -> Tensor");
   m.impl("int_linear_a8", c10::DispatchKey::CPU, TORCH_FN(int_linear_a8));
   m.def("half_linear(Tensor x, Tensor weight) -> Tensor");
   m.impl("half_linear", c10::DispatchKey::CPU, TORCH_FN(half_linear));
