@@ -163,7 +163,8 @@ def test_training_on_the_gpu_resumes_the_same_losses_and_its_checkpoint_loads_on
 
 
 @pytest.mark.parametrize("spec", [dict(bits=8), dict(bits=4, granularity="group", group_size=32),
-                                  dict(bits=8, activations="dynamic")], ids=["int8", "int4-g32", "w8a8"])
+                                  dict(bits=8, activations="dynamic"), dict(bits=8, activations="group")],
+                         ids=["int8", "int4-g32", "w8a8-row", "w8a8-g32"])
 def test_integer_weights_on_the_gpu_equal_the_cpus_kernels(spec):
     """The GPU runs the dequantize-then-multiply reference; the CPU its C++ kernels: the same logits."""
     from lmforge.quant.integer import QuantSpec, quantize_model
