@@ -162,7 +162,7 @@ def test_a_tied_embedding_is_quantized_once_and_serves_the_head(tmp_path, spec):
     assert loaded.to(torch.bfloat16).embed(ids).dtype == torch.bfloat16  # lookups follow the model's dtype
 
 
-def test_w8a8_dynamic_and_calibrated_checkpoints(tmp_path, tiny_lm, capsys):
+def test_w8a8_checkpoints_per_group_row_and_calibrated(tmp_path, tiny_lm, capsys):
     from lmforge.api import load
     from lmforge.checkpoint import model_state, write_checkpoint
     from lmforge.cli import main
