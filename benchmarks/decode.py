@@ -319,12 +319,10 @@ def print_table(results: dict[int, dict[str, float]]) -> None:
                                        ("lmforge fp32 + fp16 weights + compiled decode step", "llama.cpp, f16 GGUF"),
                                        ("lmforge fp16 weights + compiled decode step", "llama.cpp, f16 GGUF"),
                                        ("lmforge int8 + compiled decode step", "llama.cpp, q8_0 GGUF"),
-                                       ("lmforge int8 W8A8 (activations per 32 inputs) + compiled decode step",
-                                        "llama.cpp, q8_0 GGUF"),
+                                       (w8a8, "llama.cpp, q8_0 GGUF"),
                                        ("lmforge int4 (symmetric, group 32) + compiled decode step",
                                         "llama.cpp, q4_0 GGUF"),
-                                       ("lmforge int4 W4A8 (symmetric, group 32, activations per 32 inputs) + compiled "
-                                        "decode step", "llama.cpp, q4_0 GGUF")):
+                                       (w4a8, "llama.cpp, q4_0 GGUF")):
             if ours_name in results[b] and theirs_name in results[b]:
                 ratio = results[b][theirs_name] / results[b][ours_name]
                 print(f"batch {b}: {ours_name} vs {theirs_name}: {ratio:.2f}x")

@@ -145,15 +145,12 @@ def quantize_activations(x: torch.Tensor, act_scale: torch.Tensor | None,
                          group: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """W8A8's activations: ``(round(x / s) clamped to [-127, 127], s)``, where s is ``act_scale`` (calibrated),
     each ``group`` inputs' own ``max|x| / 127`` (``group`` > 0, dividing the row), or each row's own; the first
-    as fp32 values, the second shaped to broadcast over them (one per input, per row, or one)."""
+    as fp32 values, the second one per input (``act_scale``: one for all, shaped to broadcast)."""
     if act_scale is not None:
         scale = act_scale.float().reshape(*[1] * x.dim())
-    elif group:
-        spans = x.unflatten(-1, (-1, group))
+    else:  # each span's largest magnitude: groups of inputs, or the whole row (one span)
+        spans = x.unflatten(-1, (-1, group or x.shape[-1]))
         scale = (spans.abs().amax(-1, keepdim=True) / 127).expand_as(spans).flatten(-2)
-    else:
-        scale = x.abs().amax(-1, keepdim=True) / 127
-    if act_scale is None:
         scale = torch.where(scale > 0, scale, torch.ones_like(scale))
     return torch.clamp(torch.round(x / scale), -127, 127), scale
 
