@@ -32,6 +32,19 @@ def fast_dtypes() -> list[str]:
     return ["fp32", "bf16"] if Runtime.resolve("auto", "auto").dtype == torch.bfloat16 else ["fp32"]
 
 
+def interleaved(fns: dict, repeats: int) -> dict[str, tuple[float, float]]:
+    """(median, best) seconds of each named ``fn()`` over ``repeats`` rounds, every round calling each once in
+    turn (the one that goes first rotates), so that a change in the machine's speed meets every side alike."""
+    names = list(fns)
+    times = {name: [] for name in names}
+    for r in range(repeats):
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            t0 = time.perf_counter()
+            fns[name]()
+            times[name].append(time.perf_counter() - t0)
+    return {name: (statistics.median(t), min(t)) for name, t in times.items()}
+
+
 def best_of(fn, repeats: int) -> tuple[float, float]:
     """(median, best) seconds of ``fn()`` over ``repeats`` calls."""
     times = []

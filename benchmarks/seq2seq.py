@@ -1,11 +1,12 @@
 """Encoder-decoder speed: lmforge vs transformers' T5ForConditionalGeneration, same shape, weights and batches.
 
-    python benchmarks/seq2seq.py [--preset t5-small] [--batch-size 16] [--seq-len 256] [--steps 6]
+    python benchmarks/seq2seq.py [--preset t5-small] [--batch-size 16] [--seq-len 256] [--steps 12]
                                  [--source-len 128] [--new-tokens 64] [--gen-batch 1 8]
 
 Training: span-corruption batches (lmforge's stage: 15% hidden in runs of 3), a full
 optimizer step each (forward, backward, clipping, the same fused AdamW), in each
-precision this machine runs natively. Tokens/s counts the text tokens of each window
+precision this machine runs natively; the sides' steps interleaved (each round times one
+step of every side), medians. Tokens/s counts the text tokens of each window
 (batch x seq-len), the same for both sides. Generation: greedy, ``--new-tokens`` target
 tokens for sources of ``--source-len`` tokens, KV-cached on both sides (transformers'
 ``generate``), at each ``--gen-batch``, with lmforge's sampling loop and its batched engine
@@ -23,7 +24,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import best_of, fast_dtypes, machine, training_step  # noqa: E402
+from common import best_of, fast_dtypes, interleaved, machine, training_step  # noqa: E402
 
 from lmforge.infer.engine import Engine  # noqa: E402
 from lmforge.infer.request import Request  # noqa: E402
@@ -88,7 +89,7 @@ def main() -> None:
     parser.add_argument("--vocab-size", type=int, default=8192 + 100, help="a tokenizer's 8192 ids + 100 sentinels")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--seq-len", type=int, default=256, help="text tokens per training window")
-    parser.add_argument("--steps", type=int, default=6, help="timed training steps per configuration")
+    parser.add_argument("--steps", type=int, default=12, help="timed training steps per configuration, interleaved")
     parser.add_argument("--source-len", type=int, default=128)
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--gen-batch", type=int, nargs="+", default=[1, 8])
@@ -113,7 +114,7 @@ def main() -> None:
               f"{tuple(batch['input_ids'].shape)}, targets {tuple(batch['targets'].shape)}")
         for dtype_name in fast_dtypes():
             runtime = Runtime.resolve("cpu", dtype_name)
-            speeds = {}
+            steps = {}
             for side, compiled in [("lmforge", False), ("transformers", False)] + \
                     [("lmforge", True), ("transformers", True)] * args.compile:
                 torch.manual_seed(0)
@@ -126,15 +127,19 @@ def main() -> None:
                                   side == "transformers", runtime)
                 for _ in range(2):  # warmup (and compilation)
                     step()
-                median, best = best_of(step, args.steps)
-                name = side + (" + compile" if compiled else "")
+                steps[side + (" + compile" if compiled else "")] = step
+            speeds = {}
+            for name, (median, best) in interleaved(steps, args.steps).items():
                 speeds[name] = args.batch_size * args.seq_len / median
                 print(f"  {name:>24} {dtype_name}: {speeds[name]:8,.0f} tokens/s "
                       f"(best {args.batch_size * args.seq_len / best:,.0f})")
+            ratios = [f"eager {speeds['lmforge'] / speeds['transformers']:.2f}x"]
+            if args.compile:
+                ratios.append(f"compiled {speeds['lmforge + compile'] / speeds['transformers + compile']:.2f}x")
             ours_best = max(v for k, v in speeds.items() if k.startswith("lmforge"))
             theirs_best = max(v for k, v in speeds.items() if k.startswith("transformers"))
-            print(f"  training ratio lmforge / transformers ({dtype_name}, fastest of each): "
-                  f"{ours_best / theirs_best:.2f}x")
+            ratios.append(f"fastest of each {ours_best / theirs_best:.2f}x")
+            print(f"  training ratio lmforge / transformers ({dtype_name}): {', '.join(ratios)}")
 
     ours.eval()
     twin = t5_twin(ours, folder / "generate").eval()

@@ -164,3 +164,57 @@ def test_a_row_of_grouped_attention_does_not_depend_on_the_rows_beside_it(dtype)
     for t in range(5):
         alone = grouped_query_attention(q[:, :, t:t + 1], k, v, mask[:, :, t:t + 1])
         assert torch.equal(alone, whole[:, :, t:t + 1]), t
+
+
+MASKS = ["bias", "padding", "causal", "none"]
+
+
+def attention_case(mask_kind: str, dtype: torch.dtype, kv_heads: int = 2):
+    """q (2, 4, 6, 8), k and v over 9 keys (kv_heads of them), leaves needing gradients, and a mask of the kind."""
+    torch.manual_seed(0)
+    q = torch.randn(2, 4, 6, 8, dtype=dtype, requires_grad=True)
+    k, v = (torch.randn(2, kv_heads, 9, 8, dtype=dtype, requires_grad=True) for _ in range(2))
+    mask = None
+    if mask_kind == "bias":  # a learned bias (T5's relative positions), -inf where a key is hidden
+        mask = torch.randn(1, 4, 6, 9, requires_grad=True)
+        mask.data[..., 0, 7:] = float("-inf")
+    elif mask_kind == "padding":
+        mask = (torch.arange(9) < torch.tensor([[9], [5]]))[:, None, None, :]
+    causal = mask_kind == "causal"
+    return q, k, v, mask, causal
+
+
+@pytest.mark.parametrize("mask_kind", MASKS)
+def test_compact_attention_and_its_gradients_equal_the_reference(mask_kind):
+    from lmforge.model.attention import compact_attention
+
+    outputs = {}
+    for fn in (compact_attention, eager_attention):
+        q, k, v, mask, causal = attention_case(mask_kind, torch.float32)
+        out = fn(q, k, v, mask=mask, causal=causal)
+        out.square().sum().backward()
+        leaves = [q, k, v] + ([mask] if mask_kind == "bias" else [])
+        outputs[fn] = [out] + [leaf.grad for leaf in leaves]
+    for ours, reference in zip(outputs[compact_attention], outputs[eager_attention]):
+        torch.testing.assert_close(ours, reference, rtol=1e-5, atol=1e-5)
+    # in bf16 every step is rounded to bf16, within bf16's error of the fp32 reference
+    q, k, v, mask, causal = attention_case(mask_kind, torch.bfloat16)
+    low = compact_attention(q, k, v, mask=mask, causal=causal)
+    torch.testing.assert_close(low.float(), outputs[eager_attention][0], rtol=3e-2, atol=3e-2)
+
+
+def test_training_on_the_cpu_spells_out_biased_and_bf16_bidirectional_attention(monkeypatch):
+    from lmforge.model import attention
+
+    calls = []
+    monkeypatch.setattr(attention, "compact_attention", lambda *a, **k: calls.append(1) or eager_attention(*a[:3]))
+    expected = {("bias", torch.float32): True, ("bias", torch.bfloat16): True,
+                ("padding", torch.bfloat16): True, ("none", torch.bfloat16): True,
+                ("padding", torch.float32): False, ("none", torch.float32): False,
+                ("causal", torch.bfloat16): False, ("causal", torch.float32): False}
+    for (mask_kind, dtype), spelled in expected.items():
+        q, k, v, mask, causal = attention_case(mask_kind, dtype, kv_heads=4)
+        for training in (False, True):
+            calls.clear()
+            sdpa_attention(q, k, v, training=training, mask=mask, causal=causal)
+            assert bool(calls) == (spelled and training), (mask_kind, dtype, training)

@@ -28,7 +28,7 @@ from torch import nn
 from lmforge.model.attention import CrossAttention, causal_mask
 from lmforge.model.config import ModelConfig
 from lmforge.model.kv_cache import KVCache
-from lmforge.model.norm import make_norm
+from lmforge.model.norm import make_norm, to_autocast_dtype
 from lmforge.model.position import LearnedPositions, RotaryEmbedding, SinusoidalPositions
 from lmforge.model.transformer import Block, Transformer, padding_mask
 
@@ -168,7 +168,9 @@ class Stack(nn.Module):
                 bias = bias.masked_fill(~causal_mask(seq_len, start + seq_len, x.device), float("-inf"))
             if mask is not None:
                 bias = bias.masked_fill(~mask, float("-inf"))  # (B, H, T, Tk)
-            mask = bias
+            # once for every layer: in the dtype the scores are computed in, keys innermost (the gathered
+            # bias has heads innermost, and a broadcast add over such a layout costs 10x a plain one)
+            mask = to_autocast_dtype(bias).contiguous()
         for i, block in enumerate(self.blocks):
             if self.decoder:
                 x = block(x, cache, rotary, mask, memory[i], memory_mask)
