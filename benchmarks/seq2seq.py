@@ -10,8 +10,9 @@ step of every side), medians. Tokens/s counts the text tokens of each window
 (batch x seq-len), the same for both sides. Generation: greedy, ``--new-tokens`` target
 tokens for sources of ``--source-len`` tokens, KV-cached on both sides (transformers'
 ``generate``), at each ``--gen-batch``, with lmforge's sampling loop and its batched engine
-(continuous batching, slot cache); the targets are checked equal. Prints each side's figure and
-the ratios.
+(continuous batching, slot cache), lmforge's model in the layout ``lmforge.load`` gives it
+(q/k/v and gate/up one product each), the three interleaved; the targets are checked equal.
+Prints each side's figure and the ratios.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import best_of, fast_dtypes, interleaved, machine, training_step  # noqa: E402
+from common import fast_dtypes, interleaved, machine, training_step  # noqa: E402
 
 from lmforge.infer.engine import Engine  # noqa: E402
 from lmforge.infer.request import Request  # noqa: E402
@@ -32,6 +33,7 @@ from lmforge.infer.sampling import SamplingConfig  # noqa: E402
 from lmforge.infer.seq2seq import generate_seq2seq  # noqa: E402
 from lmforge.interop.hf import save_hf  # noqa: E402
 from lmforge.model import build_model, preset  # noqa: E402
+from lmforge.model.fused import fuse_projections  # noqa: E402
 from lmforge.runtime import Runtime  # noqa: E402
 from lmforge.train.optim import build_optimizer  # noqa: E402
 from lmforge.train.span import SpanCorruptionStage, sentinel_ids  # noqa: E402
@@ -77,10 +79,9 @@ def time_generation(ours, twin, sources: torch.Tensor, new_tokens: int, repeats:
             return twin.generate(input_ids=sources, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
                                  do_sample=False)[:, 1:].tolist()  # (their start token first)
     same = sum(a == b == c for a, b, c in zip(generate_seq2seq(ours, rows, greedy), engine_generate(), hf_generate()))
-    ours_s, _ = best_of(lambda: generate_seq2seq(ours, rows, greedy), repeats)
-    engine_s, _ = best_of(engine_generate, repeats)
-    theirs_s, _ = best_of(hf_generate, repeats)
-    return ours_s, engine_s, theirs_s, same
+    times = interleaved({"loop": lambda: generate_seq2seq(ours, rows, greedy), "engine": engine_generate,
+                         "transformers": hf_generate}, repeats)
+    return times["loop"][0], times["engine"][0], times["transformers"][0], same
 
 
 def main() -> None:
@@ -93,7 +94,7 @@ def main() -> None:
     parser.add_argument("--source-len", type=int, default=128)
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--gen-batch", type=int, nargs="+", default=[1, 8])
-    parser.add_argument("--repeats", type=int, default=3, help="timed generations per batch size")
+    parser.add_argument("--repeats", type=int, default=3, help="timed generations per batch size, interleaved")
     parser.add_argument("--skip-train", action="store_true")
     parser.add_argument("--compile", action="store_true", help="also time torch.compile'd training on both sides")
     args = parser.parse_args()
@@ -143,6 +144,7 @@ def main() -> None:
 
     ours.eval()
     twin = t5_twin(ours, folder / "generate").eval()
+    fuse_projections(ours)  # the inference layout lmforge.load gives every model: q/k/v and gate/up one product each
     for batch_size in args.gen_batch:
         sources = torch.randint(16, 8192, (batch_size, args.source_len))
         ours_s, engine_s, theirs_s, same = time_generation(ours, twin, sources, args.new_tokens, args.repeats)
