@@ -24,7 +24,7 @@ from torch import nn
 from lmforge.infer.beam import BeamResult, beam_search
 from lmforge.infer.generate import autocast_for, eval_mode, generate
 from lmforge.infer.sampling import SamplingConfig
-from lmforge.model.seq2seq import EncoderDecoderLM, Seq2SeqCache, relative_buckets
+from lmforge.model.seq2seq import EncoderDecoderLM, Seq2SeqCache
 from lmforge.runtime import Runtime
 
 
@@ -77,6 +77,7 @@ class SlotDecoder(nn.Module):
                         torch.zeros(shape, dtype=param.dtype, device=param.device)) for _ in range(c.decoder_layers)]
         self.memory_mask = torch.zeros(num_slots, c.max_seq_len, dtype=torch.bool, device=param.device)
         self.memory_mask[:, 0] = True  # a slot with no source yet (a padding row) reads one zero column, not NaN
+        self.source_lengths = [1] * num_slots  # each slot's real memory columns (the mask's True ones)
         # the position of the token whose keys sit at each cache index (scored branches sit past the prompt)
         self.key_positions = torch.zeros(num_slots, c.max_seq_len + 1, dtype=torch.long, device=param.device)
 
@@ -90,6 +91,7 @@ class SlotDecoder(nn.Module):
         for slot, source in zip(slots, sources):
             self.memory_mask[slot] = False
             self.memory_mask[slot, :len(source)] = True
+            self.source_lengths[slot] = len(source)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.model.lm_head(hidden)
@@ -100,8 +102,7 @@ class SlotDecoder(nn.Module):
         the mask hides the key."""
         relative = self.stack.relative
         keys = self.key_positions[slots, :mask.shape[-1]]  # (B, Tk)
-        buckets = relative_buckets(keys[:, None, :] - positions[..., None], False, relative.num_buckets,
-                                   relative.max_distance)  # (B, T, Tk)
+        buckets = relative.buckets[positions[..., None], keys[:, None, :]]  # (B, T, Tk), the stack's (query, key) table
         bias = relative.embed(buckets).permute(0, 3, 1, 2)  # (B, H, T, Tk)
         return bias.masked_fill(~mask, float("-inf"))
 
@@ -125,8 +126,9 @@ class SlotDecoder(nn.Module):
             pick = slice(0, batch)
             if stack.relative is not None:
                 mask = self._bias(mask, positions, pick)
-        width = int(self.memory_mask[pick].sum(dim=1).max())  # the longest source among the rows
-        memory_mask = self.memory_mask[pick, :width][:, None, None, :]
+        lengths = self.source_lengths[pick] if isinstance(pick, slice) else [self.source_lengths[i] for i in pick.tolist()]
+        width = max(lengths)  # the longest source among the rows; sources of one length need no mask
+        memory_mask = None if min(lengths) == width else self.memory_mask[pick, :width][:, None, None, :]
         for block, (keys, values) in zip(stack.blocks, self.memory):
             x = block(x, cache, rotary, mask, (keys[pick, :, :width], values[pick, :, :width]), memory_mask)
         x = stack.norm(x)
