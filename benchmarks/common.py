@@ -55,13 +55,14 @@ def best_of(fn, repeats: int) -> tuple[float, float]:
     return statistics.median(times), min(times)
 
 
-def training_step(model, optimizer, runtime: Runtime, logits_of, targets: torch.Tensor):
+def training_step(model, optimizer, runtime: Runtime, logits_of, targets: torch.Tensor | None = None):
     """One full optimizer step as a closure, the same for every side: ``logits_of()`` under the runtime's
-    autocast, cross entropy against ``targets`` (-100 skipped), backward, clipping at 1, the optimizer."""
+    autocast, cross entropy against ``targets`` (-100 skipped), backward, clipping at 1, the optimizer.
+    Without ``targets``, ``logits_of()`` gives the loss itself (lmforge's training stages)."""
     def step():
         with runtime.autocast():
-            logits = logits_of()
-        loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
+            out = logits_of()
+        loss = out if targets is None else F.cross_entropy(out.float().flatten(0, 1), targets.flatten())
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()

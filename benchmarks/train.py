@@ -1,12 +1,14 @@
 """Training throughput: lmforge vs transformers' LlamaForCausalLM, same shape, batch and weights.
 
-    python benchmarks/train.py [--preset llama-42m] [--batch-size 8] [--seq-len 256] [--steps 6] [--compile]
+    python benchmarks/train.py [--preset llama-42m] [--batch-size 8] [--seq-len 256] [--steps 10] [--compile]
                                [--device cuda]
 
-Each side runs a full optimizer step (forward, backward, clipping, fused AdamW) in
+Each side runs a full optimizer step (forward, backward, clipping, fused AdamW; lmforge's loss is
+its pretraining stage's, transformers' cross entropy over its fp32 logits) in
 each precision this machine runs natively (fp32 always; bf16 autocast over fp32
 weights where the CPU has AVX-512 BF16 or AMX, or on a GPU: ``--device cuda``), with and
-without torch.compile. Prints tokens/s, MFU against the measured matmul peak of that
+without torch.compile, the configurations' steps interleaved (each round times one step of
+every configuration), medians. Prints tokens/s, MFU against the measured matmul peak of that
 precision, and the ratio of the fastest configuration of each side.
 """
 
@@ -19,17 +21,22 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import best_of, fast_dtypes, llama_twin, machine, training_step  # noqa: E402
+from common import fast_dtypes, interleaved, llama_twin, machine, training_step  # noqa: E402
 
 from lmforge.model import DecoderLM, preset, train_flops_per_token  # noqa: E402
 from lmforge.runtime import Runtime, measure_matmul_peak  # noqa: E402
 from lmforge.train.optim import build_optimizer  # noqa: E402
+from lmforge.train.pretrain import PretrainStage  # noqa: E402
 
 
 def make_step(model, optimizer, ids, hf: bool, runtime: Runtime):
-    inputs = ids[:, :-1]
-    return training_step(model, optimizer, runtime,
-                         (lambda: model(input_ids=inputs).logits) if hf else (lambda: model(inputs)), ids[:, 1:])
+    """transformers: its logits, then cross entropy over them in fp32 (as its own ``labels=`` loss does);
+    lmforge: what ``lmforge pretrain`` runs, the pretraining stage's loss (the output layer folded in)."""
+    inputs, targets = ids[:, :-1], ids[:, 1:]
+    if hf:
+        return training_step(model, optimizer, runtime, lambda: model(input_ids=inputs).logits, targets)
+    batch = {"input_ids": inputs, "targets": targets}
+    return training_step(model, optimizer, runtime, lambda: PretrainStage.loss(model, batch))
 
 
 def synchronized(fn):
@@ -44,7 +51,7 @@ def main() -> None:
     parser.add_argument("--preset", default="llama-42m")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--seq-len", type=int, default=256)
-    parser.add_argument("--steps", type=int, default=6, help="timed steps per configuration")
+    parser.add_argument("--steps", type=int, default=10, help="timed steps per configuration, interleaved")
     parser.add_argument("--compile", action="store_true", help="also time torch.compile variants")
     parser.add_argument("--device", default="cpu", help="cpu or cuda (fp32 there without TF32, and bf16)")
     args = parser.parse_args()
@@ -65,6 +72,7 @@ def main() -> None:
         runtime = Runtime.resolve(args.device, dtype_name)
         peak = measure_matmul_peak(args.device, runtime.dtype, max_size=8192 if gpu else 2048)
         print(f"{dtype_name}: measured matmul peak {peak / 1e9:.0f} GFLOP/s")
+        steps = {}
         for side, compiled in [("lmforge", False), ("transformers", False)] + \
                 [("lmforge", True), ("transformers", True)] * args.compile:
             name = f"{side} {dtype_name}" + (" + compile" if compiled else "")
@@ -81,7 +89,8 @@ def main() -> None:
                 step = synchronized(step)
             for _ in range(2):  # warmup (and compilation)
                 step()
-            median, best = best_of(step, args.steps)
+            steps[name] = step
+        for name, (median, best) in interleaved(steps, args.steps).items():
             results[name] = tokens / median
             print(f"{name:>32}: {tokens / median:8,.0f} tokens/s (best {tokens / best:,.0f}), "
                   f"MFU {tokens / median * flops / peak:.1%}", flush=True)

@@ -250,9 +250,11 @@ class EncoderDecoderLM(Transformer):
         return hidden if return_hidden else self.lm_head(hidden)
 
     def forward(self, input_ids: torch.Tensor, decoder_input_ids: torch.Tensor,
-                attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """Source ids (B, S) and target ids (B, T) -> logits (B, T, V) (teacher forcing)."""
-        return self.decode(decoder_input_ids, self.encode(input_ids, attention_mask), attention_mask)
+                attention_mask: torch.Tensor | None = None, return_hidden: bool = False) -> torch.Tensor:
+        """Source ids (B, S) and target ids (B, T) -> logits (B, T, V) (teacher forcing), or the decoder's
+        final hidden states (B, T, dim)."""
+        memory = self.encode(input_ids, attention_mask)
+        return self.decode(decoder_input_ids, memory, attention_mask, return_hidden=return_hidden)
 
     def new_cache(self, batch_size: int, max_len: int | None = None, dtype: torch.dtype | None = None
                   ) -> Seq2SeqCache:

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from lmforge.runtime import Runtime
+from lmforge.train.lm_loss import token_loss
 
 
 class PretrainStage:
@@ -44,8 +45,8 @@ class PretrainStage:
 
     @staticmethod
     def loss(model: torch.nn.Module, batch: dict) -> torch.Tensor:
-        logits = model(batch["input_ids"])  # (B, T, V)
-        return F.cross_entropy(logits.float().flatten(0, 1), batch["targets"].flatten())
+        """Mean next-token cross entropy, the output layer folded into the loss (lm_loss.token_loss)."""
+        return token_loss(model, model(batch["input_ids"], return_hidden=True), batch["targets"])
 
     @torch.no_grad()
     def evaluate(self, model: torch.nn.Module, runtime: Runtime, max_tokens: int, batch_size: int) -> dict:

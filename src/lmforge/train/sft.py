@@ -20,12 +20,10 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from lmforge.runtime import Runtime
 from lmforge.tokenizer.chat import ChatTokens
-
-IGNORE = -100  # target id that the loss skips (F.cross_entropy's ignore_index)
+from lmforge.train.lm_loss import IGNORE, token_loss
 
 
 @dataclass
@@ -148,16 +146,15 @@ class SFTStage:
         return {name: torch.from_numpy(getattr(self.train, name)[rows]).to(device) for name in self.fields}
 
     @staticmethod
-    def logits(model: torch.nn.Module, batch: dict) -> torch.Tensor:
-        return model(batch["inputs"], segments=batch["segments"])  # (B, T, V)
+    def hidden(model: torch.nn.Module, batch: dict) -> torch.Tensor:
+        """The final hidden states (B, T, dim) whose next tokens the targets are."""
+        return model(batch["inputs"], segments=batch["segments"], return_hidden=True)
 
     @classmethod
     def loss(cls, model: torch.nn.Module, batch: dict) -> torch.Tensor:
-        """Mean cross-entropy over the assistant tokens of the batch (0 when it has none)."""
-        logits = cls.logits(model, batch)  # (B, T, V)
-        targets = batch["targets"].flatten()
-        total = F.cross_entropy(logits.float().flatten(0, 1), targets, ignore_index=IGNORE, reduction="sum")
-        return total / (targets != IGNORE).sum().clamp(min=1)
+        """Mean cross-entropy over the assistant tokens of the batch (0 when it has none), the output layer
+        folded into the loss (lm_loss.token_loss)."""
+        return token_loss(model, cls.hidden(model, batch), batch["targets"])
 
     @torch.no_grad()
     def evaluate(self, model: torch.nn.Module, runtime: Runtime, max_tokens: int, batch_size: int) -> dict:
@@ -172,11 +169,10 @@ class SFTStage:
             part = slice(first, min(count, first + batch_size))
             batch = {name: torch.from_numpy(getattr(self.val, name)[part]).to(runtime.device)
                      for name in self.fields}
+            counted = int((batch["targets"] != IGNORE).sum())
             with runtime.autocast():
-                logits = self.logits(model, batch)
-            total += F.cross_entropy(logits.float().flatten(0, 1), batch["targets"].flatten(),
-                                     ignore_index=IGNORE, reduction="sum").item()
-            tokens += int((batch["targets"] != IGNORE).sum())
+                total += token_loss(model, self.hidden(model, batch), batch["targets"]).item() * counted
+            tokens += counted
         model.train(was_training)
         return {"val_loss": total / max(tokens, 1)}
 
@@ -188,6 +184,6 @@ class Seq2SeqSFTStage(SFTStage):
     fields = ("sources", "source_mask", "decoder_ids", "targets")
 
     @staticmethod
-    def logits(model: torch.nn.Module, batch: dict) -> torch.Tensor:
+    def hidden(model: torch.nn.Module, batch: dict) -> torch.Tensor:
         decoder_inputs = model.shift_right(batch["decoder_ids"], pad_id=0)  # (decoder_ids hold no IGNORE)
-        return model(batch["sources"], decoder_inputs, batch["source_mask"])  # (B, T, V)
+        return model(batch["sources"], decoder_inputs, batch["source_mask"], return_hidden=True)  # (B, T, dim)
