@@ -4,7 +4,8 @@
                                  [--source-len 128] [--new-tokens 64] [--gen-batch 1 8]
 
 Training: span-corruption batches (lmforge's stage: 15% hidden in runs of 3), a full
-optimizer step each (forward, backward, clipping, the same fused AdamW), in each
+optimizer step each (forward, backward, clipping, the same fused AdamW; lmforge's loss is its
+span stage's, transformers' cross entropy over its fp32 logits), in each
 precision this machine runs natively; the sides' steps interleaved (each round times one
 step of every side), medians. Tokens/s counts the text tokens of each window
 (batch x seq-len), the same for both sides. Generation: greedy, ``--new-tokens`` target
@@ -50,17 +51,17 @@ def t5_twin(model, folder: Path):
     return twin
 
 
-def train_step(model, optimizer, batch: dict, hf: bool, runtime: Runtime):
-    """One step on a span-corruption batch; both sides get the same decoder inputs (the targets shifted
-    right after the start token 0: span targets hold no padding) and the same loss outside the model."""
+def train_step(model, optimizer, batch: dict, stage: SpanCorruptionStage | None, runtime: Runtime):
+    """One step on a span-corruption batch. transformers (``stage`` None): its logits for the targets shifted
+    right after the start token 0 (span targets hold no padding), cross entropy over them in fp32; lmforge:
+    what ``lmforge pretrain --objective span`` runs, the stage's loss (the same decoder inputs, the output
+    layer folded into the loss)."""
+    if stage is not None:
+        return training_step(model, optimizer, runtime, lambda: stage.loss(model, batch))
     inputs, targets = batch["input_ids"], batch["targets"]
     decoder_inputs = torch.cat([torch.zeros_like(targets[:, :1]), targets[:, :-1]], dim=1)
-
-    def logits_of():
-        if hf:
-            return model(input_ids=inputs, decoder_input_ids=decoder_inputs).logits
-        return model(inputs, decoder_inputs)
-    return training_step(model, optimizer, runtime, logits_of, targets)
+    return training_step(model, optimizer, runtime,
+                         lambda: model(input_ids=inputs, decoder_input_ids=decoder_inputs).logits, targets)
 
 
 def time_generation(ours, twin, sources: torch.Tensor, new_tokens: int, repeats: int
@@ -125,7 +126,7 @@ def main() -> None:
                 model.train()
                 optimizer = build_optimizer(model, 1e-4, 0.1, (0.9, 0.95))
                 step = train_step(torch.compile(model) if compiled else model, optimizer, batch,
-                                  side == "transformers", runtime)
+                                  None if side == "transformers" else stage, runtime)
                 for _ in range(2):  # warmup (and compilation)
                     step()
                 steps[side + (" + compile" if compiled else "")] = step

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from lmforge.model import DecoderLM, preset
-from lmforge.train.lm_loss import IGNORE, block_rows, plain_output_layer, token_loss
+from lmforge.train.lm_loss import IGNORE, block_rows, plain_output_layer, token_loss, token_loss_and_hits
 from lmforge.train.pretrain import PretrainStage
 
 
@@ -33,9 +33,19 @@ def test_blocks_give_the_loss_and_gradients_of_full_logits():
         loss = fn()
         (loss * 3).backward()  # the loss's own gradient is applied, not assumed to be 1
         results.append((loss, hidden.grad.clone(), model.lm_head.weight.grad.clone()))
-    assert block_rows(97) == 128
+    assert block_rows(97, 16) == 128 and block_rows(49152, 576) == 2730
     for ours, theirs in zip(*results):
         torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)
+    with torch.no_grad():  # the hits: counted targets that are the argmax (none of the ignored ones)
+        _, hits = token_loss_and_hits(model, hidden, targets)
+        best = (hidden @ model.lm_head.weight.T).argmax(-1)
+    targets_hit = best.clone()
+    targets_hit[:150] = (best[:150] + 1) % 97  # half of them missed on purpose
+    targets_hit[::7] = IGNORE
+    with torch.no_grad():
+        _, hits_half = token_loss_and_hits(model, hidden, targets_hit)
+    assert hits.item() == int(((best == targets) & (targets != IGNORE)).sum())
+    assert hits_half.item() == int(((best == targets_hit) & (targets_hit != IGNORE)).sum()) > 100
 
 
 def test_bf16_blocks_stay_within_bf16_of_fp32_and_nothing_counted_gives_zero():
@@ -64,6 +74,8 @@ def test_other_output_layers_take_full_logits():
     hidden, targets = torch.randn(5, 8), torch.randint(0, 11, (5,))
     expected = F.cross_entropy(model.lm_head(hidden), targets)
     torch.testing.assert_close(token_loss(model, hidden, targets), expected)
+    loss, hits = token_loss_and_hits(model, hidden, targets)
+    assert hits.item() == int((model.lm_head(hidden).argmax(-1) == targets).sum())
 
 
 def test_pretraining_loss_and_gradients_equal_full_logits_and_the_head_is_found_inside_a_wrapper():

@@ -29,9 +29,9 @@ import torch.nn.functional as F
 
 from lmforge.runtime import Runtime
 from lmforge.tokenizer.special import END_OF_TEXT, PAD, SPECIAL_IDS
+from lmforge.train.lm_loss import token_loss_and_hits
 from lmforge.train.metrics import RecordsFigures
 
-IGNORE = -100  # target of a padding position
 NUM_SENTINELS = 100  # as T5's vocabulary
 EOS, PAD_ID = SPECIAL_IDS[END_OF_TEXT], SPECIAL_IDS[PAD]
 
@@ -158,9 +158,9 @@ class SpanCorruptionStage(RecordsFigures):
     def loss(self, model: torch.nn.Module, batch: dict) -> torch.Tensor:
         """Cross entropy of the target tokens, the decoder fed the target shifted right (teacher forcing)."""
         targets = batch["targets"]
-        logits = model(batch["input_ids"], model.shift_right(targets, PAD_ID)).float()  # (B, T, V)
-        loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE)
-        self.record({"span_accuracy": (logits.argmax(-1) == targets).float().mean().item()})
+        hidden = model(batch["input_ids"], model.shift_right(targets, PAD_ID), return_hidden=True)  # (B, T, dim)
+        loss, hits = token_loss_and_hits(model, hidden, targets)  # the output layer folded in (lm_loss.py)
+        self.record({"span_accuracy": hits.item() / targets.numel()})
         return loss
 
     @torch.no_grad()
