@@ -3,10 +3,10 @@
 A language model's loss over N positions needs logits (N, V): at the speedrun's shape (16 x
 256 positions, 8,192 tokens) 134 MB in fp32, written by the output layer, copied to fp32,
 read by log-softmax, and a gradient of the same size written back through each of those
-steps. :func:`token_loss` never holds them all. For each block of positions it computes the
-block's logits, their log-sum-exp and the loss, and at once the gradient of the mean loss
-with respect to those logits, softmax minus one-hot, divided by the number of counted
-targets:
+steps. :func:`token_loss` never holds the fp32 logits. For each block of positions it
+computes the block's logits, their log-sum-exp and the loss, and at once the gradient of
+the mean loss with respect to those logits, softmax minus one-hot, divided by the number of
+counted targets:
 
     d loss / d logits[i] = (softmax(logits[i]) - onehot(target[i])) / count
 
@@ -17,13 +17,15 @@ the fp32 logits' bytes) for one product at the end, the output layer's gradient 
 shape, 832 positions, 31.4 against 23.9 ms). The backward pass only scales these by the
 loss's own gradient. The same products as the plain path are computed (one for the logits,
 two for the gradients), in the same dtype, so the loss and gradients equal the plain path's
-up to the order of fp32 sums (tested). Measured on 2 cores (Intel AMX), the loss and its backward alone, 4,096
-positions, bf16: 8,192 tokens x dim 256 in blocks of 128 positions 178 ms against 357 for
-the plain path; SmolLM2's 49,152 x 576 in one block of 4,096 1.2x faster than plain (blocks
-of 128 there: 1.7x slower, the output layer read 32 times). Whole training steps, interleaved
-with the plain loss in one process: the speedrun's shape (`cpu-small`, 16 x 256) +19% tokens/s
-in bf16 and +11% in fp32; llama-42m (8 x 256, 32,000 tokens, its products dominate) +11% in
-fp32, +2% in bf16.
+up to the order of fp32 sums (tested).
+
+Measured on 2 cores (Intel AMX), the loss and its backward alone, 4,096 positions, bf16:
+8,192 tokens x dim 256 in blocks of 128 positions 178 ms against 357 for the plain path;
+SmolLM2's 49,152 x 576 in one block of 4,096 1.2x faster than plain (blocks of 128 there:
+1.7x slower, the output layer read 32 times). Whole training steps, interleaved with the
+plain loss in one process: the speedrun's shape (`cpu-small`, 16 x 256) +19-25% tokens/s in
+bf16 and +11% in fp32; llama-42m (8 x 256, 32,000 tokens, its products dominate) +11% in
+fp32, +2% in bf16; T5's span stage level (its loss is a small part of its step).
 """
 
 from __future__ import annotations
@@ -61,7 +63,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         grads = torch.empty(hidden.shape[0], weight.shape[0], dtype=hidden.dtype, device=hidden.device) \
             if want_weight else None
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
-        hits = torch.zeros((), dtype=torch.long, device=hidden.device)  # counted targets that are the argmax
+        hits = torch.zeros((), dtype=torch.long, device=hidden.device)  # counted targets of the largest logit
         step = block_rows(*weight.shape)
         for start in range(0, hidden.shape[0], step):
             h, t, keep = hidden[start:start + step], targets[start:start + step], counted[start:start + step]
