@@ -55,16 +55,20 @@ def best_of(fn, repeats: int) -> tuple[float, float]:
     return statistics.median(times), min(times)
 
 
-def training_step(model, optimizer, runtime: Runtime, logits_of, targets: torch.Tensor | None = None):
-    """One full optimizer step as a closure, the same for every side: ``logits_of()`` under the runtime's
-    autocast, cross entropy against ``targets`` (-100 skipped), backward, clipping at 1, the optimizer.
-    Without ``targets``, ``logits_of()`` gives the loss itself (lmforge's training stages)."""
+def training_step(model, optimizer, runtime: Runtime, loss_of):
+    """One full optimizer step as a closure, the same for every side: ``loss_of()`` under the runtime's
+    autocast, backward, clipping at 1, the optimizer."""
     def step():
         with runtime.autocast():
-            out = logits_of()
-        loss = out if targets is None else F.cross_entropy(out.float().flatten(0, 1), targets.flatten())
+            loss = loss_of()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
     return step
+
+
+def logits_loss(logits_of, targets: torch.Tensor):
+    """A peer's loss as its own ``labels=`` path computes it: cross entropy over ``logits_of()`` made fp32,
+    against ``targets`` (-100 skipped)."""
+    return lambda: F.cross_entropy(logits_of().float().flatten(0, 1), targets.flatten())

@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import fast_dtypes, interleaved, machine, training_step  # noqa: E402
+from common import fast_dtypes, interleaved, logits_loss, machine, training_step  # noqa: E402
 
 from lmforge.infer.engine import Engine  # noqa: E402
 from lmforge.infer.request import Request  # noqa: E402
@@ -61,7 +61,7 @@ def train_step(model, optimizer, batch: dict, stage: SpanCorruptionStage | None,
     inputs, targets = batch["input_ids"], batch["targets"]
     decoder_inputs = torch.cat([torch.zeros_like(targets[:, :1]), targets[:, :-1]], dim=1)
     return training_step(model, optimizer, runtime,
-                         lambda: model(input_ids=inputs, decoder_input_ids=decoder_inputs).logits, targets)
+                         logits_loss(lambda: model(input_ids=inputs, decoder_input_ids=decoder_inputs).logits, targets))
 
 
 def time_generation(ours, twin, sources: torch.Tensor, new_tokens: int, repeats: int

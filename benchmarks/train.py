@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import fast_dtypes, interleaved, llama_twin, machine, training_step  # noqa: E402
+from common import fast_dtypes, interleaved, llama_twin, logits_loss, machine, training_step  # noqa: E402
 
 from lmforge.model import DecoderLM, preset, train_flops_per_token  # noqa: E402
 from lmforge.runtime import Runtime, measure_matmul_peak  # noqa: E402
@@ -34,7 +34,7 @@ def make_step(model, optimizer, ids, hf: bool, runtime: Runtime):
     lmforge: what ``lmforge pretrain`` runs, the pretraining stage's loss (the output layer folded in)."""
     inputs, targets = ids[:, :-1], ids[:, 1:]
     if hf:
-        return training_step(model, optimizer, runtime, lambda: model(input_ids=inputs).logits, targets)
+        return training_step(model, optimizer, runtime, logits_loss(lambda: model(input_ids=inputs).logits, targets))
     batch = {"input_ids": inputs, "targets": targets}
     return training_step(model, optimizer, runtime, lambda: PretrainStage.loss(model, batch))
 

@@ -66,10 +66,16 @@ def attention_scores(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | None
     """The scaled dot products q k^T / sqrt(d) in fp32, masked: (B, H, Tq, Tk), ``-inf`` where a query may
     not look (the mask as in :func:`eager_attention`). q (B, H, Tq, D); k (B, Hkv, Tk, D)."""
     k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)  # (B, H, Tk, D): each kv head serves `groups` heads
-    scores = (q @ k.transpose(-2, -1)).float() / math.sqrt(q.shape[-1])  # (B, H, Tq, Tk)
-    allowed = mask if mask is not None or not causal else causal_mask(q.shape[2], k.shape[2], q.device)
+    return masked((q @ k.transpose(-2, -1)).float() / math.sqrt(q.shape[-1]), mask, causal)  # (B, H, Tq, Tk)
+
+
+def masked(scores: torch.Tensor, mask: torch.Tensor | None, causal: bool) -> torch.Tensor:
+    """Scores (B, H, Tq, Tk) with the mask applied as :func:`eager_attention` describes it: a float mask added
+    (in the scores' dtype), a boolean one (or, without one, the causal mask when ``causal``) as ``-inf``."""
+    allowed = mask if mask is not None or not causal else causal_mask(scores.shape[-2], scores.shape[-1],
+                                                                       scores.device)
     if allowed is not None and allowed.is_floating_point():
-        return scores + allowed.float()
+        return scores + allowed.to(scores.dtype)
     if allowed is not None:
         return scores.masked_fill(~allowed, float("-inf"))
     return scores
@@ -144,12 +150,7 @@ def compact_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout
     group = q.shape[1] // k.shape[1]
     if group > 1:
         k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
-    scores = (q * (1 / math.sqrt(q.shape[-1]))) @ k.transpose(-2, -1)  # (B, H, Tq, Tk)
-    if mask is not None and mask.is_floating_point():
-        scores = scores + mask.to(scores.dtype)
-    elif mask is not None or causal:
-        allowed = mask if mask is not None else causal_mask(q.shape[2], k.shape[2], q.device)
-        scores = scores.masked_fill(~allowed, float("-inf"))
+    scores = masked((q * (1 / math.sqrt(q.shape[-1]))) @ k.transpose(-2, -1), mask, causal)  # (B, H, Tq, Tk)
     weights = F.dropout(torch.softmax(scores, dim=-1), p=dropout, training=dropout > 0)
     return weights @ v
 

@@ -25,7 +25,6 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from lmforge.runtime import Runtime
 from lmforge.tokenizer.special import END_OF_TEXT, PAD, SPECIAL_IDS
@@ -177,10 +176,10 @@ class SpanCorruptionStage(RecordsFigures):
         for first in range(0, count, batch_size):
             x = torch.from_numpy(inputs[first:first + batch_size]).to(runtime.device)
             y = torch.from_numpy(targets[first:first + batch_size]).to(runtime.device)
-            with runtime.autocast():
-                logits = model(x, model.shift_right(y, PAD_ID)).float()
-            total_loss += F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="sum").item()
-            right += (logits.argmax(-1) == y).sum().item()
+            with runtime.autocast():  # the training loss's own computation (span targets hold no padding)
+                loss, hits = token_loss_and_hits(model, model(x, model.shift_right(y, PAD_ID), return_hidden=True), y)
+            total_loss += loss.item() * y.numel()
+            right += hits.item()
             total += y.numel()
         model.train(was_training)
         return {"val_loss": total_loss / total, "val_span_accuracy": right / total}
