@@ -12,7 +12,8 @@ step of every side), medians. Tokens/s counts the text tokens of each window
 tokens for sources of ``--source-len`` tokens, KV-cached on both sides (transformers'
 ``generate``), at each ``--gen-batch``, with lmforge's sampling loop and its batched engine
 (continuous batching, slot cache), lmforge's model in the layout ``lmforge.load`` gives it
-(q/k/v and gate/up one product each), the three interleaved; the targets are checked equal.
+(q/k/v and gate/up one product each, the weights' packed copies: lmforge.model.packed), the
+three interleaved; the targets are checked equal.
 Prints each side's figure and the ratios.
 """
 
@@ -35,6 +36,8 @@ from lmforge.infer.seq2seq import generate_seq2seq  # noqa: E402
 from lmforge.interop.hf import save_hf  # noqa: E402
 from lmforge.model import build_model, preset  # noqa: E402
 from lmforge.model.fused import fuse_projections  # noqa: E402
+from lmforge.model.packed import available as packing_helps  # noqa: E402
+from lmforge.model.packed import pack_weights  # noqa: E402
 from lmforge.runtime import Runtime  # noqa: E402
 from lmforge.train.optim import build_optimizer  # noqa: E402
 from lmforge.train.span import SpanCorruptionStage, sentinel_ids  # noqa: E402
@@ -145,7 +148,11 @@ def main() -> None:
 
     ours.eval()
     twin = t5_twin(ours, folder / "generate").eval()
-    fuse_projections(ours)  # the inference layout lmforge.load gives every model: q/k/v and gate/up one product each
+    # the inference layout lmforge.load gives every model: q/k/v and gate/up one product each, and each
+    # weight a copy in the layout the CPU's products read fastest (fp32: transposed)
+    fuse_projections(ours)
+    if packing_helps(torch.float32, "cpu"):
+        pack_weights(ours)
     for batch_size in args.gen_batch:
         sources = torch.randint(16, 8192, (batch_size, args.source_len))
         ours_s, engine_s, theirs_s, same = time_generation(ours, twin, sources, args.new_tokens, args.repeats)

@@ -348,7 +348,7 @@ def load(path: str | Path, device: str = "auto", dtype: str = "auto", attention:
     model.eval()
     fuse_projections(model)  # q/k/v and gate/up as one product each when no gradient is taken
     if packing_helps(runtime.dtype, runtime.device):
-        pack_weights(model)  # eager bf16 products read weights in oneDNN's layout
+        pack_weights(model)  # eager products read weights in the CPU's fastest layout (model/packed.py)
     decode_step = CompiledDecodeStep(model, max_autotune=autotune, prefill=compile_prefill,
                                      cpp_wrapper=compile_cpp) if compile else None
     lm = LanguageModel(model, load_tokenizer(path), runtime, decode_step, draft_tokens=draft_tokens)

@@ -1,4 +1,4 @@
-"""oneDNN-packed weights for eager bf16 inference (lmforge.model.packed)."""
+"""Packed weights for eager inference (lmforge.model.packed): oneDNN's layout in bf16, transposed in fp32."""
 
 import copy
 import pickle
@@ -14,9 +14,9 @@ bf16_kernels = pytest.mark.skipif(not available(torch.bfloat16, "cpu"),
                                   reason="this CPU's oneDNN has no native bf16 kernels (packing is off here)")
 
 
-def tiny(seed: int = 0, **overrides) -> DecoderLM:
+def tiny(seed: int = 0, dtype: torch.dtype = torch.bfloat16, **overrides) -> DecoderLM:
     torch.manual_seed(seed)
-    model = DecoderLM(preset("tiny", vocab_size=97, **overrides)).eval().to(torch.bfloat16)
+    model = DecoderLM(preset("tiny", vocab_size=97, **overrides)).eval().to(dtype)
     fuse_projections(model)
     return model
 
@@ -58,9 +58,9 @@ def test_packed_products_give_the_same_bits(overrides, monkeypatch):
     torch.testing.assert_close(step[:, -1], expected[:, -1], rtol=0.02, atol=0.02)  # bf16 cache rounding
 
 
-@bf16_kernels
-def test_changed_weights_and_autograd_take_the_plain_product(monkeypatch):
-    model, other = tiny(), tiny(seed=1)
+@pytest.mark.parametrize("dtype", [pytest.param(torch.bfloat16, marks=bf16_kernels), torch.float32])
+def test_changed_weights_and_autograd_take_the_plain_product(dtype, monkeypatch):
+    model, other = tiny(dtype=dtype), tiny(seed=1, dtype=dtype)
     pack_weights(model)
     model.load_state_dict(other.state_dict())  # written in place: the packed copies are stale
     calls = packed_calls(monkeypatch)
@@ -68,7 +68,7 @@ def test_changed_weights_and_autograd_take_the_plain_product(monkeypatch):
     with torch.inference_mode():
         assert torch.equal(model(ids), other(ids))
     assert calls[0] == 0
-    model = tiny(seed=1)
+    model = tiny(seed=1, dtype=dtype)
     pack_weights(model)
     model.train()
     model(ids).float().logsumexp(-1).mean().backward()
@@ -91,20 +91,38 @@ def test_a_packed_model_pickles_and_traces_without_its_packed_copies():
     assert explained.graph_break_count == 0, [b.reason.splitlines()[0] for b in explained.break_reasons]
 
 
-def test_only_bf16_weights_on_a_cpu_with_bf16_kernels_are_packed(monkeypatch):
-    assert not available(torch.float32, "cpu") and not available(torch.float16, "cpu")
-    assert not available(torch.bfloat16, "meta")
+def test_fp32_and_bf16_with_its_kernels_are_packed(monkeypatch):
+    assert available(torch.float32, "cpu") and not available(torch.float16, "cpu")
+    assert not available(torch.float32, "meta") and not available(torch.bfloat16, "meta")
     monkeypatch.setenv("LMFORGE_PACKED_WEIGHTS", "off")
-    assert not available(torch.bfloat16, "cpu")
-    torch.manual_seed(0)
-    model = DecoderLM(preset("tiny", vocab_size=97)).eval()
-    assert pack_weights(model) == 0  # fp32: left alone
+    assert not available(torch.bfloat16, "cpu") and not available(torch.float32, "cpu")
+    model = tiny(dtype=torch.float16)
+    assert pack_weights(model) == 0  # fp16: left alone
     assert not any(isinstance(m, PackedLinear) for m in model.modules())
 
 
-def test_load_packs_bf16_models_on_cpus_with_bf16_kernels(tmp_path, monkeypatch):
-    """`lmforge.load` is where packing happens: bf16 on such a CPU packs (and decodes as the plain model
-    does), fp32 or LMFORGE_PACKED_WEIGHTS=off does not."""
+def test_fp32_products_read_the_transposed_copy():
+    """fp32 layers keep a (in, out) copy that their inference products read: the same logits as the plain
+    model up to the order of the sums, and a changed copy shows in the output (it is the one read)."""
+    model = tiny(dtype=torch.float32, num_kv_heads=1, qkv_bias=True)
+    plain = copy.deepcopy(model)
+    layers = model.config.num_layers
+    assert pack_weights(model) == 4 * layers + 1
+    o_proj, qkv = model.blocks[0].attn.o_proj, model.blocks[0].attn.qkv
+    assert o_proj.packed.transposed and o_proj.packed.tensor.shape == o_proj.weight.T.shape
+    assert o_proj.packed.tensor.is_contiguous() and torch.equal(o_proj.packed.tensor, o_proj.weight.T)
+    assert qkv.packed.transposed and qkv.bias is not None  # the bias is added after the product
+    ids = torch.randint(0, 97, (3, 10))
+    with torch.inference_mode():
+        logits, expected = model(ids), plain(ids)
+        torch.testing.assert_close(logits, expected, rtol=1e-5, atol=1e-5)
+        o_proj.packed.tensor.zero_()
+        assert not torch.allclose(model(ids), expected, atol=1e-3)
+
+
+def test_load_packs_fp32_models_and_bf16_ones_on_cpus_with_bf16_kernels(tmp_path, monkeypatch):
+    """`lmforge.load` is where packing happens: fp32, and bf16 on such a CPU, pack (and decode as the plain
+    model does); LMFORGE_PACKED_WEIGHTS=off does not."""
     import lmforge
     from lmforge.checkpoint import save_checkpoint
     from lmforge.tokenizer import train_tokenizer
@@ -115,11 +133,15 @@ def test_load_packs_bf16_models_on_cpus_with_bf16_kernels(tmp_path, monkeypatch)
 
     def packed_layers(lm) -> int:
         return sum(isinstance(m, PackedLinear) for m in lm.model.modules())
-    assert packed_layers(lmforge.load(tmp_path / "ckpt", device="cpu", dtype="fp32")) == 0
     monkeypatch.setenv("LMFORGE_PACKED_WEIGHTS", "off")
     plain = lmforge.load(tmp_path / "ckpt", device="cpu", dtype="bf16")
-    assert packed_layers(plain) == 0
+    plain32 = lmforge.load(tmp_path / "ckpt", device="cpu", dtype="fp32")
+    assert packed_layers(plain) == 0 and packed_layers(plain32) == 0
     monkeypatch.delenv("LMFORGE_PACKED_WEIGHTS")
+    lm32 = lmforge.load(tmp_path / "ckpt", device="cpu", dtype="fp32")
+    assert packed_layers(lm32) == 2 * lm32.model.config.num_layers + 1 and lm32.model.lm_head.packed.transposed
+    assert lm32.generate("def ", max_new_tokens=12, temperature=0) == \
+        plain32.generate("def ", max_new_tokens=12, temperature=0)
     lm = lmforge.load(tmp_path / "ckpt", device="cpu", dtype="bf16")
     if not available(torch.bfloat16, "cpu"):
         assert packed_layers(lm) == 0

@@ -545,7 +545,7 @@ class Engine:
         logits = step(ids_t, self.cache, positions=positions_t, mask=attention_mask(positions_t, kv_len))
         self.stats.decode_steps += 1
         plain = {index: sequence for index, sequence in decoding.items() if index not in drafts}
-        outputs = self._advance(plain, logits[list(plain), 0].float())
+        outputs = self._advance(plain, _rows(logits[:, 0], list(plain)).float())
         for index, (guesses, q) in drafts.items():
             outputs.append(self._check(decoding[index], guesses, q, logits[index, :len(guesses) + 1].float()))
         return outputs
@@ -579,7 +579,7 @@ class Engine:
         for indices in groups.values():
             if len(indices) < 2:
                 continue
-            scores = self._in_vocabulary(logits[indices])
+            scores = self._in_vocabulary(_rows(logits, indices))
             config = rows[indices[0]].request.sampling
             tokens = draw(scores, config, [rows[i].generator for i in indices])
             drawn.update(zip(indices, tokens.tolist()))
@@ -708,6 +708,13 @@ class Engine:
         output.cached_tokens = sequence.cached_tokens
         output.completion_tokens = len(sequence.generated)
         return output
+
+
+def _rows(tensor: torch.Tensor, indices: list[int]) -> torch.Tensor:
+    """``tensor[indices]``: a view when they are 0, 1, 2, ... (a full batch, as usual), else a gathered copy."""
+    if indices == list(range(len(indices))):
+        return tensor[:len(indices)]
+    return tensor[indices]
 
 
 def shape_bucket(n: int) -> int:

@@ -39,7 +39,7 @@ class FusedLinear:
     the model's parameters, ``state_dict`` and module tree are what they were.
     """
 
-    packed = None  # a oneDNN-packed copy of the stacked weight (lmforge.model.packed.pack_weights)
+    packed = None  # a packed copy of the stacked weight (lmforge.model.packed.pack_weights)
 
     def __init__(self, owner: nn.Module, names: list[str]):
         members = [getattr(owner, name) for name in names]

@@ -1,4 +1,4 @@
-"""oneDNN-packed weights: faster eager matrix products for bf16 inference on CPUs.
+"""Weights laid out for the CPU's matrix products: faster eager inference in bf16 and fp32.
 
 A bf16 ``F.linear`` on a CPU asks oneDNN to multiply by a weight in PyTorch's row-major
 layout, which oneDNN reorders into its own blocked layout on every call. Reordered once,
@@ -12,16 +12,24 @@ plain product hands to another kernel, which now and then rounds differently (1 
 random inputs to a 64 x 64 layer); the packed product gives a row the same bits alone or
 among others, which keeps speculative decoding exact (docs/QUANTIZATION.md).
 
+An fp32 ``F.linear`` multiplies by the weight transposed (``x @ W.T``); for a few rows
+PyTorch's BLAS was up to twice as slow at that as at ``x @ Wt`` with ``Wt`` (in, out) stored
+in memory order. The fp32 copy is that transpose: 2 cores, Intel Xeon, 8 rows, plain / copy
+(us): a 256 x 8,292 output layer 585 / 263, 576 x 960 142 / 64, 512 x 2,048 266 / 150;
+at one row and at 64 the same within noise. Its sums run in another order than the plain
+product's, so the last bits differ (about 1e-7 of the largest output); they differ as much
+between a row alone and the same row among others, in both products.
+
 Inductor's ``freezing`` does this inside a compiled step (:mod:`lmforge.infer.compiled`);
 :func:`pack_weights` does it for the eager passes: the batched engine's prefill passes,
 and every step where nothing is compiled. It costs a second copy of each weight in
 memory, the packed one, kept beside the parameter, which stays what it was: state dicts,
 LoRA, exports and a compiled step see the plain model.
 
-The packed path is taken only where it gives exactly what ``F.linear`` would: no
-autograd, not while Dynamo traces, an input of the weight's dtype on the CPU, and the
-weight unchanged since it was packed (the same tensor, storage and version); otherwise
-the product is the plain one.
+The packed path is taken only where it computes what ``F.linear`` would: no autograd, not
+while Dynamo traces, an input of the weight's dtype on the CPU, and the weight unchanged
+since it was packed (the same tensor, storage and version); otherwise the product is the
+plain one.
 """
 
 from __future__ import annotations
@@ -38,21 +46,36 @@ ROWS_HINT = 16
 
 
 def available(dtype: torch.dtype, device: torch.device | str) -> bool:
-    """Whether packing helps here: bf16 on a CPU whose oneDNN has native bf16 kernels, unless the
-    environment says ``LMFORGE_PACKED_WEIGHTS=off`` (to measure against the plain products)."""
-    return (os.environ.get("LMFORGE_PACKED_WEIGHTS", "on") != "off"
-            and torch.device(device).type == "cpu" and dtype == torch.bfloat16
-            and torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    """Whether packing helps here: on a CPU, fp32, or bf16 where oneDNN has native bf16 kernels,
+    unless the environment says ``LMFORGE_PACKED_WEIGHTS=off`` (to measure against the plain
+    products)."""
+    if os.environ.get("LMFORGE_PACKED_WEIGHTS", "on") == "off" or torch.device(device).type != "cpu":
+        return False
+    return dtype == torch.float32 or (dtype == torch.bfloat16 and _bf16_kernels())
+
+
+def _bf16_kernels() -> bool:
+    return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+
+def _packs(weight: torch.Tensor) -> bool:
+    """Whether :func:`pack_weights` gives this weight a packed copy: fp32, or bf16 with oneDNN's kernels."""
+    return weight.dtype == torch.float32 or (weight.dtype == torch.bfloat16 and _bf16_kernels())
 
 
 class PackedWeight:
-    """A weight reordered into oneDNN's layout, and the identity of the tensor it was made from."""
+    """A weight in the layout its products read fastest, and the identity of the tensor it was made
+    from: bf16 reordered into oneDNN's blocks, fp32 transposed to (in, out) in memory order."""
 
     def __init__(self, weight: torch.Tensor):
         self.source = weight
         self.pointer, self.version = weight.data_ptr(), weight._version
+        self.transposed = weight.dtype == torch.float32
         with torch.no_grad():
-            self.tensor = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), ROWS_HINT)
+            if self.transposed:
+                self.tensor = weight.detach().t().contiguous()
+            else:
+                self.tensor = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), ROWS_HINT)
 
     def __reduce__(self):
         """A copy or a pickle of a model leaves the packed copy behind (its layers take the plain path):
@@ -77,6 +100,9 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
            packed: PackedWeight | None) -> torch.Tensor:
     """``F.linear(x, weight, bias)``, through ``packed`` where it serves."""
     if packed is not None and packed.serves(x, weight):
+        if packed.transposed:
+            y = torch.matmul(x, packed.tensor)
+            return y if bias is None else y.add_(bias)
         return torch.ops.mkldnn._linear_pointwise(x, packed.tensor, bias, "none", [None], "")
     return F.linear(x, weight, bias)
 
@@ -96,9 +122,10 @@ def pack_weights(model: nn.Module) -> int:
     :mod:`lmforge.model.fused`) a packed copy of its weight; returns how many were packed.
 
     For inference, after the weights have their final dtype and the projections are fused
-    (``lmforge.load`` calls it on bf16 CPU models). Layers already packed, integer layers,
-    the members of an intact fused group and weights of another dtype than bf16 are left
-    alone (a LoRA wrapper is too; the plain base layer inside it is packed like any other).
+    (``lmforge.load`` calls it on CPU models where :func:`available`). Layers already packed,
+    integer layers, the members of an intact fused group and weights of another dtype than fp32
+    or bf16 (bf16 only with oneDNN's bf16 kernels) are left alone (a LoRA wrapper is too; the
+    plain base layer inside it is packed like any other).
     """
     from lmforge.model.fused import FusedLinear
 
@@ -107,12 +134,12 @@ def pack_weights(model: nn.Module) -> int:
     fused = {id(member) for group in groups if group.intact() for member in group.members}
     made = 0
     for group in groups:
-        if group.intact() and group.weight.dtype == torch.bfloat16 and group.packed is None:
+        if group.intact() and _packs(group.weight) and group.packed is None:
             group.packed = PackedWeight(group.weight)
             made += 1
     for module in model.modules():
         # a fused group's members compute only where the group cannot (with autograd): not packed
-        if type(module) is nn.Linear and module.weight.dtype == torch.bfloat16 and id(module) not in fused:
+        if type(module) is nn.Linear and _packs(module.weight) and id(module) not in fused:
             module.__class__ = PackedLinear
             module.packed = PackedWeight(module.weight)
             made += 1
