@@ -161,8 +161,8 @@ def test_a_draft_model_with_a_compiled_step_guesses_as_the_eager_one(make_model,
 
     eager_passes = []
     eager_forward = speculative._forward
-    monkeypatch.setattr(speculative, "_forward", lambda model, ids, *rest: eager_passes.append(len(ids)) or
-                        eager_forward(model, ids, *rest))
+    monkeypatch.setattr(speculative, "_forward", lambda model, ids, *rest, **kw: eager_passes.append(len(ids)) or
+                        eager_forward(model, ids, *rest, **kw))
 
     model, small = make_model(), make_model(seed=3, num_layers=1)
     eager = DraftModel(small)
