@@ -13,12 +13,12 @@ random inputs to a 64 x 64 layer); the packed product gives a row the same bits 
 among others, which keeps speculative decoding exact (docs/QUANTIZATION.md).
 
 An fp32 ``F.linear`` multiplies by the weight transposed (``x @ W.T``); for a few rows
-PyTorch's BLAS was up to twice as slow at that as at ``x @ Wt`` with ``Wt`` (in, out) stored
+PyTorch's BLAS was up to three times as slow at that as at ``x @ Wt`` with ``Wt`` (in, out) stored
 in memory order. The fp32 copy is that transpose: 2 cores, Intel Xeon, 8 rows, plain / copy
 (us): a 256 x 8,292 output layer 585 / 263, 576 x 960 142 / 64, 512 x 2,048 266 / 150;
 at one row and at 64 the same within noise. Its sums run in another order than the plain
-product's, so the last bits differ (about 1e-7 of the largest output); they differ as much
-between a row alone and the same row among others, in both products.
+product's, so the last bits differ (at most 5e-5 in outputs up to about 60: random 256-input
+layers); in both products a row alone and the same row among others differ as much.
 
 Inductor's ``freezing`` does this inside a compiled step (:mod:`lmforge.infer.compiled`);
 :func:`pack_weights` does it for the eager passes: the batched engine's prefill passes,
