@@ -35,9 +35,7 @@ from lmforge.infer.sampling import SamplingConfig  # noqa: E402
 from lmforge.infer.seq2seq import generate_seq2seq  # noqa: E402
 from lmforge.interop.hf import save_hf  # noqa: E402
 from lmforge.model import build_model, preset  # noqa: E402
-from lmforge.model.fused import fuse_projections  # noqa: E402
-from lmforge.model.packed import available as packing_helps  # noqa: E402
-from lmforge.model.packed import pack_weights  # noqa: E402
+from lmforge.model.fused import inference_layout  # noqa: E402
 from lmforge.runtime import Runtime  # noqa: E402
 from lmforge.train.optim import build_optimizer  # noqa: E402
 from lmforge.train.span import SpanCorruptionStage, sentinel_ids  # noqa: E402
@@ -148,11 +146,7 @@ def main() -> None:
 
     ours.eval()
     twin = t5_twin(ours, folder / "generate").eval()
-    # the inference layout lmforge.load gives every model: q/k/v and gate/up one product each, and each
-    # weight a copy in the layout the CPU's products read fastest (fp32: transposed)
-    fuse_projections(ours)
-    if packing_helps(torch.float32, "cpu"):
-        pack_weights(ours)
+    inference_layout(ours, torch.float32, "cpu")  # what lmforge.load gives: fused projections, packed weights
     for batch_size in args.gen_batch:
         sources = torch.randint(16, 8192, (batch_size, args.source_len))
         ours_s, engine_s, theirs_s, same = time_generation(ours, twin, sources, args.new_tokens, args.repeats)

@@ -50,9 +50,7 @@ from lmforge.infer.speculative import (
 from lmforge.infer.stream import StopStrings, TextStream, cut_at_stop
 from lmforge.interop.packaged import resolve_model
 from lmforge.model import DecoderLM, EncoderDecoderLM
-from lmforge.model.fused import fuse_projections
-from lmforge.model.packed import available as packing_helps
-from lmforge.model.packed import pack_weights
+from lmforge.model.fused import inference_layout
 from lmforge.quant.weight_only import quantize_weights
 from lmforge.runtime import Runtime
 from lmforge.tokenizer.chat import end_of_turn_ids, render_chat
@@ -346,9 +344,7 @@ def load(path: str | Path, device: str = "auto", dtype: str = "auto", attention:
     elif runtime.dtype != torch.float32:
         model = model.to(runtime.dtype)
     model.eval()
-    fuse_projections(model)  # q/k/v and gate/up as one product each when no gradient is taken
-    if packing_helps(runtime.dtype, runtime.device):
-        pack_weights(model)  # eager products read weights in the CPU's fastest layout (model/packed.py)
+    inference_layout(model, runtime.dtype, runtime.device)  # fused projections, packed weights (model/fused.py)
     decode_step = CompiledDecodeStep(model, max_autotune=autotune, prefill=compile_prefill,
                                      cpp_wrapper=compile_cpp) if compile else None
     lm = LanguageModel(model, load_tokenizer(path), runtime, decode_step, draft_tokens=draft_tokens)

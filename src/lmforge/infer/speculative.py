@@ -95,15 +95,15 @@ def check_speculative(config: SamplingConfig) -> None:
 
 
 def _forward(model: DecoderLM, ids: list[int], cache: KVCache, runtime: Runtime | None,
-             last: int | None = None) -> torch.Tensor:
-    """Logits (T, V) fp32 of ``ids`` fed after what ``cache`` holds; with ``last``, of the last ``last``
-    of them only (a prompt's pass: the output layer over every position but those would be thrown away)."""
+             last_only: bool = False) -> torch.Tensor:
+    """Logits (T, V) fp32 of ``ids`` fed after what ``cache`` holds; with ``last_only``, (1, V) of the last
+    one (a prompt's pass: the output layer over the other positions would be thrown away)."""
     device = next(model.parameters()).device
     with torch.inference_mode(), autocast_for(model, runtime):
         ids_t = torch.tensor([ids], dtype=torch.long, device=device)
-        if last is None:
+        if not last_only:
             return model(ids_t, cache)[0].float()
-        return model.logits(model(ids_t, cache, return_hidden=True)[0, len(ids) - last:]).float()
+        return model.logits(model(ids_t, cache, return_hidden=True)[0, -1:]).float()
 
 
 class PromptLookup:
@@ -254,7 +254,7 @@ class DraftModel:
         rather than in one eager pass: 3 guesses after 3 new tokens took 29 ms instead of 53 with an int4
         copy of SmolLM2 as the draft, 7.3 instead of 8.5 with ``lmforge distill``'s draft (bf16, 2 cores)."""
         if self.decode_step is None or len(ids) > CATCH_UP or self.cache.length == 0:
-            return _forward(self.model, ids, self.cache, self.runtime, last=1)
+            return _forward(self.model, ids, self.cache, self.runtime, last_only=True)
         device = next(self.model.parameters()).device
         with torch.inference_mode(), autocast_for(self.model, self.runtime):
             for token in ids:
@@ -285,7 +285,7 @@ def _speculate(model: DecoderLM, prompt_ids: list[int], config: SamplingConfig, 
     drafter.reset()
     with eval_mode(model):
         if len(prompt_ids) > 1:  # the prompt but its last token; that one is fed with the first guesses
-            _forward(model, prompt_ids[:-1], cache, runtime, last=1)
+            _forward(model, prompt_ids[:-1], cache, runtime, last_only=True)
         produced = 0
         while produced < config.max_new_tokens:
             room = config.max_new_tokens - produced - 1  # the model's own token comes on top of the guesses

@@ -29,7 +29,8 @@ from dataclasses import replace
 import torch
 from torch import nn
 
-from lmforge.model.packed import linear
+from lmforge.model.packed import available as packing_helps
+from lmforge.model.packed import linear, pack_weights
 
 
 class FusedLinear:
@@ -159,3 +160,13 @@ def fuse_projections(model: nn.Module) -> int:
                 setattr(owner, attribute, fused(owner, names))
                 made += 1
     return made
+
+
+def inference_layout(model: nn.Module, dtype: torch.dtype, device: torch.device | str) -> nn.Module:
+    """The layout ``lmforge.load`` gives a model whose weights are final and which takes no gradients:
+    q/k/v and gate/up one product each (:func:`fuse_projections`), and each weight a packed copy where the
+    products run in ``dtype`` on ``device`` and packing helps there (:mod:`lmforge.model.packed`)."""
+    fuse_projections(model)
+    if packing_helps(dtype, device):
+        pack_weights(model)
+    return model

@@ -122,10 +122,10 @@ def pack_weights(model: nn.Module) -> int:
     :mod:`lmforge.model.fused`) a packed copy of its weight; returns how many were packed.
 
     For inference, after the weights have their final dtype and the projections are fused
-    (``lmforge.load`` calls it on CPU models where :func:`available`). Layers already packed,
-    integer layers, the members of an intact fused group and weights of another dtype than fp32
-    or bf16 (bf16 only with oneDNN's bf16 kernels) are left alone (a LoRA wrapper is too; the
-    plain base layer inside it is packed like any other).
+    (``lmforge.load`` calls it through :func:`lmforge.model.fused.inference_layout` where
+    :func:`available`). Layers already packed, integer layers, the members of an intact fused
+    group and weights of another dtype than fp32 or bf16 (bf16 only with oneDNN's bf16 kernels)
+    are left alone (a LoRA wrapper is too; the plain base layer inside it is packed like any other).
     """
     from lmforge.model.fused import FusedLinear
 
