@@ -13,7 +13,12 @@ tokens for sources of ``--source-len`` tokens, KV-cached on both sides (transfor
 ``generate``), at each ``--gen-batch``, with lmforge's sampling loop and its batched engine
 (continuous batching, slot cache), lmforge's model in the layout ``lmforge.load`` gives it
 (q/k/v and gate/up one product each, the weights' packed copies: lmforge.model.packed), the
-three interleaved; the targets are checked equal.
+three interleaved; the targets are checked equal. ``--compile`` adds compiled sides to both
+parts: training with ``torch.compile`` on both sides; generation with lmforge's engine running
+its compiled decode step (:class:`CompiledDecodeStep`, what ``lmforge.load(..., compile=True)``
+gives an encoder-decoder) against transformers' ``generate`` with a static cache, which
+compiles its forward (``CompileConfig``, max-autotune without CUDA graphs), each compiled
+before the timing (compile seconds printed apart).
 Prints each side's figure and the ratios.
 """
 
@@ -22,6 +27,7 @@ from __future__ import annotations
 import argparse
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -29,6 +35,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from common import fast_dtypes, interleaved, logits_loss, machine, training_step  # noqa: E402
 
+from lmforge.infer.compiled import CompiledDecodeStep  # noqa: E402
 from lmforge.infer.engine import Engine  # noqa: E402
 from lmforge.infer.request import Request  # noqa: E402
 from lmforge.infer.sampling import SamplingConfig  # noqa: E402
@@ -65,25 +72,49 @@ def train_step(model, optimizer, batch: dict, stage: SpanCorruptionStage | None,
                          logits_loss(lambda: model(input_ids=inputs, decoder_input_ids=decoder_inputs).logits, targets))
 
 
-def time_generation(ours, twin, sources: torch.Tensor, new_tokens: int, repeats: int
-                    ) -> tuple[float, float, float, int]:
-    """(lmforge seconds, lmforge's batched engine seconds, transformers seconds, rows with the same greedy
-    target on all three) for one batch of sources."""
+def time_generation(ours, twin, sources: torch.Tensor, new_tokens: int, repeats: int, compiled: bool
+                    ) -> tuple[dict[str, float], int]:
+    """(seconds of each side, rows with the same greedy target on all of them) for one batch of sources:
+    lmforge's sampling loop, its batched engine and transformers' ``generate``; with ``compiled`` also the
+    engine with its decode step compiled and transformers with a static cache and its forward compiled
+    (each compiled before the timing)."""
     greedy = SamplingConfig(max_new_tokens=new_tokens, temperature=0)
     rows = sources.tolist()
-    engine = Engine(ours, max_batch_size=len(rows))
+    engines = {"engine": Engine(ours, max_batch_size=len(rows))}
+    if compiled:
+        engines["engine + compile"] = Engine(ours, max_batch_size=len(rows), decode_buckets=[len(rows)],
+                                             decode_step=CompiledDecodeStep(ours))
 
-    def engine_generate():
-        return [c.token_ids for c in engine.generate([Request(row, greedy) for row in rows])]
+    def engine_generate(name):
+        return lambda: [c.token_ids for c in engines[name].generate([Request(row, greedy) for row in rows])]
 
-    def hf_generate():
-        with torch.inference_mode():
-            return twin.generate(input_ids=sources, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
-                                 do_sample=False)[:, 1:].tolist()  # (their start token first)
-    same = sum(a == b == c for a, b, c in zip(generate_seq2seq(ours, rows, greedy), engine_generate(), hf_generate()))
-    times = interleaved({"loop": lambda: generate_seq2seq(ours, rows, greedy), "engine": engine_generate,
-                         "transformers": hf_generate}, repeats)
-    return times["loop"][0], times["engine"][0], times["transformers"][0], same
+    def hf_generate(static):
+        options = {}
+        if static:
+            from transformers import CompileConfig
+
+            config = CompileConfig(mode="max-autotune-no-cudagraphs")  # lmforge's compile mode, as far as it goes
+            config._compile_all_devices = True  # transformers compiles on accelerators only unless told
+            options = {"cache_implementation": "static", "compile_config": config}
+        def run():
+            with torch.inference_mode():
+                return twin.generate(input_ids=sources, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                                     do_sample=False, **options)[:, 1:].tolist()  # (their start token first)
+        return run
+
+    sides = {"loop": lambda: generate_seq2seq(ours, rows, greedy), **{name: engine_generate(name) for name in engines},
+             "transformers": hf_generate(False)}
+    if compiled:
+        sides["transformers + compile"] = hf_generate(True)
+        start = time.perf_counter()
+        engines["engine + compile"].warm_up()
+        middle = time.perf_counter()
+        sides["transformers + compile"]()  # its first call compiles
+        print(f"  compiled for batch {len(rows)}: lmforge's decode step {middle - start:.0f}s, "
+              f"transformers {time.perf_counter() - middle:.0f}s")
+    targets = [side() for side in sides.values()]
+    same = sum(all(t[i] == targets[0][i] for t in targets) for i in range(len(rows)))
+    return {name: median for name, (median, _) in interleaved(sides, repeats).items()}, same
 
 
 def main() -> None:
@@ -98,7 +129,9 @@ def main() -> None:
     parser.add_argument("--gen-batch", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--repeats", type=int, default=3, help="timed generations per batch size, interleaved")
     parser.add_argument("--skip-train", action="store_true")
-    parser.add_argument("--compile", action="store_true", help="also time torch.compile'd training on both sides")
+    parser.add_argument("--compile", action="store_true",
+                        help="also time torch.compile'd training and generation on both sides (lmforge's engine with "
+                             "its decode step compiled; transformers with a static cache, its forward compiled)")
     args = parser.parse_args()
 
     torch.manual_seed(0)
@@ -149,12 +182,18 @@ def main() -> None:
     inference_layout(ours, torch.float32, "cpu")  # what lmforge.load gives: fused projections, packed weights
     for batch_size in args.gen_batch:
         sources = torch.randint(16, 8192, (batch_size, args.source_len))
-        ours_s, engine_s, theirs_s, same = time_generation(ours, twin, sources, args.new_tokens, args.repeats)
+        seconds, same = time_generation(ours, twin, sources, args.new_tokens, args.repeats, args.compile)
         made = batch_size * args.new_tokens
         print(f"generation, batch {batch_size}, source {args.source_len}, {args.new_tokens} new tokens (fp32): "
-              f"lmforge {made / ours_s:,.0f} tokens/s, lmforge's batched engine {made / engine_s:,.0f}, "
-              f"transformers {made / theirs_s:,.0f} tokens/s, ratios {theirs_s / ours_s:.2f}x and "
-              f"{theirs_s / engine_s:.2f}x; same targets {same}/{batch_size}")
+              f"lmforge {made / seconds['loop']:,.0f} tokens/s, lmforge's batched engine "
+              f"{made / seconds['engine']:,.0f}, transformers {made / seconds['transformers']:,.0f} tokens/s, ratios "
+              f"{seconds['transformers'] / seconds['loop']:.2f}x and {seconds['transformers'] / seconds['engine']:.2f}x;"
+              f" same targets {same}/{batch_size}")
+        if args.compile:
+            ours_c, theirs_c = seconds["engine + compile"], seconds["transformers + compile"]
+            print(f"  compiled: lmforge's engine {made / ours_c:,.0f} tokens/s, transformers (static cache) "
+                  f"{made / theirs_c:,.0f} tokens/s, ratio {theirs_c / ours_c:.2f}x; lmforge compiled against "
+                  f"transformers eager {seconds['transformers'] / ours_c:.2f}x")
 
 
 if __name__ == "__main__":

@@ -233,7 +233,11 @@ def test_pretrain_an_encoder_decoder_by_span_corruption_then_fill_in_a_span(work
     prompts = ["def function_1(<extra_id_0>):", "x", "return <extra_id_0> + 1"]
     assert [c.text for c in lm.generate_batch(prompts, max_new_tokens=6, temperature=0)] == \
            [lm.generate(p, max_new_tokens=6, temperature=0) for p in prompts]
-    assert main(["generate", str(run / "checkpoint"), "x", "--compile"]) == 2
+    # compiled: the batched engine's decode step (at batch 1 for one prompt), the same targets
+    compiled = lmforge.load(run / "checkpoint", device="cpu", dtype="fp32", compile=True, autotune=False)
+    assert [compiled.generate(p, max_new_tokens=6, temperature=0) for p in prompts[:2]] == \
+           [lm.generate(p, max_new_tokens=6, temperature=0) for p in prompts[:2]]
+    assert main(["generate", str(run / "checkpoint"), "x", "--compile", "--prompt-lookup", "2"]) == 2
     assert "encoder-decoder" in capsys.readouterr().err
     assert main(["quantize", str(run / "checkpoint"), "--out", str(workdir / "span-int8")]) == 2
     assert "decoder-only" in capsys.readouterr().err

@@ -74,6 +74,8 @@ class LanguageModel:
         if self.drafter is not None:
             check_speculative(config)
             return self._engine_tokens(prompt_ids, config)
+        if self.encoder_decoder and self.decode_step is not None:  # its compiled step is the engine's
+            return self._engine_tokens(prompt_ids, config)
         if self.encoder_decoder:  # the prompt is the encoder's source; the decoder starts from its start token
             decoder = ConditionedDecoder(self.model, *encode_sources(self.model, [prompt_ids], self.runtime))
             return generate_tokens(decoder, [self.model.config.decoder_start_id], config, self.runtime)
@@ -85,7 +87,8 @@ class LanguageModel:
 
     def _engine_tokens(self, prompt_ids: list[int], config: SamplingConfig) -> Iterator[int]:
         """One request through the batched engine at batch 1: speculative decoding's production path, whose
-        checking steps the compiled step runs (:func:`speculative_tokens` is the same on its own, eager)."""
+        checking steps the compiled step runs (:func:`speculative_tokens` is the same on its own, eager), and
+        a compiled encoder-decoder's (the engine holds its compiled step)."""
         engine = self.engine(1)
         request = self.request(prompt_ids, config)
         engine.validate(request)  # raises before the generator starts, like generate_tokens
@@ -301,7 +304,10 @@ def load(path: str | Path, device: str = "auto", dtype: str = "auto", attention:
     batch bucket of the engine before the first request). ``compile_prefill=True`` (with
     ``compile``) also compiles the batched engine's pass that admits new prompts beside the
     decoding rows: one more graph, every size in it symbolic (SmolLM2 on 2 cores: 1-2 minutes
-    more), and each admission about a third cheaper; for servers and long evaluations.
+    more), and each admission about a third cheaper; for servers and long evaluations. An
+    encoder-decoder compiles its decode steps (the batched engine's; ``generate`` and ``stream``
+    then run through the engine at batch 1, beam search stays eager); its encoder and the passes
+    that admit new sources run eagerly.
     ``compile_cpp=True`` (with ``compile``) runs the compiled step's kernels from C++ rather than
     Python (:class:`CompiledDecodeStep` ``cpp_wrapper``): 5-11% fewer ms a token where the step is
     short (small models, int4 weights), twice the compile time.
@@ -329,10 +335,11 @@ def load(path: str | Path, device: str = "auto", dtype: str = "auto", attention:
     if not model.config.causal:
         raise InputError(f"{path} is an encoder (every token sees the whole text): it does not generate; "
                          "load it with lmforge.embed.load for embeddings")
-    if model.config.is_encoder_decoder and (compile or draft is not None or prompt_lookup or draft_layers
+    if model.config.is_encoder_decoder and (compile_prefill or draft is not None or prompt_lookup or draft_layers
                                             or weights != "fp32"):
-        raise InputError(f"{path} is an encoder-decoder: it generates eagerly with fp32 or --dtype weights; "
-                         "compile, 16-bit weight storage and speculative decoding are for decoder-only models")
+        raise InputError(f"{path} is an encoder-decoder: it generates with fp32 or --dtype weights, its decode "
+                         "steps compiled or eager; 16-bit weight storage, speculative decoding and a compiled "
+                         "prefill (--compile-prefill) are for decoder-only models")
     if model.config.head != "lm":
         raise InputError(f"{path} has the {model.config.head!r} head (a reward model), not next-token logits: "
                          "load it with lmforge.checkpoint.load_model and score with lmforge.model.heads")

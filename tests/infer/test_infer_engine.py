@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lmforge.infer import SamplingConfig, generate
+from lmforge.infer import CompiledDecodeStep, SamplingConfig, generate
 from lmforge.infer.engine import Engine, batch_buckets, common_prefix
 from lmforge.infer.request import Request
 
@@ -315,8 +315,6 @@ def test_helpers():
 def test_compiled_step_serves_changing_batches_without_recompiling(make_model):
     from torch._dynamo.utils import counters
 
-    from lmforge.infer import CompiledDecodeStep
-
     model = make_model()
     reference = Engine(model, max_batch_size=2).generate([Request(p, greedy(12)) for p in PROMPTS[:3]])
     engine = Engine(model, max_batch_size=2, decode_step=CompiledDecodeStep(model, max_autotune=False, prefill=True))
@@ -364,15 +362,19 @@ def test_ids_past_the_tokenizer_are_never_sampled(make_model):
     assert all(0 <= t < 10 for c in out for t in c.token_ids)
 
 
-@pytest.fixture(scope="module", params=["relative", "rope"])
-def seq2seq(request):
-    """A small encoder-decoder, with T5's relative position bias or with rotary positions."""
+def small_seq2seq(position: str = "relative"):
     from lmforge.model import ModelConfig, build_model
 
     torch.manual_seed(0)
     config = ModelConfig(vocab_size=300, max_seq_len=64, dim=64, num_layers=2, decoder_layers=2, num_heads=2,
-                         num_kv_heads=2, position=request.param)
+                         num_kv_heads=2, position=position)
     return build_model(config).eval()
+
+
+@pytest.fixture(scope="module", params=["relative", "rope"])
+def seq2seq(request):
+    """A small encoder-decoder, with T5's relative position bias or with rotary positions."""
+    return small_seq2seq(request.param)
 
 
 SOURCES = [[5, 9, 13], list(range(20, 37)), [7] * 9, list(range(100, 130)), [41, 42], [250, 3, 3, 9, 12]]
@@ -415,5 +417,31 @@ def test_an_encoder_decoder_refuses_what_its_source_cannot_give(seq2seq):
                             (Request([1, 400], greedy()), "source token ids")):
         with pytest.raises(ValueError, match=reason):
             engine.add(request)
-    with pytest.raises(ValueError, match="eagerly"):
-        Engine(seq2seq, decode_step=object())
+    with pytest.raises(ValueError, match="eagerly"):  # (the step compiles lazily: nothing compiles here)
+        Engine(seq2seq, decode_step=CompiledDecodeStep(seq2seq, max_autotune=False, prefill=True))
+
+
+def test_a_compiled_encoder_decoder_decodes_sources_of_every_length_as_the_eager_engine():
+    """The engine compiles its decoder's decode step (T5's relative biases gathered inside the graph):
+    one graph for its batch serves sources of 2 to 30 tokens and requests joining mid-flight, greedy and
+    sampled tokens equal the eager engine's, and a second engine over the same model reads its own
+    sources' memory (not the first engine's, baked into a graph)."""
+    from torch._dynamo.utils import counters
+
+    model = small_seq2seq("relative")
+    step = CompiledDecodeStep(model, max_autotune=False)
+    eager = Engine(model, max_batch_size=3)
+    engine = Engine(model, max_batch_size=3, decode_buckets=[3], decode_step=step)
+    before = counters["stats"]["unique_graphs"]
+    engine.warm_up()
+    warm = counters["stats"]["unique_graphs"]
+    assert warm - before == 1
+    requests = [lambda: [Request(s, greedy(10)) for s in SOURCES],
+                lambda: [Request(s, sampled(i, 10)) for i, s in enumerate(SOURCES)]]
+    for make in requests:
+        assert [c.token_ids for c in engine.generate(make())] == [c.token_ids for c in eager.generate(make())]
+    assert counters["stats"]["unique_graphs"] == warm  # nothing compiled after the warm-up
+    other = Engine(model, max_batch_size=3, decode_buckets=[3], decode_step=step)
+    reversed_sources = [Request(s[::-1], greedy(10)) for s in SOURCES[:3]]
+    assert [c.token_ids for c in other.generate(reversed_sources)] == \
+           [c.token_ids for c in eager.generate([Request(s[::-1], greedy(10)) for s in SOURCES[:3]])]

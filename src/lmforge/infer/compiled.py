@@ -65,7 +65,7 @@ class CompiledDecodeStep:
     """
 
     def __init__(self, model: DecoderLM, max_autotune: bool = True, prefill: bool = False, cpp_wrapper: bool = False):
-        self.model, self.prefill, self.cpp_wrapper = model, prefill, cpp_wrapper
+        self.model, self.prefill, self.cpp_wrapper, self.max_autotune = model, prefill, cpp_wrapper, max_autotune
         # (torch.compile takes a mode or options, not both: the mode goes in as its options.)
         from torch._inductor import list_mode_options
 
@@ -73,8 +73,14 @@ class CompiledDecodeStep:
         options["guard_filter_fn"] = _guards_worth_checking
         self.compiled = torch.compile(model, options=options)
 
+    def around(self, module) -> CompiledDecodeStep:
+        """The same step (same options) compiling ``module`` instead: the batched engine's decoder of an
+        encoder-decoder (:class:`lmforge.infer.seq2seq.SlotDecoder`), which it makes for its slots."""
+        return CompiledDecodeStep(module, self.max_autotune, self.prefill, self.cpp_wrapper)
+
     def __call__(self, input_ids: torch.Tensor, cache: KVCache, **ragged: torch.Tensor) -> torch.Tensor:
-        """``ragged``: the batched engine's ``positions`` (B, T) and ``mask`` (B, 1, T, Tk), passed on."""
+        """``ragged``: the batched engine's ``positions`` (B, T) and ``mask`` (B, 1, T, Tk), and an
+        encoder-decoder's ``memory_mask`` (B, 1, 1, W), passed on."""
         import torch._inductor.config as inductor_config
 
         if cache is None:
@@ -83,6 +89,8 @@ class CompiledDecodeStep:
         torch._dynamo.mark_static(input_ids, 1)
         if "mask" in ragged:  # the engine's steps: the keys read are symbolic from the first compile, as is
             torch._dynamo.maybe_mark_dynamic(ragged["mask"], 3)  # the cache's kv_len (CACHE_LENGTH)
+        if "memory_mask" in ragged:  # the source columns read: symbolic too, so every source length
+            torch._dynamo.maybe_mark_dynamic(ragged["memory_mask"], 3)  # runs the same graph
         # Compilation happens lazily inside the call, and freezing is only read from the
         # global config there (passed in torch.compile's options it is ignored). The
         # autotuner's tables of kernel timings are not printed. Dynamo keeps its compiled

@@ -141,7 +141,9 @@ class Engine:
     ``context``: positions per slot (default: the model's ``max_seq_len``); a request's
     prompt plus ``max_new_tokens`` must fit. ``decode_step``: a compiled version of the
     model for the one-token steps (:class:`CompiledDecodeStep`); prefills run eagerly, unless it was
-    made with ``prefill=True`` (then the packed passes run compiled too).
+    made with ``prefill=True`` (then the packed passes run compiled too). For an encoder-decoder the
+    engine makes the step again around its slot decoder (:class:`lmforge.infer.seq2seq.SlotDecoder`),
+    with the same options; its packed passes (which also run the encoder) stay eager.
     ``decode_buckets``: the batch sizes decode steps run at (default :func:`batch_buckets`);
     ``[max_batch_size]`` alone pads every step to the full batch: one compiled graph instead
     of one per bucket (a fifth of the compile time at 16 slots), at little cost per step when
@@ -161,10 +163,13 @@ class Engine:
         if model.config.is_encoder_decoder:
             from lmforge.infer.seq2seq import SlotDecoder
 
-            if decode_step is not None:
-                raise ValueError("an encoder-decoder's decode steps run eagerly (no compiled step)")
+            if getattr(decode_step, "prefill", False):
+                raise ValueError("an encoder-decoder's packed passes run eagerly: compile its decode steps only "
+                                 "(no prefill=True)")
             self.sources, self.start_ids = SlotDecoder(model, max_batch_size), [model.config.decoder_start_id]
             model, prefix_caching = self.sources, False  # every target starts with the same token
+            if decode_step is not None:  # the model's compiled step, made again around the engine's decoder
+                decode_step = decode_step.around(self.sources)
         self.model, self.runtime, self.decode_step = model, runtime, decode_step
         self.context = min(context or model.config.max_seq_len, model.config.max_seq_len)
         self.cache = SlotKVCache.for_model(model, max_batch_size, self.context)
@@ -315,8 +320,16 @@ class Engine:
                     positions = torch.zeros_like(ids)  # its own tensor: an input aliasing another is guarded on
                     for kv_len in (2, 3):  # a decode reads at least 2 positions; the second reuses the graph
                         self.cache.bind(torch.full_like(ids, self.cache.scratch), kv_len)
-                        step(ids, self.cache, positions=positions, mask=attention_mask(positions, kv_len))
+                        step(ids, self.cache, positions=positions, mask=attention_mask(positions, kv_len),
+                             **self._memory(batch))
         return time.perf_counter() - start
+
+    def _memory(self, rows: int) -> dict[str, torch.Tensor]:
+        """What a decode step over slots 0..rows-1 passes besides tokens, positions and mask: an
+        encoder-decoder's memory mask (which source columns each row reads); nothing for a decoder."""
+        if self.sources is None:
+            return {}
+        return {"memory_mask": self.sources.decode_memory_mask(rows, for_compiler=self.decode_step is not None)}
 
     def _packed_step(self):
         """The compiled packed pass, when the decode step was made to compile it (``prefill=True``)."""
@@ -542,7 +555,8 @@ class Engine:
         kv_len = key_count(max(map(max, positions)) + 1, self.cache.context)
         self.cache.bind(torch.tensor(write, device=self.device), kv_len)
         step = self.decode_step or self.model
-        logits = step(ids_t, self.cache, positions=positions_t, mask=attention_mask(positions_t, kv_len))
+        logits = step(ids_t, self.cache, positions=positions_t, mask=attention_mask(positions_t, kv_len),
+                      **self._memory(len(ids)))
         self.stats.decode_steps += 1
         plain = {index: sequence for index, sequence in decoding.items() if index not in drafts}
         outputs = self._advance(plain, _rows(logits[:, 0], list(plain)).float())

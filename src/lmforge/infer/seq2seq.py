@@ -60,6 +60,11 @@ class SlotDecoder(nn.Module):
     i's memory; in a packed pass each token reads its own slot's (``cache.slot_index``).
     Relative positions (T5) become float masks: the engine's boolean masks with each (query, key)
     pair's bias added, as the decoder stack builds them for one sequence.
+
+    A compiled decode step reads no Python state of its rows: the engine passes the rows' memory
+    mask (:meth:`decode_memory_mask`), whose width says how many memory columns they read. So a
+    compiled decode step (:class:`lmforge.infer.compiled.CompiledDecodeStep`) serves sources of
+    every length with one graph per batch size; the packed passes run eagerly.
     """
 
     def __init__(self, model: EncoderDecoderLM, num_slots: int):
@@ -96,6 +101,17 @@ class SlotDecoder(nn.Module):
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.model.lm_head(hidden)
 
+    def decode_memory_mask(self, rows: int, for_compiler: bool = False) -> torch.Tensor | None:
+        """The memory mask of a decode step over slots 0..rows-1: (rows, 1, 1, W), True at each row's real
+        source columns, W the longest source among them; None when every row's source has W tokens (an
+        eager step then attends without a mask, 1-3% faster). ``for_compiler``: always a mask, at least
+        2 wide (a compiler would make a width of 1 a constant, and its first step may be all padding)."""
+        lengths = self.source_lengths[:rows]
+        if not for_compiler and min(lengths) == max(lengths):
+            return None
+        width = min(max([2, *lengths]), self.memory_mask.shape[1])
+        return self.memory_mask[:rows, :width][:, None, None, :]
+
     def _bias(self, mask: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor | slice) -> torch.Tensor:
         """A boolean mask (B, 1, T, Tk) as the float mask of relative positions: each query at ``positions``
         (B, T) over the keys at cache indices 0..Tk-1 of ``slots`` gets its bias (B, H, T, Tk), -inf where
@@ -107,9 +123,11 @@ class SlotDecoder(nn.Module):
         return bias.masked_fill(~mask, float("-inf"))
 
     def forward(self, input_ids: torch.Tensor, cache, return_hidden: bool = False,
-                positions: torch.Tensor | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
-        """The engine's pass: input_ids and positions (B, T) with a slot cache bound to them; ``mask`` the
-        decode step's (B, 1, T, Tk) (a packed pass keeps its masks in the cache)."""
+                positions: torch.Tensor | None = None, mask: torch.Tensor | None = None,
+                memory_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """The engine's pass: input_ids and positions (B, T) with a slot cache bound to them; a decode step's
+        ``mask`` (B, 1, T, Tk) and ``memory_mask`` (:meth:`decode_memory_mask`); a packed pass keeps its
+        masks in the cache and reads its slots' memory masks itself."""
         stack, batch = self.stack, input_ids.shape[0]
         x, rotary = stack.place(self.model.embed(input_ids), positions=positions)
         if stack.relative is not None:  # each new key's position, which the relative biases read
@@ -122,13 +140,14 @@ class SlotDecoder(nn.Module):
                                                    slice(0, cache.decode_rows))
                 for prompts in cache.prompts:
                     prompts.mask = self._bias(prompts.mask, positions[0, prompts.rows], prompts.slots)
+            lengths = [self.source_lengths[i] for i in pick.tolist()]
+            width = max(lengths)  # the longest source among the tokens' slots; sources of one length need no mask
+            memory_mask = None if min(lengths) == width else self.memory_mask[pick, :width][:, None, None, :]
         else:  # a decode step: row i is slot i (a slice: no copy of the memory)
             pick = slice(0, batch)
+            width = memory_mask.shape[-1] if memory_mask is not None else self.source_lengths[0]
             if stack.relative is not None:
                 mask = self._bias(mask, positions, pick)
-        lengths = self.source_lengths[pick] if isinstance(pick, slice) else [self.source_lengths[i] for i in pick.tolist()]
-        width = max(lengths)  # the longest source among the rows; sources of one length need no mask
-        memory_mask = None if min(lengths) == width else self.memory_mask[pick, :width][:, None, None, :]
         for block, (keys, values) in zip(stack.blocks, self.memory):
             x = block(x, cache, rotary, mask, (keys[pick, :, :width], values[pick, :, :width]), memory_mask)
         x = stack.norm(x)
