@@ -92,6 +92,9 @@ def attention_weights(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | Non
 GROUPED_QUERIES = 16
 
 
+LEAST_QUERY_ROWS = 4  # grouped_query_attention's fewest query rows a kernel call (see there)
+
+
 def grouped_query_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Attention of a few new tokens a row over their own keys (the batched engine's steps).
 
@@ -107,17 +110,24 @@ def grouped_query_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, m
     Each query row comes out the same, to the bit, whatever the number of rows beside it
     (the kernel treats up to a few dozen rows as one block and each row alike): a
     speculative step's row for its pending token equals the one-token step's, so checking
-    guesses in bf16 keeps the greedy output of plain decoding (tested).
+    guesses keeps the greedy output of plain decoding (tested). In fp32, fewer than
+    :data:`LEAST_QUERY_ROWS` rows are padded up to it: on an AMD EPYC (Zen 4) the fp32 kernel
+    took another path for 1-3 rows, whose last bits differed from the same row's among 4 or
+    more (Intel's took one path for all; bf16 one path on both). The padding costs about 15 us
+    a call at one row over 200 keys (36 -> 51 us there), nothing measurable at 16 rows.
     """
     batch, heads, queries, dim = q.shape
     kv_heads, num_keys = k.shape[1], k.shape[2]
-    group = heads // kv_heads
-    grouped = q.reshape(batch, kv_heads, group * queries, dim)  # rows (head in group, token)
+    group, rows = heads // kv_heads, heads // kv_heads * queries
+    grouped = q.reshape(batch, kv_heads, rows, dim)  # rows (head in group, token)
     mask = mask.expand(batch, 1, queries, num_keys)
     if group > 1:
-        mask = mask[:, :, None].expand(batch, 1, group, queries, num_keys).reshape(batch, 1, group * queries, num_keys)
+        mask = mask[:, :, None].expand(batch, 1, group, queries, num_keys).reshape(batch, 1, rows, num_keys)
+    if rows < LEAST_QUERY_ROWS and q.dtype == torch.float32:  # padding rows: zero queries, the first row's mask
+        grouped = torch.cat([grouped, grouped.new_zeros(batch, kv_heads, LEAST_QUERY_ROWS - rows, dim)], dim=2)
+        mask = torch.cat([mask, mask[:, :, :1].expand(batch, 1, LEAST_QUERY_ROWS - rows, num_keys)], dim=2)
     out = F.scaled_dot_product_attention(grouped, k, v, attn_mask=mask)
-    return out.reshape(batch, heads, queries, dim)
+    return out[:, :, :rows].reshape(batch, heads, queries, dim)
 
 
 def spelled_out_for_training(q: torch.Tensor, mask: torch.Tensor | None, causal: bool) -> bool:
