@@ -145,6 +145,7 @@ class SlotDecoder(nn.Module):
             memory_mask = None if min(lengths) == width else self.memory_mask[pick, :width][:, None, None, :]
         else:  # a decode step: row i is slot i (a slice: no copy of the memory)
             pick = slice(0, batch)
+            # the mask's width, or without one (eager: every row's source is as long) the rows' length
             width = memory_mask.shape[-1] if memory_mask is not None else self.source_lengths[0]
             if stack.relative is not None:
                 mask = self._bias(mask, positions, pick)

@@ -90,9 +90,7 @@ def attention_weights(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | Non
 # Steps of at most this many new tokens a row (a decode step, a speculative step checking its
 # guesses, a short prompt) take grouped_query_attention; longer prefills the fused kernel's GQA.
 GROUPED_QUERIES = 16
-
-
-LEAST_QUERY_ROWS = 4  # grouped_query_attention's fewest query rows a kernel call (see there)
+LEAST_QUERY_ROWS = 4  # grouped_query_attention's fewest fp32 query rows a kernel call (see there)
 
 
 def grouped_query_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
