@@ -73,9 +73,8 @@ class LanguageModel:
         (the same tokens greedy, the same distribution sampled), else one pass per token."""
         if self.drafter is not None:
             check_speculative(config)
-            return self._engine_tokens(prompt_ids, config)
-        if self.encoder_decoder and self.decode_step is not None:  # its compiled step is the engine's
-            return self._engine_tokens(prompt_ids, config)
+        if self.drafter is not None or (self.encoder_decoder and self.decode_step is not None):
+            return self._engine_tokens(prompt_ids, config)  # (an encoder-decoder's compiled step is the engine's)
         if self.encoder_decoder:  # the prompt is the encoder's source; the decoder starts from its start token
             decoder = ConditionedDecoder(self.model, *encode_sources(self.model, [prompt_ids], self.runtime))
             return generate_tokens(decoder, [self.model.config.decoder_start_id], config, self.runtime)

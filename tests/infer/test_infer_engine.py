@@ -419,6 +419,8 @@ def test_an_encoder_decoder_refuses_what_its_source_cannot_give(seq2seq):
             engine.add(request)
     with pytest.raises(ValueError, match="eagerly"):  # (the step compiles lazily: nothing compiles here)
         Engine(seq2seq, decode_step=CompiledDecodeStep(seq2seq, max_autotune=False, prefill=True))
+    with pytest.raises(ValueError, match="Engine.warm_up"):  # its step compiles around the engine's decoder
+        CompiledDecodeStep(seq2seq, max_autotune=False).warm_up()
 
 
 def test_a_compiled_encoder_decoder_decodes_sources_of_every_length_as_the_eager_engine():

@@ -23,6 +23,7 @@ from __future__ import annotations
 import time
 
 import torch
+from torch import nn
 
 from lmforge.model import DecoderLM, KVCache
 
@@ -64,7 +65,7 @@ class CompiledDecodeStep:
     on a 2-core CPU (112 s when the position was first compiled as a constant).
     """
 
-    def __init__(self, model: DecoderLM, max_autotune: bool = True, prefill: bool = False, cpp_wrapper: bool = False):
+    def __init__(self, model: DecoderLM | nn.Module, max_autotune: bool = True, prefill: bool = False, cpp_wrapper: bool = False):
         self.model, self.prefill, self.cpp_wrapper, self.max_autotune = model, prefill, cpp_wrapper, max_autotune
         # (torch.compile takes a mode or options, not both: the mode goes in as its options.)
         from torch._inductor import list_mode_options
@@ -125,8 +126,13 @@ class CompiledDecodeStep:
         """Compile for ``batch_size`` now (not in the first generate call); returns the seconds it took.
 
         Two steps at two cache positions: the first compiles (the position is symbolic from
-        the start), the second runs the same graph.
+        the start), the second runs the same graph. An encoder-decoder's step compiles in the
+        batched engine that runs it (``Engine.warm_up``; the engine makes it again around its slot
+        decoder, :meth:`around`): ValueError here.
         """
+        if getattr(self.model.config, "is_encoder_decoder", False):
+            raise ValueError("an encoder-decoder's decode step compiles in the batched engine that runs it: "
+                             "call Engine.warm_up (e.g. lm.engine(batch_size).warm_up())")
         start = time.perf_counter()
         with torch.inference_mode():
             cache = KVCache.for_model(self.model, batch_size, self.model.config.max_seq_len)
