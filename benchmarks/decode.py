@@ -138,7 +138,7 @@ INTEGER_SPECS = {"int8": QuantSpec(8), "int4 (symmetric, group 32)": QuantSpec(4
 def integer_variants(model: DecoderLM, new_tokens: int) -> dict[str, Runner]:
     """lmforge's compiled decode step with 16-bit weights (the path integer weights must beat) and with
     each integer method of INTEGER_SPECS (lmforge.quant.integer, the C++ kernels of lmforge.quant.kernels)."""
-    from lmforge.model.fused import fuse_projections
+    from lmforge.model.fused import fuse_projections, interleave_integer_layers
 
     print(f"integer kernels: {kernels.isa()} (best on this CPU: {kernels.best_isa()})")
     runners: dict[str, Runner] = {}
@@ -148,9 +148,13 @@ def integer_variants(model: DecoderLM, new_tokens: int) -> dict[str, Runner]:
         quantized = copy.deepcopy(model)
         quantize_model(quantized, spec)
         fuse_projections(quantized)
-        variants.append((f"lmforge {name} + compiled decode step", quantized, False))
-        if spec.activations != "none":  # the fastest two again, their kernels called from C++ (--compile-cpp)
+        if spec.activations != "none":  # the fastest two: also their kernels called from C++ (--compile-cpp),
+            # and, where the CPU has AVX-512 VNNI, with codes interleaved as lmforge.load gives them
             variants.append((f"lmforge {name} + compiled decode step, C++ wrapper", copy.deepcopy(quantized), True))
+            if interleave_integer_layers(quantized):
+                variants.append((f"lmforge {name} interleaved + compiled decode step, C++ wrapper",
+                                 copy.deepcopy(quantized), True))
+        variants.append((f"lmforge {name} + compiled decode step", quantized, False))
     for name, candidate, cpp_wrapper in variants:
         step = CompiledDecodeStep(candidate, max_autotune=False, cpp_wrapper=cpp_wrapper)
         print(f"compiling {name}: {step.warm_up(1):.0f}s", flush=True)
@@ -313,7 +317,10 @@ def print_table(results: dict[int, dict[str, float]]) -> None:
                       f"transformers ({theirs_name}) {theirs_ms:.2f} ms/token: {theirs_ms / ours_ms:.2f}x")
         w8a8 = "lmforge int8 W8A8 (activations per 32 inputs) + compiled decode step"
         w4a8 = "lmforge int4 W4A8 (symmetric, group 32, activations per 32 inputs) + compiled decode step"
-        for ours_name, theirs_name in ((w8a8 + ", C++ wrapper", "llama.cpp, q8_0 GGUF"),
+        w8a8_il = w8a8.replace(") +", ") interleaved +") + ", C++ wrapper"
+        w4a8_il = w4a8.replace(") +", ") interleaved +") + ", C++ wrapper"
+        for ours_name, theirs_name in ((w8a8_il, "llama.cpp, q8_0 GGUF"), (w4a8_il, "llama.cpp, q4_0 GGUF"),
+                                       (w8a8 + ", C++ wrapper", "llama.cpp, q8_0 GGUF"),
                                        (w4a8 + ", C++ wrapper", "llama.cpp, q4_0 GGUF"),
                                        ("lmforge fp32 + compiled decode step", "llama.cpp, f32 GGUF"),
                                        ("lmforge fp32 + fp16 weights + compiled decode step", "llama.cpp, f16 GGUF"),

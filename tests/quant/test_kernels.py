@@ -175,6 +175,75 @@ def test_int8_activation_kernel_equals_its_reference(isa, activations, method, r
     torch.testing.assert_close(layer(many), layer.reference(many), rtol=0, atol=0)
 
 
+needs_vnni = pytest.mark.skipif(not kernels.interleaves(), reason="interleaved codes need AVX-512 VNNI")
+
+
+@needs_vnni
+@pytest.mark.parametrize("activations", ["group", "dynamic", "static"])
+@pytest.mark.parametrize("method", A8_SPECS, ids=lambda m: f"int{m[0]}-{m[1]}-{m[2]}")
+def test_interleaved_codes_give_the_row_layouts_products(activations, method, restore_isa):
+    """The VNNI kernel over 16 rows interleaved: the same integer sums as the reference, each row's bits its
+    own whatever the rows beside it; outputs that do not fill a block of 16 (7, 33, 40) are written, no more."""
+    import copy
+
+    torch.manual_seed(6)
+    shapes = [(128, 40), (96, 7), (160, 33), (576, 48), (64, 16)]
+    cases = [(QuantSpec(*method, 32, activations=activations), shapes)]
+    if method[2] == "group":
+        cases.append((QuantSpec(*method, 64, activations=activations), [(128, 6), (192, 21)]))
+    for spec, (inputs, outputs) in [(spec, shape) for spec, shapes in cases for shape in shapes]:
+        if (spec.granularity == "group" and inputs % spec.group_size) or inputs % 32:
+            continue
+        row_layout = IntLinear.from_linear(torch.nn.Linear(inputs, outputs), spec)
+        if activations == "static":
+            row_layout.act_scale.fill_(2.5 / 127)
+        layer = copy.deepcopy(row_layout)
+        assert layer.interleave() and layer.il_codes.shape[0] == -(-outputs // 16)
+        assert set(layer.state_dict()) == set(row_layout.state_dict())  # a second copy, never saved
+        for rows in (1, 3, 6):
+            x = torch.randn(rows, inputs)
+            got = layer(x)
+            rounded, scale = quantize_activations(x, layer.act_scale, spec.act_group)
+            bound = 1e-5 * ((rounded.abs() * scale) @ layer.dequantized().abs().T) + 1e-6
+            assert got.shape == (rows, outputs)
+            assert ((got - layer.reference(x)).abs() <= bound).all(), (spec.name, inputs, outputs, rows)
+            assert ((got - row_layout(x)).abs() <= 2 * bound).all()
+            assert torch.equal(got, torch.cat([layer(row[None]) for row in x])), (spec.name, inputs, rows)
+        kernels.set_isa("avx2")  # the interleaved codes only serve the VNNI kernel: the row layout's runs
+        x = torch.randn(2, inputs)
+        assert torch.equal(layer(x), row_layout(x))
+        kernels.set_isa("best")
+        layer.set_codes(*quantize_tensor(torch.randn(outputs, inputs), spec))  # new codes drop the copy
+        assert layer.il_codes is None and layer.il_scale is None
+
+
+@needs_vnni
+def test_load_layout_interleaves_the_layers_that_run(monkeypatch):
+    """lmforge.load's layout: a fused q/k/v or gate/up layer gets the interleaved codes, not its members; a
+    weight-only layer none; LMFORGE_PACKED_WEIGHTS=off none; the decoded tokens stay the row layout's."""
+    import copy
+
+    from lmforge.model.fused import fuse_projections, interleave_integer_layers
+
+    torch.manual_seed(0)
+    model = DecoderLM(preset("tiny", vocab_size=96, tie_embeddings=False, init_std=0.3)).eval()
+    quantize_model(model, QuantSpec(4, "symmetric", "group", 32, activations="group"))
+    fuse_projections(model)
+    plain = copy.deepcopy(model)
+    monkeypatch.setenv("LMFORGE_PACKED_WEIGHTS", "off")
+    assert interleave_integer_layers(model) == 0
+    monkeypatch.delenv("LMFORGE_PACKED_WEIGHTS")
+    blocks = len(model.blocks)
+    assert interleave_integer_layers(model) == 4 * blocks + 1  # qkv, o, gate_up, down a block; the head
+    block = model.blocks[0]
+    assert block.attn.qkv.layer.il_codes is not None and block.attn.q_proj.il_codes is None
+    prompt, config = [[3, 1, 4, 1, 5, 9]], SamplingConfig(max_new_tokens=12, temperature=0)
+    assert generate(model, prompt, config) == generate(plain, prompt, config)
+    weight_only = DecoderLM(preset("tiny", vocab_size=96)).eval()
+    quantize_model(weight_only, QuantSpec(8))
+    assert interleave_integer_layers(weight_only) == 0
+
+
 @pytest.mark.parametrize("spec", SPECS, ids=lambda spec: spec.name.replace(" ", "-"))
 def test_dequantize_kernel_gives_the_references_bits(spec):
     from lmforge.quant.integer import dequantize

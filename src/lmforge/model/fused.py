@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from lmforge.model.packed import available as packing_helps
-from lmforge.model.packed import linear, pack_weights
+from lmforge.model.packed import linear, pack_weights, switched_off
 
 
 class FusedLinear:
@@ -164,9 +164,27 @@ def fuse_projections(model: nn.Module) -> int:
 
 def inference_layout(model: nn.Module, dtype: torch.dtype, device: torch.device | str) -> nn.Module:
     """The layout ``lmforge.load`` gives a model whose weights are final and which takes no gradients:
-    q/k/v and gate/up one product each (:func:`fuse_projections`), and each weight a packed copy where the
-    products run in ``dtype`` on ``device`` and packing helps there (:mod:`lmforge.model.packed`)."""
+    q/k/v and gate/up one product each (:func:`fuse_projections`), each weight a packed copy where the
+    products run in ``dtype`` on ``device`` and packing helps there (:mod:`lmforge.model.packed`), and integer
+    layers with int8 activations their codes interleaved where the CPU has AVX-512 VNNI."""
     fuse_projections(model)
     if packing_helps(dtype, device):
         pack_weights(model)
+    interleave_integer_layers(model)
     return model
+
+
+def interleave_integer_layers(model: nn.Module) -> int:
+    """Give each W8A8 / W4A8 layer that runs (a fused group's one layer, not its members) its codes in the VNNI
+    kernel's layout, where the CPU has one (:meth:`~lmforge.quant.integer.IntLinear.interleave`); returns how
+    many. ``LMFORGE_PACKED_WEIGHTS=off`` turns it off, with the other packed copies."""
+    from lmforge.quant.integer import IntLinear
+
+    if switched_off():
+        return 0
+    groups = [value for module in model.modules() for value in vars(module).values()
+              if isinstance(value, FusedIntLinear)]
+    members = {id(member) for group in groups for member in group.members}
+    layers = [group.layer for group in groups]
+    layers += [m for m in model.modules() if type(m) is IntLinear and id(m) not in members]
+    return sum(layer.interleave() for layer in layers)

@@ -49,9 +49,14 @@ def available(dtype: torch.dtype, device: torch.device | str) -> bool:
     """Whether packing helps here: on a CPU, fp32, or bf16 where oneDNN has native bf16 kernels,
     unless the environment says ``LMFORGE_PACKED_WEIGHTS=off`` (to measure against the plain
     products)."""
-    if os.environ.get("LMFORGE_PACKED_WEIGHTS", "on") == "off" or torch.device(device).type != "cpu":
+    if switched_off() or torch.device(device).type != "cpu":
         return False
     return dtype == torch.float32 or (dtype == torch.bfloat16 and _bf16_kernels())
+
+
+def switched_off() -> bool:
+    """``LMFORGE_PACKED_WEIGHTS=off``: no packed copies (these, nor the integer layers' interleaved codes)."""
+    return os.environ.get("LMFORGE_PACKED_WEIGHTS", "on") == "off"
 
 
 def _bf16_kernels() -> bool:

@@ -39,9 +39,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
-__all__ = ["KERNEL_MAX_ROWS", "available", "best_isa", "dequantize", "half_linear", "int_linear_a8", "int_linear",
-           "isa", "serves", "set_isa"]
+__all__ = ["KERNEL_MAX_ROWS", "available", "best_isa", "dequantize", "half_linear", "int_linear_a8",
+           "int_linear_a8_interleaved", "int_linear", "interleave", "interleaves", "isa", "serves", "set_isa"]
 
 # Up to this many activation rows an integer layer uses the kernels; above it (a long prompt)
 # it dequantizes the weight and calls the usual matrix kernels, which win once the weights
@@ -53,6 +54,8 @@ KERNEL_MAX_ROWS = 64
 
 _SOURCE = Path(__file__).parent / "csrc" / "int_linear.cpp"
 _module = None  # the loaded extension, False after a failed build, None before trying
+_vnni: bool | None = None  # whether the CPU and the build run the interleaved VNNI kernel (None: not asked yet)
+_on_best = True  # the kernels run on the CPU's best instruction set (set_isa can move them lower)
 
 
 def _load():
@@ -129,6 +132,10 @@ def _register_fake() -> None:
     def _(x, qweight, scale, zero, act_scale, bits, offset, act_group):
         return x.new_empty((*x.shape[:-1], qweight.shape[0]))
 
+    @torch.library.register_fake("lmforge::int_linear_a8_interleaved")
+    def _(x, codes, scale, zero, act_scale, bits, offset, act_group, N):
+        return x.new_empty((*x.shape[:-1], N))
+
 
 @torch.compiler.assume_constant_result  # traced as its value: the build never happens inside a graph
 def available() -> bool:
@@ -154,9 +161,11 @@ def best_isa() -> str:
 
 def set_isa(name: str) -> None:
     """Run the kernel on ``name`` (``avx512``, ``avx2``, ``scalar``) or ``best``; tests compare the paths so."""
+    global _on_best
     if not available():
         raise RuntimeError("the integer kernels are not available")
     _load().set_isa(name)
+    _on_best = _load().isa() == _load().best_isa()
 
 
 def int_linear(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None,
@@ -173,6 +182,53 @@ def int_linear_a8(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, z
     int8, or int4 of either scheme), summed in integers; fp32 out.
     :func:`lmforge.quant.integer.quantize_activations` is the reference."""
     return torch.ops.lmforge.int_linear_a8(x.float(), qweight, scale, zero, act_scale, bits, offset, act_group)
+
+
+@torch.compiler.assume_constant_result
+def interleaves() -> bool:
+    """Whether the VNNI kernel over interleaved codes (:func:`interleave`) runs here: the extension built, a CPU
+    with AVX-512 VNNI, and the kernels on AVX-512 (not moved to a lower instruction set by :func:`set_isa`)."""
+    global _vnni
+    if _vnni is None:
+        _vnni = available() and _load().vnni() and _load().best_isa() == "avx512"
+    return _vnni and _on_best
+
+
+def interleave(qweight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None,
+               bits: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """An integer layer's codes, scales and zeros (:mod:`lmforge.quant.integer`'s layout) in the interleaved
+    layout of :func:`int_linear_a8_interleaved`: 16 weight rows side by side, four bytes of each at a time
+    (int8 codes shifted by 128 to unsigned bytes; int4 codes of inputs 8c .. 8c + 3 in the low halves and of
+    8c + 4 .. 8c + 7 in the high halves), scales and zeros (N / 16, G, 16). Rows padded to a multiple of 16."""
+    rows = qweight.shape[0]
+    blocks = -(-rows // 16)
+    if bits == 8:
+        codes = (qweight.to(torch.int16) + 128).to(torch.uint8)
+    else:  # byte j of a stored row: input 2j in its low half, 2j + 1 in its high half
+        codes = torch.stack([qweight & 0x0F, qweight >> 4], dim=-1).reshape(rows, -1)
+    inputs = codes.shape[1]
+    codes = F.pad(codes, (0, 0, 0, blocks * 16 - rows))
+    if bits == 8:
+        codes = codes.reshape(blocks, 16, inputs // 4, 4)
+    else:
+        halves = codes.reshape(blocks, 16, inputs // 8, 2, 4)
+        codes = halves[..., 0, :] | (halves[..., 1, :] << 4)
+    codes = codes.permute(0, 2, 1, 3).contiguous()
+
+    def side_by_side(values: torch.Tensor) -> torch.Tensor:
+        full = F.pad(values.float().expand(rows, -1), (0, 0, 0, blocks * 16 - rows))
+        return full.reshape(blocks, 16, -1).transpose(1, 2).contiguous()
+
+    return codes, side_by_side(scale), None if zero is None else side_by_side(zero)
+
+
+def int_linear_a8_interleaved(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None,
+                              act_scale: torch.Tensor | None, bits: int, offset: int, act_group: int,
+                              outputs: int) -> torch.Tensor:
+    """:func:`int_linear_a8` over codes that :func:`interleave` made: the same rounding of the activations and
+    the same integer sums, added in another order (fp32 outputs equal within rounding); ``outputs`` is N."""
+    return torch.ops.lmforge.int_linear_a8_interleaved(x.float(), codes, scale, zero, act_scale, bits, offset,
+                                                       act_group, outputs)
 
 
 def half_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:

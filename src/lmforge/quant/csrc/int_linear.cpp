@@ -663,6 +663,106 @@ void round_rows_avx512(const float* xs, int64_t M, int64_t K, ActScale mode, flo
 }
 #pragma GCC pop_options
 
+// ---------------------------------------------------------------------------------------------
+// Interleaved codes for AVX-512 VNNI (W8A8 and W4A8): the layout `lmforge.quant.kernels.interleave` makes
+// once at load. The kernels above read a weight row at a time, so every 64 bytes of codes hold two
+// activation groups in one register: each step makes its 16 integer sums fp32 and scales them (dpbusd,
+// convert, multiply-add for 64 bytes), and every output ends in a horizontal sum. On Zen 4 that reads
+// weights at about half of what memory gives. Here 16 weight rows are interleaved four bytes at a time:
+//
+//   int8  codes (N / 16, K / 4, 16, 4): bytes [b, c, r, i] = w[16 b + r, 4 c + i] + 128 (unsigned)
+//   int4  codes (N / 16, K / 8, 16, 4): byte [b, c, r, i] = u[16 b + r, 8 c + i] | u[16 b + r, 8 c + 4 + i] << 4
+//         (u: the stored codes, 0 .. 15, the weight u - offset - zero)
+//   scale and zero (N / 16, G, 16): the 16 rows' values of each group side by side (N padded to 16 rows)
+//
+// so one vpdpbusd multiplies 4 inputs (the activations' 4 bytes broadcast to every lane) into 16 rows'
+// sums at once, each lane a row. A 32-input activation group is 8 of them summed in integers, then one
+// convert and one multiply-add by its scale for 16 rows; the outputs are the lanes, no horizontal sums.
+// The unsigned codes' offset (128, or int4's shared zero) comes off in integers: each group's sum starts at
+// -offset * (the sum of its 32 rounded activations); an int4 zero point per group off in fp32, as above:
+//   y[n] = sum over g of s[n, g] * (sum over a in g of sa[a] * sum over k in a of (c[n, k] - o) * xq[k]
+//                                  - z[n, g] * sum over a in g of sa[a] * sum over k in a of xq[k])
+// A row's outputs take the same instructions whatever the number of rows and blocks beside it, so a
+// row's bits do not depend on its batch (speculative checks stay exact).
+// ---------------------------------------------------------------------------------------------
+
+struct ProblemIL {
+  const int8_t* xq;     // (M, K) rounded activations, in input order
+  const float* sa;      // (M, KA) their scales
+  const int32_t* xs;    // (M, KA) each activation group's sum of rounded activations, times the code offset
+  const float* xsum;    // (M, G) sum over each weight group of sa * (sum of xq), or nullptr without zero points
+  const uint8_t* codes; // interleaved, above
+  const float* scale;   // (NB, G, 16)
+  const float* zero;    // (NB, G, 16) or nullptr
+  float* y;             // (M, N)
+  int64_t M, N, K, G, KA, NB;
+  int bits;
+};
+
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512vnni,fma")
+// Blocks b0 .. b0 + B - 1 (16 weight rows each) against activation row m.
+template <int B, int BITS>
+inline void tile_il(const ProblemIL& p, int64_t b0, int64_t m) {
+  const int64_t gs = p.K / p.G, per_group = gs / AG;  // activation groups a weight group
+  const int64_t block_bytes = BITS == 8 ? 16 * p.K : 8 * p.K;
+  const int32_t* x4 = reinterpret_cast<const int32_t*>(p.xq + m * p.K);  // 4 activations a lane
+  const float* sa = p.sa + m * p.KA;
+  const int32_t* xs = p.xs + m * p.KA;
+  const __m512i low = _mm512_set1_epi8(0x0F);
+  const uint8_t* w[B];
+  __m512 out[B];
+  for (int i = 0; i < B; ++i) w[i] = p.codes + (b0 + i) * block_bytes, out[i] = _mm512_setzero_ps();
+  for (int64_t g = 0; g < p.G; ++g) {
+    __m512 sum[B];
+    for (int i = 0; i < B; ++i) sum[i] = _mm512_setzero_ps();
+    for (int64_t a = g * per_group; a < (g + 1) * per_group; ++a) {
+      __m512i acc[B];
+      for (int i = 0; i < B; ++i) acc[i] = _mm512_set1_epi32(-xs[a]);
+      if constexpr (BITS == 8) {
+        for (int j = 0; j < 8; ++j) {
+          const __m512i xv = _mm512_set1_epi32(x4[a * 8 + j]);
+          for (int i = 0; i < B; ++i)
+            acc[i] = _mm512_dpbusd_epi32(acc[i], _mm512_loadu_si512(w[i] + (a * 8 + j) * 64), xv);
+        }
+      } else {
+        for (int c = 0; c < 4; ++c) {
+          const __m512i lo = _mm512_set1_epi32(x4[a * 8 + 2 * c]), hi = _mm512_set1_epi32(x4[a * 8 + 2 * c + 1]);
+          for (int i = 0; i < B; ++i) {
+            const __m512i v = _mm512_loadu_si512(w[i] + (a * 4 + c) * 64);
+            acc[i] = _mm512_dpbusd_epi32(acc[i], _mm512_and_si512(v, low), lo);
+            acc[i] = _mm512_dpbusd_epi32(acc[i], _mm512_and_si512(_mm512_srli_epi16(v, 4), low), hi);
+          }
+        }
+      }
+      const __m512 step = _mm512_set1_ps(sa[a]);
+      for (int i = 0; i < B; ++i) sum[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[i]), step, sum[i]);
+    }
+    for (int i = 0; i < B; ++i) {
+      const int64_t at = ((b0 + i) * p.G + g) * 16;
+      if (p.zero)
+        sum[i] = _mm512_fnmadd_ps(_mm512_loadu_ps(p.zero + at), _mm512_set1_ps(p.xsum[m * p.G + g]), sum[i]);
+      out[i] = _mm512_fmadd_ps(sum[i], _mm512_loadu_ps(p.scale + at), out[i]);
+    }
+  }
+  for (int i = 0; i < B; ++i) {
+    const int64_t n0 = (b0 + i) * 16, live = std::min<int64_t>(16, p.N - n0);
+    _mm512_mask_storeu_ps(p.y + m * p.N + n0, static_cast<__mmask16>((1u << live) - 1), out[i]);
+  }
+}
+
+template <int BITS>
+void run_il(const ProblemIL& p) {
+  at::parallel_for(0, p.NB, 4, [&](int64_t begin, int64_t end) {
+    int64_t b = begin;
+    for (; b + 4 <= end; b += 4)  // 64 weight rows, each row of x in turn (the codes stay in cache for them)
+      for (int64_t m = 0; m < p.M; ++m) tile_il<4, BITS>(p, b, m);
+    for (; b < end; ++b)
+      for (int64_t m = 0; m < p.M; ++m) tile_il<1, BITS>(p, b, m);
+  });
+}
+#pragma GCC pop_options
+
 bool has_vnni() {
   static const bool vnni = (__builtin_cpu_init(), __builtin_cpu_supports("avx512vnni") != 0);
   return vnni;
@@ -886,6 +986,66 @@ at::Tensor dequantize(const at::Tensor& qweight, const at::Tensor& scale, const 
   return w;
 }
 
+// W8A8 / W4A8 over interleaved codes (the layout above). N: the outputs (the codes may pad to 16 rows).
+at::Tensor int_linear_a8_interleaved(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scale,
+                                     const std::optional<at::Tensor>& zero, const std::optional<at::Tensor>& act_scale,
+                                     int64_t bits, int64_t offset, int64_t act_group, int64_t N) {
+  TORCH_CHECK(x.device().is_cpu() && codes.device().is_cpu(), "int_linear_a8_interleaved runs on CPUs");
+#ifdef LMF_X86
+  TORCH_CHECK(has_vnni() && current_isa() == "avx512", "interleaved codes need AVX-512 VNNI");
+  TORCH_CHECK(x.scalar_type() == at::kFloat, "int_linear_a8_interleaved takes fp32 activations");
+  TORCH_CHECK(bits == 8 || bits == 4, "bits must be 8 or 4, got ", bits);
+  TORCH_CHECK(codes.scalar_type() == at::kByte && codes.dim() == 4 && codes.size(2) == 16 && codes.size(3) == 4,
+              "interleaved codes are uint8 (N / 16, K / 4 or K / 8, 16, 4)");
+  const int64_t NB = codes.size(0), K = codes.size(1) * (bits == 8 ? 4 : 8);
+  TORCH_CHECK(x.size(-1) == K, "x has ", x.size(-1), " inputs, the weight ", K);
+  TORCH_CHECK(scale.dim() == 3 && scale.size(0) == NB && scale.size(2) == 16 && scale.scalar_type() == at::kFloat,
+              "interleaved scales are fp32 (N / 16, G, 16)");
+  const int64_t G = scale.size(1);
+  TORCH_CHECK(K % AG == 0 && K % G == 0 && (K / G) % AG == 0, "groups must hold whole 32-input activation groups");
+  TORCH_CHECK(N > (NB - 1) * 16 && N <= NB * 16, "N does not match the codes' blocks");
+  if (zero) TORCH_CHECK(zero->sizes() == scale.sizes() && zero->scalar_type() == at::kFloat, "zero must match scale");
+  TORCH_CHECK(act_group == 0 || act_group == AG, "activation groups are of 32 inputs (or 0: one scale a row)");
+  TORCH_CHECK(act_group == 0 || !act_scale, "a calibrated activation scale is one for the layer, not per group");
+  const ActScale mode = act_scale ? ActScale::fixed : act_group ? ActScale::group : ActScale::row;
+  std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
+  out_shape.back() = N;
+  at::Tensor x2 = x.reshape({-1, K}).contiguous();
+  const int64_t M = x2.size(0), KA = K / AG;
+  std::vector<int8_t> xq(M * K);
+  std::vector<float> sa(M * KA);
+  std::vector<int32_t> xs(M * KA);
+  round_rows_avx512(x2.data_ptr<float>(), M, K, mode, act_scale ? act_scale->item<float>() : 0.0f, false, xq.data(),
+                    sa.data());
+  const int code_offset = bits == 8 ? 128 : static_cast<int>(offset);
+  std::vector<float> xsum(zero ? M * G : 0);
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t a = 0; a < KA; ++a) {
+      int32_t sum = 0;
+      for (int64_t k = a * AG; k < (a + 1) * AG; ++k) sum += xq[m * K + k];
+      xs[m * KA + a] = code_offset * sum;
+      if (zero) xsum[m * G + a * AG * G / K] += sa[m * KA + a] * static_cast<float>(sum);
+    }
+  at::Tensor c = codes.contiguous(), s = scale.contiguous(), z = zero ? zero->contiguous() : at::Tensor();
+  at::Tensor y = at::empty({M, N}, x.options());
+  ProblemIL p{xq.data(), sa.data(), xs.data(), zero ? xsum.data() : nullptr, c.data_ptr<uint8_t>(), s.data_ptr<float>(),
+              zero ? z.data_ptr<float>() : nullptr, y.data_ptr<float>(), M, N, K, G, KA, NB, static_cast<int>(bits)};
+  if (bits == 8) run_il<8>(p);
+  else run_il<4>(p);
+  return y.reshape(out_shape);
+#else
+  TORCH_CHECK(false, "interleaved codes need AVX-512 VNNI");
+#endif
+}
+
+bool vnni() {
+#ifdef LMF_X86
+  return has_vnni();
+#else
+  return false;
+#endif
+}
+
 std::string isa() { return current_isa(); }
 
 void set_isa(const std::string& name) {
@@ -908,10 +1068,14 @@ TORCH_LIBRARY(lmforge, m) {
   m.impl("half_linear", c10::DispatchKey::CPU, TORCH_FN(half_linear));
   m.def("dequantize(Tensor qweight, Tensor scale, Tensor? zero, int bits, int offset) -> Tensor");
   m.impl("dequantize", c10::DispatchKey::CPU, TORCH_FN(dequantize));
+  m.def("int_linear_a8_interleaved(Tensor x, Tensor codes, Tensor scale, Tensor? zero, Tensor? act_scale, int bits, "
+        "int offset, int act_group, int N) -> Tensor");
+  m.impl("int_linear_a8_interleaved", c10::DispatchKey::CPU, TORCH_FN(int_linear_a8_interleaved));
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
   module.def("isa", &isa, "the instruction set int_linear runs on");
+  module.def("vnni", &vnni, "whether the CPU has AVX-512 VNNI (interleaved codes)");
   module.def("best_isa", &best, "the best instruction set this CPU has");
   module.def("set_isa", &set_isa, "run on a given instruction set (avx512, avx2, scalar) or the best one");
 }
