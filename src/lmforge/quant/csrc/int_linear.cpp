@@ -725,15 +725,18 @@ inline void tile_il(const ProblemIL& p, int64_t b0, int64_t m) {
           for (int i = 0; i < B; ++i)
             acc[i] = _mm512_dpbusd_epi32(acc[i], _mm512_loadu_si512(w[i] + (a * 8 + j) * 64), xv);
         }
-      } else {
+      } else {  // high halves in place, 16 times their codes, in their own sums: exact, shifted back at the end
+        __m512i high[B];
+        for (int i = 0; i < B; ++i) high[i] = _mm512_setzero_si512();
         for (int c = 0; c < 4; ++c) {
           const __m512i lo = _mm512_set1_epi32(x4[a * 8 + 2 * c]), hi = _mm512_set1_epi32(x4[a * 8 + 2 * c + 1]);
           for (int i = 0; i < B; ++i) {
             const __m512i v = _mm512_loadu_si512(w[i] + (a * 4 + c) * 64);
             acc[i] = _mm512_dpbusd_epi32(acc[i], _mm512_and_si512(v, low), lo);
-            acc[i] = _mm512_dpbusd_epi32(acc[i], _mm512_and_si512(_mm512_srli_epi16(v, 4), low), hi);
+            high[i] = _mm512_dpbusd_epi32(high[i], _mm512_andnot_si512(low, v), hi);
           }
         }
+        for (int i = 0; i < B; ++i) acc[i] = _mm512_add_epi32(acc[i], _mm512_srai_epi32(high[i], 4));
       }
       const __m512 step = _mm512_set1_ps(sa[a]);
       for (int i = 0; i < B; ++i) sum[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[i]), step, sum[i]);
