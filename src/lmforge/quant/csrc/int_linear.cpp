@@ -696,72 +696,53 @@ struct ProblemIL {
   const float* zero;    // (NB, G, 16) or nullptr
   float* y;             // (M, N)
   int64_t M, N, K, G, KA, NB;
-  int bits;
 };
 
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512vnni,fma")
-// Blocks b0 .. b0 + B - 1 (16 weight rows each) against activation row m.
-template <int B, int BITS>
-inline void tile_il(const ProblemIL& p, int64_t b0, int64_t m) {
+// Block b (16 weight rows) against activation row m. One block at a time: the codes are read as one
+// sequential stream (4 blocks side by side, four streams 4.6 KB apart, read SmolLM2's W4A8 products
+// 15-20% slower on Zen 4; W8A8 the same).
+template <int BITS>
+inline void tile_il(const ProblemIL& p, int64_t b, int64_t m) {
   const int64_t gs = p.K / p.G, per_group = gs / AG;  // activation groups a weight group
-  const int64_t block_bytes = BITS == 8 ? 16 * p.K : 8 * p.K;
+  const uint8_t* w = p.codes + b * (BITS == 8 ? 16 : 8) * p.K;
   const int32_t* x4 = reinterpret_cast<const int32_t*>(p.xq + m * p.K);  // 4 activations a lane
   const float* sa = p.sa + m * p.KA;
   const int32_t* xs = p.xs + m * p.KA;
   const __m512i low = _mm512_set1_epi8(0x0F);
-  const uint8_t* w[B];
-  __m512 out[B];
-  for (int i = 0; i < B; ++i) w[i] = p.codes + (b0 + i) * block_bytes, out[i] = _mm512_setzero_ps();
+  __m512 out = _mm512_setzero_ps();
   for (int64_t g = 0; g < p.G; ++g) {
-    __m512 sum[B];
-    for (int i = 0; i < B; ++i) sum[i] = _mm512_setzero_ps();
+    __m512 sum = _mm512_setzero_ps();
     for (int64_t a = g * per_group; a < (g + 1) * per_group; ++a) {
-      __m512i acc[B];
-      for (int i = 0; i < B; ++i) acc[i] = _mm512_set1_epi32(-xs[a]);
+      __m512i acc = _mm512_set1_epi32(-xs[a]);
       if constexpr (BITS == 8) {
-        for (int j = 0; j < 8; ++j) {
-          const __m512i xv = _mm512_set1_epi32(x4[a * 8 + j]);
-          for (int i = 0; i < B; ++i)
-            acc[i] = _mm512_dpbusd_epi32(acc[i], _mm512_loadu_si512(w[i] + (a * 8 + j) * 64), xv);
-        }
+        for (int j = 0; j < 8; ++j)
+          acc = _mm512_dpbusd_epi32(acc, _mm512_loadu_si512(w + (a * 8 + j) * 64), _mm512_set1_epi32(x4[a * 8 + j]));
       } else {  // high halves in place, 16 times their codes, in their own sums: exact, shifted back at the end
-        __m512i high[B];
-        for (int i = 0; i < B; ++i) high[i] = _mm512_setzero_si512();
+        __m512i high = _mm512_setzero_si512();
         for (int c = 0; c < 4; ++c) {
-          const __m512i lo = _mm512_set1_epi32(x4[a * 8 + 2 * c]), hi = _mm512_set1_epi32(x4[a * 8 + 2 * c + 1]);
-          for (int i = 0; i < B; ++i) {
-            const __m512i v = _mm512_loadu_si512(w[i] + (a * 4 + c) * 64);
-            acc[i] = _mm512_dpbusd_epi32(acc[i], _mm512_and_si512(v, low), lo);
-            high[i] = _mm512_dpbusd_epi32(high[i], _mm512_andnot_si512(low, v), hi);
-          }
+          const __m512i v = _mm512_loadu_si512(w + (a * 4 + c) * 64);
+          acc = _mm512_dpbusd_epi32(acc, _mm512_and_si512(v, low), _mm512_set1_epi32(x4[a * 8 + 2 * c]));
+          high = _mm512_dpbusd_epi32(high, _mm512_andnot_si512(low, v), _mm512_set1_epi32(x4[a * 8 + 2 * c + 1]));
         }
-        for (int i = 0; i < B; ++i) acc[i] = _mm512_add_epi32(acc[i], _mm512_srai_epi32(high[i], 4));
+        acc = _mm512_add_epi32(acc, _mm512_srai_epi32(high, 4));
       }
-      const __m512 step = _mm512_set1_ps(sa[a]);
-      for (int i = 0; i < B; ++i) sum[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[i]), step, sum[i]);
+      sum = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc), _mm512_set1_ps(sa[a]), sum);
     }
-    for (int i = 0; i < B; ++i) {
-      const int64_t at = ((b0 + i) * p.G + g) * 16;
-      if (p.zero)
-        sum[i] = _mm512_fnmadd_ps(_mm512_loadu_ps(p.zero + at), _mm512_set1_ps(p.xsum[m * p.G + g]), sum[i]);
-      out[i] = _mm512_fmadd_ps(sum[i], _mm512_loadu_ps(p.scale + at), out[i]);
-    }
+    const int64_t at = (b * p.G + g) * 16;
+    if (p.zero) sum = _mm512_fnmadd_ps(_mm512_loadu_ps(p.zero + at), _mm512_set1_ps(p.xsum[m * p.G + g]), sum);
+    out = _mm512_fmadd_ps(sum, _mm512_loadu_ps(p.scale + at), out);
   }
-  for (int i = 0; i < B; ++i) {
-    const int64_t n0 = (b0 + i) * 16, live = std::min<int64_t>(16, p.N - n0);
-    _mm512_mask_storeu_ps(p.y + m * p.N + n0, static_cast<__mmask16>((1u << live) - 1), out[i]);
-  }
+  const int64_t live = std::min<int64_t>(16, p.N - b * 16);
+  _mm512_mask_storeu_ps(p.y + m * p.N + b * 16, static_cast<__mmask16>((1u << live) - 1), out);
 }
 
 template <int BITS>
 void run_il(const ProblemIL& p) {
   at::parallel_for(0, p.NB, 4, [&](int64_t begin, int64_t end) {
-    int64_t b = begin;
-    for (; b + 4 <= end; b += 4)  // 64 weight rows, each row of x in turn (the codes stay in cache for them)
-      for (int64_t m = 0; m < p.M; ++m) tile_il<4, BITS>(p, b, m);
-    for (; b < end; ++b)
-      for (int64_t m = 0; m < p.M; ++m) tile_il<1, BITS>(p, b, m);
+    for (int64_t b = begin; b < end; ++b)  // each row of x in turn against a block (its codes stay in L1 for them)
+      for (int64_t m = 0; m < p.M; ++m) tile_il<BITS>(p, b, m);
   });
 }
 #pragma GCC pop_options
@@ -1032,7 +1013,7 @@ at::Tensor int_linear_a8_interleaved(const at::Tensor& x, const at::Tensor& code
   at::Tensor c = codes.contiguous(), s = scale.contiguous(), z = zero ? zero->contiguous() : at::Tensor();
   at::Tensor y = at::empty({M, N}, x.options());
   ProblemIL p{xq.data(), sa.data(), xs.data(), zero ? xsum.data() : nullptr, c.data_ptr<uint8_t>(), s.data_ptr<float>(),
-              zero ? z.data_ptr<float>() : nullptr, y.data_ptr<float>(), M, N, K, G, KA, NB, static_cast<int>(bits)};
+              zero ? z.data_ptr<float>() : nullptr, y.data_ptr<float>(), M, N, K, G, KA, NB};
   if (bits == 8) run_il<8>(p);
   else run_il<4>(p);
   return y.reshape(out_shape);
