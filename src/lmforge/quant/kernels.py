@@ -12,7 +12,9 @@ same body is compiled for AVX-512, AVX2 + FMA and plain C++; the CPU picks at ru
 For layers with int8 activations (W8A8, W4A8) a second kernel rounds the activations to
 int8 too and sums products of bytes in 32-bit integers (AVX2's byte multiply-add: 32
 products per instruction; AVX-512 VNNI's ``vpdpbusd``: 64, for int8 and int4 weights in
-groups of a multiple of 32), as llama.cpp does for its q8_0 and q4_0 files. A third runs the
+groups of a multiple of 32), as llama.cpp does for its q8_0 and q4_0 files; on AVX-512 VNNI these
+layers keep a second copy of their codes with 16 rows interleaved (:func:`interleave`), which one
+``vpdpbusd`` multiplies 4 inputs at a time into 16 rows' sums. A third runs the
 first kernel's body over fp16 or bf16 weights (``half_linear``, for ``--weights fp16``):
 each weight widened to fp32 as it is read, no scale or zero.
 
