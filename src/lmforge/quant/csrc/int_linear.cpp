@@ -700,49 +700,70 @@ struct ProblemIL {
 
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512vnni,fma")
-// Block b (16 weight rows) against activation row m. One block at a time: the codes are read as one
-// sequential stream (4 blocks side by side, four streams 4.6 KB apart, read SmolLM2's W4A8 products
-// 15-20% slower on Zen 4; W8A8 the same).
-template <int BITS>
-inline void tile_il(const ProblemIL& p, int64_t b, int64_t m) {
+// Block b (16 weight rows) against activation rows m0 .. m0 + T - 1: each 64 bytes of codes loaded (int4: split
+// into halves) once for the T rows. One block at a time: the codes are read as one sequential stream (4 blocks
+// side by side, four streams 4.6 KB apart, read SmolLM2's W4A8 products 15-20% slower on Zen 4; W8A8 the same).
+// Each row's lanes take the same instructions whatever T is, so a row's bits are its own.
+template <int BITS, int T>
+inline void tile_il(const ProblemIL& p, int64_t b, int64_t m0) {
   const int64_t gs = p.K / p.G, per_group = gs / AG;  // activation groups a weight group
   const uint8_t* w = p.codes + b * (BITS == 8 ? 16 : 8) * p.K;
-  const int32_t* x4 = reinterpret_cast<const int32_t*>(p.xq + m * p.K);  // 4 activations a lane
-  const float* sa = p.sa + m * p.KA;
-  const int32_t* xs = p.xs + m * p.KA;
+  const int32_t* x4[T];  // 4 activations a lane
+  for (int t = 0; t < T; ++t) x4[t] = reinterpret_cast<const int32_t*>(p.xq + (m0 + t) * p.K);
   const __m512i low = _mm512_set1_epi8(0x0F);
-  __m512 out = _mm512_setzero_ps();
+  __m512 out[T];
+  for (int t = 0; t < T; ++t) out[t] = _mm512_setzero_ps();
   for (int64_t g = 0; g < p.G; ++g) {
-    __m512 sum = _mm512_setzero_ps();
+    __m512 sum[T];
+    for (int t = 0; t < T; ++t) sum[t] = _mm512_setzero_ps();
     for (int64_t a = g * per_group; a < (g + 1) * per_group; ++a) {
-      __m512i acc = _mm512_set1_epi32(-xs[a]);
+      __m512i acc[T];
+      for (int t = 0; t < T; ++t) acc[t] = _mm512_set1_epi32(-p.xs[(m0 + t) * p.KA + a]);
       if constexpr (BITS == 8) {
-        for (int j = 0; j < 8; ++j)
-          acc = _mm512_dpbusd_epi32(acc, _mm512_loadu_si512(w + (a * 8 + j) * 64), _mm512_set1_epi32(x4[a * 8 + j]));
+        for (int j = 0; j < 8; ++j) {
+          const __m512i v = _mm512_loadu_si512(w + (a * 8 + j) * 64);
+          for (int t = 0; t < T; ++t) acc[t] = _mm512_dpbusd_epi32(acc[t], v, _mm512_set1_epi32(x4[t][a * 8 + j]));
+        }
       } else {  // high halves in place, 16 times their codes, in their own sums: exact, shifted back at the end
-        __m512i high = _mm512_setzero_si512();
+        __m512i high[T];
+        for (int t = 0; t < T; ++t) high[t] = _mm512_setzero_si512();
         for (int c = 0; c < 4; ++c) {
           const __m512i v = _mm512_loadu_si512(w + (a * 4 + c) * 64);
-          acc = _mm512_dpbusd_epi32(acc, _mm512_and_si512(v, low), _mm512_set1_epi32(x4[a * 8 + 2 * c]));
-          high = _mm512_dpbusd_epi32(high, _mm512_andnot_si512(low, v), _mm512_set1_epi32(x4[a * 8 + 2 * c + 1]));
+          const __m512i lo = _mm512_and_si512(v, low), hi = _mm512_andnot_si512(low, v);
+          for (int t = 0; t < T; ++t) {
+            acc[t] = _mm512_dpbusd_epi32(acc[t], lo, _mm512_set1_epi32(x4[t][a * 8 + 2 * c]));
+            high[t] = _mm512_dpbusd_epi32(high[t], hi, _mm512_set1_epi32(x4[t][a * 8 + 2 * c + 1]));
+          }
         }
-        acc = _mm512_add_epi32(acc, _mm512_srai_epi32(high, 4));
+        for (int t = 0; t < T; ++t) acc[t] = _mm512_add_epi32(acc[t], _mm512_srai_epi32(high[t], 4));
       }
-      sum = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc), _mm512_set1_ps(sa[a]), sum);
+      for (int t = 0; t < T; ++t)
+        sum[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[t]), _mm512_set1_ps(p.sa[(m0 + t) * p.KA + a]), sum[t]);
     }
     const int64_t at = (b * p.G + g) * 16;
-    if (p.zero) sum = _mm512_fnmadd_ps(_mm512_loadu_ps(p.zero + at), _mm512_set1_ps(p.xsum[m * p.G + g]), sum);
-    out = _mm512_fmadd_ps(sum, _mm512_loadu_ps(p.scale + at), out);
+    for (int t = 0; t < T; ++t) {
+      if (p.zero)
+        sum[t] = _mm512_fnmadd_ps(_mm512_loadu_ps(p.zero + at), _mm512_set1_ps(p.xsum[(m0 + t) * p.G + g]), sum[t]);
+      out[t] = _mm512_fmadd_ps(sum[t], _mm512_loadu_ps(p.scale + at), out[t]);
+    }
   }
-  const int64_t live = std::min<int64_t>(16, p.N - b * 16);
-  _mm512_mask_storeu_ps(p.y + m * p.N + b * 16, static_cast<__mmask16>((1u << live) - 1), out);
+  const __mmask16 live = static_cast<__mmask16>((1u << std::min<int64_t>(16, p.N - b * 16)) - 1);
+  for (int t = 0; t < T; ++t) _mm512_mask_storeu_ps(p.y + (m0 + t) * p.N + b * 16, live, out[t]);
 }
 
 template <int BITS>
 void run_il(const ProblemIL& p) {
   at::parallel_for(0, p.NB, 4, [&](int64_t begin, int64_t end) {
-    for (int64_t b = begin; b < end; ++b)  // each row of x in turn against a block (its codes stay in L1 for them)
-      for (int64_t m = 0; m < p.M; ++m) tile_il<BITS>(p, b, m);
+    for (int64_t b = begin; b < end; ++b) {  // the rows of x 4 at a time against a block (its codes stay in L1)
+      int64_t m = 0;
+      for (; m + 4 <= p.M; m += 4) tile_il<BITS, 4>(p, b, m);
+      switch (p.M - m) {
+        case 3: tile_il<BITS, 3>(p, b, m); break;
+        case 2: tile_il<BITS, 2>(p, b, m); break;
+        case 1: tile_il<BITS, 1>(p, b, m); break;
+        default: break;
+      }
+    }
   });
 }
 #pragma GCC pop_options
