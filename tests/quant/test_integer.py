@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from lmforge.errors import InputError
+from lmforge.quant import kernels
 from lmforge.quant.integer import (
     IntLinear,
     QuantSpec,
@@ -181,6 +182,8 @@ def test_w8a8_checkpoints_per_group_row_and_calibrated(tmp_path, tiny_lm, capsys
         lm = load(tmp_path / name, device="cpu", dtype="fp32")
         layer = lm.model.blocks[0].attn.q_proj
         assert layer.spec.activations == name
+        # lmforge.load lays the codes out for the VNNI kernel where the CPU has one (the fused q/k/v layer runs)
+        assert (lm.model.blocks[0].attn.qkv.layer.il_codes is not None) == kernels.interleaves()
         if name == "static":  # a calibrated scale per layer, saved and loaded
             assert layer.act_scale is not None and 0 < float(layer.act_scale) < 1
         else:
