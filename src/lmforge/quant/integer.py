@@ -263,8 +263,8 @@ class IntLinear(nn.Module):
         if (self.spec.activations == "none" or self.qweight.device.type != "cpu" or K % ACT_GROUP
                 or (K // groups) % ACT_GROUP or not kernels.interleaves()):
             return False
-        self.il_codes, self.il_scale, self.il_zero = kernels.interleave(self.qweight, self.scale, self.zero,
-                                                                        self.spec.bits)
+        self.il_codes, self.il_scale, self.il_zero = kernels.interleave(self.codes(), self.scale, self.zero,
+                                                                        self.spec.bits, self.offset)
         return True
 
     def _drop_interleaved(self) -> None:

@@ -56,8 +56,7 @@ KERNEL_MAX_ROWS = 64
 
 _SOURCE = Path(__file__).parent / "csrc" / "int_linear.cpp"
 _module = None  # the loaded extension, False after a failed build, None before trying
-_vnni: bool | None = None  # whether the CPU and the build run the interleaved VNNI kernel (None: not asked yet)
-_on_best = True  # the kernels run on the CPU's best instruction set (set_isa can move them lower)
+_vnni: bool | None = None  # whether the extension built and the CPU has AVX-512 VNNI (None: not asked yet)
 
 
 def _load():
@@ -163,11 +162,9 @@ def best_isa() -> str:
 
 def set_isa(name: str) -> None:
     """Run the kernel on ``name`` (``avx512``, ``avx2``, ``scalar``) or ``best``; tests compare the paths so."""
-    global _on_best
     if not available():
         raise RuntimeError("the integer kernels are not available")
     _load().set_isa(name)
-    _on_best = _load().isa() == _load().best_isa()
 
 
 def int_linear(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None,
@@ -192,36 +189,33 @@ def interleaves() -> bool:
     with AVX-512 VNNI, and the kernels on AVX-512 (not moved to a lower instruction set by :func:`set_isa`)."""
     global _vnni
     if _vnni is None:
-        _vnni = available() and _load().vnni() and _load().best_isa() == "avx512"
-    return _vnni and _on_best
+        _vnni = available() and _load().vnni()
+    return _vnni and _load().isa() == "avx512"
 
 
-def interleave(qweight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None,
-               bits: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """An integer layer's codes, scales and zeros (:mod:`lmforge.quant.integer`'s layout) in the interleaved
-    layout of :func:`int_linear_a8_interleaved`: 16 weight rows side by side, four bytes of each at a time
-    (int8 codes shifted by 128 to unsigned bytes; int4 codes of inputs 8c .. 8c + 3 in the low halves and of
-    8c + 4 .. 8c + 7 in the high halves), scales and zeros (N / 16, G, 16). Rows padded to a multiple of 16."""
-    rows = qweight.shape[0]
+def interleave(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, bits: int,
+               offset: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """An integer layer's codes (N, K) one per weight (:meth:`~lmforge.quant.integer.IntLinear.codes`), scales
+    and zeros in the layout of :func:`int_linear_a8_interleaved`: 16 weight rows side by side, four bytes of
+    each at a time, the codes as unsigned bytes (int8 + 128; int4 + ``offset``, the codes of inputs 8c .. 8c + 3
+    in the low halves and of 8c + 4 .. 8c + 7 in the high halves); scales and zeros (N / 16, G, 16). Rows
+    padded to a multiple of 16."""
+    rows, inputs = codes.shape
     blocks = -(-rows // 16)
+    unsigned = F.pad((codes.to(torch.int16) + (128 if bits == 8 else offset)).to(torch.uint8),
+                     (0, 0, 0, blocks * 16 - rows))
     if bits == 8:
-        codes = (qweight.to(torch.int16) + 128).to(torch.uint8)
-    else:  # byte j of a stored row: input 2j in its low half, 2j + 1 in its high half
-        codes = torch.stack([qweight & 0x0F, qweight >> 4], dim=-1).reshape(rows, -1)
-    inputs = codes.shape[1]
-    codes = F.pad(codes, (0, 0, 0, blocks * 16 - rows))
-    if bits == 8:
-        codes = codes.reshape(blocks, 16, inputs // 4, 4)
+        packed = unsigned.reshape(blocks, 16, inputs // 4, 4)
     else:
-        halves = codes.reshape(blocks, 16, inputs // 8, 2, 4)
-        codes = halves[..., 0, :] | (halves[..., 1, :] << 4)
-    codes = codes.permute(0, 2, 1, 3).contiguous()
+        halves = unsigned.reshape(blocks, 16, inputs // 8, 2, 4)
+        packed = halves[..., 0, :] | (halves[..., 1, :] << 4)
+    packed = packed.permute(0, 2, 1, 3).contiguous()
 
     def side_by_side(values: torch.Tensor) -> torch.Tensor:
         full = F.pad(values.float().expand(rows, -1), (0, 0, 0, blocks * 16 - rows))
         return full.reshape(blocks, 16, -1).transpose(1, 2).contiguous()
 
-    return codes, side_by_side(scale), None if zero is None else side_by_side(zero)
+    return packed, side_by_side(scale), None if zero is None else side_by_side(zero)
 
 
 def int_linear_a8_interleaved(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None,
