@@ -1,4 +1,5 @@
-"""Packed weights for eager inference (lmforge.model.packed): oneDNN's layout in bf16, transposed in fp32."""
+"""Packed weights for inference (lmforge.model.packed): bf16 in oneDNN's layout or in pairs for the AVX-512 BF16
+kernel, fp32 transposed."""
 
 import copy
 import pickle
@@ -9,9 +10,17 @@ import torch
 from lmforge.model import DecoderLM, KVCache, preset
 from lmforge.model.fused import fuse_projections
 from lmforge.model.packed import PackedLinear, available, pack_weights
+from lmforge.quant import kernels
 
 bf16_kernels = pytest.mark.skipif(not available(torch.bfloat16, "cpu"),
                                   reason="this CPU's oneDNN has no native bf16 kernels (packing is off here)")
+bf16_dots = pytest.mark.skipif(not kernels.bf16_dots(), reason="the bf16 dot-product kernel needs AVX-512 BF16")
+
+
+@pytest.fixture
+def onednn(monkeypatch):
+    """bf16 weights packed in oneDNN's layout, as on CPUs without the bf16 dot-product kernel."""
+    monkeypatch.setenv("LMFORGE_BF16_KERNEL", "off")
 
 
 def tiny(seed: int = 0, dtype: torch.dtype = torch.bfloat16, **overrides) -> DecoderLM:
@@ -22,20 +31,22 @@ def tiny(seed: int = 0, dtype: torch.dtype = torch.bfloat16, **overrides) -> Dec
 
 
 def packed_calls(monkeypatch) -> list[int]:
-    """A counter of the products that took the packed path."""
+    """A counter of the bf16 products that took a packed path (oneDNN's or the dot-product kernel's)."""
     count = [0]
-    original = torch.ops.mkldnn._linear_pointwise
 
-    def counted(*args):
-        count[0] += 1
-        return original(*args)
-    monkeypatch.setattr(torch.ops.mkldnn, "_linear_pointwise", counted)
+    def counting(original):
+        def counted(*args):
+            count[0] += 1
+            return original(*args)
+        return counted
+    monkeypatch.setattr(torch.ops.mkldnn, "_linear_pointwise", counting(torch.ops.mkldnn._linear_pointwise))
+    monkeypatch.setattr(kernels, "bf16_linear", counting(kernels.bf16_linear))
     return count
 
 
 @bf16_kernels
 @pytest.mark.parametrize("overrides", [dict(), dict(num_kv_heads=1, qkv_bias=True)])
-def test_packed_products_give_the_same_bits(overrides, monkeypatch):
+def test_packed_products_give_the_same_bits(overrides, onednn, monkeypatch):
     model = tiny(**overrides)
     plain = copy.deepcopy(model)  # a copy leaves the packed weights behind: it is the plain model
     before = {k: v.clone() for k, v in model.state_dict().items()}
@@ -58,8 +69,13 @@ def test_packed_products_give_the_same_bits(overrides, monkeypatch):
     torch.testing.assert_close(step[:, -1], expected[:, -1], rtol=0.02, atol=0.02)  # bf16 cache rounding
 
 
-@pytest.mark.parametrize("dtype", [pytest.param(torch.bfloat16, marks=bf16_kernels), torch.float32])
+@pytest.mark.parametrize("dtype", [pytest.param(torch.bfloat16, marks=bf16_kernels),
+                                   pytest.param("bf16 pairs", marks=bf16_dots), torch.float32])
 def test_changed_weights_and_autograd_take_the_plain_product(dtype, monkeypatch):
+    if dtype == "bf16 pairs":
+        dtype = torch.bfloat16
+    elif dtype == torch.bfloat16:
+        monkeypatch.setenv("LMFORGE_BF16_KERNEL", "off")
     model, other = tiny(dtype=dtype), tiny(seed=1, dtype=dtype)
     pack_weights(model)
     model.load_state_dict(other.state_dict())  # written in place: the packed copies are stale
@@ -75,6 +91,31 @@ def test_changed_weights_and_autograd_take_the_plain_product(dtype, monkeypatch)
     assert calls[0] == 0  # with a gradient to take, every product is the plain one
     assert model.blocks[0].attn.o_proj.weight.grad.abs().sum() > 0
     assert model.blocks[0].attn.q_proj.weight.grad.abs().sum() > 0
+
+
+@bf16_dots
+@pytest.mark.parametrize("overrides", [dict(), dict(num_kv_heads=1, qkv_bias=True)])
+def test_bf16_pairs_products_are_close_to_the_plain_ones_and_each_rows_own(overrides, monkeypatch):
+    """On a CPU with AVX-512 BF16 (no AMX) bf16 layers are laid out in pairs for the dot-product kernel (eager
+    passes; a compiled step packs for Inductor's own kernels): logits within bf16 rounding of the plain model's,
+    and a row's logits the same bits alone or beside others, so a prompt in a batch or alone decodes alike."""
+    model = tiny(**overrides)
+    plain = copy.deepcopy(model)
+    layers = model.config.num_layers
+    assert pack_weights(model) == 4 * layers + 1
+    qkv = model.blocks[0].attn.qkv
+    assert qkv.packed.pairs and qkv.packed.tensor.shape == (-(-qkv.weight.shape[0] // 16), qkv.weight.shape[1] // 2, 16)
+    calls = packed_calls(monkeypatch)
+    ids = torch.randint(0, 97, (3, 12))
+    with torch.inference_mode():
+        logits = model(ids)
+        assert calls[0] == 4 * layers + 1
+        expected = plain(ids)
+        torch.testing.assert_close(logits, expected, rtol=0.03, atol=0.03)
+        assert torch.equal(model(ids[1:2]), logits[1:2])
+        assert torch.equal(model(ids[1:2, :5])[0], logits[1, :5])  # (causal: later positions change nothing)
+        qkv.packed.tensor.zero_()  # the copy is what is read
+        assert not torch.allclose(model(ids), expected, atol=0.1)
 
 
 @bf16_kernels

@@ -283,6 +283,44 @@ def test_half_weight_kernel_equals_widen_then_multiply(isa, dtype, restore_isa, 
         kernels.half_linear(torch.randn(1, inputs), weight.float())
 
 
+needs_bf16_dots = pytest.mark.skipif(not kernels.bf16_dots(), reason="bf16_linear needs AVX-512 BF16 (no AMX)")
+
+
+@needs_bf16_dots
+def test_bf16_dot_kernel_equals_fp32_products_rounded_once(restore_isa, monkeypatch):
+    """bf16 x bf16 with AVX-512 BF16: every product exact in fp32, the sums in fp32, one rounding to bf16 at the
+    end; a row's bits the same alone or among others (1-19 rows: tiles of 8 and every remainder); N not a multiple
+    of 16 and an odd K (the layout's padding) included."""
+    torch.manual_seed(6)
+    for inputs, outputs in [*SHAPES, (577, 49), (5, 17), (1536, 16)]:
+        weight = torch.randn(outputs, inputs).bfloat16()
+        pairs = kernels.bf16_pairs(weight)
+        assert pairs.dtype == torch.int32 and pairs.shape == (-(-outputs // 16), -(-inputs // 2), 16)
+        for bias in (None, torch.randn(outputs)):
+            x = torch.randn(19, inputs).bfloat16()
+            y = kernels.bf16_linear(x, pairs, bias, outputs)
+            exact = x.double() @ weight.double().T + (0 if bias is None else bias.double())
+            bound = exact.abs() * 2.0 ** -8 + 1e-6 * (x.abs().double() @ weight.abs().double().T) + 1e-30
+            assert y.dtype == torch.bfloat16 and y.shape == (19, outputs)
+            assert ((y.double() - exact).abs() <= bound).all(), (inputs, outputs)
+            for rows in (1, 2, 7, 8, 9, 16):
+                assert torch.equal(kernels.bf16_linear(x[:rows], pairs, bias, outputs), y[:rows])
+            assert torch.equal(kernels.bf16_linear(x[5:6], pairs, bias, outputs), y[5:6])
+        assert torch.equal(kernels.bf16_linear(x.view(1, 19, inputs), pairs, None, outputs)[0],
+                           kernels.bf16_linear(x, pairs, None, outputs))
+    with pytest.raises(RuntimeError, match="bf16 activations"):
+        kernels.bf16_linear(x.float(), pairs, None, outputs)
+    with pytest.raises(RuntimeError, match="inputs"):
+        kernels.bf16_linear(x[:, :-2], pairs, None, outputs)
+    monkeypatch.setenv("LMFORGE_BF16_KERNEL", "off")
+    assert not kernels.bf16_dots()
+    monkeypatch.delenv("LMFORGE_BF16_KERNEL")
+    kernels.set_isa("avx2")
+    assert not kernels.bf16_dots()
+    with pytest.raises(RuntimeError, match="AVX-512 BF16"):
+        kernels.bf16_linear(x, pairs, None, outputs)
+
+
 def test_a_build_guard_left_by_a_killed_process_does_not_block_the_next_load():
     """torch's guard around building or loading the extension is a plain file: a process killed inside
     (SIGKILL, `lmforge killtest` found it) left it behind, and every later load waited for it forever."""

@@ -772,6 +772,89 @@ bool has_vnni() {
   static const bool vnni = (__builtin_cpu_init(), __builtin_cpu_supports("avx512vnni") != 0);
   return vnni;
 }
+
+// ---------------------------------------------------------------------------------------------
+// bf16 products with AVX-512 BF16 dot products (bf16_linear): y (M, N) bf16 = x (M, K) bf16 @ W.T, fp32 sums.
+// Weights in pairs (kernels.bf16_pairs): 16 weight rows side by side, the two inputs 2p and 2p + 1 of each row
+// next to each other, so 64 bytes hold one pair for 16 rows: (N / 16, K / 2, 16) pairs. One `vdpbf16ps` takes
+// them with a row's two activations broadcast and adds both products into 16 fp32 lanes, one output each:
+//   acc[n] += x[2p] * w[n, 2p] + x[2p + 1] * w[n, 2p + 1]            (16 rows n of a block at once)
+// Two chains of sums a row (even and odd pairs), added at the end and rounded to bf16 once. The weights are
+// read as one stream, up to 8 activation rows against each block (its 18-49 KB stay in L1/L2 for the next 8).
+// Why: oneDNN's bf16 product (weights reordered once, model/packed.py) read SmolLM2's weights at 14-20 GB/s at
+// 1-4 rows on a 2-core Zen 4; this reads them at 30-32 (docs/BENCHMARKS.md), and is level with it from 16 rows
+// up, where both are bound by the dot products. A row takes the same instructions whatever the rows beside it,
+// so its bits are its own (a speculative check, a prompt alone or in a batch: the same numbers).
+// ---------------------------------------------------------------------------------------------
+
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512bf16,fma")
+template <int R>
+inline void tile_bf16(const uint16_t* x, int64_t K, const uint32_t* w, const float* bias, uint16_t* y, int64_t N,
+                      int64_t b) {
+  const int64_t pairs = K / 2;
+  __m512 even[R], odd[R];
+  for (int r = 0; r < R; ++r) even[r] = odd[r] = _mm512_setzero_ps();
+  auto pair = [&](int r, int64_t p) {  // activations 2p, 2p + 1 of row r in both halves of every lane
+    uint32_t v;
+    std::memcpy(&v, x + r * K + 2 * p, 4);
+    return (__m512bh)_mm512_set1_epi32(static_cast<int>(v));
+  };
+  int64_t p = 0;
+  for (; p + 2 <= pairs; p += 2) {
+    const __m512bh w0 = (__m512bh)_mm512_loadu_si512(w + p * 16), w1 = (__m512bh)_mm512_loadu_si512(w + p * 16 + 16);
+    for (int r = 0; r < R; ++r) {
+      even[r] = _mm512_dpbf16_ps(even[r], pair(r, p), w0);
+      odd[r] = _mm512_dpbf16_ps(odd[r], pair(r, p + 1), w1);
+    }
+  }
+  if (p < pairs) {
+    const __m512bh w0 = (__m512bh)_mm512_loadu_si512(w + p * 16);
+    for (int r = 0; r < R; ++r) even[r] = _mm512_dpbf16_ps(even[r], pair(r, p), w0);
+  }
+  if (K % 2) {  // an odd last input: its pair's second weight is 0, and the activation beyond the row is not read
+    const __m512bh w0 = (__m512bh)_mm512_loadu_si512(w + pairs * 16);
+    for (int r = 0; r < R; ++r)
+      odd[r] = _mm512_dpbf16_ps(odd[r], (__m512bh)_mm512_set1_epi32(x[r * K + K - 1]), w0);
+  }
+  const int64_t n0 = b * 16;
+  const __mmask16 live = static_cast<__mmask16>((1u << std::min<int64_t>(16, N - n0)) - 1);
+  const __m512 add = bias ? _mm512_maskz_loadu_ps(live, bias + n0) : _mm512_setzero_ps();
+  for (int r = 0; r < R; ++r) {
+    const __m512 sum = _mm512_add_ps(_mm512_add_ps(even[r], odd[r]), add);
+    _mm256_mask_storeu_epi16(y + r * N + n0, live, (__m256i)_mm512_cvtneps_pbh(sum));
+  }
+}
+
+void run_bf16(const uint16_t* x, int64_t M, int64_t K, const uint32_t* w, int64_t NB, const float* bias, uint16_t* y,
+              int64_t N) {
+  const int64_t block = (K + 1) / 2 * 16;  // pairs a block
+  at::parallel_for(0, NB, 4, [&](int64_t begin, int64_t end) {
+    for (int64_t b = begin; b < end; ++b) {
+      const uint32_t* wb = w + b * block;
+      int64_t m = 0;
+      for (; m + 8 <= M; m += 8) tile_bf16<8>(x + m * K, K, wb, bias, y + m * N, N, b);
+      const uint16_t* xm = x + m * K;
+      uint16_t* ym = y + m * N;
+      switch (M - m) {
+        case 7: tile_bf16<7>(xm, K, wb, bias, ym, N, b); break;
+        case 6: tile_bf16<6>(xm, K, wb, bias, ym, N, b); break;
+        case 5: tile_bf16<5>(xm, K, wb, bias, ym, N, b); break;
+        case 4: tile_bf16<4>(xm, K, wb, bias, ym, N, b); break;
+        case 3: tile_bf16<3>(xm, K, wb, bias, ym, N, b); break;
+        case 2: tile_bf16<2>(xm, K, wb, bias, ym, N, b); break;
+        case 1: tile_bf16<1>(xm, K, wb, bias, ym, N, b); break;
+        default: break;
+      }
+    }
+  });
+}
+#pragma GCC pop_options
+
+bool has_bf16_dots() {
+  static const bool bf16 = (__builtin_cpu_init(), __builtin_cpu_supports("avx512bf16") != 0);
+  return bf16;
+}
 #endif
 
 at::Tensor int_linear(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scale,
@@ -1043,6 +1126,44 @@ at::Tensor int_linear_a8_interleaved(const at::Tensor& x, const at::Tensor& code
 #endif
 }
 
+// bf16 x (..., K) times bf16 weights in pairs (the layout above), optional fp32 bias (N); bf16 out (..., N).
+at::Tensor bf16_linear(const at::Tensor& x, const at::Tensor& pairs, const std::optional<at::Tensor>& bias,
+                       int64_t N) {
+  TORCH_CHECK(x.device().is_cpu() && pairs.device().is_cpu(), "bf16_linear runs on CPUs");
+#ifdef LMF_X86
+  TORCH_CHECK(has_bf16_dots() && current_isa() == "avx512", "bf16_linear needs AVX-512 BF16");
+  TORCH_CHECK(x.scalar_type() == at::kBFloat16, "bf16_linear takes bf16 activations, got ", x.scalar_type());
+  TORCH_CHECK(pairs.scalar_type() == at::kInt && pairs.dim() == 3 && pairs.size(2) == 16,
+              "weights in pairs are int32 (N / 16, K / 2, 16)");
+  const int64_t NB = pairs.size(0), K = x.size(-1);
+  TORCH_CHECK(pairs.size(1) == (K + 1) / 2, "x has ", K, " inputs, the weights ", 2 * pairs.size(1));
+  TORCH_CHECK(N > (NB - 1) * 16 && N <= NB * 16, "N does not match the weights' blocks");
+  at::Tensor b;
+  if (bias) {
+    TORCH_CHECK(bias->numel() == N, "the bias has ", bias->numel(), " values for ", N, " outputs");
+    b = bias->to(at::kFloat).contiguous();
+  }
+  std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
+  out_shape.back() = N;
+  at::Tensor x2 = x.reshape({-1, K}).contiguous(), w = pairs.contiguous();
+  at::Tensor y = at::empty({x2.size(0), N}, x.options());
+  run_bf16(reinterpret_cast<const uint16_t*>(x2.data_ptr()), x2.size(0), K,
+           reinterpret_cast<const uint32_t*>(w.data_ptr()), NB, bias ? b.data_ptr<float>() : nullptr,
+           reinterpret_cast<uint16_t*>(y.data_ptr()), N);
+  return y.reshape(out_shape);
+#else
+  TORCH_CHECK(false, "bf16_linear needs AVX-512 BF16");
+#endif
+}
+
+bool bf16_dots() {
+#ifdef LMF_X86
+  return has_bf16_dots();
+#else
+  return false;
+#endif
+}
+
 bool vnni() {
 #ifdef LMF_X86
   return has_vnni();
@@ -1076,11 +1197,14 @@ TORCH_LIBRARY(lmforge, m) {
   m.def("int_linear_a8_interleaved(Tensor x, Tensor codes, Tensor scale, Tensor? zero, Tensor? act_scale, int bits, "
         "int offset, int act_group, int N) -> Tensor");
   m.impl("int_linear_a8_interleaved", c10::DispatchKey::CPU, TORCH_FN(int_linear_a8_interleaved));
+  m.def("bf16_linear(Tensor x, Tensor pairs, Tensor? bias, int N) -> Tensor");
+  m.impl("bf16_linear", c10::DispatchKey::CPU, TORCH_FN(bf16_linear));
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
   module.def("isa", &isa, "the instruction set int_linear runs on");
   module.def("vnni", &vnni, "whether the CPU has AVX-512 VNNI (interleaved codes)");
+  module.def("bf16_dots", &bf16_dots, "whether the CPU has AVX-512 BF16 (bf16_linear)");
   module.def("best_isa", &best, "the best instruction set this CPU has");
   module.def("set_isa", &set_isa, "run on a given instruction set (avx512, avx2, scalar) or the best one");
 }
