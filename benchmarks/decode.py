@@ -9,7 +9,10 @@ bf16 it also times weights stored in 16 bits (``lmforge.quant.weight_only``) aga
 transformers model cast to fp16; with ``--llama-cpp-python`` it times llama.cpp on the
 same weights (f32 and f16 GGUF files) at batch 1, interleaved with the rest. ``--integer`` times
 lmforge's integer decode steps (int8, int4, W8A8: lmforge.quant) against its 16-bit one and,
-with ``--llama-cpp-python``, llama.cpp's f16, q8_0 and q4_0 files of the same weights.
+with ``--llama-cpp-python``, llama.cpp's f16, q8_0 and q4_0 files of the same weights. Each dtype is
+also timed eager in the layout ``lmforge.load`` gives (fused projections, packed weights); bf16 on a
+CPU with AVX-512 BF16 both with oneDNN's products and with lmforge's dot-product kernel
+(``LMFORGE_BF16_KERNEL=on`` adds the kernel on an AMX CPU, where it is not the default).
 
     python benchmarks/decode.py            # 128 new tokens, 3 repeats
     python benchmarks/decode.py --quick    # 32 new tokens, 1 repeat, no torch.compile
@@ -24,12 +27,14 @@ from __future__ import annotations
 
 import argparse
 import copy
+import os
 import statistics
 import sys
 import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
+from unittest import mock
 
 import torch
 
@@ -101,6 +106,8 @@ def variants(model: DecoderLM, new_tokens: int, use_compile: bool) -> dict[str, 
         runtime = Runtime.resolve("cpu", dtype_name)
         ours = copy.deepcopy(model).to(runtime.dtype)
         runners[f"lmforge {dtype_name}"] = lmforge_runner(ours, runtime, new_tokens)
+        for name, laid_out in load_layouts(ours, runtime.dtype).items():
+            runners[f"lmforge {dtype_name}, {name}"] = lmforge_runner(laid_out, runtime, new_tokens)
         if dtype_name == "bf16":
             runners["lmforge fp32 weights + bf16 autocast"] = lmforge_runner(model, runtime, new_tokens)
         runners[f"transformers {dtype_name}"] = hf_runner(llama_twin(model).to(runtime.dtype), new_tokens)
@@ -127,6 +134,21 @@ def variants(model: DecoderLM, new_tokens: int, use_compile: bool) -> dict[str, 
                 print(f"compiling the lmforge {weights}-weight decode step for batch 1: {step.warm_up(1):.0f}s")
                 check_compiled_step(model, small, step, prompt_len=16)
     return runners
+
+
+def load_layouts(model: DecoderLM, dtype: torch.dtype) -> dict[str, DecoderLM]:
+    """Copies of ``model`` in the layout ``lmforge.load`` gives it (fused q/k/v and gate/up, packed weights:
+    lmforge.model.fused.inference_layout), eager; bf16 on a CPU with AVX-512 BF16 both ways, oneDNN's packed
+    products and lmforge's dot-product kernel (lmforge.quant.kernels.bf16_linear), side by side."""
+    from lmforge.model.fused import inference_layout
+
+    if not (dtype == torch.bfloat16 and kernels.bf16_dots()):
+        return {"load layout": inference_layout(copy.deepcopy(model), dtype, "cpu")}
+    copies = {}
+    for name, choice in (("load layout, oneDNN products", "off"), ("load layout, bf16 dot kernel", "on")):
+        with mock.patch.dict(os.environ, LMFORGE_BF16_KERNEL=choice):  # read when the weights are laid out
+            copies[name] = inference_layout(copy.deepcopy(model), dtype, "cpu")
+    return copies
 
 
 INTEGER_SPECS = {"int8": QuantSpec(8), "int4 (symmetric, group 32)": QuantSpec(4, "symmetric", "group", 32),
