@@ -15,11 +15,10 @@ among others, which keeps speculative decoding exact (docs/QUANTIZATION.md).
 On a CPU with AVX-512 BF16 and no AMX (AMD Zen 4, Intel Cooper Lake) bf16 weights are laid out
 in pairs for lmforge's own dot-product kernel instead (:func:`lmforge.quant.kernels.bf16_linear`):
 16 rows side by side, two inputs of each in 4 bytes, one ``vdpbf16ps`` for both inputs of 16 rows.
-On a 2-core Zen 4 SmolLM2's 121 products (every weight read from memory) took 8.5 ms at one row
-against 14.4 packed by oneDNN (1.5-1.9x at 1-4 rows, level from 16 rows up, where both are bound
-by the dot products; 0.9-1.1x at 512-2,048 prompt rows), and an eager bf16 decode step at batch 1
-15.0-15.8 ms a token against 23.5-24.1. Its sums run in another order than oneDNN's (the last bits
-differ); a row's bits are its own at any row count. ``LMFORGE_BF16_KERNEL=off`` keeps oneDNN's
+On a 2-core Zen 4 SmolLM2's 121 products (every weight read from memory) took 9.0 ms at one row
+against 13.8 packed by oneDNN (1.3-1.7x at 1-8 rows, 1.1-1.2x at 16-32, 0.9-1.1x per layer at
+512-2,048 prompt rows). Its sums run in another order than oneDNN's (the last bits differ); a row's
+bits are its own at any row count. ``LMFORGE_BF16_KERNEL=off`` keeps oneDNN's
 layout; ``=on`` takes the kernel on AMX CPUs too (not measured there).
 
 An fp32 ``F.linear`` multiplies by the weight transposed (``x @ W.T``); for a few rows

@@ -19,7 +19,7 @@ first kernel's body over fp16 or bf16 weights (``half_linear``, for ``--weights 
 each weight widened to fp32 as it is read, no scale or zero. A fourth multiplies bf16 activations by bf16
 weights with AVX-512 BF16's ``vdpbf16ps`` (:func:`bf16_linear`, over weights laid out in pairs by
 :func:`bf16_pairs`): the eager products of bf16 models on CPUs with those instructions and no AMX
-(:mod:`lmforge.model.packed`), 1.5-1.9x oneDNN's at 1-4 rows on a 2-core Zen 4, level from 16 rows up.
+(:mod:`lmforge.model.packed`), 1.3-1.7x oneDNN's at 1-8 rows on a 2-core Zen 4, 1.1-1.2x at 16-32.
 
 The extension is built with ``torch.utils.cpp_extension`` the first time an integer layer
 runs (about a minute on 2 cores; cached afterwards under ``TORCH_EXTENSIONS_DIR``, by

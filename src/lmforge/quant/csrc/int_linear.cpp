@@ -779,72 +779,84 @@ bool has_vnni() {
 // next to each other, so 64 bytes hold one pair for 16 rows: (N / 16, K / 2, 16) pairs. One `vdpbf16ps` takes
 // them with a row's two activations broadcast and adds both products into 16 fp32 lanes, one output each:
 //   acc[n] += x[2p] * w[n, 2p] + x[2p + 1] * w[n, 2p + 1]            (16 rows n of a block at once)
-// Two chains of sums a row (even and odd pairs), added at the end and rounded to bf16 once. The weights are
-// read as one stream, up to 8 activation rows against each block (its 18-49 KB stay in L1/L2 for the next 8).
-// Why: oneDNN's bf16 product (weights reordered once, model/packed.py) read SmolLM2's weights at 14-20 GB/s at
-// 1-4 rows on a 2-core Zen 4; this reads them at 30-32 (docs/BENCHMARKS.md), and is level with it from 16 rows
-// up, where both are bound by the dot products. A row takes the same instructions whatever the rows beside it,
-// so its bits are its own (a speculative check, a prompt alone or in a batch: the same numbers).
+// One chain of sums per output, in input order, rounded to bf16 once (after the bias). Up to 8 activation rows
+// against each block (its 18-49 KB stay in L1/L2 for the next 8).
+// Why: oneDNN's bf16 product (weights reordered once, model/packed.py) read SmolLM2's weights at 14-21 GB/s at
+// 1-8 rows on a 2-core Zen 4; this reads them at 26-30 (docs/BENCHMARKS.md), 1.1-1.2x oneDNN at 16-32 rows,
+// level at hundreds. Every output's sum takes the same instructions in the same order whatever the rows and
+// blocks beside it, so a row's bits are its own (a speculative check, a prompt alone or in a batch: the same).
 // ---------------------------------------------------------------------------------------------
 
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512bf16,fma")
-template <int R>
-inline void tile_bf16(const uint16_t* x, int64_t K, const uint32_t* w, const float* bias, uint16_t* y, int64_t N,
-                      int64_t b) {
-  const int64_t pairs = K / 2;
-  __m512 even[R], odd[R];
-  for (int r = 0; r < R; ++r) even[r] = odd[r] = _mm512_setzero_ps();
-  auto pair = [&](int r, int64_t p) {  // activations 2p, 2p + 1 of row r in both halves of every lane
-    uint32_t v;
-    std::memcpy(&v, x + r * K + 2 * p, 4);
-    return (__m512bh)_mm512_set1_epi32(static_cast<int>(v));
-  };
-  int64_t p = 0;
-  for (; p + 2 <= pairs; p += 2) {
-    const __m512bh w0 = (__m512bh)_mm512_loadu_si512(w + p * 16), w1 = (__m512bh)_mm512_loadu_si512(w + p * 16 + 16);
+// Blocks b .. b + BLK - 1 against activation rows 0 .. R - 1 of x: each pair of weights loaded once for the R rows,
+// each row's broadcast activations once for the BLK blocks (R * BLK sums in registers). Every sum is one chain in
+// input order, so a row's bits are the same in every tile shape.
+template <int R, int BLK>
+inline void tile_bf16(const uint16_t* x, int64_t K, const uint32_t* w, int64_t block, const float* bias, uint16_t* y,
+                      int64_t N, int64_t b) {
+  __m512 acc[R][BLK];
+  for (int r = 0; r < R; ++r)
+    for (int j = 0; j < BLK; ++j) acc[r][j] = _mm512_setzero_ps();
+  auto step = [&](int64_t p, auto activations) {
+    __m512bh wv[BLK];
+    for (int j = 0; j < BLK; ++j) wv[j] = (__m512bh)_mm512_loadu_si512(w + j * block + p * 16);
     for (int r = 0; r < R; ++r) {
-      even[r] = _mm512_dpbf16_ps(even[r], pair(r, p), w0);
-      odd[r] = _mm512_dpbf16_ps(odd[r], pair(r, p + 1), w1);
+      const __m512bh xv = (__m512bh)_mm512_set1_epi32(static_cast<int>(activations(r)));
+      for (int j = 0; j < BLK; ++j) acc[r][j] = _mm512_dpbf16_ps(acc[r][j], xv, wv[j]);
     }
-  }
-  if (p < pairs) {
-    const __m512bh w0 = (__m512bh)_mm512_loadu_si512(w + p * 16);
-    for (int r = 0; r < R; ++r) even[r] = _mm512_dpbf16_ps(even[r], pair(r, p), w0);
-  }
-  if (K % 2) {  // an odd last input: its pair's second weight is 0, and the activation beyond the row is not read
-    const __m512bh w0 = (__m512bh)_mm512_loadu_si512(w + pairs * 16);
+  };
+  const int64_t pairs = K / 2;
+  for (int64_t p = 0; p < pairs; ++p)
+    step(p, [&](int r) {  // activations 2p and 2p + 1 of row r, in both halves of every lane
+      uint32_t v;
+      std::memcpy(&v, x + r * K + 2 * p, 4);
+      return v;
+    });
+  if (K % 2)  // an odd last input: its pair's second weight is 0, and nothing beyond the row is read
+    step(pairs, [&](int r) { return static_cast<uint32_t>(x[r * K + K - 1]); });
+  for (int j = 0; j < BLK; ++j) {
+    const int64_t n0 = (b + j) * 16;
+    const __mmask16 live = static_cast<__mmask16>((1u << std::min<int64_t>(16, N - n0)) - 1);
+    const __m512 add = bias ? _mm512_maskz_loadu_ps(live, bias + n0) : _mm512_setzero_ps();
     for (int r = 0; r < R; ++r)
-      odd[r] = _mm512_dpbf16_ps(odd[r], (__m512bh)_mm512_set1_epi32(x[r * K + K - 1]), w0);
-  }
-  const int64_t n0 = b * 16;
-  const __mmask16 live = static_cast<__mmask16>((1u << std::min<int64_t>(16, N - n0)) - 1);
-  const __m512 add = bias ? _mm512_maskz_loadu_ps(live, bias + n0) : _mm512_setzero_ps();
-  for (int r = 0; r < R; ++r) {
-    const __m512 sum = _mm512_add_ps(_mm512_add_ps(even[r], odd[r]), add);
-    _mm256_mask_storeu_epi16(y + r * N + n0, live, (__m256i)_mm512_cvtneps_pbh(sum));
+      _mm256_mask_storeu_epi16(y + r * N + n0, live, (__m256i)_mm512_cvtneps_pbh(_mm512_add_ps(acc[r][j], add)));
   }
 }
 
+template <int BLK>
+inline void rows_bf16(const uint16_t* x, int64_t M, int64_t K, const uint32_t* w, int64_t block, const float* bias,
+                      uint16_t* y, int64_t N, int64_t b) {
+  int64_t m = 0;
+  for (; m + 8 <= M; m += 8) tile_bf16<8, BLK>(x + m * K, K, w, block, bias, y + m * N, N, b);
+  const uint16_t* xm = x + m * K;
+  uint16_t* ym = y + m * N;
+  switch (M - m) {
+    case 7: tile_bf16<7, BLK>(xm, K, w, block, bias, ym, N, b); break;
+    case 6: tile_bf16<6, BLK>(xm, K, w, block, bias, ym, N, b); break;
+    case 5: tile_bf16<5, BLK>(xm, K, w, block, bias, ym, N, b); break;
+    case 4: tile_bf16<4, BLK>(xm, K, w, block, bias, ym, N, b); break;
+    case 3: tile_bf16<3, BLK>(xm, K, w, block, bias, ym, N, b); break;
+    case 2: tile_bf16<2, BLK>(xm, K, w, block, bias, ym, N, b); break;
+    case 1: tile_bf16<1, BLK>(xm, K, w, block, bias, ym, N, b); break;
+    default: break;
+  }
+}
+
+// Up to 3 rows the product is bound by reading the weights: one block at a time, one sequential stream. From 4
+// rows on it is bound by instructions: three blocks a tile share each row's broadcasts (SmolLM2's products at
+// 8-16 rows on a 2-core Zen 4: 1.3-1.4x faster than one block a tile).
 void run_bf16(const uint16_t* x, int64_t M, int64_t K, const uint32_t* w, int64_t NB, const float* bias, uint16_t* y,
               int64_t N) {
   const int64_t block = (K + 1) / 2 * 16;  // pairs a block
-  at::parallel_for(0, NB, 4, [&](int64_t begin, int64_t end) {
-    for (int64_t b = begin; b < end; ++b) {
-      const uint32_t* wb = w + b * block;
-      int64_t m = 0;
-      for (; m + 8 <= M; m += 8) tile_bf16<8>(x + m * K, K, wb, bias, y + m * N, N, b);
-      const uint16_t* xm = x + m * K;
-      uint16_t* ym = y + m * N;
-      switch (M - m) {
-        case 7: tile_bf16<7>(xm, K, wb, bias, ym, N, b); break;
-        case 6: tile_bf16<6>(xm, K, wb, bias, ym, N, b); break;
-        case 5: tile_bf16<5>(xm, K, wb, bias, ym, N, b); break;
-        case 4: tile_bf16<4>(xm, K, wb, bias, ym, N, b); break;
-        case 3: tile_bf16<3>(xm, K, wb, bias, ym, N, b); break;
-        case 2: tile_bf16<2>(xm, K, wb, bias, ym, N, b); break;
-        case 1: tile_bf16<1>(xm, K, wb, bias, ym, N, b); break;
-        default: break;
+  const int64_t width = M >= 4 ? 3 : 1, groups = (NB + width - 1) / width;
+  at::parallel_for(0, groups, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t g = begin; g < end; ++g) {
+      const int64_t b = g * width;
+      switch (std::min<int64_t>(width, NB - b)) {
+        case 3: rows_bf16<3>(x, M, K, w + b * block, block, bias, y, N, b); break;
+        case 2: rows_bf16<2>(x, M, K, w + b * block, block, bias, y, N, b); break;
+        default: rows_bf16<1>(x, M, K, w + b * block, block, bias, y, N, b); break;
       }
     }
   });
