@@ -96,9 +96,9 @@ def test_changed_weights_and_autograd_take_the_plain_product(dtype, monkeypatch)
 @bf16_dots
 @pytest.mark.parametrize("overrides", [dict(), dict(num_kv_heads=1, qkv_bias=True)])
 def test_bf16_pairs_products_are_close_to_the_plain_ones_and_each_rows_own(overrides, monkeypatch):
-    """On a CPU with AVX-512 BF16 (no AMX) bf16 layers are laid out in pairs for the dot-product kernel (eager
-    passes; a compiled step packs for Inductor's own kernels): logits within bf16 rounding of the plain model's,
-    and a row's logits the same bits alone or beside others, so a prompt in a batch or alone decodes alike."""
+    """On a CPU with AVX-512 BF16 (no AMX) bf16 layers are laid out in pairs for the dot-product kernel, which eager
+    passes and compiled steps call: logits within bf16 rounding of the plain model's, and a row's logits the same
+    bits alone or beside others, so a prompt in a batch or alone decodes alike."""
     model = tiny(**overrides)
     plain = copy.deepcopy(model)
     layers = model.config.num_layers
@@ -116,6 +116,15 @@ def test_bf16_pairs_products_are_close_to_the_plain_ones_and_each_rows_own(overr
         assert torch.equal(model(ids[1:2, :5])[0], logits[1, :5])  # (causal: later positions change nothing)
         qkv.packed.tensor.zero_()  # the copy is what is read
         assert not torch.allclose(model(ids), expected, atol=0.1)
+    monkeypatch.undo()
+    model = tiny(**overrides)
+    pack_weights(model)
+    with torch.no_grad():  # a compiled step calls the kernel too
+        explained = torch._dynamo.explain(model)(torch.randint(0, 97, (1, 1)))
+    assert explained.graph_break_count == 0
+    called = [node for graph in explained.graphs for node in graph.graph.nodes
+              if node.target in (torch.ops.lmforge.bf16_linear, torch.ops.lmforge.bf16_linear.default)]
+    assert len(called) == 4 * layers + 1
 
 
 @bf16_kernels

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -319,6 +321,29 @@ def test_bf16_dot_kernel_equals_fp32_products_rounded_once(restore_isa, monkeypa
     assert not kernels.bf16_dots()
     with pytest.raises(RuntimeError, match="AVX-512 BF16"):
         kernels.bf16_linear(x, pairs, None, outputs)
+
+
+@needs_bf16_dots
+@pytest.mark.slow
+def test_bf16_model_decodes_alike_eager_and_compiled_with_the_dot_kernel():
+    """The load layout of a bf16 model (pairs) decodes through the kernel eagerly and inside a compiled step (an
+    opaque op in the frozen graph): the same greedy tokens, and the kernel's logits within bf16 rounding of
+    the plain model's."""
+    from lmforge.model.fused import inference_layout
+
+    torch.manual_seed(0)
+    model = DecoderLM(preset("tiny", vocab_size=96, tie_embeddings=False, init_std=0.3)).eval().to(torch.bfloat16)
+    plain = copy.deepcopy(model)
+    inference_layout(model, torch.bfloat16, "cpu")
+    assert model.lm_head.packed.pairs and model.blocks[0].attn.qkv.packed.pairs
+    prompt = [[3, 1, 4, 1, 5, 9]]
+    config = SamplingConfig(max_new_tokens=12, temperature=0)
+    eager = generate(model, prompt, config)
+    step = CompiledDecodeStep(model, max_autotune=False)
+    assert generate(model, prompt, config, decode_step=step) == eager
+    ids = torch.tensor([prompt[0] + eager[0]])
+    with torch.inference_mode():
+        torch.testing.assert_close(model(ids).float(), plain(ids).float(), rtol=0.03, atol=0.03)
 
 
 def test_a_build_guard_left_by_a_killed_process_does_not_block_the_next_load():
