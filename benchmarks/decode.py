@@ -106,7 +106,8 @@ def variants(model: DecoderLM, new_tokens: int, use_compile: bool) -> dict[str, 
         runtime = Runtime.resolve("cpu", dtype_name)
         ours = copy.deepcopy(model).to(runtime.dtype)
         runners[f"lmforge {dtype_name}"] = lmforge_runner(ours, runtime, new_tokens)
-        for name, laid_out in load_layouts(ours, runtime.dtype).items():
+        layouts = load_layouts(ours, runtime.dtype)
+        for name, laid_out in layouts.items():
             runners[f"lmforge {dtype_name}, {name}"] = lmforge_runner(laid_out, runtime, new_tokens)
         if dtype_name == "bf16":
             runners["lmforge fp32 weights + bf16 autocast"] = lmforge_runner(model, runtime, new_tokens)
@@ -116,6 +117,13 @@ def variants(model: DecoderLM, new_tokens: int, use_compile: bool) -> dict[str, 
             runners[f"lmforge {dtype_name} + compiled decode step"] = lmforge_runner(ours, runtime, new_tokens, step)
             print(f"compiling the lmforge {dtype_name} decode step for batch 1: {step.warm_up(1):.0f}s")
             check_compiled_step(model, ours, step, prompt_len=16)
+            if "load layout, bf16 dot kernel" in layouts:  # what `lmforge generate --compile` runs on such a CPU
+                laid_out = layouts["load layout, bf16 dot kernel"]
+                step = CompiledDecodeStep(laid_out)
+                runners[f"lmforge {dtype_name}, load layout, bf16 dot kernel + compiled decode step"] = \
+                    lmforge_runner(laid_out, runtime, new_tokens, step)
+                print(f"compiling the same with the bf16 dot kernel: {step.warm_up(1):.0f}s")
+                check_compiled_step(model, laid_out, step, prompt_len=16)
             hf_static = llama_twin(model).to(runtime.dtype)
             runners[f"transformers {dtype_name} static cache + compile"] = hf_runner(
                 hf_static, new_tokens, **hf_compile_kwargs())
