@@ -20,6 +20,10 @@
 // vector serves every row). One body, written once over a small vector interface, is compiled
 // three times: for AVX-512, for AVX2 + FMA and for the compiler's baseline, and the CPU picks
 // at run time, so a build works on any x86-64 machine it runs on (and on other CPUs, scalar).
+//
+// Further down, kernels for one instruction set each, called only where the CPU has it: W8A8 / W4A8 over
+// codes interleaved for AVX-512 VNNI (int_linear_a8_interleaved), and bf16 activations times bf16 weights
+// in pairs for AVX-512 BF16 (bf16_linear: bf16 models' products, model/packed.py).
 
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
