@@ -18,11 +18,11 @@ layers keep a second copy of their codes with 16 rows interleaved (:func:`interl
 first kernel's body over fp16 or bf16 weights (``half_linear``, for ``--weights fp16``):
 each weight widened to fp32 as it is read, no scale or zero. A fourth multiplies bf16 activations by bf16
 weights with AVX-512 BF16's ``vdpbf16ps`` (:func:`bf16_linear`, over weights laid out in pairs by
-:func:`bf16_pairs`): the eager products of bf16 models on CPUs with those instructions and no AMX
-(:mod:`lmforge.model.packed`), 1.3-1.7x oneDNN's at 1-8 rows on a 2-core Zen 4, 1.1-1.2x at 16-32.
+:func:`bf16_pairs`): the eager and compiled products of bf16 models on CPUs with those instructions and no
+AMX (:mod:`lmforge.model.packed`), 1.3-1.7x oneDNN's at 1-8 rows on a 2-core Zen 4, 1.1-1.2x at 16-32.
 
 The extension is built with ``torch.utils.cpp_extension`` the first time an integer layer
-runs (about a minute on 2 cores; cached afterwards under ``TORCH_EXTENSIONS_DIR``, by
+runs or a bf16 model is laid out for inference on a CPU with AVX-512 BF16 (about a minute on 2 cores; cached afterwards under ``TORCH_EXTENSIONS_DIR``, by
 default ``~/.cache/torch_extensions``). Without a C++ compiler, or with
 ``LMFORGE_INT_KERNELS=off``, integer layers use the reference (dequantize, then multiply)
 and 16-bit layers widen their weight for PyTorch's matrix kernels.
@@ -263,8 +263,8 @@ def bf16_pairs(weight: torch.Tensor) -> torch.Tensor:
 
 def bf16_linear(x: torch.Tensor, pairs: torch.Tensor, bias: torch.Tensor | None, outputs: int) -> torch.Tensor:
     """``F.linear(x, W, bias)`` for bf16 ``x (..., K)`` and the weight ``W (outputs, K)`` that :func:`bf16_pairs`
-    laid out: each product exact in fp32, summed in fp32 (two chains a row, then the bias), rounded to bf16
-    once. Equal to ``F.linear`` up to the order of the sums; a row's bits do not depend on the rows beside it."""
+    laid out: each product exact in fp32, summed in fp32 in input order (then the bias), rounded to bf16 once.
+    Equal to ``F.linear`` up to the order of the sums; a row's bits do not depend on the rows beside it."""
     return torch.ops.lmforge.bf16_linear(x, pairs, bias, outputs)
 
 
