@@ -323,27 +323,92 @@ def test_bf16_dot_kernel_equals_fp32_products_rounded_once(restore_isa, monkeypa
         kernels.bf16_linear(x, pairs, None, outputs)
 
 
+def grouped_attention_case(batch: int, heads: int, kv_heads: int, dim: int, tokens: int, keys: int, seed: int = 0):
+    """bf16 q (B, H, T, D) and k, v read from a larger cache (as the engine's slots: views, not copies), and a
+    ragged causal mask: each slot's first new token sees its own number of keys; keys beyond are NaN."""
+    torch.manual_seed(seed)
+    q = torch.randn(batch, heads, tokens, dim).bfloat16()
+    cache = torch.randn(2, batch, kv_heads, keys + 7, dim).bfloat16()
+    seen = torch.randint(0, keys - tokens + 1, (batch, 1))
+    mask = (torch.arange(keys)[None, None, :] <= (seen + torch.arange(tokens))[:, :, None])[:, None]
+    cache[:, :, :, keys:] = float("nan")
+    for b in range(batch):  # nothing a row may not see should matter, even NaN
+        cache[:, b, :, int(seen[b]) + tokens:] = float("nan")
+    return q, cache[0, :, :, :keys], cache[1, :, :, :keys], mask
+
+
+@needs_bf16_dots
+def test_bf16_grouped_attention_equals_the_reference_and_each_rows_own(monkeypatch):
+    """A decode step's attention in C++: within bf16 rounding of softmax(q k^T / sqrt(D)) v in float64 (grouped
+    heads, ragged masks, every head size it takes); masked keys add nothing, not even their NaN; a row that may see
+    no key gives 0; each row's bits the same alone, among the new tokens of its slot, and in a batch of slots
+    (where the work is split among threads by slot instead of by row)."""
+    from lmforge.model.attention import eager_attention, grouped_query_attention
+
+    for batch, heads, kv_heads, dim, tokens in [(1, 9, 3, 64, 1), (20, 9, 3, 64, 5), (3, 8, 2, 128, 3),
+                                                (12, 4, 4, 32, 2), (2, 6, 1, 96, 1)]:
+        q, k, v, mask = grouped_attention_case(batch, heads, kv_heads, dim, tokens, keys=45)
+        out = kernels.bf16_grouped_attention(q, k, v, mask)
+        assert out.dtype == torch.bfloat16 and out.shape == q.shape and not out.isnan().any()
+        reference = eager_attention(q.double(), k.double().nan_to_num(), v.double().nan_to_num(), mask=mask)
+        assert ((out.double() - reference).abs() <= reference.abs() * 2.0 ** -8 + 1e-5).all(), (batch, dim, tokens)
+        for t in range(tokens):
+            assert torch.equal(kernels.bf16_grouped_attention(q[:, :, t:t + 1], k, v, mask[:, :, t:t + 1]),
+                               out[:, :, t:t + 1])
+        assert torch.equal(kernels.bf16_grouped_attention(q[-1:], k[-1:], v[-1:], mask[-1:]), out[-1:])
+        assert torch.equal(grouped_query_attention(q, k, v, mask), out)  # the model's decode steps take it
+    blind = mask.clone()
+    blind[0] = False
+    assert not kernels.bf16_grouped_attention(q, k, v, blind)[0].any()
+    monkeypatch.setenv("LMFORGE_BF16_KERNEL", "off")  # the switch turns it off too: the fused kernel's result
+    assert not kernels.bf16_attends(q, k, v)
+    assert not torch.equal(grouped_query_attention(q, k.nan_to_num(), v.nan_to_num(), mask), out)
+    monkeypatch.delenv("LMFORGE_BF16_KERNEL")
+    assert not kernels.bf16_attends(q.float(), k.float(), v.float())
+    assert not kernels.bf16_attends(q.requires_grad_(), k, v)  # no backward
+    with pytest.raises(RuntimeError, match="bf16 queries"):
+        kernels.bf16_grouped_attention(q.float(), k, v, mask)
+    with pytest.raises(RuntimeError, match="head size 48"):
+        kernels.bf16_grouped_attention(q[..., :48], k[..., :48], v[..., :48], mask)
+    with pytest.raises(RuntimeError, match="does not fit"):
+        kernels.bf16_grouped_attention(q[:1], k, v, mask[:1])
+
+
 @needs_bf16_dots
 @pytest.mark.slow
-def test_bf16_model_decodes_alike_eager_and_compiled_with_the_dot_kernel():
-    """The load layout of a bf16 model (pairs) decodes through the kernel eagerly and inside a compiled step (an
-    opaque op in the frozen graph): the same greedy tokens, and the kernel's logits within bf16 rounding of
-    the plain model's."""
+def test_bf16_model_decodes_alike_eager_and_compiled_with_the_dot_kernels():
+    """The load layout of a bf16 model (pairs) decodes through the product and attention kernels eagerly and
+    inside a compiled step (opaque ops in the frozen graph): the same greedy tokens, and the kernels' logits
+    within bf16 rounding of the plain model's."""
+    from lmforge.infer.slot_cache import SlotKVCache, attention_mask
     from lmforge.model.fused import inference_layout
 
     torch.manual_seed(0)
-    model = DecoderLM(preset("tiny", vocab_size=96, tie_embeddings=False, init_std=0.3)).eval().to(torch.bfloat16)
+    config = preset("tiny", vocab_size=96, tie_embeddings=False, init_std=0.3, num_heads=2, num_kv_heads=1)
+    assert config.head_dim == 32  # a head size the attention kernel takes
+    model = DecoderLM(config).eval().to(torch.bfloat16)
     plain = copy.deepcopy(model)
     inference_layout(model, torch.bfloat16, "cpu")
     assert model.lm_head.packed.pairs and model.blocks[0].attn.qkv.packed.pairs
     prompt = [[3, 1, 4, 1, 5, 9]]
-    config = SamplingConfig(max_new_tokens=12, temperature=0)
-    eager = generate(model, prompt, config)
+    sampling = SamplingConfig(max_new_tokens=12, temperature=0)
+    eager = generate(model, prompt, sampling)
     step = CompiledDecodeStep(model, max_autotune=False)
-    assert generate(model, prompt, config, decode_step=step) == eager
+    assert generate(model, prompt, sampling, decode_step=step) == eager
     ids = torch.tensor([prompt[0] + eager[0]])
     with torch.inference_mode():
         torch.testing.assert_close(model(ids).float(), plain(ids).float(), rtol=0.03, atol=0.03)
+    cache = SlotKVCache.for_model(model, 2, 32)
+    positions = torch.tensor([[5], [7]])
+    cache.bind(positions, 8)
+    with torch.no_grad():  # what a compiled engine step traces: both kernels, no graph break
+        explained = torch._dynamo.explain(model)(torch.tensor([[1], [2]]), cache, positions=positions,
+                                                 mask=attention_mask(positions, 8))
+    assert explained.graph_break_count == 0
+    targets = [node.target for graph in explained.graphs for node in graph.graph.nodes]
+    attention = torch.ops.lmforge.bf16_grouped_attention
+    assert sum(t in (attention, attention.default) for t in targets) == config.num_layers
+    assert sum(t in (torch.ops.lmforge.bf16_linear, torch.ops.lmforge.bf16_linear.default) for t in targets) > 0
 
 
 def test_a_build_guard_left_by_a_killed_process_does_not_block_the_next_load():

@@ -19,7 +19,8 @@ first kernel's body over fp16 or bf16 weights (``half_linear``, for ``--weights 
 each weight widened to fp32 as it is read, no scale or zero. A fourth multiplies bf16 activations by bf16
 weights with AVX-512 BF16's ``vdpbf16ps`` (:func:`bf16_linear`, over weights laid out in pairs by
 :func:`bf16_pairs`): the eager and compiled products of bf16 models on CPUs with those instructions and no
-AMX (:mod:`lmforge.model.packed`), 1.3-1.7x oneDNN's at 1-8 rows on a 2-core Zen 4, 1.1-1.2x at 16-32.
+AMX (:mod:`lmforge.model.packed`), 1.3-1.7x oneDNN's at 1-8 rows on a 2-core Zen 4, 1.1-1.2x at 16-32. On the
+same CPUs a fifth does a decode step's attention over the cached keys in bf16 (:func:`bf16_grouped_attention`).
 
 The extension is built with ``torch.utils.cpp_extension`` the first time an integer layer
 runs or a bf16 model is laid out for inference on a CPU with AVX-512 BF16 (about a minute on 2 cores; cached afterwards under ``TORCH_EXTENSIONS_DIR``, by
@@ -46,7 +47,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-__all__ = ["KERNEL_MAX_ROWS", "available", "best_isa", "bf16_dots", "bf16_linear", "bf16_pairs", "dequantize",
+__all__ = ["ATTENTION_HEAD_SIZES", "KERNEL_MAX_ROWS", "available", "best_isa", "bf16_attends", "bf16_dots",
+           "bf16_grouped_attention", "bf16_linear", "bf16_pairs", "dequantize",
            "half_linear", "int_linear_a8",
            "int_linear_a8_interleaved", "int_linear", "interleave", "interleaves", "isa", "serves", "set_isa"]
 
@@ -145,6 +147,10 @@ def _register_fake() -> None:
     @torch.library.register_fake("lmforge::bf16_linear")
     def _(x, pairs, bias, N):
         return x.new_empty((*x.shape[:-1], N))
+
+    @torch.library.register_fake("lmforge::bf16_grouped_attention")
+    def _(q, k, v, mask):
+        return torch.empty(q.shape, dtype=q.dtype, device=q.device)
 
 
 @torch.compiler.assume_constant_result  # traced as its value: the build never happens inside a graph
@@ -266,6 +272,25 @@ def bf16_linear(x: torch.Tensor, pairs: torch.Tensor, bias: torch.Tensor | None,
     laid out: each product exact in fp32, summed in fp32 in input order (then the bias), rounded to bf16 once.
     Equal to ``F.linear`` up to the order of the sums; a row's bits do not depend on the rows beside it."""
     return torch.ops.lmforge.bf16_linear(x, pairs, bias, outputs)
+
+
+ATTENTION_HEAD_SIZES = (32, 64, 96, 128)  # the head sizes bf16_grouped_attention is compiled for
+
+
+def bf16_attends(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
+    """Whether :func:`bf16_grouped_attention` serves this attention: bf16 on a CPU where :func:`bf16_dots`, a head
+    size it knows, nothing that needs gradients (the kernel has no backward)."""
+    return (q.dtype == torch.bfloat16 and q.device.type == "cpu" and q.shape[-1] in ATTENTION_HEAD_SIZES
+            and not (q.requires_grad or k.requires_grad or v.requires_grad) and bf16_dots())
+
+
+def bf16_grouped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """softmax(q k^T / sqrt(D), where ``mask``) v of bf16 ``q (B, H, T, D)`` over ``k, v (B, Hkv, Tk, D)``, each kv
+    head serving H / Hkv query heads; ``mask (B, 1, T, Tk)`` boolean, True where a query may look -> (B, H, T, D)
+    bf16. Scores with ``vdpbf16ps``, the softmax and the values' sums in fp32, one rounding; a row that may see no
+    key gives 0. For the few new tokens a row of a decode step (:func:`lmforge.model.attention.grouped_query_attention`):
+    each row's bits are its own, whatever the rows beside it."""
+    return torch.ops.lmforge.bf16_grouped_attention(q, k, v, mask)
 
 
 def half_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:

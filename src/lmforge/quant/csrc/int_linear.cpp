@@ -23,7 +23,8 @@
 //
 // Further down, kernels for one instruction set each, called only where the CPU has it: W8A8 / W4A8 over
 // codes interleaved for AVX-512 VNNI (int_linear_a8_interleaved), and bf16 activations times bf16 weights
-// in pairs for AVX-512 BF16 (bf16_linear: bf16 models' products, model/packed.py).
+// in pairs for AVX-512 BF16 (bf16_linear: bf16 models' products, model/packed.py), and, with the same
+// instructions, the attention of a decode step's few new tokens over their cached keys (bf16_grouped_attention).
 
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
@@ -867,6 +868,132 @@ void run_bf16(const uint16_t* x, int64_t M, int64_t K, const uint32_t* w, int64_
 }
 #pragma GCC pop_options
 
+// ---------------------------------------------------------------------------------------------
+// Attention of a few new tokens a row over their cached keys, bf16 (bf16_grouped_attention: the batched engine's
+// decode steps, speculative checks and short prompts; model/attention.py grouped_query_attention). For each row
+// of queries (a query head of a kv head's group, one new token):
+//   s[j] = (q . k[j]) / sqrt(D)          q . k with `vdpbf16ps` (bf16 pairs, fp32 sums), where the mask allows j
+//   p[j] = exp(s[j] - max s) / sum       fp32 (a vector exp), masked keys exactly 0
+//   out  = sum over allowed j of p[j] v[j]   fp32 sums in key order, rounded to bf16 once
+// Why: PyTorch's fused CPU kernel gives each (row, kv head) a few tiny bf16 matrix products with their own
+// set-up; on a 2-core Zen 4 a SmolLM2 decode step at 16 rows and 200 cached positions spent 0.46 ms a layer
+// there (13.7 of 36 ms a step), this 0.1 (docs/BENCHMARKS.md). The probabilities stay fp32 (the fused kernel
+// rounds them to bf16 before the values' product). Each row takes the same instructions whatever the rows beside
+// it (rows are split among threads one at a time or a kv head's at once: the same bits), and a masked key adds
+// exactly nothing, so a speculative step's first row equals the one-token step's.
+// ---------------------------------------------------------------------------------------------
+
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,fma")
+// e^x for x <= 0 in 16 lanes: x = n ln2 + r (|r| <= ln2 / 2), e^r by its Taylor series to r^6 (relative error
+// about 1e-7), times 2^n (scalef). Below -87 (and -inf) exactly 0.
+inline __m512 exp_nonpositive(__m512 x) {
+  const __mmask16 tiny = _mm512_cmp_ps_mask(x, _mm512_set1_ps(-87.0f), _CMP_LT_OQ);
+  x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);  // ln 2 in two parts: n ln2 exact enough
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 e = _mm512_set1_ps(1.0f / 720);
+  for (const float c : {1.0f / 120, 1.0f / 24, 1.0f / 6, 0.5f, 1.0f, 1.0f}) e = _mm512_fmadd_ps(e, r, _mm512_set1_ps(c));
+  return _mm512_maskz_mov_ps(static_cast<__mmask16>(~tiny), _mm512_scalef_ps(e, n));
+}
+
+inline __m512 widen_bf16(const uint16_t* p) {  // 16 bf16 -> 16 fp32 (the bits moved up)
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p)), 16));
+}
+
+// Query rows r0 .. r0 + rows - 1 of one (slot, kv head): row r is head r / T of the group, new token r % T.
+// q, out: (G * T, D) of the group; k, v: (Tk, D); mask: (T, Tk). scores: rows x (Tk rounded up to 16, + 16).
+template <int NV>  // D / 16
+void attend_rows(const uint16_t* q, const uint16_t* k, const uint16_t* v, const bool* mask, int64_t T, int64_t Tk,
+                 int64_t r0, int64_t rows, float scale, uint16_t* out, float* scores) {
+  constexpr int D = NV * 16, NZ = NV / 2, RC = 24 / NV;  // RC rows' sums of values in registers at once
+  const int64_t padded = (Tk + 15) / 16 * 16, stride = padded + 16;
+  for (int64_t i = 0; i < rows; ++i) {  // scores, then the softmax's numerators in place; 1 / sum after them
+    const int64_t r = r0 + i;
+    const bool* allowed = mask + (r % T) * Tk;
+    __m512bh qv[NZ];
+    for (int z = 0; z < NZ; ++z) qv[z] = (__m512bh)_mm512_loadu_si512(q + r * D + 32 * z);
+    float* s = scores + i * stride;
+    float top = -INFINITY;
+    for (int64_t j = 0; j < Tk; ++j) {
+      if (!allowed[j]) {
+        s[j] = -INFINITY;
+        continue;
+      }
+      __m512 acc = _mm512_setzero_ps();
+      for (int z = 0; z < NZ; ++z)
+        acc = _mm512_dpbf16_ps(acc, qv[z], (__m512bh)_mm512_loadu_si512(k + j * D + 32 * z));
+      s[j] = _mm512_reduce_add_ps(acc) * scale;
+      top = std::max(top, s[j]);
+    }
+    std::fill(s + Tk, s + padded, -INFINITY);
+    const __m512 shift = _mm512_set1_ps(top == -INFINITY ? 0.0f : top);
+    __m512 sum = _mm512_setzero_ps();
+    for (int64_t j = 0; j < padded; j += 16) {
+      const __m512 e = exp_nonpositive(_mm512_sub_ps(_mm512_loadu_ps(s + j), shift));
+      _mm512_storeu_ps(s + j, e);
+      sum = _mm512_add_ps(sum, e);
+    }
+    const float total = _mm512_reduce_add_ps(sum);
+    s[padded] = total > 0 ? 1.0f / total : 0.0f;  // a row that may see no key comes out 0 (as the fused kernel's)
+  }
+  for (int64_t c = 0; c < rows; c += RC) {  // the values: each key's row widened once for up to RC query rows
+    const int n = static_cast<int>(std::min<int64_t>(RC, rows - c));
+    __m512 acc[RC][NV];
+    for (int i = 0; i < RC; ++i)
+      for (int z = 0; z < NV; ++z) acc[i][z] = _mm512_setzero_ps();
+    for (int64_t j = 0; j < Tk; ++j) {
+      __mmask16 live[RC];
+      bool any = false;
+      for (int i = 0; i < n; ++i) {
+        live[i] = mask[((r0 + c + i) % T) * Tk + j] ? 0xFFFF : 0;
+        any |= live[i] != 0;
+      }
+      if (!any) continue;
+      __m512 vv[NV];
+      for (int z = 0; z < NV; ++z) vv[z] = widen_bf16(v + j * D + 16 * z);
+      for (int i = 0; i < n; ++i) {
+        const __m512 p = _mm512_set1_ps(scores[(c + i) * stride + j]);
+        for (int z = 0; z < NV; ++z) acc[i][z] = _mm512_mask3_fmadd_ps(p, vv[z], acc[i][z], live[i]);
+      }
+    }
+    for (int i = 0; i < n; ++i) {
+      const __m512 inv = _mm512_set1_ps(scores[(c + i) * stride + padded]);
+      uint16_t* o = out + (r0 + c + i) * D;
+      for (int z = 0; z < NV; ++z)
+        _mm256_storeu_si256((__m256i*)(o + 16 * z), (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(acc[i][z], inv)));
+    }
+  }
+}
+
+// q (B, H, T, D) and out contiguous; k, v (B, Hkv, Tk, D) with rows of D in a row (strides kb, kh: slot, head);
+// mask (B, T, Tk). One task a (slot, kv head), or a single query row when there are few of those (batch 1: 9 rows
+// of SmolLM2 over 2 threads, not 3 kv heads).
+void run_attention(const uint16_t* q, const uint16_t* k, const uint16_t* v, int64_t kb, int64_t kh, const bool* mask,
+                   uint16_t* out, int64_t B, int64_t H, int64_t Hkv, int64_t T, int64_t Tk, int64_t D) {
+  const int64_t G = H / Hkv, R = G * T;
+  const int64_t chunk = B * Hkv >= 8 * at::get_num_threads() ? R : 1, per = (R + chunk - 1) / chunk;
+  const float scale = 1.0f / std::sqrt(static_cast<float>(D));
+  at::parallel_for(0, B * Hkv * per, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> scores(chunk * ((Tk + 15) / 16 * 16 + 16));
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t item = task / per, b = item / Hkv, h = item % Hkv, r0 = task % per * chunk;
+      const int64_t rows = std::min(chunk, R - r0), group = (b * H + h * G) * T * D;
+      const uint16_t *kp = k + b * kb + h * kh, *vp = v + b * kb + h * kh;
+      const bool* m = mask + b * T * Tk;
+      switch (D) {
+        case 32: attend_rows<2>(q + group, kp, vp, m, T, Tk, r0, rows, scale, out + group, scores.data()); break;
+        case 64: attend_rows<4>(q + group, kp, vp, m, T, Tk, r0, rows, scale, out + group, scores.data()); break;
+        case 96: attend_rows<6>(q + group, kp, vp, m, T, Tk, r0, rows, scale, out + group, scores.data()); break;
+        default: attend_rows<8>(q + group, kp, vp, m, T, Tk, r0, rows, scale, out + group, scores.data()); break;
+      }
+    }
+  });
+}
+#pragma GCC pop_options
+
 bool has_bf16_dots() {
   static const bool bf16 = (__builtin_cpu_init(), __builtin_cpu_supports("avx512bf16") != 0);
   return bf16;
@@ -1172,6 +1299,34 @@ at::Tensor bf16_linear(const at::Tensor& x, const at::Tensor& pairs, const std::
 #endif
 }
 
+// softmax(q k^T / sqrt(D) + mask) v for q (B, H, T, D) bf16 over k, v (B, Hkv, Tk, D) bf16, H a multiple of Hkv
+// (each kv head serves H / Hkv query heads), mask (B, 1, T, Tk) bool (True: may look); D 32, 64, 96 or 128.
+at::Tensor bf16_grouped_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                  const at::Tensor& mask) {
+  TORCH_CHECK(q.device().is_cpu() && k.device().is_cpu() && v.device().is_cpu(), "bf16_grouped_attention runs on CPUs");
+#ifdef LMF_X86
+  TORCH_CHECK(has_bf16_dots() && current_isa() == "avx512", "bf16_grouped_attention needs AVX-512 BF16");
+  TORCH_CHECK(q.scalar_type() == at::kBFloat16 && k.scalar_type() == at::kBFloat16 && v.scalar_type() == at::kBFloat16,
+              "bf16_grouped_attention takes bf16 queries, keys and values");
+  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && k.sizes() == v.sizes(), "q is (B, H, T, D); k and v (B, Hkv, Tk, D)");
+  const int64_t B = q.size(0), H = q.size(1), T = q.size(2), D = q.size(3), Hkv = k.size(1), Tk = k.size(2);
+  TORCH_CHECK(k.size(0) == B && k.size(3) == D && Hkv > 0 && H % Hkv == 0, "q ", q.sizes(), " does not fit k ",
+              k.sizes());
+  TORCH_CHECK(D == 32 || D == 64 || D == 96 || D == 128, "head size ", D, " is not 32, 64, 96 or 128");
+  TORCH_CHECK(mask.scalar_type() == at::kBool && mask.dim() == 4, "the mask is boolean (B, 1, T, Tk)");
+  at::Tensor keys = k, values = v;
+  if (k.stride(3) != 1 || k.stride(2) != D || v.strides() != k.strides()) keys = k.contiguous(), values = v.contiguous();
+  at::Tensor qc = q.contiguous(), m = mask.expand({B, 1, T, Tk}).contiguous();
+  at::Tensor out = at::empty({B, H, T, D}, q.options());
+  run_attention(reinterpret_cast<const uint16_t*>(qc.data_ptr()), reinterpret_cast<const uint16_t*>(keys.data_ptr()),
+                reinterpret_cast<const uint16_t*>(values.data_ptr()), keys.stride(0), keys.stride(1),
+                m.data_ptr<bool>(), reinterpret_cast<uint16_t*>(out.data_ptr()), B, H, Hkv, T, Tk, D);
+  return out;
+#else
+  TORCH_CHECK(false, "bf16_grouped_attention needs AVX-512 BF16");
+#endif
+}
+
 bool bf16_dots() {
 #ifdef LMF_X86
   return has_bf16_dots();
@@ -1215,6 +1370,8 @@ TORCH_LIBRARY(lmforge, m) {
   m.impl("int_linear_a8_interleaved", c10::DispatchKey::CPU, TORCH_FN(int_linear_a8_interleaved));
   m.def("bf16_linear(Tensor x, Tensor pairs, Tensor? bias, int N) -> Tensor");
   m.impl("bf16_linear", c10::DispatchKey::CPU, TORCH_FN(bf16_linear));
+  m.def("bf16_grouped_attention(Tensor q, Tensor k, Tensor v, Tensor mask) -> Tensor");
+  m.impl("bf16_grouped_attention", c10::DispatchKey::CPU, TORCH_FN(bf16_grouped_attention));
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
