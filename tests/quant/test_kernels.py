@@ -339,15 +339,17 @@ def grouped_attention_case(batch: int, heads: int, kv_heads: int, dim: int, toke
 
 @needs_bf16_dots
 def test_bf16_grouped_attention_equals_the_reference_and_each_rows_own(monkeypatch):
-    """A decode step's attention in C++: within bf16 rounding of softmax(q k^T / sqrt(D)) v in float64 (grouped
-    heads, ragged masks, every head size it takes); masked keys add nothing, not even their NaN; a row that may see
-    no key gives 0; each row's bits the same alone, among the new tokens of its slot, and in a batch of slots
-    (where the work is split among threads by slot instead of by row)."""
-    from lmforge.model.attention import eager_attention, grouped_query_attention
+    """A decoder's cached attention in C++: within bf16 rounding of softmax(q k^T / sqrt(D)) v in float64 (grouped
+    heads, ragged masks, every head size it takes, a decode step's one token a row to a prompt's 40); masked keys
+    add nothing, not even their NaN; a row that may see no key gives 0; each row's bits the same alone, among the
+    new tokens of its slot, and in a batch of slots (where the work is split among threads by slot instead of by
+    row)."""
+    from lmforge.model.attention import eager_attention, sdpa_attention
 
-    for batch, heads, kv_heads, dim, tokens in [(1, 9, 3, 64, 1), (20, 9, 3, 64, 5), (3, 8, 2, 128, 3),
-                                                (12, 4, 4, 32, 2), (2, 6, 1, 96, 1)]:
-        q, k, v, mask = grouped_attention_case(batch, heads, kv_heads, dim, tokens, keys=45)
+    for batch, heads, kv_heads, dim, tokens, keys in [(1, 9, 3, 64, 1, 45), (20, 9, 3, 64, 5, 45),
+                                                      (3, 8, 2, 128, 3, 45), (12, 4, 4, 32, 2, 45),
+                                                      (2, 6, 1, 96, 1, 45), (2, 9, 3, 64, 40, 100)]:
+        q, k, v, mask = grouped_attention_case(batch, heads, kv_heads, dim, tokens, keys)
         out = kernels.bf16_grouped_attention(q, k, v, mask)
         assert out.dtype == torch.bfloat16 and out.shape == q.shape and not out.isnan().any()
         reference = eager_attention(q.double(), k.double().nan_to_num(), v.double().nan_to_num(), mask=mask)
@@ -356,13 +358,13 @@ def test_bf16_grouped_attention_equals_the_reference_and_each_rows_own(monkeypat
             assert torch.equal(kernels.bf16_grouped_attention(q[:, :, t:t + 1], k, v, mask[:, :, t:t + 1]),
                                out[:, :, t:t + 1])
         assert torch.equal(kernels.bf16_grouped_attention(q[-1:], k[-1:], v[-1:], mask[-1:]), out[-1:])
-        assert torch.equal(grouped_query_attention(q, k, v, mask), out)  # the model's decode steps take it
+        assert torch.equal(sdpa_attention(q, k, v, mask=mask), out)  # the model's decode steps take it
     blind = mask.clone()
     blind[0] = False
     assert not kernels.bf16_grouped_attention(q, k, v, blind)[0].any()
     monkeypatch.setenv("LMFORGE_BF16_KERNEL", "off")  # the switch turns it off too: the fused kernel's result
     assert not kernels.bf16_attends(q, k, v)
-    assert not torch.equal(grouped_query_attention(q, k.nan_to_num(), v.nan_to_num(), mask), out)
+    assert not torch.equal(sdpa_attention(q, k.nan_to_num(), v.nan_to_num(), mask=mask), out)
     monkeypatch.delenv("LMFORGE_BF16_KERNEL")
     assert not kernels.bf16_attends(q.float(), k.float(), v.float())
     assert not kernels.bf16_attends(q.requires_grad_(), k, v)  # no backward

@@ -903,33 +903,54 @@ inline __m512 widen_bf16(const uint16_t* p) {  // 16 bf16 -> 16 fp32 (the bits m
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p)), 16));
 }
 
-// Query rows r0 .. r0 + rows - 1 of one (slot, kv head): row r is head r / T of the group, new token r % T.
-// q, out: (G * T, D) of the group; k, v: (Tk, D); mask: (T, Tk). scores: rows x (Tk rounded up to 16, + 16).
+// The 16 sums of 16 vectors' lanes, in order: out[i] = sum of a[i]'s lanes. Each vector's lanes are added in the
+// same tree whatever i (pairs within 128-bit lanes, then the four 128-bit lanes), and never mixed with another's.
+inline __m512 sum_lanes16(__m512* a) {
+  __m512 b[8], c[4];
+  for (int i = 0; i < 8; ++i)
+    b[i] = _mm512_add_ps(_mm512_unpacklo_ps(a[2 * i], a[2 * i + 1]), _mm512_unpackhi_ps(a[2 * i], a[2 * i + 1]));
+  for (int i = 0; i < 4; ++i)
+    c[i] = _mm512_add_ps(_mm512_shuffle_ps(b[2 * i], b[2 * i + 1], 0x44), _mm512_shuffle_ps(b[2 * i], b[2 * i + 1], 0xEE));
+  const __m512 e0 = _mm512_add_ps(_mm512_shuffle_f32x4(c[0], c[1], 0x88), _mm512_shuffle_f32x4(c[0], c[1], 0xDD));
+  const __m512 e1 = _mm512_add_ps(_mm512_shuffle_f32x4(c[2], c[3], 0x88), _mm512_shuffle_f32x4(c[2], c[3], 0xDD));
+  return _mm512_add_ps(_mm512_shuffle_f32x4(e0, e1, 0x88), _mm512_shuffle_f32x4(e0, e1, 0xDD));
+}
+
+// Query rows r0 .. r0 + rows - 1 (at most 24 / NV) of one (slot, kv head): row r is head r / T of the group, new
+// token r % T. q, out: (G * T, D) of the group; k, v: (Tk, D); mask: (T, Tk). scores: rows x (Tk rounded up to 16).
 template <int NV>  // D / 16
 void attend_rows(const uint16_t* q, const uint16_t* k, const uint16_t* v, const bool* mask, int64_t T, int64_t Tk,
-                 int64_t r0, int64_t rows, float scale, uint16_t* out, float* scores) {
+                 int64_t r0, int rows, float scale, uint16_t* out, float* scores) {
   constexpr int D = NV * 16, NZ = NV / 2, RC = 24 / NV;  // RC rows' sums of values in registers at once
-  const int64_t padded = (Tk + 15) / 16 * 16, stride = padded + 16;
-  for (int64_t i = 0; i < rows; ++i) {  // scores, then the softmax's numerators in place; 1 / sum after them
+  const int64_t padded = (Tk + 15) / 16 * 16;
+  float inverse[RC];
+  for (int i = 0; i < rows; ++i) {  // scores 16 keys at a time, then the softmax's numerators in place
     const int64_t r = r0 + i;
     const bool* allowed = mask + (r % T) * Tk;
     __m512bh qv[NZ];
     for (int z = 0; z < NZ; ++z) qv[z] = (__m512bh)_mm512_loadu_si512(q + r * D + 32 * z);
-    float* s = scores + i * stride;
-    float top = -INFINITY;
-    for (int64_t j = 0; j < Tk; ++j) {
-      if (!allowed[j]) {
-        s[j] = -INFINITY;
-        continue;
+    float* s = scores + i * padded;
+    __m512 top = _mm512_set1_ps(-INFINITY);
+    for (int64_t j0 = 0; j0 < Tk; j0 += 16) {
+      const int n = static_cast<int>(std::min<int64_t>(16, Tk - j0));
+      const __mmask16 keys = static_cast<__mmask16>((1u << n) - 1);
+      const __mmask16 seen = _mm_mask_cmpneq_epi8_mask(keys, _mm_maskz_loadu_epi8(keys, allowed + j0), _mm_setzero_si128());
+      __m512 dots = _mm512_set1_ps(-INFINITY);
+      if (seen) {  // a block no query of this row may see (the future of a prompt, a shorter slot) costs nothing
+        __m512 a[16];
+        for (int jj = 0; jj < 16; ++jj) {
+          a[jj] = _mm512_setzero_ps();
+          if (jj < n)
+            for (int z = 0; z < NZ; ++z)
+              a[jj] = _mm512_dpbf16_ps(a[jj], qv[z], (__m512bh)_mm512_loadu_si512(k + (j0 + jj) * D + 32 * z));
+        }
+        dots = _mm512_mask_mul_ps(dots, seen, sum_lanes16(a), _mm512_set1_ps(scale));  // masked: -inf
       }
-      __m512 acc = _mm512_setzero_ps();
-      for (int z = 0; z < NZ; ++z)
-        acc = _mm512_dpbf16_ps(acc, qv[z], (__m512bh)_mm512_loadu_si512(k + j * D + 32 * z));
-      s[j] = _mm512_reduce_add_ps(acc) * scale;
-      top = std::max(top, s[j]);
+      _mm512_storeu_ps(s + j0, dots);
+      top = _mm512_max_ps(top, dots);
     }
-    std::fill(s + Tk, s + padded, -INFINITY);
-    const __m512 shift = _mm512_set1_ps(top == -INFINITY ? 0.0f : top);
+    const float most = _mm512_reduce_max_ps(top);
+    const __m512 shift = _mm512_set1_ps(most == -INFINITY ? 0.0f : most);
     __m512 sum = _mm512_setzero_ps();
     for (int64_t j = 0; j < padded; j += 16) {
       const __m512 e = exp_nonpositive(_mm512_sub_ps(_mm512_loadu_ps(s + j), shift));
@@ -937,50 +958,48 @@ void attend_rows(const uint16_t* q, const uint16_t* k, const uint16_t* v, const 
       sum = _mm512_add_ps(sum, e);
     }
     const float total = _mm512_reduce_add_ps(sum);
-    s[padded] = total > 0 ? 1.0f / total : 0.0f;  // a row that may see no key comes out 0 (as the fused kernel's)
+    inverse[i] = total > 0 ? 1.0f / total : 0.0f;  // a row that may see no key comes out 0 (as the fused kernel's)
   }
-  for (int64_t c = 0; c < rows; c += RC) {  // the values: each key's row widened once for up to RC query rows
-    const int n = static_cast<int>(std::min<int64_t>(RC, rows - c));
-    __m512 acc[RC][NV];
-    for (int i = 0; i < RC; ++i)
-      for (int z = 0; z < NV; ++z) acc[i][z] = _mm512_setzero_ps();
-    for (int64_t j = 0; j < Tk; ++j) {
-      __mmask16 live[RC];
-      bool any = false;
-      for (int i = 0; i < n; ++i) {
-        live[i] = mask[((r0 + c + i) % T) * Tk + j] ? 0xFFFF : 0;
-        any |= live[i] != 0;
-      }
-      if (!any) continue;
-      __m512 vv[NV];
-      for (int z = 0; z < NV; ++z) vv[z] = widen_bf16(v + j * D + 16 * z);
-      for (int i = 0; i < n; ++i) {
-        const __m512 p = _mm512_set1_ps(scores[(c + i) * stride + j]);
-        for (int z = 0; z < NV; ++z) acc[i][z] = _mm512_mask3_fmadd_ps(p, vv[z], acc[i][z], live[i]);
-      }
+  __m512 acc[RC][NV];  // the values: each key's row widened once for the chunk's query rows
+  for (int i = 0; i < RC; ++i)
+    for (int z = 0; z < NV; ++z) acc[i][z] = _mm512_setzero_ps();
+  for (int64_t j = 0; j < Tk; ++j) {
+    __mmask16 live[RC];
+    bool any = false;
+    for (int i = 0; i < rows; ++i) {
+      live[i] = mask[((r0 + i) % T) * Tk + j] ? 0xFFFF : 0;
+      any |= live[i] != 0;
     }
-    for (int i = 0; i < n; ++i) {
-      const __m512 inv = _mm512_set1_ps(scores[(c + i) * stride + padded]);
-      uint16_t* o = out + (r0 + c + i) * D;
-      for (int z = 0; z < NV; ++z)
-        _mm256_storeu_si256((__m256i*)(o + 16 * z), (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(acc[i][z], inv)));
+    if (!any) continue;
+    __m512 vv[NV];
+    for (int z = 0; z < NV; ++z) vv[z] = widen_bf16(v + j * D + 16 * z);
+    for (int i = 0; i < rows; ++i) {
+      const __m512 p = _mm512_set1_ps(scores[i * padded + j]);
+      for (int z = 0; z < NV; ++z) acc[i][z] = _mm512_mask3_fmadd_ps(p, vv[z], acc[i][z], live[i]);
     }
+  }
+  for (int i = 0; i < rows; ++i) {
+    const __m512 inv = _mm512_set1_ps(inverse[i]);
+    uint16_t* o = out + (r0 + i) * D;
+    for (int z = 0; z < NV; ++z)
+      _mm256_storeu_si256((__m256i*)(o + 16 * z), (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(acc[i][z], inv)));
   }
 }
 
 // q (B, H, T, D) and out contiguous; k, v (B, Hkv, Tk, D) with rows of D in a row (strides kb, kh: slot, head);
-// mask (B, T, Tk). One task a (slot, kv head), or a single query row when there are few of those (batch 1: 9 rows
-// of SmolLM2 over 2 threads, not 3 kv heads).
+// mask (B, T, Tk). One task a chunk of a (slot, kv head)'s query rows (24 / (D / 16) of them), or a single row when
+// there are few (slot, kv head)s (batch 1: SmolLM2's 9 rows over 2 threads, not 3 kv heads).
 void run_attention(const uint16_t* q, const uint16_t* k, const uint16_t* v, int64_t kb, int64_t kh, const bool* mask,
                    uint16_t* out, int64_t B, int64_t H, int64_t Hkv, int64_t T, int64_t Tk, int64_t D) {
-  const int64_t G = H / Hkv, R = G * T;
-  const int64_t chunk = B * Hkv >= 8 * at::get_num_threads() ? R : 1, per = (R + chunk - 1) / chunk;
+  const int64_t G = H / Hkv, R = G * T, most = 24 / (D / 16);
+  const int64_t chunk = B * Hkv >= 8 * at::get_num_threads() ? most : 1, per = (R + chunk - 1) / chunk;
   const float scale = 1.0f / std::sqrt(static_cast<float>(D));
   at::parallel_for(0, B * Hkv * per, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> scores(chunk * ((Tk + 15) / 16 * 16 + 16));
+    std::vector<float> scores(chunk * ((Tk + 15) / 16 * 16));
     for (int64_t task = begin; task < end; ++task) {
       const int64_t item = task / per, b = item / Hkv, h = item % Hkv, r0 = task % per * chunk;
-      const int64_t rows = std::min(chunk, R - r0), group = (b * H + h * G) * T * D;
+      const int rows = static_cast<int>(std::min(chunk, R - r0));
+      const int64_t group = (b * H + h * G) * T * D;
       const uint16_t *kp = k + b * kb + h * kh, *vp = v + b * kb + h * kh;
       const bool* m = mask + b * T * Tk;
       switch (D) {
