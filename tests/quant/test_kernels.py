@@ -411,6 +411,25 @@ def test_bf16_model_decodes_alike_eager_and_compiled_with_the_dot_kernels():
     attention = torch.ops.lmforge.bf16_grouped_attention
     assert sum(t in (attention, attention.default) for t in targets) == config.num_layers
     assert sum(t in (torch.ops.lmforge.bf16_linear, torch.ops.lmforge.bf16_linear.default) for t in targets) > 0
+    # the engine's packed passes compiled too (every size symbolic: prompts of any length through the kernels'
+    # fakes): each prompt token's log-probability within bf16 rounding of the eager engine's (greedy tokens
+    # may part at near-ties: Inductor's norms round otherwise), no graph after the warm-up
+    from torch._dynamo.utils import counters
+
+    from lmforge.infer import Engine, Request
+
+    prompts = [[3, 1, 4], [2, 7, 1, 8, 2, 8, 1, 8, 2, 8, 4, 5, 9, 0, 4, 5, 2, 3, 5], [9, 9, 8, 2, 4]]
+    first = SamplingConfig(max_new_tokens=1, temperature=0)
+    eager_engine = Engine(model, max_batch_size=2).generate([Request(p, first, prompt_logprobs=0) for p in prompts])
+    engine = Engine(model, max_batch_size=2, decode_step=CompiledDecodeStep(model, max_autotune=False, prefill=True))
+    engine.warm_up()
+    graphs = counters["stats"]["unique_graphs"]
+    compiled = engine.generate([Request(p, first, prompt_logprobs=0) for p in prompts])
+    pairs = [(a, b) for c, e in zip(compiled, eager_engine) for a, b in zip(c.prompt_logprobs, e.prompt_logprobs)
+             if a is not None]
+    assert len(pairs) == sum(len(p) - 1 for p in prompts)
+    assert all(a.logprob == pytest.approx(b.logprob, abs=0.15) for a, b in pairs)
+    assert counters["stats"]["unique_graphs"] == graphs
 
 
 def test_a_build_guard_left_by_a_killed_process_does_not_block_the_next_load():
