@@ -869,18 +869,19 @@ void run_bf16(const uint16_t* x, int64_t M, int64_t K, const uint32_t* w, int64_
 #pragma GCC pop_options
 
 // ---------------------------------------------------------------------------------------------
-// Attention of a few new tokens a row over their cached keys, bf16 (bf16_grouped_attention: the batched engine's
-// decode steps, speculative checks and short prompts; model/attention.py grouped_query_attention). For each row
-// of queries (a query head of a kv head's group, one new token):
-//   s[j] = (q . k[j]) / sqrt(D)          q . k with `vdpbf16ps` (bf16 pairs, fp32 sums), where the mask allows j
+// A decoder's masked attention in bf16 (bf16_grouped_attention: the batched engine's decode steps over their
+// cached keys, speculative checks, prompts in padded batches, multiple-choice passes; model/attention.py
+// sdpa_attention calls it). For each row of queries (a query head of a kv head's group, one new token):
+//   s[j] = (q . k[j]) / sqrt(D)          `vdpbf16ps` (bf16 pairs, fp32 sums), 16 keys at a time, where the mask allows j
 //   p[j] = exp(s[j] - max s) / sum       fp32 (a vector exp), masked keys exactly 0
 //   out  = sum over allowed j of p[j] v[j]   fp32 sums in key order, rounded to bf16 once
-// Why: PyTorch's fused CPU kernel gives each (row, kv head) a few tiny bf16 matrix products with their own
-// set-up; on a 2-core Zen 4 a SmolLM2 decode step at 16 rows and 200 cached positions spent 0.46 ms a layer
-// there (13.7 of 36 ms a step), this 0.1 (docs/BENCHMARKS.md). The probabilities stay fp32 (the fused kernel
-// rounds them to bf16 before the values' product). Each row takes the same instructions whatever the rows beside
-// it (rows are split among threads one at a time or a kv head's at once: the same bits), and a masked key adds
-// exactly nothing, so a speculative step's first row equals the one-token step's.
+// A block of 16 keys that the row may not see at all (a prompt's future, a slot shorter than the longest) is
+// not read. Why: PyTorch's fused CPU kernel gives each (row, kv head) a few tiny bf16 matrix products with their
+// own set-up; on a 2-core Zen 4 a SmolLM2 decode step at 16 rows and 200 cached positions spent 0.46 ms a layer
+// there (13.7 of 36 ms a step); this takes about a fifth of that (docs/BENCHMARKS.md). The probabilities stay fp32
+// (the fused kernel rounds them to bf16 before the values' product). Each row takes the same instructions
+// whatever the rows beside it (rows are split among threads one at a time or a few of a kv head's at once: the
+// same bits), and a masked key adds exactly nothing, so a speculative step's first row equals the one-token step's.
 // ---------------------------------------------------------------------------------------------
 
 #pragma GCC push_options
