@@ -24,7 +24,8 @@ same CPUs a fifth does a decoder's masked attention in bf16 (:func:`bf16_grouped
 over their cached keys, prompts, multiple-choice passes), 3.5-6x less time than PyTorch's fused kernel for decode steps.
 
 The extension is built with ``torch.utils.cpp_extension`` the first time an integer layer
-runs or a bf16 model is laid out for inference on a CPU with AVX-512 BF16 (about a minute on 2 cores; cached afterwards under ``TORCH_EXTENSIONS_DIR``, by
+runs, or a bf16 model is laid out for inference or attends with a mask on a CPU with AVX-512 BF16 (about a
+minute on 2 cores; cached afterwards under ``TORCH_EXTENSIONS_DIR``, by
 default ``~/.cache/torch_extensions``). Without a C++ compiler, or with
 ``LMFORGE_INT_KERNELS=off``, integer layers use the reference (dequantize, then multiply)
 and 16-bit layers widen their weight for PyTorch's matrix kernels.

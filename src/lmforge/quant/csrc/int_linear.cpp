@@ -900,10 +900,6 @@ inline __m512 exp_nonpositive(__m512 x) {
   return _mm512_maskz_mov_ps(static_cast<__mmask16>(~tiny), _mm512_scalef_ps(e, n));
 }
 
-inline __m512 widen_bf16(const uint16_t* p) {  // 16 bf16 -> 16 fp32 (the bits moved up)
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p)), 16));
-}
-
 // The 16 sums of 16 vectors' lanes, in order: out[i] = sum of a[i]'s lanes. Each vector's lanes are added in the
 // same tree whatever i (pairs within 128-bit lanes, then the four 128-bit lanes), and never mixed with another's.
 inline __m512 sum_lanes16(__m512* a) {
@@ -973,7 +969,7 @@ void attend_rows(const uint16_t* q, const uint16_t* k, const uint16_t* v, const 
     }
     if (!any) continue;
     __m512 vv[NV];
-    for (int z = 0; z < NV; ++z) vv[z] = widen_bf16(v + j * D + 16 * z);
+    for (int z = 0; z < NV; ++z) vv[z] = avx512::widen_bf16(v + j * D + 16 * z);  // the products' widening
     for (int i = 0; i < rows; ++i) {
       const __m512 p = _mm512_set1_ps(scores[i * padded + j]);
       for (int z = 0; z < NV; ++z) acc[i][z] = _mm512_mask3_fmadd_ps(p, vv[z], acc[i][z], live[i]);
@@ -1335,7 +1331,10 @@ at::Tensor bf16_grouped_attention(const at::Tensor& q, const at::Tensor& k, cons
   TORCH_CHECK(D == 32 || D == 64 || D == 96 || D == 128, "head size ", D, " is not 32, 64, 96 or 128");
   TORCH_CHECK(mask.scalar_type() == at::kBool && mask.dim() == 4, "the mask is boolean (B, 1, T, Tk)");
   at::Tensor keys = k, values = v;
-  if (k.stride(3) != 1 || k.stride(2) != D || v.strides() != k.strides()) keys = k.contiguous(), values = v.contiguous();
+  if (k.stride(3) != 1 || k.stride(2) != D || v.strides() != k.strides()) {  // the kernel walks rows of D in a row
+    keys = k.contiguous();
+    values = v.contiguous();
+  }
   at::Tensor qc = q.contiguous(), m = mask.expand({B, 1, T, Tk}).contiguous();
   at::Tensor out = at::empty({B, H, T, D}, q.options());
   run_attention(reinterpret_cast<const uint16_t*>(qc.data_ptr()), reinterpret_cast<const uint16_t*>(keys.data_ptr()),
