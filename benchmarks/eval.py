@@ -31,7 +31,10 @@ aggregation). lm-eval's are the time spent in its request methods (``loglikeliho
 ``simple_evaluate`` call (datasets, instances, metrics) is reported beside it. Both models
 get one tiny untimed warm-up call first; with ``--compile`` lmforge's decode step is
 compiled before that (one graph at the full batch, as `lmforge eval --compile`), timed and
-printed apart. items/s = items / seconds; the ratio is
+printed apart. Every lmforge run starts with an empty prefix cache (``Engine.clear_prefix_cache``): a
+repeat would otherwise find the last run's prompts cached when the engine has a slot for every item, and
+lm-eval keeps nothing between runs. A run does reuse what its own prompts share (the chat format's
+opening): that is lmforge's prefix cache at work. items/s = items / seconds; the ratio is
 lmforge's items/s over lm-eval's. With ``--repeats N`` every task runs N times on each side,
 interleaved (the side that goes first takes turns), and the medians are reported. On a
 machine whose cores are shared with other work the seconds swing widely (10x seen on 2
@@ -104,6 +107,7 @@ class LmforgeSide:
         """(results["tasks"][name][P], results["samples"][f"{name}.{P}"]) of `lmforge eval` on one task,
         P the prompting: ``zero``, or ``few:K`` with ``--shots K``."""
         args = self.args
+        self.model.engine.clear_prefix_cache()  # each run computes its prompts, as lm-eval's does: no repeat reuses the last
         prompting = f"few:{args.shots}" if args.shots else "zero"
         config = EvalConfig(tasks=spec, prompting=prompting, limit=limit, seed=args.seed, chat="on" if chat else "off",
                             batch_size=args.batch_size, leaderboard="", out="", device=args.device, dtype=args.dtype,

@@ -138,6 +138,24 @@ def test_prefix_cache_hit_gives_the_cold_tokens_and_logprobs(make_model):
         assert a.token_id == b.token_id and a.logprob == pytest.approx(b.logprob, abs=1e-5)
         assert [t for t, _ in a.top] == [t for t, _ in b.top]
 
+def test_clearing_the_prefix_cache_forgets_free_slots_and_keeps_running_rows(make_model):
+    model = make_model()
+    system, other = [7, 1, 9, 2, 8, 3, 6, 4, 5, 10, 11, 12], [13, 2, 14, 3, 15, 4, 16, 5]
+    engine = Engine(model, max_batch_size=3)
+    first = engine.generate([Request(system + [30, 31], greedy(5))])[0]
+    engine.add(Request(other + [40], greedy(30), request_id="running"))
+    engine.step()
+    held = len(system) + 2 + len(first.token_ids) - 1  # the free slot's prompt and the tokens fed back after it
+    assert engine.clear_prefix_cache() == held
+    cold = Engine(model, max_batch_size=1).generate([Request(system + [20, 21], greedy(6))])[0]
+    again = engine.generate([Request(system + [20, 21], greedy(6))])[0]
+    assert again.cached_tokens == 0 and again.token_ids == cold.token_ids
+    shared = engine.generate([Request(other + [50], greedy(2))])[0]
+    assert shared.cached_tokens == len(other)  # the running row's slot still serves its prefix
+    while engine.has_work:
+        engine.step()
+    assert engine.clear_prefix_cache() > 0 and engine.clear_prefix_cache() == 0
+
 
 def test_prefix_shared_with_a_running_row_is_copied_into_a_free_slot(make_model):
     model = make_model()

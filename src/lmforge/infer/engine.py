@@ -268,6 +268,17 @@ class Engine:
         self._aborted.append(self._finish(sequence, RequestOutput(request_id, []), "abort"))
         return True
 
+    def clear_prefix_cache(self) -> int:
+        """Forget the tokens that free slots hold, so that the next prompts compute every token afresh
+        (a benchmark's repeats timed alike, new weights loaded in place). Running requests keep
+        theirs. Returns how many cached tokens were forgotten."""
+        forgotten = 0
+        for slot in self.slots:
+            if slot.sequence is None:
+                forgotten += slot.computed
+                slot.tokens, slot.computed = [], 0
+        return forgotten
+
     def step(self) -> list[RequestOutput]:
         """Admit what fits, run one forward pass (new prompts and one token for every running row, or
         a plain decode step), sample; returns what each request added."""
@@ -440,7 +451,8 @@ class Engine:
         decode_mask, compiled = None, self._packed_step()
         if decoding or compiled:  # the decode step's rows first: slots 0..B-1, one token each, as in _decode
             least = self._least_packed_rows() if compiled else 1
-            ids, pos, where = ([row[0] for row in part] for part in self._decode_rows(decoding, least=least))
+            rows = self._decode_rows(decoding, least=least, bucketed=False)
+            ids, pos, where = ([row[0] for row in part] for part in rows)
             kv_len = key_count(max(pos) + 1, self.cache.context)  # as _decode reads them
             decode_mask = attention_mask(torch.tensor(pos)[:, None], kv_len).to(self.device)
             tokens += ids
@@ -529,12 +541,15 @@ class Engine:
     # ---- decoding -------------------------------------------------------------------------------
 
     def _decode_rows(self, decoding: dict[int, _Sequence], drafts: Drafts | None = None,
-                     width: int = 1, least: int = 1) -> tuple[list[list[int]], list[list[int]], list[list[int]]]:
+                     width: int = 1, least: int = 1,
+                     bucketed: bool = True) -> tuple[list[list[int]], list[list[int]], list[list[int]]]:
         """(tokens, positions, cache indices) (B, width) of slots 0..B-1 for one decode step, B the bucket
-        that spans the running rows (and ``least``): each row's pending token, then its guesses in
+        that spans the running rows (and ``least``), or that span itself when not ``bucketed`` (a packed
+        pass, whose length is padded as a whole): each row's pending token, then its guesses in
         ``drafts``. Slots without a running row, and the places a row leaves empty, are padding (token 0
         at position 0, written to the scratch column)."""
-        batch = next(b for b in self.decode_buckets if b > max(decoding, default=-1) and b >= least)
+        span = max(max(decoding, default=-1) + 1, least)
+        batch = next(b for b in self.decode_buckets if b >= span) if bucketed else span
         ids, positions = [[0] * width for _ in range(batch)], [[0] * width for _ in range(batch)]
         write = [[self.cache.scratch] * width for _ in range(batch)]
         for index, sequence in decoding.items():
