@@ -487,7 +487,7 @@ class Engine:
                 mask = (seen[None] <= upto_t) & ((seen[None] < len(prompt)) | (seen[None] >= torch.tensor(branch)[:, None]))
             segments.append(Segment(slot.index, start, len(tokens), mask))
             slot_of += [slot.index] * (len(tokens) - start)
-        padding = shape_bucket(len(tokens)) - len(tokens)  # a few dozen distinct lengths: kernels keep memory per shape
+        padding = shape_bucket(len(tokens)) - len(tokens)  # eight lengths an octave: kernels keep memory per shape
         if padding:  # padding tokens: written to slot 0's scratch column, their outputs unread
             tokens += [0] * padding
             positions += [0] * padding
@@ -747,9 +747,9 @@ def _rows(tensor: torch.Tensor, indices: list[int]) -> torch.Tensor:
 
 
 def shape_bucket(n: int) -> int:
-    """``n`` rounded up to four steps an octave (1..8 as they are, then 10, 12, 14, 16, 20, 24, ...):
-    at most a quarter of padding, and a few dozen distinct sizes up to thousands."""
-    step = max(1, 2 ** (n.bit_length() - 3))
+    """``n`` rounded up to eight steps an octave (1..16 as they are, then 18, 20, ..., 32, 36, 40, ...):
+    at most an eighth of padding, and eight distinct sizes an octave (about ninety up to 4,096)."""
+    step = max(1, 2 ** (n.bit_length() - 4))
     return -(-n // step) * step
 
 
