@@ -1,5 +1,5 @@
 """Packed weights for inference (lmforge.model.packed): bf16 in oneDNN's layout or in pairs for the AVX-512 BF16
-kernel, fp32 transposed."""
+kernel, fp32 in blocks of 16 rows for lmforge's fp32 kernel or transposed for PyTorch's products."""
 
 import copy
 import pickle
@@ -15,6 +15,7 @@ from lmforge.quant import kernels
 bf16_kernels = pytest.mark.skipif(not available(torch.bfloat16, "cpu"),
                                   reason="this CPU's oneDNN has no native bf16 kernels (packing is off here)")
 bf16_dots = pytest.mark.skipif(not kernels.bf16_dots(), reason="the bf16 dot-product kernel needs AVX-512 BF16")
+f32_dots = pytest.mark.skipif(not kernels.f32_dots(), reason="the fp32 kernel is off on this CPU (LMFORGE_F32_KERNEL)")
 
 
 @pytest.fixture
@@ -41,6 +42,7 @@ def packed_calls(monkeypatch) -> list[int]:
         return counted
     monkeypatch.setattr(torch.ops.mkldnn, "_linear_pointwise", counting(torch.ops.mkldnn._linear_pointwise))
     monkeypatch.setattr(kernels, "bf16_linear", counting(kernels.bf16_linear))
+    monkeypatch.setattr(kernels, "f32_linear", counting(kernels.f32_linear))
     return count
 
 
@@ -70,12 +72,17 @@ def test_packed_products_give_the_same_bits(overrides, onednn, monkeypatch):
 
 
 @pytest.mark.parametrize("dtype", [pytest.param(torch.bfloat16, marks=bf16_kernels),
-                                   pytest.param("bf16 pairs", marks=bf16_dots), torch.float32])
+                                   pytest.param("bf16 pairs", marks=bf16_dots), torch.float32,
+                                   pytest.param("fp32 blocks", marks=f32_dots)])
 def test_changed_weights_and_autograd_take_the_plain_product(dtype, monkeypatch):
     if dtype == "bf16 pairs":
         dtype = torch.bfloat16
+    elif dtype == "fp32 blocks":
+        dtype = torch.float32
     elif dtype == torch.bfloat16:
         monkeypatch.setenv("LMFORGE_BF16_KERNEL", "off")
+    else:
+        monkeypatch.setenv("LMFORGE_F32_KERNEL", "off")
     model, other = tiny(dtype=dtype), tiny(seed=1, dtype=dtype)
     pack_weights(model)
     model.load_state_dict(other.state_dict())  # written in place: the packed copies are stale
@@ -151,23 +158,44 @@ def test_fp32_and_bf16_with_its_kernels_are_packed(monkeypatch):
     assert not any(isinstance(m, PackedLinear) for m in model.modules())
 
 
-def test_fp32_products_read_the_transposed_copy():
-    """fp32 layers keep a (in, out) copy that their inference products read: the same logits as the plain
-    model up to the order of the sums, and a changed copy shows in the output (it is the one read)."""
+@pytest.mark.parametrize("layout", ["transposed", pytest.param("blocks", marks=f32_dots)])
+def test_fp32_products_read_their_copy(layout, monkeypatch):
+    """fp32 layers keep a copy that their inference products read: (in, out) for PyTorch's products
+    (``LMFORGE_F32_KERNEL=off``), or 16 rows side by side for lmforge's kernel. The same logits as the plain
+    model up to the order of the sums, and a changed copy shows in the output (it is the one read). With the
+    kernel a row's logits are the same bits alone or beside others, and a compiled step calls it too."""
+    if layout == "transposed":
+        monkeypatch.setenv("LMFORGE_F32_KERNEL", "off")
     model = tiny(dtype=torch.float32, num_kv_heads=1, qkv_bias=True)
     plain = copy.deepcopy(model)
     layers = model.config.num_layers
     assert pack_weights(model) == 4 * layers + 1
     o_proj, qkv = model.blocks[0].attn.o_proj, model.blocks[0].attn.qkv
-    assert o_proj.packed.transposed and o_proj.packed.tensor.shape == o_proj.weight.T.shape
-    assert o_proj.packed.tensor.is_contiguous() and torch.equal(o_proj.packed.tensor, o_proj.weight.T)
-    assert qkv.packed.transposed and qkv.bias is not None  # the bias is added after the product
+    if layout == "transposed":
+        assert o_proj.packed.transposed and o_proj.packed.tensor.shape == o_proj.weight.T.shape
+        assert o_proj.packed.tensor.is_contiguous() and torch.equal(o_proj.packed.tensor, o_proj.weight.T)
+        assert qkv.packed.transposed and qkv.bias is not None  # the bias is added after the product
+    else:
+        assert o_proj.packed.blocks and torch.equal(o_proj.packed.tensor, kernels.f32_blocks(o_proj.weight))
+        assert o_proj.packed.tensor.shape == (-(-o_proj.weight.shape[0] // 16), o_proj.weight.shape[1], 16)
+        assert qkv.packed.blocks and qkv.bias is not None
     ids = torch.randint(0, 97, (3, 10))
     with torch.inference_mode():
         logits, expected = model(ids), plain(ids)
         torch.testing.assert_close(logits, expected, rtol=1e-5, atol=1e-5)
+        if layout == "blocks":
+            assert torch.equal(model(ids[1:2]), logits[1:2])
         o_proj.packed.tensor.zero_()
         assert not torch.allclose(model(ids), expected, atol=1e-3)
+    if layout == "blocks":
+        model = tiny(dtype=torch.float32)
+        pack_weights(model)
+        with torch.no_grad():
+            explained = torch._dynamo.explain(model)(torch.randint(0, 97, (1, 1)))
+        assert explained.graph_break_count == 0
+        called = [node for graph in explained.graphs for node in graph.graph.nodes
+                  if node.target in (torch.ops.lmforge.f32_linear, torch.ops.lmforge.f32_linear.default)]
+        assert len(called) == 4 * layers + 1
 
 
 def test_load_packs_fp32_models_and_bf16_ones_on_cpus_with_bf16_kernels(tmp_path, monkeypatch):
@@ -189,7 +217,8 @@ def test_load_packs_fp32_models_and_bf16_ones_on_cpus_with_bf16_kernels(tmp_path
     assert packed_layers(plain) == 0 and packed_layers(plain32) == 0
     monkeypatch.delenv("LMFORGE_PACKED_WEIGHTS")
     lm32 = lmforge.load(tmp_path / "ckpt", device="cpu", dtype="fp32")
-    assert packed_layers(lm32) == 2 * lm32.model.config.num_layers + 1 and lm32.model.lm_head.packed.transposed
+    head = lm32.model.lm_head.packed
+    assert packed_layers(lm32) == 2 * lm32.model.config.num_layers + 1 and (head.transposed or head.blocks)
     assert lm32.generate("def ", max_new_tokens=12, temperature=0) == \
         plain32.generate("def ", max_new_tokens=12, temperature=0)
     lm = lmforge.load(tmp_path / "ckpt", device="cpu", dtype="bf16")

@@ -323,12 +323,13 @@ def test_bf16_dot_kernel_equals_fp32_products_rounded_once(restore_isa, monkeypa
         kernels.bf16_linear(x, pairs, None, outputs)
 
 
-def grouped_attention_case(batch: int, heads: int, kv_heads: int, dim: int, tokens: int, keys: int, seed: int = 0):
-    """bf16 q (B, H, T, D) and k, v read from a larger cache (as the engine's slots: views, not copies), and a
+def grouped_attention_case(batch: int, heads: int, kv_heads: int, dim: int, tokens: int, keys: int, seed: int = 0,
+                           dtype: torch.dtype = torch.bfloat16):
+    """q (B, H, T, D) and k, v read from a larger cache (as the engine's slots: views, not copies), and a
     ragged causal mask: each slot's first new token sees its own number of keys; keys beyond are NaN."""
     torch.manual_seed(seed)
-    q = torch.randn(batch, heads, tokens, dim).bfloat16()
-    cache = torch.randn(2, batch, kv_heads, keys + 7, dim).bfloat16()
+    q = torch.randn(batch, heads, tokens, dim).to(dtype)
+    cache = torch.randn(2, batch, kv_heads, keys + 7, dim).to(dtype)
     seen = torch.randint(0, keys - tokens + 1, (batch, 1))
     mask = (torch.arange(keys)[None, None, :] <= (seen + torch.arange(tokens))[:, :, None])[:, None]
     cache[:, :, :, keys:] = float("nan")
@@ -337,43 +338,49 @@ def grouped_attention_case(batch: int, heads: int, kv_heads: int, dim: int, toke
     return q, cache[0, :, :, :keys], cache[1, :, :, :keys], mask
 
 
-@needs_bf16_dots
-def test_bf16_grouped_attention_equals_the_reference_and_each_rows_own(monkeypatch):
-    """A decoder's cached attention in C++: within bf16 rounding of softmax(q k^T / sqrt(D)) v in float64 (grouped
-    heads, ragged masks, every head size it takes, a decode step's one token a row to a prompt's 40); masked keys
-    add nothing, not even their NaN; a row that may see no key gives 0; each row's bits the same alone, among the
-    new tokens of its slot, and in a batch of slots (where the work is split among threads by slot instead of by
-    row)."""
+f32_attention = pytest.mark.skipif(not (kernels.f32_dots() and kernels.isa() == "avx512"),
+                                   reason="the fp32 attention kernel needs AVX-512 (and LMFORGE_F32_KERNEL not off)")
+
+
+@pytest.mark.parametrize("dtype", [pytest.param(torch.bfloat16, marks=needs_bf16_dots),
+                                   pytest.param(torch.float32, marks=f32_attention)])
+def test_grouped_attention_equals_the_reference_and_each_rows_own(dtype, monkeypatch):
+    """A decoder's cached attention in C++, bf16 or fp32: within rounding of softmax(q k^T / sqrt(D)) v in float64
+    (grouped heads, ragged masks, every head size it takes, a decode step's one token a row to a prompt's 40);
+    masked keys add nothing, not even their NaN; a row that may see no key gives 0; each row's bits the same
+    alone, among the new tokens of its slot, and in a batch of slots (where the work is split among threads by
+    slot instead of by row)."""
     from lmforge.model.attention import eager_attention, sdpa_attention
 
+    switch, tolerance = ("LMFORGE_BF16_KERNEL", 2.0 ** -8) if dtype == torch.bfloat16 else ("LMFORGE_F32_KERNEL", 1e-5)
     for batch, heads, kv_heads, dim, tokens, keys in [(1, 9, 3, 64, 1, 45), (20, 9, 3, 64, 5, 45),
                                                       (3, 8, 2, 128, 3, 45), (12, 4, 4, 32, 2, 45),
                                                       (2, 6, 1, 96, 1, 45), (2, 9, 3, 64, 40, 100)]:
-        q, k, v, mask = grouped_attention_case(batch, heads, kv_heads, dim, tokens, keys)
-        out = kernels.bf16_grouped_attention(q, k, v, mask)
-        assert out.dtype == torch.bfloat16 and out.shape == q.shape and not out.isnan().any()
+        q, k, v, mask = grouped_attention_case(batch, heads, kv_heads, dim, tokens, keys, dtype=dtype)
+        out = kernels.grouped_attention(q, k, v, mask)
+        assert out.dtype == dtype and out.shape == q.shape and not out.isnan().any()
         reference = eager_attention(q.double(), k.double().nan_to_num(), v.double().nan_to_num(), mask=mask)
-        assert ((out.double() - reference).abs() <= reference.abs() * 2.0 ** -8 + 1e-5).all(), (batch, dim, tokens)
+        assert ((out.double() - reference).abs() <= reference.abs() * tolerance + 1e-5).all(), (batch, dim, tokens)
         for t in range(tokens):
-            assert torch.equal(kernels.bf16_grouped_attention(q[:, :, t:t + 1], k, v, mask[:, :, t:t + 1]),
+            assert torch.equal(kernels.grouped_attention(q[:, :, t:t + 1], k, v, mask[:, :, t:t + 1]),
                                out[:, :, t:t + 1])
-        assert torch.equal(kernels.bf16_grouped_attention(q[-1:], k[-1:], v[-1:], mask[-1:]), out[-1:])
+        assert torch.equal(kernels.grouped_attention(q[-1:], k[-1:], v[-1:], mask[-1:]), out[-1:])
         assert torch.equal(sdpa_attention(q, k, v, mask=mask), out)  # the model's decode steps take it
     blind = mask.clone()
     blind[0] = False
-    assert not kernels.bf16_grouped_attention(q, k, v, blind)[0].any()
-    monkeypatch.setenv("LMFORGE_BF16_KERNEL", "off")  # the switch turns it off too: the fused kernel's result
-    assert not kernels.bf16_attends(q, k, v)
+    assert not kernels.grouped_attention(q, k, v, blind)[0].any()
+    monkeypatch.setenv(switch, "off")  # the switch turns it off too: the fused kernel's result
+    assert not kernels.attends(q, k, v)
     assert not torch.equal(sdpa_attention(q, k.nan_to_num(), v.nan_to_num(), mask=mask), out)
-    monkeypatch.delenv("LMFORGE_BF16_KERNEL")
-    assert not kernels.bf16_attends(q.float(), k.float(), v.float())
-    assert not kernels.bf16_attends(q.requires_grad_(), k, v)  # no backward
-    with pytest.raises(RuntimeError, match="bf16 queries"):
-        kernels.bf16_grouped_attention(q.float(), k, v, mask)
+    monkeypatch.delenv(switch)
+    assert not kernels.attends(q.half(), k.half(), v.half())
+    assert not kernels.attends(q.requires_grad_(), k, v)  # no backward
+    with pytest.raises(RuntimeError, match="all alike"):
+        kernels.grouped_attention(q.double(), k, v, mask)
     with pytest.raises(RuntimeError, match="head size 48"):
-        kernels.bf16_grouped_attention(q[..., :48], k[..., :48], v[..., :48], mask)
+        kernels.grouped_attention(q[..., :48], k[..., :48], v[..., :48], mask)
     with pytest.raises(RuntimeError, match="does not fit"):
-        kernels.bf16_grouped_attention(q[:1], k, v, mask[:1])
+        kernels.grouped_attention(q[:1], k, v, mask[:1])
 
 
 @needs_bf16_dots
@@ -408,7 +415,7 @@ def test_bf16_model_decodes_alike_eager_and_compiled_with_the_dot_kernels():
                                                  mask=attention_mask(positions, 8))
     assert explained.graph_break_count == 0
     targets = [node.target for graph in explained.graphs for node in graph.graph.nodes]
-    attention = torch.ops.lmforge.bf16_grouped_attention
+    attention = torch.ops.lmforge.grouped_attention
     assert sum(t in (attention, attention.default) for t in targets) == config.num_layers
     assert sum(t in (torch.ops.lmforge.bf16_linear, torch.ops.lmforge.bf16_linear.default) for t in targets) > 0
     # the engine's packed passes compiled too (every size symbolic: prompts of any length through the kernels'

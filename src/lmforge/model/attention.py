@@ -115,8 +115,9 @@ def grouped_query_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, m
     more (Intel's took one path for all; bf16 one path on both). The padding costs about 15 us
     a call at one row over 200 keys (36 -> 51 us there), nothing measurable at 16 rows.
 
-    In bf16 on CPUs with AVX-512 BF16 and no AMX, :func:`sdpa_attention` calls lmforge's C++ kernel
-    instead (:func:`~lmforge.quant.kernels.bf16_grouped_attention`), whose rows are independent too.
+    In bf16 on CPUs with AVX-512 BF16 and no AMX, and in fp32 on AVX-512 CPUs without AMX,
+    :func:`sdpa_attention` calls lmforge's C++ kernel instead (:func:`~lmforge.quant.kernels.grouped_attention`),
+    whose rows are independent too.
     """
     batch, heads, queries, dim = q.shape
     kv_heads, num_keys = k.shape[1], k.shape[2]
@@ -171,20 +172,21 @@ def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout: f
                    training: bool = False, mask: torch.Tensor | None = None, causal: bool = True) -> torch.Tensor:
     """Fused attention, same contract as :func:`eager_attention`.
 
-    A decoder's masked inference attention in bf16 (the engine's decode steps and speculative checks, prompts
-    in padded batches, multiple-choice passes) runs in lmforge's C++ kernel on CPUs where
-    :func:`lmforge.quant.kernels.bf16_dots` (AVX-512 BF16, no AMX): :func:`~lmforge.quant.kernels.bf16_grouped_attention`.
-    On a 2-core Zen 4, SmolLM2's shapes: a compiled 16-row decode step at 200 cached positions spent 0.46 ms
-    a layer in PyTorch's fused kernel (37% of the step); a call takes 3.5-6x less time in this one for decode
-    steps, 2.7-3x for prompts of 17-40 tokens in batches, 1.1-1.3x for long ones (docs/BENCHMARKS.md)."""
+    A decoder's masked inference attention (the engine's decode steps and speculative checks, prompts in padded
+    batches, multiple-choice passes) runs in lmforge's C++ kernel where :func:`lmforge.quant.kernels.attends`:
+    bf16 on CPUs with AVX-512 BF16 and no AMX, fp32 on AVX-512 CPUs without AMX
+    (:func:`~lmforge.quant.kernels.grouped_attention`). On a 2-core Zen 4, SmolLM2's shapes: a compiled 16-row bf16
+    decode step at 200 cached positions spent 0.46 ms a layer in PyTorch's fused kernel (37% of the step); a call
+    takes 3.5-6x less time in this one for decode steps, 2.7-3x for prompts of 17-40 tokens in batches, 1.1-1.3x
+    for long ones; in fp32 0.52 ms a layer against 0.23 (docs/BENCHMARKS.md)."""
     num_queries, num_keys = q.shape[2], k.shape[2]
     gqa = q.shape[1] != k.shape[1]
     p = dropout if training else 0.0
     if training and spelled_out_for_training(q, mask, causal):
         return compact_attention(q, k, v, p, mask, causal)
     if (mask is not None and mask.dtype == torch.bool and causal and not training
-            and kernels.bf16_attends(q, k, v)):  # a decoder's cached steps and packed prompts, in bf16: C++
-        return kernels.bf16_grouped_attention(q, k, v, mask)
+            and kernels.attends(q, k, v)):  # a decoder's cached steps and packed prompts: C++
+        return kernels.grouped_attention(q, k, v, mask)
     if mask is not None and mask.is_floating_point():  # an additive bias: the fused kernel wants q's dtype
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask.to(q.dtype), dropout_p=p, enable_gqa=gqa)
     if mask is not None and num_queries <= GROUPED_QUERIES and not training:

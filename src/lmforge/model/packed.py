@@ -21,7 +21,13 @@ against 13.8 packed by oneDNN (1.3-1.7x at 1-8 rows, 1.1-1.2x at 16-32, 0.9-1.1x
 bits are its own at any row count. ``LMFORGE_BF16_KERNEL=off`` keeps oneDNN's
 layout; ``=on`` takes the kernel on AMX CPUs too (not measured there).
 
-An fp32 ``F.linear`` multiplies by the weight transposed (``x @ W.T``); for a few rows
+fp32 weights are laid out 16 rows side by side for lmforge's fp32 kernel where
+:func:`lmforge.quant.kernels.f32_dots` (AVX-512 CPUs without AMX; ``LMFORGE_F32_KERNEL=off|on``): on a 2-core
+Zen 4 PyTorch's fp32 products (MKL) ran SmolLM2's compiled 16-row decode step at about 45 GFLOP/s; the kernel
+took 1.3-3.5x less time at 1-256 rows, the compiled step 131 -> 43 ms at 16 rows and 41 -> 23 at one
+(docs/BENCHMARKS.md). Each output is one chain of FMAs in input order: a row's bits are its own.
+
+Elsewhere an fp32 ``F.linear`` multiplies by the weight transposed (``x @ W.T``); for a few rows
 PyTorch's BLAS was up to three times as slow at that as at ``x @ Wt`` with ``Wt`` (in, out) stored
 in memory order. The fp32 copy is that transpose: 2 cores, Intel Xeon, 8 rows, plain / copy
 (us): a 256 x 8,292 output layer 585 / 263, 576 x 960 142 / 64, 512 x 2,048 266 / 150;
@@ -83,15 +89,20 @@ def _packs(weight: torch.Tensor) -> bool:
 
 class PackedWeight:
     """A weight in the layout its products read fastest, and the identity of the tensor it was made
-    from: bf16 reordered into oneDNN's blocks, fp32 transposed to (in, out) in memory order."""
+    from: bf16 reordered into oneDNN's blocks or in pairs for the bf16 kernel, fp32 in blocks of 16 rows for the
+    fp32 kernel or transposed to (in, out) in memory order."""
 
     def __init__(self, weight: torch.Tensor):
         self.source = weight
         self.pointer, self.version = weight.data_ptr(), weight._version
-        self.transposed = weight.dtype == torch.float32
-        self.pairs = not self.transposed and kernels.bf16_dots()  # the dot-product kernel's layout
+        fp32 = weight.dtype == torch.float32
+        self.blocks = fp32 and kernels.f32_dots()  # the fp32 kernel's layout
+        self.transposed = fp32 and not self.blocks
+        self.pairs = not fp32 and kernels.bf16_dots()  # the dot-product kernel's layout
         with torch.no_grad():
-            if self.transposed:
+            if self.blocks:
+                self.tensor = kernels.f32_blocks(weight)
+            elif self.transposed:
                 self.tensor = weight.detach().t().contiguous()
             elif self.pairs:
                 self.tensor = kernels.bf16_pairs(weight)
@@ -109,8 +120,10 @@ class PackedWeight:
             return False
         if torch.compiler.is_compiling():
             # oneDNN's layout and the transposed one: the compiled step freezes and packs the plain weight on its
-            # own. Pairs: the kernel runs in the graph too (a graph is frozen on the weights it traced anyway)
-            return self.pairs and weight is self.source and x.dtype == torch.bfloat16 and kernels.bf16_dots()
+            # own. Pairs and blocks: the kernels run in the graph too (a graph is frozen on the weights it traced)
+            if self.pairs:
+                return weight is self.source and x.dtype == torch.bfloat16 and kernels.bf16_dots()
+            return self.blocks and weight is self.source and x.dtype == torch.float32 and kernels.f32_dots()
         return (weight is self.source and weight.data_ptr() == self.pointer and weight._version == self.version
                 and x.dtype == weight.dtype and x.device.type == "cpu")
 
@@ -129,6 +142,10 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
         if packed.pairs:
             if kernels.bf16_dots():  # (not when a test moved the kernels to a lower instruction set)
                 return kernels.bf16_linear(x, packed.tensor, bias, weight.shape[0])
+            return F.linear(x, weight, bias)
+        if packed.blocks:
+            if kernels.f32_dots():
+                return kernels.f32_linear(x, packed.tensor, bias, weight.shape[0])
             return F.linear(x, weight, bias)
         return torch.ops.mkldnn._linear_pointwise(x, packed.tensor, bias, "none", [None], "")
     return F.linear(x, weight, bias)

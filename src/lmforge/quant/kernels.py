@@ -19,13 +19,16 @@ first kernel's body over fp16 or bf16 weights (``half_linear``, for ``--weights 
 each weight widened to fp32 as it is read, no scale or zero. A fourth multiplies bf16 activations by bf16
 weights with AVX-512 BF16's ``vdpbf16ps`` (:func:`bf16_linear`, over weights laid out in pairs by
 :func:`bf16_pairs`): the eager and compiled products of bf16 models on CPUs with those instructions and no
-AMX (:mod:`lmforge.model.packed`), 1.3-1.7x oneDNN's at 1-8 rows on a 2-core Zen 4, 1.1-1.2x at 16-32. On the
-same CPUs a fifth does a decoder's masked attention in bf16 (:func:`bf16_grouped_attention`: the engine's decode steps
-over their cached keys, prompts, multiple-choice passes), 3.5-6x less time than PyTorch's fused kernel for decode steps.
+AMX (:mod:`lmforge.model.packed`), 1.3-1.7x oneDNN's at 1-8 rows on a 2-core Zen 4, 1.1-1.2x at 16-32. A fifth
+multiplies fp32 activations by fp32 weights laid out 16 rows side by side (:func:`f32_linear` over
+:func:`f32_blocks`, AVX-512 or AVX2): fp32 models' products where :func:`f32_dots`, 1.3-3.5x less time than
+PyTorch's (MKL's) at 1-256 rows on a 2-core Zen 4. A sixth does a decoder's masked attention in bf16 or fp32 on
+AVX-512 (:func:`grouped_attention`: the engine's decode steps over their cached keys, prompts, multiple-choice
+passes), 3.5-6x (bf16) and 2.3x (fp32) less time than PyTorch's fused kernel for decode steps there.
 
 The extension is built with ``torch.utils.cpp_extension`` the first time an integer layer
-runs, or a bf16 model is laid out for inference or attends with a mask on a CPU with AVX-512 BF16 (about a
-minute on 2 cores; cached afterwards under ``TORCH_EXTENSIONS_DIR``, by
+runs, or a model is laid out for inference (``lmforge.load``; fp32 packing asks :func:`f32_dots`) or a bf16 one
+attends with a mask on a CPU with AVX-512 BF16 (about a minute on 2 cores; cached afterwards under ``TORCH_EXTENSIONS_DIR``, by
 default ``~/.cache/torch_extensions``). Without a C++ compiler, or with
 ``LMFORGE_INT_KERNELS=off``, integer layers use the reference (dequantize, then multiply)
 and 16-bit layers widen their weight for PyTorch's matrix kernels.
@@ -49,8 +52,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-__all__ = ["ATTENTION_HEAD_SIZES", "KERNEL_MAX_ROWS", "available", "best_isa", "bf16_attends", "bf16_dots",
-           "bf16_grouped_attention", "bf16_linear", "bf16_pairs", "dequantize",
+__all__ = ["ATTENTION_HEAD_SIZES", "KERNEL_MAX_ROWS", "attends", "available", "best_isa", "bf16_dots",
+           "grouped_attention", "bf16_linear", "bf16_pairs", "dequantize", "f32_blocks", "f32_dots", "f32_linear",
            "half_linear", "int_linear_a8",
            "int_linear_a8_interleaved", "int_linear", "interleave", "interleaves", "isa", "serves", "set_isa"]
 
@@ -150,7 +153,11 @@ def _register_fake() -> None:
     def _(x, pairs, bias, N):
         return x.new_empty((*x.shape[:-1], N))
 
-    @torch.library.register_fake("lmforge::bf16_grouped_attention")
+    @torch.library.register_fake("lmforge::f32_linear")
+    def _(x, blocks, bias, N):
+        return x.new_empty((*x.shape[:-1], N))
+
+    @torch.library.register_fake("lmforge::grouped_attention")
     def _(q, k, v, mask):
         return torch.empty(q.shape, dtype=q.dtype, device=q.device)
 
@@ -276,24 +283,66 @@ def bf16_linear(x: torch.Tensor, pairs: torch.Tensor, bias: torch.Tensor | None,
     return torch.ops.lmforge.bf16_linear(x, pairs, bias, outputs)
 
 
-ATTENTION_HEAD_SIZES = (32, 64, 96, 128)  # the head sizes bf16_grouped_attention is compiled for
+@torch.compiler.assume_constant_result
+def f32_dots() -> bool:
+    """Whether fp32 products take :func:`f32_linear` here: the extension built, its calls on AVX-512, a CPU
+    without AMX (measured on AMD Zen 4, where it took 1.3-3.5x less time than PyTorch's MKL products at 1-256
+    rows; Intel CPUs with AMX, whose MKL runs Intel's own code paths, not measured). ``LMFORGE_F32_KERNEL=off``
+    keeps PyTorch's products; ``=on`` takes the kernel on any CPU with AVX-512 or AVX2 (its AVX2 body: 1.5-2.9x
+    faster at 1-8 rows on Zen 4's AVX2 units, slower from 32 rows; not measured on an AVX2-only CPU)."""
+    choice = os.environ.get("LMFORGE_F32_KERNEL", "auto").lower()
+    if choice == "off" or not available():
+        return False
+    if choice == "on":
+        return _load().isa() in ("avx512", "avx2")
+    return _load().isa() == "avx512" and not torch.cpu._is_amx_tile_supported()
 
 
-def bf16_attends(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
-    """Whether :func:`bf16_grouped_attention` serves this attention: bf16 on a CPU where :func:`bf16_dots`, a head
-    size it knows, nothing that needs gradients (the kernel has no backward)."""
-    return (q.dtype == torch.bfloat16 and q.device.type == "cpu" and q.shape[-1] in ATTENTION_HEAD_SIZES
-            and not (q.requires_grad or k.requires_grad or v.requires_grad) and bf16_dots())
+def f32_blocks(weight: torch.Tensor) -> torch.Tensor:
+    """An fp32 weight (N, K) in the layout of :func:`f32_linear`: 16 rows side by side, (N / 16, K, 16), the 16
+    outputs' weights of input k in 64 bytes; rows padded with zeros to a multiple of 16."""
+    rows, inputs = weight.shape
+    blocks = -(-rows // 16)
+    padded = F.pad(weight.detach().float(), (0, 0, 0, 16 * blocks - rows))
+    return padded.reshape(blocks, 16, inputs).transpose(1, 2).contiguous()
 
 
-def bf16_grouped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """softmax(q k^T / sqrt(D), where ``mask``) v of bf16 ``q (B, H, T, D)`` over ``k, v (B, Hkv, Tk, D)``, each kv
-    head serving H / Hkv query heads; ``mask (B, 1, T, Tk)`` boolean, True where a query may look -> (B, H, T, D)
-    bf16. Scores with ``vdpbf16ps``, the softmax and the values' sums in fp32, one rounding; a row that may see no
-    key gives 0. Each row's bits are its own, whatever the rows beside it (a speculative check's first token equals
-    the one-token step's). :func:`lmforge.model.attention.sdpa_attention` calls it for a decoder's masked inference
-    attention; key blocks a row may not see (a prompt's future, a shorter slot) cost nothing."""
-    return torch.ops.lmforge.bf16_grouped_attention(q, k, v, mask)
+def f32_linear(x: torch.Tensor, blocks: torch.Tensor, bias: torch.Tensor | None, outputs: int) -> torch.Tensor:
+    """``F.linear(x, W, bias)`` for fp32 ``x (..., K)`` and the weight ``W (outputs, K)`` that :func:`f32_blocks`
+    laid out: each output one chain of FMAs in input order, then the bias. AVX-512 and AVX2 give the same bits;
+    a row's bits do not depend on the rows beside it."""
+    return torch.ops.lmforge.f32_linear(x, blocks, bias, outputs)
+
+
+ATTENTION_HEAD_SIZES = (32, 64, 96, 128)  # the head sizes grouped_attention is compiled for
+
+
+@torch.compiler.assume_constant_result
+def _avx512() -> bool:
+    return available() and _load().isa() == "avx512"
+
+
+def attends(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
+    """Whether :func:`grouped_attention` serves this attention: on a CPU, a head size it knows, nothing that needs
+    gradients (the kernel has no backward), and bf16 where :func:`bf16_dots` or fp32 where :func:`f32_dots`, the
+    calls on AVX-512 (the kernel has no AVX2 body)."""
+    if q.device.type != "cpu" or q.shape[-1] not in ATTENTION_HEAD_SIZES or q.requires_grad or k.requires_grad \
+            or v.requires_grad:
+        return False
+    if q.dtype == torch.bfloat16:
+        return bf16_dots()
+    return q.dtype == torch.float32 and f32_dots() and _avx512()
+
+
+def grouped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """softmax(q k^T / sqrt(D), where ``mask``) v of ``q (B, H, T, D)`` over ``k, v (B, Hkv, Tk, D)``, all bf16 or
+    all fp32, each kv head serving H / Hkv query heads; ``mask (B, 1, T, Tk)`` boolean, True where a query may look
+    -> (B, H, T, D) in q's dtype. Scores 16 keys at a time (bf16: ``vdpbf16ps``; fp32: FMAs), the softmax and the
+    values' sums in fp32, bf16 rounded once at the end; a row that may see no key gives 0. Each row's bits are its
+    own, whatever the rows beside it (a speculative check's first token equals the one-token step's).
+    :func:`lmforge.model.attention.sdpa_attention` calls it for a decoder's masked inference attention; key blocks a
+    row may not see (a prompt's future, a shorter slot) cost nothing."""
+    return torch.ops.lmforge.grouped_attention(q, k, v, mask)
 
 
 def half_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:

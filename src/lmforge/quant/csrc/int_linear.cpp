@@ -23,8 +23,9 @@
 //
 // Further down, kernels for one instruction set each, called only where the CPU has it: W8A8 / W4A8 over
 // codes interleaved for AVX-512 VNNI (int_linear_a8_interleaved), and bf16 activations times bf16 weights
-// in pairs for AVX-512 BF16 (bf16_linear: bf16 models' products, model/packed.py), and, with the same
-// instructions, the attention of a decode step's few new tokens over their cached keys (bf16_grouped_attention).
+// in pairs for AVX-512 BF16 (bf16_linear: bf16 models' products, model/packed.py), fp32 activations times fp32
+// weights in blocks of 16 rows for AVX-512 and AVX2 (f32_linear: fp32 models' products), and, on AVX-512, the
+// attention of a decode step's few new tokens over their cached keys in bf16 or fp32 (grouped_attention).
 
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
@@ -869,16 +870,134 @@ void run_bf16(const uint16_t* x, int64_t M, int64_t K, const uint32_t* w, int64_
 #pragma GCC pop_options
 
 // ---------------------------------------------------------------------------------------------
-// A decoder's masked attention in bf16 (bf16_grouped_attention: the batched engine's decode steps over their
+// fp32 products over weights in blocks (f32_linear): y (M, N) fp32 = x (M, K) fp32 @ W.T. Weights laid out by
+// kernels.f32_blocks: 16 weight rows side by side, (N / 16, K, 16), so the 64 bytes at input k hold it for 16
+// outputs; one FMA multiplies them by a row's broadcast x[k]:
+//   acc[n] = fma(x[k], w[n, k], acc[n])            (k = 0, 1, ..., K - 1: one chain an output, then the bias)
+// AVX-512 takes a block in one register, AVX2 in two halves: the same FMAs in the same order, so both give the
+// same bits, and a row's bits do not depend on the rows beside it. Why: PyTorch's fp32 products (MKL) at 1-64
+// rows ran SmolLM2's compiled 16-row decode step at about 45 GFLOP/s on a 2-core Zen 4 (docs/BENCHMARKS.md).
+// ---------------------------------------------------------------------------------------------
+
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,fma")
+// Rows 0 .. R - 1 of x against blocks b .. b + BLK - 1 (R * BLK sums in registers).
+template <int R, int BLK>
+inline void tile_f32_avx512(const float* x, int64_t K, const float* w, int64_t block, const float* bias, float* y,
+                            int64_t N, int64_t b) {
+  __m512 acc[R][BLK];
+  for (int r = 0; r < R; ++r)
+    for (int j = 0; j < BLK; ++j) acc[r][j] = _mm512_setzero_ps();
+  for (int64_t k = 0; k < K; ++k) {
+    __m512 wv[BLK];
+    for (int j = 0; j < BLK; ++j) wv[j] = _mm512_loadu_ps(w + j * block + k * 16);
+    for (int r = 0; r < R; ++r) {
+      const __m512 xv = _mm512_set1_ps(x[r * K + k]);
+      for (int j = 0; j < BLK; ++j) acc[r][j] = _mm512_fmadd_ps(xv, wv[j], acc[r][j]);
+    }
+  }
+  for (int j = 0; j < BLK; ++j) {
+    const int64_t n0 = (b + j) * 16;
+    const __mmask16 live = static_cast<__mmask16>((1u << std::min<int64_t>(16, N - n0)) - 1);
+    const __m512 add = bias ? _mm512_maskz_loadu_ps(live, bias + n0) : _mm512_setzero_ps();
+    for (int r = 0; r < R; ++r) _mm512_mask_storeu_ps(y + r * N + n0, live, _mm512_add_ps(acc[r][j], add));
+  }
+}
+#pragma GCC pop_options
+
+#pragma GCC push_options
+#pragma GCC target("avx2,fma")
+// The same over AVX2's 8 lanes: a block in two halves, so BLK blocks take 2 * BLK registers a row.
+template <int R, int BLK>
+inline void tile_f32_avx2(const float* x, int64_t K, const float* w, int64_t block, const float* bias, float* y,
+                          int64_t N, int64_t b) {
+  __m256 acc[R][2 * BLK];
+  for (int r = 0; r < R; ++r)
+    for (int j = 0; j < 2 * BLK; ++j) acc[r][j] = _mm256_setzero_ps();
+  for (int64_t k = 0; k < K; ++k) {
+    __m256 wv[2 * BLK];
+    for (int j = 0; j < 2 * BLK; ++j) wv[j] = _mm256_loadu_ps(w + (j / 2) * block + k * 16 + (j % 2) * 8);
+    for (int r = 0; r < R; ++r) {
+      const __m256 xv = _mm256_broadcast_ss(x + r * K + k);
+      for (int j = 0; j < 2 * BLK; ++j) acc[r][j] = _mm256_fmadd_ps(xv, wv[j], acc[r][j]);
+    }
+  }
+  alignas(32) float out[8];
+  for (int j = 0; j < 2 * BLK; ++j) {
+    const int64_t n0 = (b + j / 2) * 16 + (j % 2) * 8, n = std::min<int64_t>(8, N - n0);
+    if (n <= 0) continue;
+    for (int r = 0; r < R; ++r) {
+      _mm256_store_ps(out, acc[r][j]);
+      for (int64_t i = 0; i < n; ++i) y[r * N + n0 + i] = out[i] + (bias ? bias[n0 + i] : 0.0f);
+    }
+  }
+}
+#pragma GCC pop_options
+
+// Rows of x in tiles of RMAX (then the rest) against a group of BLK blocks.
+template <int RMAX, int BLK, template <int, int> class Tile>
+struct RowsF32 {
+  template <int R>  // the last M % RMAX rows: R of them, or fewer
+  static void rest(int64_t left, const float* x, int64_t K, const float* w, int64_t block, const float* bias,
+                   float* y, int64_t N, int64_t b) {
+    if constexpr (R >= 1) {
+      if (left == R) return Tile<R, BLK>::run(x, K, w, block, bias, y, N, b);
+      rest<R - 1>(left, x, K, w, block, bias, y, N, b);
+    }
+  }
+  static void run(const float* x, int64_t M, int64_t K, const float* w, int64_t block, const float* bias, float* y,
+                  int64_t N, int64_t b) {
+    int64_t m = 0;
+    for (; m + RMAX <= M; m += RMAX) Tile<RMAX, BLK>::run(x + m * K, K, w, block, bias, y + m * N, N, b);
+    rest<RMAX - 1>(M - m, x + m * K, K, w, block, bias, y + m * N, N, b);
+  }
+};
+
+template <int R, int BLK>
+struct TileF32Avx512 {
+  static void run(const float* x, int64_t K, const float* w, int64_t block, const float* bias, float* y, int64_t N,
+                  int64_t b) {
+    tile_f32_avx512<R, BLK>(x, K, w, block, bias, y, N, b);
+  }
+};
+template <int R, int BLK>
+struct TileF32Avx2 {
+  static void run(const float* x, int64_t K, const float* w, int64_t block, const float* bias, float* y, int64_t N,
+                  int64_t b) {
+    tile_f32_avx2<R, BLK>(x, K, w, block, bias, y, N, b);
+  }
+};
+
+// AVX-512: up to 3 rows one block a task (one stream of weights); from 4 rows three blocks share each row's
+// broadcast (8 rows x 3 blocks: 24 sums in registers). AVX2 (16 registers): one block a task, 4 rows x 2 halves.
+void run_f32(const float* x, int64_t M, int64_t K, const float* w, int64_t NB, const float* bias, float* y,
+             int64_t N, bool wide) {
+  const int64_t block = K * 16;
+  const int64_t width = wide && M >= 4 ? 3 : 1, groups = (NB + width - 1) / width;
+  at::parallel_for(0, groups, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t g = begin; g < end; ++g) {
+      const int64_t b = g * width, n = std::min<int64_t>(width, NB - b);
+      const float* wb = w + b * block;
+      if (!wide) RowsF32<4, 1, TileF32Avx2>::run(x, M, K, wb, block, bias, y, N, b);
+      else if (n == 3) RowsF32<8, 3, TileF32Avx512>::run(x, M, K, wb, block, bias, y, N, b);
+      else if (n == 2) RowsF32<8, 2, TileF32Avx512>::run(x, M, K, wb, block, bias, y, N, b);
+      else RowsF32<8, 1, TileF32Avx512>::run(x, M, K, wb, block, bias, y, N, b);
+    }
+  });
+}
+
+// ---------------------------------------------------------------------------------------------
+// A decoder's masked attention in bf16 or fp32 (grouped_attention: the batched engine's decode steps over their
 // cached keys, speculative checks, prompts in padded batches, multiple-choice passes; model/attention.py
 // sdpa_attention calls it). For each row of queries (a query head of a kv head's group, one new token):
-//   s[j] = (q . k[j]) / sqrt(D)          `vdpbf16ps` (bf16 pairs, fp32 sums), 16 keys at a time, where the mask allows j
+//   s[j] = (q . k[j]) / sqrt(D)          bf16: `vdpbf16ps` (pairs, fp32 sums); fp32: FMAs; 16 keys at a time, where allowed
 //   p[j] = exp(s[j] - max s) / sum       fp32 (a vector exp), masked keys exactly 0
-//   out  = sum over allowed j of p[j] v[j]   fp32 sums in key order, rounded to bf16 once
+//   out  = sum over allowed j of p[j] v[j]   fp32 sums in key order (bf16: rounded once at the end)
 // A block of 16 keys that the row may not see at all (a prompt's future, a slot shorter than the longest) is
 // not read. Why: PyTorch's fused CPU kernel gives each (row, kv head) a few tiny bf16 matrix products with their
 // own set-up; on a 2-core Zen 4 a SmolLM2 decode step at 16 rows and 200 cached positions spent 0.46 ms a layer
-// there (13.7 of 36 ms a step); this takes about a fifth of that (docs/BENCHMARKS.md). The probabilities stay fp32
+// there (13.7 of 36 ms a step); this takes about a fifth of that (fp32: 0.52 ms a layer against 0.23, the same
+// step). The probabilities stay fp32
 // (the fused kernel rounds them to bf16 before the values' product). Each row takes the same instructions
 // whatever the rows beside it (rows are split among threads one at a time or a few of a kv head's at once: the
 // same bits), and a masked key adds exactly nothing, so a speculative step's first row equals the one-token step's.
@@ -913,19 +1032,52 @@ inline __m512 sum_lanes16(__m512* a) {
   return _mm512_add_ps(_mm512_shuffle_f32x4(e0, e1, 0x88), _mm512_shuffle_f32x4(e0, e1, 0xDD));
 }
 
+// What differs between bf16 and fp32 attention: how a query row is held, how it meets a key row (a key's partial
+// sums in 16 lanes), how a value row is read, how an output row is written. bf16: pairs of inputs with vdpbf16ps,
+// values widened, outputs rounded once; fp32: FMAs, as they are.
+struct Bf16Rows {
+  using T = uint16_t;
+  template <int NV> struct Query { __m512bh v[NV / 2]; };
+  template <int NV> static void load(Query<NV>& q, const T* row) {
+    for (int z = 0; z < NV / 2; ++z) q.v[z] = (__m512bh)_mm512_loadu_si512(row + 32 * z);
+  }
+  template <int NV> static __m512 dot(const Query<NV>& q, const T* key) {
+    __m512 a = _mm512_setzero_ps();
+    for (int z = 0; z < NV / 2; ++z) a = _mm512_dpbf16_ps(a, q.v[z], (__m512bh)_mm512_loadu_si512(key + 32 * z));
+    return a;
+  }
+  static __m512 value(const T* p) { return avx512::widen_bf16(p); }  // the products' widening
+  static void store(T* p, __m512 x) { _mm256_storeu_si256((__m256i*)p, (__m256i)_mm512_cvtneps_pbh(x)); }
+};
+
+struct F32Rows {
+  using T = float;
+  template <int NV> struct Query { __m512 v[NV]; };
+  template <int NV> static void load(Query<NV>& q, const T* row) {
+    for (int z = 0; z < NV; ++z) q.v[z] = _mm512_loadu_ps(row + 16 * z);
+  }
+  template <int NV> static __m512 dot(const Query<NV>& q, const T* key) {
+    __m512 a = _mm512_setzero_ps();
+    for (int z = 0; z < NV; ++z) a = _mm512_fmadd_ps(q.v[z], _mm512_loadu_ps(key + 16 * z), a);
+    return a;
+  }
+  static __m512 value(const T* p) { return _mm512_loadu_ps(p); }
+  static void store(T* p, __m512 x) { _mm512_storeu_ps(p, x); }
+};
+
 // Query rows r0 .. r0 + rows - 1 (at most 24 / NV) of one (slot, kv head): row r is head r / T of the group, new
 // token r % T. q, out: (G * T, D) of the group; k, v: (Tk, D); mask: (T, Tk). scores: rows x (Tk rounded up to 16).
-template <int NV>  // D / 16
-void attend_rows(const uint16_t* q, const uint16_t* k, const uint16_t* v, const bool* mask, int64_t T, int64_t Tk,
-                 int64_t r0, int rows, float scale, uint16_t* out, float* scores) {
-  constexpr int D = NV * 16, NZ = NV / 2, RC = 24 / NV;  // RC rows' sums of values in registers at once
+template <class E, int NV>  // E: Bf16Rows or F32Rows; NV = D / 16
+void attend_rows(const typename E::T* q, const typename E::T* k, const typename E::T* v, const bool* mask, int64_t T,
+                 int64_t Tk, int64_t r0, int rows, float scale, typename E::T* out, float* scores) {
+  constexpr int D = NV * 16, RC = 24 / NV;  // RC rows' sums of values in registers at once
   const int64_t padded = (Tk + 15) / 16 * 16;
   float inverse[RC];
   for (int i = 0; i < rows; ++i) {  // scores 16 keys at a time, then the softmax's numerators in place
     const int64_t r = r0 + i;
     const bool* allowed = mask + (r % T) * Tk;
-    __m512bh qv[NZ];
-    for (int z = 0; z < NZ; ++z) qv[z] = (__m512bh)_mm512_loadu_si512(q + r * D + 32 * z);
+    typename E::template Query<NV> qv;
+    E::load(qv, q + r * D);
     float* s = scores + i * padded;
     __m512 top = _mm512_set1_ps(-INFINITY);
     for (int64_t j0 = 0; j0 < Tk; j0 += 16) {
@@ -935,12 +1087,7 @@ void attend_rows(const uint16_t* q, const uint16_t* k, const uint16_t* v, const 
       __m512 dots = _mm512_set1_ps(-INFINITY);
       if (seen) {  // a block no query of this row may see (the future of a prompt, a shorter slot) costs nothing
         __m512 a[16];
-        for (int jj = 0; jj < 16; ++jj) {
-          a[jj] = _mm512_setzero_ps();
-          if (jj < n)
-            for (int z = 0; z < NZ; ++z)
-              a[jj] = _mm512_dpbf16_ps(a[jj], qv[z], (__m512bh)_mm512_loadu_si512(k + (j0 + jj) * D + 32 * z));
-        }
+        for (int jj = 0; jj < 16; ++jj) a[jj] = jj < n ? E::dot(qv, k + (j0 + jj) * D) : _mm512_setzero_ps();
         dots = _mm512_mask_mul_ps(dots, seen, sum_lanes16(a), _mm512_set1_ps(scale));  // masked: -inf
       }
       _mm512_storeu_ps(s + j0, dots);
@@ -969,7 +1116,7 @@ void attend_rows(const uint16_t* q, const uint16_t* k, const uint16_t* v, const 
     }
     if (!any) continue;
     __m512 vv[NV];
-    for (int z = 0; z < NV; ++z) vv[z] = avx512::widen_bf16(v + j * D + 16 * z);  // the products' widening
+    for (int z = 0; z < NV; ++z) vv[z] = E::value(v + j * D + 16 * z);
     for (int i = 0; i < rows; ++i) {
       const __m512 p = _mm512_set1_ps(scores[i * padded + j]);
       for (int z = 0; z < NV; ++z) acc[i][z] = _mm512_mask3_fmadd_ps(p, vv[z], acc[i][z], live[i]);
@@ -977,17 +1124,17 @@ void attend_rows(const uint16_t* q, const uint16_t* k, const uint16_t* v, const 
   }
   for (int i = 0; i < rows; ++i) {
     const __m512 inv = _mm512_set1_ps(inverse[i]);
-    uint16_t* o = out + (r0 + i) * D;
-    for (int z = 0; z < NV; ++z)
-      _mm256_storeu_si256((__m256i*)(o + 16 * z), (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(acc[i][z], inv)));
+    for (int z = 0; z < NV; ++z) E::store(out + (r0 + i) * D + 16 * z, _mm512_mul_ps(acc[i][z], inv));
   }
 }
 
 // q (B, H, T, D) and out contiguous; k, v (B, Hkv, Tk, D) with rows of D in a row (strides kb, kh: slot, head);
 // mask (B, T, Tk). One task a chunk of a (slot, kv head)'s query rows (24 / (D / 16) of them), or a single row when
 // there are few (slot, kv head)s (batch 1: SmolLM2's 9 rows over 2 threads, not 3 kv heads).
-void run_attention(const uint16_t* q, const uint16_t* k, const uint16_t* v, int64_t kb, int64_t kh, const bool* mask,
-                   uint16_t* out, int64_t B, int64_t H, int64_t Hkv, int64_t T, int64_t Tk, int64_t D) {
+template <class E>
+void run_attention(const typename E::T* q, const typename E::T* k, const typename E::T* v, int64_t kb, int64_t kh,
+                   const bool* mask, typename E::T* out, int64_t B, int64_t H, int64_t Hkv, int64_t T, int64_t Tk,
+                   int64_t D) {
   const int64_t G = H / Hkv, R = G * T, most = 24 / (D / 16);
   const int64_t chunk = B * Hkv >= 8 * at::get_num_threads() ? most : 1, per = (R + chunk - 1) / chunk;
   const float scale = 1.0f / std::sqrt(static_cast<float>(D));
@@ -997,13 +1144,13 @@ void run_attention(const uint16_t* q, const uint16_t* k, const uint16_t* v, int6
       const int64_t item = task / per, b = item / Hkv, h = item % Hkv, r0 = task % per * chunk;
       const int rows = static_cast<int>(std::min(chunk, R - r0));
       const int64_t group = (b * H + h * G) * T * D;
-      const uint16_t *kp = k + b * kb + h * kh, *vp = v + b * kb + h * kh;
+      const typename E::T *kp = k + b * kb + h * kh, *vp = v + b * kb + h * kh;
       const bool* m = mask + b * T * Tk;
       switch (D) {
-        case 32: attend_rows<2>(q + group, kp, vp, m, T, Tk, r0, rows, scale, out + group, scores.data()); break;
-        case 64: attend_rows<4>(q + group, kp, vp, m, T, Tk, r0, rows, scale, out + group, scores.data()); break;
-        case 96: attend_rows<6>(q + group, kp, vp, m, T, Tk, r0, rows, scale, out + group, scores.data()); break;
-        default: attend_rows<8>(q + group, kp, vp, m, T, Tk, r0, rows, scale, out + group, scores.data()); break;
+        case 32: attend_rows<E, 2>(q + group, kp, vp, m, T, Tk, r0, rows, scale, out + group, scores.data()); break;
+        case 64: attend_rows<E, 4>(q + group, kp, vp, m, T, Tk, r0, rows, scale, out + group, scores.data()); break;
+        case 96: attend_rows<E, 6>(q + group, kp, vp, m, T, Tk, r0, rows, scale, out + group, scores.data()); break;
+        default: attend_rows<E, 8>(q + group, kp, vp, m, T, Tk, r0, rows, scale, out + group, scores.data()); break;
       }
     }
   });
@@ -1285,6 +1432,28 @@ at::Tensor int_linear_a8_interleaved(const at::Tensor& x, const at::Tensor& code
 #endif
 }
 
+// What both blocked products share: N within the weights' NB blocks of 16, the bias (N values, made fp32), x as
+// (M, K) rows, and y (M, N) of x's dtype, to be reshaped to x's leading dimensions and N.
+struct BlockedProduct {
+  at::Tensor x2, y, bias;
+  std::vector<int64_t> out_shape;
+};
+
+BlockedProduct blocked_product(const at::Tensor& x, int64_t K, int64_t NB, const std::optional<at::Tensor>& bias,
+                               int64_t N) {
+  TORCH_CHECK(N > (NB - 1) * 16 && N <= NB * 16, "N does not match the weights' blocks");
+  BlockedProduct p;
+  if (bias) {
+    TORCH_CHECK(bias->numel() == N, "the bias has ", bias->numel(), " values for ", N, " outputs");
+    p.bias = bias->to(at::kFloat).contiguous();
+  }
+  p.out_shape.assign(x.sizes().begin(), x.sizes().end());
+  p.out_shape.back() = N;
+  p.x2 = x.reshape({-1, K}).contiguous();
+  p.y = at::empty({p.x2.size(0), N}, x.options());
+  return p;
+}
+
 // bf16 x (..., K) times bf16 weights in pairs (the layout above), optional fp32 bias (N); bf16 out (..., N).
 at::Tensor bf16_linear(const at::Tensor& x, const at::Tensor& pairs, const std::optional<at::Tensor>& bias,
                        int64_t N) {
@@ -1296,34 +1465,51 @@ at::Tensor bf16_linear(const at::Tensor& x, const at::Tensor& pairs, const std::
               "weights in pairs are int32 (N / 16, K / 2, 16)");
   const int64_t NB = pairs.size(0), K = x.size(-1);
   TORCH_CHECK(pairs.size(1) == (K + 1) / 2, "x has ", K, " inputs, the weights ", 2 * pairs.size(1));
-  TORCH_CHECK(N > (NB - 1) * 16 && N <= NB * 16, "N does not match the weights' blocks");
-  at::Tensor b;
-  if (bias) {
-    TORCH_CHECK(bias->numel() == N, "the bias has ", bias->numel(), " values for ", N, " outputs");
-    b = bias->to(at::kFloat).contiguous();
-  }
-  std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
-  out_shape.back() = N;
-  at::Tensor x2 = x.reshape({-1, K}).contiguous(), w = pairs.contiguous();
-  at::Tensor y = at::empty({x2.size(0), N}, x.options());
-  run_bf16(reinterpret_cast<const uint16_t*>(x2.data_ptr()), x2.size(0), K,
-           reinterpret_cast<const uint32_t*>(w.data_ptr()), NB, bias ? b.data_ptr<float>() : nullptr,
-           reinterpret_cast<uint16_t*>(y.data_ptr()), N);
-  return y.reshape(out_shape);
+  BlockedProduct p = blocked_product(x, K, NB, bias, N);
+  at::Tensor w = pairs.contiguous();
+  run_bf16(reinterpret_cast<const uint16_t*>(p.x2.data_ptr()), p.x2.size(0), K,
+           reinterpret_cast<const uint32_t*>(w.data_ptr()), NB, bias ? p.bias.data_ptr<float>() : nullptr,
+           reinterpret_cast<uint16_t*>(p.y.data_ptr()), N);
+  return p.y.reshape(p.out_shape);
 #else
   TORCH_CHECK(false, "bf16_linear needs AVX-512 BF16");
 #endif
 }
 
-// softmax(q k^T / sqrt(D) + mask) v for q (B, H, T, D) bf16 over k, v (B, Hkv, Tk, D) bf16, H a multiple of Hkv
-// (each kv head serves H / Hkv query heads), mask (B, 1, T, Tk) bool (True: may look); D 32, 64, 96 or 128.
-at::Tensor bf16_grouped_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                                  const at::Tensor& mask) {
-  TORCH_CHECK(q.device().is_cpu() && k.device().is_cpu() && v.device().is_cpu(), "bf16_grouped_attention runs on CPUs");
+// fp32 x (..., K) times fp32 weights in blocks of 16 rows (the layout above), optional bias (N); fp32 out (..., N).
+// AVX-512 or AVX2, whichever the calls run on (set_isa).
+at::Tensor f32_linear(const at::Tensor& x, const at::Tensor& blocks, const std::optional<at::Tensor>& bias, int64_t N) {
+  TORCH_CHECK(x.device().is_cpu() && blocks.device().is_cpu(), "f32_linear runs on CPUs");
 #ifdef LMF_X86
-  TORCH_CHECK(has_bf16_dots() && current_isa() == "avx512", "bf16_grouped_attention needs AVX-512 BF16");
-  TORCH_CHECK(q.scalar_type() == at::kBFloat16 && k.scalar_type() == at::kBFloat16 && v.scalar_type() == at::kBFloat16,
-              "bf16_grouped_attention takes bf16 queries, keys and values");
+  const std::string& isa = current_isa();
+  TORCH_CHECK(isa == "avx512" || isa == "avx2", "f32_linear needs AVX-512 or AVX2, the calls run on ", isa);
+  TORCH_CHECK(x.scalar_type() == at::kFloat && blocks.scalar_type() == at::kFloat, "f32_linear takes fp32, got ",
+              x.scalar_type(), " and ", blocks.scalar_type());
+  TORCH_CHECK(blocks.dim() == 3 && blocks.size(2) == 16, "weights in blocks are (N / 16, K, 16)");
+  const int64_t NB = blocks.size(0), K = x.size(-1);
+  TORCH_CHECK(blocks.size(1) == K, "x has ", K, " inputs, the weights ", blocks.size(1));
+  BlockedProduct p = blocked_product(x, K, NB, bias, N);
+  at::Tensor w = blocks.contiguous();
+  run_f32(p.x2.data_ptr<float>(), p.x2.size(0), K, w.data_ptr<float>(), NB, bias ? p.bias.data_ptr<float>() : nullptr,
+          p.y.data_ptr<float>(), N, isa == "avx512");
+  return p.y.reshape(p.out_shape);
+#else
+  TORCH_CHECK(false, "f32_linear needs AVX-512 or AVX2");
+#endif
+}
+
+// softmax(q k^T / sqrt(D) + mask) v for q (B, H, T, D) over k, v (B, Hkv, Tk, D), all bf16 (AVX-512 BF16) or all
+// fp32 (AVX-512), H a multiple of Hkv (each kv head serves H / Hkv query heads), mask (B, 1, T, Tk) bool (True: may
+// look); D 32, 64, 96 or 128.
+at::Tensor grouped_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& mask) {
+  TORCH_CHECK(q.device().is_cpu() && k.device().is_cpu() && v.device().is_cpu(), "grouped_attention runs on CPUs");
+#ifdef LMF_X86
+  const bool bf16 = q.scalar_type() == at::kBFloat16;
+  TORCH_CHECK((bf16 || q.scalar_type() == at::kFloat) && k.scalar_type() == q.scalar_type() &&
+              v.scalar_type() == q.scalar_type(), "grouped_attention takes bf16 or fp32 queries, keys and values, "
+              "all alike");
+  TORCH_CHECK(current_isa() == "avx512" && (!bf16 || has_bf16_dots()),
+              bf16 ? "grouped_attention in bf16 needs AVX-512 BF16" : "grouped_attention needs AVX-512");
   TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && k.sizes() == v.sizes(), "q is (B, H, T, D); k and v (B, Hkv, Tk, D)");
   const int64_t B = q.size(0), H = q.size(1), T = q.size(2), D = q.size(3), Hkv = k.size(1), Tk = k.size(2);
   TORCH_CHECK(k.size(0) == B && k.size(3) == D && Hkv > 0 && H % Hkv == 0, "q ", q.sizes(), " does not fit k ",
@@ -1337,12 +1523,18 @@ at::Tensor bf16_grouped_attention(const at::Tensor& q, const at::Tensor& k, cons
   }
   at::Tensor qc = q.contiguous(), m = mask.expand({B, 1, T, Tk}).contiguous();
   at::Tensor out = at::empty({B, H, T, D}, q.options());
-  run_attention(reinterpret_cast<const uint16_t*>(qc.data_ptr()), reinterpret_cast<const uint16_t*>(keys.data_ptr()),
-                reinterpret_cast<const uint16_t*>(values.data_ptr()), keys.stride(0), keys.stride(1),
-                m.data_ptr<bool>(), reinterpret_cast<uint16_t*>(out.data_ptr()), B, H, Hkv, T, Tk, D);
+  if (bf16) {
+    using U = uint16_t;
+    run_attention<Bf16Rows>(reinterpret_cast<const U*>(qc.data_ptr()), reinterpret_cast<const U*>(keys.data_ptr()),
+                            reinterpret_cast<const U*>(values.data_ptr()), keys.stride(0), keys.stride(1),
+                            m.data_ptr<bool>(), reinterpret_cast<U*>(out.data_ptr()), B, H, Hkv, T, Tk, D);
+  } else {
+    run_attention<F32Rows>(qc.data_ptr<float>(), keys.data_ptr<float>(), values.data_ptr<float>(), keys.stride(0),
+                           keys.stride(1), m.data_ptr<bool>(), out.data_ptr<float>(), B, H, Hkv, T, Tk, D);
+  }
   return out;
 #else
-  TORCH_CHECK(false, "bf16_grouped_attention needs AVX-512 BF16");
+  TORCH_CHECK(false, "grouped_attention needs AVX-512");
 #endif
 }
 
@@ -1389,8 +1581,10 @@ TORCH_LIBRARY(lmforge, m) {
   m.impl("int_linear_a8_interleaved", c10::DispatchKey::CPU, TORCH_FN(int_linear_a8_interleaved));
   m.def("bf16_linear(Tensor x, Tensor pairs, Tensor? bias, int N) -> Tensor");
   m.impl("bf16_linear", c10::DispatchKey::CPU, TORCH_FN(bf16_linear));
-  m.def("bf16_grouped_attention(Tensor q, Tensor k, Tensor v, Tensor mask) -> Tensor");
-  m.impl("bf16_grouped_attention", c10::DispatchKey::CPU, TORCH_FN(bf16_grouped_attention));
+  m.def("f32_linear(Tensor x, Tensor blocks, Tensor? bias, int N) -> Tensor");
+  m.impl("f32_linear", c10::DispatchKey::CPU, TORCH_FN(f32_linear));
+  m.def("grouped_attention(Tensor q, Tensor k, Tensor v, Tensor mask) -> Tensor");
+  m.impl("grouped_attention", c10::DispatchKey::CPU, TORCH_FN(grouped_attention));
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
