@@ -291,11 +291,13 @@ def f32_dots() -> bool:
     keeps PyTorch's products; ``=on`` takes the kernel on any CPU with AVX-512 or AVX2 (its AVX2 body: 1.5-2.9x
     faster at 1-8 rows on Zen 4's AVX2 units, slower from 32 rows; not measured on an AVX2-only CPU)."""
     choice = os.environ.get("LMFORGE_F32_KERNEL", "auto").lower()
-    if choice == "off" or not available():
+    if choice == "off":
         return False
-    if choice == "on":
-        return _load().isa() in ("avx512", "avx2")
-    return _load().isa() == "avx512" and not torch.cpu._is_amx_tile_supported()
+    if choice != "on" and (torch.backends.cpu.get_cpu_capability() != "AVX512" or torch.cpu._is_amx_tile_supported()):
+        return False  # the CPU's flags first: no build where the default would not use the kernel
+    if not available():
+        return False
+    return _load().isa() in (("avx512", "avx2") if choice == "on" else ("avx512",))
 
 
 def f32_blocks(weight: torch.Tensor) -> torch.Tensor:
