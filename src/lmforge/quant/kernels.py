@@ -69,6 +69,7 @@ _SOURCE = Path(__file__).parent / "csrc" / "int_linear.cpp"
 _module = None  # the loaded extension, False after a failed build, None before trying
 _vnni: bool | None = None  # whether the extension built and the CPU has AVX-512 VNNI (None: not asked yet)
 _bf16: bool | None = None  # whether the extension built and the CPU has AVX-512 BF16 (None: not asked yet)
+_f32_cpu: bool | None = None  # whether the CPU is one the fp32 kernel serves by default (None: not asked yet)
 
 
 def _load():
@@ -290,10 +291,13 @@ def f32_dots() -> bool:
     rows; Intel CPUs with AMX, whose MKL runs Intel's own code paths, not measured). ``LMFORGE_F32_KERNEL=off``
     keeps PyTorch's products; ``=on`` takes the kernel on any CPU with AVX-512 or AVX2 (its AVX2 body: 1.5-2.9x
     faster at 1-8 rows on Zen 4's AVX2 units, slower from 32 rows; not measured on an AVX2-only CPU)."""
+    global _f32_cpu
     choice = os.environ.get("LMFORGE_F32_KERNEL", "auto").lower()
     if choice == "off":
         return False
-    if choice != "on" and (torch.backends.cpu.get_cpu_capability() != "AVX512" or torch.cpu._is_amx_tile_supported()):
+    if _f32_cpu is None:  # asked once (every eager fp32 product asks)
+        _f32_cpu = torch.backends.cpu.get_cpu_capability() == "AVX512" and not torch.cpu._is_amx_tile_supported()
+    if choice != "on" and not _f32_cpu:
         return False  # the CPU's flags first: no build where the default would not use the kernel
     if not available():
         return False
