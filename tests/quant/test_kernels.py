@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from lmforge.infer import CompiledDecodeStep, SamplingConfig, generate
-from lmforge.model import DecoderLM, preset
+from lmforge.model import DecoderLM, KVCache, preset
 from lmforge.quant import kernels
 from lmforge.quant.integer import (
     IntLinear,
@@ -366,12 +366,17 @@ def test_grouped_attention_equals_the_reference_and_each_rows_own(dtype, monkeyp
                                out[:, :, t:t + 1])
         assert torch.equal(kernels.grouped_attention(q[-1:], k[-1:], v[-1:], mask[-1:]), out[-1:])
         assert torch.equal(sdpa_attention(q, k, v, mask=mask), out)  # the model's decode steps take it
+    # the one-sequence loop's steps (one token a row, no mask: every cached key) take it too
+    q1, k1, v1 = q[:, :, -1:], k.nan_to_num(), v.nan_to_num()
+    one = kernels.grouped_attention(q1, k1, v1, torch.ones(q1.shape[0], 1, 1, k1.shape[2], dtype=torch.bool))
+    assert torch.equal(sdpa_attention(q1, k1, v1), one)
     blind = mask.clone()
     blind[0] = False
     assert not kernels.grouped_attention(q, k, v, blind)[0].any()
     monkeypatch.setenv(switch, "off")  # the switch turns it off too: the fused kernel's result
     assert not kernels.attends(q, k, v)
     assert not torch.equal(sdpa_attention(q, k.nan_to_num(), v.nan_to_num(), mask=mask), out)
+    assert not torch.equal(sdpa_attention(q1, k1, v1), one)
     monkeypatch.delenv(switch)
     assert not kernels.attends(q.half(), k.half(), v.half())
     assert not kernels.attends(q.requires_grad_(), k, v)  # no backward
@@ -418,6 +423,13 @@ def test_bf16_model_decodes_alike_eager_and_compiled_with_the_dot_kernels():
     attention = torch.ops.lmforge.grouped_attention
     assert sum(t in (attention, attention.default) for t in targets) == config.num_layers
     assert sum(t in (torch.ops.lmforge.bf16_linear, torch.ops.lmforge.bf16_linear.default) for t in targets) > 0
+    single = KVCache.for_model(model, 1, 32)  # the one-sequence loop's step (generate, a draft): no mask
+    single.advance(6)
+    with torch.no_grad():
+        explained = torch._dynamo.explain(model)(torch.tensor([[1]]), single)
+    targets = [node.target for graph in explained.graphs for node in graph.graph.nodes]
+    assert explained.graph_break_count == 0
+    assert sum(t in (attention, attention.default) for t in targets) == config.num_layers
     # the engine's packed passes compiled too (every size symbolic: prompts of any length through the kernels'
     # fakes): each prompt token's log-probability within bf16 rounding of the eager engine's (greedy tokens
     # may part at near-ties: Inductor's norms round otherwise), no graph after the warm-up
