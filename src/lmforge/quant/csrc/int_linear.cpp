@@ -779,6 +779,28 @@ bool has_vnni() {
   return vnni;
 }
 
+// Rows of x in tiles of RMAX rows (then the M % RMAX left, in one tile of their own) against a group of BLK blocks
+// of 16 weight rows: Tile<R, BLK>::run takes R rows of x (elements X) against weights W and writes outputs Y. The
+// bf16 and fp32 products share it (each tile's inner steps are its own).
+template <int RMAX, int BLK, template <int, int> class Tile>
+struct RowTiles {
+  template <int R, class X, class W, class Y>
+  static void rest(int64_t left, const X* x, int64_t K, const W* w, int64_t block, const float* bias, Y* y,
+                   int64_t N, int64_t b) {
+    if constexpr (R >= 1) {
+      if (left == R) return Tile<R, BLK>::run(x, K, w, block, bias, y, N, b);
+      rest<R - 1>(left, x, K, w, block, bias, y, N, b);
+    }
+  }
+  template <class X, class W, class Y>
+  static void run(const X* x, int64_t M, int64_t K, const W* w, int64_t block, const float* bias, Y* y, int64_t N,
+                  int64_t b) {
+    int64_t m = 0;
+    for (; m + RMAX <= M; m += RMAX) Tile<RMAX, BLK>::run(x + m * K, K, w, block, bias, y + m * N, N, b);
+    rest<RMAX - 1>(M - m, x + m * K, K, w, block, bias, y + m * N, N, b);
+  }
+};
+
 // ---------------------------------------------------------------------------------------------
 // bf16 products with AVX-512 BF16 dot products (bf16_linear): y (M, N) bf16 = x (M, K) bf16 @ W.T, fp32 sums.
 // Weights in pairs (kernels.bf16_pairs): 16 weight rows side by side, the two inputs 2p and 2p + 1 of each row
@@ -830,24 +852,13 @@ inline void tile_bf16(const uint16_t* x, int64_t K, const uint32_t* w, int64_t b
   }
 }
 
-template <int BLK>
-inline void rows_bf16(const uint16_t* x, int64_t M, int64_t K, const uint32_t* w, int64_t block, const float* bias,
-                      uint16_t* y, int64_t N, int64_t b) {
-  int64_t m = 0;
-  for (; m + 8 <= M; m += 8) tile_bf16<8, BLK>(x + m * K, K, w, block, bias, y + m * N, N, b);
-  const uint16_t* xm = x + m * K;
-  uint16_t* ym = y + m * N;
-  switch (M - m) {
-    case 7: tile_bf16<7, BLK>(xm, K, w, block, bias, ym, N, b); break;
-    case 6: tile_bf16<6, BLK>(xm, K, w, block, bias, ym, N, b); break;
-    case 5: tile_bf16<5, BLK>(xm, K, w, block, bias, ym, N, b); break;
-    case 4: tile_bf16<4, BLK>(xm, K, w, block, bias, ym, N, b); break;
-    case 3: tile_bf16<3, BLK>(xm, K, w, block, bias, ym, N, b); break;
-    case 2: tile_bf16<2, BLK>(xm, K, w, block, bias, ym, N, b); break;
-    case 1: tile_bf16<1, BLK>(xm, K, w, block, bias, ym, N, b); break;
-    default: break;
+template <int R, int BLK>
+struct TileBf16 {
+  static void run(const uint16_t* x, int64_t K, const uint32_t* w, int64_t block, const float* bias, uint16_t* y,
+                  int64_t N, int64_t b) {
+    tile_bf16<R, BLK>(x, K, w, block, bias, y, N, b);
   }
-}
+};
 
 // Up to 3 rows the product is bound by reading the weights: one block at a time, one sequential stream. From 4
 // rows on it is bound by instructions: three blocks a tile share each row's broadcasts (SmolLM2's products at
@@ -860,9 +871,9 @@ void run_bf16(const uint16_t* x, int64_t M, int64_t K, const uint32_t* w, int64_
     for (int64_t g = begin; g < end; ++g) {
       const int64_t b = g * width;
       switch (std::min<int64_t>(width, NB - b)) {
-        case 3: rows_bf16<3>(x, M, K, w + b * block, block, bias, y, N, b); break;
-        case 2: rows_bf16<2>(x, M, K, w + b * block, block, bias, y, N, b); break;
-        default: rows_bf16<1>(x, M, K, w + b * block, block, bias, y, N, b); break;
+        case 3: RowTiles<8, 3, TileBf16>::run(x, M, K, w + b * block, block, bias, y, N, b); break;
+        case 2: RowTiles<8, 2, TileBf16>::run(x, M, K, w + b * block, block, bias, y, N, b); break;
+        default: RowTiles<8, 1, TileBf16>::run(x, M, K, w + b * block, block, bias, y, N, b); break;
       }
     }
   });
@@ -934,25 +945,6 @@ inline void tile_f32_avx2(const float* x, int64_t K, const float* w, int64_t blo
 }
 #pragma GCC pop_options
 
-// Rows of x in tiles of RMAX (then the rest) against a group of BLK blocks.
-template <int RMAX, int BLK, template <int, int> class Tile>
-struct RowsF32 {
-  template <int R>  // the last M % RMAX rows: R of them, or fewer
-  static void rest(int64_t left, const float* x, int64_t K, const float* w, int64_t block, const float* bias,
-                   float* y, int64_t N, int64_t b) {
-    if constexpr (R >= 1) {
-      if (left == R) return Tile<R, BLK>::run(x, K, w, block, bias, y, N, b);
-      rest<R - 1>(left, x, K, w, block, bias, y, N, b);
-    }
-  }
-  static void run(const float* x, int64_t M, int64_t K, const float* w, int64_t block, const float* bias, float* y,
-                  int64_t N, int64_t b) {
-    int64_t m = 0;
-    for (; m + RMAX <= M; m += RMAX) Tile<RMAX, BLK>::run(x + m * K, K, w, block, bias, y + m * N, N, b);
-    rest<RMAX - 1>(M - m, x + m * K, K, w, block, bias, y + m * N, N, b);
-  }
-};
-
 template <int R, int BLK>
 struct TileF32Avx512 {
   static void run(const float* x, int64_t K, const float* w, int64_t block, const float* bias, float* y, int64_t N,
@@ -978,10 +970,10 @@ void run_f32(const float* x, int64_t M, int64_t K, const float* w, int64_t NB, c
     for (int64_t g = begin; g < end; ++g) {
       const int64_t b = g * width, n = std::min<int64_t>(width, NB - b);
       const float* wb = w + b * block;
-      if (!wide) RowsF32<4, 1, TileF32Avx2>::run(x, M, K, wb, block, bias, y, N, b);
-      else if (n == 3) RowsF32<8, 3, TileF32Avx512>::run(x, M, K, wb, block, bias, y, N, b);
-      else if (n == 2) RowsF32<8, 2, TileF32Avx512>::run(x, M, K, wb, block, bias, y, N, b);
-      else RowsF32<8, 1, TileF32Avx512>::run(x, M, K, wb, block, bias, y, N, b);
+      if (!wide) RowTiles<4, 1, TileF32Avx2>::run(x, M, K, wb, block, bias, y, N, b);
+      else if (n == 3) RowTiles<8, 3, TileF32Avx512>::run(x, M, K, wb, block, bias, y, N, b);
+      else if (n == 2) RowTiles<8, 2, TileF32Avx512>::run(x, M, K, wb, block, bias, y, N, b);
+      else RowTiles<8, 1, TileF32Avx512>::run(x, M, K, wb, block, bias, y, N, b);
     }
   });
 }
