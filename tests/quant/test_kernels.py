@@ -202,7 +202,7 @@ def test_interleaved_codes_give_the_row_layouts_products(activations, method, re
         layer = copy.deepcopy(row_layout)
         assert layer.interleave() and layer.il_codes.shape[0] == -(-outputs // 16)
         assert set(layer.state_dict()) == set(row_layout.state_dict())  # a second copy, never saved
-        for rows in (1, 3, 6):
+        for rows in (1, 3, 6, kernels.KERNEL_MAX_ROWS + 5):  # the last a prompt's: the kernel still, not the reference
             x = torch.randn(rows, inputs)
             got = layer(x)
             rounded, scale = quantize_activations(x, layer.act_scale, spec.act_group)

@@ -240,8 +240,9 @@ class IntLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bias = None if self.bias is None else self.bias.to(x.dtype)
-        if kernels.serves(x):
-            if self.il_codes is not None and kernels.interleaves():
+        interleaved = self.il_codes is not None and kernels.interleaves() and x.device.type == "cpu"
+        if interleaved or kernels.serves(x):  # the interleaved codes' kernel at any number of rows (a prompt too)
+            if interleaved:
                 y = kernels.int_linear_a8_interleaved(x, self.il_codes, self.il_scale, self.il_zero, self.act_scale,
                                                       self.spec.bits, self.offset, self.spec.act_group,
                                                       self.out_features)

@@ -62,7 +62,9 @@ __all__ = ["ATTENTION_HEAD_SIZES", "KERNEL_MAX_ROWS", "attends", "available", "b
 # are reused across many rows. Measured on SmolLM2-135M, 2 AVX2 cores, one forward pass:
 # dequantizing with PyTorch ops cost 300-500 ms whatever the rows (the dequantize kernel
 # since: about 2.8x less); the kernels 24 ms at 1 row and 176 (int8), 214 (W8A8) and 497 ms
-# (W4A8) at 64.
+# (W4A8) at 64. The interleaved codes of W8A8 / W4A8 layers on a VNNI CPU (:func:`interleave`) take
+# their kernel at every number of rows: four int8 products an instruction beat the fp32 ones of
+# the reference, SmolLM2's prompt passes 2.1-4.5x faster at 100-2,000 tokens (2-core Zen 4).
 KERNEL_MAX_ROWS = 64
 
 _SOURCE = Path(__file__).parent / "csrc" / "int_linear.cpp"
