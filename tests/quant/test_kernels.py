@@ -379,6 +379,11 @@ def test_grouped_attention_equals_the_reference_and_each_rows_own(dtype, monkeyp
     assert not torch.equal(sdpa_attention(q1, k1, v1), one)
     monkeypatch.delenv(switch)
     assert not kernels.attends(q.half(), k.half(), v.half())
+    other = torch.float32 if dtype == torch.bfloat16 else torch.bfloat16  # autocast: queries in bf16, an fp32 cache
+    assert not kernels.attends(q, k.to(other), v.to(other))
+    if dtype == torch.bfloat16:  # decoding under bf16 autocast over an fp32 cache: the fused kernel, which casts
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert sdpa_attention(q1, k1.float(), v1.float()).dtype == torch.bfloat16
     assert not kernels.attends(q.requires_grad_(), k, v)  # no backward
     with pytest.raises(RuntimeError, match="all alike"):
         kernels.grouped_attention(q.double(), k, v, mask)

@@ -332,10 +332,11 @@ def _avx512() -> bool:
 
 def attends(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
     """Whether :func:`grouped_attention` serves this attention: on a CPU, a head size it knows, nothing that needs
-    gradients (the kernel has no backward), and bf16 where :func:`bf16_dots` or fp32 where :func:`f32_dots`, the
-    calls on AVX-512 (the kernel has no AVX2 body)."""
+    gradients (the kernel has no backward), queries, keys and values of one dtype (not bf16 autocast's queries
+    over an fp32 cache), and bf16 where :func:`bf16_dots` or fp32 where :func:`f32_dots`, the calls on AVX-512
+    (the kernel has no AVX2 body)."""
     if q.device.type != "cpu" or q.shape[-1] not in ATTENTION_HEAD_SIZES or q.requires_grad or k.requires_grad \
-            or v.requires_grad:
+            or v.requires_grad or k.dtype != q.dtype or v.dtype != q.dtype:  # (autocast: bf16 queries, fp32 cache)
         return False
     if q.dtype == torch.bfloat16:
         return bf16_dots()
