@@ -124,6 +124,18 @@ inline V widen_bf16(const uint16_t* p) {
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))), 16));
 }
 #include "int_linear_body.h"
+
+// The end of a tile of the blocked products (bf16_linear, f32_linear): block j's bias (outputs n0 = (b + j) * 16
+// onwards, those below N) added to each row's 16 sums acc[r][j], and `store(r, n0, live outputs, sums)` writes them.
+template <int R, int BLK, class Store>
+inline void finish_tile(const V (&acc)[R][BLK], const float* bias, int64_t N, int64_t b, Store store) {
+  for (int j = 0; j < BLK; ++j) {
+    const int64_t n0 = (b + j) * 16;
+    const __mmask16 live = static_cast<__mmask16>((1u << std::min<int64_t>(16, N - n0)) - 1);
+    const V add = bias ? _mm512_maskz_loadu_ps(live, bias + n0) : _mm512_setzero_ps();
+    for (int r = 0; r < R; ++r) store(r, n0, live, _mm512_add_ps(acc[r][j], add));
+  }
+}
 }  // namespace avx512
 #pragma GCC pop_options
 
@@ -160,6 +172,7 @@ inline V widen_bf16(const uint16_t* p) {
   return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))), 16));
 }
 #include "int_linear_body.h"
+
 }  // namespace avx2
 #pragma GCC pop_options
 #endif  // LMF_X86
@@ -185,6 +198,7 @@ inline void widen4(const uint8_t* p, int z, V& lo, V& hi) {
 inline V widen_f16(const uint16_t* p) { return c10::detail::fp16_ieee_to_fp32_value(*p); }
 inline V widen_bf16(const uint16_t* p) { return bf16_to_float(*p); }
 #include "int_linear_body.h"
+
 }  // namespace scalar
 
 namespace {
@@ -843,13 +857,9 @@ inline void tile_bf16(const uint16_t* x, int64_t K, const uint32_t* w, int64_t b
     });
   if (K % 2)  // an odd last input: its pair's second weight is 0, and nothing beyond the row is read
     step(pairs, [&](int r) { return static_cast<uint32_t>(x[r * K + K - 1]); });
-  for (int j = 0; j < BLK; ++j) {
-    const int64_t n0 = (b + j) * 16;
-    const __mmask16 live = static_cast<__mmask16>((1u << std::min<int64_t>(16, N - n0)) - 1);
-    const __m512 add = bias ? _mm512_maskz_loadu_ps(live, bias + n0) : _mm512_setzero_ps();
-    for (int r = 0; r < R; ++r)
-      _mm256_mask_storeu_epi16(y + r * N + n0, live, (__m256i)_mm512_cvtneps_pbh(_mm512_add_ps(acc[r][j], add)));
-  }
+  avx512::finish_tile(acc, bias, N, b, [&](int r, int64_t n0, __mmask16 live, __m512 sums) {
+    _mm256_mask_storeu_epi16(y + r * N + n0, live, (__m256i)_mm512_cvtneps_pbh(sums));  // rounded once
+  });
 }
 
 template <int R, int BLK>
@@ -907,12 +917,9 @@ inline void tile_f32_avx512(const float* x, int64_t K, const float* w, int64_t b
       for (int j = 0; j < BLK; ++j) acc[r][j] = _mm512_fmadd_ps(xv, wv[j], acc[r][j]);
     }
   }
-  for (int j = 0; j < BLK; ++j) {
-    const int64_t n0 = (b + j) * 16;
-    const __mmask16 live = static_cast<__mmask16>((1u << std::min<int64_t>(16, N - n0)) - 1);
-    const __m512 add = bias ? _mm512_maskz_loadu_ps(live, bias + n0) : _mm512_setzero_ps();
-    for (int r = 0; r < R; ++r) _mm512_mask_storeu_ps(y + r * N + n0, live, _mm512_add_ps(acc[r][j], add));
-  }
+  avx512::finish_tile(acc, bias, N, b, [&](int r, int64_t n0, __mmask16 live, __m512 sums) {
+    _mm512_mask_storeu_ps(y + r * N + n0, live, sums);
+  });
 }
 #pragma GCC pop_options
 
