@@ -22,9 +22,11 @@ them too): steps of 1 + k tokens that check the guesses, compiled with ``--compi
 
 ms/token = wall time / new tokens over all prompts (the prompt's prefill included); decode
 ms/token the same after each prompt's first token; "same output" counts the prompts whose
-output equals the plain one token for token: all of them in fp32; in bf16 the verifying
-pass over several tokens rounds differently from a one-token step, and a near-tie
-between two tokens can go the other way (docs/QUANTIZATION.md).
+output equals the plain one token for token: all of them in fp32, and in bf16 with
+``--engine`` (a check's rows then give the engine's one-token steps' logits to the bit,
+eager or compiled); without it plain bf16 decoding runs the one-sequence loop, which
+rounds otherwise than the engine's steps, and a near-tie between two tokens can go the
+other way (docs/QUANTIZATION.md).
 
     python benchmarks/speculative.py
     python benchmarks/speculative.py --tasks repeat --prompts 4 --draft-tokens 4 8

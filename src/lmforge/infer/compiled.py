@@ -33,6 +33,18 @@ RECOMPILE_LIMIT = 64  # graphs kept for DecoderLM.forward: one per model, batch 
 CACHE_LENGTH = "L['cache'].length,L['cache'].kv_len"
 
 
+# Inductor's settings for every compiled step and packed pass:
+# - freezing: the weights become constants it may prepack;
+# - the autotuner's tables of kernel timings are not printed;
+# - emulate_precision_casts: where the eager code rounds to bf16 (or fp16), so does the graph. Left alone,
+#   Inductor fused a residual add with the RMSNorm after it and, in a one-token graph, squared the fp32 sum
+#   before its rounding, while in a (1, 5) graph it stored the rounded sum first and squared that (as eager
+#   code does). The rows of a speculative check then rounded otherwise than the one-token steps they stand
+#   for: on SmolLM2 in bf16, keys parted from layer 4 on at every row, and greedy replies with prompt lookup
+#   parted from plain ones in 3 of 12 prompts (12 of 12 the same with it; docs/BENCHMARKS.md). No effect in fp32.
+INDUCTOR = {"freezing": True, "autotune_num_choices_displayed": 0, "emulate_precision_casts": True}
+
+
 # Guards Dynamo keeps on the model's modules: which weights (by identity), the config
 # values the graph was specialized on, and aliasing between inputs.
 _MODULE_GUARDS_KEPT = {"ID_MATCH", "EQUALS_MATCH", "DUPLICATE_INPUT"}
@@ -92,13 +104,12 @@ class CompiledDecodeStep:
             torch._dynamo.maybe_mark_dynamic(ragged["mask"], 3)  # the cache's kv_len (CACHE_LENGTH)
         if "memory_mask" in ragged:  # the source columns read: symbolic too, so every source length
             torch._dynamo.maybe_mark_dynamic(ragged["memory_mask"], 3)  # runs the same graph
-        # Compilation happens lazily inside the call, and freezing is only read from the
-        # global config there (passed in torch.compile's options it is ignored). The
-        # autotuner's tables of kernel timings are not printed. Dynamo keeps its compiled
-        # graphs per code object, so every model compiled in this process shares
-        # DecoderLM.forward's limit (8 by default; each model and batch size takes one):
-        # past it Dynamo would silently run the step eagerly.
-        with inductor_config.patch(freezing=True, autotune_num_choices_displayed=0, cpp_wrapper=self.cpp_wrapper), \
+        # Compilation happens lazily inside the call, and Inductor's settings (INDUCTOR) are
+        # only read from the global config there (passed in torch.compile's options,
+        # freezing is ignored). Dynamo keeps its compiled graphs per code object, so every
+        # model compiled in this process shares DecoderLM.forward's limit (8 by default;
+        # each model and batch size takes one): past it Dynamo would silently run the step eagerly.
+        with inductor_config.patch(cpp_wrapper=self.cpp_wrapper, **INDUCTOR), \
                 torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT), \
                 torch.compiler.config.patch(dynamic_sources=CACHE_LENGTH):
             return self.compiled(input_ids, cache, **ragged)
@@ -118,7 +129,7 @@ class CompiledDecodeStep:
         for tensor in (input_ids, positions):
             torch._dynamo.maybe_mark_dynamic(tensor, 1)
         cache.mark_dynamic()
-        with inductor_config.patch(freezing=True, autotune_num_choices_displayed=0, cpp_wrapper=self.cpp_wrapper), \
+        with inductor_config.patch(cpp_wrapper=self.cpp_wrapper, **INDUCTOR), \
                 torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT):
             return self.compiled(input_ids, cache, return_hidden=True, positions=positions)
 
