@@ -1135,7 +1135,14 @@ void run_attention(const typename E::T* q, const typename E::T* k, const typenam
                    const bool* mask, typename E::T* out, int64_t B, int64_t H, int64_t Hkv, int64_t T, int64_t Tk,
                    int64_t D) {
   const int64_t G = H / Hkv, R = G * T, most = 24 / (D / 16);
-  const int64_t chunk = B * Hkv >= 8 * at::get_num_threads() ? most : 1, per = (R + chunk - 1) / chunk;
+  // Rows a task: as many of a kv head's rows as share one read of its keys (up to `most`) while the tasks still
+  // number 4 a thread. A speculative check at batch 1 (5 tokens x 3 query heads a kv head) runs 9 tasks of 5 rows,
+  // where one row a task read each head's keys 15 times: SmolLM2's 30 layers 1.24 -> 1.08 ms in bf16, 8 tokens
+  // 1.23 -> 1.01 (fp32 1.76 -> 1.40); one token as before (docs/BENCHMARKS.md).
+  int64_t chunk = 1;
+  for (int64_t c = most; c > 1 && chunk == 1; --c)
+    if (B * Hkv * ((R + c - 1) / c) >= 4 * at::get_num_threads()) chunk = c;
+  const int64_t per = (R + chunk - 1) / chunk;
   const float scale = 1.0f / std::sqrt(static_cast<float>(D));
   at::parallel_for(0, B * Hkv * per, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> scores(chunk * ((Tk + 15) / 16 * 16));
