@@ -32,6 +32,7 @@ other way (docs/QUANTIZATION.md).
     python benchmarks/speculative.py --tasks repeat --prompts 4 --draft-tokens 4 8
     python benchmarks/speculative.py --engine --compile --dtype fp32 --weights fp16 --draft-layers
     python benchmarks/speculative.py --engine --compile --dtype bf16 --draft-layers --draft runs/draft/model
+    python benchmarks/speculative.py --engine --compile --compile-prefill --dtype bf16 --draft-layers --draft-tokens 3
 """
 
 from __future__ import annotations
@@ -71,6 +72,8 @@ def main() -> None:
                         "(batch 1; default: the Python API's, one KV cache, the speculative variants in the engine)")
     parser.add_argument("--compile", action="store_true", help="the compiled decode step, for plain steps (B, 1) "
                         "and speculative ones (B, 1 + k) alike")
+    parser.add_argument("--compile-prefill", action="store_true", help="with --compile, the engine's prompt passes "
+                        "compiled too (as `lmforge serve --compile-prefill`): every variant prefills the same way")
     parser.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS))
     parser.add_argument("--prompts", type=int, default=6, help="paragraphs per task")
     parser.add_argument("--new-tokens", type=int, default=96)
@@ -80,8 +83,10 @@ def main() -> None:
     parser.add_argument("--draft", nargs="*", default=[], metavar="DIR", help="draft models to try (the same "
                         "tokenizer as --model: `lmforge distill` makes one)")
     args = parser.parse_args()
-    lm = load(args.model, device="cpu", dtype=args.dtype, weights=args.weights, compile=args.compile, autotune=False)
-    path = ("engine" if args.engine else "Python API") + (", compiled step" if args.compile else ", eager")
+    lm = load(args.model, device="cpu", dtype=args.dtype, weights=args.weights, compile=args.compile, autotune=False,
+              compile_prefill=args.compile_prefill)
+    path = ("engine" if args.engine else "Python API") + (", compiled step" if args.compile else ", eager") + \
+        (" and prefill" if args.compile_prefill else "")
     print(f"machine: {machine()}; {args.model} ({lm.model.num_parameters() / 1e6:.0f}M parameters, "
           f"{lm.model.config.num_layers} layers, {next(lm.model.parameters()).dtype}, weights {args.weights}), "
           f"greedy, at most {args.new_tokens} new tokens, batch 1, {path}")
