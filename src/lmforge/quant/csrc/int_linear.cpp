@@ -172,7 +172,6 @@ inline V widen_bf16(const uint16_t* p) {
   return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))), 16));
 }
 #include "int_linear_body.h"
-
 }  // namespace avx2
 #pragma GCC pop_options
 #endif  // LMF_X86
@@ -198,7 +197,6 @@ inline void widen4(const uint8_t* p, int z, V& lo, V& hi) {
 inline V widen_f16(const uint16_t* p) { return c10::detail::fp16_ieee_to_fp32_value(*p); }
 inline V widen_bf16(const uint16_t* p) { return bf16_to_float(*p); }
 #include "int_linear_body.h"
-
 }  // namespace scalar
 
 namespace {
