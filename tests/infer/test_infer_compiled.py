@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from unittest import mock
+
 import pytest
+from torch.utils._config_module import ConfigModule
 
 from lmforge.infer import CompiledDecodeStep, SamplingConfig, beam_search, generate, generate_tokens
 
@@ -60,3 +63,22 @@ def test_a_step_with_the_cpp_wrapper_runs_cpp_and_decodes_like_the_eager_model(m
     assert len(sources) == 1 and "inductor_entry_impl" in sources[0] and "def call(" not in sources[0]
     config = SamplingConfig(max_new_tokens=12, temperature=0)
     assert generate(model, PROMPTS, config, decode_step=step) == generate(model, PROMPTS, config)
+
+
+@pytest.mark.slow
+def test_a_warm_step_patches_no_settings_and_a_new_batch_size_still_compiles_under_them(make_model):
+    """Patching the compile settings cost ~0.2 ms a call: a step that has compiled runs its graphs without
+    them, and a call that must compile (here batch 2 after batch 1) still compiles under them (frozen)."""
+    from torch._inductor.utils import run_and_get_code
+
+    model = make_model()
+    step = CompiledDecodeStep(model, max_autotune=False)
+    step.warm_up(batch_size=1)
+    config = SamplingConfig(max_new_tokens=8, temperature=0)
+    with mock.patch.object(ConfigModule, "patch", autospec=True, side_effect=ConfigModule.patch) as patches:
+        assert generate(model, PROMPTS[:1], config, decode_step=step) == generate(model, PROMPTS[:1], config)
+        assert patches.call_count == 0
+        got, sources = run_and_get_code(generate, model, PROMPTS, config, decode_step=step)
+        assert any(call.kwargs.get("freezing") for call in patches.call_args_list)
+    assert len(sources) == 1 and "_frozen_param" in sources[0]  # the batch-2 graph: weights folded in as constants
+    assert got == generate(model, PROMPTS, config)
