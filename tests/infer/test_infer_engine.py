@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from unittest import mock
+
 import pytest
 import torch
+from torch.utils._config_module import ConfigModule
 
 from lmforge.infer import CompiledDecodeStep, SamplingConfig, generate
 from lmforge.infer.engine import Engine, batch_buckets, common_prefix
@@ -342,16 +345,20 @@ def test_compiled_step_serves_changing_batches_without_recompiling(make_model):
     # one graph per batch bucket (the keys read are symbolic from the first compile, not a constant first),
     # and one for every packed pass that admits prompts (every size in it symbolic)
     assert compiled_before - before_warm_up == len(engine.decode_buckets) + 1
-    out = engine.generate([Request(p, greedy(12)) for p in PROMPTS[:3]])  # batch 2, then 1 as rows end
-    out += engine.generate([Request(PROMPTS[3], greedy(30))])
-    # packed passes of other shapes: a question with its choices as branches beside a prompt of 20
-    # tokens, then one that reuses most of that prompt from the prefix cache
-    long = PROMPTS[1] * 3
-    scoring = [Request(PROMPTS[4], SamplingConfig(max_new_tokens=0), continuations=[[10, 11], [12], [13, 14, 15]]),
-               Request(long[:20], greedy(3), prompt_logprobs=0),
-               Request(long, greedy(3), prompt_logprobs=0, prompt_logprobs_start=18)]
-    scored = [engine.generate(scoring[:2]), engine.generate(scoring[2:])]
+    # and the graphs run without their compile settings patched in (CompiledDecodeStep._run): with no
+    # recompiling, no call needs them
+    with mock.patch.object(ConfigModule, "patch", autospec=True, side_effect=ConfigModule.patch) as patches:
+        out = engine.generate([Request(p, greedy(12)) for p in PROMPTS[:3]])  # batch 2, then 1 as rows end
+        out += engine.generate([Request(PROMPTS[3], greedy(30))])
+        # packed passes of other shapes: a question with its choices as branches beside a prompt of 20
+        # tokens, then one that reuses most of that prompt from the prefix cache
+        long = PROMPTS[1] * 3
+        scoring = [Request(PROMPTS[4], SamplingConfig(max_new_tokens=0), continuations=[[10, 11], [12], [13, 14, 15]]),
+                   Request(long[:20], greedy(3), prompt_logprobs=0),
+                   Request(long, greedy(3), prompt_logprobs=0, prompt_logprobs_start=18)]
+        scored = [engine.generate(scoring[:2]), engine.generate(scoring[2:])]
     assert counters["stats"]["unique_graphs"] == compiled_before
+    assert patches.call_count == 0
     assert [c.token_ids for c in out[:3]] == [c.token_ids for c in reference]
     eager = Engine(model, max_batch_size=2)
     for got, want in zip(scored, [eager.generate(scoring[:2]), eager.generate(scoring[2:])]):

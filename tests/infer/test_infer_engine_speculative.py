@@ -4,8 +4,11 @@ that do not speculate."""
 
 from __future__ import annotations
 
+from unittest import mock
+
 import pytest
 import torch
+from torch.utils._config_module import ConfigModule
 
 from lmforge.infer.engine import Engine
 from lmforge.infer.request import Request
@@ -143,9 +146,11 @@ def test_a_compiled_step_runs_the_speculative_steps_without_recompiling(make_mod
                     decode_buckets=[2])  # one batch size: two graphs (widths 1 and 4) to compile
     engine.warm_up(draft_tokens=3)
     compiled_before = counters["stats"]["unique_graphs"]
-    fast = engine.generate([Request(p, greedy(20), drafter=d, draft_tokens=3)
-                            for p, d in zip(PROMPTS[:3], [PromptLookup(2), DraftModel(model), None])])
+    with mock.patch.object(ConfigModule, "patch", autospec=True, side_effect=ConfigModule.patch) as patches:
+        fast = engine.generate([Request(p, greedy(20), drafter=d, draft_tokens=3)
+                                for p, d in zip(PROMPTS[:3], [PromptLookup(2), DraftModel(model), None])])
     assert counters["stats"]["unique_graphs"] == compiled_before
+    assert patches.call_count == 0  # no recompiling: every call ran its graph as it was (CompiledDecodeStep._run)
     assert [c.token_ids for c in fast] == [c.token_ids for c in plain]
     assert engine.stats.accepted > 0
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import time
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -96,16 +97,18 @@ class CompiledDecodeStep:
     def __call__(self, input_ids: torch.Tensor, cache: KVCache, **ragged: torch.Tensor) -> torch.Tensor:
         """``ragged``: the batched engine's ``positions`` (B, T) and ``mask`` (B, 1, T, Tk), and an
         encoder-decoder's ``memory_mask`` (B, 1, 1, W), passed on."""
-
         if cache is None:
             raise ValueError("the compiled step decodes after a prefill: it needs the KV cache")
-        torch._dynamo.mark_static(input_ids, 0)  # a new batch size or width compiles anew, never a dynamic one
-        torch._dynamo.mark_static(input_ids, 1)
-        if "mask" in ragged:  # the engine's steps: the keys read are symbolic from the first compile, as is
-            torch._dynamo.maybe_mark_dynamic(ragged["mask"], 3)  # the cache's kv_len (CACHE_LENGTH)
-        if "memory_mask" in ragged:  # the source columns read: symbolic too, so every source length
-            torch._dynamo.maybe_mark_dynamic(ragged["memory_mask"], 3)  # runs the same graph
-        return self._run(CACHE_LENGTH, input_ids, cache, **ragged)
+
+        def mark() -> None:
+            torch._dynamo.mark_static(input_ids, 0)  # a new batch size or width compiles anew, never a dynamic one
+            torch._dynamo.mark_static(input_ids, 1)
+            if "mask" in ragged:  # the engine's steps: the keys read are symbolic from the first compile, as is
+                torch._dynamo.maybe_mark_dynamic(ragged["mask"], 3)  # the cache's kv_len (CACHE_LENGTH)
+            if "memory_mask" in ragged:  # the source columns read: symbolic too, so every source length
+                torch._dynamo.maybe_mark_dynamic(ragged["memory_mask"], 3)  # runs the same graph
+
+        return self._run(mark, CACHE_LENGTH, input_ids, cache, **ragged)
 
     def packed(self, input_ids: torch.Tensor, cache, positions: torch.Tensor) -> torch.Tensor:
         """The batched engine's packed pass (new prompts beside the decode rows, :meth:`SlotKVCache.attend`)
@@ -117,27 +120,32 @@ class CompiledDecodeStep:
         Measured (SmolLM2 bf16, 2 cores, Intel AMX, 16 slots): an admission pass of 30-50 new tokens
         beside 16 decode rows 40-58 ms against 63-71 eager, most of what is left the products; the
         graph took 85-120 s to compile, 2-2.5x the decode step's (symbolic sizes cost the tracer)."""
-        for tensor in (input_ids, positions):
-            torch._dynamo.maybe_mark_dynamic(tensor, 1)
-        cache.mark_dynamic()
-        return self._run(None, input_ids, cache, return_hidden=True, positions=positions)
 
-    def _run(self, dynamic_sources: str | None, *args, **kwargs) -> torch.Tensor:
+        def mark() -> None:
+            for tensor in (input_ids, positions):
+                torch._dynamo.maybe_mark_dynamic(tensor, 1)
+            cache.mark_dynamic()
+
+        return self._run(mark, None, input_ids, cache, return_hidden=True, positions=positions)
+
+    def _run(self, mark: Callable[[], None], dynamic_sources: str | None, *args, **kwargs) -> torch.Tensor:
         """The compiled model on ``args``, compiling under lmforge's settings when Dynamo must.
 
         Compilation happens lazily inside a call, and Inductor's settings (INDUCTOR) are only read
         from the global config there (passed in torch.compile's options, freezing is ignored).
         Dynamo keeps its compiled graphs per code object, so every model compiled in this process
         shares DecoderLM.forward's limit (8 by default; each model and batch size takes one): past
-        it Dynamo would silently run the step eagerly. ``dynamic_sources``: the sources symbolic
-        from the first compile (CACHE_LENGTH for a decode step).
+        it Dynamo would silently run the step eagerly. ``mark`` marks the inputs' sizes static or
+        dynamic, ``dynamic_sources`` names the sources symbolic from the first compile
+        (CACHE_LENGTH for a decode step): both matter only when Dynamo compiles.
 
-        Patching those settings costs about 0.2 ms a call, 15-19% of a W4A8 llama-42m step
-        (docs/BENCHMARKS.md). So once this step has compiled, a call runs its graphs under
-        Dynamo's "fail_on_recompile" stance, which raises where Dynamo would compile (a new batch
-        size or width, a new model) before the frame runs; only then is the call made again with
-        the settings patched. (A frame run in pieces, around a graph break, could be stopped after
-        a piece: lmforge's models trace as one graph.) The stance, like the settings, is process-wide.
+        Patching those settings cost about 0.2 ms a call and the marks 0.06 ms, together a fifth of
+        a W4A8 llama-42m step (docs/BENCHMARKS.md). So once this step has compiled, a call runs its
+        graphs under Dynamo's "fail_on_recompile" stance, which raises where Dynamo would compile (a
+        new batch size or width, a new model) before the frame runs; only then is the call made
+        again, marked, with the settings patched. (A frame run in pieces, around a graph break,
+        could be stopped after a piece: lmforge's models trace as one graph.) The stance, like the
+        settings, is process-wide.
         """
         import torch._inductor.config as inductor_config
 
@@ -148,6 +156,7 @@ class CompiledDecodeStep:
             except RuntimeError as error:
                 if "Detected recompile" not in str(error):
                     raise
+        mark()
         with contextlib.ExitStack() as settings:
             settings.enter_context(inductor_config.patch(cpp_wrapper=self.cpp_wrapper, **INDUCTOR))
             settings.enter_context(torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT))
