@@ -82,3 +82,24 @@ def test_a_warm_step_patches_no_settings_and_a_new_batch_size_still_compiles_und
         assert any(call.kwargs.get("freezing") for call in patches.call_args_list)
     assert len(sources) == 1 and "_frozen_param" in sources[0]  # the batch-2 graph: weights folded in as constants
     assert got == generate(model, PROMPTS, config)
+
+
+@pytest.mark.slow
+def test_a_stance_of_the_callers_own_stays_in_force(make_model):
+    """A warm step runs its graphs under its own stance only where the caller left Dynamo's default:
+    under ``force_eager`` no compiled region runs."""
+    import torch
+    from torch.profiler import profile
+
+    model = make_model()
+    step = CompiledDecodeStep(model, max_autotune=False)
+    step.warm_up(batch_size=1)
+    config = SamplingConfig(max_new_tokens=4, temperature=0)
+
+    def compiled_regions(**stance) -> int:
+        with torch.compiler.set_stance(**stance), profile() as run:
+            assert generate(model, PROMPTS[:1], config, decode_step=step) == generate(model, PROMPTS[:1], config)
+        return sum(event.name.startswith("Torch-Compiled Region") for event in run.events())
+
+    assert compiled_regions(stance="default") == 3  # the 3 steps after the prompt
+    assert compiled_regions(stance="force_eager") == 0

@@ -66,6 +66,14 @@ def _guards_worth_checking(entries) -> list[bool]:
             for entry in entries]
 
 
+def _default_stance() -> bool:
+    """Whether Dynamo runs under its default stance (no caller has set another one)."""
+    from torch._dynamo import eval_frame
+
+    stance = getattr(eval_frame, "_stance", None)
+    return stance is not None and stance.stance == "default" and not stance.skip_guard_eval_unsafe
+
+
 class CompiledDecodeStep:
     """``step(input_ids (B, T), cache) -> logits (B, T, V)``, the model's forward compiled: T = 1 for a
     decode step, 1 + k for the batched engine's speculative steps (k guesses a row).
@@ -145,11 +153,12 @@ class CompiledDecodeStep:
         new batch size or width, a new model) before the frame runs; only then is the call made
         again, marked, with the settings patched. (A frame run in pieces, around a graph break,
         could be stopped after a piece: lmforge's models trace as one graph.) The stance, like the
-        settings, is process-wide.
+        settings, is process-wide (``lmforge serve`` runs every engine from one thread); a stance of the
+        caller's own (e.g. ``torch.compiler.set_stance("force_eager")``) is left in force.
         """
         import torch._inductor.config as inductor_config
 
-        if self._compiled_before:
+        if self._compiled_before and _default_stance():
             try:
                 with torch.compiler.set_stance("fail_on_recompile"):
                     return self.compiled(*args, **kwargs)
