@@ -6,9 +6,12 @@
   so beam search and stop handling have known answers.
 - ``ScriptedLM``: greedy decoding spells out a fixed token script, whatever the prompt.
 - ``ByteTokenizer``: one id per byte plus BOS/EOS, so tokens end mid-UTF-8 character.
+- ``config_patches``: counts the torch config patches made inside it (a warm compiled step makes none).
 """
 
 from __future__ import annotations
+
+from unittest import mock
 
 import pytest
 import torch
@@ -31,6 +34,17 @@ def build_model(seed: int = 0, **overrides) -> DecoderLM:
     settings.update(overrides)
     torch.manual_seed(seed)
     return DecoderLM(preset("tiny", **settings)).eval()
+
+
+@pytest.fixture
+def config_patches():
+    """``with config_patches() as patches:``: every ``patch`` of a torch config (Inductor's, Dynamo's, the
+    compiler's) made inside it is counted in ``patches.call_count``, with its keywords in ``call_args_list``;
+    the patches themselves still apply. A compiled step patches them only where it compiles
+    (:meth:`lmforge.infer.compiled.CompiledDecodeStep._run`)."""
+    from torch.utils._config_module import ConfigModule
+
+    return lambda: mock.patch.object(ConfigModule, "patch", autospec=True, side_effect=ConfigModule.patch)
 
 
 @pytest.fixture

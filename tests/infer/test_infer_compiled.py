@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-from unittest import mock
-
 import pytest
-from torch.utils._config_module import ConfigModule
 
 from lmforge.infer import CompiledDecodeStep, SamplingConfig, beam_search, generate, generate_tokens
 
@@ -66,7 +63,7 @@ def test_a_step_with_the_cpp_wrapper_runs_cpp_and_decodes_like_the_eager_model(m
 
 
 @pytest.mark.slow
-def test_a_warm_step_patches_no_settings_and_a_new_batch_size_still_compiles_under_them(make_model):
+def test_a_warm_step_patches_no_settings_and_a_new_batch_size_still_compiles_under_them(make_model, config_patches):
     """Patching the compile settings cost ~0.2 ms a call: a step that has compiled runs its graphs without
     them, and a call that must compile (here batch 2 after batch 1) still compiles under them (frozen)."""
     from torch._inductor.utils import run_and_get_code
@@ -75,7 +72,7 @@ def test_a_warm_step_patches_no_settings_and_a_new_batch_size_still_compiles_und
     step = CompiledDecodeStep(model, max_autotune=False)
     step.warm_up(batch_size=1)
     config = SamplingConfig(max_new_tokens=8, temperature=0)
-    with mock.patch.object(ConfigModule, "patch", autospec=True, side_effect=ConfigModule.patch) as patches:
+    with config_patches() as patches:
         assert generate(model, PROMPTS[:1], config, decode_step=step) == generate(model, PROMPTS[:1], config)
         assert patches.call_count == 0
         got, sources = run_and_get_code(generate, model, PROMPTS, config, decode_step=step)

@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-from unittest import mock
-
 import pytest
 import torch
-from torch.utils._config_module import ConfigModule
 
 from lmforge.infer import CompiledDecodeStep, SamplingConfig, generate
 from lmforge.infer.engine import Engine, batch_buckets, common_prefix
@@ -333,7 +330,7 @@ def test_helpers():
     assert common_prefix(list(range(1000)), list(range(700)) + [0]) == 700
 
 
-def test_compiled_step_serves_changing_batches_without_recompiling(make_model):
+def test_compiled_step_serves_changing_batches_without_recompiling(make_model, config_patches):
     from torch._dynamo.utils import counters
 
     model = make_model()
@@ -347,7 +344,7 @@ def test_compiled_step_serves_changing_batches_without_recompiling(make_model):
     assert compiled_before - before_warm_up == len(engine.decode_buckets) + 1
     # and the graphs run without their compile settings patched in (CompiledDecodeStep._run): with no
     # recompiling, no call needs them
-    with mock.patch.object(ConfigModule, "patch", autospec=True, side_effect=ConfigModule.patch) as patches:
+    with config_patches() as patches:
         out = engine.generate([Request(p, greedy(12)) for p in PROMPTS[:3]])  # batch 2, then 1 as rows end
         out += engine.generate([Request(PROMPTS[3], greedy(30))])
         # packed passes of other shapes: a question with its choices as branches beside a prompt of 20

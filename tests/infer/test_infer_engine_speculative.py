@@ -4,11 +4,8 @@ that do not speculate."""
 
 from __future__ import annotations
 
-from unittest import mock
-
 import pytest
 import torch
-from torch.utils._config_module import ConfigModule
 
 from lmforge.infer.engine import Engine
 from lmforge.infer.request import Request
@@ -133,7 +130,7 @@ def test_requests_speculation_cannot_keep_exact_are_refused(make_model):
 
 
 @pytest.mark.slow
-def test_a_compiled_step_runs_the_speculative_steps_without_recompiling(make_model):
+def test_a_compiled_step_runs_the_speculative_steps_without_recompiling(make_model, config_patches):
     """Speculative steps have the fixed shape (B, 1 + k): warm_up(draft_tokens=k) compiles them beside the
     one-token steps, and speculating rows then decode as the eager engine's plain rows."""
     from torch._dynamo.utils import counters
@@ -146,7 +143,7 @@ def test_a_compiled_step_runs_the_speculative_steps_without_recompiling(make_mod
                     decode_buckets=[2])  # one batch size: two graphs (widths 1 and 4) to compile
     engine.warm_up(draft_tokens=3)
     compiled_before = counters["stats"]["unique_graphs"]
-    with mock.patch.object(ConfigModule, "patch", autospec=True, side_effect=ConfigModule.patch) as patches:
+    with config_patches() as patches:
         fast = engine.generate([Request(p, greedy(20), drafter=d, draft_tokens=3)
                                 for p, d in zip(PROMPTS[:3], [PromptLookup(2), DraftModel(model), None])])
     assert counters["stats"]["unique_graphs"] == compiled_before

@@ -67,7 +67,9 @@ def _guards_worth_checking(entries) -> list[bool]:
 
 
 def _default_stance() -> bool:
-    """Whether Dynamo runs under its default stance (no caller has set another one)."""
+    """Whether Dynamo runs under its default stance (no caller has set another one). Read from Dynamo's private
+    ``eval_frame._stance`` (torch 2.13 has no public getter): where a later torch lacks it, this says no and every
+    call takes :meth:`CompiledDecodeStep._run`'s patched path, slower by ~0.25 ms but the same."""
     from torch._dynamo import eval_frame
 
     stance = getattr(eval_frame, "_stance", None)
@@ -162,7 +164,7 @@ class CompiledDecodeStep:
             try:
                 with torch.compiler.set_stance("fail_on_recompile"):
                     return self.compiled(*args, **kwargs)
-            except RuntimeError as error:
+            except RuntimeError as error:  # the stance's own error (torch 2.13 raises a plain RuntimeError)
                 if "Detected recompile" not in str(error):
                     raise
         mark()
